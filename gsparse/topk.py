@@ -1,0 +1,173 @@
+"""Top-k attention: keep the k largest logits of every query, renormalise.
+
+Top-k attention is selection (which keys) followed by the sparse gather
+(`gsparse.gather.sparse_gather_attention`). Selection is not differentiated
+(indices are integers); gradients flow through the gather, exactly as through
+dense attention restricted to the kept keys.
+
+Rows with fewer than k admissible keys (masking, causality, short sequences)
+keep all their admissible keys; `k >= S` equals dense attention.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from gsparse import _checks
+from gsparse.attention import compute_logits
+from gsparse.certificate import output_error_certificate, tail_mass_certificate
+from gsparse.gather import sparse_gather_attention
+
+SELECTIONS = ("full",)
+
+
+class TopKSelection(NamedTuple):
+  """Selected keys per query.
+
+  Attributes:
+    indices: `[batch..., T, N, k]` int32 key positions, -1 where the row has
+      fewer than k admissible keys.
+    next_logit: `[batch..., T, N]` the (k+1)-th largest admissible logit, or
+      `-inf` when there is none (used by the certificate).
+    num_keys: `[batch..., T, N]` int32 number of admissible keys of the row.
+  """
+
+  indices: jax.Array
+  next_logit: jax.Array
+  num_keys: jax.Array
+
+
+class TopKStats(NamedTuple):
+  """Diagnostics returned by `topk_attention(..., return_stats=True)`.
+
+  Attributes:
+    indices: `[batch..., T, N, k]` selected key positions (-1 = none).
+    logsumexp: `[batch..., T, N]` log normaliser over the kept keys.
+    tail_mass_bound: `[batch..., T, N]` certified upper bound on the softmax mass
+      of the dropped keys (see `gsparse.certificate`).
+    error_bound: `[batch..., T, N]` certified upper bound on
+      `||dense_output - topk_output||_2`.
+  """
+
+  indices: jax.Array
+  logsumexp: jax.Array
+  tail_mass_bound: jax.Array
+  error_bound: jax.Array
+
+
+def select_topk_full(logits: jax.Array, valid: jax.Array | None, k: int) -> TopKSelection:
+  """Exact top-k selection from a materialised `[batch..., N, T, S]` logit matrix.
+
+  Returns indices laid out `[batch..., T, N, k]`. Ties are broken towards the
+  lower key index (as `jax.lax.top_k`).
+  """
+  s = logits.shape[-1]
+  kk = min(k + 1, s)
+  neg = jnp.asarray(-jnp.inf, logits.dtype)
+  masked = logits if valid is None else jnp.where(valid, logits, neg)
+  vals, idx = jax.lax.top_k(masked, kk)
+  if valid is None:
+    num_keys = jnp.full(logits.shape[:-1], s, jnp.int32)
+    sel_valid = jnp.ones(idx.shape, bool)
+  else:
+    num_keys = jnp.sum(valid, axis=-1, dtype=jnp.int32)
+    sel_valid = jnp.take_along_axis(valid, idx, axis=-1)
+  idx = jnp.where(sel_valid, idx, -1).astype(jnp.int32)
+  if kk > k:
+    next_logit = jnp.where(sel_valid[..., k], vals[..., k], neg)
+    idx = idx[..., :k]
+  else:
+    next_logit = jnp.full(vals.shape[:-1], neg)
+  if idx.shape[-1] < k:  # S < k: pad with "no key".
+    idx = jnp.pad(idx, [(0, 0)] * (idx.ndim - 1) + [(0, k - idx.shape[-1])], constant_values=-1)
+  # [..., N, T, *] -> [..., T, N, *]
+  return TopKSelection(
+    jnp.swapaxes(idx, -3, -2), jnp.swapaxes(next_logit, -2, -1), jnp.swapaxes(num_keys, -2, -1)
+  )
+
+
+def topk_attention(
+  query: ArrayLike,
+  key: ArrayLike,
+  value: ArrayLike,
+  bias: ArrayLike | None = None,
+  mask: ArrayLike | None = None,
+  *,
+  k: int,
+  scale: float | None = None,
+  is_causal: bool = False,
+  selection: str = "full",
+  return_stats: bool = False,
+  precision=None,
+):
+  """Top-k attention in the layout of `jax.nn.dot_product_attention`.
+
+  For every query and head, keeps the `k` admissible keys with the largest
+  logits, renormalises the softmax over them and averages their values.
+
+  Args:
+    query: `[batch..., T, N, H]` floating array.
+    key: `[batch..., S, K, H]`, `N % K == 0`.
+    value: `[batch..., S, K, Hv]`.
+    bias: optional, broadcastable to `[batch..., N, T, S]`.
+    mask: optional boolean, broadcastable to `[batch..., N, T, S]`; True keeps.
+    k: number of keys kept per query, a Python int >= 1 (static).
+    scale: logit scale; default `1 / sqrt(H)`.
+    is_causal: top-left aligned causal mask.
+    selection: how keys are selected; "full" materialises the logit matrix
+      and calls `jax.lax.top_k`.
+    return_stats: also return a `TopKStats` with the certificate.
+    precision: einsum precision.
+
+  Returns:
+    `[batch..., T, N, Hv]` output in `query.dtype`, or `(output, TopKStats)`
+    when `return_stats=True`. Fully masked rows give zeros.
+
+  Example:
+    >>> import jax, gsparse
+    >>> q, kk, v = jax.random.normal(jax.random.key(0), (3, 16, 2, 8))
+    >>> out, stats = gsparse.topk_attention(q, kk, v, k=4, return_stats=True)
+    >>> out.shape, stats.indices.shape
+    ((16, 2, 8), (16, 2, 4))
+  """
+  query, key, value = _checks.check_attention_inputs(query, key, value)
+  k = _checks.check_int("k", k, minimum=1)
+  if selection not in SELECTIONS:
+    raise ValueError(f"selection={selection!r} must be one of {SELECTIONS}")
+  if not isinstance(return_stats, bool):
+    raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
+  lg = compute_logits(query, key, bias, mask, scale=scale, is_causal=is_causal, precision=precision)
+  sel = select_topk_full(lg.logits, lg.valid, k)
+  gathered_bias = None
+  if bias is not None:
+    full_bias = jnp.broadcast_to(jnp.asarray(bias), lg.logits.shape)
+    safe = jnp.where(sel.indices >= 0, sel.indices, 0)
+    gathered_bias = jnp.take_along_axis(full_bias, jnp.swapaxes(safe, -3, -2), axis=-1)
+    gathered_bias = jnp.swapaxes(gathered_bias, -3, -2)
+  res = sparse_gather_attention(
+    query,
+    key,
+    value,
+    sel.indices,
+    bias=gathered_bias,
+    scale=scale,
+    assume_unique=True,
+    return_residuals=True,
+    precision=precision,
+  )
+  if not return_stats:
+    return res.output
+  return res.output, topk_stats(sel, res.logsumexp, res.output, value, k)
+
+
+def topk_stats(
+  sel: TopKSelection, logsumexp: jax.Array, output: jax.Array, value: jax.Array, k: int
+) -> TopKStats:
+  """Builds `TopKStats` (certificate included) from a selection and its output."""
+  tail = tail_mass_certificate(logsumexp, sel.next_logit, sel.num_keys, k)
+  err = output_error_certificate(tail, output, value)
+  return TopKStats(sel.indices, logsumexp, tail, err)
