@@ -30,7 +30,9 @@ def _random_mask(key, shape):
 
 
 class AttentionFnTest(parameterized.TestCase):
-  @parameterized.product(masked=[False, True], causal=[False, True])
+  # Linen has no is_causal: causality is a mask. Together with the nnx test below, every
+  # combination of (mask, causal) runs, and each wrapper runs with and without each.
+  @parameterized.parameters((False, False), (True, True))
   def test_linen_matches_flax_dense_when_k_covers_sequence(self, masked, causal):
     x = _inputs(0)
     mask = _random_mask(jax.random.key(1), (B, 1, T, T)) if masked else None
@@ -41,7 +43,7 @@ class AttentionFnTest(parameterized.TestCase):
     sparse = nn.MultiHeadDotProductAttention(
       num_heads=HEADS, qkv_features=D, attention_fn=gf.topk_attention_fn(k=T)
     )
-    params = dense.init(jax.random.key(2), x)
+    params = jax.jit(dense.init)(jax.random.key(2), x)
     cot = jax.random.normal(jax.random.key(3), (B, T, D))
 
     @jax.jit
@@ -58,7 +60,7 @@ class AttentionFnTest(parameterized.TestCase):
       assert np.all(np.isfinite(a))
       np.testing.assert_allclose(a, b, atol=1e-4)
 
-  @parameterized.product(masked=[False, True], causal=[False, True])
+  @parameterized.parameters((True, False), (False, True))
   def test_nnx_matches_flax_dense_when_k_covers_sequence(self, masked, causal):
     x = _inputs(4)
     mask = _random_mask(jax.random.key(5), (B, HEADS, T, T)) if masked else None
@@ -145,8 +147,10 @@ class AttentionFnTest(parameterized.TestCase):
     layer = nn.MultiHeadDotProductAttention(
       num_heads=HEADS, qkv_features=D, attention_fn=gf.topk_attention_fn(k=3)
     )
-    params = layer.init(jax.random.key(14), x)
-    _, inter = layer.apply(params, x, sow_weights=True, mutable=["intermediates"])
+    params = jax.jit(layer.init)(jax.random.key(14), x)
+    _, inter = jax.jit(lambda p: layer.apply(p, x, sow_weights=True, mutable=["intermediates"]))(
+      params
+    )
     (w,) = inter["intermediates"]["attention_weights"]
     assert w.shape == (B, HEADS, T, T)
     np.testing.assert_allclose(w.sum(-1), 1.0, atol=1e-5)
@@ -158,7 +162,7 @@ class AttentionFnTest(parameterized.TestCase):
       attention_fn=gf.topk_attention_fn(k=3),
       rngs=nnx.Rngs(0),
     )
-    m(x, sow_weights=True)
+    nnx.jit(lambda m, x: m(x, sow_weights=True))(m, x)
     w = m.attention_weights.value[0]
     np.testing.assert_array_equal((w > 0).sum(-1), 3)
 
@@ -184,27 +188,35 @@ class AttentionFnTest(parameterized.TestCase):
 
 
 class DecodeTest(parameterized.TestCase):
-  @parameterized.parameters(3, 9)
-  def test_linen_decode_matches_full_causal_forward(self, k):
+  def test_linen_decode_matches_full_causal_forward(self, k=3):
     x = _inputs(20, t=9)
     fn = gf.topk_attention_fn(k=k)
     full = nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=D, attention_fn=fn)
     dec = nn.MultiHeadDotProductAttention(
       num_heads=HEADS, qkv_features=D, attention_fn=fn, decode=True
     )
-    params = full.init(jax.random.key(21), x)["params"]
-    want = full.apply({"params": params}, x, mask=nn.make_causal_mask(x[..., 0]))
-    cache = dec.init(jax.random.key(0), x)["cache"]
-    step = jax.jit(lambda c, xt: dec.apply({"params": params, "cache": c}, xt, mutable=["cache"]))
+    params = jax.jit(full.init)(jax.random.key(21), x)["params"]
+    causal = nn.make_causal_mask(x[..., 0])
+    want = jax.jit(lambda p: full.apply({"params": p}, x, mask=causal))(params)
+    cache = jax.jit(dec.init)(jax.random.key(0), x)["cache"]
+    step = jax.jit(
+      lambda c, xt: dec.apply(
+        {"params": params, "cache": c}, xt, sow_weights=True, mutable=["cache", "intermediates"]
+      )
+    )
     outs = []
     for t in range(x.shape[1]):
       o, mut = step(cache, x[:, t : t + 1])
       cache = mut["cache"]
       outs.append(o)
+      # The top-k is taken over the filled cache positions 0..t only.
+      (w,) = mut["intermediates"]["attention_weights"]  # [B, N, 1, max_len]
+      np.testing.assert_array_equal(w[..., t + 1 :], 0.0)
+      np.testing.assert_array_equal((w > 0).sum(-1), min(k, t + 1))
     np.testing.assert_allclose(jnp.concatenate(outs, axis=1), want, atol=ATOL)
     if k < x.shape[1]:  # Sparse on: differs from dense causal attention.
       dense = nn.MultiHeadDotProductAttention(num_heads=HEADS, qkv_features=D)
-      ref = dense.apply({"params": params}, x, mask=nn.make_causal_mask(x[..., 0]))
+      ref = jax.jit(lambda p: dense.apply({"params": p}, x, mask=causal))(params)
       assert not np.allclose(ref, want, atol=1e-3)
 
   @parameterized.parameters(3, 9)
@@ -218,7 +230,7 @@ class DecodeTest(parameterized.TestCase):
       attention_fn=gf.topk_attention_fn(k=k),
       rngs=nnx.Rngs(23),
     )
-    want = m(x, is_causal=True)
+    want = nnx.jit(lambda m, x: m(x, is_causal=True))(m, x)
     m.init_cache(x.shape)
 
     @nnx.jit
@@ -262,7 +274,7 @@ class PolicyTest(parameterized.TestCase):
     np.testing.assert_array_equal((np.asarray(res.weights) > 0).sum(-1), kept)
     assert np.all(np.asarray(res.tail_mass_bound) <= tol)
     # The certificate holds against the true dropped mass of the dense softmax.
-    p = gsparse.attention_weights(q, k)  # [1, N, T, S]
+    p = jax.jit(gsparse.attention_weights)(q, k)  # [1, N, T, S]
     kept_mask = np.zeros(p.shape, bool)
     idx = np.moveaxis(np.asarray(res.indices), -3, -2)  # [1, N, T, k]
     for pos in np.ndindex(idx.shape[:-1]):
@@ -406,12 +418,13 @@ class LayerSelectionTest(parameterized.TestCase):
     config = gf.select_sparse_layers(model, k=4, seq_len=64, num_layers=1, max_support=64)
     assert config == {"layers/0": None, "layers/1": None, "layers/2": 4, "layers/3": None}
     x = jax.random.normal(jax.random.key(43), (1, 8, D))
-    before = model(x)
+    forward = nnx.jit(lambda model, x: model(x))
+    before = forward(model, x)
     changed = gf.configure_nnx(model, config)
     assert changed == list(config)
     assert isinstance(model.layers[2].attention_fn, gf.TopKAttentionFn)
     assert model.layers[0].attention_fn is nnx.dot_product_attention
-    after = model(x)
+    after = forward(model, x)
     assert not np.allclose(before, after, atol=1e-4)  # layer 2 now keeps 4 of 8 keys
     with pytest.raises(ValueError, match="nope"):
       gf.configure_nnx(model, {"nope": 3})
