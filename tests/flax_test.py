@@ -186,6 +186,29 @@ class AttentionFnTest(parameterized.TestCase):
     with pytest.raises(ValueError, match="dropout_rate"):
       jax.jit(lambda q: fn(q, q, q, dropout_rate=1.0))(q)
 
+  def test_selection_and_implementation_are_forwarded(self):
+    seen = []
+    real = gsparse.topk.topk_attention
+
+    # A topk_attention that accepts `implementation`, as later versions do.
+    def fake(query, key, value, bias=None, mask=None, *, k, implementation=None, **kw):
+      sel_key = kw.pop("selection_key", None)
+      seen.append((k, implementation, kw.get("selection"), sel_key is not None))
+      return real(query, key, value, bias, mask, k=k, **kw)
+
+    q = jax.random.normal(jax.random.key(15), (1, 6, 2, 4))
+    with pytest.MonkeyPatch.context() as mp:
+      with pytest.raises(TypeError, match="implementation"):
+        gf.topk_attention_fn(k=2, implementation="xla")
+      with pytest.raises(TypeError, match="selection_key"):
+        gf.topk_attention_fn(k=2, selection_seed=0)
+      mp.setattr(gsparse.topk, "topk_attention", fake)
+      fn = gf.topk_attention_fn(k=2, selection="full", implementation="xla")
+      fn(q, q, q)
+      fn(q, q, q, dropout_rng=jax.random.key(0), dropout_rate=0.5)
+      gf.topk_attention_fn(k=3, selection_seed=1)(q, q, q)
+    assert seen == [(2, "xla", "full", False)] * 2 + [(3, None, None, True)]
+
 
 class DecodeTest(parameterized.TestCase):
   def test_linen_decode_matches_full_causal_forward(self, k=3):

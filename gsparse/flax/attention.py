@@ -73,18 +73,21 @@ def _topk_kwargs(selection: str | None, implementation: str | None, options) -> 
 def check_topk_kwargs(kwargs: dict[str, Any]) -> None:
   """Checks that the installed `gsparse.topk_attention` accepts these keywords."""
   params = inspect.signature(_topk.topk_attention).parameters
+  var_kw = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
   for name, value in kwargs.items():
-    if name not in params:
+    if name not in params and not var_kw:
       raise TypeError(
         f"{name}={value!r}: the installed gsparse.topk_attention has no argument {name!r}"
       )
+  # Names are checked here; other values (a selection config object) by topk_attention.
   selections = getattr(_topk, "SELECTIONS", None)
-  if "selection" in kwargs and selections is not None and kwargs["selection"] not in selections:
-    raise ValueError(f"selection={kwargs['selection']!r} must be one of {selections}")
+  selection = kwargs.get("selection")
+  if isinstance(selection, str) and selections is not None and selection not in selections:
+    raise ValueError(f"selection={selection!r} must be one of {selections}")
   impls = getattr(_topk, "IMPLEMENTATIONS", None)
-  if "implementation" in kwargs and impls is not None:
-    if kwargs["implementation"] not in impls:
-      raise ValueError(f"implementation={kwargs['implementation']!r} must be one of {impls}")
+  impl = kwargs.get("implementation")
+  if isinstance(impl, str) and impls is not None and impl not in impls:
+    raise ValueError(f"implementation={impl!r} must be one of {impls}")
 
 
 def _gather_kwargs(topk_kwargs: dict[str, Any]) -> dict[str, Any]:
@@ -328,17 +331,31 @@ class TopKAttentionFn:
     scale: logit scale; None means `1 / sqrt(head_dim)` (flax's).
     topk_kwargs: extra keywords forwarded to `gsparse.topk_attention`, as a
       sorted tuple of `(name, value)` pairs.
+    selection_seed: if not None, `selection_key=jax.random.key(selection_seed)`
+      is forwarded too (randomised selections such as LSH need a key; a fixed
+      seed keeps the module deterministic).
   """
 
   policy: KPolicy
   scale: float | None = None
   topk_kwargs: tuple[tuple[str, Any], ...] = ()
+  selection_seed: int | None = None
 
   def __post_init__(self):
     object.__setattr__(self, "policy", as_policy(self.policy))
     if self.scale is not None:
       _checks.check_float_scalar("scale", self.scale, positive=True, allow_traced=False)
-    check_topk_kwargs(dict(self.topk_kwargs))
+    kwargs = dict(self.topk_kwargs)
+    if self.selection_seed is not None:
+      _checks.check_int("selection_seed", self.selection_seed, minimum=0)
+      kwargs["selection_key"] = None
+    check_topk_kwargs(kwargs)
+
+  def _topk_kwargs(self) -> dict[str, Any]:
+    kwargs = dict(self.topk_kwargs)
+    if self.selection_seed is not None:
+      kwargs["selection_key"] = jax.random.key(self.selection_seed)
+    return kwargs
 
   def __call__(
     self,
@@ -387,7 +404,7 @@ class TopKAttentionFn:
       broadcast_dropout=broadcast_dropout,
       deterministic=deterministic,
       precision=precision,
-      topk_kwargs=dict(self.topk_kwargs),
+      topk_kwargs=self._topk_kwargs(),
       return_residuals=module is not None,
     )
     if module is None:
@@ -402,6 +419,7 @@ def topk_attention_fn(
   selection: str | None = None,
   implementation: str | None = None,
   scale: float | None = None,
+  selection_seed: int | None = None,
   **options,
 ) -> TopKAttentionFn:
   """A top-k `attention_fn` for flax linen and nnx attention modules.
@@ -417,6 +435,8 @@ def topk_attention_fn(
       (None: its default).
     implementation: forwarded to `gsparse.topk_attention` when given.
     scale: logit scale; default `1 / sqrt(head_dim)` as in flax.
+    selection_seed: seed of the `selection_key` forwarded to
+      `gsparse.topk_attention` (for randomised selections such as "lsh").
     **options: further keywords forwarded to `gsparse.topk_attention`.
 
   Returns:
@@ -444,5 +464,8 @@ def topk_attention_fn(
   """
   kwargs = _topk_kwargs(selection, implementation, options)
   return TopKAttentionFn(
-    policy=as_policy(k), scale=scale, topk_kwargs=tuple(sorted(kwargs.items()))
+    policy=as_policy(k),
+    scale=scale,
+    topk_kwargs=tuple(sorted(kwargs.items())),
+    selection_seed=selection_seed,
   )

@@ -83,7 +83,17 @@ class CertifiedK:
   selected keys (computed exactly) and `t_max` the certificate of the whole
   selection (`TopKStats.tail_mass_bound`, see `gsparse.certificate`). The
   bound is valid for any selection whose `t_max` is, and never looser than the
-  certificate of the top-k itself. Slots beyond the chosen `k` are masked and
+  certificate of the top-k itself.
+
+  Proof sketch: let `S` be the exp-mass of the selected keys, `H_k` that of
+  the `k` heaviest of them and `X` the mass outside the selection. The
+  dropped mass is `(S - H_k + X) / (S + X)`, increasing in `X`, and
+  `t_max >= X / (S + X)` gives `X <= S t_max / (1 - t_max)`; substituting
+  yields `1 - (H_k / S)(1 - t_max)`. For an exact top-`K` selection with
+  `t_max` the certificate `(m-K) e^{s_(K+1)} / (S + (m-K) e^{s_(K+1)})`, the
+  bound is `1 - H_k / (S + (m-K) e^{s_(K+1)})`, at most the top-k
+  certificate `1 - H_k / (H_k + (m-k) e^{s_(k+1)})` since
+  `S - H_k <= (K-k) e^{s_(k+1)}`. Slots beyond the chosen `k` are masked and
   the softmax is renormalised over the rest. When no candidate meets `tol`,
   the largest is used (its bound is then above `tol`).
 
