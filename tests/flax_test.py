@@ -196,8 +196,13 @@ class AttentionFnTest(parameterized.TestCase):
       seen.append((k, implementation, kw.get("selection"), sel_key is not None))
       return real(query, key, value, bias, mask, k=k, **kw)
 
+    # A topk_attention without those arguments, as the foundation's.
+    def bare(query, key, value, bias=None, mask=None, *, k, selection="full", return_stats=False):
+      raise AssertionError("not called")
+
     q = jax.random.normal(jax.random.key(15), (1, 6, 2, 4))
     with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(gsparse.topk, "topk_attention", bare)
       with pytest.raises(TypeError, match="implementation"):
         gf.topk_attention_fn(k=2, implementation="xla")
       with pytest.raises(TypeError, match="selection_key"):
