@@ -142,6 +142,16 @@ class AttentionFnTest(parameterized.TestCase):
     np.testing.assert_allclose(got, want, atol=1e-6)
     assert not np.allclose(got, dense, atol=1e-3)
 
+  def test_vmap_matches_batched_call(self):
+    q, k, v = jax.random.normal(jax.random.key(16), (3, 4, 12, 2, 8))
+    mask = _random_mask(jax.random.key(17), (4, 2, 12, 12))
+    for policy in (3, gf.CertifiedK(ks=(2, 6), tol=0.1)):
+      fn = gf.topk_attention_fn(k=policy)
+      batched, mapped = jax.jit(
+        lambda q, k, v, fn=fn: (fn(q, k, v, mask=mask), jax.vmap(fn)(q, k, v, mask=mask))
+      )(q, k, v)
+      np.testing.assert_allclose(mapped, batched, atol=1e-6)
+
   def test_sow_weights_linen_and_nnx(self):
     x = _inputs(13)
     layer = nn.MultiHeadDotProductAttention(

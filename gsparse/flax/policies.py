@@ -103,7 +103,8 @@ class CertifiedK:
     tol: tolerance on the certified tail mass, in (0, 1).
     granularity: "query" picks `k` per query and head; "call" picks one `k`
       for the whole call (the largest of the per-query choices, so every
-      query meets `tol` whenever any candidate can).
+      query meets `tol` whenever any candidate can). Under `jax.vmap` a
+      "call" is one mapped instance.
 
   Example:
     >>> from gsparse.flax import CertifiedK
