@@ -29,6 +29,7 @@ from gsparse.sparsity import (
   topk_error_decomposition,
   topk_mask,
 )
+from gsparse.sweep import SweepTable, run_sweep
 from gsparse.topk import TopKStats, topk_attention
 
 __version__ = "0.1.0"
@@ -36,6 +37,7 @@ __version__ = "0.1.0"
 __all__ = [
   "ErrorDecomposition",
   "GatherResult",
+  "SweepTable",
   "TopKStats",
   "Weights",
   "attention_weights",
@@ -49,6 +51,7 @@ __all__ = [
   "min_sparse_k",
   "output_error_certificate",
   "project",
+  "run_sweep",
   "sample_inputs",
   "sample_weights",
   "sparse_gather_attention",
