@@ -28,6 +28,10 @@ Measured per row (reduced to mean / quantiles / max per point):
     exact identity `t ||mu_tail - mu_head||`.
   * `cert_tail`, `cert_error`: the a-posteriori certificate of
     `gsparse.certificate` (from the top-(k+1) logits only).
+  * `v_norm_max`: the largest value-row norm `max_j ||v_j||` over the trials
+    (what the data-based top-k error bound needs).
+Per point, of the weights: `m_fro = ||M||_F`, `mmt_fro = ||M M^T||_F`,
+`m_op = ||M||_op` and `m_trace = tr M` (the inputs of `gsparse.bounds`).
 
 Example:
   >>> import jax
@@ -72,6 +76,7 @@ _STATS = {
   "error": ("mean", "max"),
   "cert_tail": ("mean", "max"),
   "cert_error": ("mean", "max"),
+  "v_norm": ("max",),
 }
 # Properties of the point's weights (means over trials if weights are redrawn).
 _WEIGHT_COLUMNS = ("m_fro", "mmt_fro", "m_op", "m_trace")
@@ -138,7 +143,7 @@ class SweepTable:
 
   @classmethod
   def from_csv(cls, path) -> SweepTable:
-    """Reads a table written by `to_csv` (integer columns stay integer)."""
+    """Reads a table written by `to_csv` (integer columns stay integer, text stays text)."""
     with open(path, newline="") as f:
       reader = csv.reader(f)
       header = next(reader)
@@ -149,7 +154,10 @@ class SweepTable:
       try:
         cols[name] = np.asarray([int(s) for s in raw], np.int64)
       except ValueError:
-        cols[name] = np.asarray([float(s) for s in raw], np.float64)
+        try:
+          cols[name] = np.asarray([float(s) for s in raw], np.float64)
+        except ValueError:
+          cols[name] = np.asarray(raw, str)
     return cls(cols)
 
 
@@ -339,6 +347,7 @@ def _trial_rows(x, w, sigma, k, eps, *, rows: int, kk: int):
     "error": error,
     "cert_tail": cert_tail,
     "cert_error": cert_error,
+    "v_norm": jnp.broadcast_to(jnp.max(jnp.linalg.norm(v, axis=-1)), tau.shape),
   }
 
 
