@@ -1,4 +1,7 @@
-"""Figures and the Markdown summary of the default report (matplotlib, Agg backend).
+"""Figures and the Markdown summary of the default report (matplotlib).
+
+The figures are saved as PNG files and closed, so any backend works;
+`scripts/report.py` selects the non-interactive Agg backend.
 
 Every figure function takes a `gsparse.sweep.SweepTable` (and the report's
 part labels) and writes one PNG. Theory curves come from `gsparse._theory`;
@@ -9,14 +12,10 @@ from __future__ import annotations
 
 import os
 
-import matplotlib
+import matplotlib.pyplot as plt
+import numpy as np
 
-matplotlib.use("Agg")
-
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-
-from gsparse import _theory  # noqa: E402
+from gsparse import _theory
 
 _COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 

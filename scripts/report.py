@@ -51,6 +51,9 @@ def main(argv):
   import time
 
   import jax
+  import matplotlib
+
+  matplotlib.use("Agg")  # files only, no display needed
 
   from gsparse import report
 
