@@ -113,20 +113,15 @@ def fig_phase_diagram(table, part, config, path):
   b = _theory_or_none(_theory.boundaries, ng)
   if b is not None:
     ax.plot(b[0], ng, "w--", lw=2)
-    ax.plot(b[0], ng, "k--", lw=1, label="predicted: tau = sqrt(ln n / 2)")
-    ax.plot(b[1], ng, "r-", lw=2, label="predicted collapse: tau = sqrt(2 ln n)")
-    ym = float(np.round(np.sqrt(n.min() * n.max())))
-    d_, c_ = _theory.boundaries(ym)
-    ax.text(float(d_) * 0.45, ym, "diffuse\nESS ~ n e^{-tau^2}", fontsize=8, ha="center")
-    ax.text(float((d_ + c_) / 2), ym * 1.6, "n^C", fontsize=9, ha="center", color="w")
-    ax.text(float(c_) + 0.7, ym, "collapsed\nESS = O(1)", fontsize=8, ha="center")
-    ax.legend(fontsize=7, loc="lower right")
+    ax.plot(b[0], ng, "k--", lw=1, label="diffuse | n^C: tau = sqrt(ln n / 2) (predicted)")
+    ax.plot(b[1], ng, "r-", lw=2, label="n^C | collapsed: tau = sqrt(2 ln n) (predicted)")
+    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
   else:
     _note_missing(ax, "boundaries")
   ax.set_yscale("log", base=2)
   ax.set_xlabel("tau (measured mean)")
   ax.set_ylabel("n (sequence length)")
-  ax.set_title("Phase diagram of attention rows")
+  ax.set_title("Phase diagram: diffuse (left), n^C (middle), collapsed (right)", fontsize=10)
   for i, nn in enumerate(np.unique(t["n"])):
     s = t.where(t["n"] == nn).sort_by("tau_mean")
     col = _COLORS[i % len(_COLORS)]

@@ -29,6 +29,7 @@ def _direct(x, w, *, k, eps, rows):
     "error": np.asarray(dec.error),
     "cert_tail": np.asarray(stats.tail_mass_bound[:rows, 0]),
     "cert_error": np.asarray(stats.error_bound[:rows, 0]),
+    "v_norm": np.full(rows, float(jnp.max(jnp.linalg.norm(v0, axis=-1)))),
   }
 
 
@@ -92,6 +93,7 @@ def test_sweep_matches_direct_computation(resample_weights):
     np.testing.assert_allclose(row["error_max"], per["error"].max(), rtol=2e-3, atol=1e-6)
     np.testing.assert_allclose(row["cert_tail_max"], per["cert_tail"].max(), rtol=1e-4)
     np.testing.assert_allclose(row["cert_error_max"], per["cert_error"].max(), rtol=1e-3)
+    np.testing.assert_allclose(row["v_norm_max"], per["v_norm"].max(), rtol=1e-4)
     # The certificate bounds what it certifies (deterministic, fact 4).
     assert row["cert_tail_max"] >= row["tail_max"] * (1 - 1e-5)
     assert row["cert_error_mean"] >= row["error_mean"] * (1 - 1e-4)
