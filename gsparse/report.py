@@ -134,7 +134,8 @@ class ReportConfig:
     growth_a: the n^C figure uses tau = growth_a * sqrt(2 ln n).
     fixed_k: the fixed window of the n^C figure.
     alpha, C: the adaptive window k = alpha n^C.
-    table_trials: trials of the legacy sparsity table.
+    table_trials, table_ns, table_ds: trials and grid of the sparsity table
+      (fresh weights per draw, sigma in {1, 2}).
   """
 
   d: int = 32
@@ -170,6 +171,8 @@ class ReportConfig:
   alpha: float = 1.0
   C: float = 0.5
   table_trials: int = 4
+  table_ns: tuple[int, ...] = (256,)
+  table_ds: tuple[int, ...] = (16,)
 
   @classmethod
   def small(cls) -> ReportConfig:
@@ -187,6 +190,8 @@ class ReportConfig:
       phase_taus=(0.5, 2.0, 4.0),
       fixed_k=2,
       table_trials=1,
+      table_ns=(64,),
+      table_ds=(8,),
     )
 
 
