@@ -381,24 +381,18 @@ def _summary(values: jax.Array, stat: str) -> jax.Array:
 
 
 def _point_normals(key, index, size):
-  """`size` standard normals for point `index`, independent across points.
+  """`size` standard normals for point `index`: the stream of `fold_in(key, index)`.
 
-  The point's stream is keyed by `fold_in(key, index)` and drawn with the
-  "rbg" generator (XLA's RngBitGenerator): with threefry, the bulk sampling
-  took several times longer to compile on CPU than the rest of the sweep.
+  Threefry is counter-based, so the numbers are the same under `vmap`, in any
+  chunk and on any device. (The "rbg" generator compiles faster but gave other
+  numbers under `vmap` than alone, and ran about 3x slower on CPU.)
   """
-  halves = [jax.random.key_data(jax.random.fold_in(key, 2 * index + j)) for j in (0, 1)]
-  seed = jnp.concatenate([h.reshape(-1) for h in halves])[:4].astype(jnp.uint32)
-  return jax.random.normal(jax.random.wrap_key_data(seed, impl="rbg"), (size,), jnp.float32)
+  return jax.random.normal(jax.random.fold_in(key, index), (size,), jnp.float32)
 
 
 def _point_normals_batch(key, index, size):
-  """`[P, size]` normals, point by point with `lax.map`.
-
-  The rbg generator gives other numbers under `vmap` than alone, so the draws
-  are made one point at a time; they then do not depend on the chunk size.
-  """
-  return jax.lax.map(lambda i: _point_normals(key, i, size), index)
+  """`[P, size]` normals, one stream per point index."""
+  return jax.vmap(lambda i: _point_normals(key, i, size))(index)
 
 
 def _split_normals(z, sigma, ws, *, n, d, trials, resample_weights):
@@ -588,7 +582,7 @@ def run_sweep(
   rows: int | None = None,
   resample_weights: bool = False,
   chunk_size: int | None = None,
-  max_elements: int = 1 << 24,
+  max_elements: int = 1 << 18,
   mesh: Mesh | None | str = "auto",
   progress: bool | Callable[[int, int], None] = True,
 ) -> SweepTable:
@@ -604,7 +598,10 @@ def run_sweep(
     chunk_size: points per jitted call; default: as many as keep one
       `[chunk, trials, rows, n]` array under `max_elements` elements, rounded
       to a multiple of the device count.
-    max_elements: memory target used for the default chunk size.
+    max_elements: target size of one `[chunk, trials, rows, n]` array for the
+      default chunk size. The default (2^18 float32 = 1 MiB) keeps the working
+      set in cache: on CPU, one n=512, 16-trial point per call ran twice as
+      fast per point as 64 points per call (scripts/bench_sweep.py notes).
     mesh: a 1-D device mesh, None for no sharding, or "auto": all devices
       when there are several, else None.
     progress: print a progress line to stderr (True), nothing (False), or a

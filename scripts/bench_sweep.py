@@ -66,7 +66,7 @@ def main(argv):
 
   # Warm up the sweep on a prefix whose chunk shape equals the full run's.
   kw = dict(key=key, trials=trials, rows=rows, chunk_size=chunk, mesh="auto")
-  per_chunk = chunk or max(1, (1 << 24) // (trials * rows * n))  # run_sweep's default
+  per_chunk = chunk or max(1, (1 << 18) // (trials * rows * n))  # run_sweep's default
   per_chunk = max(jax.device_count(), per_chunk // jax.device_count() * jax.device_count())
   warm = {p: v[: min(len(v), per_chunk)] for p, v in pts.items()}
   warm["k"] = warm["k"].copy()
