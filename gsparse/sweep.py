@@ -311,7 +311,31 @@ def check_points(points: Mapping[str, Sequence]) -> dict[str, np.ndarray]:
 # The per-point computation.
 
 
-def _trial_rows(x, w, sigma, k, eps, *, rows: int, kk: int):
+_BISECTION_STEPS = 64
+
+
+def _kth_largest(s: jax.Array, k: jax.Array) -> jax.Array:
+  """The k-th largest entry of each row of `s [R, n]` (k traced, 1 <= k <= n), by bisection.
+
+  Keeps `count(s >= lo) >= k > count(s >= hi)`; after 64 halvings `lo` and
+  `hi` are adjacent floats (for any k-th value above ~1e-16 in magnitude), so
+  the smallest entry `>= lo` is the k-th largest. On CPU this is several times
+  faster than `lax.top_k` and needs no static k.
+  """
+  lo = jnp.min(s, axis=-1)
+  hi = jnp.nextafter(jnp.max(s, axis=-1), jnp.inf)
+
+  def body(_, carry):
+    lo, hi = carry
+    mid = 0.5 * (lo + hi)
+    ok = jnp.sum(s >= mid[:, None], axis=-1) >= k
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, _BISECTION_STEPS, body, (lo, hi))
+  return jnp.min(jnp.where(s >= lo[:, None], s, jnp.inf), axis=-1)
+
+
+def _trial_rows(x, w, sigma, k, eps, *, rows: int):
   """Per-row measures of one draw `x [n, d]` under weights `w = (M, W_V)`."""
   m, w_v = w
   n = x.shape[0]
@@ -322,12 +346,12 @@ def _trial_rows(x, w, sigma, k, eps, *, rows: int, kk: int):
   p = jnp.exp(s - lse[:, None])
   min_k = jnp.sum(p > eps, axis=-1, dtype=jnp.int32)
   support = 1.0 / jnp.sum(p * p, axis=-1)
-  vals, _ = jax.lax.top_k(s, kk)  # [R, kk], kk = min(kmax + 1, n)
-  ranks = jnp.arange(kk)
-  head_lse = jax.nn.logsumexp(jnp.where(ranks < k, vals, -jnp.inf), axis=-1)
-  kth = jnp.take(vals, k - 1, axis=-1)
-  next_logit = jnp.where(k < n, jnp.take(vals, jnp.minimum(k, kk - 1), axis=-1), -jnp.inf)
+  kth = _kth_largest(s, k)
   in_head = s >= kth[:, None]  # the top-k set (ties at the k-th value have probability 0)
+  head_lse = jax.nn.logsumexp(jnp.where(in_head, s, -jnp.inf), axis=-1)
+  ties = jnp.sum(in_head, axis=-1) > k
+  below = jnp.max(jnp.where(in_head, -jnp.inf, s), axis=-1)  # -inf when k = n
+  next_logit = jnp.where(ties, kth, below)  # the (k+1)-th largest score
   ph = jnp.where(in_head, p, 0.0)
   pt = p - ph
   head, tail = jnp.sum(ph, axis=-1), jnp.sum(pt, axis=-1)
@@ -441,9 +465,9 @@ def point_inputs(
   return xs, w
 
 
-def _one_point(z, sigma, ws, k, eps, *, n, d, rows, trials, kk, resample_weights):
+def _one_point(z, sigma, ws, k, eps, *, n, d, rows, trials, resample_weights):
   xs, zw = _split_normals(z, sigma, ws, n=n, d=d, trials=trials, resample_weights=resample_weights)
-  trial = functools.partial(_trial_rows, sigma=sigma, k=k, eps=eps, rows=rows, kk=kk)
+  trial = functools.partial(_trial_rows, sigma=sigma, k=k, eps=eps, rows=rows)
   if resample_weights:
     w = jax.vmap(_weights_from_normals)(zw)
     per = jax.vmap(trial)(xs, w)
@@ -457,16 +481,16 @@ def _one_point(z, sigma, ws, k, eps, *, n, d, rows, trials, kk, resample_weights
   return out
 
 
-def _chunk_body(key, index, sigma, ws, k, eps, *, n, d, rows, trials, kk, resample_weights):
+def _chunk_body(key, index, sigma, ws, k, eps, *, n, d, rows, trials, resample_weights):
   z = _point_normals_batch(key, index, _num_normals(n, d, trials, resample_weights))
   fn = functools.partial(
-    _one_point, n=n, d=d, rows=rows, trials=trials, kk=kk, resample_weights=resample_weights
+    _one_point, n=n, d=d, rows=rows, trials=trials, resample_weights=resample_weights
   )
   return jax.vmap(fn)(z, sigma, ws, k, eps)
 
 
 @functools.partial(
-  jax.jit, static_argnames=("n", "d", "rows", "trials", "kk", "resample_weights", "mesh")
+  jax.jit, static_argnames=("n", "d", "rows", "trials", "resample_weights", "mesh")
 )
 def _measure_chunk(key, index, sigma, ws, k, eps, *, mesh, **static):
   body = functools.partial(_chunk_body, **static)
@@ -489,7 +513,6 @@ def measure_points(
   d: int,
   trials: int,
   rows: int | None = None,
-  k_max: int | None = None,
   resample_weights: bool = False,
   mesh: Mesh | None = None,
 ) -> dict[str, jax.Array]:
@@ -503,7 +526,6 @@ def measure_points(
     n, d: static shapes.
     trials: Monte Carlo draws of `X` per point.
     rows: query rows measured per draw (the first `rows` of `X`); default `n`.
-    k_max: static upper bound on `k` (default: `max(k)`, which needs concrete `k`).
     resample_weights: redraw the weights for every trial (default: once per point).
     mesh: a 1-D device mesh; the point axis is split over it (`P` must be a
       multiple of its size). Default: no explicit placement.
@@ -515,9 +537,6 @@ def measure_points(
   d = _checks.check_int("d", d, minimum=1)
   trials = _checks.check_int("trials", trials, minimum=1)
   rows = n if rows is None else _checks.check_int("rows", rows, minimum=1, maximum=n)
-  if k_max is None:
-    k_max = int(np.max(np.asarray(k)))
-  k_max = _checks.check_int("k_max", k_max, minimum=1, maximum=n)
   if not isinstance(resample_weights, bool):
     raise TypeError(f"resample_weights must be a bool, got {resample_weights!r}")
   args = (
@@ -540,7 +559,6 @@ def measure_points(
     d=d,
     rows=rows,
     trials=trials,
-    kk=min(k_max + 1, n),
     resample_weights=resample_weights,
     mesh=mesh,
   )
@@ -635,7 +653,6 @@ def run_sweep(
   for n, d in groups:
     sel = np.flatnonzero((cols["n"] == n) & (cols["d"] == d))
     r = n if rows is None else min(rows, n)
-    k_max = int(cols["k"][sel].max())
     size = chunk_size or max(1, max_elements // (trials * r * n))
     size = max(ndev, size // ndev * ndev)
     size = min(size, -(-len(sel) // ndev) * ndev)
@@ -653,7 +670,6 @@ def run_sweep(
         d=d,
         trials=trials,
         rows=r,
-        k_max=k_max,
         resample_weights=resample_weights,
         mesh=mesh,
       )

@@ -199,3 +199,16 @@ def test_progress_callback_sees_every_point():
     progress=lambda done, total: seen.append((done, total)),
   )
   assert seen[-1] == (4, 4) and len(seen) == 4
+
+
+def test_k_equal_n_keeps_everything_and_k_is_traced():
+  # k = n drops nothing: tail, error and certificate are exactly 0. k is a
+  # traced parameter (selection by bisection), so these share one compile.
+  pts = sweep.grid(n=_N, d=_D, sigma=[1.5], k=[_N, _N - 1, 1], eps=0.05)
+  t = sweep.run_sweep(
+    pts, key=jax.random.key(5), trials=_TRIALS, rows=_ROWS, chunk_size=1, progress=False
+  )
+  assert t["tail_max"][0] == 0 and t["error_max"][0] == 0 and t["cert_tail_max"][0] == 0
+  assert np.all(t["tail_max"][1:] > 0)
+  assert np.all(t["cert_tail_mean"][1:] >= t["tail_mean"][1:] * (1 - 1e-5))
+  assert t["tail_mean"][2] > t["tail_mean"][1]  # fewer keys kept, more mass dropped
