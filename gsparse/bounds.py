@@ -146,6 +146,27 @@ def _check_delta(delta):
   _check("delta", delta, lo=0, hi=1, lo_open=True, hi_open=True)
 
 
+def _pad_flat(args):
+  """Flattens broadcast arguments and pads them (with the first entry) to a power of two.
+
+  Keeps the number of distinct compiled shapes small.
+  """
+  size = int(np.prod(args[0].shape))
+  padded = 0 if size == 0 else 1 << (size - 1).bit_length()
+  out = []
+  for a in args:
+    f = a.reshape(-1)
+    if padded > size:
+      f = jnp.concatenate([f, jnp.broadcast_to(f[:1], (padded - size,))])
+    out.append(f)
+  return out
+
+
+def _unpad(outs, shape):
+  size = int(np.prod(shape))
+  return [o[:size].reshape(shape) for o in outs]
+
+
 def _valid(*conds) -> jax.Array:
   ok = jnp.asarray(True)
   for c in conds:
@@ -426,8 +447,7 @@ def tau_range(
   n, sigma, delta, frob, op, gram = (
     jnp.asarray(v, dtype) for v in (n, sigma, delta, frob, op, gram)
   )
-  lo2, hi2 = _quad_form_range(sigma**4, frob, op, gram, jnp.log(2.0 * n / delta))
-  return TauRange(jnp.sqrt(lo2), jnp.sqrt(hi2))
+  return TauRange(*_tau_range_jit(n, sigma, frob, op, gram, delta))
 
 
 def _cells(tau_lo, tau_hi):
@@ -616,18 +636,14 @@ def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
     p2 = _orderstat_fail(nm1, m, eps, ta, tb, c)
     return jnp.max(jnp.minimum(p1, p2))
 
-  def cond(state):
-    lo, hi = state
-    return hi - lo > 1.0
+  # Linear scan from m = 1: the first m whose bound is <= drow. (A bisection
+  # would need the bound to be monotone in m, which it need not be; the first
+  # hit makes k monotone in eps.) The scan stops by m = ceil(1/eps), where the
+  # order-statistic bound is 0, and by m = n (only n - 1 off-diagonal entries).
+  def cond(m):
+    return (m < n) & (fail(m) > drow)
 
-  def body(state):
-    lo, hi = state
-    mid = jnp.floor(0.5 * (lo + hi))
-    ok = fail(mid) <= drow
-    return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
-
-  # m = n off-diagonal exceedances is impossible (there are n - 1): always ok.
-  _, m = jax.lax.while_loop(cond, body, (jnp.zeros_like(n), n))
+  m = jax.lax.while_loop(cond, lambda m: m + 1.0, jnp.ones_like(n))
   k = jnp.minimum(m, n)  # m - 1 off-diagonal entries plus the diagonal
   return jnp.where(n <= 1.0, n, k), jnp.max(p_cell)
 
@@ -645,9 +661,12 @@ def sparsity_bound(
   For `n` i.i.d. rows `x_i ~ N(0, sigma^2 I_d)` and scores `x_i^T M x_j`, with
   probability at least `1 - delta` every one of the `n` rows of the softmax
   matrix has at most `k` entries larger than `eps`. The failure probability
-  is split in three equal parts: the tau interval (`tau_range`), the lower
-  bound on the row normaliser, and the binomial count of exceedances, the last
-  two with a union bound over the `n` rows (docs/theory.md, Theorem 1).
+  is split in two halves: `delta / 2` for the tau interval (`tau_range`) and
+  `delta / 2` for the rows, `delta / (2 n)` each by a union bound. Per row,
+  given tau in a cell of the interval, the better of two bounds on
+  `P(at least m off-diagonal entries > eps)` is used: a union bound (half for a
+  lower bound on the normaliser, half for a binomial count of exceedances) and
+  an order-statistic bound (docs/theory.md, Theorem 1).
 
   Everything is a jnp function of its arguments: jit and vmap over any of them.
 
@@ -673,9 +692,8 @@ def sparsity_bound(
     *(jnp.asarray(v, dtype) for v in (n, sigma, eps, delta, frob, op, gram))
   )
   shape = args[0].shape
-  flat = [a.reshape(-1) for a in args]
-  out = _sparsity_flat(*flat)
-  return SparsityBound(*(o.reshape(shape) for o in out))
+  out = _sparsity_flat(*_pad_flat(args))
+  return SparsityBound(*_unpad(out, shape))
 
 
 def _sparsity_scalar(n, sigma, eps, delta, frob, op, gram):
@@ -697,6 +715,12 @@ def _sparsity_scalar(n, sigma, eps, delta, frob, op, gram):
     tlo,
     thi,
   )
+
+
+@jax.jit
+def _tau_range_jit(n, sigma, frob, op, gram, delta):
+  lo2, hi2 = _quad_form_range(sigma**4, frob, op, gram, jnp.log(2.0 * n / delta))
+  return jnp.sqrt(lo2), jnp.sqrt(hi2)
 
 
 def _tau_range_scalar(n, sigma, frob, op, gram, delta_tau):
@@ -757,8 +781,8 @@ def sparsity_eps_bound(
     *(jnp.asarray(v, dtype) for v in (n, sigma, k, delta, frob, op, gram))
   )
   shape = args[0].shape
-  out = _eps_flat(*(a.reshape(-1) for a in args))
-  return SparsityEpsBound(*(o.reshape(shape) for o in out))
+  out = _eps_flat(*_pad_flat(args))
+  return SparsityEpsBound(*_unpad(out, shape))
 
 
 def _eps_scalar(n, sigma, k, delta, frob, op, gram):
@@ -819,6 +843,11 @@ def value_norm_bound(
   n, sigma, delta, frob, op, gram = (
     jnp.asarray(v, dtype) for v in (n, sigma, delta, frob, op, gram)
   )
+  return _value_norm_jit(n, sigma, frob, op, gram, delta)
+
+
+@jax.jit
+def _value_norm_jit(n, sigma, frob, op, gram, delta):
   _, hi2 = _quad_form_range(sigma * sigma, frob, op, gram, jnp.log(n / delta))
   return jnp.sqrt(hi2)
 
@@ -839,7 +868,10 @@ class ErrorBound(NamedTuple):
 
 
 def _binom_min_p(trials, k, delta):
-  """Smallest `p` (rounded up) with `P(Binomial(trials, p) <= k - 1) <= delta`; `1 <= k <= trials`."""
+  """Smallest `p` (rounded up) with `P(Binomial(trials, p) <= k - 1) <= delta`.
+
+  Needs `1 <= k <= trials`.
+  """
   level = delta * _safety(trials.dtype)
   lo = jnp.zeros_like(trials)
   hi = jnp.ones_like(trials)
@@ -936,14 +968,14 @@ def topk_error_bound(
   With `t_i` the softmax mass outside the k largest scores of row i,
   `||o_i - o_i^{(k)}|| = t_i ||mu_tail - mu_head|| <= 2 t_i max_j ||v_j||`
   (exact identity, docs/theory.md Lemma 1). The tail mass is bounded by
-  counting the scores above a level `u` chosen so that at most `k` of them
-  exceed it (binomial quantile), bounding the sum of the rest from above
-  (Bernstein) and the normaliser from below (as in Theorem 1).
+  conditioning on the k-th largest off-diagonal score (docs/theory.md,
+  Theorem 2).
 
-  Failure-probability split: with `value_norm` given (a deterministic bound,
-  e.g. from the data), four equal parts: tau interval, normaliser, count,
-  truncated sum (the last three per row with a union over the rows).
-  Otherwise a fifth equal part bounds `max_j ||v_j||` from `value_norms`.
+  Failure-probability split: `delta / 4` for the tau interval, `delta / 2` for
+  the rows (`delta / (2 n)` each: half for where the k-th largest score lies,
+  a quarter for the sum below it, a quarter for the largest score above it),
+  and `delta / 4` for `max_j ||v_j||` from `value_norms` (unused, so the
+  statement is conservative, when a deterministic `value_norm` is given).
 
   Args:
     n: sequence length (integer-valued, >= 1).
@@ -977,8 +1009,8 @@ def topk_error_bound(
     *(jnp.asarray(v, dtype) for v in (n, sigma, k, delta, frob, op, gram, vf, vo, vg, vn))
   )
   shape = args[0].shape
-  out = _error_flat(*(a.reshape(-1) for a in args), given=value_norm is not None)
-  return ErrorBound(*(o.reshape(shape) for o in out))
+  out = _error_flat(*_pad_flat(args), given=value_norm is not None)
+  return ErrorBound(*_unpad(out, shape))
 
 
 def _error_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, vn, *, given):
@@ -1102,7 +1134,10 @@ class RemBoundaries(NamedTuple):
 
 
 def rem_boundaries(n: ArrayLike) -> RemBoundaries:
-  """The tau values where the effective support changes regime (see `predicted_effective_support`)."""
+  """The tau values where the effective support changes regime.
+
+  See `predicted_effective_support`.
+  """
   _check_n(n)
   ln = jnp.log(jnp.asarray(n, _float_dtype()))
   return RemBoundaries(jnp.sqrt(0.5 * ln), jnp.sqrt(2.0 * ln))
@@ -1148,17 +1183,19 @@ class LayerRanking(NamedTuple):
 
   Attributes:
     order: `[L]` int32 layer indices, sparsest first.
-    k: `[L, H]` Theorem-1 k per head at the given eps.
-    layer_k: `[L]` mean of `k` over heads (the primary ranking key, smaller = sparser).
-    expected_tau: `[L, H]` `sigma^2 ||M||_F = sqrt(E tau^2)` per head.
-    layer_tau: `[L]` mean of `expected_tau` over heads (tie-break, larger = sparser).
+    expected_tau: `[L, H]` `sqrt(E tau^2) = sigma^2 ||M||_F` per head.
+    effective_support: `[L, H]` `predicted_effective_support(n, expected_tau)`.
+    layer_log_support: `[L]` mean over heads of the log effective support (the
+      ranking key, smaller = sparser).
+    k: `[L, H]` Theorem-1 k per head at the given eps (certified; note that a
+      diffuse row also has few entries above eps, so k alone does not rank).
   """
 
   order: jax.Array
-  k: jax.Array
-  layer_k: jax.Array
   expected_tau: jax.Array
-  layer_tau: jax.Array
+  effective_support: jax.Array
+  layer_log_support: jax.Array
+  k: jax.Array
 
 
 def rank_layers_by_sparsity(
@@ -1173,17 +1210,20 @@ def rank_layers_by_sparsity(
 ) -> LayerRanking:
   """Ranks layers by predicted attention sparsity, sparsest first (fact 8).
 
-  Each layer's heads get the Theorem-1 k at `eps` (fewer large entries =
-  sparser) and `sqrt(E tau^2) = sigma^2 ||M||_F` (larger = sparser, the
-  weight-norm view). Layers are ordered by the mean k over heads, ties broken
-  by the larger mean tau, then by the lower index (stable).
+  Sparsity here means concentration of the softmax mass: each head's typical
+  row scale `sqrt(E tau^2) = sigma^2 ||M||_F` gives the predicted effective
+  support `1 / sum_j p_j^2` at length n (`predicted_effective_support`, random
+  energy model); layers are ordered by the mean log effective support over
+  their heads (ties: larger mean tau first, then lower index). Larger
+  `||W_Q W_K^T||` means a smaller support, i.e. a layer to sparsify first.
+  The certified Theorem-1 k at `eps` is returned alongside.
 
   Args:
     w_q: `[L, d, heads, h]` stacked query weights, or a sequence of L
       `[d, heads, h]` arrays (as in `gsparse.Weights.w_q`).
     w_k: same layout as `w_q`.
     n: sequence length at which sparsity is predicted.
-    eps: threshold of (eps, k)-sparsity.
+    eps: threshold of (eps, k)-sparsity for the returned `k`.
     sigma: input standard deviation.
     scale: logit scale, default `1/sqrt(h)`.
     delta: failure probability of Theorem 1.
@@ -1205,8 +1245,10 @@ def rank_layers_by_sparsity(
     raise ValueError(f"need at least one layer, got w_q.shape={w_q.shape}")
   norms = jax.vmap(lambda q, k: interaction_norms_from_weights(q, k, scale=scale))(w_q, w_k)
   sb = sparsity_bound(n, sigma, norms, eps=eps, delta=delta)
-  tau = jnp.asarray(sigma, _float_dtype()) ** 2 * norms.frobenius.astype(_float_dtype())
-  layer_k = jnp.mean(sb.k, axis=-1)
+  dt = _float_dtype()
+  tau = jnp.asarray(sigma, dt) ** 2 * norms.frobenius.astype(dt)
+  ess = predicted_effective_support(n, tau)
+  layer_log = jnp.mean(jnp.log(ess), axis=-1)
   layer_tau = jnp.mean(tau, axis=-1)
-  order = jnp.lexsort((jnp.arange(layer_k.shape[0]), -layer_tau, layer_k)).astype(jnp.int32)
-  return LayerRanking(order, sb.k, layer_k, tau, layer_tau)
+  order = jnp.lexsort((jnp.arange(layer_log.shape[0]), -layer_tau, layer_log)).astype(jnp.int32)
+  return LayerRanking(order, tau, ess, layer_log, sb.k)
