@@ -1,0 +1,166 @@
+"""Benchmark of the vmapped sweep against Python loops of jitted calls.
+
+Runs `gsparse.sweep.run_sweep` over `--points` random parameter points with
+`--trials` Monte Carlo draws each, at fixed `n` and `d`, and compares its
+throughput with two loops that compute the same measures one call at a time:
+
+  * per point: one jitted call per point (trials vmapped inside the call),
+  * per trial: one jitted call per (point, trial), the naive loop.
+
+The loops are timed on `--baseline_points` points and their throughput is
+extrapolated. A dense `jax.nn.dot_product_attention` over the same number of
+(query row, key) pairs is timed as a reference for the cost of attention
+itself. Compilation is excluded everywhere (each path is warmed up first) and
+reported separately. Prints a table and writes JSON.
+
+  PYTHONPATH=. python scripts/bench_sweep.py --points=10000 --trials=16 --n=512 --d=64
+"""
+
+import json
+import statistics
+import time
+
+from absl import app, flags
+
+_POINTS = flags.DEFINE_integer("points", 10_000, "Number of random parameter points in the sweep.")
+_TRIALS = flags.DEFINE_integer("trials", 16, "Monte Carlo draws of X per point.")
+_N = flags.DEFINE_integer("n", 512, "Sequence length n (keys per attention row).")
+_D = flags.DEFINE_integer("d", 64, "Input dimension d (also the head dimension h).")
+_ROWS = flags.DEFINE_integer(
+  "rows", 32, "Query rows measured per draw (the first rows of X; all n rows are keys)."
+)
+_K = flags.DEFINE_list("k", ["8", "16", "32", "64"], "Choices of k for the random points.")
+_CHUNK = flags.DEFINE_integer("chunk_size", 0, "Points per jitted call; 0 = automatic.")
+_BASELINE_POINTS = flags.DEFINE_integer(
+  "baseline_points", 64, "Points timed for each Python-loop baseline (throughput extrapolated)."
+)
+_REPEATS = flags.DEFINE_integer(
+  "repeats", 3, "Timed repeats of the baselines and the dense reference (median reported)."
+)
+_SWEEP_REPEATS = flags.DEFINE_integer("sweep_repeats", 1, "Timed repeats of the full sweep.")
+_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
+_JSON = flags.DEFINE_string("json", "bench_sweep.json", "Where to write the results as JSON.")
+
+
+def _timed(fn):
+  t = time.perf_counter()
+  out = fn()
+  return time.perf_counter() - t, out
+
+
+def main(argv):
+  del argv
+  import jax
+  import numpy as np
+
+  from gsparse import sweep
+
+  n, d, trials, rows = _N.value, _D.value, _TRIALS.value, min(_ROWS.value, _N.value)
+  ks = [int(k) for k in _K.value]
+  pts = sweep.random_points(
+    _SEED.value, _POINTS.value, n=[n], d=[d], sigma=(0.5, 2.5), k=ks, eps=(1e-3, 0.1)
+  )
+  key = jax.random.key(_SEED.value)
+  chunk = _CHUNK.value or None
+
+  # Warm up the sweep on a prefix whose chunk shape equals the full run's.
+  kw = dict(key=key, trials=trials, rows=rows, chunk_size=chunk, mesh="auto")
+  per_chunk = chunk or max(1, (1 << 18) // (trials * rows * n))  # run_sweep's default
+  per_chunk = max(jax.device_count(), per_chunk // jax.device_count() * jax.device_count())
+  warm = {p: v[: min(len(v), per_chunk)] for p, v in pts.items()}
+  compile_s, _ = _timed(lambda: sweep.run_sweep(warm, progress=False, **kw))
+  sweep_s = []
+  for _ in range(_SWEEP_REPEATS.value):
+    s, table = _timed(lambda: sweep.run_sweep(pts, progress=True, **kw))
+    sweep_s.append(s)
+  sweep_med = statistics.median(sweep_s)
+  assert np.all(np.isfinite(table["tail_mean"]))
+
+  # Baselines: the same measures, one jitted call at a time.
+  b = min(_BASELINE_POINTS.value, _POINTS.value)
+
+  def per_point(b):
+    for i in range(b):
+      r = sweep.measure_points(
+        key,
+        [i],
+        pts["sigma"][i : i + 1],
+        pts["weight_scale"][i : i + 1],
+        pts["k"][i : i + 1],
+        pts["eps"][i : i + 1],
+        n=n,
+        d=d,
+        trials=trials,
+        rows=rows,
+      )
+      jax.device_get(r)
+
+  def per_trial(b):
+    for i in range(b):
+      for t in range(trials):
+        r = sweep.measure_points(
+          key,
+          [i * trials + t],
+          pts["sigma"][i : i + 1],
+          pts["weight_scale"][i : i + 1],
+          pts["k"][i : i + 1],
+          pts["eps"][i : i + 1],
+          n=n,
+          d=d,
+          trials=1,
+          rows=rows,
+        )
+        jax.device_get(r)
+
+  loops = {}
+  for name, fn in (("per_point", per_point), ("per_trial", per_trial)):
+    fn(1)  # warm-up: compiles this loop's call shape
+    times = []
+    for _ in range(_REPEATS.value):
+      s, _ = _timed(lambda fn=fn: fn(b))
+      times.append(s)
+    loops[name] = statistics.median(times) / b  # seconds per point
+
+  # Reference: dense attention over the same (query row, key) pairs per trial.
+  batch = 256
+  qk = jax.random.normal(jax.random.key(1), (3, batch, rows, 1, d))
+  kv = jax.random.normal(jax.random.key(2), (2, batch, n, 1, d))
+  dense = jax.jit(jax.nn.dot_product_attention)
+  jax.block_until_ready(dense(qk[0], kv[0], kv[1]))
+  dt = []
+  for _ in range(_REPEATS.value):
+    s, _ = _timed(lambda: jax.block_until_ready(dense(qk[0], kv[0], kv[1])))
+    dt.append(s)
+  dense_per_trial = statistics.median(dt) / batch
+
+  sweep_per_point = sweep_med / _POINTS.value
+  res = {
+    "points": _POINTS.value,
+    "trials": trials,
+    "n": n,
+    "d": d,
+    "rows_per_trial": rows,
+    "devices": jax.device_count(),
+    "backend": jax.default_backend(),
+    "sweep_compile_and_warmup_s": compile_s,
+    "sweep_seconds_runs": sweep_s,
+    "sweep_seconds_median": sweep_med,
+    "sweep_points_per_s": 1 / sweep_per_point,
+    "loop_per_point_points_per_s": 1 / loops["per_point"],
+    "loop_per_trial_points_per_s": 1 / loops["per_trial"],
+    "speedup_vs_per_point_loop": loops["per_point"] / sweep_per_point,
+    "speedup_vs_per_trial_loop": loops["per_trial"] / sweep_per_point,
+    "baseline_points": b,
+    "dense_attention_s_per_trial": dense_per_trial,
+    "sweep_s_per_trial_over_dense_attention": sweep_per_point / trials / dense_per_trial,
+  }
+  print("| quantity | value |\n|---|---|")
+  for k, v in res.items():
+    print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")
+  with open(_JSON.value, "w") as f:
+    json.dump(res, f, indent=2)
+  print(f"wrote {_JSON.value}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,103 @@
+"""Sharding over 8 (forced host) devices: same numbers as one device, arrays really sharded.
+
+The checks run in a separate Python process, because the device count is fixed
+when JAX starts (`XLA_FLAGS=--xla_force_host_platform_device_count=8`).
+"""
+
+import json
+import os
+import pathlib
+import subprocess
+import sys
+import textwrap
+
+import jax
+import numpy as np
+import pytest
+
+from gsparse import sharding
+
+_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+_SCRIPT = textwrap.dedent(
+  """
+  import json
+  import jax
+  import numpy as np
+  from jax.sharding import NamedSharding, PartitionSpec
+  import gsparse
+  from gsparse import sharding, sweep
+
+  assert jax.device_count() == 8, jax.devices()
+  out = {}
+  key = jax.random.key(11)
+  pts = sweep.grid(n=[24], d=[4], sigma=[0.7, 1.5, 3.0], k=[3], eps=[0.05, 0.1])  # 6 points
+  mesh8 = sharding.batch_mesh()
+  t8 = sweep.run_sweep(pts, key=key, trials=2, progress=False)  # mesh="auto": all 8 devices
+  t1 = sweep.run_sweep(pts, key=key, trials=2, mesh=None, progress=False)
+  out["sweep_max_rel_diff"] = max(
+    float(np.max(np.abs(t8[c] - t1[c]) / np.maximum(np.abs(t1[c]), 1e-30)))
+    for c in sweep.measured_columns())
+  # The core of the sweep returns arrays split over the 8 devices (same static
+  # shapes as the sweep above, so no new compile).
+  res = sweep.measure_points(key, np.arange(8), np.full(8, 1.0), np.full(8, 0.5),
+                             np.full(8, 3), np.full(8, 0.05), n=24, d=4, trials=2, mesh=mesh8)
+  s = res["tail_mean"].sharding
+  out["sweep_sharding"] = [isinstance(s, NamedSharding), str(s.spec),
+                           len(s.device_set), s.is_fully_replicated,
+                           len(res["tail_mean"].addressable_shards),
+                           res["tail_mean"].addressable_shards[0].data.shape[0]]
+  # Batched attention spread over the devices.
+  q, k, v = jax.random.normal(jax.random.key(2), (3, 8, 16, 2, 8))
+  attn = jax.jit(lambda q, k, v: gsparse.topk_attention(q, k, v, k=4))
+  ref = attn(q, k, v)
+  qs, ks, vs = sharding.shard_batch((q, k, v), mesh8)
+  got = attn(qs, ks, vs)
+  out["attn_max_abs_diff"] = float(np.max(np.abs(np.asarray(got) - np.asarray(ref))))
+  out["attn_in_devices"] = len(qs.sharding.device_set)
+  out["attn_out_sharding"] = [str(got.sharding.spec), len(got.sharding.device_set),
+                              got.sharding.is_fully_replicated]
+  print("RESULT " + json.dumps(out))
+  """
+)
+
+
+def test_eight_devices_match_one_and_are_sharded():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+  ).strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = str(_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+  proc = subprocess.run(
+    [sys.executable, "-c", _SCRIPT], env=env, capture_output=True, text=True, timeout=300, cwd=_ROOT
+  )
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+  out = json.loads(line[len("RESULT ") :])
+  # Same per-point computation on each device; XLA may vectorise a batch of 1
+  # and a batch of 8 differently, so allow float32 rounding.
+  assert out["sweep_max_rel_diff"] < 1e-5, out
+  is_named, spec, ndev, replicated, nshards, local = out["sweep_sharding"]
+  assert is_named and "batch" in spec and ndev == 8 and not replicated, out
+  assert nshards == 8 and local == 1, out  # 8 points over 8 devices: one point each
+  assert out["attn_max_abs_diff"] < 1e-5, out
+  assert out["attn_in_devices"] == 8
+  spec, ndev, replicated = out["attn_out_sharding"]
+  assert "batch" in spec and ndev == 8 and not replicated, out
+
+
+def test_shard_batch_checks_divisibility():
+  mesh = sharding.batch_mesh()
+  n = mesh.devices.size
+  x = np.zeros((n * 2, 3), np.float32)
+  y = sharding.shard_batch(x, mesh)
+  np.testing.assert_array_equal(np.asarray(y), x)
+  if n > 1:
+    with pytest.raises(ValueError, match="multiple of the"):
+      sharding.shard_batch(np.zeros((n + 1, 3)), mesh)
+  with pytest.raises(ValueError, match="cannot shard a scalar"):
+    sharding.shard_batch(np.float32(1.0), mesh)
+  with pytest.raises(ValueError, match="at least one device"):
+    sharding.batch_mesh([])
+  assert jax.device_count() >= 1
