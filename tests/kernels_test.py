@@ -137,8 +137,10 @@ class GpuKernelTest(parameterized.TestCase):
       interpret=self.INTERPRET,
     )
 
-  @parameterized.product(
-    shape=list(TOKEN_SHAPES), dtype=[jnp.float32, jnp.bfloat16], kind=["dups", "causal"]
+  @parameterized.parameters(
+    ("gqa_h6", jnp.float32, "dups"),
+    ("gqa_h6", jnp.bfloat16, "causal"),
+    ("mha_h8", jnp.float32, "causal"),
   )
   def test_token_forward(self, shape, dtype, kind):
     b, t, n, kh, s, h, hv, kk = TOKEN_SHAPES[shape]
@@ -160,7 +162,7 @@ class GpuKernelTest(parameterized.TestCase):
     xla = gather.sparse_gather_attention_xla(q, k, v, idx, bias, 0.37)
     _assert_close(out, xla.output, FWD_TOL[dtype])
 
-  @parameterized.product(shape=list(TOKEN_SHAPES), dtype=[jnp.float32, jnp.bfloat16])
+  @parameterized.parameters(("gqa_h6", jnp.float32), ("mha_h8", jnp.bfloat16))
   def test_token_gradients_match_reference(self, shape, dtype):
     b, t, n, kh, s, h, hv, kk = TOKEN_SHAPES[shape]
     q, k, v = _inputs(3, b, t, n, kh, s, h, hv, dtype)
@@ -183,7 +185,7 @@ class GpuKernelTest(parameterized.TestCase):
       _assert_close(g, w, GRAD_TOL[dtype], err_msg=name)
 
   def test_token_check_grads(self):
-    b, t, n, kh, s, h, hv, kk = TOKEN_SHAPES["gqa_h6"]
+    b, t, n, kh, s, h, hv, kk = TOKEN_SHAPES["mha_h8"]
     q, k, v = _inputs(7, b, t, n, kh, s, h, hv, jnp.float32)
     idx = _token_indices(8, b, t, n, s, kk, "causal")
     bias = jax.random.normal(jax.random.key(9), idx.shape, jnp.float32)
@@ -195,8 +197,10 @@ class GpuKernelTest(parameterized.TestCase):
     )
     check_grads(f, (q, k, v, bias), order=1, modes=("rev",), eps=1e-3, atol=2e-2, rtol=2e-2)
 
-  @parameterized.product(
-    shape=list(BLOCK_SHAPES), dtype=[jnp.float32, jnp.bfloat16], is_causal=[False, True]
+  @parameterized.parameters(
+    ("gqa_h6", jnp.float32, True),
+    ("gqa_h6", jnp.bfloat16, False),
+    ("mqa_h5", jnp.float32, False),
   )
   def test_block_forward(self, shape, dtype, is_causal):
     b, t, n, kh, s, h, hv, bq, bk, nb = BLOCK_SHAPES[shape]
@@ -215,7 +219,7 @@ class GpuKernelTest(parameterized.TestCase):
     )
     _assert_close(out, xla.output, FWD_TOL[dtype])
 
-  @parameterized.product(shape=list(BLOCK_SHAPES), dtype=[jnp.float32, jnp.bfloat16])
+  @parameterized.parameters(("gqa_h6", jnp.bfloat16), ("mqa_h5", jnp.float32))
   def test_block_gradients_match_reference(self, shape, dtype):
     b, t, n, kh, s, h, hv, bq, bk, nb = BLOCK_SHAPES[shape]
     q, k, v = _inputs(12, b, t, n, kh, s, h, hv, dtype)
@@ -238,7 +242,7 @@ class GpuKernelTest(parameterized.TestCase):
       _assert_close(g, w, GRAD_TOL[dtype], err_msg=name)
 
   def test_block_check_grads(self):
-    b, t, n, kh, s, h, hv, bq, bk, nb = BLOCK_SHAPES["gqa_h6"]
+    b, t, n, kh, s, h, hv, bq, bk, nb = BLOCK_SHAPES["mqa_h5"]
     q, k, v = _inputs(15, b, t, n, kh, s, h, hv, jnp.float32)
     bidx = _block_indices(16, b, t, n, s, bq, bk, nb)
     f = jax.jit(
@@ -259,8 +263,8 @@ class GpuKernelInterpretTest(GpuKernelTest):
 class TpuKernelTest(parameterized.TestCase):
   """The Mosaic kernel; runs on a TPU, skipped elsewhere.
 
-  The TPU interpreter is slow on CPU, so this class is small: one forward and
-  gradient test per granularity.
+  The TPU interpreter is slow on CPU, so this class is small: one forward test
+  per granularity.
   """
 
   INTERPRET = False
@@ -278,23 +282,19 @@ class TpuKernelTest(parameterized.TestCase):
       ctx.__enter__()
       self.addCleanup(ctx.__exit__, None, None, None)
 
-  def test_token_forward_and_gradients(self):
-    b, t, n, kh, s, h, hv, kk = 1, 3, 2, 1, 9, 6, 5, 5
+  def test_token_forward(self):
+    # The backward is the shared XLA code tested in GpuKernelInterpretTest.
+    b, t, n, kh, s, h, hv, kk = 1, 3, 2, 1, 9, 6, 5, 4
     q, k, v = _inputs(20, b, t, n, kh, s, h, hv, jnp.float32)
     idx = _token_indices(21, b, t, n, s, kk, "dups")
-    fn = lambda q, k, v: sg.token_gather_attention(
-      q, k, v, idx, scale=0.37, block_sizes=sg.BlockSizes(block_q=2), variant="tpu"
-    )[:2]
-    ref = lambda q, k, v: sg.sparse_gather_reference(q, k, v, idx, scale=0.37)
-    out, lse = fn(q, k, v)
-    ref_out, ref_lse = ref(q, k, v)
+    bias = jax.random.normal(jax.random.key(22), idx.shape, jnp.float32)
+    out, lse, logits = sg.token_gather_attention(
+      q, k, v, idx, bias, scale=0.37, block_sizes=sg.BlockSizes(block_q=2), variant="tpu"
+    )
+    ref_out, ref_lse = sg.sparse_gather_reference(q, k, v, idx, bias, scale=0.37)
     _assert_close(out, ref_out, FWD_TOL[jnp.float32])
     _assert_lse_close(lse, ref_lse, FWD_TOL[jnp.float32])
-    loss = lambda f: lambda q, k, v: jnp.sum(jnp.sin(f(q, k, v)[0]))
-    got = jax.grad(loss(fn), argnums=(0, 1, 2))(q, k, v)
-    want = jax.grad(loss(ref), argnums=(0, 1, 2))(q, k, v)
-    for g, w in zip(got, want, strict=True):
-      _assert_close(g, w, GRAD_TOL[jnp.float32])
+    np.testing.assert_array_equal(np.isneginf(np.asarray(logits)), np.asarray(idx) < 0)
 
   def test_block_forward_causal(self):
     b, t, n, kh, s, h, hv, bq, bk, nb = 1, 8, 2, 1, 11, 6, 5, 8, 4, 2
