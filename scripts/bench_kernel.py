@@ -191,7 +191,7 @@ def _print_row(r, on_cpu):
   temp = None if r["temp_bytes"] is None else r["temp_bytes"] / 2**20
   print(
     f"{r['n']:>6} {fmt(r['k'], 'd'):>4} {r['impl']:>7} {r['pass']:>8} "
-    f"{fmt(r['median_ms'], '.3f'):>10} {fmt(r['gather_GBps'], '.2f'):>8} "
+    f"{fmt(r['median_ms'], '.3f'):>10} {fmt(r['gather_GBps'], '.3g'):>8} "
     f"{fmt(r['ratio_to_dense'], '.2f'):>8} {fmt(temp, '.1f'):>9}  {note}"
   )
 

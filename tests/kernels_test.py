@@ -140,7 +140,6 @@ class GpuKernelTest(parameterized.TestCase):
   @parameterized.parameters(
     ("gqa_h6", jnp.float32, "dups"),
     ("gqa_h6", jnp.bfloat16, "causal"),
-    ("mha_h8", jnp.float32, "causal"),
   )
   def test_token_forward(self, shape, dtype, kind):
     b, t, n, kh, s, h, hv, kk = TOKEN_SHAPES[shape]
@@ -199,8 +198,7 @@ class GpuKernelTest(parameterized.TestCase):
 
   @parameterized.parameters(
     ("gqa_h6", jnp.float32, True),
-    ("gqa_h6", jnp.bfloat16, False),
-    ("mqa_h5", jnp.float32, False),
+    ("mqa_h5", jnp.bfloat16, False),
   )
   def test_block_forward(self, shape, dtype, is_causal):
     b, t, n, kh, s, h, hv, bq, bk, nb = BLOCK_SHAPES[shape]
@@ -219,7 +217,7 @@ class GpuKernelTest(parameterized.TestCase):
     )
     _assert_close(out, xla.output, FWD_TOL[dtype])
 
-  @parameterized.parameters(("gqa_h6", jnp.bfloat16), ("mqa_h5", jnp.float32))
+  @parameterized.parameters(("gqa_h6", jnp.bfloat16), ("gqa_h6", jnp.float32))
   def test_block_gradients_match_reference(self, shape, dtype):
     b, t, n, kh, s, h, hv, bq, bk, nb = BLOCK_SHAPES[shape]
     q, k, v = _inputs(12, b, t, n, kh, s, h, hv, dtype)
@@ -348,7 +346,8 @@ class PublicApiTest(parameterized.TestCase):
 
   def test_sparse_gather_pallas_matches_xla_with_residuals(self):
     q, k, v = _inputs(30, 2, 5, 4, 2, 9, 6, 5, jnp.float32)
-    idx = jax.random.randint(jax.random.key(31), (2, 5, 4, 6), -1, 11)  # dups, -1, >= S
+    q, k, v = (x.reshape(2, 1, *x.shape[1:]) for x in (q, k, v))  # batch dims (2, 1)
+    idx = jax.random.randint(jax.random.key(31), (2, 1, 5, 4, 6), -1, 11)  # dups, -1, >= S
     bias = jax.random.normal(jax.random.key(32), idx.shape)
     a = gsparse.sparse_gather_attention(
       q, k, v, idx, bias=bias, return_residuals=True, implementation="xla"
@@ -360,23 +359,24 @@ class PublicApiTest(parameterized.TestCase):
     _assert_lse_close(b.logsumexp, a.logsumexp, FWD_TOL[jnp.float32])
     _assert_close(b.weights, a.weights, FWD_TOL[jnp.float32])
 
-  def test_topk_attention_pallas_under_jit_and_vmap(self):
+  def test_topk_attention_pallas_under_jit_vmap_and_grad(self):
     q, k, v = _inputs(33, 3, 6, 2, 1, 6, 4, 4, jnp.float32)
-    f = lambda impl: jax.jit(
-      jax.vmap(
-        lambda q, k, v: gsparse.topk_attention(
+
+    def f(impl):
+      def one(q, k, v):
+        out, stats = gsparse.topk_attention(
           q, k, v, k=3, is_causal=True, implementation=impl, return_stats=True
         )
-      )
-    )
-    out_x, st_x = f("xla")(q, k, v)
-    out_p, st_p = f("pallas")(q, k, v)
+        return jnp.sum(out**2), (out, stats.error_bound)
+
+      # One compile per implementation: forward, certificate and dq together.
+      return jax.jit(jax.vmap(jax.value_and_grad(one, has_aux=True)))(q, k, v)
+
+    (_, (out_x, err_x)), dq_x = f("xla")
+    (_, (out_p, err_p)), dq_p = f("pallas")
     _assert_close(out_p, out_x, FWD_TOL[jnp.float32])
-    _assert_close(st_p.error_bound, st_x.error_bound, FWD_TOL[jnp.float32])
-    g = lambda impl: jax.grad(
-      lambda q: jnp.sum(gsparse.topk_attention(q, k, v, k=3, implementation=impl) ** 2)
-    )(q)
-    _assert_close(g("pallas"), g("xla"), GRAD_TOL[jnp.float32])
+    _assert_close(err_p, err_x, FWD_TOL[jnp.float32])
+    _assert_close(dq_p, dq_x, GRAD_TOL[jnp.float32])
 
   def test_block_public_api_pallas_matches_xla(self):
     q, k, v = _inputs(34, 1, 6, 2, 2, 10, 4, 4, jnp.float32)

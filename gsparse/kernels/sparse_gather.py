@@ -265,10 +265,12 @@ def gather_backward_xla(
   bq = block_q
   f32 = jnp.float32
   safe = jnp.where(slot_valid, pos, 0)
-  kg = gather_kv(k, safe).astype(f32)  # [B, Tb, N, m, H]
-  vg = gather_kv(v, safe).astype(f32)
-  qb = q.reshape(b, tb, bq, n, h).astype(f32)
-  s = jnp.einsum("btqnh,btnmh->btqnm", qb, kg) * scale
+  # Gathered rows stay in the input dtype; products accumulate in float32.
+  kg = gather_kv(k, safe)  # [B, Tb, N, m, H]
+  vg = gather_kv(v, safe)
+  qb = q.reshape(b, tb, bq, n, h)
+  dot = functools.partial(jnp.einsum, preferred_element_type=f32)
+  s = dot("btqnh,btnmh->btqnm", qb, kg) * scale
   if bias is not None:
     s = s + bias.reshape(b, tb, bq, n, m).astype(f32)
   valid = jnp.broadcast_to(slot_valid[:, :, None], s.shape)
@@ -277,17 +279,17 @@ def gather_backward_xla(
     valid = valid & (pos[:, :, None] <= qpos)
   lse_b = lse.reshape(b, tb, bq, n, 1)
   p = jnp.where(valid, jnp.exp(jnp.where(valid, s - lse_b, 0.0)), 0.0)
-  dob = do.reshape(b, tb, bq, n, -1).astype(f32)
-  dp = jnp.einsum("btqnv,btnmv->btqnm", dob, vg)
+  dob = do.reshape(b, tb, bq, n, -1)
+  dp = dot("btqnv,btnmv->btqnm", dob, vg)
   delta = jnp.sum(p * dp, axis=-1, keepdims=True)
   ds = p * (dp - delta)
   if dlse is not None:
     ds = ds + p * dlse.reshape(b, tb, bq, n, 1).astype(f32)
   if dlogits is not None:
     ds = ds + jnp.where(valid, dlogits.reshape(ds.shape).astype(f32), 0.0)
-  dq = (scale * jnp.einsum("btqnm,btnmh->btqnh", ds, kg)).reshape(q.shape)
-  dkg = scale * jnp.einsum("btqnm,btqnh->btnmh", ds, qb)
-  dvg = jnp.einsum("btqnm,btqnv->btnmv", p, dob)
+  dq = (scale * dot("btqnm,btnmh->btqnh", ds, kg.astype(f32))).reshape(q.shape)
+  dkg = scale * dot("btqnm,btqnh->btnmh", ds, qb.astype(f32))
+  dvg = dot("btqnm,btqnv->btnmv", p, dob.astype(f32))
   g = n // kh
   bi = jnp.arange(b)[:, None, None, None]
   hi = (jnp.arange(n) // g)[None, None, :, None]
