@@ -295,7 +295,7 @@ class TpuKernelTest(parameterized.TestCase):
     np.testing.assert_array_equal(np.isneginf(np.asarray(logits)), np.asarray(idx) < 0)
 
   def test_block_forward_causal(self):
-    b, t, n, kh, s, h, hv, bq, bk, nb = 1, 8, 2, 1, 11, 6, 5, 8, 4, 2
+    b, t, n, kh, s, h, hv, bq, bk, nb = 1, 8, 2, 1, 11, 6, 5, 8, 8, 2
     q, k, v = _inputs(22, b, t, n, kh, s, h, hv, jnp.bfloat16)
     bidx = _block_indices(23, b, t, n, s, bq, bk, nb).at[0, 0, 1].set(jnp.array([0, 2]))
     out, lse = sg.block_gather_attention(
@@ -485,6 +485,15 @@ class ErrorTest(parameterized.TestCase):
     )
     with self.assertRaisesRegex(TypeError, "scale known at trace time"):
       f(0.5)
+
+  def test_device_block_sizes_checked_before_lowering(self):
+    q, k, v = self.q, self.k, self.v
+    bidx = jnp.zeros((1, 1, 2, 1), jnp.int32)
+    for variant, msg in (("gpu", "power of two >= 16"), ("tpu", "multiple of 8")):
+      with self.assertRaisesRegex(ValueError, f"block_q=4 must be a {msg}"):
+        sg.block_gather_attention(
+          q, k, v, bidx, block_q=4, block_k=16, scale=1.0, variant=variant, interpret=False
+        )
 
   def test_block_sizes_validated(self):
     with self.assertRaisesRegex(ValueError, "block_slots=3 must be a power of two"):

@@ -642,7 +642,8 @@ def _block_forward_gpu(q, k, v, bidx, *, block_q, block_k, scale, is_causal, int
   g = n // kh
   nb = bidx.shape[-1]
   nbp = _next_pow2(nb)
-  hp, hvp = _next_pow2(h), _next_pow2(hv)
+  # Triton's dot wants every dimension a power of two >= 16.
+  hp, hvp = max(16, _next_pow2(h)), max(16, _next_pow2(hv))
   sp = _round_up(s_len, block_k)
   q = _pad_axis(q, 3, hp)
   k = _pad_axis(_pad_axis(k, 3, hp), 1, sp)
@@ -883,6 +884,18 @@ def block_gather_attention(
     `(output [B, T, N, Hv] in q.dtype, logsumexp [B, T, N] float32)`.
   """
   _check_variant(variant)
+  if not interpret:
+    for name, size in (("block_q", block_q), ("block_k", block_k)):
+      if variant == "gpu" and (not _is_pow2(size) or size < 16):
+        raise ValueError(
+          f"{name}={size} must be a power of two >= 16 for the Triton kernel "
+          '(Triton dot tiles); use implementation="xla" for other block sizes'
+        )
+      if variant == "tpu" and size % 8:
+        raise ValueError(
+          f"{name}={size} must be a multiple of 8 for the Mosaic kernel (TPU tiles); "
+          'use implementation="xla" for other block sizes'
+        )
   t = q.shape[1]
   nkb = -(-k.shape[1] // block_k)
   tb = -(-t // block_q)
