@@ -34,7 +34,12 @@ from gsparse.certificate import (
   tail_mass_certificate,
   value_center_and_radius,
 )
-from gsparse.gather import GatherResult, sparse_gather_attention
+from gsparse.gather import (
+  BlockGatherResult,
+  GatherResult,
+  block_sparse_gather_attention,
+  sparse_gather_attention,
+)
 from gsparse.gaussian import (
   Weights,
   gaussian_attention,
@@ -59,6 +64,7 @@ from gsparse.topk import TopKStats, topk_attention
 __version__ = "0.1.0"
 
 __all__ = [
+  "BlockGatherResult",
   "ErrorBound",
   "ErrorDecomposition",
   "GatherResult",
@@ -73,6 +79,7 @@ __all__ = [
   "Weights",
   "attention_weights",
   "binomial_upper_quantile",
+  "block_sparse_gather_attention",
   "compute_logits",
   "dot_product_attention",
   "effective_support",

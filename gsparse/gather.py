@@ -15,6 +15,20 @@ Index semantics (shared by every implementation):
     guarantees uniqueness (as `jax.lax.top_k` does).
   * A query whose slots are all masked gets a zero output and zero gradient,
     and a log-sum-exp of `-inf`.
+
+Block granularity (`block_sparse_gather_attention`): queries are cut into
+blocks of `block_q` consecutive positions and keys into blocks of `block_k`;
+`block_indices` `[batch..., ceil(T / block_q), N, nb]` lists, for every query
+block and head, the key blocks its queries attend to (block `j` covers key
+positions `[j * block_k, (j + 1) * block_k)`, cut at `S`). Ids outside
+`[0, ceil(S / block_k))` are masked, duplicates count once, and `is_causal`
+additionally masks key position > query position (top-left aligned).
+
+Implementations (`implementation=`): "xla" is the reference and the fallback
+(gathers `[..., k, H]` copies, differentiated by autodiff); "pallas" runs the
+kernels of `gsparse.kernels.sparse_gather` (Triton on GPU, Mosaic on TPU, the
+Pallas interpreter elsewhere) with a custom VJP; None picks "pallas" on GPU
+and TPU and "xla" otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +41,8 @@ from jax.typing import ArrayLike
 
 from gsparse import _checks
 from gsparse.attention import compute_dtype
+
+IMPLEMENTATIONS = (None, "xla", "pallas")
 
 
 class GatherResult(NamedTuple):
@@ -44,6 +60,38 @@ class GatherResult(NamedTuple):
   output: jax.Array
   logsumexp: jax.Array
   weights: jax.Array
+
+
+class BlockGatherResult(NamedTuple):
+  """Output of `block_sparse_gather_attention(..., return_residuals=True)`.
+
+  Attributes:
+    output: `[batch..., T, N, Hv]` attention output in `query.dtype`.
+    logsumexp: `[batch..., T, N]` float32 log-sum-exp (`-inf` for a query with
+      no admissible key).
+  """
+
+  output: jax.Array
+  logsumexp: jax.Array
+
+
+def resolve_implementation(implementation: str | None) -> str:
+  """Checks `implementation` and resolves None: "pallas" on GPU/TPU, else "xla"."""
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS}")
+  if implementation is None:
+    return "pallas" if jax.default_backend() in ("gpu", "tpu") else "xla"
+  return implementation
+
+
+def _static_scale(scale) -> float:
+  """The scale as a Python float (the Pallas kernels compile it in)."""
+  concrete = _checks.concrete_or_none(scale)
+  if concrete is None:
+    raise TypeError(
+      'implementation="pallas" needs scale known at trace time (a Python float), got a tracer'
+    )
+  return float(concrete)
 
 
 def check_indices(indices: ArrayLike, query_shape: tuple[int, ...]) -> jax.Array:
@@ -148,6 +196,7 @@ def sparse_gather_attention(
   return_residuals: bool = False,
   implementation: str | None = None,
   precision=None,
+  block_sizes=None,
 ):
   """Attention of each query over its own list of key positions.
 
@@ -158,11 +207,17 @@ def sparse_gather_attention(
     indices: `[batch..., T, N, k]` integer key positions; outside `[0, S)` means
       masked; duplicates count once (see the module docstring).
     bias: optional `[batch..., T, N, k]` added to the selected logits.
-    scale: logit scale; default `1 / sqrt(H)`.
+    scale: logit scale; default `1 / sqrt(H)`. Must be a Python float (not a
+      tracer) with `implementation="pallas"`.
     assume_unique: skip de-duplication (the caller guarantees unique indices).
     return_residuals: also return the log-sum-exp and the slot weights.
-    implementation: None or "xla" (reference, differentiable).
-    precision: einsum precision.
+    implementation: None (pallas on GPU/TPU, xla elsewhere), "xla" (reference,
+      differentiated by autodiff) or "pallas" (kernel with a custom VJP; the
+      Pallas interpreter on CPU).
+    precision: einsum precision of the XLA path (the kernels accumulate in
+      float32 and ignore it).
+    block_sizes: optional `gsparse.kernels.sparse_gather.BlockSizes` tiles for
+      the Pallas path.
 
   Returns:
     `[batch..., T, N, Hv]` output in `query.dtype`, or a `GatherResult` when
@@ -176,12 +231,210 @@ def sparse_gather_attention(
     bias = _checks.check_float_array("bias", bias)
     if bias.shape != indices.shape:
       raise ValueError(f"bias must have the shape of indices {indices.shape}, got {bias.shape}")
-  if implementation not in (None, "xla"):
-    raise ValueError(f"implementation={implementation!r} must be None or 'xla'")
+  implementation = resolve_implementation(implementation)
   s = key.shape[-3]
   scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
   idx = jnp.where((indices >= 0) & (indices < s), indices, -1).astype(jnp.int32)
   if not assume_unique:
     idx = dedup_indices(idx, s)
-  res = sparse_gather_attention_xla(query, key, value, idx, bias, scale, precision)
+  if implementation == "xla":
+    res = sparse_gather_attention_xla(query, key, value, idx, bias, scale, precision)
+  else:
+    res = _sparse_gather_pallas(query, key, value, idx, bias, _static_scale(scale), block_sizes)
+  return res if return_residuals else res.output
+
+
+def _flatten_batch(x: jax.Array, trailing: int) -> jax.Array:
+  return x.reshape((-1,) + x.shape[x.ndim - trailing :])
+
+
+def _sparse_gather_pallas(query, key, value, idx, bias, scale, block_sizes) -> GatherResult:
+  from gsparse.kernels import sparse_gather as kernels
+
+  if block_sizes is None:
+    block_sizes = kernels.BlockSizes()
+  variant, interpret = kernels.default_variant()
+  batch = query.shape[:-3]
+  out, lse, logits = kernels.token_gather_attention(
+    _flatten_batch(query, 3),
+    _flatten_batch(key, 3),
+    _flatten_batch(value, 3),
+    _flatten_batch(idx, 3),
+    None if bias is None else _flatten_batch(bias, 3),
+    scale=scale,
+    block_sizes=block_sizes,
+    variant=variant,
+    interpret=interpret,
+  )
+  valid = _flatten_batch(idx, 3) >= 0
+  w = jnp.where(valid, jnp.exp(jnp.where(valid, logits - lse[..., None], 0.0)), 0.0)
+  return GatherResult(
+    out.reshape(*batch, *out.shape[1:]),
+    lse.reshape(*batch, *lse.shape[1:]),
+    w.reshape(*batch, *w.shape[1:]),
+  )
+
+
+def check_block_indices(
+  block_indices: ArrayLike, query_shape: tuple[int, ...], block_q: int
+) -> jax.Array:
+  """Checks `[batch..., ceil(T / block_q), N, nb]` integer block ids."""
+  block_indices = jnp.asarray(block_indices)
+  if not jnp.issubdtype(block_indices.dtype, jnp.integer):
+    raise TypeError(f"block_indices must have an integer dtype, got {block_indices.dtype}")
+  *batch, t, n, _ = query_shape
+  want = (*batch, -(-t // block_q), n)
+  if block_indices.ndim != len(query_shape) or block_indices.shape[:-1] != want:
+    raise ValueError(
+      f"block_indices must have shape [batch..., ceil(T / block_q), N, nb] = {want + ('nb',)} "
+      f"for query {tuple(query_shape)} and block_q={block_q}, got {block_indices.shape}"
+    )
+  if block_indices.shape[-1] < 1:
+    raise ValueError(f"block_indices must select at least one key block, got {block_indices.shape}")
+  return block_indices
+
+
+def block_sparse_gather_attention_xla(
+  query: jax.Array,
+  key: jax.Array,
+  value: jax.Array,
+  block_indices: jax.Array,
+  *,
+  block_q: int,
+  block_k: int,
+  scale: float,
+  is_causal: bool = False,
+  precision=None,
+) -> BlockGatherResult:
+  """XLA block-level implementation; `block_indices` de-duplicated (-1 = masked).
+
+  Gathers one `[nb * block_k, H]` slab of keys per query block and head (a
+  factor `block_q` less than token-level gathering) and differentiates by
+  autodiff.
+  """
+  *batch, t, n, h = query.shape
+  s = key.shape[-3]
+  dtype = compute_dtype(query.dtype, key.dtype, value.dtype)
+  tb, nb = block_indices.shape[-3], block_indices.shape[-1]
+  tp = tb * block_q
+  q = query
+  if tp != t:
+    q = jnp.pad(q, [(0, 0)] * len(batch) + [(0, tp - t), (0, 0), (0, 0)])
+  pos = block_indices[..., None] * block_k + jnp.arange(block_k, dtype=jnp.int32)
+  slot_valid = (block_indices >= 0)[..., None] & (pos < s)
+  pos = pos.reshape(*pos.shape[:-2], nb * block_k)  # [..., Tb, N, m]
+  slot_valid = slot_valid.reshape(pos.shape)
+  safe = jnp.where(slot_valid, pos, 0)
+  kg = gather_kv(key, safe)  # [..., Tb, N, m, H]
+  vg = gather_kv(value, safe)
+  qb = q.reshape(*batch, tb, block_q, n, h)
+  logits = jnp.einsum(
+    "...tqnh,...tnmh->...tqnm", qb, kg, precision=precision, preferred_element_type=dtype
+  ).astype(dtype)
+  logits = logits * jnp.asarray(scale, dtype)
+  valid = jnp.broadcast_to(slot_valid[..., :, None, :, :], logits.shape)
+  if is_causal:
+    qpos = jnp.arange(tp).reshape(tb, block_q)[:, :, None, None]
+    valid = valid & (pos[..., :, None, :, :] <= qpos)
+  neg = jnp.asarray(-jnp.inf, dtype)
+  m = jnp.max(jnp.where(valid, logits, neg), axis=-1, keepdims=True)
+  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+  e = jnp.where(valid, jnp.exp(jnp.where(valid, logits - m, 0.0)), 0.0)
+  z = jnp.sum(e, axis=-1, keepdims=True)
+  w = e / jnp.where(z > 0, z, 1.0)
+  out = jnp.einsum("...tqnm,...tnmv->...tqnv", w, vg.astype(dtype), precision=precision)
+  lse = jnp.where(
+    z[..., 0] > 0, jnp.log(jnp.where(z[..., 0] > 0, z[..., 0], 1.0)) + m[..., 0], -jnp.inf
+  )
+  out = out.reshape(*batch, tp, n, -1)[..., :t, :, :]
+  lse = lse.reshape(*batch, tp, n)[..., :t, :]
+  return BlockGatherResult(out.astype(query.dtype), lse)
+
+
+def block_sparse_gather_attention(
+  query: ArrayLike,
+  key: ArrayLike,
+  value: ArrayLike,
+  block_indices: ArrayLike,
+  *,
+  block_q: int,
+  block_k: int,
+  scale: float | None = None,
+  is_causal: bool = False,
+  assume_unique: bool = False,
+  return_residuals: bool = False,
+  implementation: str | None = None,
+  precision=None,
+):
+  """Attention in which every query block attends to its own list of key blocks.
+
+  Args:
+    query: `[batch..., T, N, H]`.
+    key: `[batch..., S, K, H]`, `N % K == 0`.
+    value: `[batch..., S, K, Hv]`.
+    block_indices: `[batch..., ceil(T / block_q), N, nb]` integer key-block ids
+      (block `j` = key positions `[j * block_k, (j + 1) * block_k)`); ids
+      outside `[0, ceil(S / block_k))` are masked, duplicates count once.
+    block_q: queries per query block, a Python int >= 1. On GPU the Pallas
+      kernel needs a power of two >= 16, on TPU a multiple of 8.
+    block_k: keys per key block, a Python int >= 1 (same GPU constraint; on
+      TPU a multiple of 8).
+    scale: logit scale; default `1 / sqrt(H)` (a Python float for "pallas").
+    is_causal: also mask key position > query position (top-left aligned).
+    assume_unique: skip de-duplication of the block ids.
+    return_residuals: also return the log-sum-exp.
+    implementation: None, "xla" or "pallas", as in `sparse_gather_attention`.
+    precision: einsum precision of the XLA path.
+
+  Returns:
+    `[batch..., T, N, Hv]` output in `query.dtype`, or a `BlockGatherResult`
+    when `return_residuals=True`. A query with no admissible key gets zeros.
+  """
+  query, key, value = _checks.check_attention_inputs(query, key, value)
+  block_q = _checks.check_int("block_q", block_q, minimum=1)
+  block_k = _checks.check_int("block_k", block_k, minimum=1)
+  block_indices = check_block_indices(block_indices, query.shape, block_q)
+  if not isinstance(is_causal, bool):
+    raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+  if scale is not None:
+    _checks.check_float_scalar("scale", scale)
+  implementation = resolve_implementation(implementation)
+  scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
+  nkb = -(-key.shape[-3] // block_k)
+  bidx = block_indices.astype(jnp.int32)
+  bidx = jnp.where((bidx >= 0) & (bidx < nkb), bidx, -1)
+  if not assume_unique:
+    bidx = dedup_indices(bidx, nkb)
+  if implementation == "xla":
+    res = block_sparse_gather_attention_xla(
+      query,
+      key,
+      value,
+      bidx,
+      block_q=block_q,
+      block_k=block_k,
+      scale=scale,
+      is_causal=is_causal,
+      precision=precision,
+    )
+  else:
+    from gsparse.kernels import sparse_gather as kernels
+
+    variant, interpret = kernels.default_variant()
+    batch = query.shape[:-3]
+    out, lse = kernels.block_gather_attention(
+      _flatten_batch(query, 3),
+      _flatten_batch(key, 3),
+      _flatten_batch(value, 3),
+      _flatten_batch(bidx, 3),
+      block_q=block_q,
+      block_k=block_k,
+      scale=_static_scale(scale),
+      is_causal=is_causal,
+      variant=variant,
+      interpret=interpret,
+    )
+    res = BlockGatherResult(
+      out.reshape(*batch, *out.shape[1:]), lse.reshape(*batch, *lse.shape[1:])
+    )
   return res if return_residuals else res.output

@@ -103,6 +103,7 @@ def topk_attention(
   selection: str = "full",
   return_stats: bool = False,
   precision=None,
+  implementation: str | None = None,
 ):
   """Top-k attention in the layout of `jax.nn.dot_product_attention`.
 
@@ -122,6 +123,9 @@ def topk_attention(
       and calls `jax.lax.top_k`.
     return_stats: also return a `TopKStats` with the certificate.
     precision: einsum precision.
+    implementation: how the selected keys are gathered, passed to
+      `gsparse.sparse_gather_attention`: None (Pallas kernel on GPU/TPU, XLA
+      elsewhere), "xla" or "pallas".
 
   Returns:
     `[batch..., T, N, Hv]` output in `query.dtype`, or `(output, TopKStats)`
@@ -158,6 +162,7 @@ def topk_attention(
     assume_unique=True,
     return_residuals=True,
     precision=precision,
+    implementation=implementation,
   )
   if not return_stats:
     return res.output

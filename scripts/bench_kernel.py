@@ -1,0 +1,200 @@
+"""Benchmark: Pallas sparse-gather kernel vs XLA gather vs dense attention.
+
+For every (n, k) it times, on the default backend, with T = S = n:
+
+* `pallas`: `gsparse.sparse_gather_attention(..., implementation="pallas")`
+  (Triton on GPU, Mosaic on TPU, the Pallas *interpreter* on CPU);
+* `xla`: the same call with `implementation="xla"` (gathers `[n, k, H]` copies);
+* `dense`: `jax.nn.dot_product_attention` over all n keys (cuDNN flash
+  attention on GPU when it accepts the shapes, XLA otherwise);
+
+optionally also forward+backward (`--grad`). It reports the median time of
+`--repeats` runs, the achieved gather bandwidth (bytes of the K and V rows the
+gather reads, `B*n*N*k*(H+Hv)*itemsize`, per second), the ratio to dense, and
+XLA's estimate of the temporary memory of each compiled function. On CPU the
+kernel runs in interpret mode: its times say nothing about kernel speed, and
+the table says so.
+
+  PYTHONPATH=. python scripts/bench_kernel.py                      # CPU defaults
+  PYTHONPATH=. python scripts/bench_kernel.py --n=4096,16384,65536 --k=32,128,512 --grad
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+import time
+
+import jax
+import jax.numpy as jnp
+from absl import app, flags
+
+import gsparse
+
+_N = flags.DEFINE_list(
+  "n", None, "sequence lengths (default: 4096..65536 on GPU/TPU, 256,512 on CPU)"
+)
+_K = flags.DEFINE_list("k", None, "keys per query (default: 32..512 on GPU/TPU, 16,32 on CPU)")
+_BATCH = flags.DEFINE_integer("batch", 1, "batch size")
+_HEADS = flags.DEFINE_integer("heads", 8, "query heads")
+_KV_HEADS = flags.DEFINE_integer("kv_heads", 8, "key/value heads")
+_HEAD_DIM = flags.DEFINE_integer("head_dim", 128, "head dimension (default 32 on CPU)")
+_DTYPE = flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32", "float16"], "dtype")
+_REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs per point (median reported)")
+_GRAD = flags.DEFINE_bool("grad", False, "also time forward+backward")
+_DENSE = flags.DEFINE_bool("dense", True, "also time jax.nn.dot_product_attention")
+_OUT = flags.DEFINE_string("out", "bench_kernel.json", "JSON output path")
+
+
+def _time(fn, args, repeats):
+  """Compiles, then returns (median seconds, temp bytes or None, error or None)."""
+  try:
+    compiled = jax.jit(fn).lower(*args).compile()
+  except Exception as e:  # noqa: BLE001 - record why a point could not run (e.g. OOM)
+    return None, None, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+  temp = None
+  try:
+    temp = int(compiled.memory_analysis().temp_size_in_bytes)
+  except Exception:  # noqa: BLE001 - not every backend reports it
+    pass
+  try:
+    jax.block_until_ready(compiled(*args))
+    times = []
+    for _ in range(repeats):
+      t0 = time.perf_counter()
+      jax.block_until_ready(compiled(*args))
+      times.append(time.perf_counter() - t0)
+  except Exception as e:  # noqa: BLE001
+    return None, temp, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
+  return statistics.median(times), temp, None
+
+
+def _dense_fn(backend):
+  impl = "cudnn" if backend == "gpu" else None
+
+  def dense(q, k, v):
+    try:
+      return jax.nn.dot_product_attention(q, k, v, implementation=impl)
+    except Exception:  # noqa: BLE001 - cuDNN may reject the shape; fall back to XLA
+      return jax.nn.dot_product_attention(q, k, v)
+
+  return dense
+
+
+def main(argv):
+  del argv
+  backend = jax.default_backend()
+  on_cpu = backend not in ("gpu", "tpu")
+  ns = [int(x) for x in (_N.value or (["256", "512"] if on_cpu else ["4096", "16384", "65536"]))]
+  ks = [int(x) for x in (_K.value or (["16", "32"] if on_cpu else ["32", "128", "512"]))]
+  head_dim = _HEAD_DIM.value if (_HEAD_DIM.present or not on_cpu) else 32
+  dtype = jnp.dtype(_DTYPE.value)
+  b, nh, kvh = _BATCH.value, _HEADS.value, _KV_HEADS.value
+  device = jax.devices()[0]
+  note = (
+    "CPU: the Pallas kernel runs in INTERPRET mode; its times are NOT a speed claim"
+    if on_cpu
+    else f"{backend}: compiled kernel"
+  )
+  print(f"# device: {device.device_kind} ({backend}); {note}")
+  print(f"# batch={b} heads={nh} kv_heads={kvh} head_dim={head_dim} dtype={dtype.name}")
+  print("# machine may be shared: timings taken under load are noisy")
+  header = (
+    f"{'n':>6} {'k':>4} {'impl':>7} {'pass':>8} {'median_ms':>10} {'GB/s':>8} "
+    f"{'vs_dense':>8} {'temp_MiB':>9}  note"
+  )
+  print(header)
+  rows = []
+  dense = _dense_fn(backend)
+  for n in ns:
+    key = jax.random.key(n)
+    kq, kk, kv, ki = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (b, n, nh, head_dim), dtype)
+    k = jax.random.normal(kk, (b, n, kvh, head_dim), dtype)
+    v = jax.random.normal(kv, (b, n, kvh, head_dim), dtype)
+    dense_ms = {}
+    if _DENSE.value:
+      passes = [("fwd", dense)]
+      if _GRAD.value:
+        passes.append(("fwd+bwd", _grad_of(dense)))
+      for name, fn in passes:
+        sec, temp, err = _time(fn, (q, k, v), _REPEATS.value)
+        dense_ms[name] = None if sec is None else sec * 1e3
+        rows.append(_row(n, None, "dense", name, sec, None, None, temp, err))
+    for kk_ in ks:
+      idx = jax.random.randint(ki, (b, n, nh, kk_), 0, n, jnp.int32)
+      gathered = b * n * nh * kk_ * (2 * head_dim) * dtype.itemsize
+      for impl in ("pallas", "xla"):
+        fwd = _gather_fn(idx, impl)
+        passes = [("fwd", fwd)]
+        if _GRAD.value:
+          passes.append(("fwd+bwd", _grad_of(fwd)))
+        for name, fn in passes:
+          sec, temp, err = _time(fn, (q, k, v), _REPEATS.value)
+          ratio = None
+          if sec is not None and dense_ms.get(name):
+            ratio = sec * 1e3 / dense_ms[name]
+          rows.append(_row(n, kk_, impl, name, sec, gathered, ratio, temp, err))
+    for r in rows[-(len(ks) * 2 * (1 + _GRAD.value) + (1 + _GRAD.value) * _DENSE.value) :]:
+      _print_row(r, on_cpu)
+  result = {
+    "device": device.device_kind,
+    "backend": backend,
+    "interpret_mode": on_cpu,
+    "note": note,
+    "batch": b,
+    "heads": nh,
+    "kv_heads": kvh,
+    "head_dim": head_dim,
+    "dtype": dtype.name,
+    "repeats": _REPEATS.value,
+    "rows": rows,
+  }
+  with open(_OUT.value, "w") as f:
+    json.dump(result, f, indent=1)
+  print(f"# wrote {_OUT.value}")
+
+
+def _gather_fn(idx, impl):
+  def fn(q, k, v):
+    return gsparse.sparse_gather_attention(q, k, v, idx, assume_unique=True, implementation=impl)
+
+  return fn
+
+
+def _grad_of(fn):
+  def loss(q, k, v):
+    return jnp.sum(fn(q, k, v).astype(jnp.float32))
+
+  return jax.grad(loss, argnums=(0, 1, 2))
+
+
+def _row(n, k, impl, name, sec, gathered, ratio, temp, err):
+  return {
+    "n": n,
+    "k": k,
+    "impl": impl,
+    "pass": name,
+    "median_ms": None if sec is None else sec * 1e3,
+    "gather_GBps": None
+    if (sec is None or gathered is None or name != "fwd")
+    else gathered / sec / 1e9,
+    "ratio_to_dense": ratio,
+    "temp_bytes": temp,
+    "error": err,
+  }
+
+
+def _print_row(r, on_cpu):
+  fmt = lambda x, spec: "-" if x is None else format(x, spec)
+  note = r["error"] or ("interpret mode" if (on_cpu and r["impl"] == "pallas") else "")
+  temp = None if r["temp_bytes"] is None else r["temp_bytes"] / 2**20
+  print(
+    f"{r['n']:>6} {fmt(r['k'], 'd'):>4} {r['impl']:>7} {r['pass']:>8} "
+    f"{fmt(r['median_ms'], '.3f'):>10} {fmt(r['gather_GBps'], '.3g'):>8} "
+    f"{fmt(r['ratio_to_dense'], '.2f'):>8} {fmt(temp, '.1f'):>9}  {note}"
+  )
+
+
+if __name__ == "__main__":
+  app.run(main)
