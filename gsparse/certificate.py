@@ -44,14 +44,16 @@ def tail_mass_certificate(
 
   Returns:
     The bound, in `[0, 1]`, broadcast over the arguments; exactly 0 when
-    `num_keys <= k` (nothing is dropped).
+    `num_keys <= k` or `next_logit == -inf` (nothing with weight is dropped).
   """
   head_logsumexp = jnp.asarray(head_logsumexp)
   dtype = jnp.promote_types(head_logsumexp.dtype, jnp.float32)
   head_logsumexp = head_logsumexp.astype(dtype)
   next_logit = jnp.asarray(next_logit, dtype)
   dropped = jnp.asarray(num_keys, dtype) - jnp.asarray(k, dtype)
-  has_tail = dropped > 0
+  # A (k+1)-th logit of -inf (a -inf bias) means every dropped key has zero
+  # weight: the tail is exactly empty even if the kept set is empty as well.
+  has_tail = (dropped > 0) & (next_logit != -jnp.inf)
   log_tail = jnp.log(jnp.where(has_tail, dropped, 1.0)) + jnp.where(has_tail, next_logit, 0.0)
   head = jnp.where(has_tail & jnp.isfinite(head_logsumexp), head_logsumexp, 0.0)
   bound = jax.nn.sigmoid(log_tail - head)
