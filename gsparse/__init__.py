@@ -10,6 +10,7 @@ from gsparse.certificate import (
   tail_mass_certificate,
   value_center_and_radius,
 )
+from gsparse.checking import checked
 from gsparse.gather import GatherResult, sparse_gather_attention
 from gsparse.gaussian import (
   Weights,
@@ -39,6 +40,7 @@ __all__ = [
   "TopKStats",
   "Weights",
   "attention_weights",
+  "checked",
   "compute_logits",
   "dot_product_attention",
   "effective_support",
