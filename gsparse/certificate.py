@@ -58,6 +58,7 @@ def tail_mass_certificate(
   head = jnp.where(has_tail & jnp.isfinite(head_logsumexp), head_logsumexp, 0.0)
   bound = jax.nn.sigmoid(log_tail - head)
   bound = jnp.where(jnp.isfinite(head_logsumexp), bound, 1.0)
+  bound = jnp.where(jnp.isnan(head_logsumexp) | jnp.isnan(next_logit), jnp.nan, bound)
   return jnp.where(has_tail, bound, 0.0)
 
 
