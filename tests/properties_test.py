@@ -34,6 +34,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import jax.test_util
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
@@ -359,17 +360,24 @@ def test_k_at_least_s_equals_dense(impl, case):
     np.testing.assert_allclose(out, dense, rtol=0, atol=out_tol(case, logits, valid))
 
 
-def _unique_topk(case: Case, logits, valid) -> bool:
-  """True when the k-th and (k+1)-th admissible logits of every row are separated."""
-  s = logits.shape[-1]
-  if case.k_keep >= s:
-    return True
+def _min_topk_gap(k_keep: int, logits, valid) -> float:
+  """Smallest gap between the k-th and (k+1)-th admissible logits over the rows.
+
+  Rows with fewer than k+1 admissible keys (or infinite logits there) have no
+  boundary and do not count; inf when no row has one.
+  """
+  if k_keep >= logits.shape[-1]:
+    return np.inf
   srt = -np.sort(-np.where(valid, logits, -np.inf), axis=-1)
-  a, b = srt[..., case.k_keep - 1], srt[..., case.k_keep]
+  a, b = srt[..., k_keep - 1], srt[..., k_keep]
   finite = np.isfinite(a) & np.isfinite(b)
   gap = np.where(finite, a, 1.0) - np.where(finite, b, 0.0)
-  gap_ok = ~finite | (gap > 4 * logit_tol(case, logits, valid))
-  return bool(np.all(gap_ok))
+  return float(np.min(np.where(finite, gap, np.inf), initial=np.inf))
+
+
+def _unique_topk(case: Case, logits, valid) -> bool:
+  """True when the k-th and (k+1)-th admissible logits of every row are separated."""
+  return _min_topk_gap(case.k_keep, logits, valid) > 4 * logit_tol(case, logits, valid)
 
 
 @pytest.mark.parametrize(
@@ -459,3 +467,45 @@ def test_error_identity(n, k, magnitudes, x64, seed):
   np.testing.assert_allclose(mixture, dec.output, rtol=0, atol=tol)
   if k >= n:
     assert np.all(dec.tail_mass == 0) and np.all(dec.error <= tol)
+
+
+# ----------------------------------------------------------------------------
+# Gradients.
+
+
+@pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=IMPL_IDS)
+@pytest.mark.parametrize("k_keep", [2, 7])
+def test_check_grads(impl, k_keep):
+  """First-order gradients (forward and reverse mode) against finite differences.
+
+  float64 (x64 enabled inside the test), grouped-query heads, a random mask with
+  one fully masked row, and a bias. The seed is fixed and the k-th/(k+1)-th
+  logit gap is asserted to exceed the finite-difference step by far, so the
+  top-k set does not change under the perturbation.
+  """
+  rng = np.random.default_rng(123)
+  t, s, n, kh, h = 3, 6, 4, 2, 3
+  with jax.enable_x64(True):
+    q = jnp.asarray(rng.standard_normal((t, n, h)))
+    k = jnp.asarray(rng.standard_normal((s, kh, h)))
+    v = jnp.asarray(rng.standard_normal((s, kh, h)))
+    bias = jnp.asarray(rng.standard_normal((n, t, s)) * 0.5)
+    mask = rng.random((n, t, s)) < 0.8
+    mask[1, 2] = False
+    mask = jnp.asarray(mask)
+    if impl.topk and k_keep < s:
+      case = Case(
+        np.asarray(q),
+        np.asarray(k),
+        np.asarray(v),
+        np.asarray(bias),
+        np.asarray(mask),
+        "float64",
+        k_keep,
+      )
+      logits, valid = ref_logits(case)
+      assert _min_topk_gap(k_keep, logits, valid) > 1e-2  # a property of seed 123
+    f = jax.jit(lambda q, k, v, bias: impl.fn(q, k, v, bias, mask, k_keep=k_keep).output)
+    jax.test_util.check_grads(
+      f, (q, k, v, bias), order=1, modes=("fwd", "rev"), atol=1e-5, rtol=1e-5
+    )
