@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from gsparse import _checks
 from gsparse._numerics import safe_norm
 
 
@@ -72,7 +73,7 @@ def value_center_and_radius(value: ArrayLike) -> tuple[jax.Array, jax.Array]:
     `(center [batch..., K, Hv], radius [batch..., K])` in at least float32.
     All keys are used, so the radius is a valid bound for any mask.
   """
-  value = jnp.asarray(value)
+  value = _checks.check_float_array("value", value, min_ndim=3)
   value = value.astype(jnp.promote_types(value.dtype, jnp.float32))
   center = jnp.mean(value, axis=-3)
   radius = jnp.max(safe_norm(value - center[..., None, :, :]), axis=-2)
@@ -92,10 +93,22 @@ def output_error_certificate(
   Returns:
     `[batch..., T, N]` bound `t (||o_k - c|| + R)`.
   """
-  tail_bound = jnp.asarray(tail_bound)
-  topk_output = jnp.asarray(topk_output)
+  tail_bound = _checks.check_float_array("tail_bound", tail_bound)
+  topk_output = _checks.check_float_array("topk_output", topk_output, min_ndim=3)
   center, radius = value_center_and_radius(value)
   n, kh = topk_output.shape[-2], center.shape[-2]
+  if (
+    topk_output.ndim != center.ndim + 1
+    or topk_output.shape[-1] != center.shape[-1]
+    or n % kh
+    or tail_bound.shape != topk_output.shape[:-1]
+  ):
+    raise ValueError(
+      "output_error_certificate needs tail_bound [batch..., T, N], topk_output "
+      "[batch..., T, N, Hv] and value [batch..., S, K, Hv] with N % K == 0, got "
+      f"tail_bound.shape={tail_bound.shape}, topk_output.shape={topk_output.shape}, "
+      f"value.shape={jnp.shape(value)}"
+    )
   center = jnp.repeat(center, n // kh, axis=-2)  # [..., N, Hv]
   radius = jnp.repeat(radius, n // kh, axis=-1)  # [..., N]
   dist = safe_norm(topk_output.astype(center.dtype) - center[..., None, :, :])
