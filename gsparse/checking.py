@@ -28,6 +28,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import checkify
 
+_CACHE_SIZE = 64
+
+
+class _ArraySlot:
+  """Marks where an array argument goes among the static leaves."""
+
+  def __repr__(self):
+    return "<array>"
+
+
+_ARRAY = _ArraySlot()
+
 
 def _is_float_array(x: Any) -> bool:
   return isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating)
@@ -44,9 +56,11 @@ def checked(fn: Callable[..., Any], *, allow_neg_inf: Collection[str] = ("bias",
   time by the function itself; masks and indices are not floating and are not
   checked.
 
-  Call the wrapper eagerly (it may wrap a jitted function:
-  `checked(jax.jit(f))`), or under `checkify.checkify` to get the error as a
-  value inside a larger jitted program.
+  The wrapper jit-compiles `fn` with its checks once per static
+  configuration (the non-array arguments, which must be hashable to be
+  cached, and the array shapes), so `fn` must be traceable by `jax.jit`. Call
+  the wrapper eagerly, or under `checkify.checkify` to get the error as a value
+  inside a larger jitted program.
 
   Args:
     fn: the function to wrap.
@@ -70,34 +84,24 @@ def checked(fn: Callable[..., Any], *, allow_neg_inf: Collection[str] = ("bias",
   """
   signature = inspect.signature(fn)
   allow_neg_inf = frozenset(allow_neg_inf)
+  cache: dict[Any, Callable] = {}
 
-  @functools.wraps(fn)
-  def wrapper(*args, **kwargs):
-    bound = signature.bind(*args, **kwargs)
-    names, leaves, slots = [], [], []
-    per_arg = {}
-    for name, value in bound.arguments.items():
-      flat, treedef = jax.tree_util.tree_flatten_with_path(value)
-      per_arg[name] = ([leaf for _, leaf in flat], treedef)
-      for i, (path, leaf) in enumerate(flat):
-        if _is_float_array(leaf):
-          names.append(name + jax.tree_util.keystr(path))
-          leaves.append(leaf)
-          slots.append((name, i))
+  def build(treedef, statics, labels, neg_inf_ok):
+    """The jitted, checkified function for one static configuration."""
 
     def run(arrays):
-      for label, x in zip(names, arrays, strict=True):
-        x = jnp.asarray(x)
+      for label, ok, x in zip(labels, neg_inf_ok, arrays, strict=True):
+        if label is None:  # not floating: nothing to check
+          continue
         bad = jnp.isnan(x) | (x == jnp.inf)
-        if label.split(".")[0].split("[")[0] not in allow_neg_inf:
+        if not ok:
           bad = bad | (x == -jnp.inf)
         count = jnp.sum(bad, dtype=jnp.int32)
         checkify.check(count == 0, f"{label} contains {{count}} NaN or Inf values", count=count)
-      filled = {name: list(flat) for name, (flat, _) in per_arg.items()}
-      for (name, i), x in zip(slots, arrays, strict=True):
-        filled[name][i] = x
-      for name, (_, treedef) in per_arg.items():
-        bound.arguments[name] = jax.tree_util.tree_unflatten(treedef, filled[name])
+      it = iter(arrays)
+      leaves = [next(it) if s is _ARRAY else s for s in statics]
+      arguments = jax.tree_util.tree_unflatten(treedef, leaves)
+      bound = inspect.BoundArguments(signature, arguments)
       out = fn(*bound.args, **bound.kwargs)
       for path, leaf in jax.tree_util.tree_flatten_with_path(out)[0]:
         if isinstance(leaf, jax.Array) and jnp.issubdtype(leaf.dtype, jnp.floating):
@@ -106,7 +110,32 @@ def checked(fn: Callable[..., Any], *, allow_neg_inf: Collection[str] = ("bias",
           checkify.check(count == 0, f"{label} contains {{count}} NaN values", count=count)
       return out
 
-    err, out = checkify.checkify(run, errors=checkify.user_checks)(leaves)
+    return jax.jit(checkify.checkify(run, errors=checkify.user_checks))
+
+  @functools.wraps(fn)
+  def wrapper(*args, **kwargs):
+    bound = signature.bind(*args, **kwargs)
+    flat, treedef = jax.tree_util.tree_flatten_with_path(dict(bound.arguments))
+    arrays, statics, labels, neg_inf_ok = [], [], [], []
+    for path, leaf in flat:
+      if isinstance(leaf, (jax.Array, np.ndarray)):
+        arrays.append(leaf)
+        statics.append(_ARRAY)
+        name = path[0].key  # the argument's name (a DictKey)
+        labels.append(name + jax.tree_util.keystr(path[1:]) if _is_float_array(leaf) else None)
+        neg_inf_ok.append(name in allow_neg_inf)
+      else:
+        statics.append(leaf)
+    key = (treedef, tuple(statics), tuple(labels), tuple(neg_inf_ok))
+    try:
+      checked_fn = cache.get(key)
+    except TypeError:  # an unhashable static argument: no caching
+      key, checked_fn = None, None
+    if checked_fn is None:
+      checked_fn = build(*key) if key is not None else build(treedef, statics, labels, neg_inf_ok)
+      if key is not None and len(cache) < _CACHE_SIZE:
+        cache[key] = checked_fn
+    err, out = checked_fn(arrays)
     checkify.check_error(err)
     return out
 
