@@ -18,11 +18,8 @@ import numpy as np
 
 def concrete_or_none(x: Any) -> np.ndarray | None:
   """Returns `x` as a NumPy array if its value is known at trace time, else None."""
-  if isinstance(x, jax.core.Tracer):
-    try:
-      return np.asarray(jax.core.concrete_or_error(None, x))
-    except jax.errors.ConcretizationTypeError:
-      return None
+  # A tracer without a known value raises a TypeError subclass
+  # (TracerArrayConversionError / ConcretizationTypeError) on conversion.
   try:
     return np.asarray(x)
   except (TypeError, ValueError):
