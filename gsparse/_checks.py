@@ -18,10 +18,10 @@ import numpy as np
 
 def concrete_or_none(x: Any) -> np.ndarray | None:
   """Returns `x` as a NumPy array if its value is known at trace time, else None."""
-  # A tracer without a known value raises a TypeError subclass
-  # (TracerArrayConversionError / ConcretizationTypeError) on conversion.
   try:
     return np.asarray(x)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return None  # A tracer: the value is not known at trace time.
   except (TypeError, ValueError):
     return None
 
