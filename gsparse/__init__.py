@@ -34,6 +34,7 @@ from gsparse.certificate import (
   tail_mass_certificate,
   value_center_and_radius,
 )
+from gsparse.checking import checked
 from gsparse.gather import (
   BlockGatherResult,
   GatherResult,
@@ -80,6 +81,7 @@ __all__ = [
   "attention_weights",
   "binomial_upper_quantile",
   "block_sparse_gather_attention",
+  "checked",
   "compute_logits",
   "dot_product_attention",
   "effective_support",

@@ -120,15 +120,18 @@ def compute_logits(
 def masked_softmax(logits: jax.Array, valid: jax.Array | None, axis: int = -1) -> jax.Array:
   """Softmax over `axis` that ignores entries where `valid` is False.
 
-  Rows with no valid entry get all-zero weights (and zero gradients). The
-  maximum is subtracted first, so logits up to the dtype's range are safe.
+  Rows with no valid entry get all-zero weights (and zero gradients). A logit
+  of `-inf` (e.g. from a `-inf` bias) counts as masked, so a row whose logits
+  are all `-inf` is fully masked too. The maximum is subtracted first, so
+  logits up to the dtype's range are safe.
   """
-  if valid is None:
-    return jax.nn.softmax(logits, axis=axis)
   neg = jnp.asarray(-jnp.inf, logits.dtype)
-  m = jnp.max(jnp.where(valid, logits, neg), axis=axis, keepdims=True)
+  m = jnp.max(logits if valid is None else jnp.where(valid, logits, neg), axis=axis, keepdims=True)
   m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  e = jnp.where(valid, jnp.exp(jnp.where(valid, logits - m, 0.0)), 0.0)
+  if valid is None:
+    e = jnp.exp(logits - m)
+  else:
+    e = jnp.where(valid, jnp.exp(jnp.where(valid, logits - m, 0.0)), 0.0)
   z = jnp.sum(e, axis=axis, keepdims=True)
   return e / jnp.where(z > 0, z, 1.0)
 

@@ -27,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from gsparse import _checks
 from gsparse._numerics import safe_norm
 
 
@@ -44,18 +45,21 @@ def tail_mass_certificate(
 
   Returns:
     The bound, in `[0, 1]`, broadcast over the arguments; exactly 0 when
-    `num_keys <= k` (nothing is dropped).
+    `num_keys <= k` or `next_logit == -inf` (nothing with weight is dropped).
   """
   head_logsumexp = jnp.asarray(head_logsumexp)
   dtype = jnp.promote_types(head_logsumexp.dtype, jnp.float32)
   head_logsumexp = head_logsumexp.astype(dtype)
   next_logit = jnp.asarray(next_logit, dtype)
   dropped = jnp.asarray(num_keys, dtype) - jnp.asarray(k, dtype)
-  has_tail = dropped > 0
+  # A (k+1)-th logit of -inf (a -inf bias) means every dropped key has zero
+  # weight: the tail is exactly empty even if the kept set is empty as well.
+  has_tail = (dropped > 0) & (next_logit != -jnp.inf)
   log_tail = jnp.log(jnp.where(has_tail, dropped, 1.0)) + jnp.where(has_tail, next_logit, 0.0)
   head = jnp.where(has_tail & jnp.isfinite(head_logsumexp), head_logsumexp, 0.0)
   bound = jax.nn.sigmoid(log_tail - head)
   bound = jnp.where(jnp.isfinite(head_logsumexp), bound, 1.0)
+  bound = jnp.where(jnp.isnan(head_logsumexp) | jnp.isnan(next_logit), jnp.nan, bound)
   return jnp.where(has_tail, bound, 0.0)
 
 
@@ -69,7 +73,7 @@ def value_center_and_radius(value: ArrayLike) -> tuple[jax.Array, jax.Array]:
     `(center [batch..., K, Hv], radius [batch..., K])` in at least float32.
     All keys are used, so the radius is a valid bound for any mask.
   """
-  value = jnp.asarray(value)
+  value = _checks.check_float_array("value", value, min_ndim=3)
   value = value.astype(jnp.promote_types(value.dtype, jnp.float32))
   center = jnp.mean(value, axis=-3)
   radius = jnp.max(safe_norm(value - center[..., None, :, :]), axis=-2)
@@ -89,10 +93,22 @@ def output_error_certificate(
   Returns:
     `[batch..., T, N]` bound `t (||o_k - c|| + R)`.
   """
-  tail_bound = jnp.asarray(tail_bound)
-  topk_output = jnp.asarray(topk_output)
+  tail_bound = _checks.check_float_array("tail_bound", tail_bound)
+  topk_output = _checks.check_float_array("topk_output", topk_output, min_ndim=3)
   center, radius = value_center_and_radius(value)
   n, kh = topk_output.shape[-2], center.shape[-2]
+  if (
+    topk_output.ndim != center.ndim + 1
+    or topk_output.shape[-1] != center.shape[-1]
+    or n % kh
+    or tail_bound.shape != topk_output.shape[:-1]
+  ):
+    raise ValueError(
+      "output_error_certificate needs tail_bound [batch..., T, N], topk_output "
+      "[batch..., T, N, Hv] and value [batch..., S, K, Hv] with N % K == 0, got "
+      f"tail_bound.shape={tail_bound.shape}, topk_output.shape={topk_output.shape}, "
+      f"value.shape={jnp.shape(value)}"
+    )
   center = jnp.repeat(center, n // kh, axis=-2)  # [..., N, Hv]
   radius = jnp.repeat(radius, n // kh, axis=-1)  # [..., N]
   dist = safe_norm(topk_output.astype(center.dtype) - center[..., None, :, :])

@@ -178,9 +178,9 @@ def sparse_gather_attention_xla(
   z = jnp.sum(e, axis=-1, keepdims=True)
   w = e / jnp.where(z > 0, z, 1.0)
   out = jnp.einsum("...tnk,...tnkv->...tnv", w, vg.astype(dtype), precision=precision)
-  lse = jnp.where(
-    z[..., 0] > 0, jnp.log(jnp.where(z[..., 0] > 0, z[..., 0], 1.0)) + m[..., 0], -jnp.inf
-  )
+  # z == 0: no kept slot has weight (-inf); z NaN (NaN data) stays NaN.
+  z0 = z[..., 0]
+  lse = jnp.where(z0 == 0, -jnp.inf, jnp.log(jnp.where(z0 == 0, 1.0, z0)) + m[..., 0])
   return GatherResult(out.astype(query.dtype), lse, w)
 
 

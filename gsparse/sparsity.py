@@ -18,6 +18,7 @@ from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 from gsparse import _checks
@@ -59,7 +60,10 @@ def is_sparse(p: ArrayLike, *, eps: float, k: int | ArrayLike) -> jax.Array:
   Returns:
     `[...]` boolean.
   """
-  if isinstance(k, int):
+  if isinstance(k, (jax.Array, np.ndarray)):
+    if not jnp.issubdtype(k.dtype, jnp.integer):
+      raise TypeError(f"k must be an int or an integer array, got dtype {k.dtype}")
+  else:
     _checks.check_int("k", k, minimum=0)
   return min_sparse_k(p, eps=eps) <= k
 

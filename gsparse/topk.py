@@ -21,8 +21,9 @@ from gsparse import _checks
 from gsparse.attention import compute_logits
 from gsparse.certificate import output_error_certificate, tail_mass_certificate
 from gsparse.gather import sparse_gather_attention
+from gsparse.selection import gather_bias, resolve_selection, select
 
-SELECTIONS = ("full",)
+SELECTIONS = ("full", "exact", "block", "lsh")
 
 
 class TopKSelection(NamedTuple):
@@ -100,7 +101,8 @@ def topk_attention(
   k: int,
   scale: float | None = None,
   is_causal: bool = False,
-  selection: str = "full",
+  selection="full",
+  selection_key: ArrayLike | None = None,
   return_stats: bool = False,
   precision=None,
   implementation: str | None = None,
@@ -119,9 +121,17 @@ def topk_attention(
     k: number of keys kept per query, a Python int >= 1 (static).
     scale: logit scale; default `1 / sqrt(H)`.
     is_causal: top-left aligned causal mask.
-    selection: how keys are selected; "full" materialises the logit matrix
-      and calls `jax.lax.top_k`.
-    return_stats: also return a `TopKStats` with the certificate.
+    selection: how keys are selected (static): "full" materialises the logit
+      matrix and calls `jax.lax.top_k`; "exact" gives the same indices with
+      O(chunk * S) memory; "block" and "lsh" are approximate and cheaper
+      (see `gsparse.selection`). A name uses the default config; pass an
+      `ExactSelection`, `BlockSelection` or `LSHSelection` to tune it.
+    selection_key: PRNG key, required by "lsh" (random projections and, if
+      enabled, the normaliser samples); results are deterministic given it.
+    return_stats: also return a `TopKStats` with the certificate. For
+      "exact" and "full" the certificate uses the exact (k+1)-th logit; for
+      "block" a certified bound on the dropped blocks; for "lsh" a
+      Cauchy-Schwarz bound on the keys never scored (valid, usually loose).
     precision: einsum precision.
     implementation: how the selected keys are gathered, passed to
       `gsparse.sparse_gather_attention`: None (Pallas kernel on GPU/TPU, XLA
@@ -140,18 +150,39 @@ def topk_attention(
   """
   query, key, value = _checks.check_attention_inputs(query, key, value)
   k = _checks.check_int("k", k, minimum=1)
-  if selection not in SELECTIONS:
-    raise ValueError(f"selection={selection!r} must be one of {SELECTIONS}")
+  config = resolve_selection(selection)
   if not isinstance(return_stats, bool):
     raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
-  lg = compute_logits(query, key, bias, mask, scale=scale, is_causal=is_causal, precision=precision)
-  sel = select_topk_full(lg.logits, lg.valid, k)
+  log_rest = None
+  if config == "full":
+    lg = compute_logits(
+      query, key, bias, mask, scale=scale, is_causal=is_causal, precision=precision
+    )
+    sel = select_topk_full(lg.logits, lg.valid, k)
+  else:
+    if scale is not None:
+      _checks.check_float_scalar("scale", scale)
+    if not isinstance(is_causal, bool):
+      raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+    *batch, t, n, h = query.shape
+    mask, bias = _checks.check_mask_and_bias(mask, bias, (*batch, n, t, key.shape[-3]))
+    res_sel = select(
+      config,
+      query,
+      key,
+      bias,
+      mask,
+      k=k,
+      scale=1.0 / float(h) ** 0.5 if scale is None else scale,
+      is_causal=is_causal,
+      rng=selection_key,
+      precision=precision,
+    )
+    sel = TopKSelection(res_sel.indices, res_sel.next_logit, res_sel.num_keys)
+    log_rest = res_sel.log_rest
   gathered_bias = None
   if bias is not None:
-    full_bias = jnp.broadcast_to(jnp.asarray(bias), lg.logits.shape)
-    safe = jnp.where(sel.indices >= 0, sel.indices, 0)
-    gathered_bias = jnp.take_along_axis(full_bias, jnp.swapaxes(safe, -3, -2), axis=-1)
-    gathered_bias = jnp.swapaxes(gathered_bias, -3, -2)
+    gathered_bias = gather_bias(bias, sel.indices, key.shape[-3])
   res = sparse_gather_attention(
     query,
     key,
@@ -164,15 +195,24 @@ def topk_attention(
     precision=precision,
     implementation=implementation,
   )
+  output = res.output
+  if log_rest is not None:  # LSH normaliser correction: rescale by H / (H + rest).
+    lse = jnp.logaddexp(res.logsumexp, log_rest)
+    factor = jnp.where(jnp.isfinite(lse), jnp.exp(res.logsumexp - lse), 0.0)
+    output = (output * factor[..., None]).astype(output.dtype)
   if not return_stats:
-    return res.output
-  return res.output, topk_stats(sel, res.logsumexp, res.output, value, k)
+    return output
+  # The certificate is about the renormalised top-k output (before any LSH correction).
+  return output, topk_stats(sel, res.logsumexp, res.output, value, k)
 
 
 def topk_stats(
   sel: TopKSelection, logsumexp: jax.Array, output: jax.Array, value: jax.Array, k: int
 ) -> TopKStats:
   """Builds `TopKStats` (certificate included) from a selection and its output."""
-  tail = tail_mass_certificate(logsumexp, sel.next_logit, sel.num_keys, k)
+  # The number actually kept (<= k; fewer when a row has fewer admissible keys or an
+  # approximate selection found fewer), so the dropped count num_keys - kept is exact.
+  kept = jnp.sum(sel.indices >= 0, axis=-1, dtype=jnp.int32)
+  tail = tail_mass_certificate(logsumexp, sel.next_logit, sel.num_keys, kept)
   err = output_error_certificate(tail, output, value)
   return TopKStats(sel.indices, logsumexp, tail, err)

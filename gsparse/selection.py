@@ -1,0 +1,811 @@
+"""Scalable key selection for top-k attention: exact, block and LSH.
+
+`gsparse.topk_attention(..., selection=...)` splits top-k attention into a
+selection (which keys each query keeps) and the sparse gather over the kept
+keys. The naive selection ("full") materialises the `[N, T, S]` logit matrix
+and calls `jax.lax.top_k` on it. The selections here never hold more than a
+chunk of it:
+
+* `ExactSelection` ("exact"): queries are processed in chunks of
+  `query_chunk` rows (`jax.lax.map`). For each chunk the logits against all
+  keys are computed, the keys are cut into blocks of `key_block`, and the
+  `k + 1` blocks with the largest maxima are kept (ties towards the lower
+  block). Every one of the top-(k+1) logits lies in those blocks: if a logit
+  x lay in another block, the k + 1 kept blocks would each hold a distinct
+  logit ranked before x. `jax.lax.top_k` on the `(k + 1) * key_block`
+  candidates (in increasing key order) then returns exactly the indices, tie
+  order included, of `jax.lax.top_k` on the full row. Peak memory is
+  O(query_chunk * S) per head plus the O(T * k) result.
+* `BlockSelection` ("block"): keys are cut into blocks summarised by their
+  per-channel minimum and maximum. `q . k <= sum_h max(q_h min_h, q_h max_h)`
+  for every key of a block, so each block gets a certified upper bound on its
+  logits in two small matmuls; the `num_blocks` blocks with the largest bound
+  are kept and the exact top-k is taken inside them. Approximate (recall is
+  measured, see `selection_recall`), but the certificate stays valid: a
+  dropped block's bound caps its logits.
+* `LSHSelection` ("lsh"): the sortLSH step of HyperAttention (Han et al.,
+  2024): queries and keys are hashed by the signs of random projections
+  (angular LSH), the codes are ordered so that neighbouring codes differ in
+  one sign, queries and keys are sorted by code, and each block of sorted
+  queries scores a window of sorted keys around it. The diagonal block (keys
+  near the query's own position) is always scored too, which keeps causal
+  rows covered. Uniform column sampling, which HyperAttention uses for the
+  remaining mass, is dropped: under sparsity the top-k carry the output.
+  An optional sampled estimate of the dropped mass corrects the normaliser.
+  O(T * block * H) work, never the full logit matrix.
+
+Logits that evaluate to `-inf` count as masked. All selections support
+`mask`, `bias`, `is_causal` and grouped-query heads, and give the same result
+under `jax.jit` and `jax.vmap`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from gsparse import _checks
+from gsparse.attention import compute_dtype
+
+__all__ = [
+  "BlockSelection",
+  "ExactSelection",
+  "LSHSelection",
+  "SelectionResult",
+  "gather_bias",
+  "resolve_selection",
+  "select",
+  "selection_recall",
+]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExactSelection:
+  """Memory-bounded exact top-k selection (static under `jit`).
+
+  Attributes:
+    query_chunk: queries per step; peak memory is about
+      `query_chunk * S * 4` bytes per head. Need not divide T (the last chunk
+      is padded).
+    key_block: keys per block of the two-stage search, or None to pick about
+      `sqrt(S / (k + 1))` (a power of two); 1 means a single `top_k` per row.
+      Need not divide S.
+  """
+
+  query_chunk: int = 256
+  key_block: int | None = None
+
+  def __post_init__(self):
+    _checks.check_int("query_chunk", self.query_chunk, minimum=1)
+    if self.key_block is not None:
+      _checks.check_int("key_block", self.key_block, minimum=1)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSelection:
+  """Two-stage block top-k selection (static under `jit`).
+
+  Attributes:
+    block_size: keys per block.
+    num_blocks: blocks kept per query; `k` may not exceed
+      `num_blocks * block_size` unless every block is kept.
+    query_chunk: queries per step (memory bound as in `ExactSelection`).
+    summary: "minmax" ranks blocks by the certified upper bound
+      `sum_h max(q_h min_h, q_h max_h)`; "mean" by `q . mean key` (the
+      certificate still uses the min/max bound).
+  """
+
+  block_size: int = 32
+  num_blocks: int = 16
+  query_chunk: int = 256
+  summary: str = "minmax"
+
+  def __post_init__(self):
+    _checks.check_int("block_size", self.block_size, minimum=1)
+    _checks.check_int("num_blocks", self.num_blocks, minimum=1)
+    _checks.check_int("query_chunk", self.query_chunk, minimum=1)
+    if self.summary not in ("minmax", "mean"):
+      raise ValueError(f"summary={self.summary!r} must be 'minmax' or 'mean'")
+
+
+@dataclasses.dataclass(frozen=True)
+class LSHSelection:
+  """sortLSH selection (HyperAttention without column sampling); static under `jit`.
+
+  Attributes:
+    num_projections: sign bits per hash (2**num_projections buckets).
+    block_size: keys scored by each block of sorted queries (the window of
+      sorted keys centred on the block).
+    query_block: sorted queries sharing one key window; default
+      `block_size // 2`, so each query sees at least a quarter window on
+      either side of its rank.
+    num_hashes: independent hash rounds; candidates are their union.
+    diagonal: also score the block of keys around the query's own position
+      (`(t // block_size) * block_size`, +block_size); needed for causal rows.
+    normalizer_samples: if > 0, the softmax normaliser also includes the
+      exact mass of the scored-but-dropped candidates and an unbiased
+      estimate, from this many uniformly sampled keys, of the mass of the
+      keys never scored (HyperAttention's correction of the diagonal `D`).
+  """
+
+  num_projections: int = 7
+  block_size: int = 256
+  query_block: int | None = None
+  num_hashes: int = 1
+  diagonal: bool = True
+  normalizer_samples: int = 0
+
+  def __post_init__(self):
+    _checks.check_int("num_projections", self.num_projections, minimum=1, maximum=20)
+    _checks.check_int("block_size", self.block_size, minimum=1)
+    if self.query_block is not None:
+      _checks.check_int("query_block", self.query_block, minimum=1)
+    _checks.check_int("num_hashes", self.num_hashes, minimum=1)
+    if not isinstance(self.diagonal, bool):
+      raise TypeError(f"diagonal must be a bool, got {self.diagonal!r}")
+    _checks.check_int("normalizer_samples", self.normalizer_samples, minimum=0)
+
+  @property
+  def queries_per_block(self) -> int:
+    return self.query_block if self.query_block is not None else max(1, self.block_size // 2)
+
+
+SelectionConfig = ExactSelection | BlockSelection | LSHSelection
+_NAMES = {"exact": ExactSelection, "block": BlockSelection, "lsh": LSHSelection}
+
+
+def resolve_selection(selection: Any) -> str | SelectionConfig:
+  """Maps a selection name or config to "full" or a config dataclass.
+
+  Raises:
+    ValueError: unknown name. TypeError: neither a str nor a config.
+  """
+  if isinstance(selection, (ExactSelection, BlockSelection, LSHSelection)):
+    return selection
+  if isinstance(selection, str):
+    if selection == "full":
+      return "full"
+    if selection in _NAMES:
+      return _NAMES[selection]()
+    raise ValueError(
+      f"selection={selection!r} must be one of ('full', 'exact', 'block', 'lsh') or a "
+      "selection config"
+    )
+  raise TypeError(
+    f"selection must be a str or ExactSelection/BlockSelection/LSHSelection, got {selection!r}"
+  )
+
+
+class SelectionResult(NamedTuple):
+  """What a selection returns, in the `[batch..., T, N, *]` layout.
+
+  Attributes:
+    indices: `[batch..., T, N, k]` int32 key positions, -1 = none.
+    next_logit: `[batch..., T, N]` an upper bound on every admissible logit
+      not selected (exact: the (k+1)-th largest logit); `-inf` if none.
+    num_keys: `[batch..., T, N]` int32 number of admissible keys of the row.
+    log_rest: `[batch..., T, N]` log of the extra normaliser mass (LSH with
+      `normalizer_samples > 0`), else None.
+  """
+
+  indices: jax.Array
+  next_logit: jax.Array
+  num_keys: jax.Array
+  log_rest: jax.Array | None = None
+
+
+# ----------------------------------------------------------------------------
+# Per-head plumbing.
+
+
+def _expand(x: jax.Array | None, batch: tuple[int, ...], n: int, t: int, s: int):
+  """`x` broadcastable to `[*batch, N, T, S]` -> `[B', N', T', S']`, B' in {1, B}, N' in {1, N}."""
+  if x is None:
+    return None
+  full = (*batch, n, t, s)
+  x = x.reshape((1,) * (len(full) - x.ndim) + x.shape)
+  lead = x.shape[: len(batch)]
+  if all(d == 1 for d in lead):
+    x = x.reshape(1, *x.shape[len(batch) :])
+  else:
+    x = jnp.broadcast_to(x, (*batch, *x.shape[len(batch) :])).reshape(-1, *x.shape[len(batch) :])
+  return x
+
+
+def _map_heads(fn, query, key, mask, bias, extra=()):
+  """Runs `fn(q [T,H], k [S,H], mask [T',S'], bias [T',S'], *extra)` per batch and head.
+
+  `fn` returns a tuple of `[T, ...]` arrays; the result is in `[*batch, T, N, ...]`.
+  """
+  *batch, t, n, h = query.shape
+  s, kh = key.shape[-3], key.shape[-2]
+  g = n // kh
+  nb = math.prod(batch)
+  q = jnp.moveaxis(query.reshape(nb, t, kh, g, h), 1, 3)  # [B, K, G, T, H]
+  kk = jnp.moveaxis(key.reshape(nb, s, kh, h), 1, 2)  # [B, K, S, H]
+
+  def prep(x):
+    x = _expand(x, tuple(batch), n, t, s)
+    if x is None:
+      return None, (None, None, None)
+    b_, n_ = x.shape[0], x.shape[1]
+    x = x.reshape(b_, kh, g, *x.shape[2:]) if n_ == n else x.reshape(b_, 1, 1, *x.shape[2:])
+    axes = tuple(0 if d > 1 else None for d in x.shape[:3])
+    drop = tuple(i for i, d in enumerate(x.shape[:3]) if d == 1)
+    return jnp.squeeze(x, drop) if drop else x, axes
+
+  m5, max_ = prep(mask)
+  b5, bax = prep(bias)
+  f = fn
+  f = jax.vmap(f, in_axes=(0, None, max_[2], bax[2], *[None] * len(extra)))
+  f = jax.vmap(f, in_axes=(0, 0, max_[1], bax[1], *[None] * len(extra)))
+  f = jax.vmap(f, in_axes=(0, 0, max_[0], bax[0], *[None] * len(extra)))
+  outs = f(q, kk, m5, b5, *extra)
+
+  def back(o):  # [B, K, G, T, ...] -> [*batch, T, N, ...]
+    o = o.reshape(nb, n, *o.shape[3:])
+    return jnp.moveaxis(o, 1, 2).reshape(*batch, t, n, *o.shape[3:])
+
+  return tuple(back(o) for o in outs)
+
+
+def _pad_axis(x: jax.Array, size: int, axis: int, value) -> jax.Array:
+  pad = size - x.shape[axis]
+  if pad <= 0:
+    return x
+  widths = [(0, 0)] * x.ndim
+  widths[axis] = (0, pad)
+  return jnp.pad(x, widths, constant_values=value)
+
+
+def _row_chunks(x: jax.Array | None, t: int, tp: int, c: int, fill):
+  """`[T', S']` -> `[nc, c or 1, S']` chunks along T (broadcast rows stay size 1)."""
+  if x is None:
+    return None
+  nc = tp // c
+  if x.shape[0] == 1:
+    return jnp.broadcast_to(x[None], (nc, 1, x.shape[1]))
+  return _pad_axis(x, tp, 0, fill).reshape(nc, c, x.shape[1])
+
+
+def _rows_logits(qc, kmat, bc, mc, row0, *, s, sp, scale, is_causal, dtype, precision):
+  """Logits of a query chunk against all (padded) keys, `-inf` where inadmissible."""
+  c = qc.shape[0]
+  logits = jnp.einsum("th,sh->ts", qc, kmat, precision=precision, preferred_element_type=dtype)
+  logits = logits.astype(dtype) * jnp.asarray(scale, dtype)
+  if bc is not None:
+    logits = logits + _pad_axis(jnp.broadcast_to(bc, (c, s)).astype(dtype), sp, 1, 0.0)
+  col = jnp.arange(sp)[None, :]
+  valid = None
+  if sp > s:
+    valid = jnp.broadcast_to(col < s, (c, sp))
+  if mc is not None:
+    m = _pad_axis(jnp.broadcast_to(mc, (c, s)), sp, 1, False)
+    valid = m if valid is None else valid & m
+  if is_causal:
+    cm = col <= (row0 + jnp.arange(c))[:, None]
+    valid = cm if valid is None else valid & cm
+  if valid is None:
+    return logits, jnp.full((c,), s, jnp.int32)
+  neg = jnp.asarray(-jnp.inf, dtype)
+  return jnp.where(valid, logits, neg), jnp.sum(valid, axis=-1, dtype=jnp.int32)
+
+
+def _finish(vals, idx, k):
+  """top_k output `[.., kk]` -> (indices `[.., k]` with -1, next logit `[..]`)."""
+  kk = vals.shape[-1]
+  ok = vals > -jnp.inf
+  idx = jnp.where(ok, idx, -1).astype(jnp.int32)
+  if kk > k:
+    nxt = jnp.where(ok[..., k], vals[..., k], -jnp.inf)
+    idx = idx[..., :k]
+  else:
+    nxt = jnp.full(vals.shape[:-1], -jnp.inf, vals.dtype)
+    idx = _pad_axis(idx, k, idx.ndim - 1, -1)
+  return idx, nxt
+
+
+def auto_key_block(s: int, k: int) -> int:
+  """Block size about `sqrt(S / (k + 1))`, a power of two in [1, 64]."""
+  b = math.sqrt(s / (k + 1))
+  return int(min(64, max(1, 2 ** round(math.log2(b))))) if b >= 1 else 1
+
+
+# ----------------------------------------------------------------------------
+# Exact.
+
+
+def _exact_head(q, kmat, mask, bias, *, k, scale, is_causal, cfg, precision):
+  t, h = q.shape
+  s = kmat.shape[0]
+  dtype = compute_dtype(q.dtype, kmat.dtype)
+  c = min(cfg.query_chunk, t)
+  nc = -(-t // c)
+  tp = nc * c
+  kk = min(k + 1, s)
+  b = cfg.key_block if cfg.key_block is not None else auto_key_block(s, k)
+  nb = -(-s // b)
+  nkb = min(kk, nb)
+  two_stage = b > 1 and nkb < nb
+  sp = nb * b if two_stage else s
+  kpad = _pad_axis(kmat, sp, 0, 0)
+  xs = (
+    _pad_axis(q, tp, 0, 0).reshape(nc, c, h),
+    jnp.arange(nc) * c,
+    _row_chunks(mask, t, tp, c, False),
+    _row_chunks(bias, t, tp, c, 0),
+  )
+
+  def body(x):
+    qc, row0, mc, bc = x
+    logits, num = _rows_logits(
+      qc,
+      kpad,
+      bc,
+      mc,
+      row0,
+      s=s,
+      sp=sp,
+      scale=scale,
+      is_causal=is_causal,
+      dtype=dtype,
+      precision=precision,
+    )
+    if two_stage:
+      s3 = logits.reshape(c, nb, b)
+      _, bid = jax.lax.top_k(jnp.max(s3, axis=-1), nkb)
+      bid = jnp.sort(bid, axis=-1)  # candidates in increasing key order: exact tie order
+      cand = jnp.take_along_axis(s3, bid[..., None], axis=1).reshape(c, nkb * b)
+      vals, pos = jax.lax.top_k(cand, kk)
+      idx = jnp.take_along_axis(bid, pos // b, axis=-1) * b + pos % b
+    else:
+      vals, idx = jax.lax.top_k(logits, kk)
+    idx, nxt = _finish(vals, idx, k)
+    return idx, nxt, num
+
+  idx, nxt, num = jax.lax.map(body, xs)
+  return idx.reshape(tp, k)[:t], nxt.reshape(tp)[:t], num.reshape(tp)[:t]
+
+
+# ----------------------------------------------------------------------------
+# Block.
+
+
+def _block_head(q, kmat, mask, bias, *, k, scale, is_causal, cfg, precision):
+  t, h = q.shape
+  s = kmat.shape[0]
+  dtype = compute_dtype(q.dtype, kmat.dtype)
+  b = cfg.block_size
+  nb = -(-s // b)
+  sp = nb * b
+  nsel = min(cfg.num_blocks, nb)
+  kk = min(k + 1, nsel * b)
+  c = min(cfg.query_chunk, t)
+  nc = -(-t // c)
+  tp = nc * c
+  kb = _pad_axis(kmat, sp, 0, 0).astype(dtype).reshape(nb, b, h)
+  kvalid = (jnp.arange(sp) < s).reshape(nb, b)
+  inf = jnp.asarray(jnp.inf, dtype)
+  kmax = jnp.max(jnp.where(kvalid[..., None], kb, -inf), axis=1)  # [nb, h]
+  kmin = jnp.min(jnp.where(kvalid[..., None], kb, inf), axis=1)
+  kabs = jnp.maximum(jnp.abs(kmax), jnp.abs(kmin))
+  kmean = jnp.sum(jnp.where(kvalid[..., None], kb, 0), axis=1) / jnp.sum(kvalid, 1)[:, None]
+  xs = (
+    _pad_axis(q, tp, 0, 0).reshape(nc, c, h),
+    jnp.arange(nc) * c,
+    _row_chunks(mask, t, tp, c, False),
+    _row_chunks(bias, t, tp, c, 0),
+  )
+  hi = jax.lax.Precision.HIGHEST
+
+  def body(x):
+    qc, row0, mc, bc = x
+    qs = qc.astype(dtype) * jnp.asarray(scale, dtype)
+    rows = row0 + jnp.arange(c)
+    # Certified upper bound per block (with a rounding slack).
+    ub = jnp.dot(jnp.maximum(qs, 0), kmax.T, precision=hi) + jnp.dot(
+      jnp.minimum(qs, 0), kmin.T, precision=hi
+    )
+    ub = ub + 1e-5 * jnp.dot(jnp.abs(qs), kabs.T, precision=hi) + 1e-30
+    cols = jnp.arange(sp)[None, :]
+    if mc is None and not is_causal:
+      valid_cols = None
+      num = jnp.full((c,), s, jnp.int32)
+      block_ok = jnp.ones((c, nb), bool)
+    elif mc is None:
+      valid_cols = (cols < s) & (cols <= rows[:, None])
+      num = jnp.minimum(rows + 1, s).astype(jnp.int32)
+      block_ok = (jnp.arange(nb) * b)[None, :] <= rows[:, None]
+    else:
+      valid_cols = (cols < s) & _pad_axis(jnp.broadcast_to(mc, (c, s)), sp, 1, False)
+      if is_causal:
+        valid_cols = valid_cols & (cols <= rows[:, None])
+      num = jnp.sum(valid_cols, axis=-1, dtype=jnp.int32)
+      block_ok = jnp.any(valid_cols.reshape(c, nb, b), axis=-1)
+    if bc is not None:
+      bfull = _pad_axis(jnp.broadcast_to(bc, (c, s)).astype(dtype), sp, 1, 0.0)
+      bvalid = bfull if valid_cols is None else jnp.where(valid_cols, bfull, -inf)
+      bmax = jnp.max(bvalid.reshape(c, nb, b), axis=-1)
+      ub = ub + jnp.where(block_ok, bmax, 0)
+    ub = jnp.where(block_ok, ub, -inf)
+    rank = ub
+    if cfg.summary == "mean":
+      rank = jnp.dot(qs, kmean.T, precision=hi)
+      if bc is not None:
+        rank = rank + jnp.where(block_ok, bmax, 0)
+      rank = jnp.where(block_ok, rank, -inf)
+    _, bid = jax.lax.top_k(rank, nsel)
+    bid = jnp.sort(bid, axis=-1)
+    kept = jnp.zeros((c, nb), bool).at[jnp.arange(c)[:, None], bid].set(True)
+    drop_bound = jnp.max(jnp.where(kept, -inf, ub), axis=-1)
+    pos = (bid[..., None] * b + jnp.arange(b)).reshape(c, nsel * b)  # key positions
+    kc = kb[bid].reshape(c, nsel * b, h)
+    logits = jnp.einsum(
+      "th,tjh->tj", qc, kc.astype(qc.dtype), precision=precision, preferred_element_type=dtype
+    ).astype(dtype) * jnp.asarray(scale, dtype)
+    if bc is not None:
+      logits = logits + jnp.take_along_axis(bfull, pos, axis=-1)
+    if valid_cols is None:
+      ok = pos < s
+    elif mc is None:
+      ok = (pos < s) & (pos <= rows[:, None])
+    else:
+      ok = jnp.take_along_axis(valid_cols, pos, axis=-1)
+    logits = jnp.where(ok, logits, -inf)
+    vals, p = jax.lax.top_k(logits, kk)
+    idx, nxt = _finish(vals, jnp.take_along_axis(pos, p, axis=-1), k)
+    if kk <= k:  # every candidate kept: no candidate bound
+      nxt = jnp.full_like(nxt, -inf)
+    nxt = jnp.maximum(nxt, drop_bound)
+    return idx, nxt, num
+
+  idx, nxt, num = jax.lax.map(body, xs)
+  return idx.reshape(tp, k)[:t], nxt.reshape(tp)[:t], num.reshape(tp)[:t]
+
+
+# ----------------------------------------------------------------------------
+# LSH.
+
+
+def _gray_rank(code: jax.Array, bits: int) -> jax.Array:
+  """Position of a sign pattern in the reflected Gray order (inverse Gray code).
+
+  Consecutive positions differ in exactly one sign, so sorting by it keeps
+  nearby angular buckets next to each other.
+  """
+  shift = 1
+  while shift < bits:
+    code = code ^ (code >> shift)
+    shift *= 2
+  return code
+
+
+def _lsh_sort_keys(x: jax.Array, proj: jax.Array, bits: int) -> jax.Array:
+  """Real sort keys `[R, n]`: Gray rank of the sign bits plus a tie-breaking cosine in [0, 1)."""
+  z = jnp.einsum("nh,rhp->rnp", x.astype(jnp.float32), proj, precision=jax.lax.Precision.HIGHEST)
+  code = jnp.sum((z[..., :bits] > 0).astype(jnp.int32) << jnp.arange(bits), axis=-1)
+  rank = _gray_rank(code, bits)
+  norm = (
+    jnp.sqrt(jnp.sum(x.astype(jnp.float32) ** 2, -1))[None]
+    * jnp.sqrt(jnp.sum(proj[..., bits] ** 2, -1))[:, None]
+  )
+  cos = z[..., bits] / jnp.where(norm > 0, norm, 1.0)
+  return rank.astype(jnp.float32) + 0.499 * (jnp.clip(cos, -1, 1) + 1)
+
+
+def _lsh_head(q, kmat, mask, bias, proj, sample_key, *, k, scale, is_causal, cfg, precision):
+  t, h = q.shape
+  s = kmat.shape[0]
+  dtype = compute_dtype(q.dtype, kmat.dtype)
+  bits = cfg.num_projections
+  b = min(cfg.block_size, s)
+  bq = min(cfg.queries_per_block, t)
+  nqb = -(-t // bq)
+  tq = nqb * bq
+  rounds = cfg.num_hashes
+  neg = jnp.asarray(-jnp.inf, dtype)
+  scale_ = jnp.asarray(scale, dtype)
+  qkey = _lsh_sort_keys(q, proj, bits)  # [R, T]
+  kkey = _lsh_sort_keys(kmat, proj, bits)  # [R, S]
+  korder = jnp.argsort(kkey, axis=-1)  # [R, S]
+  ksorted = jnp.take_along_axis(kkey, korder, axis=-1)
+  qorder = jnp.argsort(qkey, axis=-1)  # [R, T]
+  qinv = jnp.argsort(qorder, axis=-1)
+  qsorted_key = jnp.take_along_axis(qkey, qorder, axis=-1)
+  centre = jnp.minimum(jnp.arange(nqb) * bq + bq // 2, t - 1)
+  anchor = qsorted_key[:, centre]  # [R, nqb]
+  pos = jax.vmap(jnp.searchsorted)(ksorted, anchor)
+  start = jnp.clip(pos - b // 2, 0, s - b)  # [R, nqb]
+  win = jnp.take_along_axis(
+    korder, (start[..., None] + jnp.arange(b)).reshape(rounds, nqb * b), axis=-1
+  ).reshape(rounds, nqb, b)
+  # win: [R, nqb, b] key positions. Score each sorted query block against its window.
+  qs = _pad_axis(jnp.take(q, qorder, axis=0), tq, 1, 0).reshape(rounds, nqb, bq, h)
+  kw = kmat[win]  # [R, nqb, b, h]
+  sc = jnp.einsum("rqih,rqjh->rqij", qs, kw, precision=precision, preferred_element_type=dtype)
+  sc = sc.astype(dtype).reshape(rounds, tq, b) * scale_
+  cand_idx = jnp.broadcast_to(win[:, :, None, :], (rounds, nqb, bq, b)).reshape(rounds, tq, b)
+  # Back to the original query order: [T, R * b].
+  sc = jnp.take_along_axis(sc, qinv[..., None], axis=1)
+  cand_idx = jnp.take_along_axis(cand_idx, qinv[..., None], axis=1)
+  qstart = jnp.take_along_axis(jnp.repeat(start, bq, axis=1)[:, :t], qinv, axis=1)  # [R, T]
+  sc = jnp.moveaxis(sc, 0, 1).reshape(t, rounds * b)
+  cand_idx = jnp.moveaxis(cand_idx, 0, 1).reshape(t, rounds * b)
+  rows = jnp.arange(t)
+  dstart = (jnp.minimum(rows, s - 1) // b) * b  # diagonal block of each query
+  dup = jnp.zeros(sc.shape, bool)
+  if cfg.diagonal:
+    dup = (cand_idx >= dstart[:, None]) & (cand_idx < dstart[:, None] + b)
+    nkb = -(-s // b)
+    kd = _pad_axis(kmat, nkb * b, 0, 0).reshape(nkb, b, h)
+    qd = _pad_axis(q, -(-t // b) * b, 0, 0).reshape(-1, b, h)
+    kblk = jnp.minimum(jnp.arange(qd.shape[0]), nkb - 1)
+    dsc = jnp.einsum(
+      "qih,qjh->qij", qd, kd[kblk], precision=precision, preferred_element_type=dtype
+    )
+    dsc = dsc.astype(dtype).reshape(-1, b)[:t] * scale_
+    didx = dstart[:, None] + jnp.arange(b)
+    sc = jnp.concatenate([dsc, sc], axis=1)
+    cand_idx = jnp.concatenate([didx, cand_idx], axis=1)
+    dup = jnp.concatenate([jnp.zeros((t, b), bool), dup], axis=1)
+  # Admissibility of every candidate.
+  ok = (cand_idx < s) & ~dup
+  safe = jnp.clip(cand_idx, 0, s - 1)
+  if is_causal:
+    ok = ok & (cand_idx <= rows[:, None])
+  if mask is not None:
+    ok = ok & _at(mask, rows[:, None], safe)
+  if bias is not None:
+    sc = sc + _at(bias, rows[:, None], safe).astype(dtype)
+  sc = jnp.where(ok, sc, neg)
+  kk = min(k + 1, sc.shape[1])
+  vals, p = jax.lax.top_k(sc, kk)
+  idx, nxt = _finish(vals, jnp.take_along_axis(cand_idx, p, axis=-1), k)
+  if kk <= k:
+    nxt = jnp.full_like(nxt, neg)
+  if rounds > 1:  # the same key may come from several rounds
+    idx = _drop_repeats(idx)
+  # Admissible-key count of each row.
+  if mask is None:
+    num = jnp.full((t,), s, jnp.int32)
+    if is_causal:
+      num = jnp.minimum(rows + 1, s).astype(jnp.int32)
+  else:
+    mrow = jnp.broadcast_to(mask, (t, s))
+    if is_causal:
+      mrow = mrow & (jnp.arange(s)[None, :] <= rows[:, None])
+    num = jnp.sum(mrow, axis=-1, dtype=jnp.int32)
+  # Certified cap on the logits never scored (Cauchy-Schwarz; loose but valid).
+  qn = jnp.sqrt(jnp.sum(q.astype(dtype) ** 2, -1))
+  kn = jnp.max(jnp.sqrt(jnp.sum(kmat.astype(dtype) ** 2, -1)))
+  cap = scale_ * qn * kn * (1 + 1e-5) + 1e-30
+  if bias is not None:
+    cap = cap + jnp.max(jnp.broadcast_to(bias, (t, s)).astype(dtype), axis=-1)
+  nxt = jnp.maximum(nxt, cap)
+  log_rest = jnp.full((t,), neg)
+  if cfg.normalizer_samples > 0:
+    log_rest = _lsh_rest(
+      q,
+      kmat,
+      mask,
+      bias,
+      sc,
+      vals,
+      kk,
+      k,
+      korder,
+      qstart,
+      dstart,
+      sample_key,
+      b=b,
+      scale=scale_,
+      is_causal=is_causal,
+      cfg=cfg,
+      dtype=dtype,
+      precision=precision,
+    )
+  return idx, nxt, num, log_rest
+
+
+def _at(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
+  """`x[rows, cols]` for a `[T', S']` array whose size-1 axes broadcast."""
+  r = rows if x.shape[0] > 1 else jnp.zeros_like(rows)
+  c = cols if x.shape[1] > 1 else jnp.zeros_like(cols)
+  return x[r, c]
+
+
+def _drop_repeats(idx: jax.Array) -> jax.Array:
+  """Marks later repeats of an index in each row as -1 (O(k^2) per row, k small)."""
+  k = idx.shape[-1]
+  earlier = jnp.tril(jnp.ones((k, k), bool), -1)
+  same = (idx[..., :, None] == idx[..., None, :]) & earlier & (idx[..., :, None] >= 0)
+  return jnp.where(jnp.any(same, axis=-1), -1, idx)
+
+
+def _lsh_rest(
+  q,
+  kmat,
+  mask,
+  bias,
+  sc,
+  vals,
+  kk,
+  k,
+  korder,
+  qstart,
+  dstart,
+  sample_key,
+  *,
+  b,
+  scale,
+  is_causal,
+  cfg,
+  dtype,
+  precision,
+):
+  """log of (mass of scored candidates not kept + sampled mass of keys never scored)."""
+  t = q.shape[0]
+  s = kmat.shape[0]
+  neg = jnp.asarray(-jnp.inf, dtype)
+  # Scored but dropped: all candidates minus the kept top-k.
+  lse_all = jax.nn.logsumexp(sc, axis=-1)
+  kept = vals[:, : min(k, kk)]
+  lse_kept = jax.nn.logsumexp(kept, axis=-1)
+  has = jnp.isfinite(lse_all) & (lse_all > lse_kept)
+  diff = jnp.where(has, lse_all, 0.0) + jnp.log1p(
+    -jnp.exp(jnp.minimum(jnp.where(has, lse_kept - lse_all, -1.0), -1e-7))
+  )
+  log_dropped = jnp.where(has, diff, neg)
+  # Never scored: uniform samples with replacement, shared by the queries of the head.
+  m = cfg.normalizer_samples
+  j = jax.random.randint(sample_key, (m,), 0, s)
+  lj = jnp.einsum("th,mh->tm", q, kmat[j], precision=precision, preferred_element_type=dtype)
+  lj = lj.astype(dtype) * scale
+  rows = jnp.arange(t)[:, None]
+  ok = jnp.ones((t, m), bool)
+  if is_causal:
+    ok = ok & (j[None, :] <= rows)
+  if mask is not None:
+    ok = ok & _at(mask, rows, j[None, :])
+  if bias is not None:
+    lj = lj + _at(bias, rows, j[None, :]).astype(dtype)
+  # Exclude sampled keys that were scored (in a round's window or the diagonal block).
+  krank = jnp.argsort(korder, axis=-1)[:, j]  # [R, m] rank of each sample per round
+  scored = jnp.any(
+    (krank[:, None, :] >= qstart[:, :, None]) & (krank[:, None, :] < qstart[:, :, None] + b),
+    axis=0,
+  )
+  if cfg.diagonal:
+    scored = scored | ((j[None, :] >= dstart[:, None]) & (j[None, :] < dstart[:, None] + b))
+  ok = ok & ~scored
+  lj = jnp.where(ok, lj, neg)
+  log_sampled = jax.nn.logsumexp(lj, axis=-1) + jnp.log(jnp.asarray(s / m, dtype))
+  return jnp.logaddexp(log_dropped, log_sampled)
+
+
+# ----------------------------------------------------------------------------
+# Public entry points.
+
+
+def select(
+  config: SelectionConfig,
+  query: jax.Array,
+  key: jax.Array,
+  bias: jax.Array | None,
+  mask: jax.Array | None,
+  *,
+  k: int,
+  scale: float,
+  is_causal: bool,
+  rng: jax.Array | None = None,
+  precision=None,
+) -> SelectionResult:
+  """Runs a selection on checked inputs (see `gsparse.topk_attention`).
+
+  Args:
+    config: an `ExactSelection`, `BlockSelection` or `LSHSelection`.
+    query: `[batch..., T, N, H]`.
+    key: `[batch..., S, K, H]`.
+    bias: None or broadcastable to `[batch..., N, T, S]`.
+    mask: None or boolean broadcastable to `[batch..., N, T, S]`.
+    k: keys kept per query.
+    scale: logit scale.
+    is_causal: top-left aligned causal mask.
+    rng: PRNG key, required by `LSHSelection` (the projections and samples).
+    precision: einsum precision.
+
+  Returns:
+    A `SelectionResult` in the `[batch..., T, N, *]` layout.
+  """
+  s = key.shape[-3]
+  common = dict(k=k, scale=scale, is_causal=is_causal, cfg=config, precision=precision)
+  if isinstance(config, ExactSelection):
+    out = _map_heads(lambda *a: _exact_head(*a, **common), query, key, mask, bias)
+    return SelectionResult(*out)
+  if isinstance(config, BlockSelection):
+    nb = -(-s // config.block_size)
+    if config.num_blocks < nb and k > config.num_blocks * config.block_size:
+      raise ValueError(
+        f"k={k} exceeds the capacity num_blocks * block_size = "
+        f"{config.num_blocks} * {config.block_size} of BlockSelection"
+      )
+    out = _map_heads(lambda *a: _block_head(*a, **common), query, key, mask, bias)
+    return SelectionResult(*out)
+  if isinstance(config, LSHSelection):
+    if rng is None:
+      raise ValueError("selection 'lsh' needs a PRNG key: pass selection_key=jax.random.key(...)")
+    cap = min(config.block_size, s) * (config.num_hashes + int(config.diagonal))
+    if k > cap and cap < s:
+      raise ValueError(
+        f"k={k} exceeds the LSH candidate capacity block_size * (num_hashes + diagonal) = {cap}"
+      )
+    kproj, ksample = jax.random.split(rng)
+    h = query.shape[-1]
+    proj = jax.random.normal(kproj, (config.num_hashes, h, config.num_projections + 1))
+    out = _map_heads(
+      lambda q, kk, m, b_, p, sk: _lsh_head(q, kk, m, b_, p, sk, **common),
+      query,
+      key,
+      mask,
+      bias,
+      extra=(proj, ksample),
+    )
+    idx, nxt, num, rest = out
+    return SelectionResult(idx, nxt, num, rest if config.normalizer_samples > 0 else None)
+  raise TypeError(f"unknown selection config {config!r}")
+
+
+def gather_bias(bias: ArrayLike, indices: jax.Array, key_len: int) -> jax.Array:
+  """Bias at the selected keys without broadcasting it to `[batch..., N, T, S]`.
+
+  Args:
+    bias: broadcastable to `[batch..., N, T, S]`.
+    indices: `[batch..., T, N, k]` (-1 = none; those slots get 0).
+    key_len: S.
+
+  Returns:
+    `[batch..., T, N, k]` bias values.
+  """
+  bias = jnp.asarray(bias)
+  *batch, t, n, kk = indices.shape
+  b4 = _expand(bias, tuple(batch), n, t, key_len)  # [B', N', T', S']
+  bsz = math.prod(batch)
+  idx = jnp.moveaxis(indices.reshape(bsz, t, n, kk), 1, 2)  # [B, N, T, k]
+  bi = jnp.arange(bsz)[:, None, None, None] if b4.shape[0] > 1 else 0
+  ni = jnp.arange(n)[None, :, None, None] if b4.shape[1] > 1 else 0
+  ti = jnp.arange(t)[None, None, :, None] if b4.shape[2] > 1 else 0
+  si = jnp.clip(idx, 0, key_len - 1) if b4.shape[3] > 1 else 0
+  out = jnp.broadcast_to(b4[bi, ni, ti, si], idx.shape)
+  out = jnp.where(idx >= 0, out, 0)
+  return jnp.moveaxis(out, 2, 1).reshape(*batch, t, n, kk)
+
+
+def selection_recall(indices: ArrayLike, reference: ArrayLike) -> jax.Array:
+  """Fraction of the reference keys of each row that `indices` also selects.
+
+  Args:
+    indices: `[..., k]` selected key positions (-1 = none).
+    reference: `[..., k_ref]` the true top-k (e.g. from `selection="exact"`), -1 = none.
+
+  Returns:
+    `[...]` float32 recall in [0, 1]; 1 for rows whose reference is empty.
+  """
+  indices = jnp.asarray(indices)
+  reference = jnp.asarray(reference)
+  hit = jnp.zeros(reference.shape, bool)
+  # Loop over the selected slots to keep memory at O(rows * k_ref).
+  hit = jax.lax.fori_loop(
+    0,
+    indices.shape[-1],
+    lambda i, h: h | (reference == jax.lax.dynamic_index_in_dim(indices, i, -1, keepdims=True)),
+    hit,
+  )
+  valid = reference >= 0
+  num = jnp.sum(hit & valid, axis=-1)
+  den = jnp.sum(valid, axis=-1)
+  return jnp.where(den > 0, num / jnp.maximum(den, 1), 1.0).astype(jnp.float32)

@@ -1,0 +1,675 @@
+"""Every documented argument check raises as documented, eagerly and under jit.
+
+`ROWS` is the source of truth; docs/errors.md holds the same table, and
+`test_docs_table_matches` fails when the two differ, so the docs cannot drift.
+Each row's call passes arrays as positional arguments (traced under `jax.jit`)
+and Python hyperparameters through the closure (static under `jax.jit`).
+"""
+
+from __future__ import annotations
+
+import inspect
+import pathlib
+import re
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+import gsparse
+
+DOCS = pathlib.Path(__file__).resolve().parent.parent / "docs" / "errors.md"
+
+
+class Row(NamedTuple):
+  function: str  # public name in gsparse
+  argument: str
+  bad_input: str  # what the caller passed, as shown in the docs
+  error: type[Exception]
+  message: str  # a substring of the message
+  args: tuple[Any, ...]  # arrays, traced under jit
+  kwargs: dict[str, Any]  # everything else, static under jit
+
+
+q = jnp.ones((3, 2, 4))
+kv = jnp.ones((5, 1, 4))
+kv2 = jnp.ones((5, 2, 4))
+idx = jnp.zeros((3, 2, 2), jnp.int32)
+p = jnp.full((2, 4), 0.25)
+pv = jnp.ones((2, 4, 3))
+x = jnp.ones((5, 6))
+key = jax.random.key(0)
+w = gsparse.Weights(jnp.ones((6, 2, 3)), jnp.ones((6, 2, 3)), jnp.ones((6, 2, 3)))
+w_bad_d = gsparse.Weights(jnp.ones((4, 2, 3)), jnp.ones((4, 2, 3)), jnp.ones((4, 2, 3)))
+i32 = jnp.ones((3, 2, 4), jnp.int32)
+
+# Functions taking (query, key, value, ...) share the attention input checks.
+QKV_ROWS = [
+  ("query", "integer dtype", TypeError, "query must have a floating dtype", (i32, kv, kv), {}),
+  (
+    "query",
+    "fewer than 3 dims",
+    ValueError,
+    "query must have at least 3 dimensions",
+    (q[0], kv, kv),
+    {},
+  ),
+  (
+    "key",
+    "rank differs from query",
+    ValueError,
+    "must have the same rank",
+    (q, kv[None], kv[None]),
+    {},
+  ),
+  (
+    "key",
+    "batch dims differ",
+    ValueError,
+    "must have the same batch dimensions",
+    (q[None], jnp.ones((2, 5, 1, 4)), jnp.ones((2, 5, 1, 4))),
+    {},
+  ),
+  (
+    "value",
+    "sequence length differs from key",
+    ValueError,
+    "key and value must have the same sequence length",
+    (q, kv, kv[:4]),
+    {},
+  ),
+  (
+    "value",
+    "heads differ from key",
+    ValueError,
+    "key and value must have the same number of heads",
+    (q, kv, kv2),
+    {},
+  ),
+  (
+    "key",
+    "head_dim differs from query",
+    ValueError,
+    "query and key must have the same head_dim",
+    (q, kv[..., :3], kv),
+    {},
+  ),
+  (
+    "key",
+    "query heads not a multiple",
+    ValueError,
+    "must be a multiple of key/value heads",
+    (jnp.ones((3, 3, 4)), kv2, kv2),
+    {},
+  ),
+  (
+    "key",
+    "no positions (S = 0)",
+    ValueError,
+    "key must have at least one position",
+    (q, kv[:0], kv[:0]),
+    {},
+  ),
+  (
+    "mask",
+    "not boolean",
+    TypeError,
+    "mask must be boolean",
+    (q, kv, kv, None, jnp.ones((2, 3, 5))),
+    {},
+  ),
+  (
+    "mask",
+    "does not broadcast to [..., N, T, S]",
+    ValueError,
+    "mask with shape (4,) does not broadcast",
+    (q, kv, kv, None, jnp.ones(4, bool)),
+    {},
+  ),
+  (
+    "bias",
+    "integer dtype",
+    TypeError,
+    "bias must have a floating dtype",
+    (q, kv, kv, jnp.ones((2, 3, 5), jnp.int32)),
+    {},
+  ),
+  (
+    "bias",
+    "does not broadcast to [..., N, T, S]",
+    ValueError,
+    "bias with shape (3, 2) does not broadcast",
+    (q, kv, kv, jnp.ones((3, 2))),
+    {},
+  ),
+  (
+    "scale",
+    "`scale=float('nan')`",
+    ValueError,
+    "scale=nan must be finite",
+    (q, kv, kv),
+    {"scale": float("nan")},
+  ),
+  ("scale", "`scale='a'`", TypeError, "scale must be a real number", (q, kv, kv), {"scale": "a"}),
+  (
+    "is_causal",
+    "`is_causal=1`",
+    TypeError,
+    "is_causal must be a bool",
+    (q, kv, kv),
+    {"is_causal": 1},
+  ),
+]
+
+
+def _qk_only(rows):
+  """compute_logits / attention_weights take (query, key, bias, mask): drop value."""
+  out = []
+  for arg, bad, err, msg, args, kwargs in rows:
+    if arg == "value":
+      continue
+    out.append((arg, bad, err, msg, (args[0], args[1], *args[3:]), kwargs))
+  return out
+
+
+ROWS: list[Row] = []
+for fn_name, extra, rows in [
+  ("dot_product_attention", {}, QKV_ROWS),
+  ("topk_attention", {"k": 2}, QKV_ROWS),
+  ("compute_logits", {}, _qk_only(QKV_ROWS)),
+  ("attention_weights", {}, _qk_only(QKV_ROWS)),
+]:
+  for arg, bad, err, msg, args, kwargs in rows:
+    ROWS.append(Row(fn_name, arg, bad, err, msg, args, {**extra, **kwargs}))
+
+ROWS += [
+  Row("topk_attention", "k", "`k=0`", ValueError, "k=0 must be >= 1", (q, kv, kv), {"k": 0}),
+  Row("topk_attention", "k", "`k=2.0`", TypeError, "k must be an int", (q, kv, kv), {"k": 2.0}),
+  Row("topk_attention", "k", "`k=True`", TypeError, "k must be an int", (q, kv, kv), {"k": True}),
+  Row(
+    "topk_attention",
+    "selection",
+    "unknown name",
+    ValueError,
+    "selection='nope' must be one of",
+    (q, kv, kv),
+    {"k": 2, "selection": "nope"},
+  ),
+  Row(
+    "topk_attention",
+    "return_stats",
+    "`return_stats=1`",
+    TypeError,
+    "return_stats must be a bool",
+    (q, kv, kv),
+    {"k": 2, "return_stats": 1},
+  ),
+  Row(
+    "sparse_gather_attention",
+    "query",
+    "integer dtype",
+    TypeError,
+    "query must have a floating dtype",
+    (i32, kv, kv, idx),
+    {},
+  ),
+  Row(
+    "sparse_gather_attention",
+    "key",
+    "query heads not a multiple",
+    ValueError,
+    "must be a multiple of key/value heads",
+    (jnp.ones((3, 3, 4)), kv2, kv2, jnp.zeros((3, 3, 2), jnp.int32)),
+    {},
+  ),
+  Row(
+    "sparse_gather_attention",
+    "indices",
+    "floating dtype",
+    TypeError,
+    "indices must have an integer dtype",
+    (q, kv, kv, idx.astype(jnp.float32)),
+    {},
+  ),
+  Row(
+    "sparse_gather_attention",
+    "indices",
+    "shape not [..., T, N, k]",
+    ValueError,
+    "indices must have shape [batch..., T, N, k]",
+    (q, kv, kv, idx[0]),
+    {},
+  ),
+  Row(
+    "sparse_gather_attention",
+    "indices",
+    "k = 0 slots",
+    ValueError,
+    "indices must select at least one key",
+    (q, kv, kv, idx[..., :0]),
+    {},
+  ),
+  Row(
+    "sparse_gather_attention",
+    "bias",
+    "shape differs from indices",
+    ValueError,
+    "bias must have the shape of indices",
+    (q, kv, kv, idx),
+    {"bias": jnp.ones((3, 2, 5))},
+  ),
+  Row(
+    "sparse_gather_attention",
+    "scale",
+    "`scale=float('inf')`",
+    ValueError,
+    "scale=inf must be finite",
+    (q, kv, kv, idx),
+    {"scale": float("inf")},
+  ),
+  Row(
+    "sparse_gather_attention",
+    "implementation",
+    "unknown name",
+    ValueError,
+    "implementation='cuda' must be",
+    (q, kv, kv, idx),
+    {"implementation": "cuda"},
+  ),
+  Row(
+    "min_sparse_k",
+    "p",
+    "integer dtype",
+    TypeError,
+    "p must have a floating dtype",
+    (jnp.ones((2, 4), jnp.int32),),
+    {"eps": 0.1},
+  ),
+  Row(
+    "min_sparse_k",
+    "p",
+    "a scalar",
+    ValueError,
+    "p must have at least 1 dimensions",
+    (jnp.float32(1.0),),
+    {"eps": 0.1},
+  ),
+  Row(
+    "min_sparse_k",
+    "eps",
+    "`eps=1.0`",
+    ValueError,
+    "eps=1.0 must be in the open interval (0, 1)",
+    (p,),
+    {"eps": 1.0},
+  ),
+  Row(
+    "min_sparse_k", "eps", "`eps=None`", TypeError, "eps must be a real number", (p,), {"eps": None}
+  ),
+  Row(
+    "is_sparse",
+    "eps",
+    "`eps=0.0`",
+    ValueError,
+    "eps=0.0 must be in the open interval (0, 1)",
+    (p,),
+    {"eps": 0.0, "k": 1},
+  ),
+  Row("is_sparse", "k", "`k=-1`", ValueError, "k=-1 must be >= 0", (p,), {"eps": 0.1, "k": -1}),
+  Row("is_sparse", "k", "`k=2.5`", TypeError, "k must be an int", (p,), {"eps": 0.1, "k": 2.5}),
+  Row(
+    "is_sparse",
+    "k",
+    "floating array",
+    TypeError,
+    "k must be an int or an integer array",
+    (p,),
+    {"eps": 0.1, "k": jnp.ones(2)},
+  ),
+  Row("topk_mask", "k", "`k=0`", ValueError, "k=0 must be >= 1", (p,), {"k": 0}),
+  Row(
+    "topk_mask",
+    "p",
+    "integer dtype",
+    TypeError,
+    "p must have a floating dtype",
+    (jnp.ones((2, 4), jnp.int32),),
+    {"k": 1},
+  ),
+  Row("tail_mass", "k", "`k=1.5`", TypeError, "k must be an int", (p,), {"k": 1.5}),
+  Row(
+    "tail_mass",
+    "p",
+    "a scalar",
+    ValueError,
+    "p must have at least 1 dimensions",
+    (jnp.float32(1.0),),
+    {"k": 1},
+  ),
+  Row(
+    "effective_support",
+    "p",
+    "integer dtype",
+    TypeError,
+    "p must have a floating dtype",
+    (jnp.ones((2, 4), jnp.int32),),
+    {},
+  ),
+  Row(
+    "topk_error_decomposition",
+    "v",
+    "n differs from p",
+    ValueError,
+    "v must have shape [..., n, d] with n=4",
+    (p, pv[:, :3]),
+    {"k": 1},
+  ),
+  Row(
+    "topk_error_decomposition",
+    "v",
+    "fewer than 2 dims",
+    ValueError,
+    "v must have at least 2 dimensions",
+    (p, jnp.ones(4)),
+    {"k": 1},
+  ),
+  Row("topk_error_decomposition", "k", "`k=0`", ValueError, "k=0 must be >= 1", (p, pv), {"k": 0}),
+  Row(
+    "tail_mass_certificate",
+    "all",
+    "shapes that do not broadcast",
+    TypeError,
+    "incompatible shapes for broadcasting",
+    (jnp.zeros(3), jnp.zeros(4), jnp.ones(3), jnp.ones(3)),
+    {},
+  ),
+  Row(
+    "output_error_certificate",
+    "value",
+    "head_dim differs from topk_output",
+    ValueError,
+    "output_error_certificate needs tail_bound",
+    (jnp.zeros((3, 2)), q, kv[..., :3]),
+    {},
+  ),
+  Row(
+    "output_error_certificate",
+    "tail_bound",
+    "shape not [..., T, N]",
+    ValueError,
+    "output_error_certificate needs tail_bound",
+    (jnp.zeros((3,)), q, kv),
+    {},
+  ),
+  Row(
+    "output_error_certificate",
+    "topk_output",
+    "integer dtype",
+    TypeError,
+    "topk_output must have a floating dtype",
+    (jnp.zeros((3, 2)), i32, kv),
+    {},
+  ),
+  Row(
+    "value_center_and_radius",
+    "value",
+    "fewer than 3 dims",
+    ValueError,
+    "value must have at least 3 dimensions",
+    (jnp.ones((5, 4)),),
+    {},
+  ),
+  Row(
+    "value_center_and_radius",
+    "value",
+    "integer dtype",
+    TypeError,
+    "value must have a floating dtype",
+    (jnp.ones((5, 1, 4), jnp.int32),),
+    {},
+  ),
+  Row("sample_inputs", "n", "`n=0`", ValueError, "n=0 must be >= 1", (key,), {"n": 0, "d": 2}),
+  Row("sample_inputs", "d", "`d=2.0`", TypeError, "d must be an int", (key,), {"n": 3, "d": 2.0}),
+  Row(
+    "sample_inputs",
+    "sigma",
+    "`sigma=0.0`",
+    ValueError,
+    "sigma=0.0 must be > 0",
+    (key,),
+    {"n": 3, "d": 2, "sigma": 0.0},
+  ),
+  Row(
+    "sample_inputs",
+    "sigma",
+    "`sigma=-1.0`",
+    ValueError,
+    "sigma=-1.0 must be > 0",
+    (key,),
+    {"n": 3, "d": 2, "sigma": -1.0},
+  ),
+  Row(
+    "sample_inputs",
+    "batch_shape",
+    "`batch_shape=(2, 0)`",
+    ValueError,
+    "batch_shape entry=0 must be >= 1",
+    (key,),
+    {"n": 3, "d": 2, "batch_shape": (2, 0)},
+  ),
+  Row(
+    "sample_inputs",
+    "dtype",
+    "`dtype=jnp.int32`",
+    TypeError,
+    "dtype must be floating",
+    (key,),
+    {"n": 3, "d": 2, "dtype": jnp.int32},
+  ),
+  Row(
+    "sample_weights",
+    "head_dim",
+    "`head_dim=0`",
+    ValueError,
+    "head_dim=0 must be >= 1",
+    (key,),
+    {"d": 3, "head_dim": 0},
+  ),
+  Row(
+    "sample_weights",
+    "heads",
+    "`heads=0`",
+    ValueError,
+    "heads=0 must be >= 1",
+    (key,),
+    {"d": 3, "head_dim": 2, "heads": 0},
+  ),
+  Row(
+    "sample_weights",
+    "value_dim",
+    "`value_dim=0`",
+    ValueError,
+    "value_dim=0 must be >= 1",
+    (key,),
+    {"d": 3, "head_dim": 2, "value_dim": 0},
+  ),
+  Row(
+    "sample_weights",
+    "weight_scale",
+    "`weight_scale=0.0`",
+    ValueError,
+    "weight_scale=0.0 must be > 0",
+    (key,),
+    {"d": 3, "head_dim": 2, "weight_scale": 0.0},
+  ),
+  Row(
+    "project",
+    "x",
+    "fewer than 2 dims",
+    ValueError,
+    "x must have at least 2 dimensions",
+    (jnp.ones(6), w),
+    {},
+  ),
+  Row(
+    "project",
+    "weights",
+    "d differs from x",
+    ValueError,
+    "weights.w_q.shape[0]=4 must equal d=6",
+    (x, w_bad_d),
+    {},
+  ),
+  Row(
+    "project",
+    "weights",
+    "w_q, w_k shapes differ",
+    ValueError,
+    "must match",
+    (x, w._replace(w_k=jnp.ones((6, 2, 4)))),
+    {},
+  ),
+  Row(
+    "project",
+    "weights",
+    "w_v heads differ",
+    ValueError,
+    "weights.w_v has 1 heads",
+    (x, w._replace(w_v=jnp.ones((6, 1, 3)))),
+    {},
+  ),
+  Row(
+    "interaction_matrix",
+    "w_k",
+    "shape differs from w_q",
+    ValueError,
+    "must both be [d, heads, h] or [d, h]",
+    (w.w_q, jnp.ones((6, 2, 2))),
+    {},
+  ),
+  Row(
+    "interaction_matrix",
+    "scale",
+    "`scale=float('inf')`",
+    ValueError,
+    "scale=inf must be finite",
+    (w.w_q, w.w_k),
+    {"scale": float("inf")},
+  ),
+  Row(
+    "gaussian_attention",
+    "weights",
+    "d differs from x",
+    ValueError,
+    "must equal d=6",
+    (x, w_bad_d),
+    {},
+  ),
+  Row(
+    "gaussian_attention",
+    "mask",
+    "not boolean",
+    TypeError,
+    "mask must be boolean",
+    (x, w),
+    {"mask": jnp.ones((5, 5))},
+  ),
+  Row(
+    "gaussian_attention_weights",
+    "x",
+    "integer dtype",
+    TypeError,
+    "x must have a floating dtype",
+    (jnp.ones((5, 6), jnp.int32), w),
+    {},
+  ),
+  Row(
+    "gaussian_attention_weights",
+    "is_causal",
+    "`is_causal=None`",
+    TypeError,
+    "is_causal must be a bool",
+    (x, w),
+    {"is_causal": None},
+  ),
+  Row("checked", "fn", "not callable", TypeError, "is not a callable object", (), {"fn": 3}),
+]
+
+
+def _row_id(row: Row) -> str:
+  return f"{row.function}-{row.argument}-{row.bad_input}"
+
+
+def _call(row: Row, jit: bool):
+  fn: Callable = getattr(gsparse, row.function)
+  if not jit:
+    return fn(*row.args, **row.kwargs)
+  return jax.jit(lambda *a: fn(*a, **row.kwargs))(*row.args)
+
+
+@pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])
+@pytest.mark.parametrize("row", ROWS, ids=[_row_id(r) for r in ROWS])
+def test_row_raises_as_documented(row, jit):
+  with pytest.raises(row.error, match=re.escape(row.message)):
+    _call(row, jit)
+
+
+def _markdown_rows() -> set[tuple[str, ...]]:
+  lines = DOCS.read_text().splitlines()
+  start = lines.index("<!-- errors-table:start -->")
+  end = lines.index("<!-- errors-table:end -->")
+  rows = set()
+  for line in lines[start + 1 : end]:
+    if not line.startswith("| `") or line.startswith("|---"):
+      continue
+    cells = [c.strip() for c in line.strip().strip("|").split("|")]
+    rows.add(tuple(cells))
+  return rows
+
+
+def docs_row(row: Row) -> tuple[str, ...]:
+  """The docs/errors.md cells of a row."""
+  return (
+    f"`{row.function}`",
+    f"`{row.argument}`",
+    row.bad_input,
+    f"`{row.error.__name__}`",
+    f"`{row.message}`",
+  )
+
+
+def test_docs_table_matches():
+  expected = {docs_row(r) for r in ROWS}
+  actual = _markdown_rows()
+  missing, extra = expected - actual, actual - expected
+  assert not missing and not extra, (
+    f"docs/errors.md is out of date. Missing rows:\n{sorted(missing)}\nStale rows:\n{sorted(extra)}\n"
+    "Regenerate with: python -c 'import tests.errors_test as t; print(t.markdown_table())'"
+  )
+
+
+def markdown_table() -> str:
+  """The table for docs/errors.md, in ROWS order (duplicates removed)."""
+  out = [
+    "| Function | Argument | Bad input | Error | Message contains |",
+    "|---|---|---|---|---|",
+  ]
+  seen = set()
+  for r in ROWS:
+    cells = docs_row(r)
+    if cells not in seen:
+      seen.add(cells)
+      out.append("| " + " | ".join(cells) + " |")
+  return "\n".join(out)
+
+
+def test_every_public_function_has_a_row():
+  functions = {
+    name
+    for name in gsparse.__all__
+    if inspect.isfunction(getattr(gsparse, name)) and not name[0].isupper()
+  }
+  covered = {r.function for r in ROWS}
+  assert functions <= covered, f"public functions without documented checks: {functions - covered}"
