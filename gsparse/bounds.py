@@ -83,7 +83,7 @@ DEFAULT_DELTA = 1e-4
 _NUM_CELLS = 64
 _NUM_LEVELS = 64
 _NUM_GRID = 128
-_EPS_BISECTION_STEPS = 24
+_EPS_BISECTION_STEPS = 14
 # Below this fraction of tau_hi the tau interval is covered by one cell [tau_lo, f tau_hi].
 _FIRST_CELL_FRACTION = 1e-3
 

@@ -54,30 +54,56 @@ def _measure(key, sigma, *, n, d, eps, k, trials):
   return (jnp.mean(mk), jnp.max(mk), jnp.mean(t), jnp.mean(err), jnp.max(err), jnp.max(cert))
 
 
-def sparsity_table(key: jax.Array, *, ns=(256, 1024), ds=(16, 64), sigmas=(1.0, 2.0, 3.0),
-                   eps: float = 0.01, k: int = 32, trials: int = 4) -> list[SparsityRow]:
+def sparsity_table(
+  key: jax.Array,
+  *,
+  ns=(256, 1024),
+  ds=(16, 64),
+  sigmas=(1.0, 2.0, 3.0),
+  eps: float = 0.01,
+  k: int = 32,
+  trials: int = 4,
+) -> list[SparsityRow]:
   """Measures sparsity and top-k error on fresh Gaussian draws at each grid point."""
   rows = []
   for n in ns:
     for d in ds:
       for sigma in sigmas:
         key, sub = jax.random.split(key)
-        mean_k, max_k, t, err, max_err, cert = _measure(sub, sigma, n=n, d=d, eps=eps, k=k,
-                                                        trials=trials)
-        rows.append(SparsityRow(n, d, sigma, eps, int(1 / eps), float(mean_k), int(max_k), k,
-                                float(t), float(err), float(max_err), float(cert)))
+        mean_k, max_k, t, err, max_err, cert = _measure(
+          sub, sigma, n=n, d=d, eps=eps, k=k, trials=trials
+        )
+        rows.append(
+          SparsityRow(
+            n,
+            d,
+            sigma,
+            eps,
+            int(1 / eps),
+            float(mean_k),
+            int(max_k),
+            k,
+            float(t),
+            float(err),
+            float(max_err),
+            float(cert),
+          )
+        )
   return rows
 
 
 def format_table(rows: list[SparsityRow]) -> str:
   """Markdown table of `sparsity_table` rows."""
-  head = ("| n | d | sigma | eps | trivial k | mean min k | max min k | k | mean tail mass "
-          "| mean error | max error | max certified error |")
+  head = (
+    "| n | d | sigma | eps | trivial k | mean min k | max min k | k | mean tail mass "
+    "| mean error | max error | max certified error |"
+  )
   sep = "|" + "---|" * 12
   lines = [head, sep]
   for r in rows:
     lines.append(
-        f"| {r.n} | {r.d} | {r.sigma:g} | {r.eps:g} | {r.trivial_k} | {r.mean_min_k:.1f} "
-        f"| {r.max_min_k} | {r.k} | {r.mean_tail_mass:.3g} | {r.mean_error:.3g} "
-        f"| {r.max_error:.3g} | {r.max_certified_error:.3g} |")
+      f"| {r.n} | {r.d} | {r.sigma:g} | {r.eps:g} | {r.trivial_k} | {r.mean_min_k:.1f} "
+      f"| {r.max_min_k} | {r.k} | {r.mean_tail_mass:.3g} | {r.mean_error:.3g} "
+      f"| {r.max_error:.3g} | {r.max_certified_error:.3g} |"
+    )
   return "\n".join(lines)

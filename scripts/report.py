@@ -14,8 +14,9 @@ def main(argv):
 
   from gsparse import report
 
-  rows = report.sparsity_table(jax.random.key(_SEED.value), eps=_EPS.value, k=_K.value,
-                               trials=_TRIALS.value)
+  rows = report.sparsity_table(
+    jax.random.key(_SEED.value), eps=_EPS.value, k=_K.value, trials=_TRIALS.value
+  )
   print(report.format_table(rows))
 
 
