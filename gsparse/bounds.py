@@ -83,7 +83,7 @@ DEFAULT_DELTA = 1e-4
 _NUM_CELLS = 64
 _NUM_LEVELS = 64
 _NUM_GRID = 128
-_EPS_BISECTION_STEPS = 24
+_EPS_BISECTION_STEPS = 14
 # Below this fraction of tau_hi the tau interval is covered by one cell [tau_lo, f tau_hi].
 _FIRST_CELL_FRACTION = 1e-3
 
@@ -612,12 +612,11 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c):
   return jnp.where(slack <= 0, 0.0, jnp.minimum(total, 1.0))
 
 
-def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
-  """Scalar core of Theorem 1 for a given tau interval.
+def _fail_fn(n, tau_lo, tau_hi, eps, log_drow):
+  """`(fail, p*)`: `fail(m)` bounds `P(at least m off-diagonal entries > eps)` for one row.
 
-  Returns `(k_gauss, p*)`: the smallest k whose per-row failure bound (the
-  better of the union bound and the order-statistic bound, per tau cell) is at
-  most `exp(log_drow)`, and the union bound's exceedance probability.
+  The better of the union bound and the order-statistic bound, per tau cell,
+  worst cell; `p*` is the union bound's exceedance probability.
   """
   nm1 = jnp.maximum(n - 1.0, 1.0)
   ta, tb = _cells(tau_lo, tau_hi)
@@ -636,6 +635,14 @@ def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
     p2 = _orderstat_fail(nm1, m, eps, ta, tb, c)
     return jnp.max(jnp.minimum(p1, p2))
 
+  return fail, jnp.max(p_cell)
+
+
+def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
+  """Scalar core of Theorem 1 for a given tau interval: `(k_gauss, p*)`."""
+  fail, p_star = _fail_fn(n, tau_lo, tau_hi, eps, log_drow)
+  drow = jnp.exp(log_drow)
+
   # Linear scan from m = 1: the first m whose bound is <= drow. (A bisection
   # would need the bound to be monotone in m, which it need not be; the first
   # hit makes k monotone in eps.) The scan stops by m = ceil(1/eps), where the
@@ -645,7 +652,7 @@ def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
 
   m = jax.lax.while_loop(cond, lambda m: m + 1.0, jnp.ones_like(n))
   k = jnp.minimum(m, n)  # m - 1 off-diagonal entries plus the diagonal
-  return jnp.where(n <= 1.0, n, k), jnp.max(p_cell)
+  return jnp.where(n <= 1.0, n, k), p_star
 
 
 def sparsity_bound(
@@ -792,14 +799,21 @@ def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   # Bisection on log eps; `hi` is always an eps whose Theorem-1 k is <= k (verified).
   lo = jnp.log(1e-3 / n)
   hi = jnp.log(triv)
-  k_hi, _ = _sparsity_core(n, tlo, thi, jnp.exp(hi), log_row)
-  found = k_hi <= k
+  drow = jnp.exp(log_row)
+  kk = jnp.minimum(k, n)
+
+  def admissible(log_eps):
+    # fail(k) <= drow implies the first admissible m of Theorem 1 is <= k, for
+    # this eps and (fail being non-increasing in eps) every larger one.
+    fail, _ = _fail_fn(n, tlo, thi, jnp.exp(log_eps), log_row)
+    return fail(kk) <= drow
+
+  found = admissible(hi)
 
   def body(_, state):
     lo, hi = state
     mid = 0.5 * (lo + hi)
-    km, _ = _sparsity_core(n, tlo, thi, jnp.exp(mid), log_row)
-    ok = km <= k
+    ok = admissible(mid)
     return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
 
   _, hi = jax.lax.fori_loop(0, _EPS_BISECTION_STEPS, body, (lo, hi))
