@@ -20,6 +20,7 @@ from gsparse.gaussian import (
   sample_inputs,
   sample_weights,
 )
+from gsparse.selection import BlockSelection, ExactSelection, LSHSelection, selection_recall
 from gsparse.sparsity import (
   ErrorDecomposition,
   effective_support,
@@ -34,8 +35,11 @@ from gsparse.topk import TopKStats, topk_attention
 __version__ = "0.1.0"
 
 __all__ = [
+  "BlockSelection",
   "ErrorDecomposition",
+  "ExactSelection",
   "GatherResult",
+  "LSHSelection",
   "TopKStats",
   "Weights",
   "attention_weights",
@@ -51,6 +55,7 @@ __all__ = [
   "project",
   "sample_inputs",
   "sample_weights",
+  "selection_recall",
   "sparse_gather_attention",
   "tail_mass",
   "tail_mass_certificate",
