@@ -538,8 +538,9 @@ def _lsh_head(q, kmat, mask, bias, proj, sample_key, *, k, scale, is_causal, cfg
   sc = sc.astype(dtype).reshape(rounds, tq, b) * scale_
   cand_idx = jnp.broadcast_to(win[:, :, None, :], (rounds, nqb, bq, b)).reshape(rounds, tq, b)
   # Back to the original query order: [T, R * b].
-  sc = jnp.take_along_axis(sc, qinv[..., None], axis=1)
-  cand_idx = jnp.take_along_axis(cand_idx, qinv[..., None], axis=1)
+  rows_of = jax.vmap(lambda a, i: a[i])  # whole-row gathers (cheaper than elementwise)
+  sc = rows_of(sc, qinv)
+  cand_idx = rows_of(cand_idx, qinv)
   qstart = jnp.take_along_axis(jnp.repeat(start, bq, axis=1)[:, :t], qinv, axis=1)  # [R, T]
   sc = jnp.moveaxis(sc, 0, 1).reshape(t, rounds * b)
   cand_idx = jnp.moveaxis(cand_idx, 0, 1).reshape(t, rounds * b)
