@@ -50,6 +50,7 @@ from gsparse.gaussian import (
   sample_inputs,
   sample_weights,
 )
+from gsparse.selection import BlockSelection, ExactSelection, LSHSelection, selection_recall
 from gsparse.sparsity import (
   ErrorDecomposition,
   effective_support,
@@ -67,7 +68,9 @@ __version__ = "0.1.0"
 __all__ = [
   "BlockGatherResult",
   "ErrorBound",
+  "BlockSelection",
   "ErrorDecomposition",
+  "ExactSelection",
   "GatherResult",
   "InteractionNorms",
   "LayerRanking",
@@ -76,6 +79,7 @@ __all__ = [
   "SparsityEpsBound",
   "SweepTable",
   "TauRange",
+  "LSHSelection",
   "TopKStats",
   "Weights",
   "attention_weights",
@@ -104,6 +108,7 @@ __all__ = [
   "run_sweep",
   "sample_inputs",
   "sample_weights",
+  "selection_recall",
   "sparse_gather_attention",
   "sparsity_bound",
   "sparsity_eps_bound",

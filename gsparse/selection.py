@@ -118,7 +118,8 @@ class LSHSelection:
   """sortLSH selection (HyperAttention without column sampling); static under `jit`.
 
   Attributes:
-    num_projections: sign bits per hash (2**num_projections buckets).
+    num_projections: sign bits per hash (2**num_projections buckets), or None
+      for about `log2(S / block_size)` (buckets about one window long).
     block_size: keys scored by each block of sorted queries (the window of
       sorted keys centred on the block).
     query_block: sorted queries sharing one key window; default
@@ -133,7 +134,7 @@ class LSHSelection:
       keys never scored (HyperAttention's correction of the diagonal `D`).
   """
 
-  num_projections: int = 7
+  num_projections: int | None = None
   block_size: int = 256
   query_block: int | None = None
   num_hashes: int = 1
@@ -141,7 +142,8 @@ class LSHSelection:
   normalizer_samples: int = 0
 
   def __post_init__(self):
-    _checks.check_int("num_projections", self.num_projections, minimum=1, maximum=20)
+    if self.num_projections is not None:
+      _checks.check_int("num_projections", self.num_projections, minimum=1, maximum=20)
     _checks.check_int("block_size", self.block_size, minimum=1)
     if self.query_block is not None:
       _checks.check_int("query_block", self.query_block, minimum=1)
@@ -149,6 +151,11 @@ class LSHSelection:
     if not isinstance(self.diagonal, bool):
       raise TypeError(f"diagonal must be a bool, got {self.diagonal!r}")
     _checks.check_int("normalizer_samples", self.normalizer_samples, minimum=0)
+
+  def projections_for(self, s: int) -> int:
+    if self.num_projections is not None:
+      return self.num_projections
+    return int(min(16, max(1, round(math.log2(max(s / self.block_size, 1.0))))))
 
   @property
   def queries_per_block(self) -> int:
@@ -502,7 +509,7 @@ def _lsh_head(q, kmat, mask, bias, proj, sample_key, *, k, scale, is_causal, cfg
   t, h = q.shape
   s = kmat.shape[0]
   dtype = compute_dtype(q.dtype, kmat.dtype)
-  bits = cfg.num_projections
+  bits = cfg.projections_for(s)
   b = min(cfg.block_size, s)
   bq = min(cfg.queries_per_block, t)
   nqb = -(-t // bq)
@@ -531,16 +538,27 @@ def _lsh_head(q, kmat, mask, bias, proj, sample_key, *, k, scale, is_causal, cfg
   sc = sc.astype(dtype).reshape(rounds, tq, b) * scale_
   cand_idx = jnp.broadcast_to(win[:, :, None, :], (rounds, nqb, bq, b)).reshape(rounds, tq, b)
   # Back to the original query order: [T, R * b].
-  sc = jnp.take_along_axis(sc, qinv[..., None], axis=1)
-  cand_idx = jnp.take_along_axis(cand_idx, qinv[..., None], axis=1)
+  rows_of = jax.vmap(lambda a, i: a[i])  # whole-row gathers (cheaper than elementwise)
+  sc = rows_of(sc, qinv)
+  cand_idx = rows_of(cand_idx, qinv)
   qstart = jnp.take_along_axis(jnp.repeat(start, bq, axis=1)[:, :t], qinv, axis=1)  # [R, T]
   sc = jnp.moveaxis(sc, 0, 1).reshape(t, rounds * b)
   cand_idx = jnp.moveaxis(cand_idx, 0, 1).reshape(t, rounds * b)
   rows = jnp.arange(t)
   dstart = (jnp.minimum(rows, s - 1) // b) * b  # diagonal block of each query
+  # A key scored in several rounds is kept once (in its first round): key j of
+  # round r repeats round r' < r iff its rank in round r' lies in the query's window there.
+  krank = jnp.argsort(korder, axis=-1)  # [R, S]
   dup = jnp.zeros(sc.shape, bool)
+  for r in range(1, rounds):
+    cr = cand_idx[:, r * b : (r + 1) * b]
+    rep = jnp.zeros(cr.shape, bool)
+    for r0 in range(r):
+      off = krank[r0][cr] - qstart[r0][:, None]
+      rep = rep | ((off >= 0) & (off < b))
+    dup = dup.at[:, r * b : (r + 1) * b].set(rep)
   if cfg.diagonal:
-    dup = (cand_idx >= dstart[:, None]) & (cand_idx < dstart[:, None] + b)
+    dup = dup | ((cand_idx >= dstart[:, None]) & (cand_idx < dstart[:, None] + b))
     nkb = -(-s // b)
     kd = _pad_axis(kmat, nkb * b, 0, 0).reshape(nkb, b, h)
     qd = _pad_axis(q, -(-t // b) * b, 0, 0).reshape(-1, b, h)
@@ -568,8 +586,6 @@ def _lsh_head(q, kmat, mask, bias, proj, sample_key, *, k, scale, is_causal, cfg
   idx, nxt = _finish(vals, jnp.take_along_axis(cand_idx, p, axis=-1), k)
   if kk <= k:
     nxt = jnp.full_like(nxt, neg)
-  if rounds > 1:  # the same key may come from several rounds
-    idx = _drop_repeats(idx)
   # Admissible-key count of each row.
   if mask is None:
     num = jnp.full((t,), s, jnp.int32)
@@ -598,7 +614,7 @@ def _lsh_head(q, kmat, mask, bias, proj, sample_key, *, k, scale, is_causal, cfg
       vals,
       kk,
       k,
-      korder,
+      krank,
       qstart,
       dstart,
       sample_key,
@@ -619,14 +635,6 @@ def _at(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
   return x[r, c]
 
 
-def _drop_repeats(idx: jax.Array) -> jax.Array:
-  """Marks later repeats of an index in each row as -1 (O(k^2) per row, k small)."""
-  k = idx.shape[-1]
-  earlier = jnp.tril(jnp.ones((k, k), bool), -1)
-  same = (idx[..., :, None] == idx[..., None, :]) & earlier & (idx[..., :, None] >= 0)
-  return jnp.where(jnp.any(same, axis=-1), -1, idx)
-
-
 def _lsh_rest(
   q,
   kmat,
@@ -636,7 +644,7 @@ def _lsh_rest(
   vals,
   kk,
   k,
-  korder,
+  krank,
   qstart,
   dstart,
   sample_key,
@@ -675,9 +683,9 @@ def _lsh_rest(
   if bias is not None:
     lj = lj + _at(bias, rows, j[None, :]).astype(dtype)
   # Exclude sampled keys that were scored (in a round's window or the diagonal block).
-  krank = jnp.argsort(korder, axis=-1)[:, j]  # [R, m] rank of each sample per round
+  srank = krank[:, j]  # [R, m] rank of each sample per round
   scored = jnp.any(
-    (krank[:, None, :] >= qstart[:, :, None]) & (krank[:, None, :] < qstart[:, :, None] + b),
+    (srank[:, None, :] >= qstart[:, :, None]) & (srank[:, None, :] < qstart[:, :, None] + b),
     axis=0,
   )
   if cfg.diagonal:
@@ -746,7 +754,7 @@ def select(
       )
     kproj, ksample = jax.random.split(rng)
     h = query.shape[-1]
-    proj = jax.random.normal(kproj, (config.num_hashes, h, config.num_projections + 1))
+    proj = jax.random.normal(kproj, (config.num_hashes, h, config.projections_for(s) + 1))
     out = _map_heads(
       lambda q, kk, m, b_, p, sk: _lsh_head(q, kk, m, b_, p, sk, **common),
       query,
