@@ -1,0 +1,423 @@
+"""Top-k attention as a Flax `attention_fn` (linen and nnx).
+
+`topk_attention_fn(k=...)` returns a callable that plugs into
+`flax.linen.MultiHeadDotProductAttention(attention_fn=...)` and
+`flax.nnx.MultiHeadAttention(attention_fn=...)`. The maths is the pure
+function `sparse_attention`; the callable only adapts flax's keyword
+arguments to it.
+
+Layout is flax's (and gsparse's): query `[batch..., T, N, H]`, key/value
+`[batch..., S, K, H]`, mask `[batch..., N, T, S]` (True = attend).
+
+Autoregressive decoding: in `decode` mode flax writes the new key into its
+cache and passes a mask that admits only the filled cache positions; a masked
+key is never selected, so the top-k is taken over the filled part of the cache.
+
+Dropout follows flax: the attention weights (here the weights of the kept
+keys, after renormalisation) are multiplied by `keep / (1 - dropout_rate)`.
+With `broadcast_dropout=True` the keep mask is drawn exactly as flax draws it
+(shape `[1..., T, S]`, shared over batch and heads) and read at the kept
+positions, so with `k >= S` the result equals flax's bit for bit; this draws
+a `T x S` boolean mask. With `broadcast_dropout=False` one independent draw is
+made per kept slot (`[batch..., T, N, k]`), the same distribution as flax's
+independent per-entry mask restricted to the kept keys, but not the same bits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+import gsparse.topk as _topk
+from gsparse import _checks
+from gsparse.flax.policies import CertifiedK, KPolicy, as_policy
+from gsparse.gather import gather_kv, sparse_gather_attention
+
+
+class SparseAttentionResult(NamedTuple):
+  """Output of `sparse_attention(..., return_residuals=True)`.
+
+  Attributes:
+    output: `[batch..., T, N, Hv]`.
+    indices: `[batch..., T, N, k]` kept key positions (-1 = slot unused).
+    weights: `[batch..., T, N, k]` attention weights of the slots, after
+      dropout (zero for unused slots).
+    num_kept: `[batch..., T, N]` int32 number of keys the policy kept per query
+      (`k` for fixed policies, the certified choice for `CertifiedK`).
+    tail_mass_bound: `[batch..., T, N]` certified upper bound on the softmax
+      mass of the keys that were not kept.
+  """
+
+  output: jax.Array
+  indices: jax.Array
+  weights: jax.Array
+  num_kept: jax.Array
+  tail_mass_bound: jax.Array
+
+
+def _topk_kwargs(selection: str | None, implementation: str | None, options) -> dict[str, Any]:
+  kwargs = dict(options or {})
+  if selection is not None:
+    kwargs["selection"] = selection
+  if implementation is not None:
+    kwargs["implementation"] = implementation
+  return kwargs
+
+
+def check_topk_kwargs(kwargs: dict[str, Any]) -> None:
+  """Checks that the installed `gsparse.topk_attention` accepts these keywords."""
+  params = inspect.signature(_topk.topk_attention).parameters
+  for name, value in kwargs.items():
+    if name not in params:
+      raise TypeError(
+        f"{name}={value!r}: the installed gsparse.topk_attention has no argument {name!r}"
+      )
+  selections = getattr(_topk, "SELECTIONS", None)
+  if "selection" in kwargs and selections is not None and kwargs["selection"] not in selections:
+    raise ValueError(f"selection={kwargs['selection']!r} must be one of {selections}")
+  impls = getattr(_topk, "IMPLEMENTATIONS", None)
+  if "implementation" in kwargs and impls is not None:
+    if kwargs["implementation"] not in impls:
+      raise ValueError(f"implementation={kwargs['implementation']!r} must be one of {impls}")
+
+
+def _gather_bias(bias, indices: jax.Array, logits_shape: tuple[int, ...]) -> jax.Array | None:
+  """Bias broadcast to `[batch..., N, T, S]`, read at `[batch..., T, N, k]` indices."""
+  if bias is None:
+    return None
+  full = jnp.broadcast_to(jnp.asarray(bias), logits_shape)
+  safe = jnp.where(indices >= 0, indices, 0)
+  out = jnp.take_along_axis(full, jnp.swapaxes(safe, -3, -2), axis=-1)
+  return jnp.swapaxes(out, -3, -2)
+
+
+def certified_num_keys(
+  weights: jax.Array, tail_max: jax.Array, candidates: tuple[int, ...], tol: float
+) -> tuple[jax.Array, jax.Array]:
+  """Per query, the smallest candidate k whose certified tail mass is <= tol.
+
+  Args:
+    weights: `[..., k_max]` softmax weights over the selected slots (sum 1, or
+      0 for an empty row).
+    tail_max: `[...]` certified bound on the mass outside the selection.
+    candidates: sorted static candidate counts, the last one `<= k_max`.
+    tol: tolerance.
+
+  Returns:
+    `(k [...] int32, bound [...])`: the chosen count and its certified bound
+    `1 - (W_k / W)(1 - tail_max)` (for an empty row: the chosen count is the
+    smallest candidate and the bound 0).
+  """
+  w = -jnp.sort(-weights, axis=-1)  # descending
+  share = jnp.cumsum(w, axis=-1)
+  total = share[..., -1:]
+  empty = total[..., 0] <= 0
+  share = share / jnp.where(total > 0, total, 1.0)
+  cand = jnp.asarray(candidates, jnp.int32)
+  head = jnp.take(share, cand - 1, axis=-1)  # [..., C]
+  bounds = jnp.clip(1.0 - head * (1.0 - tail_max[..., None]), 0.0, 1.0)
+  bounds = jnp.where(empty[..., None], 0.0, bounds)
+  ok = bounds <= tol
+  first = jnp.where(jnp.any(ok, axis=-1), jnp.argmax(ok, axis=-1), len(candidates) - 1)
+  chosen = cand[first]
+  bound = jnp.take_along_axis(bounds, first[..., None], axis=-1)[..., 0]
+  return chosen, bound
+
+
+def _dropout_keep(
+  rng, rate: float, broadcast: bool, indices: jax.Array, num_batch: int, kv_len: int
+) -> jax.Array:
+  """Keep mask of the slots, `[batch..., T, N, k]` boolean (see module docstring)."""
+  keep_prob = 1.0 - rate
+  if broadcast:
+    t = indices.shape[-3]
+    # Same shape and draw as flax's dot_product_attention_weights.
+    keep = jax.random.bernoulli(rng, keep_prob, (1,) * (num_batch + 1) + (t, kv_len))
+    keep = keep.reshape(t, kv_len)
+    safe = jnp.where(indices >= 0, indices, 0)
+    return keep[jnp.arange(t)[:, None, None], safe]
+  return jax.random.bernoulli(rng, keep_prob, indices.shape)
+
+
+def sparse_attention(
+  query: ArrayLike,
+  key: ArrayLike,
+  value: ArrayLike,
+  bias: ArrayLike | None = None,
+  mask: ArrayLike | None = None,
+  *,
+  policy: KPolicy | int,
+  scale: float | None = None,
+  is_causal: bool = False,
+  dropout_rng: jax.Array | None = None,
+  dropout_rate: float = 0.0,
+  broadcast_dropout: bool = True,
+  deterministic: bool = True,
+  precision=None,
+  topk_kwargs: dict[str, Any] | None = None,
+  return_residuals: bool = False,
+):
+  """Top-k attention with a k policy and flax-style dropout.
+
+  Args:
+    query: `[batch..., T, N, H]`.
+    key: `[batch..., S, K, H]`, `N % K == 0`.
+    value: `[batch..., S, K, Hv]`.
+    bias: optional, broadcastable to `[batch..., N, T, S]`.
+    mask: optional boolean, broadcastable to `[batch..., N, T, S]`; True keeps.
+    policy: a `FixedK`, `PowerLawK`, `CertifiedK`, or an int (fixed k).
+    scale: logit scale; default `1 / sqrt(H)`.
+    is_causal: top-left aligned causal mask.
+    dropout_rng: PRNG key, required when dropout is active.
+    dropout_rate: probability of dropping a kept attention weight.
+    broadcast_dropout: share the dropout mask over batch and heads (flax's
+      default).
+    deterministic: if True, no dropout.
+    precision: einsum precision.
+    topk_kwargs: extra keywords for `gsparse.topk_attention` (`selection`,
+      `implementation`, ...).
+    return_residuals: return a `SparseAttentionResult` instead of the output.
+
+  Returns:
+    `[batch..., T, N, Hv]` output in `query.dtype`, or a
+    `SparseAttentionResult`.
+
+  Example:
+    >>> import jax
+    >>> from gsparse.flax import sparse_attention, CertifiedK
+    >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 64, 4, 8))
+    >>> res = sparse_attention(q, k, v, policy=CertifiedK(ks=(4, 16, 64), tol=0.05),
+    ...                        return_residuals=True)
+    >>> res.output.shape, res.indices.shape, bool(res.tail_mass_bound.max() <= 0.05)
+    ((2, 64, 4, 8), (2, 64, 4, 64), True)
+  """
+  query, key, value = _checks.check_attention_inputs(query, key, value)
+  policy = as_policy(policy)
+  topk_kwargs = dict(topk_kwargs or {})
+  check_topk_kwargs(topk_kwargs)
+  _checks.check_float_scalar("dropout_rate", dropout_rate, allow_traced=False)
+  if not 0.0 <= float(dropout_rate) < 1.0:
+    raise ValueError(f"dropout_rate={dropout_rate!r} must be in [0, 1)")
+  use_dropout = not deterministic and float(dropout_rate) > 0.0
+  if use_dropout and dropout_rng is None:
+    raise ValueError("dropout_rng must be given when deterministic=False and dropout_rate > 0")
+  s = key.shape[-3]
+  k = policy.num_keys(s)
+  certified = isinstance(policy, CertifiedK)
+  common = dict(scale=scale, is_causal=is_causal, precision=precision, **topk_kwargs)
+  if not (use_dropout or certified or return_residuals):
+    return _topk.topk_attention(query, key, value, bias, mask, k=k, **common)
+
+  _, stats = _topk.topk_attention(query, key, value, bias, mask, k=k, return_stats=True, **common)
+  indices = stats.indices
+  *batch, t, n, _ = query.shape
+  logits_shape = (*batch, n, t, s)
+  num_kept = jnp.full(indices.shape[:-1], k, jnp.int32)
+  tail = stats.tail_mass_bound
+  if certified:
+    sg = jax.lax.stop_gradient
+    pre = sparse_gather_attention(
+      sg(query),
+      sg(key),
+      sg(value),
+      indices,
+      bias=None if bias is None else sg(_gather_bias(bias, indices, logits_shape)),
+      scale=scale,
+      assume_unique=True,
+      return_residuals=True,
+      precision=precision,
+    )
+    num_kept, tail = certified_num_keys(pre.weights, tail, policy.candidates(s), policy.tol)
+    if policy.granularity == "call":
+      num_kept = jnp.broadcast_to(jnp.max(num_kept), num_kept.shape)
+      tail = _bound_at(pre.weights, stats.tail_mass_bound, num_kept)
+    # Rank of each slot by weight (0 = heaviest); drop ranks >= num_kept.
+    order = jnp.argsort(-pre.weights, axis=-1, stable=True)
+    rank = jnp.argsort(order, axis=-1)
+    indices = jnp.where(rank < num_kept[..., None], indices, -1)
+  res = sparse_gather_attention(
+    query,
+    key,
+    value,
+    indices,
+    bias=_gather_bias(bias, indices, logits_shape),
+    scale=scale,
+    assume_unique=True,
+    return_residuals=True,
+    precision=precision,
+  )
+  weights, output = res.weights, res.output
+  if use_dropout:
+    rate = float(dropout_rate)
+    keep = _dropout_keep(dropout_rng, rate, broadcast_dropout, indices, len(batch), s)
+    weights = weights * keep.astype(weights.dtype) / jnp.asarray(1.0 - dropout_rate, weights.dtype)
+    safe = jnp.where(indices >= 0, indices, 0)
+    vg = gather_kv(value, safe).astype(weights.dtype)
+    output = jnp.einsum("...tnk,...tnkv->...tnv", weights, vg, precision=precision)
+    output = output.astype(query.dtype)
+  if not return_residuals:
+    return output
+  return SparseAttentionResult(output, indices, weights, num_kept, tail)
+
+
+def _bound_at(weights: jax.Array, tail_max: jax.Array, num_kept: jax.Array) -> jax.Array:
+  """Certified tail bound `1 - (W_k/W)(1 - tail_max)` at a traced per-query k."""
+  w = -jnp.sort(-weights, axis=-1)
+  share = jnp.cumsum(w, axis=-1)
+  total = share[..., -1]
+  head = jnp.take_along_axis(share, (num_kept - 1)[..., None], axis=-1)[..., 0]
+  head = head / jnp.where(total > 0, total, 1.0)
+  bound = jnp.clip(1.0 - head * (1.0 - tail_max), 0.0, 1.0)
+  return jnp.where(total > 0, bound, 0.0)
+
+
+def dense_weights(indices: jax.Array, weights: jax.Array, kv_len: int) -> jax.Array:
+  """Scatters `[batch..., T, N, k]` slot weights to dense `[batch..., N, T, S]`."""
+  onehot = jax.nn.one_hot(indices, kv_len, dtype=weights.dtype)  # -1 -> zeros
+  return jnp.einsum("...tnk,...tnks->...nts", weights, onehot)
+
+
+def _sow(module, weights: jax.Array) -> None:
+  from flax import nnx  # Imported lazily: only needed when weights are sown.
+
+  if isinstance(module, nnx.Module):
+    module.sow(nnx.Intermediate, "attention_weights", weights)
+  else:
+    module.sow("intermediates", "attention_weights", weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class TopKAttentionFn:
+  """A flax `attention_fn` computing top-k attention (linen and nnx).
+
+  Build it with `topk_attention_fn`. Hashable and immutable, so it can be a
+  field of a linen Module and an attribute of an nnx Module.
+
+  Attributes:
+    policy: the k policy.
+    scale: logit scale; None means `1 / sqrt(head_dim)` (flax's).
+    topk_kwargs: extra keywords forwarded to `gsparse.topk_attention`, as a
+      sorted tuple of `(name, value)` pairs.
+  """
+
+  policy: KPolicy
+  scale: float | None = None
+  topk_kwargs: tuple[tuple[str, Any], ...] = ()
+
+  def __post_init__(self):
+    object.__setattr__(self, "policy", as_policy(self.policy))
+    if self.scale is not None:
+      _checks.check_float_scalar("scale", self.scale, positive=True, allow_traced=False)
+    check_topk_kwargs(dict(self.topk_kwargs))
+
+  def __call__(
+    self,
+    query,
+    key,
+    value,
+    bias=None,
+    mask=None,
+    broadcast_dropout: bool = True,
+    dropout_rng=None,
+    dropout_rate: float = 0.0,
+    deterministic: bool = False,
+    dtype=None,
+    precision=None,
+    module=None,
+    is_causal: bool = False,
+    force_fp32_for_softmax: bool = False,
+    **kwargs,
+  ) -> jax.Array:
+    """Top-k attention with flax's `dot_product_attention` arguments.
+
+    Arguments are those of `flax.linen.dot_product_attention` /
+    `flax.nnx.dot_product_attention`. The softmax always runs in at least
+    float32, so `force_fp32_for_softmax` changes nothing. `module`, when
+    given (flax passes it for `sow_weights=True`), receives the kept weights
+    scattered to dense `[batch..., N, T, S]` under "attention_weights". Other
+    keywords flax may pass (`**kwargs`) are ignored.
+
+    Returns:
+      `[batch..., T, N, Hv]` in `dtype` (default: the promoted input dtype).
+    """
+    del force_fp32_for_softmax, kwargs
+    dtype = jnp.result_type(query, key, value) if dtype is None else jnp.dtype(dtype)
+    query, key, value = (jnp.asarray(x).astype(dtype) for x in (query, key, value))
+    res = sparse_attention(
+      query,
+      key,
+      value,
+      bias,
+      None if mask is None else jnp.asarray(mask).astype(bool),
+      policy=self.policy,
+      scale=self.scale,
+      is_causal=is_causal,
+      dropout_rng=dropout_rng,
+      dropout_rate=dropout_rate,
+      broadcast_dropout=broadcast_dropout,
+      deterministic=deterministic,
+      precision=precision,
+      topk_kwargs=dict(self.topk_kwargs),
+      return_residuals=module is not None,
+    )
+    if module is None:
+      return res
+    _sow(module, dense_weights(res.indices, res.weights, key.shape[-3]).astype(dtype))
+    return res.output
+
+
+def topk_attention_fn(
+  k: KPolicy | int,
+  *,
+  selection: str | None = None,
+  implementation: str | None = None,
+  scale: float | None = None,
+  **options,
+) -> TopKAttentionFn:
+  """A top-k `attention_fn` for flax linen and nnx attention modules.
+
+  One line swaps dense attention for top-k attention:
+
+      nn.MultiHeadDotProductAttention(..., attention_fn=topk_attention_fn(k=32))
+      nnx.MultiHeadAttention(..., attention_fn=topk_attention_fn(k=32), rngs=...)
+
+  Args:
+    k: an int (fixed k), or a policy: `FixedK`, `PowerLawK`, `CertifiedK`.
+    selection: how keys are selected, forwarded to `gsparse.topk_attention`
+      (None: its default).
+    implementation: forwarded to `gsparse.topk_attention` when given.
+    scale: logit scale; default `1 / sqrt(head_dim)` as in flax.
+    **options: further keywords forwarded to `gsparse.topk_attention`.
+
+  Returns:
+    A hashable `TopKAttentionFn`.
+
+  Raises:
+    TypeError / ValueError: for a bad `k`, or a keyword the installed
+      `gsparse.topk_attention` does not accept.
+
+  Example:
+    >>> import jax, jax.numpy as jnp
+    >>> import flax.linen as nn
+    >>> from gsparse.flax import topk_attention_fn
+    >>> layer = nn.MultiHeadDotProductAttention(
+    ...     num_heads=2, qkv_features=16, attention_fn=topk_attention_fn(k=4))
+    >>> x = jnp.ones((1, 10, 16))
+    >>> params = layer.init(jax.random.key(0), x)
+    >>> layer.apply(params, x).shape
+    (1, 10, 16)
+    >>> from flax import nnx
+    >>> layer = nnx.MultiHeadAttention(num_heads=2, in_features=16, decode=False,
+    ...     attention_fn=topk_attention_fn(k=4), rngs=nnx.Rngs(0))
+    >>> layer(x).shape
+    (1, 10, 16)
+  """
+  kwargs = _topk_kwargs(selection, implementation, options)
+  return TopKAttentionFn(
+    policy=as_policy(k), scale=scale, topk_kwargs=tuple(sorted(kwargs.items()))
+  )
