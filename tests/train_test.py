@@ -76,6 +76,16 @@ def test_variant_trains_and_measures(runs, variant):
   assert np.all(sp["tail_bound"] >= sp["tail_mass"] - 1e-6)
   assert np.all((sp["tail_bound_max"] >= sp["tail_bound"] - 1e-6) & (sp["tail_bound_max"] <= 1.0))
   assert np.asarray(fin["weight_norms"]).shape == (2, 2)
+  kept, own = sp["kept"], sp["own_tail_bound"]
+  if variant == "dense":
+    # Causal rows of a 32-byte sequence admit 1..32 keys: 16.5 on average.
+    np.testing.assert_allclose(kept, 16.5, rtol=1e-6)
+    np.testing.assert_array_equal(own, 0.0)
+  elif variant in ("topk", "power"):  # k = 4 (fixed) and round(1 * 32^0.5) = 6
+    assert np.all(kept <= (4 if variant == "topk" else 6) + 1e-6)
+  elif variant == "certified":
+    assert np.all((kept >= 2 - 1e-6) & (kept <= 8 + 1e-6))
+  assert np.all((own >= 0) & (own <= 1))
   on_disk = json.loads((wd / "log.json").read_text())
   assert on_disk["final"]["val_bpb"] == fin["val_bpb"]
   specs = fin["layer_specs"]
@@ -184,3 +194,22 @@ def test_split_by_path_hash_and_batches_deterministic(tmp_path):
   assert not np.array_equal(b1, b3)
   v = data_lib.validation_batches(c.validation, num_batches=2, batch_size=2, seq_len=16)
   assert v.shape == (2, 2, 17)
+
+
+def test_compare_summary_and_markdown(runs):
+  from gsparse.train import compare
+
+  logs = {v: [runs[v][0], runs[v][0]] for v in VARIANTS}  # two identical "seeds"
+  summary = compare.summarize(logs)
+  rows = summary["variants"]
+  assert list(rows) == list(VARIANTS)
+  assert rows["dense"]["val_bpb_minus_dense"] == 0.0
+  for v in VARIANTS:
+    fin = runs[v][0]["final"]
+    assert rows[v]["val_bpb_mean"] == pytest.approx(fin["val_bpb"])
+    assert rows[v]["val_bpb_minus_dense"] == pytest.approx(
+      fin["val_bpb"] - runs["dense"][0]["final"]["val_bpb"]
+    )
+    assert len(rows[v]["per_layer"]["tail_bound"]) == 2
+  md = compare.markdown(summary, measure_eps=0.05, measure_k=4)
+  assert md.count("\n| select |") == 3 and "tail@4" in md

@@ -75,7 +75,7 @@ class TrainConfig:
   measure: MeasureSpec = MeasureSpec(eps=0.01, k=32)
   seq_len: int = 512
   batch_size: int = 4
-  steps: int = 200
+  steps: int = 300
   learning_rate: float = 3e-3
   warmup_steps: int = 20
   weight_decay: float = 0.01
@@ -105,6 +105,8 @@ class TrainConfig:
       )
     if self.select_step < -1 or self.select_step > self.steps:
       raise ValueError(f"select_step={self.select_step} must be -1 or in [0, steps={self.steps}]")
+    if self.warmup_steps < 0:
+      raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
     if self.checkpoint_every < 0:
       raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 0")
 
@@ -146,7 +148,11 @@ def make_optimizer(
   *, learning_rate: float, warmup_steps: int, steps: int, weight_decay: float, grad_clip: float
 ) -> optax.GradientTransformation:
   """AdamW with linear warmup and cosine decay, after global-norm clipping."""
-  schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, min(warmup_steps, steps), steps)
+  warmup = min(warmup_steps, steps - 1)  # the cosine part needs at least one step
+  if warmup < 1:
+    schedule = optax.constant_schedule(learning_rate)
+  else:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, steps)
   return optax.chain(
     optax.clip_by_global_norm(grad_clip),
     optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay),
@@ -226,7 +232,15 @@ def _load_checkpoint(workdir: pathlib.Path, target):
   return state, meta
 
 
-MEASURES = ("min_k", "effective_support", "tail_mass", "tail_bound", "tail_bound_max")
+MEASURES = (
+  "min_k",
+  "effective_support",
+  "tail_mass",
+  "tail_bound",
+  "tail_bound_max",
+  "kept",
+  "own_tail_bound",
+)
 
 
 def evaluate(eval_step, params, val: np.ndarray, batch_sharding, num_layers: int) -> tuple:
@@ -360,11 +374,11 @@ def run_training(
       batch_size=config.batch_size,
       seq_len=config.seq_len,
     )
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     state, loss = train_step(state, jax.device_put(batch, batch_sh))
     loss = float(loss)
-    dt = time.perf_counter() - t0
-    log["train"].append({"step": step, "loss": loss, "step_time_s": dt})
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    log["train"].append({"step": step, "loss": loss, "step_time_s": dt, "step_cpu_s": dc})
     step += 1
     if not math.isfinite(loss):
       say(f"step {step}: non-finite loss {loss}; stopping")
@@ -399,6 +413,11 @@ def run_training(
     "final_train_loss": log["train"][-1]["loss"],
     # Median over steps after the first (the first includes compilation).
     "median_step_time_s": statistics.median(times[1:] if len(times) > 1 else times),
+    # Process CPU seconds per step (all threads): on a loaded machine, CPU
+    # time / cores estimates the wall time the step would take on a quiet one.
+    "median_step_cpu_s": statistics.median(
+      [r.get("step_cpu_s", float("nan")) for r in log["train"][1:]] or [float("nan")]
+    ),
     "wall_time_s": time.perf_counter() - t_start,
     "layer_specs": [s.label() for s in layer_attention(config, sparse_layers)],
     "sparsity": measured,

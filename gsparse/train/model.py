@@ -5,16 +5,15 @@ fixed k, k = alpha * n^C, or the certified k), turned into a linen
 `attention_fn` by `make_attention_fn` and handed to
 `flax.linen.MultiHeadDotProductAttention(attention_fn=...)`.
 
-`measuring_attention_fn` wraps any attention_fn: when flax passes it the
-module (`sow_weights=True`), it also records, per head, the sparsity of the
-dense softmax of the layer's own logits and the top-k certificate, as
-`intermediates`. The forward output is always that of the wrapped function.
+`measuring_attention_fn` is the same attention that, when flax passes it the
+module (`sow_weights=True`), also records per head the sparsity of the dense
+softmax of the layer's own logits and the top-k certificate, as
+`intermediates`. Its forward output is always that of the plain function.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -22,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from gsparse.attention import attention_weights
+from gsparse.flax import CertifiedK, FixedK, PowerLawK, sparse_attention, topk_attention_fn
 from gsparse.sparsity import effective_support, min_sparse_k, tail_mass
 from gsparse.topk import topk_attention
 
@@ -66,12 +66,14 @@ class AttentionSpec:
     if not ks or any(not isinstance(c, int) or c < 1 for c in ks) or list(ks) != sorted(set(ks)):
       raise ValueError(f"candidate_ks={ks!r} must be strictly increasing ints >= 1")
 
-  def static_k(self, num_keys: int) -> int | None:
-    """The k this spec keeps for `num_keys` keys (None for dense / certified)."""
+  def policy(self):
+    """The `gsparse.flax` k policy of a sparse spec (None for dense)."""
     if self.kind == "topk":
-      return self.k
+      return FixedK(self.k)
     if self.kind == "power":
-      return max(1, math.ceil(self.alpha * num_keys**self.power))
+      return PowerLawK(alpha=self.alpha, c=self.power)
+    if self.kind == "certified":
+      return CertifiedK(ks=self.candidate_ks, tol=self.tolerance)
     return None
 
   def label(self) -> str:
@@ -88,74 +90,21 @@ def _bool_mask(mask):
   return None if mask is None else jnp.asarray(mask).astype(bool)
 
 
-def _certified_attention(query, key, value, mask, spec: AttentionSpec):
-  """Top-k with the smallest candidate k whose certificate meets the tolerance."""
-  mask = _bool_mask(mask)
-  from gsparse.attention import compute_logits
-  from gsparse.certificate import tail_mass_certificate
-  from gsparse.gather import sparse_gather_attention
-  from gsparse.topk import select_topk_full
-
-  s = key.shape[-3]
-  ks = [min(c, s) for c in spec.candidate_ks]
-  k_max = ks[-1]
-  lg = compute_logits(query, key, None, mask)
-  sel = select_topk_full(lg.logits, lg.valid, k_max)
-  # Sorted top-(k_max+1) logits of every row, [..., N, T, k_max + 1].
-  neg = jnp.asarray(-jnp.inf, lg.logits.dtype)
-  masked = lg.logits if lg.valid is None else jnp.where(lg.valid, lg.logits, neg)
-  vals, _ = jax.lax.top_k(masked, min(k_max + 1, s))
-  vals = jax.lax.stop_gradient(vals)
-  num_keys = jnp.swapaxes(sel.num_keys, -2, -1)  # [..., N, T]
-  worst = []
-  for c in ks:
-    head = jax.nn.logsumexp(vals[..., :c], axis=-1)
-    nxt = vals[..., c] if c < vals.shape[-1] else jnp.full(head.shape, neg)
-    worst.append(jnp.max(tail_mass_certificate(head, nxt, num_keys, c)))
-  worst = jnp.stack(worst)
-  ok = worst <= spec.tolerance
-  # Smallest admissible candidate; the largest when none meets the tolerance.
-  choice = jnp.where(jnp.any(ok), jnp.argmax(ok), len(ks) - 1)
-  k_chosen = jnp.asarray(ks)[choice]
-  keep = jnp.arange(k_max) < k_chosen
-  idx = jnp.where(keep, sel.indices, -1)
-  return sparse_gather_attention(query, key, value, idx, assume_unique=True)
+def _dense_fn(query, key, value, mask=None, dtype=None, precision=None, **kwargs):
+  del kwargs
+  return nn.dot_product_attention(query, key, value, mask=mask, dtype=dtype, precision=precision)
 
 
 def make_attention_fn(spec: AttentionSpec) -> Callable[..., jax.Array]:
-  """A linen `attention_fn` implementing `spec` (causal masking via `mask`).
+  """A linen `attention_fn` implementing `spec`.
 
-  Args:
-    spec: the layer's `AttentionSpec`.
-
-  Returns:
-    `fn(query, key, value, mask=None, **kwargs)` with query `[batch, T, N, H]`
-    and key/value `[batch, S, N, H]`, returning `[batch, T, N, H]`.
+  Dense layers use flax's own `nn.dot_product_attention` (the baseline a
+  user starts from); sparse layers use `gsparse.flax.topk_attention_fn` with
+  the spec's k policy.
   """
   if spec.kind == "dense":
-
-    def dense_fn(query, key, value, mask=None, dtype=None, precision=None, **kwargs):
-      del kwargs
-      return nn.dot_product_attention(
-        query, key, value, mask=mask, dtype=dtype, precision=precision
-      )
-
-    return dense_fn
-
-  if spec.kind == "certified":
-
-    def certified_fn(query, key, value, mask=None, **kwargs):
-      del kwargs
-      return _certified_attention(query, key, value, mask, spec)
-
-    return certified_fn
-
-  def topk_fn(query, key, value, mask=None, **kwargs):
-    del kwargs
-    k = spec.static_k(key.shape[-3])
-    return topk_attention(query, key, value, mask=_bool_mask(mask), k=k)
-
-  return topk_fn
+    return _dense_fn
+  return topk_attention_fn(spec.policy())
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,35 +120,54 @@ class MeasureSpec:
   k: int = 32
 
 
-def measuring_attention_fn(fn: Callable[..., jax.Array], measure: MeasureSpec) -> Callable:
-  """Wraps `fn` so that, given `module`, it sows per-head sparsity measures.
+def measuring_attention_fn(spec: AttentionSpec, measure: MeasureSpec) -> Callable:
+  """The attention_fn of `spec` that, given `module`, also sows sparsity measures.
 
   Sown under `intermediates` (each `[N]`, averaged over batch and query rows):
-  `min_k` (entries above `eps`), `effective_support`, `tail_mass` (exact, at
-  `measure.k`), `tail_bound` (certificate of `gsparse.topk_attention`, mean),
-  `tail_bound_max` (its maximum over rows). Rows are those of the dense
-  softmax of this layer's logits (causal mask applied).
+
+  * of the dense softmax of this layer's logits (causal mask applied):
+    `min_k` (entries above `measure.eps`), `effective_support`, `tail_mass`
+    (exact mass outside the top `measure.k`), `tail_bound` (the
+    `gsparse.topk_attention` certificate of that mass, `TopKStats`) and
+    `tail_bound_max` (its maximum over rows);
+  * of the layer as it runs: `kept` (keys kept per query: the policy's
+    `num_kept`, or the admissible keys for dense) and `own_tail_bound` (the
+    certified mass the policy dropped, 0 for dense).
+
+  The forward output is exactly that of `make_attention_fn(spec)`.
   """
+  fn = make_attention_fn(spec)
 
   def wrapped(query, key, value, mask=None, module=None, **kwargs):
-    out = fn(query, key, value, mask=mask, **kwargs)
-    if module is not None:
-      mask = _bool_mask(mask)
-      q = jax.lax.stop_gradient(query)
-      k = jax.lax.stop_gradient(key)
-      v = jax.lax.stop_gradient(value)
-      p = attention_weights(q, k, mask=mask)  # [B, N, T, S]
-      _, stats = topk_attention(q, k, v, mask=mask, k=measure.k, return_stats=True)
-      tb = jnp.swapaxes(stats.tail_mass_bound, -2, -1)
-      per_head = {
-        "min_k": min_sparse_k(p, eps=measure.eps).astype(jnp.float32),
-        "effective_support": effective_support(p),
-        "tail_mass": tail_mass(p, k=measure.k),
-        "tail_bound": tb,
-      }
-      for name, val in per_head.items():
-        module.sow("intermediates", name, jnp.mean(val, axis=(0, 2)))
-      module.sow("intermediates", "tail_bound_max", jnp.max(tb, axis=(0, 2)))
+    if module is None:
+      return fn(query, key, value, mask=mask, **kwargs)
+    bmask = _bool_mask(mask)
+    q, k, v = (jax.lax.stop_gradient(x) for x in (query, key, value))
+    p = attention_weights(q, k, mask=bmask)  # [B, N, T, S]
+    if spec.kind == "dense":
+      out = fn(query, key, value, mask=mask, **kwargs)
+      kept = jnp.sum(p > 0, axis=-1).astype(jnp.float32)  # [B, N, T]
+      own = jnp.zeros_like(kept)
+    else:
+      res = sparse_attention(
+        query, key, value, None, bmask, policy=spec.policy(), return_residuals=True
+      )
+      out = res.output
+      kept = jnp.swapaxes(res.num_kept.astype(jnp.float32), -2, -1)
+      own = jnp.swapaxes(res.tail_mass_bound, -2, -1)
+    _, stats = topk_attention(q, k, v, mask=bmask, k=measure.k, return_stats=True)
+    tb = jnp.swapaxes(stats.tail_mass_bound, -2, -1)
+    per_head = {
+      "min_k": min_sparse_k(p, eps=measure.eps).astype(jnp.float32),
+      "effective_support": effective_support(p),
+      "tail_mass": tail_mass(p, k=measure.k),
+      "tail_bound": tb,
+      "kept": kept,
+      "own_tail_bound": own,
+    }
+    for name, val in per_head.items():
+      module.sow("intermediates", name, jnp.mean(val, axis=(0, 2)))
+    module.sow("intermediates", "tail_bound_max", jnp.max(tb, axis=(0, 2)))
     return out
 
   return wrapped
@@ -288,9 +256,10 @@ class TransformerLM(nn.Module):
     x = x + pos[:t]
     mask = nn.make_causal_mask(tokens)
     for i, spec in enumerate(self.attention):
-      fn = make_attention_fn(spec)
-      if self.measure is not None:
-        fn = measuring_attention_fn(fn, self.measure)
+      if self.measure is None:
+        fn = make_attention_fn(spec)
+      else:
+        fn = measuring_attention_fn(spec, self.measure)
       x = Block(cfg, fn, name=f"block_{i}")(x, mask, measure)
     x = nn.LayerNorm(name="ln_final")(x)
     return nn.Dense(cfg.vocab_size, name="head")(x)
