@@ -6,6 +6,8 @@
   `flax.linen.MultiHeadDotProductAttention` and `flax.nnx.MultiHeadAttention`.
 * k policies: `FixedK`, `PowerLawK` (k = alpha n^C), `CertifiedK`.
 * `sparse_attention`: the pure function behind it.
+* Layer selection by weight norm: `rank_attention_layers`,
+  `select_sparse_layers`, `attention_fn_for`, `configure_nnx`.
 """
 
 from gsparse.flax.attention import (
@@ -16,9 +18,20 @@ from gsparse.flax.attention import (
   sparse_attention,
   topk_attention_fn,
 )
+from gsparse.flax.layers import (
+  AttentionLayerReport,
+  attention_fn_for,
+  configure_nnx,
+  find_attention_layers,
+  interaction_singular_values,
+  predicted_support,
+  rank_attention_layers,
+  select_sparse_layers,
+)
 from gsparse.flax.policies import CertifiedK, FixedK, KPolicy, PowerLawK, as_policy
 
 __all__ = [
+  "AttentionLayerReport",
   "CertifiedK",
   "FixedK",
   "KPolicy",
@@ -26,8 +39,15 @@ __all__ = [
   "SparseAttentionResult",
   "TopKAttentionFn",
   "as_policy",
+  "attention_fn_for",
   "certified_num_keys",
+  "configure_nnx",
   "dense_weights",
+  "find_attention_layers",
+  "interaction_singular_values",
+  "predicted_support",
+  "rank_attention_layers",
+  "select_sparse_layers",
   "sparse_attention",
   "topk_attention_fn",
 ]

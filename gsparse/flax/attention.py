@@ -31,6 +31,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 import gsparse.topk as _topk
@@ -84,6 +85,14 @@ def check_topk_kwargs(kwargs: dict[str, Any]) -> None:
   if "implementation" in kwargs and impls is not None:
     if kwargs["implementation"] not in impls:
       raise ValueError(f"implementation={kwargs['implementation']!r} must be one of {impls}")
+
+
+def _gather_kwargs(topk_kwargs: dict[str, Any]) -> dict[str, Any]:
+  """The `implementation` for `sparse_gather_attention`, when both accept one."""
+  impl = topk_kwargs.get("implementation")
+  if impl is None or "implementation" not in inspect.signature(sparse_gather_attention).parameters:
+    return {}
+  return {"implementation": impl}
 
 
 def _gather_bias(bias, indices: jax.Array, logits_shape: tuple[int, ...]) -> jax.Array | None:
@@ -164,6 +173,12 @@ def sparse_attention(
 ):
   """Top-k attention with a k policy and flax-style dropout.
 
+  With a fixed-size policy, no dropout and no residuals this is one call of
+  `gsparse.topk_attention`. Otherwise the keys are selected by
+  `gsparse.topk_attention(..., return_stats=True)` and attended by
+  `gsparse.sparse_gather_attention` (given the same `implementation`); with
+  dropout, the dropped-out weights average the gathered values in XLA.
+
   Args:
     query: `[batch..., T, N, H]`.
     key: `[batch..., S, K, H]`, `N % K == 0`.
@@ -191,8 +206,9 @@ def sparse_attention(
     >>> import jax
     >>> from gsparse.flax import sparse_attention, CertifiedK
     >>> q, k, v = jax.random.normal(jax.random.key(0), (3, 2, 64, 4, 8))
-    >>> res = sparse_attention(q, k, v, policy=CertifiedK(ks=(4, 16, 64), tol=0.05),
-    ...                        return_residuals=True)
+    >>> policy = CertifiedK(ks=(4, 16, 64), tol=0.05)
+    >>> res = jax.jit(lambda q, k, v: sparse_attention(
+    ...     q, k, v, policy=policy, return_residuals=True))(q, k, v)
     >>> res.output.shape, res.indices.shape, bool(res.tail_mass_bound.max() <= 0.05)
     ((2, 64, 4, 8), (2, 64, 4, 64), True)
   """
@@ -250,6 +266,7 @@ def sparse_attention(
     assume_unique=True,
     return_residuals=True,
     precision=precision,
+    **_gather_kwargs(topk_kwargs),
   )
   weights, output = res.weights, res.output
   if use_dropout:
@@ -277,9 +294,17 @@ def _bound_at(weights: jax.Array, tail_max: jax.Array, num_kept: jax.Array) -> j
 
 
 def dense_weights(indices: jax.Array, weights: jax.Array, kv_len: int) -> jax.Array:
-  """Scatters `[batch..., T, N, k]` slot weights to dense `[batch..., N, T, S]`."""
-  onehot = jax.nn.one_hot(indices, kv_len, dtype=weights.dtype)  # -1 -> zeros
-  return jnp.einsum("...tnk,...tnks->...nts", weights, onehot)
+  """Scatters `[batch..., T, N, k]` slot weights to dense `[batch..., N, T, S]`.
+
+  Slots with an index outside `[0, kv_len)` are dropped.
+  """
+  *lead, k = indices.shape
+  rows = int(np.prod(lead, dtype=np.int64))
+  idx = indices.reshape(rows, k)
+  idx = jnp.where((idx >= 0) & (idx < kv_len), idx, kv_len)  # kv_len: out of bounds, dropped
+  dense = jnp.zeros((rows, kv_len), weights.dtype)
+  dense = dense.at[jnp.arange(rows)[:, None], idx].add(weights.reshape(rows, k), mode="drop")
+  return jnp.swapaxes(dense.reshape(*lead, kv_len), -3, -2)
 
 
 def _sow(module, weights: jax.Array) -> None:
@@ -408,13 +433,13 @@ def topk_attention_fn(
     >>> layer = nn.MultiHeadDotProductAttention(
     ...     num_heads=2, qkv_features=16, attention_fn=topk_attention_fn(k=4))
     >>> x = jnp.ones((1, 10, 16))
-    >>> params = layer.init(jax.random.key(0), x)
-    >>> layer.apply(params, x).shape
+    >>> params = jax.jit(layer.init)(jax.random.key(0), x)
+    >>> jax.jit(layer.apply)(params, x).shape
     (1, 10, 16)
     >>> from flax import nnx
     >>> layer = nnx.MultiHeadAttention(num_heads=2, in_features=16, decode=False,
     ...     attention_fn=topk_attention_fn(k=4), rngs=nnx.Rngs(0))
-    >>> layer(x).shape
+    >>> nnx.jit(lambda layer, x: layer(x))(layer, x).shape
     (1, 10, 16)
   """
   kwargs = _topk_kwargs(selection, implementation, options)
