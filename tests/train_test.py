@@ -213,3 +213,21 @@ def test_compare_summary_and_markdown(runs):
     assert len(rows[v]["per_layer"]["tail_bound"]) == 2
   md = compare.markdown(summary, measure_eps=0.05, measure_k=4)
   assert md.count("\n| select |") == 3 and "tail@4" in md
+
+
+def test_logs_at_step_reads_run_directories(runs, tmp_path):
+  import shutil
+
+  from gsparse.train import compare
+
+  for v in ("dense", "topk"):
+    shutil.copytree(runs[v][1], tmp_path / f"{v}_seed0")
+  step, logs = compare.logs_at_step(tmp_path)
+  assert step == STEPS and list(logs) == ["dense", "topk"]
+  for v in logs:
+    got, want = logs[v][0]["final"], runs[v][0]["final"]
+    assert got["val_bpb"] == want["val_bpb"]
+    assert got["weight_norms"] == want["weight_norms"]
+    assert got["spearman_head_norm_vs_neg_effective_support"] == pytest.approx(
+      want["spearman_head_norm_vs_neg_effective_support"]
+    )

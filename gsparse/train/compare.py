@@ -106,9 +106,11 @@ def markdown(summary: dict, *, measure_eps: float, measure_k: int) -> str:
   """The results as Markdown tables."""
   rows = summary["variants"]
   first = next(iter(rows.values()))
+  seeds = {v: r["seeds"] for v, r in rows.items()}
   lines = [
-    f"Steps {first['steps']}, sequence length {first['seq_len']}, "
-    f"{first['runs']} seeds per variant ({', '.join(map(str, first['seeds']))}).",
+    f"Steps {first['steps']}, sequence length {first['seq_len']}, seeds per variant: "
+    + "; ".join(f"{v} {s}" for v, s in seeds.items())
+    + ".",
     "",
     "| variant | attention per layer | val bits/byte (mean) | per seed | vs dense | "
     "step time (s) | vs dense | CPU s/step |",
@@ -164,3 +166,84 @@ def markdown(summary: dict, *, measure_eps: float, measure_k: int) -> str:
       f"| {_fmt_list(r['spearman_head_per_seed'], '{:+.2f}')} |"
     )
   return "\n".join(lines) + "\n"
+
+
+def _checkpoint_norms(run_dir: pathlib.Path, num_layers: int, step: int) -> np.ndarray | None:
+  """Weight norms from the run's checkpoint if it was written at `step`."""
+  import flax.serialization
+
+  from gsparse.train import rank
+
+  path = run_dir / "state.msgpack"
+  if not path.exists():
+    return None
+  state = flax.serialization.msgpack_restore(path.read_bytes())
+  if int(np.asarray(state["step"])) != step:
+    return None
+  return rank.attention_weight_norms(state["params"], num_layers)
+
+
+def logs_at_step(out_dir: str | pathlib.Path, step: int | None = None) -> tuple[int, dict]:
+  """Collects the runs under `out_dir` (finished or not) as of one common step.
+
+  Each run's log is read from `log.json` (finished) or from its checkpoint's
+  `meta.json` (unfinished). `step` defaults to the largest step at which every
+  run has an evaluation. Each returned log gets a "final" entry describing the
+  run at that step: validation bits/byte and sparsity of that evaluation,
+  median step time over the steps before it, and the weight norms and their
+  Spearman correlation when parameters of that step are on disk (NaN
+  otherwise).
+
+  Returns:
+    `(step, {variant: [log per seed]})`.
+  """
+  from gsparse.train import rank
+  from gsparse.train.experiment import TrainConfig, layer_attention
+
+  out_dir = pathlib.Path(out_dir)
+  runs = []
+  for d in sorted(p for p in out_dir.iterdir() if p.is_dir()):
+    if (d / "log.json").exists():
+      runs.append((d, json.loads((d / "log.json").read_text())))
+    elif (d / "meta.json").exists():
+      runs.append((d, json.loads((d / "meta.json").read_text())["log"]))
+  if not runs:
+    raise ValueError(f"no runs under out_dir={str(out_dir)!r}")
+  if step is None:
+    step = min(max((e["step"] for e in lg["eval"]), default=0) for _, lg in runs)
+  logs: dict[str, list[dict]] = {}
+  for d, lg in runs:
+    ev = [e for e in lg["eval"] if e["step"] == step]
+    if not ev:
+      continue
+    cfg = TrainConfig.from_dict(lg["config"])
+    nl = cfg.model.num_layers
+    if "final" in lg and lg["final"]["step"] == step:
+      norms = np.asarray(lg["final"]["weight_norms"])
+    else:
+      norms = _checkpoint_norms(d, nl, step)
+    eff = np.asarray(ev[0]["sparsity"]["effective_support"])
+    nan = float("nan")
+    times = [r["step_time_s"] for r in lg["train"][1:step]]
+    cpus = [r.get("step_cpu_s", nan) for r in lg["train"][1:step]]
+    fin = {
+      "step": step,
+      "val_bpb": ev[0]["val_bpb"],
+      "median_step_time_s": statistics.median(times) if times else nan,
+      "median_step_cpu_s": statistics.median(cpus) if cpus else nan,
+      "layer_specs": [s.label() for s in layer_attention(cfg, lg.get("sparse_layers"))],
+      "sparsity": ev[0]["sparsity"],
+      "weight_norms": (np.full(eff.shape, nan) if norms is None else norms).tolist(),
+      "spearman_layer_norm_vs_neg_effective_support": (
+        nan if norms is None else rank.spearman(norms.mean(1), -eff.mean(1))
+      ),
+      "spearman_head_norm_vs_neg_effective_support": (
+        nan if norms is None else rank.spearman(norms.ravel(), -eff.ravel())
+      ),
+    }
+    logs.setdefault(cfg.variant, []).append({**lg, "final": fin})
+  from gsparse.train.experiment import VARIANTS
+
+  return step, {
+    v: sorted(logs[v], key=lambda g: g["config"]["seed"]) for v in VARIANTS if v in logs
+  }
