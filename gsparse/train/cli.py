@@ -1,0 +1,129 @@
+"""absl flags shared by scripts/train.py and scripts/train_compare.py."""
+
+from __future__ import annotations
+
+import json
+import pathlib
+
+from absl import flags
+
+from gsparse.train.experiment import VARIANTS, TrainConfig, run_training
+from gsparse.train.model import AttentionSpec, MeasureSpec, ModelConfig
+
+
+def define_flags(*, with_variant: bool = True) -> None:
+  """Defines the training flags (`--variant` only when `with_variant`)."""
+  if with_variant:
+    flags.DEFINE_enum(
+      "variant",
+      "dense",
+      VARIANTS,
+      (
+        "Attention variant: dense; topk (fixed --k in every layer); power (k = --alpha * "
+        "n^--power, n = sequence length); certified (per query the smallest k in "
+        "--candidate_ks whose certified dropped softmax mass is <= --tolerance); select "
+        "(dense until --select_step, then top-k with --k in the --select_layers layers of "
+        "largest ||scale W_Q W_K^T||_F)."
+      ),
+    )
+    flags.DEFINE_integer("seed", 0, "Seed of initialisation and data order.")
+    flags.DEFINE_string(
+      "workdir",
+      None,
+      (
+        "Checkpoint/log directory; a run in an existing one resumes. "
+        "Default: no checkpoints, log printed only."
+      ),
+    )
+  flags.DEFINE_integer("seq_len", 512, "Bytes per training sequence (attention length n).")
+  flags.DEFINE_integer(
+    "batch_size", 4, "Global batch size; must divide by the number of local devices."
+  )
+  flags.DEFINE_integer("steps", 300, "Optimizer steps.")
+  flags.DEFINE_integer("d_model", 128, "Residual width.")
+  flags.DEFINE_integer("num_layers", 4, "Transformer blocks.")
+  flags.DEFINE_integer("num_heads", 4, "Attention heads per block.")
+  flags.DEFINE_float(
+    "learning_rate", 3e-3, "Peak AdamW learning rate (linear warmup, cosine decay to 0)."
+  )
+  flags.DEFINE_integer("warmup_steps", 20, "Learning-rate warmup steps.")
+  flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.")
+  flags.DEFINE_integer("k", 32, "Kept keys per query for --variant=topk and select.")
+  flags.DEFINE_float("alpha", 2.0, "Prefactor of k = alpha n^C (--variant=power).")
+  flags.DEFINE_float("power", 0.5, "Exponent C in (0, 1) of k = alpha n^C (--variant=power).")
+  flags.DEFINE_float("tolerance", 0.05, "Certified tail-mass tolerance (--variant=certified).")
+  flags.DEFINE_list(
+    "candidate_ks", ["8", "16", "32", "64", "128"], "Candidate k values of --variant=certified."
+  )
+  flags.DEFINE_integer("select_layers", 2, "How many layers --variant=select makes sparse.")
+  flags.DEFINE_integer(
+    "select_step",
+    -1,
+    "Step at which --variant=select ranks layers by weight norm (-1: steps // 4).",
+  )
+  flags.DEFINE_float(
+    "measure_eps",
+    0.01,
+    "eps of the measured (eps, k)-sparsity: entries of a dense attention row above eps.",
+  )
+  flags.DEFINE_integer(
+    "measure_k",
+    32,
+    "k at which the exact tail mass and its certificate are measured in every variant.",
+  )
+  flags.DEFINE_integer(
+    "eval_every", 50, "Steps between validation evaluations (and the last step)."
+  )
+  flags.DEFINE_integer("eval_batches", 4, "Validation batches (of --batch_size) per evaluation.")
+  flags.DEFINE_integer("checkpoint_every", 50, "Steps between checkpoints (0: at the end only).")
+  flags.DEFINE_integer("log_every", 10, "Steps between progress lines.")
+  flags.DEFINE_integer("max_train_bytes", 4_000_000, "Cap on training bytes read from the stdlib.")
+  flags.DEFINE_integer(
+    "max_validation_bytes", 400_000, "Cap on validation bytes read from the stdlib."
+  )
+
+
+def config_from_flags(fl, *, variant: str | None = None, seed: int | None = None) -> TrainConfig:
+  """A `TrainConfig` from parsed flags (variant/seed overridable)."""
+  return TrainConfig(
+    variant=variant if variant is not None else fl.variant,
+    model=ModelConfig(
+      d_model=fl.d_model, num_layers=fl.num_layers, num_heads=fl.num_heads, max_len=fl.seq_len
+    ),
+    sparse=AttentionSpec(
+      "topk",
+      k=fl.k,
+      alpha=fl.alpha,
+      power=fl.power,
+      tolerance=fl.tolerance,
+      candidate_ks=tuple(int(x) for x in fl.candidate_ks),
+    ),
+    measure=MeasureSpec(eps=fl.measure_eps, k=fl.measure_k),
+    seq_len=fl.seq_len,
+    batch_size=fl.batch_size,
+    steps=fl.steps,
+    learning_rate=fl.learning_rate,
+    warmup_steps=fl.warmup_steps,
+    weight_decay=fl.weight_decay,
+    seed=seed if seed is not None else fl.seed,
+    select_layers=fl.select_layers,
+    select_step=fl.select_step,
+    eval_every=fl.eval_every,
+    eval_batches=fl.eval_batches,
+    checkpoint_every=fl.checkpoint_every,
+    log_every=fl.log_every,
+    max_train_bytes=fl.max_train_bytes,
+    max_validation_bytes=fl.max_validation_bytes,
+  )
+
+
+def train_main(fl) -> dict:
+  config = config_from_flags(fl)
+  log = run_training(config, workdir=fl.workdir)
+  fin = log.get("final")
+  if fin is not None:
+    summary = {k: v for k, v in fin.items() if k not in ("sparsity", "weight_norms")}
+    print(json.dumps(summary, indent=1))
+    if fl.workdir:
+      print(f"log: {pathlib.Path(fl.workdir) / 'log.json'}")
+  return log

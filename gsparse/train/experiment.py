@@ -1,0 +1,433 @@
+"""Training, evaluation, checkpointing and measurement of the byte-level LM.
+
+`run_training(config, workdir=...)` trains one variant and returns (and
+writes as JSON) its log: training loss and step time per step, validation
+bits-per-byte at every evaluation, and at the end, per layer, the measured
+attention sparsity, the certificate tail mass and the weight-norm ranking
+with its Spearman correlation to the measured sparsity.
+
+Data parallelism: a 1-D mesh over all local devices, the batch axis sharded
+over it, parameters and optimizer state replicated; the same code runs on
+CPU, GPU and TPU. The global batch must be divisible by the device count.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import math
+import os
+import pathlib
+import statistics
+import time
+from collections.abc import Callable
+from typing import Any
+
+import flax.serialization
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from gsparse.train import data as data_lib
+from gsparse.train import rank
+from gsparse.train.model import AttentionSpec, MeasureSpec, ModelConfig, TransformerLM, layer_specs
+
+VARIANTS = ("dense", "topk", "power", "certified", "select")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """One training run.
+
+  Attributes:
+    variant: "dense"; "topk" (fixed k everywhere); "power" (k = alpha n^C
+      everywhere); "certified" (certified k everywhere); "select" (dense until
+      `select_step`, then top-k with fixed k in the `select_layers` layers of
+      largest weight norm, dense elsewhere).
+    model: transformer size (`model.max_len` must be >= `seq_len`).
+    sparse: the sparse policy's parameters (its `kind` is set by `variant`).
+    measure: eps and k of the end-of-training sparsity measurement.
+    seq_len: tokens (bytes) per sequence.
+    batch_size: global batch (divisible by the local device count).
+    steps: optimizer steps.
+    learning_rate: peak AdamW learning rate (linear warmup, cosine decay).
+    warmup_steps: warmup length.
+    weight_decay: AdamW weight decay.
+    grad_clip: global-norm gradient clip.
+    seed: initialisation and data seed.
+    select_layers: number of layers the "select" variant makes sparse.
+    select_step: step at which "select" ranks the layers (-1: steps // 4).
+    eval_every: steps between validation evaluations (the last step always).
+    eval_batches: validation batches (of `batch_size`) per evaluation.
+    checkpoint_every: steps between checkpoints (0: only at the end).
+    log_every: steps between progress lines.
+    max_train_bytes: cap on the training stream.
+    max_validation_bytes: cap on the validation stream.
+  """
+
+  variant: str = "dense"
+  model: ModelConfig = ModelConfig()
+  sparse: AttentionSpec = AttentionSpec("topk", k=32, alpha=2.0, power=0.5, tolerance=0.05)
+  measure: MeasureSpec = MeasureSpec(eps=0.01, k=32)
+  seq_len: int = 512
+  batch_size: int = 4
+  steps: int = 300
+  learning_rate: float = 3e-3
+  warmup_steps: int = 20
+  weight_decay: float = 0.01
+  grad_clip: float = 1.0
+  seed: int = 0
+  select_layers: int = 2
+  select_step: int = -1
+  eval_every: int = 50
+  eval_batches: int = 4
+  checkpoint_every: int = 50
+  log_every: int = 10
+  max_train_bytes: int = 4_000_000
+  max_validation_bytes: int = 400_000
+
+  def __post_init__(self):
+    if self.variant not in VARIANTS:
+      raise ValueError(f"variant={self.variant!r} must be one of {VARIANTS}")
+    for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "log_every"):
+      v = getattr(self, name)
+      if not isinstance(v, int) or v < 1:
+        raise ValueError(f"{name}={v!r} must be an int >= 1")
+    if self.seq_len > self.model.max_len:
+      raise ValueError(f"seq_len={self.seq_len} exceeds model.max_len={self.model.max_len}")
+    if not 0 <= self.select_layers <= self.model.num_layers:
+      raise ValueError(
+        f"select_layers={self.select_layers} must be in [0, {self.model.num_layers}]"
+      )
+    if self.select_step < -1 or self.select_step > self.steps:
+      raise ValueError(f"select_step={self.select_step} must be -1 or in [0, steps={self.steps}]")
+    if self.warmup_steps < 0:
+      raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
+    if self.checkpoint_every < 0:
+      raise ValueError(f"checkpoint_every={self.checkpoint_every} must be >= 0")
+
+  @property
+  def resolved_select_step(self) -> int:
+    return self.steps // 4 if self.select_step == -1 else self.select_step
+
+  def sparse_spec(self) -> AttentionSpec:
+    kind = {"topk": "topk", "power": "power", "certified": "certified", "select": "topk"}.get(
+      self.variant, "dense"
+    )
+    return dataclasses.replace(self.sparse, kind=kind)
+
+  def to_dict(self) -> dict[str, Any]:
+    return dataclasses.asdict(self)
+
+  @classmethod
+  def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+    d = dict(d)
+    d["model"] = ModelConfig(**d["model"])
+    sp = dict(d["sparse"])
+    sp["candidate_ks"] = tuple(sp["candidate_ks"])
+    d["sparse"] = AttentionSpec(**sp)
+    d["measure"] = MeasureSpec(**d["measure"])
+    return cls(**d)
+
+
+def layer_attention(config: TrainConfig, sparse_layers: list[int] | None) -> tuple:
+  """Per-layer specs of `config` given the "select" variant's chosen layers."""
+  n = config.model.num_layers
+  if config.variant == "dense":
+    return layer_specs(AttentionSpec("dense"), n, [])
+  if config.variant == "select":
+    return layer_specs(config.sparse_spec(), n, sparse_layers or [])
+  return layer_specs(config.sparse_spec(), n)
+
+
+def make_optimizer(
+  *, learning_rate: float, warmup_steps: int, steps: int, weight_decay: float, grad_clip: float
+) -> optax.GradientTransformation:
+  """AdamW with linear warmup and cosine decay, after global-norm clipping."""
+  warmup = min(warmup_steps, steps - 1)  # the cosine part needs at least one step
+  if warmup < 1:
+    schedule = optax.constant_schedule(learning_rate)
+  else:
+    schedule = optax.warmup_cosine_decay_schedule(0.0, learning_rate, warmup, steps)
+  return optax.chain(
+    optax.clip_by_global_norm(grad_clip),
+    optax.adamw(schedule, b1=0.9, b2=0.95, weight_decay=weight_decay),
+  )
+
+
+def cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Mean next-byte cross entropy in nats."""
+  return jnp.mean(
+    optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+  )
+
+
+def make_steps(model: TransformerLM, optimizer, mesh: Mesh):
+  """Jitted `(train_step, eval_step)` with the batch sharded over `mesh`.
+
+  `eval_step(params, batch)` returns the summed cross entropy (nats), the
+  number of predicted bytes and the sown sparsity measures of every layer.
+  """
+  repl = NamedSharding(mesh, P())
+  batch_sh = NamedSharding(mesh, P("data"))
+
+  def loss_fn(params, batch):
+    logits = model.apply(params, batch[:, :-1])
+    return cross_entropy(logits, batch[:, 1:])
+
+  def train_step(state, batch):
+    loss, grads = jax.value_and_grad(loss_fn)(state["params"], batch)
+    updates, opt_state = optimizer.update(grads, state["opt_state"], state["params"])
+    params = optax.apply_updates(state["params"], updates)
+    return {"params": params, "opt_state": opt_state, "step": state["step"] + 1}, loss
+
+  def eval_step(params, batch):
+    logits, inter = model.apply(params, batch[:, :-1], True, mutable=["intermediates"])
+    nats = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), batch[:, 1:])
+    return jnp.sum(nats), nats.size, inter["intermediates"]
+
+  train = jax.jit(
+    train_step, in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0
+  )
+  evaluate = jax.jit(eval_step, in_shardings=(repl, batch_sh), out_shardings=repl)
+  return train, evaluate
+
+
+def _optimizer_key(config: TrainConfig) -> tuple:
+  names = ("learning_rate", "warmup_steps", "steps", "weight_decay", "grad_clip")
+  return tuple((n, getattr(config, n)) for n in names)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_steps(model_cfg, specs, measure, opt_key, devices):
+  """(model, train_step, eval_step), cached so that repeated runs of one
+  configuration (resumption, several seeds) reuse the compiled functions."""
+  model = TransformerLM(model_cfg, specs, measure)
+  mesh = Mesh(np.array(devices), ("data",))
+  return model, *make_steps(model, make_optimizer(**dict(opt_key)), mesh)
+
+
+def _save_checkpoint(workdir: pathlib.Path, state, meta: dict) -> None:
+  workdir.mkdir(parents=True, exist_ok=True)
+  blob = flax.serialization.to_bytes(jax.device_get(state))
+  tmp = workdir / "state.msgpack.tmp"
+  tmp.write_bytes(blob)
+  os.replace(tmp, workdir / "state.msgpack")
+  tmp = workdir / "meta.json.tmp"
+  tmp.write_text(json.dumps(meta))
+  os.replace(tmp, workdir / "meta.json")
+
+
+def _load_checkpoint(workdir: pathlib.Path, target):
+  if not (workdir / "state.msgpack").exists() or not (workdir / "meta.json").exists():
+    return None, None
+  meta = json.loads((workdir / "meta.json").read_text())
+  state = flax.serialization.from_bytes(
+    jax.device_get(target), (workdir / "state.msgpack").read_bytes()
+  )
+  return state, meta
+
+
+MEASURES = (
+  "min_k",
+  "effective_support",
+  "tail_mass",
+  "tail_bound",
+  "tail_bound_max",
+  "kept",
+  "own_tail_bound",
+)
+
+
+def evaluate(eval_step, params, val: np.ndarray, batch_sharding, num_layers: int) -> tuple:
+  """Validation bits per byte and per-layer sparsity over the fixed batches.
+
+  Returns:
+    `(bpb, sparsity)` where sparsity maps each name in `MEASURES` to a
+    `[num_layers, num_heads]` list, averaged over the batches
+    (`tail_bound_max` is the maximum).
+  """
+  total, count = 0.0, 0
+  acc = {name: [] for name in MEASURES}
+  for b in val:
+    nats, n, inter = eval_step(params, jax.device_put(b, batch_sharding))
+    total += float(nats)
+    count += int(n)
+    inter = jax.device_get(inter)
+    for name in MEASURES:
+      acc[name].append(
+        [
+          np.asarray(inter[f"block_{i}"]["attention"][name][0], np.float64)
+          for i in range(num_layers)
+        ]
+      )
+  sparsity = {}
+  for name, vals in acc.items():
+    arr = np.asarray(vals)  # [batches, layers, heads]
+    sparsity[name] = (arr.max(0) if name == "tail_bound_max" else arr.mean(0)).tolist()
+  return total / count / math.log(2.0), sparsity
+
+
+def run_training(
+  config: TrainConfig,
+  *,
+  workdir: str | os.PathLike | None = None,
+  resume: bool = True,
+  stop_at_step: int | None = None,
+  corpus: data_lib.ByteCorpus | None = None,
+  progress: Callable[[str], None] | None = print,
+) -> dict:
+  """Trains one variant; returns its log (also written to `workdir/log.json`).
+
+  Args:
+    config: the run.
+    workdir: checkpoint and log directory (None: no checkpoints, no files).
+    resume: continue from `workdir`'s checkpoint when there is one.
+    stop_at_step: checkpoint and return after this many steps (to exercise
+      resumption); the log then has no "final" entry.
+    corpus: a preloaded corpus (default: the stdlib with `config`'s caps).
+    progress: called with one progress line at a time (None: silent).
+
+  Returns:
+    The log: {"config", "devices", "sparse_layers", "train": [{step, loss,
+    step_time_s}], "eval": [{step, val_bpb}], "final": {...}}.
+  """
+  say = progress or (lambda s: None)
+  wd = pathlib.Path(workdir) if workdir is not None else None
+  if corpus is None:
+    corpus = data_lib.load_stdlib_corpus(
+      max_train_bytes=config.max_train_bytes, max_validation_bytes=config.max_validation_bytes
+    )
+  devices = jax.local_devices()
+  if config.batch_size % len(devices):
+    raise ValueError(
+      f"batch_size={config.batch_size} must be divisible by the {len(devices)} local devices"
+    )
+  mesh = Mesh(np.array(devices), ("data",))
+  repl, batch_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  optimizer = make_optimizer(**dict(_optimizer_key(config)))
+  num_layers = config.model.num_layers
+
+  def build(sparse_layers):
+    return _compiled_steps(
+      config.model,
+      layer_attention(config, sparse_layers),
+      config.measure,
+      _optimizer_key(config),
+      tuple(devices),
+    )
+
+  # Attention functions have no parameters: initialise through the dense model.
+  init_model = TransformerLM(config.model, layer_specs(AttentionSpec("dense"), num_layers, []))
+  tokens = jnp.zeros((1, config.seq_len), jnp.int32)
+  params = init_model.init(jax.random.key(config.seed), tokens)
+  state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+  log = {
+    "config": json.loads(json.dumps(config.to_dict())),
+    "devices": [str(d) for d in devices],
+    "backend": jax.default_backend(),
+    "sparse_layers": None,
+    "train": [],
+    "eval": [],
+  }
+  if wd is not None and resume:
+    restored, meta = _load_checkpoint(wd, state)
+    if restored is not None:
+      if meta["log"]["config"] != log["config"]:
+        raise ValueError(f"checkpoint in {wd} was written by a different config")
+      state, log = restored, meta["log"]
+      say(f"resumed from {wd} at step {int(state['step'])}")
+  state = jax.device_put(state, repl)
+  step = int(jax.device_get(state["step"]))
+  select_at = config.resolved_select_step if config.variant == "select" else None
+  sparse_layers = log["sparse_layers"]
+  model, train_step, eval_step = build(sparse_layers)
+  val = data_lib.validation_batches(
+    corpus.validation,
+    num_batches=config.eval_batches,
+    batch_size=config.batch_size,
+    seq_len=config.seq_len,
+  )
+
+  def checkpoint():
+    if wd is not None:
+      _save_checkpoint(wd, state, {"log": log})
+
+  end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
+  t_start = time.perf_counter()
+  while step < end:
+    if select_at is not None and step == select_at and sparse_layers is None:
+      norms = rank.attention_weight_norms(jax.device_get(state["params"]), num_layers)
+      sparse_layers = rank.rank_layers(norms, config.select_layers)
+      log["sparse_layers"] = sparse_layers
+      log["select_norms"] = norms.tolist()
+      say(f"step {step}: weight-norm ranking picks sparse layers {sparse_layers}")
+      model, train_step, eval_step = build(sparse_layers)
+    batch = data_lib.train_batch(
+      corpus.train,
+      seed=config.seed,
+      step=step,
+      batch_size=config.batch_size,
+      seq_len=config.seq_len,
+    )
+    t0, c0 = time.perf_counter(), time.process_time()
+    state, loss = train_step(state, jax.device_put(batch, batch_sh))
+    loss = float(loss)
+    dt, dc = time.perf_counter() - t0, time.process_time() - c0
+    log["train"].append({"step": step, "loss": loss, "step_time_s": dt, "step_cpu_s": dc})
+    step += 1
+    if not math.isfinite(loss):
+      say(f"step {step}: non-finite loss {loss}; stopping")
+      break
+    if step % config.log_every == 0 or step == end:
+      recent = [r["step_time_s"] for r in log["train"][-config.log_every :]]
+      med = statistics.median(recent)
+      eta = med * (config.steps - step)
+      say(f"step {step}/{config.steps} loss {loss:.4f} {med:.3f} s/step eta {eta:.0f} s")
+    if step % config.eval_every == 0 or step == config.steps:
+      bpb, measured = evaluate(eval_step, state["params"], val, batch_sh, num_layers)
+      log["eval"].append({"step": step, "val_bpb": bpb, "sparsity": measured})
+      say(f"step {step}: validation {bpb:.4f} bits/byte")
+    if config.checkpoint_every and step % config.checkpoint_every == 0 and step < end:
+      checkpoint()
+  if step < config.steps:  # stopped early (stop_at_step or non-finite loss)
+    checkpoint()
+    return log
+
+  params = state["params"]
+  if sparse_layers is None and config.variant == "select":  # select_step == steps
+    norms = rank.attention_weight_norms(jax.device_get(params), num_layers)
+    log["sparse_layers"] = sparse_layers = rank.rank_layers(norms, config.select_layers)
+  measured = log["eval"][-1]["sparsity"]
+  norms = rank.attention_weight_norms(jax.device_get(params), num_layers)
+  eff = np.asarray(measured["effective_support"])
+  mink = np.asarray(measured["min_k"])
+  times = [r["step_time_s"] for r in log["train"]]
+  log["final"] = {
+    "step": step,
+    "val_bpb": log["eval"][-1]["val_bpb"],
+    "final_train_loss": log["train"][-1]["loss"],
+    # Median over steps after the first (the first includes compilation).
+    "median_step_time_s": statistics.median(times[1:] if len(times) > 1 else times),
+    # Process CPU seconds per step (all threads): on a loaded machine, CPU
+    # time / cores estimates the wall time the step would take on a quiet one.
+    "median_step_cpu_s": statistics.median(
+      [r.get("step_cpu_s", float("nan")) for r in log["train"][1:]] or [float("nan")]
+    ),
+    "wall_time_s": time.perf_counter() - t_start,
+    "layer_specs": [s.label() for s in layer_attention(config, sparse_layers)],
+    "sparsity": measured,
+    "weight_norms": norms.tolist(),
+    # Larger norm is predicted sparser: smaller effective support / min_k.
+    "spearman_layer_norm_vs_neg_effective_support": rank.spearman(norms.mean(1), -eff.mean(1)),
+    "spearman_layer_norm_vs_neg_min_k": rank.spearman(norms.mean(1), -mink.mean(1)),
+    "spearman_head_norm_vs_neg_effective_support": rank.spearman(norms.ravel(), -eff.ravel()),
+  }
+  checkpoint()
+  if wd is not None:
+    (wd / "log.json").write_text(json.dumps(log, indent=1))
+  return log
