@@ -266,7 +266,10 @@ def _sparse_gather_pallas(query, key, value, idx, bias, scale, block_sizes) -> G
     variant=variant,
     interpret=interpret,
   )
-  valid = _flatten_batch(idx, 3) >= 0
+  # A slot has weight only if it is kept and its query has some mass: a query whose
+  # kept logits are all -inf (e.g. a -inf bias) has lse = -inf and zero weights
+  # (not exp(-inf + inf) = NaN); NaN data still propagates through lse.
+  valid = (_flatten_batch(idx, 3) >= 0) & (lse[..., None] != -jnp.inf)
   w = jnp.where(valid, jnp.exp(jnp.where(valid, logits - lse[..., None], 0.0)), 0.0)
   return GatherResult(
     out.reshape(*batch, *out.shape[1:]),

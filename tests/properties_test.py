@@ -182,6 +182,14 @@ IMPLEMENTATIONS: list[Impl] = [
     grad_ks=(),
   ),
   Impl("gather-xla", functools.partial(_gather, implementation=None), topk=True),
+  # The Pallas kernel in interpret mode on CPU: few examples, as each compiles slowly.
+  Impl(
+    "gather-pallas",
+    functools.partial(_gather, implementation="pallas"),
+    topk=True,
+    examples=2,
+    grad_ks=(),
+  ),
 ]
 
 IMPL_IDS = [impl.name for impl in IMPLEMENTATIONS]
