@@ -805,6 +805,16 @@ def selection_recall(indices: ArrayLike, reference: ArrayLike) -> jax.Array:
   """
   indices = jnp.asarray(indices)
   reference = jnp.asarray(reference)
+  for name, a in (("indices", indices), ("reference", reference)):
+    if not jnp.issubdtype(a.dtype, jnp.integer):
+      raise TypeError(f"{name} must have an integer dtype, got {a.dtype}")
+    if a.ndim < 1:
+      raise ValueError(f"{name} must have at least 1 dimension [..., k], got shape {a.shape}")
+  if indices.shape[:-1] != reference.shape[:-1]:
+    raise ValueError(
+      f"indices and reference must have the same leading dimensions, got {indices.shape} "
+      f"and {reference.shape}"
+    )
   hit = jnp.zeros(reference.shape, bool)
   # Loop over the selected slots to keep memory at O(rows * k_ref).
   hit = jax.lax.fori_loop(
