@@ -7,17 +7,10 @@ import pytest
 
 import gsparse
 from tests import np_reference as ref
+from tests.inputs import random_qkv as _qkv
 
 # Per-dtype tolerances (max abs error of outputs with O(1) values).
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2, jnp.float16: 5e-3}
-
-
-def _qkv(key, batch, t, s, n, kh, h, hv, dtype=jnp.float32, scale=1.0):
-  k1, k2, k3 = jax.random.split(key, 3)
-  q = scale * jax.random.normal(k1, (*batch, t, n, h))
-  k = scale * jax.random.normal(k2, (*batch, s, kh, h))
-  v = jax.random.normal(k3, (*batch, s, kh, hv))
-  return q.astype(dtype), k.astype(dtype), v.astype(dtype)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
