@@ -379,3 +379,22 @@ def test_monte_carlo_no_violations():
     assert float(st.cert_tail_excess.max()) <= 1e-4  # relative, float32 rounding
     tol = 4 * math.sqrt(n) * np.finfo(np.float32).eps * float(st.max_value_norm.max())
     assert float(st.cert_error_excess.max()) <= tol
+
+
+def test_sparsity_bound_float64_agrees_with_float32():
+  # The float32 path compares the binomial tail against delta/2 (float32 betainc is
+  # ~1% off in the far tail), so it may only be more conservative than float64.
+  w = gsparse.sample_weights(jax.random.key(0), d=64, head_dim=64)
+  norms32 = gsparse.interaction_norms_from_weights(w.w_q, w.w_k)
+  k32 = gsparse.sparsity_bound(4096, 1.5, norms32, eps=0.01, delta=1e-4).k
+  prev = jax.config.jax_enable_x64
+  jax.config.update("jax_enable_x64", True)
+  try:
+    w64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), w)
+    norms64 = gsparse.interaction_norms_from_weights(w64.w_q, w64.w_k)
+    sb64 = gsparse.sparsity_bound(4096, 1.5, norms64, eps=0.01, delta=1e-4)
+    assert sb64.k.dtype == jnp.float64
+    k64 = np.asarray(sb64.k)
+  finally:
+    jax.config.update("jax_enable_x64", prev)
+  assert np.all(k64 <= np.asarray(k32)) and np.all(np.asarray(k32) - k64 <= 2)
