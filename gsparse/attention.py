@@ -117,13 +117,19 @@ def compute_logits(
   return Logits(logits, valid)
 
 
-def masked_softmax(logits: jax.Array, valid: jax.Array | None, axis: int = -1) -> jax.Array:
-  """Softmax over `axis` that ignores entries where `valid` is False.
+def masked_softmax_lse(
+  logits: jax.Array, valid: jax.Array | None, axis: int = -1
+) -> tuple[jax.Array, jax.Array]:
+  """Softmax over `axis` ignoring entries where `valid` is False, and its log-normaliser.
 
-  Rows with no valid entry get all-zero weights (and zero gradients). A logit
-  of `-inf` (e.g. from a `-inf` bias) counts as masked, so a row whose logits
-  are all `-inf` is fully masked too. The maximum is subtracted first, so
-  logits up to the dtype's range are safe.
+  Rows with no valid entry get all-zero weights (and zero gradients) and a
+  log-sum-exp of `-inf`. A logit of `-inf` (e.g. from a `-inf` bias) counts as
+  masked, so a row whose logits are all `-inf` is fully masked too; NaN logits
+  propagate to both outputs. The maximum is subtracted first, so logits up to
+  the dtype's range are safe.
+
+  Returns:
+    `(weights, logsumexp)`, the latter with `axis` removed.
   """
   neg = jnp.asarray(-jnp.inf, logits.dtype)
   m = jnp.max(logits if valid is None else jnp.where(valid, logits, neg), axis=axis, keepdims=True)
@@ -133,7 +139,16 @@ def masked_softmax(logits: jax.Array, valid: jax.Array | None, axis: int = -1) -
   else:
     e = jnp.where(valid, jnp.exp(jnp.where(valid, logits - m, 0.0)), 0.0)
   z = jnp.sum(e, axis=axis, keepdims=True)
-  return e / jnp.where(z > 0, z, 1.0)
+  w = e / jnp.where(z > 0, z, 1.0)
+  z0, m0 = jnp.squeeze(z, axis), jnp.squeeze(m, axis)
+  # z == 0: nothing has weight (-inf); z NaN (NaN data) stays NaN.
+  lse = jnp.where(z0 == 0, -jnp.inf, jnp.log(jnp.where(z0 == 0, 1.0, z0)) + m0)
+  return w, lse
+
+
+def masked_softmax(logits: jax.Array, valid: jax.Array | None, axis: int = -1) -> jax.Array:
+  """The weights of `masked_softmax_lse`: rows of zeros where nothing is valid."""
+  return masked_softmax_lse(logits, valid, axis)[0]
 
 
 def attention_weights(

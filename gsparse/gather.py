@@ -40,7 +40,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from gsparse import _checks
-from gsparse.attention import compute_dtype
+from gsparse.attention import compute_dtype, masked_softmax_lse
 
 IMPLEMENTATIONS = (None, "xla", "pallas")
 
@@ -171,16 +171,8 @@ def sparse_gather_attention_xla(
   logits = logits * jnp.asarray(scale, dtype)
   if bias is not None:
     logits = logits + bias.astype(dtype)
-  neg = jnp.asarray(-jnp.inf, dtype)
-  m = jnp.max(jnp.where(valid, logits, neg), axis=-1, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  e = jnp.where(valid, jnp.exp(jnp.where(valid, logits - m, 0.0)), 0.0)
-  z = jnp.sum(e, axis=-1, keepdims=True)
-  w = e / jnp.where(z > 0, z, 1.0)
+  w, lse = masked_softmax_lse(logits, valid)
   out = jnp.einsum("...tnk,...tnkv->...tnv", w, vg.astype(dtype), precision=precision)
-  # z == 0: no kept slot has weight (-inf); z NaN (NaN data) stays NaN.
-  z0 = z[..., 0]
-  lse = jnp.where(z0 == 0, -jnp.inf, jnp.log(jnp.where(z0 == 0, 1.0, z0)) + m[..., 0])
   return GatherResult(out.astype(query.dtype), lse, w)
 
 
@@ -339,16 +331,8 @@ def block_sparse_gather_attention_xla(
   if is_causal:
     qpos = jnp.arange(tp).reshape(tb, block_q)[:, :, None, None]
     valid = valid & (pos[..., :, None, :, :] <= qpos)
-  neg = jnp.asarray(-jnp.inf, dtype)
-  m = jnp.max(jnp.where(valid, logits, neg), axis=-1, keepdims=True)
-  m = jax.lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
-  e = jnp.where(valid, jnp.exp(jnp.where(valid, logits - m, 0.0)), 0.0)
-  z = jnp.sum(e, axis=-1, keepdims=True)
-  w = e / jnp.where(z > 0, z, 1.0)
+  w, lse = masked_softmax_lse(logits, valid)
   out = jnp.einsum("...tqnm,...tnmv->...tqnv", w, vg.astype(dtype), precision=precision)
-  lse = jnp.where(
-    z[..., 0] > 0, jnp.log(jnp.where(z[..., 0] > 0, z[..., 0], 1.0)) + m[..., 0], -jnp.inf
-  )
   out = out.reshape(*batch, tp, n, -1)[..., :t, :, :]
   lse = lse.reshape(*batch, tp, n)[..., :t, :]
   return BlockGatherResult(out.astype(query.dtype), lse)
