@@ -50,7 +50,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from gsparse import _checks
-from gsparse.attention import compute_dtype
+from gsparse.attention import compute_dtype, masked_softmax_lse
 
 __all__ = [
   "BlockSelection",
@@ -64,6 +64,10 @@ __all__ = [
 ]
 
 
+# vmap axis names of the batch, kv-head and query-group axes in `_map_heads`.
+_EXACT_AXES = ("gsparse_batch", "gsparse_kv_head", "gsparse_group")
+
+
 @dataclasses.dataclass(frozen=True)
 class ExactSelection:
   """Memory-bounded exact top-k selection (static under `jit`).
@@ -75,15 +79,27 @@ class ExactSelection:
     key_block: keys per block of the two-stage search, or None to pick about
       `sqrt(S / (k + 1))` (a power of two); 1 means a single `top_k` per row.
       Need not divide S.
+    search_steps: bisection steps of the threshold search that picks the
+      candidate blocks without a sort; 0 picks them with `jax.lax.top_k` on
+      the block maxima (the result is the same either way, only the speed
+      differs).
+    candidate_blocks: candidate blocks per row for the threshold search, or
+      None for `k + 33`; a chunk in which some row flags more blocks (heavy
+      ties, such as a zero query) falls back to `top_k` on the block maxima.
   """
 
   query_chunk: int = 256
   key_block: int | None = None
+  search_steps: int = 12
+  candidate_blocks: int | None = None
 
   def __post_init__(self):
     _checks.check_int("query_chunk", self.query_chunk, minimum=1)
     if self.key_block is not None:
       _checks.check_int("key_block", self.key_block, minimum=1)
+    _checks.check_int("search_steps", self.search_steps, minimum=0, maximum=64)
+    if self.candidate_blocks is not None:
+      _checks.check_int("candidate_blocks", self.candidate_blocks, minimum=1)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,12 +214,19 @@ class SelectionResult(NamedTuple):
     num_keys: `[batch..., T, N]` int32 number of admissible keys of the row.
     log_rest: `[batch..., T, N]` log of the extra normaliser mass (LSH with
       `normalizer_samples > 0`), else None.
+    output: `[batch..., T, N, Hv]` top-k attention output in the compute
+      dtype, when the selection was asked to attend (`select(..., value=)`,
+      "exact" only), else None.
+    logsumexp: `[batch..., T, N]` log normaliser over the kept keys, with
+      `output`.
   """
 
   indices: jax.Array
   next_logit: jax.Array
   num_keys: jax.Array
   log_rest: jax.Array | None = None
+  output: jax.Array | None = None
+  logsumexp: jax.Array | None = None
 
 
 # ----------------------------------------------------------------------------
@@ -224,10 +247,11 @@ def _expand(x: jax.Array | None, batch: tuple[int, ...], n: int, t: int, s: int)
   return x
 
 
-def _map_heads(fn, query, key, mask, bias, extra=()):
+def _map_heads(fn, query, key, mask, bias, extra=(), value=None):
   """Runs `fn(q [T,H], k [S,H], mask [T',S'], bias [T',S'], *extra)` per batch and head.
 
-  `fn` returns a tuple of `[T, ...]` arrays; the result is in `[*batch, T, N, ...]`.
+  With `value`, the second argument is `(k [S,H], v [S,Hv])`. `fn` returns a
+  tuple of `[T, ...]` arrays; the result is in `[*batch, T, N, ...]`.
   """
   *batch, t, n, h = query.shape
   s, kh = key.shape[-3], key.shape[-2]
@@ -235,6 +259,8 @@ def _map_heads(fn, query, key, mask, bias, extra=()):
   nb = math.prod(batch)
   q = jnp.moveaxis(query.reshape(nb, t, kh, g, h), 1, 3)  # [B, K, G, T, H]
   kk = jnp.moveaxis(key.reshape(nb, s, kh, h), 1, 2)  # [B, K, S, H]
+  if value is not None:
+    kk = (kk, jnp.moveaxis(value.reshape(nb, s, kh, value.shape[-1]), 1, 2))
 
   def prep(x):
     x = _expand(x, tuple(batch), n, t, s)
@@ -249,9 +275,11 @@ def _map_heads(fn, query, key, mask, bias, extra=()):
   m5, max_ = prep(mask)
   b5, bax = prep(bias)
   f = fn
-  f = jax.vmap(f, in_axes=(0, None, max_[2], bax[2], *[None] * len(extra)))
-  f = jax.vmap(f, in_axes=(0, 0, max_[1], bax[1], *[None] * len(extra)))
-  f = jax.vmap(f, in_axes=(0, 0, max_[0], bax[0], *[None] * len(extra)))
+  # Named axes let a selection reduce a flag over all heads (`_exact_head`).
+  ax_b, ax_k, ax_g = _EXACT_AXES
+  f = jax.vmap(f, in_axes=(0, None, max_[2], bax[2], *[None] * len(extra)), axis_name=ax_g)
+  f = jax.vmap(f, in_axes=(0, 0, max_[1], bax[1], *[None] * len(extra)), axis_name=ax_k)
+  f = jax.vmap(f, in_axes=(0, 0, max_[0], bax[0], *[None] * len(extra)), axis_name=ax_b)
   outs = f(q, kk, m5, b5, *extra)
 
   def back(o):  # [B, K, G, T, ...] -> [*batch, T, N, ...]
@@ -327,10 +355,86 @@ def auto_key_block(s: int, k: int) -> int:
 # Exact.
 
 
-def _exact_head(q, kmat, mask, bias, *, k, scale, is_causal, cfg, precision):
+def _sortable(x: jax.Array) -> jax.Array:
+  """Float -> int32 keys ordered as `jax.lax.top_k` orders the floats.
+
+  The bit pattern of a float32 read as int32 is increasing for positive floats
+  and decreasing for negative ones; flipping the non-sign bits of negatives
+  makes it increasing everywhere (-inf < ... < -0.0 < 0.0 < ... < inf < NaN,
+  the total order of XLA's TopK comparator). Narrower floats widen exactly;
+  float64 rounds to float32, which keeps the order weakly (ties only).
+  """
+  i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
+
+
+def _prefix_count(flags: jax.Array, group: int = 16) -> jax.Array:
+  """Inclusive prefix count of a boolean `[c, m]` along its last axis (m % group == 0).
+
+  Two small matmuls (within groups, then across group totals) instead of a
+  cumulative sum, which XLA:CPU lowers to a slow scan; exact, since every
+  partial count is an integer below 2**24.
+  """
+  c, m = flags.shape
+  ng = m // group
+  f = flags.astype(jnp.float32).reshape(c, ng, group)
+  hi = jax.lax.Precision.HIGHEST
+  within = jnp.dot(f, jnp.triu(jnp.ones((group, group), jnp.float32)), precision=hi)
+  before = jnp.dot(within[..., -1], jnp.triu(jnp.ones((ng, ng), jnp.float32), 1), precision=hi)
+  return (within + before[..., None]).reshape(c, m).astype(jnp.int32)
+
+
+def _block_candidates(bm: jax.Array, kk: int, cap: int, steps: int):
+  """Blocks that must hold a row's top-`kk` logits, found without a sort.
+
+  Args:
+    bm: `[c, nb]` int32 sortable keys of the block maxima.
+    kk: logits wanted per row.
+    cap: candidate slots per row.
+    steps: bisection steps.
+
+  Returns:
+    `(bid [c, cap] int32 block ids in increasing order, padded with 0,
+    count [c] int32 blocks flagged, lo [c, 1] int32 key threshold)`. Every
+    logit whose key is >= lo lies in the first `count` blocks of `bid`, and
+    at least `kk` logits have key >= lo, so the top-`kk` logits (ties
+    included) lie there; the result is only complete if `count <= cap`.
+  """
+  c, nb = bm.shape
+  g = nb // kk
+  # Invariant: at least kk block maxima are >= lo (hence at least kk logits).
+  # The minimum of the maxima of kk disjoint groups of blocks satisfies it.
+  lo = jnp.min(jnp.max(bm[:, : g * kk].reshape(c, kk, g), axis=-1), axis=-1)
+  hi = jnp.max(bm, axis=-1)
+
+  def step(_, state):
+    lo, hi = state
+    mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2) without overflow
+    ok = jnp.sum(bm >= mid[:, None], axis=-1, dtype=jnp.int32) >= kk
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+  lo, _ = jax.lax.fori_loop(0, steps, step, (lo, hi), unroll=True)
+  lo = lo[:, None]
+  # Blocks of -inf logits (masked keys) only ever give index -1.
+  flag = (bm >= lo) & (bm != _sortable(jnp.float32(-jnp.inf)))
+  pos = _prefix_count(_pad_axis(flag, -(-nb // 16) * 16, 1, False))[:, :nb]
+  count = pos[:, -1]
+  slot = jnp.where(flag, pos - 1, cap)
+  bid = jnp.zeros((c, cap + 1), jnp.int32)
+  bid = bid.at[jnp.arange(c)[:, None], slot].set(
+    jnp.broadcast_to(jnp.arange(nb, dtype=jnp.int32), (c, nb)), mode="drop"
+  )
+  return bid[:, :cap], count, lo
+
+
+def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
+  """Exact top-k of one head; `kv` is the keys `[S, H]`, or `(keys, values [S, Hv])`
+  to also attend over the kept keys with the logits already at hand (returns
+  `(idx, nxt, num, out, lse)` then)."""
+  kmat, vmat = kv if isinstance(kv, tuple) else (kv, None)
   t, h = q.shape
   s = kmat.shape[0]
-  dtype = compute_dtype(q.dtype, kmat.dtype)
+  dtype = compute_dtype(q.dtype, kmat.dtype, *(() if vmat is None else (vmat.dtype,)))
   c = min(cfg.query_chunk, t)
   nc = -(-t // c)
   tp = nc * c
@@ -339,6 +443,8 @@ def _exact_head(q, kmat, mask, bias, *, k, scale, is_causal, cfg, precision):
   nb = -(-s // b)
   nkb = min(kk, nb)
   two_stage = b > 1 and nkb < nb
+  cap = min(nb, cfg.candidate_blocks if cfg.candidate_blocks is not None else kk + 32)
+  search = two_stage and cfg.search_steps > 0 and cap < nb
   sp = nb * b if two_stage else s
   kpad = _pad_axis(kmat, sp, 0, 0)
   xs = (
@@ -347,6 +453,19 @@ def _exact_head(q, kmat, mask, bias, *, k, scale, is_causal, cfg, precision):
     _row_chunks(mask, t, tp, c, False),
     _row_chunks(bias, t, tp, c, 0),
   )
+
+  def from_blocks(s3, bid, count=None, lo=None):
+    """Exact top-kk among the blocks `bid` (increasing: exact tie order)."""
+    cand = jnp.take_along_axis(s3, bid[..., None], axis=1)
+    if count is not None:  # padding slots, and logits that cannot be in the top-kk
+      keep = jnp.arange(bid.shape[1])[None, :, None] < count[:, None, None]
+      cand = jnp.where(keep & (_sortable(cand) >= lo[..., None]), cand, -jnp.inf)
+    vals, pos = jax.lax.top_k(cand.reshape(c, -1), kk)
+    return vals, jnp.take_along_axis(bid, pos // b, axis=-1) * b + pos % b
+
+  def by_top_k(s3):
+    _, bid = jax.lax.top_k(jnp.max(s3, axis=-1), nkb)
+    return from_blocks(s3, jnp.sort(bid, axis=-1))
 
   def body(x):
     qc, row0, mc, bc = x
@@ -363,20 +482,32 @@ def _exact_head(q, kmat, mask, bias, *, k, scale, is_causal, cfg, precision):
       dtype=dtype,
       precision=precision,
     )
-    if two_stage:
-      s3 = logits.reshape(c, nb, b)
-      _, bid = jax.lax.top_k(jnp.max(s3, axis=-1), nkb)
-      bid = jnp.sort(bid, axis=-1)  # candidates in increasing key order: exact tie order
-      cand = jnp.take_along_axis(s3, bid[..., None], axis=1).reshape(c, nkb * b)
-      vals, pos = jax.lax.top_k(cand, kk)
-      idx = jnp.take_along_axis(bid, pos // b, axis=-1) * b + pos % b
-    else:
+    if not two_stage:
       vals, idx = jax.lax.top_k(logits, kk)
+    elif not search:
+      vals, idx = by_top_k(logits.reshape(c, nb, b))
+    else:
+      s3 = logits.reshape(c, nb, b)
+      bid, count, lo = _block_candidates(jnp.max(_sortable(s3), axis=-1), kk, cap, cfg.search_steps)
+      # Rows with more than `cap` flagged blocks (heavy ties, e.g. a zero
+      # query) take the top_k route; the flag is summed over the vmapped
+      # heads so that this stays a branch (under a user's vmap it becomes a
+      # select: both routes run, the result is the same).
+      over = jax.lax.psum(jnp.any(count > cap).astype(jnp.int32), _EXACT_AXES)
+      vals, idx = jax.lax.cond(over > 0, by_top_k, lambda s3: from_blocks(s3, bid, count, lo), s3)
     idx, nxt = _finish(vals, idx, k)
-    return idx, nxt, num
+    if vmat is None:
+      return idx, nxt, num
+    # Attend with the kept logits (no second gather of the keys); autodiff of
+    # top_k's values gives the gradient of the kept logits.
+    ok = idx >= 0
+    w, lse = masked_softmax_lse(_pad_axis(vals, k, 1, -jnp.inf)[:, :k], ok)
+    vg = jnp.take(vmat, jnp.where(ok, idx, 0), axis=0, mode="clip").astype(dtype)
+    out = jnp.einsum("tk,tkv->tv", w, vg, precision=precision)
+    return idx, nxt, num, out, lse
 
-  idx, nxt, num = jax.lax.map(body, xs)
-  return idx.reshape(tp, k)[:t], nxt.reshape(tp)[:t], num.reshape(tp)[:t]
+  outs = jax.lax.map(body, xs)
+  return tuple(o.reshape(tp, *o.shape[2:])[:t] for o in outs)
 
 
 # ----------------------------------------------------------------------------
@@ -712,6 +843,7 @@ def select(
   is_causal: bool,
   rng: jax.Array | None = None,
   precision=None,
+  value: jax.Array | None = None,
 ) -> SelectionResult:
   """Runs a selection on checked inputs (see `gsparse.topk_attention`).
 
@@ -726,6 +858,9 @@ def select(
     is_causal: top-left aligned causal mask.
     rng: PRNG key, required by `LSHSelection` (the projections and samples).
     precision: einsum precision.
+    value: optional `[batch..., S, K, Hv]`; with `ExactSelection`, the
+      selection also attends over the kept keys (`SelectionResult.output`),
+      reusing the logits it computed. Other selections ignore it.
 
   Returns:
     A `SelectionResult` in the `[batch..., T, N, *]` layout.
@@ -733,8 +868,11 @@ def select(
   s = key.shape[-3]
   common = dict(k=k, scale=scale, is_causal=is_causal, cfg=config, precision=precision)
   if isinstance(config, ExactSelection):
-    out = _map_heads(lambda *a: _exact_head(*a, **common), query, key, mask, bias)
-    return SelectionResult(*out)
+    out = _map_heads(lambda *a: _exact_head(*a, **common), query, key, mask, bias, value=value)
+    if value is None:
+      return SelectionResult(*out)
+    idx, nxt, num, o, lse = out
+    return SelectionResult(idx, nxt, num, output=o, logsumexp=lse)
   if isinstance(config, BlockSelection):
     nb = -(-s // config.block_size)
     if config.num_blocks < nb and k > config.num_blocks * config.block_size:

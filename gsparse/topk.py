@@ -20,8 +20,8 @@ from jax.typing import ArrayLike
 from gsparse import _checks
 from gsparse.attention import compute_logits
 from gsparse.certificate import output_error_certificate, tail_mass_certificate
-from gsparse.gather import sparse_gather_attention
-from gsparse.selection import gather_bias, resolve_selection, select
+from gsparse.gather import resolve_implementation, sparse_gather_attention
+from gsparse.selection import ExactSelection, gather_bias, resolve_selection, select
 
 SELECTIONS = ("full", "exact", "block", "lsh")
 
@@ -166,6 +166,7 @@ def topk_attention(
       raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
     *batch, t, n, h = query.shape
     mask, bias = _checks.check_mask_and_bias(mask, bias, (*batch, n, t, key.shape[-3]))
+    fused = isinstance(config, ExactSelection) and resolve_implementation(implementation) == "xla"
     res_sel = select(
       config,
       query,
@@ -177,9 +178,17 @@ def topk_attention(
       is_causal=is_causal,
       rng=selection_key,
       precision=precision,
+      # "exact" on the XLA path attends in its own chunked pass, with the
+      # logits it already has: no gather of the kept keys.
+      value=value if fused else None,
     )
     sel = TopKSelection(res_sel.indices, res_sel.next_logit, res_sel.num_keys)
     log_rest = res_sel.log_rest
+    if res_sel.output is not None:  # "exact" on XLA attended in its own pass
+      output = res_sel.output.astype(query.dtype)
+      if not return_stats:
+        return output
+      return output, topk_stats(sel, res_sel.logsumexp, output, value, k)
   gathered_bias = None
   if bias is not None:
     gathered_bias = gather_bias(bias, sel.indices, key.shape[-3])

@@ -39,6 +39,13 @@ def _mb(kind, mask, bias):
   return (mask if "mask" in kind else None), (bias if "bias" in kind else None)
 
 
+def _assert_same_output(out, ref):
+  """"exact" attends with the logits of its own chunked matmul, "full" with a
+  second dot product over the gathered keys: same kept keys, outputs equal up
+  to float32 rounding of the logits (a few ulps), not bit for bit."""
+  np.testing.assert_allclose(out, ref, rtol=4e-6, atol=2e-6)
+
+
 @pytest.mark.parametrize(
   "kind, causal, config",
   [
@@ -59,7 +66,7 @@ def test_exact_matches_full_top_k(kind, causal, config):
   ref, rs = _topk(q, k, v, b, m, k=5, is_causal=causal, return_stats=True)
   out, st = _topk(q, k, v, b, m, k=5, is_causal=causal, selection=config, return_stats=True)
   np.testing.assert_array_equal(st.indices, rs.indices)
-  np.testing.assert_array_equal(out, ref)
+  _assert_same_output(out, ref)
   np.testing.assert_allclose(st.tail_mass_bound, rs.tail_mass_bound, atol=1e-6)
 
 
@@ -70,7 +77,7 @@ def test_exact_k_near_and_above_num_keys(k):
   ref, rs = _topk(q, k_, v, None, mask, k=k, return_stats=True)
   out, st = _topk(q, k_, v, None, mask, k=k, selection=cfg, return_stats=True)
   np.testing.assert_array_equal(st.indices, rs.indices)
-  np.testing.assert_array_equal(out, ref)
+  _assert_same_output(out, ref)
   if k >= 53:
     dense = gsparse.dot_product_attention(q, k_, v, None, mask)
     np.testing.assert_allclose(out, dense, atol=1e-5)
@@ -91,7 +98,7 @@ def test_exact_ties_follow_lax_top_k(key_block):
   top8 = jax.lax.top_k(lg, 8)[0]
   assert int(jnp.sum(top8[:, 6] == top8[:, 7])) > 10
   np.testing.assert_array_equal(st.indices, rs.indices)
-  np.testing.assert_array_equal(out, ref)
+  _assert_same_output(out, ref)
 
 
 def test_exact_jit_vmap_and_grad():
@@ -100,7 +107,7 @@ def test_exact_jit_vmap_and_grad():
   f = lambda q, k, v, m: gsparse.topk_attention(q, k, v, None, m, k=6, selection=cfg)
   full = jax.jit(lambda q, k, v, m: gsparse.topk_attention(q, k, v, None, m, k=6))
   batched = jax.jit(f)(q, k, v, mask)
-  np.testing.assert_array_equal(batched, full(q, k, v, mask))
+  _assert_same_output(batched, full(q, k, v, mask))
   # vmap over batch, and over heads (2 query heads with their 2 kv heads).
   np.testing.assert_allclose(jax.jit(jax.vmap(f))(q, k, v, mask), batched, atol=1e-6)
   q1 = q[..., :2, :]
@@ -114,6 +121,80 @@ def test_exact_jit_vmap_and_grad():
   np.testing.assert_allclose(per_head, jax.jit(f)(q1, k, v, mask), atol=1e-6)
   loss = lambda fn: jax.jit(jax.grad(lambda q: jnp.sum(fn(q, k, v, mask) ** 2)))(q)
   np.testing.assert_allclose(loss(f), loss(full), atol=1e-5)
+
+
+# The threshold search (`_block_candidates`) runs when the candidate slots are
+# fewer than the key blocks: S = 300, key_block = 4 gives 75 blocks.
+SEARCH = [
+  ExactSelection(query_chunk=16, key_block=4, candidate_blocks=10),  # fast path
+  ExactSelection(query_chunk=16, key_block=4, candidate_blocks=6, search_steps=1),  # falls back
+  ExactSelection(query_chunk=16, key_block=4, search_steps=0),  # top_k on block maxima
+]
+
+
+@pytest.mark.parametrize("config", SEARCH)
+@pytest.mark.parametrize("kind, causal", [("none", False), ("mask+bias", True)])
+def test_exact_threshold_search_matches_lax_top_k(config, kind, causal):
+  """Same indices (order included) as `lax.top_k` on the full matrix, on rows with
+  a zero query (all logits equal: heavy ties) and integer-valued rows (ties)."""
+  q, k, v, mask, bias = _inputs(21, b=1, t=40, s=300, n=2, kh=1)
+  q = q.at[0, 3].set(0.0).at[0, 20:24].set(jnp.round(q[0, 20:24]))
+  k = k.at[0, 100:140].set(jnp.round(k[0, 100:140]))
+  m, b = _mb(kind, mask, bias)
+  ref, rs = _topk(q, k, v, b, m, k=5, is_causal=causal, return_stats=True)
+  out, st = _topk(q, k, v, b, m, k=5, is_causal=causal, selection=config, return_stats=True)
+  np.testing.assert_array_equal(st.indices, rs.indices)
+  _assert_same_output(out, ref)
+  np.testing.assert_allclose(st.tail_mass_bound, rs.tail_mass_bound, atol=1e-6)
+  # The same under a user's vmap (the fallback branch becomes a select).
+  sel = lambda a: select(config, a, k[0], None, None, k=5, scale=0.25, is_causal=False).indices
+  q1 = q[0, :, :1]  # [T, 1, H]
+  vm = jax.jit(jax.vmap(lambda a: sel(a[None])[0]))(q1)
+  np.testing.assert_array_equal(vm, jax.jit(sel)(q1))
+
+
+def test_sortable_keys_follow_top_k_order():
+  from gsparse.selection import _sortable
+
+  x = jnp.array([jnp.nan, jnp.inf, 3.5, 1e-40, 0.0, -0.0, -1e-40, -2.0, -jnp.inf], jnp.float32)
+  keys = np.asarray(_sortable(x))
+  assert np.all(np.diff(keys) < 0), keys  # strictly decreasing, as listed
+  perm = np.random.default_rng(0).permutation(x.shape[0])
+  _, order = jax.lax.top_k(x[perm], x.shape[0])
+  np.testing.assert_array_equal(perm[np.asarray(order)], np.arange(x.shape[0]))
+
+
+def test_block_candidates_cover_the_top_logits():
+  """The invariant behind the threshold search, on Gaussian rows, a row with
+  one huge logit and rows of ties: at least kk logits have key >= lo, every
+  such logit lies in a flagged block, and the flagged blocks come in order."""
+  from gsparse.selection import _block_candidates, _prefix_count, _sortable
+
+  rng = np.random.default_rng(0)
+  x = rng.standard_normal((6, 96, 8)).astype(np.float32)
+  x[1, 5, 2] = 1e4
+  x[2] = 0.0
+  x[3] = np.round(x[3])
+  x[4, :, :] = -np.inf
+  x[4, :3] = 1.0
+  keys = _sortable(jnp.asarray(x))
+  kk, cap = 9, 24
+  for steps in (0, 3, 12):
+    bid, count, lo = _block_candidates(jnp.max(keys, -1), kk, cap, steps)
+    bid, count, lo, kn = map(np.asarray, (bid, count, lo, keys))
+    for r in range(x.shape[0]):
+      above = kn[r] >= lo[r, 0]
+      assert above.sum() >= kk or np.isinf(x[r]).sum() > x[r].size - kk
+      if count[r] <= cap:
+        blocks = bid[r, : count[r]]
+        assert np.all(np.diff(blocks) > 0)
+        hit = np.flatnonzero(above.any(-1) & np.isfinite(x[r]).any(-1))
+        assert set(hit) <= set(blocks)
+    assert count[2] > cap  # all ties: the caller falls back
+    if steps >= 3:
+      assert np.all(count[[0, 1, 5]] <= cap)
+  f = rng.random((5, 48)) < 0.3
+  np.testing.assert_array_equal(_prefix_count(jnp.asarray(f)), np.cumsum(f, -1))
 
 
 def _true_tail(q, k, indices, bias, mask, causal):
@@ -317,6 +398,8 @@ def test_selection_is_static_config():
   [
     (lambda: ExactSelection(query_chunk=0), "query_chunk"),
     (lambda: ExactSelection(key_block=1.5), "key_block"),
+    (lambda: ExactSelection(search_steps=-1), "search_steps"),
+    (lambda: ExactSelection(candidate_blocks=0), "candidate_blocks"),
     (lambda: BlockSelection(summary="max"), "summary"),
     (lambda: LSHSelection(num_projections=0), "num_projections"),
     (lambda: LSHSelection(normalizer_samples=-1), "normalizer_samples"),
