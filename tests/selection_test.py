@@ -40,7 +40,7 @@ def _mb(kind, mask, bias):
 
 
 def _assert_same_output(out, ref):
-  """"exact" attends with the logits of its own chunked matmul, "full" with a
+  """The "exact" selection attends with the logits of its own chunked matmul, "full" with a
   second dot product over the gathered keys: same kept keys, outputs equal up
   to float32 rounding of the logits (a few ulps), not bit for bit."""
   np.testing.assert_allclose(out, ref, rtol=4e-6, atol=2e-6)
