@@ -24,9 +24,10 @@ deterministic. Examples per property (`@settings(max_examples=...)`):
   * sparsity_eps_bound (8): range, and its inverse relation with
     sparsity_bound;
   * topk_error_bound (10): tail mass in [0, 1], error = 2 t v (Lemma 1),
-    tail mass 0 for k >= n, non-increasing in k;
+    tail mass 0 for k >= n, non-increasing in k; with value_norms the same
+    tail mass and value_norm_bound at delta / 4;
   * power_law_error_bound (10): equals topk_error_bound at power_law_k;
-  * jit(vmap(topk_error_bound)) equals per-element calls (4);
+  * jit(vmap(topk_error_bound)) equals per-element calls (10);
   * power_law_k (30), predicted_tail_mass (30), rem_boundaries /
     rem_regime / predicted_effective_support (30): against NumPy/SciPy
     formulas, ranges and monotonicity;
@@ -38,9 +39,9 @@ deterministic. Examples per property (`@settings(max_examples=...)`):
   * bad scalar arguments anywhere outside their documented range (60) raise
     ValueError naming the argument (errors_test.py checks one value each).
 
-That is 8 + 20 + 8 + 8 + 10 + 10 + 4 + 30 + 30 + 30 + 30 + 30 + 5 + 60 = 283
+That is 8 + 20 + 8 + 8 + 10 + 10 + 10 + 30 + 30 + 30 + 30 + 30 + 5 + 60 = 289
 examples (each example of a compiled bound holds 8 instances). The file runs in
-about 57 s on one CPU core, mostly compiling.
+about 50-55 s on one CPU core, mostly compiling.
 """
 
 from __future__ import annotations
@@ -308,24 +309,37 @@ def test_topk_error_bound_ranges_identity_and_monotone_in_k(setting, data):
   assert np.all(t[k >= n] == 0), (t, k, n)
   # Keeping more entries never raises the certified tail mass.
   assert np.all(t[1::2] <= t[0::2] * (1 + 1e-5)), (k, t)
+  # With value_norms instead: the same tail mass, and max ||v_j|| from value_norm_bound at
+  # delta / 4 (the documented split).
+  c = _np(data.draw(st.lists(_log_uniform(1e-2, 10.0), min_size=B_SIZE, max_size=B_SIZE)))
+  vnorms = _iso_norms(c, data.draw(st.integers(1, 64)))
+  ev = B.topk_error_bound(n, sigma, norms, k=k, value_norms=vnorms, delta=delta)
+  np.testing.assert_array_equal(_np(ev.tail_mass), t)
+  vref = _np(B.value_norm_bound(n, sigma, vnorms, delta=_f32(_np(delta) / 4)))
+  np.testing.assert_allclose(_np(ev.value_norm), vref, rtol=1e-5)
+  np.testing.assert_allclose(_np(ev.error), 2.0 * t * _np(ev.value_norm), rtol=1e-6, atol=0)
 
 
-@_settings(4)
+def _error_of(n, s, f, o, g, k, v, d):
+  eb = B.topk_error_bound(n, s, B.InteractionNorms(f, o, g), k=k, value_norm=v, delta=d)
+  return eb.error, eb.tail_mass
+
+
+# Module level, so that it compiles once for all examples (a new jit(vmap) per example would not).
+_error_vmapped = jax.jit(jax.vmap(_error_of))
+
+
+@_settings(10)
 @given(_sparsity_setting(B_SIZE), st.data())
 def test_topk_error_bound_vmap_equals_per_element(setting, data):
   n, sigma, norms, _, delta = setting
   k = _np([data.draw(st.integers(1, int(m) + 1)) for m in n])
   vnorm = _f32(data.draw(st.lists(st.floats(0.0, 10.0), min_size=B_SIZE, max_size=B_SIZE)))
-
-  def one(n, s, f, o, g, k, v, d):
-    eb = B.topk_error_bound(n, s, B.InteractionNorms(f, o, g), k=k, value_norm=v, delta=d)
-    return eb.error, eb.tail_mass
-
   args = (n, sigma, *norms, k, vnorm, delta)
-  err_v, t_v = jax.jit(jax.vmap(one))(*(jnp.asarray(a, jnp.float32) for a in args))
+  err_v, t_v = _error_vmapped(*(jnp.asarray(a, jnp.float32) for a in args))
   for i in range(B_SIZE):
     # Element i on its own: a batch holding only copies of it (the compiled batch of 8 is reused).
-    e_i, t_i = one(*(np.full(B_SIZE, a[i], a.dtype) for a in args))
+    e_i, t_i = _error_of(*(np.full(B_SIZE, a[i], a.dtype) for a in args))
     np.testing.assert_allclose(_np(e_i), float(err_v[i]), rtol=1e-5, atol=1e-30)
     np.testing.assert_allclose(_np(t_i), float(t_v[i]), rtol=1e-5, atol=1e-30)
 
