@@ -206,11 +206,16 @@ def interaction_norms(m: ArrayLike) -> InteractionNorms:
   """
   m = _checks.check_float_array("m", m, min_ndim=2)
   sv = jnp.linalg.svd(m.astype(jnp.promote_types(m.dtype, jnp.float32)), compute_uv=False)
-  sv2 = sv * sv
+  op = jnp.max(sv, axis=-1)
+  # Powers of the singular values relative to the largest: sv^4 itself underflows in float32
+  # for ||M|| < ~1e-10 (giving gram_frobenius = 0 and an invalid tau_range) and overflows for
+  # ||M|| > ~1e9 (giving inf).
+  rel = sv / jnp.where(op > 0, op, 1.0)[..., None]
+  rel2 = rel * rel
   return InteractionNorms(
-    frobenius=jnp.sqrt(jnp.sum(sv2, axis=-1)),
-    operator=jnp.max(sv, axis=-1),
-    gram_frobenius=jnp.sqrt(jnp.sum(sv2 * sv2, axis=-1)),
+    frobenius=op * jnp.sqrt(jnp.sum(rel2, axis=-1)),
+    operator=op,
+    gram_frobenius=op * op * jnp.sqrt(jnp.sum(rel2 * rel2, axis=-1)),
   )
 
 

@@ -325,6 +325,23 @@ def test_interaction_norms_match_numpy():
   )
 
 
+def test_interaction_norms_of_tiny_and_huge_matrices_in_float32():
+  # Regression: sv^4 underflowed (||M|| < ~1e-10: gram_frobenius = 0, tau_range's lower end
+  # then became sqrt(E tau^2), an invalid interval) and overflowed (||M|| > ~1e9: inf).
+  for c in (1e-15, 1e-12, 1.0, 1e12, 1e18):  # c^2 representable in float32
+    got = B.interaction_norms(np.float32(c) * np.eye(4, dtype=np.float32))
+    np.testing.assert_allclose(got.frobenius, 2 * c, rtol=1e-5)
+    np.testing.assert_allclose(got.operator, c, rtol=1e-5)
+    np.testing.assert_allclose(got.gram_frobenius, 2 * c * c, rtol=1e-5)
+  # tau scales as ||M||: the tau interval of c * I is c times that of I.
+  base = B.tau_range(64, 1.0, B.interaction_norms(np.eye(4, dtype=np.float32)), delta=0.1)
+  for c in (1e-12, 1e9):
+    tr = B.tau_range(
+      64, 1.0, B.interaction_norms(np.float32(c) * np.eye(4, dtype=np.float32)), delta=0.1
+    )
+    np.testing.assert_allclose(np.asarray(tr) / c, np.asarray(base), rtol=1e-5)
+
+
 def test_tau_range_covers_sampled_taus():
   # 20000 rows: every tau_i must fall in the range built for delta = 1e-3 (false-failure <= 1e-3).
   d = 16
