@@ -7,6 +7,11 @@ throughput with two loops that compute the same measures one call at a time:
   * per point: one jitted call per point (trials vmapped inside the call),
   * per trial: one jitted call per (point, trial), the naive loop.
 
+The sweep runs in both of its modes: independent draws per point (the
+default; the same computation as the loops) over `--independent_points`
+points, and `common_random_numbers=True` (one set of draws per (n, d) group,
+rescaled per point, so most of the work is shared) over `--points` points.
+
 The loops are timed on `--baseline_points` points and their throughput is
 extrapolated. A dense `jax.nn.dot_product_attention` over the same number of
 (query row, key) pairs is timed as a reference for the cost of attention
@@ -37,7 +42,12 @@ _BASELINE_POINTS = flags.DEFINE_integer(
 _REPEATS = flags.DEFINE_integer(
   "repeats", 3, "Timed repeats of the baselines and the dense reference (median reported)."
 )
-_SWEEP_REPEATS = flags.DEFINE_integer("sweep_repeats", 1, "Timed repeats of the full sweep.")
+_SWEEP_REPEATS = flags.DEFINE_integer("sweep_repeats", 1, "Timed repeats of each full sweep.")
+_INDEP_POINTS = flags.DEFINE_integer(
+  "independent_points",
+  0,
+  "Points of the independent-draws sweep (0 = --points); its throughput is per point.",
+)
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
 _JSON = flags.DEFINE_string("json", "bench_sweep.json", "Where to write the results as JSON.")
 
@@ -63,18 +73,35 @@ def main(argv):
   key = jax.random.key(_SEED.value)
   chunk = _CHUNK.value or None
 
-  # Warm up the sweep on a prefix whose chunk shape equals the full run's.
+  # Each mode is warmed up on a prefix whose chunk shape equals the full run's.
   kw = dict(key=key, trials=trials, rows=rows, chunk_size=chunk, mesh="auto")
+  ndev = jax.device_count()
   per_chunk = chunk or max(1, (1 << 18) // (trials * rows * n))  # run_sweep's default
-  per_chunk = max(jax.device_count(), per_chunk // jax.device_count() * jax.device_count())
-  warm = {p: v[: min(len(v), per_chunk)] for p, v in pts.items()}
-  compile_s, _ = _timed(lambda: sweep.run_sweep(warm, progress=False, **kw))
-  sweep_s = []
-  for _ in range(_SWEEP_REPEATS.value):
-    s, table = _timed(lambda: sweep.run_sweep(pts, progress=True, **kw))
-    sweep_s.append(s)
-  sweep_med = statistics.median(sweep_s)
-  assert np.all(np.isfinite(table["tail_mean"]))
+  per_chunk = max(ndev, per_chunk // ndev * ndev)
+  crn_chunk = -(-(chunk or 1024) // ndev) * ndev
+  modes = {
+    "independent": (False, _INDEP_POINTS.value or _POINTS.value, per_chunk),
+    "crn": (True, _POINTS.value, crn_chunk),
+  }
+  sweeps = {}
+  for mode, (crn, npts, warm_n) in modes.items():
+    sub = {p: v[:npts] for p, v in pts.items()}
+    warm = {p: v[: min(len(v), warm_n)] for p, v in pts.items()}
+    compile_s, _ = _timed(
+      lambda warm=warm, crn=crn: sweep.run_sweep(
+        warm, progress=False, common_random_numbers=crn, **kw
+      )
+    )
+    runs = []
+    for _ in range(_SWEEP_REPEATS.value):
+      sec, table = _timed(
+        lambda sub=sub, crn=crn: sweep.run_sweep(
+          sub, progress=True, common_random_numbers=crn, **kw
+        )
+      )
+      runs.append(sec)
+    assert np.all(np.isfinite(table["tail_mean"]))
+    sweeps[mode] = (npts, compile_s, runs, statistics.median(runs) / npts)
 
   # Baselines: the same measures, one jitted call at a time.
   b = min(_BASELINE_POINTS.value, _POINTS.value)
@@ -133,7 +160,6 @@ def main(argv):
     dt.append(s)
   dense_per_trial = statistics.median(dt) / batch
 
-  sweep_per_point = sweep_med / _POINTS.value
   res = {
     "points": _POINTS.value,
     "trials": trials,
@@ -142,18 +168,24 @@ def main(argv):
     "rows_per_trial": rows,
     "devices": jax.device_count(),
     "backend": jax.default_backend(),
-    "sweep_compile_and_warmup_s": compile_s,
-    "sweep_seconds_runs": sweep_s,
-    "sweep_seconds_median": sweep_med,
-    "sweep_points_per_s": 1 / sweep_per_point,
-    "loop_per_point_points_per_s": 1 / loops["per_point"],
-    "loop_per_trial_points_per_s": 1 / loops["per_trial"],
-    "speedup_vs_per_point_loop": loops["per_point"] / sweep_per_point,
-    "speedup_vs_per_trial_loop": loops["per_trial"] / sweep_per_point,
-    "baseline_points": b,
-    "dense_attention_s_per_trial": dense_per_trial,
-    "sweep_s_per_trial_over_dense_attention": sweep_per_point / trials / dense_per_trial,
   }
+  for mode, (npts, compile_s, runs, per_point_s) in sweeps.items():
+    res[f"{mode}_points"] = npts
+    res[f"{mode}_compile_and_warmup_s"] = compile_s
+    res[f"{mode}_seconds_runs"] = runs
+    res[f"{mode}_points_per_s"] = 1 / per_point_s
+    res[f"{mode}_seconds_for_points"] = per_point_s * _POINTS.value
+    res[f"{mode}_speedup_vs_per_point_loop"] = loops["per_point"] / per_point_s
+    res[f"{mode}_speedup_vs_per_trial_loop"] = loops["per_trial"] / per_point_s
+    res[f"{mode}_s_per_trial_over_dense_attention"] = per_point_s / trials / dense_per_trial
+  res.update(
+    {
+      "loop_per_point_points_per_s": 1 / loops["per_point"],
+      "loop_per_trial_points_per_s": 1 / loops["per_trial"],
+      "baseline_points": b,
+      "dense_attention_s_per_trial": dense_per_trial,
+    }
+  )
   print("| quantity | value |\n|---|---|")
   for k, v in res.items():
     print(f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |")

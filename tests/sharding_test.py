@@ -38,6 +38,12 @@ _SCRIPT = textwrap.dedent(
   out["sweep_max_rel_diff"] = max(
     float(np.max(np.abs(t8[c] - t1[c]) / np.maximum(np.abs(t1[c]), 1e-30)))
     for c in sweep.measured_columns())
+  c8 = sweep.run_sweep(pts, key=key, trials=2, common_random_numbers=True, progress=False)
+  c1 = sweep.run_sweep(pts, key=key, trials=2, common_random_numbers=True, mesh=None,
+                       progress=False)
+  out["crn_max_rel_diff"] = max(
+    float(np.max(np.abs(c8[c] - c1[c]) / np.maximum(np.abs(c1[c]), 1e-30)))
+    for c in sweep.measured_columns())
   # The core of the sweep returns arrays split over the 8 devices (same static
   # shapes as the sweep above, so no new compile).
   res = sweep.measure_points(key, np.arange(8), np.full(8, 1.0), np.full(8, 0.5),
@@ -78,6 +84,7 @@ def test_eight_devices_match_one_and_are_sharded():
   # Same per-point computation on each device; XLA may vectorise a batch of 1
   # and a batch of 8 differently, so allow float32 rounding.
   assert out["sweep_max_rel_diff"] < 1e-5, out
+  assert out["crn_max_rel_diff"] < 1e-5, out  # common random numbers, sharded the same way
   is_named, spec, ndev, replicated, nshards, local = out["sweep_sharding"]
   assert is_named and "batch" in spec and ndev == 8 and not replicated, out
   assert nshards == 8 and local == 1, out  # 8 points over 8 devices: one point each

@@ -33,8 +33,12 @@ def _direct(x, w, *, k, eps, rows):
   }
 
 
-@pytest.mark.parametrize("resample_weights", [False, True])
-def test_sweep_matches_direct_computation(resample_weights):
+@pytest.mark.parametrize(
+  "resample_weights, crn", [(False, False), (True, False), (False, True), (True, True)]
+)
+def test_sweep_matches_direct_computation(resample_weights, crn):
+  """Every column against the public per-matrix functions on the same draws; with
+  common random numbers (crn) the draws are the group's, rescaled per point."""
   key = jax.random.key(7)
   n, d, trials, rows = _N, _D, _TRIALS, _ROWS
   # Two points that share (n, d) but differ in every traced parameter.
@@ -52,6 +56,7 @@ def test_sweep_matches_direct_computation(resample_weights):
     trials=trials,
     rows=rows,
     resample_weights=resample_weights,
+    common_random_numbers=crn,
     chunk_size=1,
     progress=False,
   )
@@ -66,6 +71,7 @@ def test_sweep_matches_direct_computation(resample_weights):
       weight_scale=0.4,
       trials=trials,
       resample_weights=resample_weights,
+      common_random_numbers=crn,
     )
     per = [
       _direct(
@@ -117,6 +123,26 @@ def test_numbers_do_not_depend_on_chunking_or_grouping():
   one = {p: v[:1] for p, v in pts.items()}
   c1 = sweep.run_sweep(one, key=key, trials=_TRIALS, rows=_ROWS, progress=False)
   np.testing.assert_allclose(c1["tail_mean"], a["tail_mean"][:1], rtol=1e-5)
+
+
+def test_common_random_numbers_share_draws_within_a_group():
+  """With common random numbers, equal parameters give equal numbers at any
+  position and chunking, the draws are shared only within an (n, d) group, and
+  the mode is deterministic given the key."""
+  key = jax.random.key(5)
+  pts = sweep.grid(n=[_N, 2 * _N], d=[_D], sigma=[1.0, 2.0], k=[2, 3], eps=[0.05])
+  pts = {p: np.concatenate([v, v[:1]]) for p, v in pts.items()}  # point 0 repeated last
+  kw = dict(key=key, trials=_TRIALS, rows=_ROWS, common_random_numbers=True, progress=False)
+  a = sweep.run_sweep(pts, chunk_size=1, **kw)
+  b = sweep.run_sweep(pts, chunk_size=3, **kw)
+  for c in sweep.measured_columns():
+    np.testing.assert_allclose(a[c], b[c], rtol=1e-5, err_msg=c)
+    np.testing.assert_allclose(a[c][-1], a[c][0], rtol=1e-6, err_msg=c)
+  # Same (n, d), other k: same tau (the draws are shared); other n: other draws.
+  same_nd_other_k = (pts["n"] == pts["n"][0]) & (pts["sigma"] == pts["sigma"][0])
+  assert np.ptp(a["tau_mean"][same_nd_other_k]) < 1e-6 * a["tau_mean"][0]
+  indep = sweep.run_sweep(pts, key=key, trials=_TRIALS, rows=_ROWS, progress=False)
+  assert indep["tau_mean"][-1] != indep["tau_mean"][0]  # independent draws per point
 
 
 def test_csv_round_trip(tmp_path):
