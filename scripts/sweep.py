@@ -46,6 +46,13 @@ _RESAMPLE = flags.DEFINE_bool(
   False,
   "Redraw the weights in every draw (default: once per point).",
 )
+_CRN = flags.DEFINE_bool(
+  "common_random_numbers",
+  False,
+  "Share one set of draws among all points of an (n, d) group, rescaled by each point's sigma "
+  "and weight scale: points are correlated (their differences less noisy) and the sweep is "
+  "about 10x faster. Default: independent draws per point.",
+)
 _CHUNK = flags.DEFINE_integer("chunk_size", None, "Points per jitted call (default: automatic).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed (and the seed of --random's parameter draw).")
 _OUT = flags.DEFINE_string("out", "sweep.csv", "CSV file to write.")
@@ -94,6 +101,7 @@ def main(argv):
     trials=_TRIALS.value,
     rows=_ROWS.value,
     resample_weights=_RESAMPLE.value,
+    common_random_numbers=_CRN.value,
     chunk_size=_CHUNK.value,
     mesh=None if _NO_SHARDING.value else "auto",
   )
