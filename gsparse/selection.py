@@ -50,6 +50,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from gsparse import _checks
+from gsparse._numerics import sortable_int32 as _sortable
 from gsparse.attention import compute_dtype, masked_softmax_lse
 
 __all__ = [
@@ -353,19 +354,6 @@ def auto_key_block(s: int, k: int) -> int:
 
 # ----------------------------------------------------------------------------
 # Exact.
-
-
-def _sortable(x: jax.Array) -> jax.Array:
-  """Float -> int32 keys ordered as `jax.lax.top_k` orders the floats.
-
-  The bit pattern of a float32 read as int32 is increasing for positive floats
-  and decreasing for negative ones; flipping the non-sign bits of negatives
-  makes it increasing everywhere (-inf < ... < -0.0 < 0.0 < ... < inf < NaN,
-  the total order of XLA's TopK comparator). Narrower floats widen exactly;
-  float64 rounds to float32, which keeps the order weakly (ties only).
-  """
-  i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
-  return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
 
 
 def _prefix_count(flags: jax.Array, group: int = 16) -> jax.Array:

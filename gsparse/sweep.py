@@ -61,6 +61,7 @@ from jax.sharding import Mesh, PartitionSpec
 
 from gsparse import _checks
 from gsparse import sharding as _sharding
+from gsparse._numerics import float_from_sortable, sortable_int32
 from gsparse.certificate import tail_mass_certificate
 from gsparse.gaussian import Weights, interaction_matrix
 
@@ -311,28 +312,25 @@ def check_points(points: Mapping[str, Sequence]) -> dict[str, np.ndarray]:
 # The per-point computation.
 
 
-_BISECTION_STEPS = 64
-
-
 def _kth_largest(s: jax.Array, k: jax.Array) -> jax.Array:
-  """The k-th largest entry of each row of `s [R, n]` (k traced, 1 <= k <= n), by bisection.
+  """The k-th largest entry of each row of `s [R, n]` (k traced, 1 <= k <= n), exactly.
 
-  Keeps `count(s >= lo) >= k > count(s >= hi)`; after 64 halvings `lo` and
-  `hi` are adjacent floats (for any k-th value above ~1e-16 in magnitude), so
-  the smallest entry `>= lo` is the k-th largest. On CPU this is several times
-  faster than `lax.top_k` and needs no static k.
+  Bisection on the int32 keys that order floats (`sortable_int32`): keeps
+  `count(key >= lo) >= k > count(key > hi)`; 32 halvings of the 2^32 keys
+  leave `lo` = the key of the k-th largest entry. On CPU this is several
+  times faster than `lax.top_k` and needs no static k.
   """
-  lo = jnp.min(s, axis=-1)
-  hi = jnp.nextafter(jnp.max(s, axis=-1), jnp.inf)
+  key = sortable_int32(s)
+  lo, hi = jnp.min(key, axis=-1), jnp.max(key, axis=-1)
 
   def body(_, carry):
     lo, hi = carry
-    mid = 0.5 * (lo + hi)
-    ok = jnp.sum(s >= mid[:, None], axis=-1) >= k
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+    mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2) without overflow
+    ok = jnp.sum(key >= mid[:, None], axis=-1) >= k
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
 
-  lo, _ = jax.lax.fori_loop(0, _BISECTION_STEPS, body, (lo, hi))
-  return jnp.min(jnp.where(s >= lo[:, None], s, jnp.inf), axis=-1)
+  lo, _ = jax.lax.fori_loop(0, 32, body, (lo, hi))
+  return float_from_sortable(lo).astype(s.dtype)
 
 
 def _trial_rows(x, w, sigma, k, eps, *, rows: int):

@@ -154,11 +154,13 @@ def test_exact_threshold_search_matches_lax_top_k(config, kind, causal):
 
 
 def test_sortable_keys_follow_top_k_order():
-  from gsparse.selection import _sortable
+  from gsparse._numerics import float_from_sortable
+  from gsparse._numerics import sortable_int32 as _sortable
 
   x = jnp.array([jnp.nan, jnp.inf, 3.5, 1e-40, 0.0, -0.0, -1e-40, -2.0, -jnp.inf], jnp.float32)
   keys = np.asarray(_sortable(x))
   assert np.all(np.diff(keys) < 0), keys  # strictly decreasing, as listed
+  np.testing.assert_array_equal(np.asarray(float_from_sortable(jnp.asarray(keys))), np.asarray(x))
   perm = np.random.default_rng(0).permutation(x.shape[0])
   _, order = jax.lax.top_k(x[perm], x.shape[0])
   np.testing.assert_array_equal(perm[np.asarray(order)], np.arange(x.shape[0]))
@@ -168,7 +170,8 @@ def test_block_candidates_cover_the_top_logits():
   """The invariant behind the threshold search, on Gaussian rows, a row with
   one huge logit and rows of ties: at least kk logits have key >= lo, every
   such logit lies in a flagged block, and the flagged blocks come in order."""
-  from gsparse.selection import _block_candidates, _prefix_count, _sortable
+  from gsparse._numerics import sortable_int32 as _sortable
+  from gsparse.selection import _block_candidates, _prefix_count
 
   rng = np.random.default_rng(0)
   x = rng.standard_normal((6, 96, 8)).astype(np.float32)
