@@ -8,14 +8,25 @@ chunk of it:
 
 * `ExactSelection` ("exact"): queries are processed in chunks of
   `query_chunk` rows (`jax.lax.map`). For each chunk the logits against all
-  keys are computed, the keys are cut into blocks of `key_block`, and the
-  `k + 1` blocks with the largest maxima are kept (ties towards the lower
-  block). Every one of the top-(k+1) logits lies in those blocks: if a logit
-  x lay in another block, the k + 1 kept blocks would each hold a distinct
-  logit ranked before x. `jax.lax.top_k` on the `(k + 1) * key_block`
-  candidates (in increasing key order) then returns exactly the indices, tie
-  order included, of `jax.lax.top_k` on the full row. Peak memory is
-  O(query_chunk * S) per head plus the O(T * k) result.
+  keys are computed and the keys are cut into blocks of `key_block`. A
+  threshold `lo` such that at least `k + 1` block maxima are `>= lo` is found
+  by bisection on the int32 keys that order floats as `jax.lax.top_k` does
+  (starting from the minimum of the maxima of `k + 1` disjoint groups of
+  blocks); every logit `>= lo` lies in a block whose maximum is `>= lo`, and
+  at least `k + 1` logits are `>= lo`, so the top-(k+1) logits, ties
+  included, lie in the flagged blocks. The flagged blocks are compacted in
+  increasing key order (a prefix count in two small matmuls and a scatter),
+  and `jax.lax.top_k` on their logits (those below `lo` masked) returns
+  exactly the indices, tie order included, of `jax.lax.top_k` on the full
+  row. A chunk where some row flags more than `candidate_blocks` blocks (heavy
+  ties, e.g. a zero query) takes the older route instead: the `k + 1` blocks
+  with the largest maxima by `jax.lax.top_k` (if a logit x lay outside them,
+  the k + 1 kept blocks would each hold a distinct logit ranked before x).
+  The point of the threshold: on XLA:CPU `jax.lax.top_k` costs ~10-20 us per
+  row, more than the matmul of the logits. On the XLA path `topk_attention`
+  also computes the output inside the chunk loop from the logits already at
+  hand (`select(..., value=)`), so the kept keys are never gathered. Peak
+  memory is O(query_chunk * S) per head plus the O(T * k) result.
 * `BlockSelection` ("block"): keys are cut into blocks summarised by their
   per-channel minimum and maximum. `q . k <= sum_h max(q_h min_h, q_h max_h)`
   for every key of a block, so each block gets a certified upper bound on its
