@@ -299,7 +299,11 @@ def test_topk_error_bound_ranges_identity_and_monotone_in_k(setting, data):
     [data.draw(st.integers(int(a), int(m) + 2)) for a, m in zip(k_lo, n[::2], strict=True)]
   )
   k = np.stack([k_lo, k_hi], 1).reshape(-1)  # pairs (2j, 2j+1): k grows
-  vnorm = _f32(data.draw(st.lists(st.floats(0.0, 50.0), min_size=B_SIZE, max_size=B_SIZE)))
+  vnorm = _f32(
+    data.draw(
+      st.lists(st.floats(0.0, 50.0, allow_subnormal=False), min_size=B_SIZE, max_size=B_SIZE)
+    )
+  )
   eb = B.topk_error_bound(n, sigma, norms, k=k, value_norm=vnorm, delta=delta)
   t, err, vn = _np(eb.tail_mass), _np(eb.error), _np(eb.value_norm)
   assert np.all((t >= 0) & (t <= 1)), t
@@ -334,7 +338,11 @@ _error_vmapped = jax.jit(jax.vmap(_error_of))
 def test_topk_error_bound_vmap_equals_per_element(setting, data):
   n, sigma, norms, _, delta = setting
   k = _np([data.draw(st.integers(1, int(m) + 1)) for m in n])
-  vnorm = _f32(data.draw(st.lists(st.floats(0.0, 10.0), min_size=B_SIZE, max_size=B_SIZE)))
+  vnorm = _f32(
+    data.draw(
+      st.lists(st.floats(0.0, 10.0, allow_subnormal=False), min_size=B_SIZE, max_size=B_SIZE)
+    )
+  )
   args = (n, sigma, *norms, k, vnorm, delta)
   err_v, t_v = _error_vmapped(*(jnp.asarray(a, jnp.float32) for a in args))
   for i in range(B_SIZE):
@@ -351,8 +359,8 @@ def test_topk_error_bound_vmap_equals_per_element(setting, data):
 @given(
   st.lists(st.integers(1, 1_000_000), min_size=4, max_size=4),
   _log_uniform(1e-3, 100.0),
-  st.floats(0.0, 1.0),
-  st.floats(0.0, 1.0),
+  st.floats(0.0, 1.0, allow_subnormal=False),
+  st.floats(0.0, 1.0, allow_subnormal=False),
 )
 def test_power_law_k_against_numpy_and_monotone(ns, alpha, c1, c2):
   n = np.sort(_np(ns))
@@ -375,7 +383,9 @@ def test_power_law_k_against_numpy_and_monotone(ns, alpha, c1, c2):
 
 
 @_settings(10)
-@given(_sparsity_setting(B_SIZE), _log_uniform(0.01, 4.0), st.floats(0.0, 1.0))
+@given(
+  _sparsity_setting(B_SIZE), _log_uniform(0.01, 4.0), st.floats(0.0, 1.0, allow_subnormal=False)
+)
 def test_power_law_error_bound_is_theorem_2_at_power_law_k(setting, alpha, c):
   n, sigma, norms, _, delta = setting
   pe = B.power_law_error_bound(n, sigma, norms, alpha=alpha, C=c, value_norm=1.0, delta=delta)
@@ -388,9 +398,9 @@ def test_power_law_error_bound_is_theorem_2_at_power_law_k(setting, alpha, c):
 @_settings(30)
 @given(
   st.lists(st.integers(2, 1_000_000), min_size=4, max_size=4),
-  st.lists(st.floats(0.0, 8.0), min_size=4, max_size=4),
-  st.lists(st.floats(0.0, 1.0), min_size=4, max_size=4),
-  st.floats(0.0, 3.0),
+  st.lists(st.floats(0.0, 8.0, allow_subnormal=False), min_size=4, max_size=4),
+  st.lists(st.floats(0.0, 1.0, allow_subnormal=False), min_size=4, max_size=4),
+  st.floats(0.0, 3.0, allow_subnormal=False),
 )
 def test_predicted_tail_mass_against_scipy_and_monotone(ns, taus, fracs, dtau):
   n = _np(ns)
@@ -409,8 +419,8 @@ def test_predicted_tail_mass_against_scipy_and_monotone(ns, taus, fracs, dtau):
 @_settings(30)
 @given(
   st.lists(st.integers(1, 10_000_000), min_size=4, max_size=4),
-  st.lists(st.floats(0.0, 10.0), min_size=4, max_size=4),
-  st.floats(0.0, 2.0),
+  st.lists(st.floats(0.0, 10.0, allow_subnormal=False), min_size=4, max_size=4),
+  st.floats(0.0, 2.0, allow_subnormal=False),
 )
 def test_rem_regimes_and_effective_support_against_numpy(ns, taus, dtau):
   n = _np(ns)
@@ -450,7 +460,12 @@ def _orthogonal(rng, d):
 
 
 @_settings(30)
-@given(_matrices((3, 6, 6)), _matrices((2, 6, 4)), st.integers(0, 2**32 - 1), st.floats(-3, 3))
+@given(
+  _matrices((3, 6, 6)),
+  _matrices((2, 6, 4)),
+  st.integers(0, 2**32 - 1),
+  st.floats(-3, 3, allow_subnormal=False),
+)
 def test_interaction_norms_against_numpy_and_invariances(m, w, seed, c):
   scale = max(float(np.abs(m).max()), 1e-3)
   for x in (m, w):
