@@ -1070,6 +1070,33 @@ ROWS += [
     (),
     {"points": good_points, "key": key, "trials": 1, "mesh": "gpu"},
   ),
+  Row(
+    "run_sweep",
+    "common_random_numbers",
+    "not a bool",
+    TypeError,
+    "common_random_numbers must be a bool, got 1",
+    (),
+    {"points": good_points, "key": key, "trials": 1, "common_random_numbers": 1},
+  ),
+  Row(
+    "ExactSelection",
+    "search_steps",
+    "negative",
+    ValueError,
+    "search_steps=-1 must be >= 0",
+    (),
+    {"search_steps": -1},
+  ),
+  Row(
+    "ExactSelection",
+    "candidate_blocks",
+    "`candidate_blocks=0`",
+    ValueError,
+    "candidate_blocks=0 must be >= 1",
+    (),
+    {"candidate_blocks": 0},
+  ),
 ]
 
 
