@@ -500,7 +500,9 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
     # Attend with the kept logits (no second gather of the keys); autodiff of
     # top_k's values gives the gradient of the kept logits.
     ok = idx >= 0
-    w, lse = masked_softmax_lse(_pad_axis(vals, k, 1, -jnp.inf)[:, :k], ok)
+    safe = jnp.where(ok, idx, 0)
+    kept = jnp.take_along_axis(logits, safe, axis=1)  # the top_k values, read back
+    w, lse = masked_softmax_lse(kept, ok)
     vg = jnp.take(vmat, jnp.where(ok, idx, 0), axis=0, mode="clip").astype(dtype)
     out = jnp.einsum("tk,tkv->tv", w, vg, precision=precision)
     return idx, nxt, num, out, lse
