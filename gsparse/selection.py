@@ -18,10 +18,12 @@ chunk of it:
   increasing key order (a prefix count in two small matmuls and a scatter),
   and `jax.lax.top_k` on their logits (those below `lo` masked) returns
   exactly the indices, tie order included, of `jax.lax.top_k` on the full
-  row. A chunk where some row flags more than `candidate_blocks` blocks (heavy
-  ties, e.g. a zero query) takes the older route instead: the `k + 1` blocks
-  with the largest maxima by `jax.lax.top_k` (if a logit x lay outside them,
-  the k + 1 kept blocks would each hold a distinct logit ranked before x).
+  row. A row that still flags more than `candidate_blocks` blocks (heavy ties,
+  e.g. a zero query) bisects on until `lo` is exactly the (k+1)-th largest
+  block maximum and keeps the blocks above it plus the lowest blocks equal to
+  it, k + 1 in all: the blocks that `jax.lax.top_k` on the block maxima
+  keeps (if a logit x lay outside them, the k + 1 kept blocks would each hold
+  a distinct logit ranked before x).
   The point of the threshold: on XLA:CPU `jax.lax.top_k` costs ~10-20 us per
   row, more than the matmul of the logits. On the XLA path `topk_attention`
   also computes the output inside the chunk loop from the logits already at
@@ -76,10 +78,6 @@ __all__ = [
 ]
 
 
-# vmap axis names of the batch, kv-head and query-group axes in `_map_heads`.
-_EXACT_AXES = ("gsparse_batch", "gsparse_kv_head", "gsparse_group")
-
-
 @dataclasses.dataclass(frozen=True)
 class ExactSelection:
   """Memory-bounded exact top-k selection (static under `jit`).
@@ -92,12 +90,13 @@ class ExactSelection:
       `sqrt(S / (k + 1))` (a power of two); 1 means a single `top_k` per row.
       Need not divide S.
     search_steps: bisection steps of the threshold search that picks the
-      candidate blocks without a sort; 0 picks them with `jax.lax.top_k` on
-      the block maxima (the result is the same either way, only the speed
-      differs).
+      candidate blocks without a sort (rows that still flag more than
+      `candidate_blocks` blocks, e.g. under heavy ties, keep bisecting until
+      the threshold is exact); 0 picks the blocks with `jax.lax.top_k` on
+      the block maxima. The result is the same either way, only the speed
+      differs.
     candidate_blocks: candidate blocks per row for the threshold search, or
-      None for `k + 33`; a chunk in which some row flags more blocks (heavy
-      ties, such as a zero query) falls back to `top_k` on the block maxima.
+      None for `k + 33` (at least `k + 1` are used).
   """
 
   query_chunk: int = 256
@@ -287,11 +286,9 @@ def _map_heads(fn, query, key, mask, bias, extra=(), value=None):
   m5, max_ = prep(mask)
   b5, bax = prep(bias)
   f = fn
-  # Named axes let a selection reduce a flag over all heads (`_exact_head`).
-  ax_b, ax_k, ax_g = _EXACT_AXES
-  f = jax.vmap(f, in_axes=(0, None, max_[2], bax[2], *[None] * len(extra)), axis_name=ax_g)
-  f = jax.vmap(f, in_axes=(0, 0, max_[1], bax[1], *[None] * len(extra)), axis_name=ax_k)
-  f = jax.vmap(f, in_axes=(0, 0, max_[0], bax[0], *[None] * len(extra)), axis_name=ax_b)
+  f = jax.vmap(f, in_axes=(0, None, max_[2], bax[2], *[None] * len(extra)))
+  f = jax.vmap(f, in_axes=(0, 0, max_[1], bax[1], *[None] * len(extra)))
+  f = jax.vmap(f, in_axes=(0, 0, max_[0], bax[0], *[None] * len(extra)))
   outs = f(q, kk, m5, b5, *extra)
 
   def back(o):  # [B, K, G, T, ...] -> [*batch, T, N, ...]
@@ -389,34 +386,52 @@ def _block_candidates(bm: jax.Array, kk: int, cap: int, steps: int):
   Args:
     bm: `[c, nb]` int32 sortable keys of the block maxima.
     kk: logits wanted per row.
-    cap: candidate slots per row.
-    steps: bisection steps.
+    cap: candidate slots per row, `kk <= cap`.
+    steps: bisection steps always taken; rows that still flag more than
+      `cap` blocks keep bisecting (a while loop) until their threshold is the
+      exact kk-th largest block maximum.
 
   Returns:
     `(bid [c, cap] int32 block ids in increasing order, padded with 0,
-    count [c] int32 blocks flagged, lo [c, 1] int32 key threshold)`. Every
-    logit whose key is >= lo lies in the first `count` blocks of `bid`, and
-    at least `kk` logits have key >= lo, so the top-`kk` logits (ties
-    included) lie there; the result is only complete if `count <= cap`.
+    count [c] int32 blocks flagged (<= cap), lo [c, 1] int32 key threshold)`.
+    The top-`kk` logits of the row lie in the flagged blocks, ties resolved
+    as `jax.lax.top_k` resolves them (towards the lower index), and every
+    logit whose key is below `lo` is outside the top-`kk`.
   """
   c, nb = bm.shape
   g = nb // kk
+  neg = _sortable(jnp.float32(-jnp.inf))
+  fin = bm != neg  # blocks of -inf logits (masked keys) only ever give index -1
   # Invariant: at least kk block maxima are >= lo (hence at least kk logits).
   # The minimum of the maxima of kk disjoint groups of blocks satisfies it.
   lo = jnp.min(jnp.max(bm[:, : g * kk].reshape(c, kk, g), axis=-1), axis=-1)
   hi = jnp.max(bm, axis=-1)
+  flagged = jnp.sum((bm >= lo[:, None]) & fin, axis=-1, dtype=jnp.int32)
 
-  def step(_, state):
-    lo, hi = state
+  def step(state):
+    lo, hi, flagged = state
     mid = (lo >> 1) + (hi >> 1) + ((lo | hi) & 1)  # ceil((lo + hi) / 2) without overflow
-    ok = jnp.sum(bm >= mid[:, None], axis=-1, dtype=jnp.int32) >= kk
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+    n_mid = jnp.sum(bm >= mid[:, None], axis=-1, dtype=jnp.int32)  # mid > -inf: finite only
+    ok = n_mid >= kk
+    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1), jnp.where(ok, n_mid, flagged)
 
-  lo, _ = jax.lax.fori_loop(0, steps, step, (lo, hi), unroll=True)
+  state = jax.lax.fori_loop(0, steps, lambda _, st: step(st), (lo, hi, flagged), unroll=True)
+  # Heavy ties at the threshold (a zero query, equal keys): bisect to the end.
+  # lo == hi is then the kk-th largest block maximum (32 steps at most).
+  lo, hi, flagged = jax.lax.while_loop(
+    lambda st: jnp.any((st[2] > cap) & (st[0] < st[1])), step, state
+  )
   lo = lo[:, None]
-  # Blocks of -inf logits (masked keys) only ever give index -1.
-  flag = (bm >= lo) & (bm != _sortable(jnp.float32(-jnp.inf)))
-  pos = _prefix_count(_pad_axis(flag, -(-nb // 16) * 16, 1, False))[:, :nb]
+  simple = (bm >= lo) & fin
+  # Rows with more than cap blocks >= lo have lo = the kk-th largest maximum:
+  # keep the blocks above it and, among the blocks equal to it, the lowest
+  # ones, exactly kk in all (the blocks `lax.top_k` on the maxima would keep).
+  gt, eq = bm > lo, bm == lo
+  need = kk - jnp.sum(gt, axis=-1, keepdims=True, dtype=jnp.int32)
+  pad = -(-nb // 16) * 16
+  tie = gt | (eq & (_prefix_count(_pad_axis(eq, pad, 1, False))[:, :nb] <= need))
+  flag = jnp.where(flagged[:, None] > cap, tie, simple)
+  pos = _prefix_count(_pad_axis(flag, pad, 1, False))[:, :nb]
   count = pos[:, -1]
   slot = jnp.where(flag, pos - 1, cap)
   bid = jnp.zeros((c, cap + 1), jnp.int32)
@@ -442,7 +457,7 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
   nb = -(-s // b)
   nkb = min(kk, nb)
   two_stage = b > 1 and nkb < nb
-  cap = min(nb, cfg.candidate_blocks if cfg.candidate_blocks is not None else kk + 32)
+  cap = min(nb, max(kk, cfg.candidate_blocks if cfg.candidate_blocks is not None else kk + 32))
   search = two_stage and cfg.search_steps > 0 and cap < nb
   sp = nb * b if two_stage else s
   kpad = _pad_axis(kmat, sp, 0, 0)
@@ -488,12 +503,7 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
     else:
       s3 = logits.reshape(c, nb, b)
       bid, count, lo = _block_candidates(jnp.max(_sortable(s3), axis=-1), kk, cap, cfg.search_steps)
-      # Rows with more than `cap` flagged blocks (heavy ties, e.g. a zero
-      # query) take the top_k route; the flag is summed over the vmapped
-      # heads so that this stays a branch (under a user's vmap it becomes a
-      # select: both routes run, the result is the same).
-      over = jax.lax.psum(jnp.any(count > cap).astype(jnp.int32), _EXACT_AXES)
-      vals, idx = jax.lax.cond(over > 0, by_top_k, lambda s3: from_blocks(s3, bid, count, lo), s3)
+      vals, idx = from_blocks(s3, bid, count, lo)
     idx, nxt = _finish(vals, idx, k)
     if vmat is None:
       return idx, nxt, num
