@@ -73,15 +73,23 @@ def chunked_dense(q, k, v, chunk: int):
   return out.reshape(q.shape[0], *out.shape[2:])
 
 
+def _xla_bytes(compiled) -> int | None:
+  try:
+    ma = compiled.memory_analysis()
+    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes)
+  except Exception:  # noqa: BLE001 -- not every backend reports it
+    return None
+
+
+def compiled_memory(fn, args) -> int | None:
+  """XLA memory estimate (arguments + outputs + temporaries) of `jit(fn)(*args)`, not run."""
+  return _xla_bytes(jax.jit(fn).lower(*args).compile())
+
+
 def compile_and_time(fn, args, repeats: int) -> dict[str, Any]:
   """Compiles `fn` (jit), runs it `repeats` times; median seconds and XLA memory."""
   compiled = jax.jit(fn).lower(*args).compile()
-  mem = None
-  try:
-    ma = compiled.memory_analysis()
-    mem = int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes)
-  except Exception:  # noqa: BLE001 -- not every backend reports it
-    mem = None
+  mem = _xla_bytes(compiled)
   out = jax.block_until_ready(compiled(*args))  # first run (page-in, thread pools)
   times = []
   for _ in range(repeats):
