@@ -766,7 +766,7 @@ def run_sweep(
       comparing parameters). Since the scores are `sigma^2 weight_scale^2`
       times those of the shared draw, the draws, the score matrices and
       their order are computed once per group, and a point costs one pass of
-      softmax arithmetic and one matmul per trial: about 10x faster than
+      softmax arithmetic and one matmul per trial: about 6x faster than
       independent draws at n = 512 (README). Default False: independent
       draws per point (`fold_in(key, point_index)`).
     chunk_size: points per jitted call; default: as many as keep one

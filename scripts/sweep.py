@@ -51,7 +51,7 @@ _CRN = flags.DEFINE_bool(
   False,
   "Share one set of draws among all points of an (n, d) group, rescaled by each point's sigma "
   "and weight scale: points are correlated (their differences less noisy) and the sweep is "
-  "about 10x faster. Default: independent draws per point.",
+  "about 6x faster (n = 512, d = 64). Default: independent draws per point.",
 )
 _CHUNK = flags.DEFINE_integer("chunk_size", None, "Points per jitted call (default: automatic).")
 _SEED = flags.DEFINE_integer("seed", 0, "PRNG seed (and the seed of --random's parameter draw).")
