@@ -469,17 +469,22 @@ def point_inputs(
   return xs, w
 
 
+def _over_trials(trial, xs, zw, resample_weights):
+  """`trial(x, (M, W_V))` vmapped over the draws `xs`, with the weights of `zw`
+  (one set per draw, or one shared set); also the weight statistics (their
+  mean over draws)."""
+  if resample_weights:
+    w = jax.vmap(_weights_from_normals)(zw)
+    wstats = {c: jnp.mean(v) for c, v in jax.vmap(_weight_stats)(w[0]).items()}
+    return jax.vmap(trial)(xs, w), wstats
+  w = _weights_from_normals(zw[0])
+  return jax.vmap(lambda x: trial(x, w))(xs), _weight_stats(w[0])
+
+
 def _one_point(z, sigma, ws, k, eps, *, n, d, rows, trials, resample_weights):
   xs, zw = _split_normals(z, sigma, ws, n=n, d=d, trials=trials, resample_weights=resample_weights)
   trial = functools.partial(_trial_rows, sigma=sigma, k=k, eps=eps, rows=rows)
-  if resample_weights:
-    w = jax.vmap(_weights_from_normals)(zw)
-    per = jax.vmap(trial)(xs, w)
-    wstats = {c: jnp.mean(v) for c, v in jax.vmap(_weight_stats)(w[0]).items()}
-  else:
-    w = _weights_from_normals(zw[0])
-    per = jax.vmap(lambda x: trial(x, w))(xs)
-    wstats = _weight_stats(w[0])
+  per, wstats = _over_trials(trial, xs, zw, resample_weights)
   out = {f"{q}_{s}": _summary(per[q], s) for q, stats in _STATS.items() for s in stats}
   out.update(wstats)
   return out
@@ -601,16 +606,7 @@ def _crn_base(key, *, n, d, rows, trials, resample_weights):
   z = _point_normals(key, 0, _num_normals(n, d, trials, resample_weights))
   one = jnp.float32(1.0)
   xs, zw = _split_normals(z, one, one, n=n, d=d, trials=trials, resample_weights=resample_weights)
-  trial = functools.partial(_crn_trial_base, rows=rows)
-  if resample_weights:
-    w = jax.vmap(_weights_from_normals)(zw)
-    base = jax.vmap(trial)(xs, w)
-    wstats = {c: jnp.mean(v) for c, v in jax.vmap(_weight_stats)(w[0]).items()}
-  else:
-    w = _weights_from_normals(zw[0])
-    base = jax.vmap(lambda x: trial(x, w))(xs)
-    wstats = _weight_stats(w[0])
-  return base, wstats
+  return _over_trials(functools.partial(_crn_trial_base, rows=rows), xs, zw, resample_weights)
 
 
 def _crn_trial_rows(b, c, a, k, eps, *, n):

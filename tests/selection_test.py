@@ -46,6 +46,15 @@ def _assert_same_output(out, ref):
   np.testing.assert_allclose(out, ref, rtol=4e-6, atol=2e-6)
 
 
+def _check_matches_full(q, k, v, m, b, causal, config):
+  """Indices (order included), output and certificate of `config` against "full"."""
+  ref, rs = _topk(q, k, v, b, m, k=5, is_causal=causal, return_stats=True)
+  out, st = _topk(q, k, v, b, m, k=5, is_causal=causal, selection=config, return_stats=True)
+  np.testing.assert_array_equal(st.indices, rs.indices)
+  _assert_same_output(out, ref)
+  np.testing.assert_allclose(st.tail_mass_bound, rs.tail_mass_bound, atol=1e-6)
+
+
 @pytest.mark.parametrize(
   "kind, causal, config",
   [
@@ -62,12 +71,7 @@ def test_exact_matches_full_top_k(kind, causal, config):
   query_chunk=8 does not divide T=37 and key_block=4 does not divide S=53.
   """
   q, k, v, mask, bias = _inputs(0)
-  m, b = _mb(kind, mask, bias)
-  ref, rs = _topk(q, k, v, b, m, k=5, is_causal=causal, return_stats=True)
-  out, st = _topk(q, k, v, b, m, k=5, is_causal=causal, selection=config, return_stats=True)
-  np.testing.assert_array_equal(st.indices, rs.indices)
-  _assert_same_output(out, ref)
-  np.testing.assert_allclose(st.tail_mass_bound, rs.tail_mass_bound, atol=1e-6)
+  _check_matches_full(q, k, v, *_mb(kind, mask, bias), causal, config)
 
 
 @pytest.mark.parametrize("k", [52, 60])
@@ -142,13 +146,8 @@ def test_exact_threshold_search_matches_lax_top_k(config, kind, causal):
   q, k, v, mask, bias = _inputs(21, b=1, t=40, s=300, n=2, kh=1)
   q = q.at[0, 3].set(0.0).at[0, 20:24].set(jnp.round(q[0, 20:24]))
   k = k.at[0, 100:140].set(jnp.round(k[0, 100:140]))
-  m, b = _mb(kind, mask, bias)
-  ref, rs = _topk(q, k, v, b, m, k=5, is_causal=causal, return_stats=True)
-  out, st = _topk(q, k, v, b, m, k=5, is_causal=causal, selection=config, return_stats=True)
-  np.testing.assert_array_equal(st.indices, rs.indices)
-  _assert_same_output(out, ref)
-  np.testing.assert_allclose(st.tail_mass_bound, rs.tail_mass_bound, atol=1e-6)
-  # The same under a user's vmap (the fallback branch becomes a select).
+  _check_matches_full(q, k, v, *_mb(kind, mask, bias), causal, config)
+  # The same under a user's vmap.
   sel = lambda a: select(config, a, k[0], None, None, k=5, scale=0.25, is_causal=False).indices
   q1 = q[0, :, :1]  # [T, 1, H]
   vm = jax.jit(jax.vmap(lambda a: sel(a[None])[0]))(q1)
