@@ -365,19 +365,19 @@ def auto_key_block(s: int, k: int) -> int:
 
 
 def _prefix_count(flags: jax.Array, group: int = 16) -> jax.Array:
-  """Inclusive prefix count of a boolean `[c, m]` along its last axis (m % group == 0).
+  """Inclusive prefix count of a boolean `[c, m]` along its last axis.
 
-  Two small matmuls (within groups, then across group totals) instead of a
-  cumulative sum, which XLA:CPU lowers to a slow scan; exact, since every
-  partial count is an integer below 2**24.
+  Two small matmuls (within groups of `group`, then across group totals)
+  instead of a cumulative sum, which XLA:CPU lowers to a slow scan; exact,
+  since every partial count is an integer below 2**24.
   """
   c, m = flags.shape
-  ng = m // group
-  f = flags.astype(jnp.float32).reshape(c, ng, group)
+  ng = -(-m // group)
+  f = _pad_axis(flags, ng * group, 1, False).astype(jnp.float32).reshape(c, ng, group)
   hi = jax.lax.Precision.HIGHEST
   within = jnp.dot(f, jnp.triu(jnp.ones((group, group), jnp.float32)), precision=hi)
   before = jnp.dot(within[..., -1], jnp.triu(jnp.ones((ng, ng), jnp.float32), 1), precision=hi)
-  return (within + before[..., None]).reshape(c, m).astype(jnp.int32)
+  return (within + before[..., None]).reshape(c, ng * group)[:, :m].astype(jnp.int32)
 
 
 def _block_candidates(bm: jax.Array, kk: int, cap: int, steps: int):
@@ -428,10 +428,9 @@ def _block_candidates(bm: jax.Array, kk: int, cap: int, steps: int):
   # ones, exactly kk in all (the blocks `lax.top_k` on the maxima would keep).
   gt, eq = bm > lo, bm == lo
   need = kk - jnp.sum(gt, axis=-1, keepdims=True, dtype=jnp.int32)
-  pad = -(-nb // 16) * 16
-  tie = gt | (eq & (_prefix_count(_pad_axis(eq, pad, 1, False))[:, :nb] <= need))
+  tie = gt | (eq & (_prefix_count(eq) <= need))
   flag = jnp.where(flagged[:, None] > cap, tie, simple)
-  pos = _prefix_count(_pad_axis(flag, pad, 1, False))[:, :nb]
+  pos = _prefix_count(flag)
   count = pos[:, -1]
   slot = jnp.where(flag, pos - 1, cap)
   bid = jnp.zeros((c, cap + 1), jnp.int32)

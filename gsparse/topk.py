@@ -154,6 +154,7 @@ def topk_attention(
   if not isinstance(return_stats, bool):
     raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
   log_rest = None
+  attended = (None, None)  # (output, logsumexp) when the selection already attended
   if config == "full":
     lg = compute_logits(
       query, key, bias, mask, scale=scale, is_causal=is_causal, precision=precision
@@ -184,35 +185,35 @@ def topk_attention(
     )
     sel = TopKSelection(res_sel.indices, res_sel.next_logit, res_sel.num_keys)
     log_rest = res_sel.log_rest
-    if res_sel.output is not None:  # "exact" on XLA attended in its own pass
-      output = res_sel.output.astype(query.dtype)
-      if not return_stats:
-        return output
-      return output, topk_stats(sel, res_sel.logsumexp, output, value, k)
-  gathered_bias = None
-  if bias is not None:
-    gathered_bias = gather_bias(bias, sel.indices, key.shape[-3])
-  res = sparse_gather_attention(
-    query,
-    key,
-    value,
-    sel.indices,
-    bias=gathered_bias,
-    scale=scale,
-    assume_unique=True,
-    return_residuals=True,
-    precision=precision,
-    implementation=implementation,
-  )
-  output = res.output
+    attended = (res_sel.output, res_sel.logsumexp)  # "exact" on XLA
+  if attended[0] is not None:
+    topk_out, lse_k = attended[0].astype(query.dtype), attended[1]
+  else:
+    gathered_bias = None
+    if bias is not None:
+      gathered_bias = gather_bias(bias, sel.indices, key.shape[-3])
+    res = sparse_gather_attention(
+      query,
+      key,
+      value,
+      sel.indices,
+      bias=gathered_bias,
+      scale=scale,
+      assume_unique=True,
+      return_residuals=True,
+      precision=precision,
+      implementation=implementation,
+    )
+    topk_out, lse_k = res.output, res.logsumexp
+  output = topk_out
   if log_rest is not None:  # LSH normaliser correction: rescale by H / (H + rest).
-    lse = jnp.logaddexp(res.logsumexp, log_rest)
-    factor = jnp.where(jnp.isfinite(lse), jnp.exp(res.logsumexp - lse), 0.0)
+    lse = jnp.logaddexp(lse_k, log_rest)
+    factor = jnp.where(jnp.isfinite(lse), jnp.exp(lse_k - lse), 0.0)
     output = (output * factor[..., None]).astype(output.dtype)
   if not return_stats:
     return output
   # The certificate is about the renormalised top-k output (before any LSH correction).
-  return output, topk_stats(sel, res.logsumexp, res.output, value, k)
+  return output, topk_stats(sel, lse_k, topk_out, value, k)
 
 
 def topk_stats(
