@@ -398,8 +398,28 @@ def _summary(values: jax.Array, stat: str) -> jax.Array:
     return jnp.max(values)
   if stat == "min":
     return jnp.min(values)
-  q = {"q50": 0.5, "q99": 0.99}[stat]
-  return jnp.quantile(values, q)
+  return _quantile(values, {"q50": 0.5, "q99": 0.99}[stat])
+
+
+def _quantile(v: jax.Array, q: float) -> jax.Array:
+  """`jnp.quantile(v, q)` (linear interpolation) of a 1-D `v`, without a sort.
+
+  The two order statistics around position `q (N - 1)` come from the
+  bisection of `_kth_largest` and one masked minimum: about 1.15x the whole
+  sweep's speed at n = 512, where XLA:CPU's sort (a comparator call per
+  comparison) cost more than the rest of the summaries together.
+  """
+  size = v.shape[0]
+  pos = q * (size - 1)
+  lo = int(math.floor(pos))
+  frac = pos - lo
+  a = _kth_largest(v[None], jnp.int32(size - lo))[0]  # the (lo+1)-th smallest
+  if frac == 0:
+    return a
+  # The (lo+2)-th smallest: `a` again if it is repeated, else the next value up.
+  nxt = jnp.min(jnp.where(v > a, v, jnp.inf))
+  b = jnp.where(jnp.sum(v <= a) >= lo + 2, a, nxt)
+  return a + frac * (b - a)
 
 
 def _point_normals(key, index, size):
@@ -583,30 +603,56 @@ def _group_key(key: jax.Array, n: int, d: int) -> jax.Array:
   return jax.random.fold_in(jax.random.fold_in(jax.random.fold_in(key, _CRN_TAG), n), d)
 
 
-def _crn_trial_base(x, w, *, rows):
-  """What every point of a group needs from one standard draw `x [n, d]`, `w = (M0, W_V0)`."""
+def _crn_trial_base(x, w, *, rows, head_cap):
+  """What every point of a group needs from one standard draw `x [n, d]`, `w = (M0, W_V0)`.
+
+  With a static `head_cap` (every k of the group is <= it) also the rank of
+  each score in its row and the value rows of the `head_cap` largest scores,
+  in order, so that a point gets its head from those instead of a matmul.
+  """
   m, w_v = w
   u = x[:rows] @ m
   s = u @ x.T  # [R, n] scores at sigma = weight_scale = 1
   v = x @ w_v
   center = jnp.mean(v, axis=0)
-  return {
+  base = {
     "s": s,
-    "sorted": -jnp.sort(-s, axis=-1),  # descending: the k-th largest is column k - 1
     "u_norm": jnp.linalg.norm(u, axis=-1),
     "v": v,
     "center": center,
     "radius": jnp.max(jnp.linalg.norm(v - center, axis=-1)),
     "v_max": jnp.max(jnp.linalg.norm(v, axis=-1)),
   }
+  if head_cap is None:
+    base["sorted"] = -jnp.sort(-s, axis=-1)  # descending: the k-th largest is column k - 1
+    return base
+  order = jnp.argsort(-s, axis=-1, stable=True)  # descending; ties: lower index first
+  base["sorted"] = jnp.take_along_axis(s, order, axis=-1)
+  base["rank"] = jnp.argsort(order, axis=-1).astype(jnp.int32)  # the inverse permutation
+  base["v_head"] = v[order[:, :head_cap]]  # [R, head_cap, d]
+  return base
 
 
-@functools.partial(jax.jit, static_argnames=("n", "d", "rows", "trials", "resample_weights"))
-def _crn_base(key, *, n, d, rows, trials, resample_weights):
+@functools.partial(
+  jax.jit, static_argnames=("n", "d", "rows", "trials", "resample_weights", "head_cap")
+)
+def _crn_base(key, *, n, d, rows, trials, resample_weights, head_cap):
   z = _point_normals(key, 0, _num_normals(n, d, trials, resample_weights))
   one = jnp.float32(1.0)
   xs, zw = _split_normals(z, one, one, n=n, d=d, trials=trials, resample_weights=resample_weights)
-  return _over_trials(functools.partial(_crn_trial_base, rows=rows), xs, zw, resample_weights)
+  trial = functools.partial(_crn_trial_base, rows=rows, head_cap=head_cap)
+  return _over_trials(trial, xs, zw, resample_weights)
+
+
+def _crn_head_cap(ks: np.ndarray, *, n: int, d: int, rows: int, trials: int) -> int | None:
+  """The static head size of a group's points (the next power of two >= their
+  largest k), or None where a head gather would not pay: a head over a
+  quarter of the row (the gather then costs about what the matmul it
+  replaces does), or gathered value rows above 2^25 elements (128 MiB)."""
+  cap = min(n, 1 << max(0, int(ks.max()) - 1).bit_length())
+  if 4 * cap > n or trials * rows * cap * d > 1 << 25:
+    return None
+  return cap
 
 
 def _crn_trial_rows(b, c, a, k, eps, *, n):
@@ -614,12 +660,24 @@ def _crn_trial_rows(b, c, a, k, eps, *, n):
   `c = sigma^2 weight_scale^2` and values by `a = sigma weight_scale`, so the
   top-k set and the order of the scores are those of the shared draw."""
   top = b["sorted"][:, :1]  # the row maximum of the shared scores
-  e = jnp.exp(c * (b["s"] - top))  # the only exponential pass; p = e / z
+  e = jnp.exp(c * (b["s"] - top))  # the only full exponential pass; p = e / z
   z = jnp.sum(e, axis=-1)
-  kth0 = jnp.take(b["sorted"], k - 1, axis=-1)
-  in_head = b["s"] >= kth0[:, None]
-  eh = jnp.where(in_head, e, 0.0)
-  et = jnp.where(in_head, 0.0, e)
+  if "rank" in b:
+    # The head from the value rows of the largest scores, gathered once per
+    # group: the one matmul left is the tail's. The head is exactly k keys
+    # (ties by lower index, as `lax.top_k`).
+    cap = b["v_head"].shape[1]
+    in_head = b["rank"] < k
+    eh = jnp.where(jnp.arange(cap) < k, jnp.exp(c * (b["sorted"][:, :cap] - top)), 0.0)
+    et = jnp.where(in_head, 0.0, e)
+    head_sum = jnp.einsum("rj,rjd->rd", eh, b["v_head"])
+    tail_sum = et @ b["v"]
+  else:
+    kth0 = jnp.take(b["sorted"], k - 1, axis=-1)
+    in_head = b["s"] >= kth0[:, None]
+    eh = jnp.where(in_head, e, 0.0)
+    et = jnp.where(in_head, 0.0, e)
+    head_sum, tail_sum = jnp.stack([eh, et]) @ b["v"]  # one matmul for head and tail
   zh, zt = jnp.sum(eh, axis=-1), jnp.sum(et, axis=-1)
   # log of the kept normaliser: the row maximum is kept, so zh >= 1.
   head_lse = jnp.log(zh) + c * top[:, 0]
@@ -627,9 +685,8 @@ def _crn_trial_rows(b, c, a, k, eps, *, n):
   nxt = jnp.take(b["sorted"], jnp.minimum(k, n - 1), axis=-1)
   next_logit = jnp.where(k < n, c * nxt, -jnp.inf)
   tail = zt / z
-  mu = jnp.stack([eh, et]) @ b["v"]  # [2, R, d], one matmul for head and tail
-  mu_head = a * mu[0] / zh[:, None]
-  mu_tail = jnp.where(zt[:, None] > 0, a * mu[1] / jnp.where(zt > 0, zt, 1.0)[:, None], 0.0)
+  mu_head = a * head_sum / zh[:, None]
+  mu_tail = jnp.where(zt[:, None] > 0, a * tail_sum / jnp.where(zt > 0, zt, 1.0)[:, None], 0.0)
   error = tail * jnp.linalg.norm(mu_tail - mu_head, axis=-1)
   cert_tail = tail_mass_certificate(head_lse, next_logit, n, k)
   cert_error = cert_tail * (jnp.linalg.norm(mu_head - a * b["center"], axis=-1) + a * b["radius"])
@@ -705,10 +762,14 @@ def _crn_group(
 ) -> int:  # fmt: skip
   """Measures the points `sel` of one `(n, d)` group with common random numbers."""
   ndev = 1 if mesh is None else mesh.devices.size
+  head_cap = _crn_head_cap(cols["k"][sel], n=n, d=d, rows=rows, trials=trials)
   base, wstats = _crn_base(
-    _group_key(key, n, d), n=n, d=d, rows=rows, trials=trials, resample_weights=resample_weights
-  )
-  batch = max(1, max_elements // (trials * rows * n))
+    _group_key(key, n, d), n=n, d=d, rows=rows, trials=trials,
+    resample_weights=resample_weights, head_cap=head_cap,
+  )  # fmt: skip
+  # A point's arrays are small next to the cache here: 4 points per lax.map
+  # step ran 1.5x faster than 1 at n = 512 (fewer, larger ops), 8 no faster.
+  batch = max(1, 4 * max_elements // (trials * rows * n))
   size = chunk_size or 1024
   size = max(ndev, -(-size // ndev) * ndev)
   size = min(size, -(-len(sel) // ndev) * ndev)
@@ -761,14 +822,15 @@ def run_sweep(
       differences are much less noisy: the usual variance reduction for
       comparing parameters). Since the scores are `sigma^2 weight_scale^2`
       times those of the shared draw, the draws, the score matrices and
-      their order are computed once per group, and a point costs one pass of
-      softmax arithmetic and one matmul per trial: about 6x faster than
+      their order (and, for k <= n/4, the value rows of the largest scores)
+      are computed once per group, and a point costs one pass of softmax
+      arithmetic and the tail's matmul per trial: about 15x faster than
       independent draws at n = 512 (README). Default False: independent
       draws per point (`fold_in(key, point_index)`).
     chunk_size: points per jitted call; default: as many as keep one
       `[chunk, trials, rows, n]` array under `max_elements` elements, rounded
       to a multiple of the device count (with `common_random_numbers`: up to
-      1024 points per call, `lax.map`-ped in batches of that size).
+      1024 points per call, `lax.map`-ped in batches of 4x that size).
     max_elements: target size of one `[chunk, trials, rows, n]` array for the
       default chunk size. The default (2^18 float32 = 1 MiB) keeps the working
       set in cache: on CPU, one n=512, 16-trial point per call ran twice as

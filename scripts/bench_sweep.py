@@ -5,7 +5,10 @@ Runs `gsparse.sweep.run_sweep` over `--points` random parameter points with
 throughput with two loops that compute the same measures one call at a time:
 
   * per point: one jitted call per point (trials vmapped inside the call),
-  * per trial: one jitted call per (point, trial), the naive loop.
+  * per trial: one jitted call per (point, trial), the naive loop;
+  * per point, common random numbers: the shared draws computed once, then one
+    jitted call per point of the same rescaled computation the
+    `common_random_numbers=True` sweep does (the fair baseline for that mode).
 
 The sweep runs in both of its modes: independent draws per point (the
 default; the same computation as the loops) over `--independent_points`
@@ -139,8 +142,28 @@ def main(argv):
         )
         jax.device_get(r)
 
+  # The common-random-numbers estimator one point at a time: the group's
+  # shared draws computed once (as the sweep does), then one jitted call per point.
+  crn_point = jax.jit(sweep._crn_point, static_argnames=("n",))
+  crn_ks = np.asarray(pts["k"])  # the head size the sweep uses
+  head_cap = sweep._crn_head_cap(crn_ks, n=n, d=d, rows=rows, trials=trials)
+  base, wstats = sweep._crn_base(
+    sweep._group_key(key, n, d), n=n, d=d, rows=rows, trials=trials,
+    resample_weights=False, head_cap=head_cap,
+  )  # fmt: skip
+
+  def per_point_crn(b):
+    for i in range(b):
+      args = (pts["sigma"][i], pts["weight_scale"][i], pts["k"][i], pts["eps"][i])
+      args = [np.float32(a) if j != 2 else np.int32(a) for j, a in enumerate(args)]
+      jax.device_get(crn_point(base, wstats, *args, n=n))
+
   loops = {}
-  for name, fn in (("per_point", per_point), ("per_trial", per_trial)):
+  for name, fn in (
+    ("per_point", per_point),
+    ("per_trial", per_trial),
+    ("per_point_crn", per_point_crn),
+  ):
     fn(1)  # warm-up: compiles this loop's call shape
     times = []
     for _ in range(_REPEATS.value):
@@ -177,11 +200,14 @@ def main(argv):
     res[f"{mode}_seconds_for_points"] = per_point_s * _POINTS.value
     res[f"{mode}_speedup_vs_per_point_loop"] = loops["per_point"] / per_point_s
     res[f"{mode}_speedup_vs_per_trial_loop"] = loops["per_trial"] / per_point_s
+    if mode == "crn":  # against a loop of the same (shared-draw) estimator
+      res["crn_speedup_vs_per_point_crn_loop"] = loops["per_point_crn"] / per_point_s
     res[f"{mode}_s_per_trial_over_dense_attention"] = per_point_s / trials / dense_per_trial
   res.update(
     {
       "loop_per_point_points_per_s": 1 / loops["per_point"],
       "loop_per_trial_points_per_s": 1 / loops["per_trial"],
+      "loop_per_point_crn_points_per_s": 1 / loops["per_point_crn"],
       "baseline_points": b,
       "dense_attention_s_per_trial": dense_per_trial,
     }

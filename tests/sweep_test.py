@@ -33,9 +33,13 @@ def _direct(x, w, *, k, eps, rows):
   }
 
 
-# (True, False) shares every line with these two but the draws' source.
-@pytest.mark.parametrize("resample_weights, crn", [(False, False), (True, True)])
-def test_sweep_matches_direct_computation(resample_weights, crn):
+# (True, False) shares every line with these but the draws' source. With
+# crn, k <= n / 4 takes the head from gathered value rows, larger k the matmul.
+@pytest.mark.parametrize(
+  "resample_weights, crn, ks",
+  [(False, False, (2, 3)), (True, True, (2, 3)), (False, True, (3, 12))],
+)
+def test_sweep_matches_direct_computation(resample_weights, crn, ks):
   """Every column against the public per-matrix functions on the same draws; with
   common random numbers (crn) the draws are the group's, rescaled per point."""
   key = jax.random.key(7)
@@ -46,7 +50,7 @@ def test_sweep_matches_direct_computation(resample_weights, crn):
     "d": [d, d],
     "sigma": [0.8, 1.7],
     "weight_scale": [0.4, 0.4],
-    "k": [2, 3],
+    "k": list(ks),
     "eps": [0.05, 0.02],
   }
   table = sweep.run_sweep(
