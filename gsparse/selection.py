@@ -64,6 +64,7 @@ from jax.typing import ArrayLike
 
 from gsparse import _checks
 from gsparse._numerics import sortable_int32 as _sortable
+from gsparse._numerics import top_k as _top_k
 from gsparse.attention import compute_dtype, masked_softmax_lse
 
 __all__ = [
@@ -473,11 +474,11 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
     if count is not None:  # padding slots, and logits that cannot be in the top-kk
       keep = jnp.arange(bid.shape[1])[None, :, None] < count[:, None, None]
       cand = jnp.where(keep & (_sortable(cand) >= lo[..., None]), cand, -jnp.inf)
-    vals, pos = jax.lax.top_k(cand.reshape(c, -1), kk)
+    vals, pos = _top_k(cand.reshape(c, -1), kk)
     return vals, jnp.take_along_axis(bid, pos // b, axis=-1) * b + pos % b
 
   def by_top_k(s3):
-    _, bid = jax.lax.top_k(jnp.max(s3, axis=-1), nkb)
+    _, bid = _top_k(jnp.max(s3, axis=-1), nkb)
     return from_blocks(s3, jnp.sort(bid, axis=-1))
 
   def body(x):
@@ -496,7 +497,7 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
       precision=precision,
     )
     if not two_stage:
-      vals, idx = jax.lax.top_k(logits, kk)
+      vals, idx = _top_k(logits, kk)
     elif not search:
       vals, idx = by_top_k(logits.reshape(c, nb, b))
     else:
@@ -587,7 +588,7 @@ def _block_head(q, kmat, mask, bias, *, k, scale, is_causal, cfg, precision):
       if bc is not None:
         rank = rank + jnp.where(block_ok, bmax, 0)
       rank = jnp.where(block_ok, rank, -inf)
-    _, bid = jax.lax.top_k(rank, nsel)
+    _, bid = _top_k(rank, nsel)
     bid = jnp.sort(bid, axis=-1)
     kept = jnp.zeros((c, nb), bool).at[jnp.arange(c)[:, None], bid].set(True)
     drop_bound = jnp.max(jnp.where(kept, -inf, ub), axis=-1)
@@ -605,7 +606,7 @@ def _block_head(q, kmat, mask, bias, *, k, scale, is_causal, cfg, precision):
     else:
       ok = jnp.take_along_axis(valid_cols, pos, axis=-1)
     logits = jnp.where(ok, logits, -inf)
-    vals, p = jax.lax.top_k(logits, kk)
+    vals, p = _top_k(logits, kk)
     idx, nxt = _finish(vals, jnp.take_along_axis(pos, p, axis=-1), k)
     if kk <= k:  # every candidate kept: no candidate bound
       nxt = jnp.full_like(nxt, -inf)
@@ -723,7 +724,7 @@ def _lsh_head(q, kmat, mask, bias, proj, sample_key, *, k, scale, is_causal, cfg
     sc = sc + _at(bias, rows[:, None], safe).astype(dtype)
   sc = jnp.where(ok, sc, neg)
   kk = min(k + 1, sc.shape[1])
-  vals, p = jax.lax.top_k(sc, kk)
+  vals, p = _top_k(sc, kk)
   idx, nxt = _finish(vals, jnp.take_along_axis(cand_idx, p, axis=-1), k)
   if kk <= k:
     nxt = jnp.full_like(nxt, neg)

@@ -23,6 +23,7 @@ from jax.typing import ArrayLike
 
 from gsparse import _checks
 from gsparse._numerics import safe_norm
+from gsparse._numerics import top_k as _top_k
 
 
 def _rows(p: ArrayLike) -> jax.Array:
@@ -74,7 +75,7 @@ def topk_mask(p: ArrayLike, k: int) -> jax.Array:
   n = p.shape[-1]
   k = _checks.check_int("k", k, minimum=1)
   kk = min(k, n)
-  _, idx = jax.lax.top_k(p, kk)
+  _, idx = _top_k(p, kk)
   onehot = jax.nn.one_hot(idx, n, dtype=jnp.bool_)  # [..., kk, n]
   return jnp.any(onehot, axis=-2)
 

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from gsparse import _checks
+from gsparse._numerics import top_k as _top_k
 from gsparse.attention import compute_logits
 from gsparse.certificate import output_error_certificate, tail_mass_certificate
 from gsparse.gather import resolve_implementation, sparse_gather_attention
@@ -70,7 +71,7 @@ def select_topk_full(logits: jax.Array, valid: jax.Array | None, k: int) -> TopK
   kk = min(k + 1, s)
   neg = jnp.asarray(-jnp.inf, logits.dtype)
   masked = logits if valid is None else jnp.where(valid, logits, neg)
-  vals, idx = jax.lax.top_k(masked, kk)
+  vals, idx = _top_k(masked, kk)
   if valid is None:
     num_keys = jnp.full(logits.shape[:-1], s, jnp.int32)
     sel_valid = jnp.ones(idx.shape, bool)

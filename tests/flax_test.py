@@ -349,6 +349,48 @@ class PolicyTest(parameterized.TestCase):
     np.testing.assert_allclose(got, want, atol=1e-4)
 
 
+def _certified_reference(w, t_max, ks, tol):
+  """NumPy: smallest candidate whose bound from the first-k slots' share is <= tol."""
+  share = np.cumsum(w, axis=-1) / w.sum(-1, keepdims=True)
+  bounds = np.clip(1.0 - share[..., np.asarray(ks) - 1] * (1.0 - t_max[..., None]), 0.0, 1.0)
+  ok = bounds <= tol
+  first = np.where(ok.any(-1), ok.argmax(-1), len(ks) - 1)
+  return np.asarray(ks)[first], np.take_along_axis(bounds, first[..., None], -1)[..., 0]
+
+
+def test_certified_num_keys_heaviest_first_or_in_slot_order():
+  # 200 rows of 16 slot weights; "full" and "exact" give them in decreasing
+  # order (in_slot_order=True needs no sort), other selections in any order.
+  rng = np.random.default_rng(0)
+  w = rng.exponential(size=(200, 16)) ** 3
+  w /= w.sum(-1, keepdims=True)
+  t_max = rng.uniform(0.0, 0.1, size=200)
+  ks, tol = (1, 2, 4, 8, 16), 0.3
+  w_sorted = -np.sort(-w, axis=-1)
+  want_k, want_b = _certified_reference(w_sorted, t_max, ks, tol)
+  for weights, in_order in ((w_sorted, True), (w_sorted, False), (w, False)):
+    k, b = gf.certified_num_keys(
+      jnp.asarray(weights), jnp.asarray(t_max), ks, tol, in_slot_order=in_order
+    )
+    np.testing.assert_array_equal(k, want_k)
+    np.testing.assert_allclose(b, want_b, rtol=1e-5, atol=1e-6)
+  # In slot order on unsorted weights: the bound of keeping the first k slots.
+  k, b = gf.certified_num_keys(jnp.asarray(w), jnp.asarray(t_max), ks, tol, in_slot_order=True)
+  ref_k, ref_b = _certified_reference(w, t_max, ks, tol)
+  np.testing.assert_array_equal(k, ref_k)
+  np.testing.assert_allclose(b, ref_b, rtol=1e-5, atol=1e-6)
+  assert np.any(ref_k != want_k)  # the order matters on these rows
+
+
+def test_only_sorted_selections_keep_slots_in_order():
+  from gsparse.flax.attention import _slots_in_logit_order
+
+  assert _slots_in_logit_order("full") and _slots_in_logit_order("exact")
+  assert _slots_in_logit_order(gsparse.ExactSelection(query_chunk=8))
+  assert not _slots_in_logit_order("block") and not _slots_in_logit_order("lsh")
+  assert not _slots_in_logit_order(gsparse.BlockSelection(block_size=4, num_blocks=2))
+
+
 def test_docstring_examples_run():
   for mod in (gf_attention, gf_policies):
     result = doctest.testmod(mod, optionflags=doctest.ELLIPSIS)

@@ -38,6 +38,7 @@ import gsparse.topk as _topk
 from gsparse import _checks
 from gsparse.flax.policies import CertifiedK, KPolicy, as_policy
 from gsparse.gather import gather_kv, sparse_gather_attention
+from gsparse.selection import ExactSelection
 
 
 class SparseAttentionResult(NamedTuple):
@@ -109,7 +110,12 @@ def _gather_bias(bias, indices: jax.Array, logits_shape: tuple[int, ...]) -> jax
 
 
 def certified_num_keys(
-  weights: jax.Array, tail_max: jax.Array, candidates: tuple[int, ...], tol: float
+  weights: jax.Array,
+  tail_max: jax.Array,
+  candidates: tuple[int, ...],
+  tol: float,
+  *,
+  in_slot_order: bool = False,
 ) -> tuple[jax.Array, jax.Array]:
   """Per query, the smallest candidate k whose certified tail mass is <= tol.
 
@@ -119,13 +125,19 @@ def certified_num_keys(
     tail_max: `[...]` certified bound on the mass outside the selection.
     candidates: sorted static candidate counts, the last one `<= k_max`.
     tol: tolerance.
+    in_slot_order: if True, `W_k` is the mass of the first k slots (the keys
+      kept are then the first k slots) instead of the k heaviest. The bound
+      holds for any kept subset (see `CertifiedK`); for the selections "full"
+      and "exact", whose slots are in decreasing logit order, the two agree
+      up to rounding, and no sort is needed (XLA:CPU sorts with a comparator
+      call per comparison).
 
   Returns:
     `(k [...] int32, bound [...])`: the chosen count and its certified bound
     `1 - (W_k / W)(1 - tail_max)` (for an empty row: the chosen count is the
     smallest candidate and the bound 0).
   """
-  w = -jnp.sort(-weights, axis=-1)  # descending
+  w = weights if in_slot_order else -jnp.sort(-weights, axis=-1)  # descending
   share = jnp.cumsum(w, axis=-1)
   total = share[..., -1:]
   empty = total[..., 0] <= 0
@@ -251,13 +263,21 @@ def sparse_attention(
       return_residuals=True,
       precision=precision,
     )
-    num_kept, tail = certified_num_keys(pre.weights, tail, policy.candidates(s), policy.tol)
+    # "full" and "exact" return the slots in decreasing logit order: keep the
+    # first k slots, with no sort. Other selections: keep the k heaviest.
+    in_order = _slots_in_logit_order(topk_kwargs.get("selection", "full"))
+    num_kept, tail = certified_num_keys(
+      pre.weights, tail, policy.candidates(s), policy.tol, in_slot_order=in_order
+    )
     if policy.granularity == "call":
       num_kept = jnp.broadcast_to(jnp.max(num_kept), num_kept.shape)
-      tail = _bound_at(pre.weights, stats.tail_mass_bound, num_kept)
-    # Rank of each slot by weight (0 = heaviest); drop ranks >= num_kept.
-    order = jnp.argsort(-pre.weights, axis=-1, stable=True)
-    rank = jnp.argsort(order, axis=-1)
+      tail = _bound_at(pre.weights, stats.tail_mass_bound, num_kept, in_order)
+    # Rank of each slot (0 = kept first); drop ranks >= num_kept.
+    if in_order:
+      rank = jnp.arange(indices.shape[-1])
+    else:
+      order = jnp.argsort(-pre.weights, axis=-1, stable=True)
+      rank = jnp.argsort(order, axis=-1)
     indices = jnp.where(rank < num_kept[..., None], indices, -1)
   res = sparse_gather_attention(
     query,
@@ -285,9 +305,16 @@ def sparse_attention(
   return SparseAttentionResult(output, indices, weights, num_kept, tail)
 
 
-def _bound_at(weights: jax.Array, tail_max: jax.Array, num_kept: jax.Array) -> jax.Array:
+def _slots_in_logit_order(selection) -> bool:
+  """Whether `topk_attention`'s `selection` returns its slots in decreasing logit order."""
+  return selection in ("full", "exact") or isinstance(selection, ExactSelection)
+
+
+def _bound_at(
+  weights: jax.Array, tail_max: jax.Array, num_kept: jax.Array, in_slot_order: bool
+) -> jax.Array:
   """Certified tail bound `1 - (W_k/W)(1 - tail_max)` at a traced per-query k."""
-  w = -jnp.sort(-weights, axis=-1)
+  w = weights if in_slot_order else -jnp.sort(-weights, axis=-1)
   share = jnp.cumsum(w, axis=-1)
   total = share[..., -1]
   head = jnp.take_along_axis(share, (num_kept - 1)[..., None], axis=-1)[..., 0]
