@@ -352,14 +352,33 @@ def _trial_rows(x, w, sigma, k, eps, *, rows: int):
   next_logit = jnp.where(ties, kth, below)  # the (k+1)-th largest score
   ph = jnp.where(in_head, p, 0.0)
   pt = p - ph
-  head, tail = jnp.sum(ph, axis=-1), jnp.sum(pt, axis=-1)
+  tail = jnp.sum(pt, axis=-1)
   v = x @ w_v  # [n, h]
-  mu_head = (ph @ v) / head[:, None]
-  mu_tail = jnp.where(tail[:, None] > 0, (pt @ v) / jnp.where(tail > 0, tail, 1.0)[:, None], 0.0)
+  center = jnp.mean(v, axis=0)
+  return _row_measures(
+    tau=tau, min_k=min_k, support=support, head_sum=ph @ v, tail_sum=pt @ v,
+    head_mass=jnp.sum(ph, axis=-1), tail_mass=tail, tail=tail,
+    head_lse=head_lse, next_logit=next_logit, center=center,
+    radius=jnp.max(jnp.linalg.norm(v - center, axis=-1)),
+    v_max=jnp.max(jnp.linalg.norm(v, axis=-1)), n=n, k=k,
+  )  # fmt: skip
+
+
+def _row_measures(
+  *, tau, min_k, support, head_sum, tail_sum, head_mass, tail_mass, tail, head_lse, next_logit,
+  center, radius, v_max, n, k,
+):  # fmt: skip
+  """The error and certificate columns of a trial from its head and tail sums.
+
+  `head_sum`, `tail_sum` `[R, h]` are the (unnormalised) weighted value sums of
+  the top-k set and of the rest, `head_mass`, `tail_mass` their weights (any
+  common scale), `tail` the softmax mass outside the top k.
+  """
+  mu_head = head_sum / head_mass[:, None]
+  safe = jnp.where(tail_mass > 0, tail_mass, 1.0)[:, None]
+  mu_tail = jnp.where(tail_mass[:, None] > 0, tail_sum / safe, 0.0)
   error = tail * jnp.linalg.norm(mu_tail - mu_head, axis=-1)  # exact identity (fact 2)
   cert_tail = tail_mass_certificate(head_lse, next_logit, n, k)
-  center = jnp.mean(v, axis=0)
-  radius = jnp.max(jnp.linalg.norm(v - center, axis=-1))
   cert_error = cert_tail * (jnp.linalg.norm(mu_head - center, axis=-1) + radius)
   return {
     "tau": tau,
@@ -369,7 +388,7 @@ def _trial_rows(x, w, sigma, k, eps, *, rows: int):
     "error": error,
     "cert_tail": cert_tail,
     "cert_error": cert_error,
-    "v_norm": jnp.broadcast_to(jnp.max(jnp.linalg.norm(v, axis=-1)), tau.shape),
+    "v_norm": jnp.broadcast_to(v_max, tau.shape),
   }
 
 
@@ -684,23 +703,12 @@ def _crn_trial_rows(b, c, a, k, eps, *, n):
   # The (k+1)-th largest score (equal to the k-th one under ties), -inf when k = n.
   nxt = jnp.take(b["sorted"], jnp.minimum(k, n - 1), axis=-1)
   next_logit = jnp.where(k < n, c * nxt, -jnp.inf)
-  tail = zt / z
-  mu_head = a * head_sum / zh[:, None]
-  mu_tail = jnp.where(zt[:, None] > 0, a * tail_sum / jnp.where(zt > 0, zt, 1.0)[:, None], 0.0)
-  error = tail * jnp.linalg.norm(mu_tail - mu_head, axis=-1)
-  cert_tail = tail_mass_certificate(head_lse, next_logit, n, k)
-  cert_error = cert_tail * (jnp.linalg.norm(mu_head - a * b["center"], axis=-1) + a * b["radius"])
-  tau = c * b["u_norm"]
-  return {
-    "tau": tau,
-    "min_k": jnp.sum(e > eps * z[:, None], axis=-1, dtype=jnp.int32),
-    "support": z * z / jnp.sum(e * e, axis=-1),
-    "tail": tail,
-    "error": error,
-    "cert_tail": cert_tail,
-    "cert_error": cert_error,
-    "v_norm": jnp.broadcast_to(a * b["v_max"], tau.shape),
-  }
+  return _row_measures(
+    tau=c * b["u_norm"], min_k=jnp.sum(e > eps * z[:, None], axis=-1, dtype=jnp.int32),
+    support=z * z / jnp.sum(e * e, axis=-1), head_sum=a * head_sum, tail_sum=a * tail_sum,
+    head_mass=zh, tail_mass=zt, tail=zt / z, head_lse=head_lse, next_logit=next_logit,
+    center=a * b["center"], radius=a * b["radius"], v_max=a * b["v_max"], n=n, k=k,
+  )  # fmt: skip
 
 
 def _crn_point(base, wstats, sigma, ws, k, eps, *, n):
