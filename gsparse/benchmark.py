@@ -73,7 +73,8 @@ def chunked_dense(q, k, v, chunk: int):
   return out.reshape(q.shape[0], *out.shape[2:])
 
 
-def _xla_bytes(compiled) -> int | None:
+def xla_bytes(compiled) -> int | None:
+  """XLA memory estimate (arguments + outputs + temporaries) of a compiled program."""
   try:
     ma = compiled.memory_analysis()
     return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes)
@@ -83,13 +84,13 @@ def _xla_bytes(compiled) -> int | None:
 
 def compiled_memory(fn, args) -> int | None:
   """XLA memory estimate (arguments + outputs + temporaries) of `jit(fn)(*args)`, not run."""
-  return _xla_bytes(jax.jit(fn).lower(*args).compile())
+  return xla_bytes(jax.jit(fn).lower(*args).compile())
 
 
 def compile_and_time(fn, args, repeats: int) -> dict[str, Any]:
   """Compiles `fn` (jit), runs it `repeats` times; median seconds and XLA memory."""
   compiled = jax.jit(fn).lower(*args).compile()
-  mem = _xla_bytes(compiled)
+  mem = xla_bytes(compiled)
   out = jax.block_until_ready(compiled(*args))  # first run (page-in, thread pools)
   times = []
   for _ in range(repeats):

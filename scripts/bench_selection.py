@@ -104,8 +104,8 @@ def _interleaved(fn, dense_fn, args, repeats):
       out[n] = jax.block_until_ready(c(*args))
       times[n].append(time.perf_counter() - t0)
   res = {
-    n: {"time_s": statistics.median(t), "times_s": t, "xla_bytes": bm.compiled_memory(f, args)}
-    for (n, t), f in zip(times.items(), (fn, dense_fn), strict=True)
+    n: {"time_s": statistics.median(t), "times_s": t, "xla_bytes": bm.xla_bytes(compiled[n])}
+    for n, t in times.items()
   }
   res["selection"]["out"] = out["selection"]
   res["ratio"] = statistics.median(

@@ -38,7 +38,7 @@ import gsparse.topk as _topk
 from gsparse import _checks
 from gsparse.flax.policies import CertifiedK, KPolicy, as_policy
 from gsparse.gather import gather_kv, sparse_gather_attention
-from gsparse.selection import ExactSelection
+from gsparse.selection import ExactSelection, resolve_selection
 
 
 class SparseAttentionResult(NamedTuple):
@@ -137,11 +137,7 @@ def certified_num_keys(
     `1 - (W_k / W)(1 - tail_max)` (for an empty row: the chosen count is the
     smallest candidate and the bound 0).
   """
-  w = weights if in_slot_order else -jnp.sort(-weights, axis=-1)  # descending
-  share = jnp.cumsum(w, axis=-1)
-  total = share[..., -1:]
-  empty = total[..., 0] <= 0
-  share = share / jnp.where(total > 0, total, 1.0)
+  share, empty = _head_shares(weights, in_slot_order)
   cand = jnp.asarray(candidates, jnp.int32)
   head = jnp.take(share, cand - 1, axis=-1)  # [..., C]
   bounds = jnp.clip(1.0 - head * (1.0 - tail_max[..., None]), 0.0, 1.0)
@@ -265,7 +261,8 @@ def sparse_attention(
     )
     # "full" and "exact" return the slots in decreasing logit order: keep the
     # first k slots, with no sort. Other selections: keep the k heaviest.
-    in_order = _slots_in_logit_order(topk_kwargs.get("selection", "full"))
+    default = inspect.signature(_topk.topk_attention).parameters["selection"].default
+    in_order = _slots_in_logit_order(topk_kwargs.get("selection", default))
     num_kept, tail = certified_num_keys(
       pre.weights, tail, policy.candidates(s), policy.tol, in_slot_order=in_order
     )
@@ -307,20 +304,27 @@ def sparse_attention(
 
 def _slots_in_logit_order(selection) -> bool:
   """Whether `topk_attention`'s `selection` returns its slots in decreasing logit order."""
-  return selection in ("full", "exact") or isinstance(selection, ExactSelection)
+  cfg = resolve_selection(selection)
+  return cfg == "full" or isinstance(cfg, ExactSelection)
+
+
+def _head_shares(weights: jax.Array, in_slot_order: bool) -> tuple[jax.Array, jax.Array]:
+  """`(W_k / W for k = 1..k_max [..., k_max], empty row [...])`, with `W_k` the
+  mass of the first k slots or (not `in_slot_order`) of the k heaviest."""
+  w = weights if in_slot_order else -jnp.sort(-weights, axis=-1)  # descending
+  share = jnp.cumsum(w, axis=-1)
+  total = share[..., -1:]
+  return share / jnp.where(total > 0, total, 1.0), total[..., 0] <= 0
 
 
 def _bound_at(
   weights: jax.Array, tail_max: jax.Array, num_kept: jax.Array, in_slot_order: bool
 ) -> jax.Array:
   """Certified tail bound `1 - (W_k/W)(1 - tail_max)` at a traced per-query k."""
-  w = weights if in_slot_order else -jnp.sort(-weights, axis=-1)
-  share = jnp.cumsum(w, axis=-1)
-  total = share[..., -1]
+  share, empty = _head_shares(weights, in_slot_order)
   head = jnp.take_along_axis(share, (num_kept - 1)[..., None], axis=-1)[..., 0]
-  head = head / jnp.where(total > 0, total, 1.0)
   bound = jnp.clip(1.0 - head * (1.0 - tail_max), 0.0, 1.0)
-  return jnp.where(total > 0, bound, 0.0)
+  return jnp.where(empty, 0.0, bound)
 
 
 def dense_weights(indices: jax.Array, weights: jax.Array, kv_len: int) -> jax.Array:
