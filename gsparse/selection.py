@@ -65,6 +65,7 @@ from jax.typing import ArrayLike
 from gsparse import _checks
 from gsparse._numerics import sortable_int32 as _sortable
 from gsparse._numerics import top_k as _top_k
+from gsparse._numerics import top_k_or as _top_k_or
 from gsparse.attention import compute_dtype, masked_softmax_lse
 
 __all__ = [
@@ -87,9 +88,11 @@ class ExactSelection:
     query_chunk: queries per step; peak memory is about
       `query_chunk * S * 4` bytes per head. Need not divide T (the last chunk
       is padded).
-    key_block: keys per block of the two-stage search, or None to pick about
-      `sqrt(S / (k + 1))` (a power of two); 1 means a single `top_k` per row.
-      Need not divide S.
+    key_block: keys per block of the two-stage search, or None for automatic:
+      on CPU with the native top-k kernel (`gsparse._native`) a single
+      native top-k per row, which is faster there than any block search;
+      elsewhere blocks of about `sqrt(S / (k + 1))` keys (a power of two).
+      1 means a single `top_k` per row. Need not divide S.
     search_steps: bisection steps of the threshold search that picks the
       candidate blocks without a sort (rows that still flag more than
       `candidate_blocks` blocks, e.g. under heavy ties, keep bisecting until
@@ -481,6 +484,13 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
     _, bid = _top_k(jnp.max(s3, axis=-1), nkb)
     return from_blocks(s3, jnp.sort(bid, axis=-1))
 
+  def by_blocks(logits):
+    s3 = logits.reshape(c, nb, b)
+    if not search:
+      return by_top_k(s3)
+    bid, count, lo = _block_candidates(jnp.max(_sortable(s3), axis=-1), kk, cap, cfg.search_steps)
+    return from_blocks(s3, bid, count, lo)
+
   def body(x):
     qc, row0, mc, bc = x
     logits, num = _rows_logits(
@@ -498,12 +508,10 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
     )
     if not two_stage:
       vals, idx = _top_k(logits, kk)
-    elif not search:
-      vals, idx = by_top_k(logits.reshape(c, nb, b))
+    elif cfg.key_block is None:  # auto: the native CPU top-k where it serves, else blocks
+      vals, idx = _top_k_or(logits, kk, by_blocks)
     else:
-      s3 = logits.reshape(c, nb, b)
-      bid, count, lo = _block_candidates(jnp.max(_sortable(s3), axis=-1), kk, cap, cfg.search_steps)
-      vals, idx = from_blocks(s3, bid, count, lo)
+      vals, idx = by_blocks(logits)
     idx, nxt = _finish(vals, idx, k)
     if vmat is None:
       return idx, nxt, num
