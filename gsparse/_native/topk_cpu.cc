@@ -62,12 +62,11 @@ typedef float F4 __attribute__((vector_size(16)));
 typedef int32_t I4 __attribute__((vector_size(16)));
 
 constexpr int64_t kLanes = 16;  // entries per filter test
-constexpr int64_t kGroup = 16;  // entries per group maximum
 
-// Largest key of kGroup floats.
-inline int32_t GroupMaxKey(const float* xs) {
+// Largest key of the `g` floats at `xs`, g a multiple of 4.
+inline int32_t GroupMaxKey(const float* xs, int64_t g) {
   I4 m = {INT32_MIN, INT32_MIN, INT32_MIN, INT32_MIN};
-  for (int64_t l = 0; l < kGroup; l += 4) {
+  for (int64_t l = 0; l < g; l += 4) {
     I4 v;
     std::memcpy(&v, xs + l, sizeof(v));
     v ^= (v >> 31) & 0x7FFFFFFF;
@@ -76,6 +75,35 @@ inline int32_t GroupMaxKey(const float* xs) {
   int32_t a = m[0] > m[1] ? m[0] : m[1];
   int32_t b = m[2] > m[3] ? m[2] : m[3];
   return a > b ? a : b;
+}
+
+// A key t such that at least k of `keys` are >= t, close to the k-th
+// largest: the 16-bit prefix of the k-th largest (two 8-bit histograms).
+// Within that prefix the floats differ by at most 2^-7 relatively.
+int32_t KthPrefix(const std::vector<int32_t>& keys, int64_t k) {
+  uint32_t hist[256];
+  auto walk = [&](int64_t above, uint32_t& bucket) {
+    for (int b = 255; b >= 0; --b) {
+      if (above + hist[b] >= static_cast<uint64_t>(k)) {
+        bucket = static_cast<uint32_t>(b);
+        return above;
+      }
+      above += hist[b];
+    }
+    bucket = 0;  // not reached: at least k keys
+    return above;
+  };
+  std::memset(hist, 0, sizeof(hist));
+  for (int32_t key : keys) ++hist[(static_cast<uint32_t>(key) ^ 0x80000000u) >> 24];
+  uint32_t hi, lo;
+  int64_t above = walk(0, hi);
+  std::memset(hist, 0, sizeof(hist));
+  for (int32_t key : keys) {
+    uint32_t u = static_cast<uint32_t>(key) ^ 0x80000000u;
+    if ((u >> 24) == hi) ++hist[(u >> 16) & 0xFF];
+  }
+  walk(above, lo);
+  return static_cast<int32_t>(((hi << 24) | (lo << 16)) ^ 0x80000000u);
 }
 
 // Whether all kLanes floats at `xs` are below `t` (false if any is NaN).
@@ -94,7 +122,6 @@ inline bool AllBelow(const float* xs, float t) {
 struct Scratch {
   std::vector<uint64_t> buf;   // packed candidates
   std::vector<int32_t> gmax;   // group maxima
-  std::vector<int32_t> sel;    // copy of gmax for nth_element
 };
 
 // Sorted top-k of buf (packed entries) written as indices to out.
@@ -150,26 +177,33 @@ void RowTopKFilter(const float* x, int64_t n, int64_t k, int32_t* out,
   Emit(buf, k, out);
 }
 
-// Long rows: the k-th largest group maximum bounds the k-th largest entry
-// from below, so only the groups whose maximum reaches it are read again.
-void RowTopKGroups(const float* x, int64_t n, int64_t k, int32_t* out, Scratch& s) {
-  const int64_t groups = n / kGroup;
+// Long rows (at least k groups of g entries): a key reached by at least k
+// group maxima bounds the k-th largest entry from below (k distinct groups
+// reach it); KthPrefix gives a tight one, and only the groups whose maximum
+// reaches it are read again.
+void RowTopKGroups(const float* x, int64_t n, int64_t k, int64_t g, int32_t* out, Scratch& s) {
+  const int64_t groups = n / g;
   s.gmax.resize(groups);
-  for (int64_t g = 0; g < groups; ++g) s.gmax[g] = GroupMaxKey(x + g * kGroup);
-  s.sel.assign(s.gmax.begin(), s.gmax.end());
-  std::nth_element(s.sel.begin(), s.sel.begin() + (k - 1), s.sel.end(), std::greater<int32_t>());
-  const int32_t thr = s.sel[k - 1];
+  for (int64_t i = 0; i < groups; ++i) s.gmax[i] = GroupMaxKey(x + i * g, g);
+  const int32_t thr = KthPrefix(s.gmax, k);
+  const I4 tv = {thr, thr, thr, thr};
   std::vector<uint64_t>& buf = s.buf;
   buf.clear();
-  for (int64_t g = 0; g < groups; ++g) {
-    if (s.gmax[g] < thr) continue;
-    const float* xs = x + g * kGroup;
-    for (int64_t l = 0; l < kGroup; ++l) {
-      int32_t key = Key(xs[l]);
-      if (key >= thr) buf.push_back(Pack(key, static_cast<uint32_t>(g * kGroup + l)));
+  for (int64_t i = 0; i < groups; ++i) {
+    if (s.gmax[i] < thr) continue;
+    for (int64_t l = 0; l < g; l += 4) {
+      const int64_t j = i * g + l;
+      I4 v;
+      std::memcpy(&v, x + j, sizeof(v));
+      v ^= (v >> 31) & 0x7FFFFFFF;
+      I4 hit = v >= tv;
+      if (!(hit[0] | hit[1] | hit[2] | hit[3])) continue;
+      for (int e = 0; e < 4; ++e) {
+        if (hit[e]) buf.push_back(Pack(v[e], static_cast<uint32_t>(j + e)));
+      }
     }
   }
-  for (int64_t j = groups * kGroup; j < n; ++j) {
+  for (int64_t j = groups * g; j < n; ++j) {
     int32_t key = Key(x[j]);
     if (key >= thr) buf.push_back(Pack(key, static_cast<uint32_t>(j)));
   }
@@ -181,11 +215,16 @@ void RowTopK(const float* x, int64_t n, int64_t k, int32_t* out, Scratch& s) {
     s.buf.resize(n);
     for (int64_t j = 0; j < n; ++j) s.buf[j] = Pack(Key(x[j]), static_cast<uint32_t>(j));
     Emit(s.buf, n, out);
-  } else if (n >= 8 * kGroup * k) {
-    RowTopKGroups(x, n, k, out, s);
-  } else {
-    RowTopKFilter(x, n, k, out, s.buf);
+    return;
   }
+  // Groups of 16 entries (8 or 4 when k is large), at least k of them.
+  for (int64_t g = 16; g >= 4; g /= 2) {
+    if (n / g >= k) {
+      RowTopKGroups(x, n, k, g, out, s);
+      return;
+    }
+  }
+  RowTopKFilter(x, n, k, out, s.buf);
 }
 
 // Work shared by the caller and pool tasks. Held by shared_ptr: a task the
