@@ -149,44 +149,24 @@ def topk_attention(
     >>> out.shape, stats.indices.shape
     ((16, 2, 8), (16, 2, 4))
   """
-  query, key, value = _checks.check_attention_inputs(query, key, value)
-  k = _checks.check_int("k", k, minimum=1)
-  config = resolve_selection(selection)
   if not isinstance(return_stats, bool):
     raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
-  log_rest = None
-  attended = (None, None)  # (output, logsumexp) when the selection already attended
-  if config == "full":
-    lg = compute_logits(
-      query, key, bias, mask, scale=scale, is_causal=is_causal, precision=precision
-    )
-    sel = select_topk_full(lg.logits, lg.valid, k)
-  else:
-    if scale is not None:
-      _checks.check_float_scalar("scale", scale)
-    if not isinstance(is_causal, bool):
-      raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-    *batch, t, n, h = query.shape
-    mask, bias = _checks.check_mask_and_bias(mask, bias, (*batch, n, t, key.shape[-3]))
-    fused = isinstance(config, ExactSelection) and resolve_implementation(implementation) == "xla"
-    res_sel = select(
-      config,
-      query,
-      key,
-      bias,
-      mask,
-      k=k,
-      scale=1.0 / float(h) ** 0.5 if scale is None else scale,
-      is_causal=is_causal,
-      rng=selection_key,
-      precision=precision,
-      # "exact" on the XLA path attends in its own chunked pass, with the
-      # logits it already has: no gather of the kept keys.
-      value=value if fused else None,
-    )
-    sel = TopKSelection(res_sel.indices, res_sel.next_logit, res_sel.num_keys)
-    log_rest = res_sel.log_rest
-    attended = (res_sel.output, res_sel.logsumexp)  # "exact" on XLA
+  query, key, value = _checks.check_attention_inputs(query, key, value)
+  sel, log_rest, attended = _select(
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    k=k,
+    scale=scale,
+    is_causal=is_causal,
+    selection=selection,
+    selection_key=selection_key,
+    precision=precision,
+    implementation=implementation,
+    attend=True,
+  )
   if attended[0] is not None:
     topk_out, lse_k = attended[0].astype(query.dtype), attended[1]
   else:
@@ -215,6 +195,87 @@ def topk_attention(
     return output
   # The certificate is about the renormalised top-k output (before any LSH correction).
   return output, topk_stats(sel, lse_k, topk_out, value, k)
+
+
+def select_keys(
+  query: ArrayLike,
+  key: ArrayLike,
+  value: ArrayLike,
+  bias: ArrayLike | None = None,
+  mask: ArrayLike | None = None,
+  *,
+  k: int,
+  scale: float | None = None,
+  is_causal: bool = False,
+  selection="full",
+  selection_key: ArrayLike | None = None,
+  precision=None,
+  implementation: str | None = None,
+) -> TopKSelection:
+  """The keys `topk_attention` would keep, without attending over them.
+
+  Same arguments as `topk_attention` (`value` is only checked against
+  `key`). For callers that attend themselves, such as
+  `gsparse.flax.sparse_attention`, which needs the kept weights of its own
+  gather pass for the certified choice of k.
+  """
+  query, key, value = _checks.check_attention_inputs(query, key, value)
+  sel, _, _ = _select(
+    query,
+    key,
+    value,
+    bias,
+    mask,
+    k=k,
+    scale=scale,
+    is_causal=is_causal,
+    selection=selection,
+    selection_key=selection_key,
+    precision=precision,
+    implementation=implementation,
+    attend=False,
+  )
+  return sel
+
+
+def _select(
+  query, key, value, bias, mask, *, k, scale, is_causal, selection, selection_key, precision,
+  implementation, attend,
+):
+  """`(TopKSelection, LSH log_rest or None, (output, logsumexp) or (None, None))`;
+  the last is filled when `attend` and the selection attended in its own pass."""
+  k = _checks.check_int("k", k, minimum=1)
+  config = resolve_selection(selection)
+  if config == "full":
+    lg = compute_logits(
+      query, key, bias, mask, scale=scale, is_causal=is_causal, precision=precision
+    )
+    return select_topk_full(lg.logits, lg.valid, k), None, (None, None)
+  if scale is not None:
+    _checks.check_float_scalar("scale", scale)
+  if not isinstance(is_causal, bool):
+    raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
+  *batch, t, n, h = query.shape
+  mask, bias = _checks.check_mask_and_bias(mask, bias, (*batch, n, t, key.shape[-3]))
+  xla = resolve_implementation(implementation) == "xla"
+  fused = attend and isinstance(config, ExactSelection) and xla
+  res_sel = select(
+    config,
+    query,
+    key,
+    bias,
+    mask,
+    k=k,
+    scale=1.0 / float(h) ** 0.5 if scale is None else scale,
+    is_causal=is_causal,
+    rng=selection_key,
+    precision=precision,
+    # "exact" on the XLA path attends in its own chunked pass, with the
+    # logits it already has: no gather of the kept keys.
+    value=value if fused else None,
+  )
+  sel = TopKSelection(res_sel.indices, res_sel.next_logit, res_sel.num_keys)
+  return sel, res_sel.log_rest, (res_sel.output, res_sel.logsumexp)
 
 
 def topk_stats(

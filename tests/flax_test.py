@@ -205,6 +205,14 @@ class AttentionFnTest(parameterized.TestCase):
       seen.append((k, implementation, kw.get("selection"), sel_key is not None))
       return real(query, key, value, bias, mask, k=k, **kw)
 
+    real_select = gsparse.topk.select_keys
+
+    # The selection alone, used by the paths that attend themselves (dropout here).
+    def fake_select(query, key, value, bias=None, mask=None, *, k, implementation=None, **kw):
+      sel_key = kw.pop("selection_key", None)
+      seen.append((k, implementation, kw.get("selection"), sel_key is not None))
+      return real_select(query, key, value, bias, mask, k=k, **kw)
+
     # A topk_attention without those arguments, as the foundation's.
     def bare(query, key, value, bias=None, mask=None, *, k, selection="full", return_stats=False):
       raise AssertionError("not called")
@@ -217,6 +225,7 @@ class AttentionFnTest(parameterized.TestCase):
       with pytest.raises(TypeError, match="selection_key"):
         gf.topk_attention_fn(k=2, selection_seed=0)
       mp.setattr(gsparse.topk, "topk_attention", fake)
+      mp.setattr(gsparse.topk, "select_keys", fake_select)
       fn = gf.topk_attention_fn(k=2, selection="full", implementation="xla")
       jax.jit(fn)(q, q, q)
       jax.jit(lambda q: fn(q, q, q, dropout_rng=jax.random.key(0), dropout_rate=0.5))(q)

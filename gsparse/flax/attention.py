@@ -36,6 +36,7 @@ from jax.typing import ArrayLike
 
 import gsparse.topk as _topk
 from gsparse import _checks
+from gsparse.certificate import tail_mass_certificate
 from gsparse.flax.policies import CertifiedK, KPolicy, as_policy
 from gsparse.gather import gather_kv, sparse_gather_attention
 from gsparse.selection import ExactSelection, resolve_selection
@@ -240,12 +241,20 @@ def sparse_attention(
   if not (use_dropout or certified or return_residuals):
     return _topk.topk_attention(query, key, value, bias, mask, k=k, **common)
 
-  _, stats = _topk.topk_attention(query, key, value, bias, mask, k=k, return_stats=True, **common)
-  indices = stats.indices
+  # Selection alone; the certificate comes from the logsumexp of a gather pass
+  # below (the stop-gradient pre-pass when certified, else the final pass), so
+  # no pass is spent on an output that would be thrown away.
+  sel = _topk.select_keys(query, key, value, bias, mask, k=k, **common)
+  indices = sel.indices
   *batch, t, n, _ = query.shape
   logits_shape = (*batch, n, t, s)
+
+  def certificate(logsumexp):
+    kept = jnp.sum(indices >= 0, axis=-1, dtype=jnp.int32)
+    return tail_mass_certificate(logsumexp, sel.next_logit, sel.num_keys, kept)
+
   num_kept = jnp.full(indices.shape[:-1], k, jnp.int32)
-  tail = stats.tail_mass_bound
+  tail = None
   if certified:
     sg = jax.lax.stop_gradient
     pre = sparse_gather_attention(
@@ -259,16 +268,17 @@ def sparse_attention(
       return_residuals=True,
       precision=precision,
     )
+    tail_k = certificate(pre.logsumexp)
     # "full" and "exact" return the slots in decreasing logit order: keep the
     # first k slots, with no sort. Other selections: keep the k heaviest.
     default = inspect.signature(_topk.topk_attention).parameters["selection"].default
     in_order = _slots_in_logit_order(topk_kwargs.get("selection", default))
     num_kept, tail = certified_num_keys(
-      pre.weights, tail, policy.candidates(s), policy.tol, in_slot_order=in_order
+      pre.weights, tail_k, policy.candidates(s), policy.tol, in_slot_order=in_order
     )
     if policy.granularity == "call":
       num_kept = jnp.broadcast_to(jnp.max(num_kept), num_kept.shape)
-      tail = _bound_at(pre.weights, stats.tail_mass_bound, num_kept, in_order)
+      tail = _bound_at(pre.weights, tail_k, num_kept, in_order)
     # Rank of each slot (0 = kept first); drop ranks >= num_kept.
     if in_order:
       rank = jnp.arange(indices.shape[-1])
@@ -288,6 +298,8 @@ def sparse_attention(
     precision=precision,
     **_gather_kwargs(topk_kwargs),
   )
+  if tail is None:
+    tail = certificate(res.logsumexp)
   weights, output = res.weights, res.output
   if use_dropout:
     rate = float(dropout_rate)
