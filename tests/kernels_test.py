@@ -398,6 +398,65 @@ class PublicApiTest(parameterized.TestCase):
     )
     _assert_close(a.output, ref_out, FWD_TOL[jnp.float32])
 
+  @parameterized.parameters(jnp.float32, jnp.bfloat16)
+  def test_masked_matches_xla_forward_residuals_and_gradients(self, dtype):
+    """Dense logits masked to the lists = the gather, with -1, >= S, duplicates, GQA, bias."""
+    q, k, v = _inputs(36, 2, 5, 4, 2, 9, 6, 5, dtype)
+    idx = jax.random.randint(jax.random.key(37), (2, 5, 4, 6), -2, 11)
+    idx = idx.at[0, 0, 0].set(-1)  # a query with no key
+    bias = jax.random.normal(jax.random.key(38), idx.shape, dtype)
+
+    def run(impl):
+      def loss(q, k, v, bias):
+        r = gsparse.sparse_gather_attention(
+          q, k, v, idx, bias=bias, return_residuals=True, implementation=impl
+        )
+        return jnp.sum(jnp.sin(r.output.astype(jnp.float32))) + jnp.sum(r.weights**2), r
+
+      (_, res), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))(
+        q, k, v, bias
+      )
+      return res, grads
+
+    (a, ga), (b, gb) = run("xla"), run("masked")
+    _assert_close(b.output, a.output, FWD_TOL[dtype])
+    _assert_lse_close(b.logsumexp, a.logsumexp, FWD_TOL[dtype])
+    _assert_close(b.weights, a.weights, FWD_TOL[dtype])
+    self.assertTrue(np.all(np.asarray(b.output[0, 0, 0], np.float32) == 0))
+    for x, y in zip(gb, ga, strict=True):
+      _assert_close(x, y, GRAD_TOL[dtype])
+
+  def test_masked_non_finite_rows_stay_where_they_are_read(self):
+    """NaN/inf in an unlisted key or value reaches no output and no gradient (no 0 * NaN)."""
+    q, k, v = _inputs(39, 1, 6, 2, 1, 8, 4, 3, jnp.float32)
+    idx = jnp.broadcast_to(jnp.array([0, 1, 2]), (1, 6, 2, 3))
+    idx = idx.at[0, 0, 0].set(jnp.array([5, 6, 1]))  # only query 0, head 0 reads keys 5, 6
+    k = k.at[0, 5, 0, 2].set(jnp.nan)
+    v = v.at[0, 6, 0, 1].set(jnp.inf)
+    v = v.at[0, 7, 0, 0].set(jnp.nan)  # key 7 is read by nobody
+    out = gsparse.sparse_gather_attention(q, k, v, idx, implementation="masked")
+    ref = gsparse.sparse_gather_attention(q, k, v, idx, implementation="xla")
+    self.assertTrue(np.all(np.isnan(out[0, 0, 0])))  # reads the NaN key: NaN row
+    np.testing.assert_allclose(out[0, 1:], ref[0, 1:], atol=2e-5)  # the other queries: finite
+    np.testing.assert_allclose(out[0, 0, 1], ref[0, 0, 1], atol=2e-5)
+    self.assertTrue(np.all(np.isfinite(out[0, 1:])))
+
+    def loss(q):
+      o = gsparse.sparse_gather_attention(q, k, v, idx, implementation="masked")
+      return jnp.sum(o[0, 1:])
+
+    self.assertTrue(np.all(np.isfinite(jax.grad(loss)(q))))
+
+  def test_default_token_implementation_on_cpu(self):
+    """None picks "masked" for long lists over short key sets, "xla" otherwise."""
+    if jax.default_backend() != "cpu":
+      self.skipTest("checks the CPU default")
+    q = jnp.zeros((2, 64, 4, 8))
+    self.assertEqual(gather._auto_token_implementation(q, 512, 32), "masked")
+    self.assertEqual(gather._auto_token_implementation(q, 512, 31), "xla")  # 16 k < S
+    big = jax.ShapeDtypeStruct((8, 4096, 8, 8), jnp.float32)  # 2**28 dense entries
+    self.assertEqual(gather._auto_token_implementation(big, 4096, 512), "xla")
+
   def test_default_implementation_on_cpu_is_xla(self):
     if jax.default_backend() != "cpu":
       self.skipTest("checks the CPU default")
