@@ -239,17 +239,25 @@ def sparse_gather_attention_masked(
   w, lse = masked_softmax_lse(logits, None)
   out = jnp.einsum("...ms,...sv->...mv", w, vt, precision=precision)
 
-  def nan_where_read(out):
-    bad = jnp.swapaxes(~value_ok, -3, -2).astype(jnp.float32)
-    reads = jnp.einsum("...ms,...sv->...mv", listed.astype(jnp.float32), bad)
-    return jnp.where(reads > 0, jnp.nan, out)
-
-  out = jax.lax.cond(jnp.all(value_ok), lambda o: o, nan_where_read, out)
+  bad_values = jnp.swapaxes(~value_ok, -3, -2)  # [..., K, S, Hv]
+  out = jax.lax.cond(jnp.any(bad_values), _nan_where_read, _keep, out, listed, bad_values)
   valid = idx >= 0
   slot_w = jnp.where(valid, jnp.take_along_axis(w, jnp.where(valid, idx, 0), axis=-1), 0.0)
   return GatherResult(
     unrows(out).astype(query.dtype), unrows(lse[..., None])[..., 0], unrows(slot_w)
   )
+
+
+def _nan_where_read(out, listed, bad_values):
+  """NaN in the outputs whose weighted sum reads a non-finite value entry."""
+  f32 = jnp.float32
+  reads = jnp.einsum("...ms,...sv->...mv", listed.astype(f32), bad_values.astype(f32))
+  return jnp.where(reads > 0, jnp.nan, out)
+
+
+def _keep(out, listed, bad_values):
+  del listed, bad_values
+  return out
 
 
 def _auto_token_implementation(query: jax.Array, s: int, k: int) -> str:
