@@ -38,6 +38,7 @@ other backends "masked" when the lists are long relative to the keys
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -192,6 +193,8 @@ def _scatter_rows(values: jax.Array, idx: jax.Array, s: int, fill) -> jax.Array:
   return out.reshape(*lead, s)
 
 
+# One program (not op by op) when called eagerly; inlined under an outer jit.
+@functools.partial(jax.jit, static_argnames=("precision",))
 def sparse_gather_attention_masked(
   query: jax.Array,
   key: jax.Array,
