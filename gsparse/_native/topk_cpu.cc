@@ -6,14 +6,15 @@
 // bits. Only the indices are returned; the caller gathers the values (which
 // also gives their gradient).
 //
-// Per row, when n >= 128 k: the k-th largest of the maxima of groups of 16
-// entries is a lower bound on the k-th largest entry (k distinct groups reach
-// it) and usually a tight one, so one vectorised pass computes the group
-// maxima, nth_element picks the bound, and only the entries of the few groups
-// that reach it are ranked. Shorter rows: a running filter (a buffer of
-// candidates and the k-th best key so far, entries tested 16 at a time and
-// the buffer cut back to the best k when full). Rows are spread over XLA's
-// intra-op thread pool.
+// Per row, when there are at least k groups of 16 entries (else 8, else 4):
+// a key reached by at least k group maxima is a lower bound on the k-th
+// largest entry (k distinct groups reach it). One vectorised pass computes the
+// group maxima, two 8-bit histograms of their 16-bit prefixes give a tight such
+// key, and only the entries of the few groups that reach it are ranked. Rows
+// too short for that (n < 4 k): a running filter (a buffer of candidates and
+// the k-th best key so far, entries tested 16 at a time and the buffer cut
+// back to the best k when full). Rows are spread over XLA's intra-op thread
+// pool.
 
 #include <algorithm>
 #include <atomic>
