@@ -264,7 +264,8 @@ def _keep(out, listed, bad_values):
 
 
 def _auto_token_implementation(query: jax.Array, s: int, k: int) -> str:
-  if jax.default_backend() in ("gpu", "tpu"):
+  """`resolve_implementation(None)`, with "masked" in place of "xla" where it pays."""
+  if resolve_implementation(None) != "xla":
     return "pallas"
   dense_entries = query.size // query.shape[-1] * s
   return "masked" if 16 * k >= s and dense_entries <= 2**24 else "xla"
@@ -320,11 +321,9 @@ def sparse_gather_attention(
     if bias.shape != indices.shape:
       raise ValueError(f"bias must have the shape of indices {indices.shape}, got {bias.shape}")
   s = key.shape[-3]
-  if implementation == "masked":
-    pass
-  elif implementation is None:
+  if implementation is None:
     implementation = _auto_token_implementation(query, s, indices.shape[-1])
-  else:
+  elif implementation != "masked":
     implementation = resolve_implementation(implementation)
   scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
   idx = jnp.where((indices >= 0) & (indices < s), indices, -1).astype(jnp.int32)

@@ -278,13 +278,18 @@ def _select(
   return sel, res_sel.log_rest, (res_sel.output, res_sel.logsumexp)
 
 
+def selection_tail_bound(sel: TopKSelection, logsumexp: jax.Array) -> jax.Array:
+  """Certified dropped softmax mass of `sel`, from the log-sum-exp over its kept keys."""
+  # The number actually kept (<= k; fewer when a row has fewer admissible keys or an
+  # approximate selection found fewer), so the dropped count num_keys - kept is exact.
+  kept = jnp.sum(sel.indices >= 0, axis=-1, dtype=jnp.int32)
+  return tail_mass_certificate(logsumexp, sel.next_logit, sel.num_keys, kept)
+
+
 def topk_stats(
   sel: TopKSelection, logsumexp: jax.Array, output: jax.Array, value: jax.Array, k: int
 ) -> TopKStats:
   """Builds `TopKStats` (certificate included) from a selection and its output."""
-  # The number actually kept (<= k; fewer when a row has fewer admissible keys or an
-  # approximate selection found fewer), so the dropped count num_keys - kept is exact.
-  kept = jnp.sum(sel.indices >= 0, axis=-1, dtype=jnp.int32)
-  tail = tail_mass_certificate(logsumexp, sel.next_logit, sel.num_keys, kept)
+  tail = selection_tail_bound(sel, logsumexp)
   err = output_error_certificate(tail, output, value)
   return TopKStats(sel.indices, logsumexp, tail, err)

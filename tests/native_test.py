@@ -1,7 +1,6 @@
 """The native CPU top-k (gsparse._native) against jax.lax.top_k, bit for bit."""
 
 import os
-import shutil
 import subprocess
 import sys
 import textwrap
@@ -17,10 +16,9 @@ from gsparse import _native
 from gsparse._numerics import top_k
 from gsparse.selection import ExactSelection
 
-HAVE_CXX = any(shutil.which(c) for c in (os.environ.get("CXX") or "c++", "g++", "clang++"))
-DISABLED = os.environ.get("GSPARSE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
 needs_kernel = pytest.mark.skipif(
-  not HAVE_CXX or DISABLED, reason="no C++ compiler here, or GSPARSE_NATIVE=0: fallback only"
+  _native._compiler() is None or _native.disabled(),
+  reason="no C++ compiler here, or GSPARSE_NATIVE=0: fallback only",
 )
 
 

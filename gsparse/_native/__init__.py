@@ -88,8 +88,13 @@ def _build() -> pathlib.Path:
   return out
 
 
+def disabled() -> bool:
+  """Whether `GSPARSE_NATIVE` turns the kernel off (0, false, no, off)."""
+  return os.environ.get("GSPARSE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off")
+
+
 def _load() -> None:
-  if os.environ.get("GSPARSE_NATIVE", "1").strip().lower() in ("0", "false", "no", "off"):
+  if disabled():
     raise RuntimeError("disabled by GSPARSE_NATIVE")
   path = _build()
   lib = ctypes.cdll.LoadLibrary(str(path))

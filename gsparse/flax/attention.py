@@ -36,7 +36,6 @@ from jax.typing import ArrayLike
 
 import gsparse.topk as _topk
 from gsparse import _checks
-from gsparse.certificate import tail_mass_certificate
 from gsparse.flax.policies import CertifiedK, KPolicy, as_policy
 from gsparse.gather import gather_kv, sparse_gather_attention
 from gsparse.selection import ExactSelection, resolve_selection
@@ -249,10 +248,6 @@ def sparse_attention(
   *batch, t, n, _ = query.shape
   logits_shape = (*batch, n, t, s)
 
-  def certificate(logsumexp):
-    kept = jnp.sum(indices >= 0, axis=-1, dtype=jnp.int32)
-    return tail_mass_certificate(logsumexp, sel.next_logit, sel.num_keys, kept)
-
   num_kept = jnp.full(indices.shape[:-1], k, jnp.int32)
   tail = None
   if certified:
@@ -268,7 +263,7 @@ def sparse_attention(
       return_residuals=True,
       precision=precision,
     )
-    tail_k = certificate(pre.logsumexp)
+    tail_k = _topk.selection_tail_bound(sel, pre.logsumexp)
     # "full" and "exact" return the slots in decreasing logit order: keep the
     # first k slots, with no sort. Other selections: keep the k heaviest.
     default = inspect.signature(_topk.topk_attention).parameters["selection"].default
@@ -299,7 +294,7 @@ def sparse_attention(
     **_gather_kwargs(topk_kwargs),
   )
   if tail is None:
-    tail = certificate(res.logsumexp)
+    tail = _topk.selection_tail_bound(sel, res.logsumexp)
   weights, output = res.weights, res.output
   if use_dropout:
     rate = float(dropout_rate)
