@@ -31,7 +31,8 @@ Pallas interpreter elsewhere) with a custom VJP; "masked" (token level only)
 computes the dense `[T, S]` logits and masks them to the listed keys, which
 costs O(T S) memory but replaces the gather, and the scatter-add of its
 gradient, by matmuls: on XLA:CPU at T = S = 512, k = 128 it is 7x faster
-(forward and backward) than "xla". None picks "pallas" on GPU and TPU; on
+(forward and backward) than "xla". None picks "pallas" on GPU and TPU (unless
+the scale is traced, or block sizes do not fit the device tiles: then "xla"); on
 other backends "masked" when the lists are long relative to the keys
 (`16 k >= S`) and the dense logits small (at most 2**24 entries), else "xla".
 """
@@ -263,10 +264,16 @@ def _keep(out, listed, bad_values):
   return out
 
 
-def _auto_token_implementation(query: jax.Array, s: int, k: int) -> str:
-  """`resolve_implementation(None)`, with "masked" in place of "xla" where it pays."""
+def _auto_token_implementation(query: jax.Array, s: int, k: int, scale=None) -> str:
+  """`resolve_implementation(None)`, with "masked" in place of "xla" where it pays.
+
+  "pallas" only with a scale known at trace time (the kernel compiles it in);
+  a traced scale takes the XLA path instead of raising.
+  """
   if resolve_implementation(None) != "xla":
-    return "pallas"
+    if scale is None or _checks.concrete_or_none(scale) is not None:
+      return "pallas"
+    return "xla"
   dense_entries = query.size // query.shape[-1] * s
   return "masked" if 16 * k >= s and dense_entries <= 2**24 else "xla"
 
@@ -322,7 +329,7 @@ def sparse_gather_attention(
       raise ValueError(f"bias must have the shape of indices {indices.shape}, got {bias.shape}")
   s = key.shape[-3]
   if implementation is None:
-    implementation = _auto_token_implementation(query, s, indices.shape[-1])
+    implementation = _auto_token_implementation(query, s, indices.shape[-1], scale)
   elif implementation != "masked":
     implementation = resolve_implementation(implementation)
   scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
@@ -440,6 +447,23 @@ def block_sparse_gather_attention_xla(
   return BlockGatherResult(out.astype(query.dtype), lse)
 
 
+def _auto_block_implementation(block_q: int, block_k: int, scale) -> str:
+  """`resolve_implementation(None)` for block lists, "xla" where the kernel cannot run.
+
+  The device kernels tile whole blocks: Triton dots want powers of two >= 16,
+  Mosaic wants multiples of 8; both compile the scale in.
+  """
+  choice = resolve_implementation(None)
+  if choice == "xla":
+    return choice
+  if scale is not None and _checks.concrete_or_none(scale) is None:
+    return "xla"
+  from gsparse.kernels import sparse_gather as kernels
+
+  variant, interpret = kernels.default_variant()
+  return "pallas" if kernels.block_sizes_supported(block_q, block_k, variant, interpret) else "xla"
+
+
 def block_sparse_gather_attention(
   query: ArrayLike,
   key: ArrayLike,
@@ -472,7 +496,9 @@ def block_sparse_gather_attention(
     is_causal: also mask key position > query position (top-left aligned).
     assume_unique: skip de-duplication of the block ids.
     return_residuals: also return the log-sum-exp.
-    implementation: None, "xla" or "pallas", as in `sparse_gather_attention`.
+    implementation: None, "xla" or "pallas", as in `sparse_gather_attention`;
+      None takes "xla" where the device kernel cannot tile the block sizes or
+      the scale is traced.
     precision: einsum precision of the XLA path.
 
   Returns:
@@ -487,6 +513,8 @@ def block_sparse_gather_attention(
     raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
   if scale is not None:
     _checks.check_float_scalar("scale", scale)
+  if implementation is None:
+    implementation = _auto_block_implementation(block_q, block_k, scale)
   implementation = resolve_implementation(implementation)
   scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
   nkb = -(-key.shape[-3] // block_k)

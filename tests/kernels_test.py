@@ -18,6 +18,7 @@ gradient).
 """
 
 import functools
+from unittest import mock
 
 import jax
 import jax.numpy as jnp
@@ -51,6 +52,11 @@ TOKEN_SHAPES = {
 BLOCK_SHAPES = {
   "gqa_h6": (2, 7, 4, 2, 13, 6, 5, 2, 4, 3),
   "mqa_h5": (1, 8, 2, 1, 12, 5, 3, 4, 2, 2),
+}
+# The same cases with blocks the Triton kernel tiles (powers of two >= 16).
+BLOCK_SHAPES_TRITON = {
+  "gqa_h6": (2, 40, 4, 2, 50, 6, 5, 16, 16, 3),
+  "mqa_h5": (1, 36, 2, 1, 45, 5, 3, 16, 32, 2),
 }
 
 
@@ -100,6 +106,7 @@ class GpuKernelTest(parameterized.TestCase):
   VARIANT = "gpu"
   INTERPRET = False
   BLOCK_SIZES = sg.BlockSizes(block_q=2, block_slots=4)
+  BLOCK_SHAPES = BLOCK_SHAPES_TRITON
 
   def setUp(self):
     super().setUp()
@@ -109,6 +116,9 @@ class GpuKernelTest(parameterized.TestCase):
         f"{type(self).__name__} needs a {self.VARIANT.upper()} (backend is {backend}); "
         f"the interpret-mode subclass runs these tests on CPU"
       )
+    # References and the XLA paths in float32: a GPU's DEFAULT float32 matmul
+    # is TF32, which the float32 tolerances below would (rightly) reject.
+    self.enter_context(jax.default_matmul_precision("highest"))
 
   def token(self, q, k, v, idx, bias=None, scale=0.37):
     return sg.token_gather_attention(
@@ -201,7 +211,7 @@ class GpuKernelTest(parameterized.TestCase):
     ("mqa_h5", jnp.bfloat16, False),
   )
   def test_block_forward(self, shape, dtype, is_causal):
-    b, t, n, kh, s, h, hv, bq, bk, nb = BLOCK_SHAPES[shape]
+    b, t, n, kh, s, h, hv, bq, bk, nb = self.BLOCK_SHAPES[shape]
     q, k, v = _inputs(10, b, t, n, kh, s, h, hv, dtype)
     bidx = _block_indices(11, b, t, n, s, bq, bk, nb)
     out, lse = self.block(q, k, v, bidx, block_q=bq, block_k=bk, is_causal=is_causal)
@@ -219,7 +229,7 @@ class GpuKernelTest(parameterized.TestCase):
 
   @parameterized.parameters(("gqa_h6", jnp.bfloat16), ("gqa_h6", jnp.float32))
   def test_block_gradients_match_reference(self, shape, dtype):
-    b, t, n, kh, s, h, hv, bq, bk, nb = BLOCK_SHAPES[shape]
+    b, t, n, kh, s, h, hv, bq, bk, nb = self.BLOCK_SHAPES[shape]
     q, k, v = _inputs(12, b, t, n, kh, s, h, hv, dtype)
     bidx = _block_indices(13, b, t, n, s, bq, bk, nb)
     ct = jax.random.normal(jax.random.key(14), (b, t, n, hv), jnp.float32)
@@ -240,7 +250,7 @@ class GpuKernelTest(parameterized.TestCase):
       _assert_close(g, w, GRAD_TOL[dtype], err_msg=name)
 
   def test_block_check_grads(self):
-    b, t, n, kh, s, h, hv, bq, bk, nb = BLOCK_SHAPES["mqa_h5"]
+    b, t, n, kh, s, h, hv, bq, bk, nb = self.BLOCK_SHAPES["mqa_h5"]
     q, k, v = _inputs(15, b, t, n, kh, s, h, hv, jnp.float32)
     bidx = _block_indices(16, b, t, n, s, bq, bk, nb)
     f = jax.jit(
@@ -253,9 +263,13 @@ class GpuKernelTest(parameterized.TestCase):
 
 
 class GpuKernelInterpretTest(GpuKernelTest):
-  """The Triton-style kernel in the Pallas interpreter (runs on CPU)."""
+  """The Triton-style kernel in the Pallas interpreter (runs on CPU).
+
+  Small blocks keep the interpreter fast; the interpreter tiles any size.
+  """
 
   INTERPRET = True
+  BLOCK_SHAPES = BLOCK_SHAPES
 
 
 class TpuKernelTest(parameterized.TestCase):
@@ -379,9 +393,12 @@ class PublicApiTest(parameterized.TestCase):
     _assert_close(dq_p, dq_x, GRAD_TOL[jnp.float32])
 
   def test_block_public_api_pallas_matches_xla(self):
-    q, k, v = _inputs(34, 1, 6, 2, 2, 10, 4, 4, jnp.float32)
+    # Three query blocks, four key blocks (the last one partial); a real GPU
+    # kernel tiles powers of two >= 16 only, the interpreter anything.
+    bq, bk = (16, 16) if jax.default_backend() == "gpu" else (2, 3)
+    q, k, v = _inputs(34, 1, 3 * bq, 2, 2, 3 * bk + 1, 4, 4, jnp.float32)
     bidx = jax.random.randint(jax.random.key(35), (1, 3, 2, 3), -1, 5)  # dups, -1, >= nkb
-    kw = dict(block_q=2, block_k=3, is_causal=True, return_residuals=True)
+    kw = dict(block_q=bq, block_k=bk, is_causal=True, return_residuals=True)
     a = gather.block_sparse_gather_attention(q, k, v, bidx, implementation="xla", **kw)
     b = gather.block_sparse_gather_attention(q, k, v, bidx, implementation="pallas", **kw)
     _assert_close(b.output, a.output, FWD_TOL[jnp.float32])
@@ -391,8 +408,8 @@ class PublicApiTest(parameterized.TestCase):
       k,
       v,
       gather.dedup_indices(jnp.where(bidx < 4, bidx, -1), 4),
-      block_q=2,
-      block_k=3,
+      block_q=bq,
+      block_k=bk,
       scale=0.5,
       is_causal=True,
     )
@@ -413,9 +430,7 @@ class PublicApiTest(parameterized.TestCase):
         )
         return jnp.sum(jnp.sin(r.output.astype(jnp.float32))) + jnp.sum(r.weights**2), r
 
-      (_, res), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))(
-        q, k, v, bias
-      )
+      (_, res), grads = jax.jit(jax.value_and_grad(loss, (0, 1, 2, 3), has_aux=True))(q, k, v, bias)
       return res, grads
 
     (a, ga), (b, gb) = run("xla"), run("masked")
@@ -456,6 +471,29 @@ class PublicApiTest(parameterized.TestCase):
     self.assertEqual(gather._auto_token_implementation(q, 512, 31), "xla")  # 16 k < S
     big = jax.ShapeDtypeStruct((8, 4096, 8, 8), jnp.float32)  # 2**28 dense entries
     self.assertEqual(gather._auto_token_implementation(big, 4096, 512), "xla")
+
+  @parameterized.parameters("gpu", "tpu")
+  def test_default_on_device_falls_back_where_the_kernel_cannot_run(self, backend):
+    """None takes "pallas" on GPU/TPU, "xla" for untileable blocks or a traced scale."""
+    with mock.patch.object(jax, "default_backend", return_value=backend):
+      self.assertEqual(gather._auto_block_implementation(16, 32, None), "pallas")
+      self.assertEqual(gather._auto_block_implementation(16, 32, 0.5), "pallas")
+      self.assertEqual(gather._auto_block_implementation(12, 16, None), "xla")  # no tiling
+      self.assertEqual(
+        gather._auto_block_implementation(8, 16, None), "xla" if backend == "gpu" else "pallas"
+      )
+      q = jnp.zeros((1, 4, 2, 8))
+      self.assertEqual(gather._auto_token_implementation(q, 64, 4, 0.5), "pallas")
+      traced = []
+
+      @jax.jit
+      def f(scale):
+        traced.append(gather._auto_token_implementation(q, 64, 4, scale))
+        traced.append(gather._auto_block_implementation(16, 16, scale))
+        return scale
+
+      f(0.5)
+      self.assertEqual(traced, ["xla", "xla"])
 
   def test_default_implementation_on_cpu_is_xla(self):
     if jax.default_backend() != "cpu":

@@ -595,6 +595,12 @@ def token_gather_attention(
 # ----------------------------------------------------------------------------
 
 
+# Triton lowers a float32 dot at DEFAULT precision to TF32 (10-bit mantissa);
+# HIGHEST keeps float32 inputs in IEEE float32 and changes nothing for 16-bit
+# inputs, whose products are exact in the float32 accumulator.
+_DOT_PRECISION = lax.Precision.HIGHEST
+
+
 def _block_kernel_gpu(
   bidx_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, scale, block_k, num_keys, is_causal
 ):
@@ -615,7 +621,10 @@ def _block_kernel_gpu(
     start = jnp.maximum(blk, 0) * block_k
     kb = k_ref[pl.ds(start, block_k), :]
     vb = v_ref[pl.ds(start, block_k), :]
-    s = lax.dot_general(q, kb, (((1,), (1,)), ((), ())), preferred_element_type=f32) * scale
+    s = lax.dot_general(
+      q, kb, (((1,), (1,)), ((), ())), precision=_DOT_PRECISION, preferred_element_type=f32
+    )
+    s = s * scale
     kpos = start + kcol
     valid = (blk >= 0) & (kpos < num_keys)
     if is_causal:
@@ -625,7 +634,7 @@ def _block_kernel_gpu(
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp(m - m_safe)
     p = jnp.exp(s - m_safe[:, None])
-    pv = jnp.dot(p.astype(vb.dtype), vb, preferred_element_type=f32)
+    pv = jnp.dot(p.astype(vb.dtype), vb, precision=_DOT_PRECISION, preferred_element_type=f32)
     return m_new, denom * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
 
   init = (jnp.full((bq,), -jnp.inf, f32), jnp.zeros((bq,), f32), jnp.zeros((bq, hv), f32))
@@ -848,6 +857,15 @@ def _block_core_bwd(block_q, block_k, scale, is_causal, variant, interpret, res,
 _block_core.defvjp(_block_core_fwd, _block_core_bwd)
 
 
+def block_sizes_supported(block_q: int, block_k: int, variant: str, interpret: bool) -> bool:
+  """Whether the block kernel tiles `block_q x block_k` (any size in interpret mode)."""
+  if interpret:
+    return True
+  if variant == "gpu":
+    return all(_is_pow2(x) and x >= 16 for x in (block_q, block_k))
+  return block_q % 8 == 0 and block_k % 8 == 0
+
+
 @functools.partial(
   jax.jit,
   static_argnames=("block_q", "block_k", "scale", "is_causal", "variant", "interpret"),
@@ -884,18 +902,14 @@ def block_gather_attention(
     `(output [B, T, N, Hv] in q.dtype, logsumexp [B, T, N] float32)`.
   """
   _check_variant(variant)
-  if not interpret:
-    for name, size in (("block_q", block_q), ("block_k", block_k)):
-      if variant == "gpu" and (not _is_pow2(size) or size < 16):
-        raise ValueError(
-          f"{name}={size} must be a power of two >= 16 for the Triton kernel "
-          '(Triton dot tiles); use implementation="xla" for other block sizes'
-        )
-      if variant == "tpu" and size % 8:
-        raise ValueError(
-          f"{name}={size} must be a multiple of 8 for the Mosaic kernel (TPU tiles); "
-          'use implementation="xla" for other block sizes'
-        )
+  for name, size in (("block_q", block_q), ("block_k", block_k)):
+    if not block_sizes_supported(size, size, variant, interpret):
+      rule = "a power of two >= 16" if variant == "gpu" else "a multiple of 8"
+      tiles = "Triton dot tiles" if variant == "gpu" else "TPU tiles"
+      raise ValueError(
+        f"{name}={size} must be {rule} for the {variant.upper()} kernel ({tiles}); "
+        'use implementation="xla" for other block sizes'
+      )
   t = q.shape[1]
   nkb = -(-k.shape[1] // block_k)
   tb = -(-t // block_q)
