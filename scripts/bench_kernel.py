@@ -9,11 +9,18 @@ For every (n, k) it times, on the default backend, with T = S = n:
   attention on GPU when it accepts the shapes, XLA otherwise);
 
 optionally also forward+backward (`--grad`). It reports the median time of
-`--repeats` runs, the achieved gather bandwidth (bytes of the K and V rows the
-gather reads, `B*n*N*k*(H+Hv)*itemsize`, per second), the ratio to dense, and
-XLA's estimate of the temporary memory of each compiled function. On CPU the
-kernel runs in interpret mode: its times say nothing about kernel speed, and
-the table says so.
+`--repeats` runs (each run times enough back-to-back calls to last about
+20 ms, so launch overhead is amortised), the achieved gather bandwidth (bytes
+of the K and V rows the gather reads, `B*n*N*k*(H+Hv)*itemsize`, per second),
+the ratio to dense, and XLA's estimate of the temporary memory of each compiled
+function. On CPU the kernel runs in interpret mode: its times say nothing about
+kernel speed, and the table says so.
+
+`--block` adds the block-level kernel (`block_sparse_gather_attention`, blocks
+of `--block_size` queries and keys, `k / block_size` key blocks per query
+block, so every query reads k keys as in the token rows). `--tune` times the
+token kernel's `BlockSizes` candidates at the first n and the k closest to
+128 (forward).
 
   PYTHONPATH=. python scripts/bench_kernel.py                      # CPU defaults
   PYTHONPATH=. python scripts/bench_kernel.py --n=4096,16384,65536 --k=32,128,512 --grad
@@ -21,6 +28,7 @@ the table says so.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import time
@@ -30,6 +38,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import gsparse
+from gsparse.kernels import sparse_gather as kernels
 
 _N = flags.DEFINE_list(
   "n", None, "sequence lengths (default: 4096..65536 on GPU/TPU, 256,512 on CPU)"
@@ -44,6 +53,23 @@ _REPEATS = flags.DEFINE_integer("repeats", 5, "timed runs per point (median repo
 _GRAD = flags.DEFINE_bool("grad", False, "also time forward+backward")
 _DENSE = flags.DEFINE_bool("dense", True, "also time jax.nn.dot_product_attention")
 _OUT = flags.DEFINE_string("out", "bench_kernel.json", "JSON output path")
+_BLOCK = flags.DEFINE_bool("block", False, "also time the block-level kernel")
+_BLOCK_SIZE = flags.DEFINE_integer("block_size", 64, "query and key block size for --block")
+_TUNE = flags.DEFINE_bool("tune", False, "time BlockSizes candidates of the token kernel")
+
+# (block_q, block_slots, num_warps) candidates for --tune.
+_TUNE_CANDIDATES = (
+  (4, 64, 4),
+  (1, 64, 4),
+  (2, 64, 4),
+  (8, 64, 4),
+  (16, 64, 4),
+  (4, 32, 4),
+  (4, 128, 4),
+  (4, 64, 2),
+  (4, 64, 8),
+)
+_TARGET_SECONDS = 0.02  # one timed run lasts about this long
 
 
 def _time(fn, args, repeats):
@@ -58,27 +84,33 @@ def _time(fn, args, repeats):
   except Exception:  # noqa: BLE001 - not every backend reports it
     pass
   try:
-    jax.block_until_ready(compiled(*args))
+    t0 = time.perf_counter()
+    jax.block_until_ready(compiled(*args))  # warm-up
+    first = time.perf_counter() - t0
+    calls = max(1, min(100, int(_TARGET_SECONDS / max(first, 1e-6))))
     times = []
     for _ in range(repeats):
       t0 = time.perf_counter()
-      jax.block_until_ready(compiled(*args))
-      times.append(time.perf_counter() - t0)
+      out = None
+      for _ in range(calls):
+        out = compiled(*args)
+      jax.block_until_ready(out)
+      times.append((time.perf_counter() - t0) / calls)
   except Exception as e:  # noqa: BLE001
     return None, temp, f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"
   return statistics.median(times), temp, None
 
 
-def _dense_fn(backend):
-  impl = "cudnn" if backend == "gpu" else None
-
-  def dense(q, k, v):
+def _dense_fn(backend, q):
+  """`jax.nn.dot_product_attention`: cuDNN on GPU where it compiles, else XLA."""
+  if backend == "gpu":
+    cudnn = lambda q, k, v: jax.nn.dot_product_attention(q, k, v, implementation="cudnn")
     try:
-      return jax.nn.dot_product_attention(q, k, v, implementation=impl)
-    except Exception:  # noqa: BLE001 - cuDNN may reject the shape; fall back to XLA
-      return jax.nn.dot_product_attention(q, k, v)
-
-  return dense
+      jax.jit(cudnn).lower(q, q, q).compile()
+      return cudnn, "cudnn"
+    except Exception as e:  # noqa: BLE001 - cuDNN may reject the shape: XLA instead
+      print(f"# cuDNN attention unavailable ({type(e).__name__}); dense = XLA")
+  return jax.nn.dot_product_attention, "xla"
 
 
 def main(argv):
@@ -105,38 +137,10 @@ def main(argv):
   )
   print(header)
   rows = []
-  dense = _dense_fn(backend)
-  for n in ns:
-    key = jax.random.key(n)
-    kq, kk, kv, ki = jax.random.split(key, 4)
-    q = jax.random.normal(kq, (b, n, nh, head_dim), dtype)
-    k = jax.random.normal(kk, (b, n, kvh, head_dim), dtype)
-    v = jax.random.normal(kv, (b, n, kvh, head_dim), dtype)
-    dense_ms = {}
-    if _DENSE.value:
-      passes = [("fwd", dense)]
-      if _GRAD.value:
-        passes.append(("fwd+bwd", _grad_of(dense)))
-      for name, fn in passes:
-        sec, temp, err = _time(fn, (q, k, v), _REPEATS.value)
-        dense_ms[name] = None if sec is None else sec * 1e3
-        rows.append(_row(n, None, "dense", name, sec, None, None, temp, err))
-    for kk_ in ks:
-      idx = jax.random.randint(ki, (b, n, nh, kk_), 0, n, jnp.int32)
-      gathered = b * n * nh * kk_ * (2 * head_dim) * dtype.itemsize
-      for impl in ("pallas", "xla"):
-        fwd = _gather_fn(idx, impl)
-        passes = [("fwd", fwd)]
-        if _GRAD.value:
-          passes.append(("fwd+bwd", _grad_of(fwd)))
-        for name, fn in passes:
-          sec, temp, err = _time(fn, (q, k, v), _REPEATS.value)
-          ratio = None
-          if sec is not None and dense_ms.get(name):
-            ratio = sec * 1e3 / dense_ms[name]
-          rows.append(_row(n, kk_, impl, name, sec, gathered, ratio, temp, err))
-    for r in rows[-(len(ks) * 2 * (1 + _GRAD.value) + (1 + _GRAD.value) * _DENSE.value) :]:
-      _print_row(r, on_cpu)
+  dense, dense_impl = _dense_fn(backend, jnp.zeros((b, 128, nh, head_dim), dtype))
+  print(f"# dense = jax.nn.dot_product_attention, implementation {dense_impl}")
+  passes = ("fwd", "fwd+bwd") if _GRAD.value else ("fwd",)
+
   result = {
     "device": device.device_kind,
     "backend": backend,
@@ -148,16 +152,82 @@ def main(argv):
     "head_dim": head_dim,
     "dtype": dtype.name,
     "repeats": _REPEATS.value,
+    "dense_implementation": dense_impl,
+    "jax": jax.__version__,
     "rows": rows,
   }
-  with open(_OUT.value, "w") as f:
-    json.dump(result, f, indent=1)
+
+  def dump():
+    """Writes the rows so far (after every n, so a run cut short keeps them)."""
+    with open(_OUT.value, "w") as f:
+      json.dump(result, f, indent=1)
+
+  def timed(n, k, impl, fn, args, gathered, dense_ms):
+    """Times fn (and its gradient) and prints one row per pass."""
+    for name in passes:
+      sec, temp, err = _time(fn if name == "fwd" else _grad_of(fn), args, _REPEATS.value)
+      ratio = None
+      if sec is not None and dense_ms.get(name):
+        ratio = sec * 1e3 / dense_ms[name]
+      rows.append(_row(n, k, impl, name, sec, gathered, ratio, temp, err))
+      _print_row(rows[-1], on_cpu)
+      if impl == "dense":
+        dense_ms[name] = None if sec is None else sec * 1e3
+
+  for n in ns:
+    key = jax.random.key(n)
+    kq, kk, kv, ki = jax.random.split(key, 4)
+    q = jax.random.normal(kq, (b, n, nh, head_dim), dtype)
+    k = jax.random.normal(kk, (b, n, kvh, head_dim), dtype)
+    v = jax.random.normal(kv, (b, n, kvh, head_dim), dtype)
+    dense_ms = {}
+    if _DENSE.value:
+      timed(n, None, "dense", dense, (q, k, v), None, dense_ms)
+    for kk_ in ks:
+      idx = jax.random.randint(ki, (b, n, nh, kk_), 0, n, jnp.int32)
+      gathered = b * n * nh * kk_ * (2 * head_dim) * dtype.itemsize
+      for impl in ("pallas", "xla"):
+        timed(n, kk_, impl, _gather_fn(idx, impl), (q, k, v), gathered, dense_ms)
+      nb = kk_ // _BLOCK_SIZE.value
+      if _BLOCK.value and nb >= 1:
+        bs = _BLOCK_SIZE.value
+        tb = -(-n // bs)
+        bidx = jax.random.randint(ki, (b, tb, nh, nb), 0, -(-n // bs), jnp.int32)
+        # Rows read once per query block, not once per query.
+        block_bytes = b * tb * nh * nb * bs * (2 * head_dim) * dtype.itemsize
+        for impl in ("pallas", "xla"):
+          fn = _block_fn(bidx, bs, impl)
+          timed(n, kk_, f"{impl}-blk", fn, (q, k, v), block_bytes, dense_ms)
+    if _TUNE.value and n == ns[0]:
+      tune_k = min(ks, key=lambda x: abs(x - 128))
+      idx = jax.random.randint(ki, (b, n, nh, tune_k), 0, n, jnp.int32)
+      gathered = b * n * nh * tune_k * (2 * head_dim) * dtype.itemsize
+      for bq, slots, warps in _TUNE_CANDIDATES:
+        sizes = kernels.BlockSizes(block_q=bq, block_slots=slots, num_warps=warps)
+        sec, temp, err = _time(_gather_fn(idx, "pallas", sizes), (q, k, v), _REPEATS.value)
+        rows.append(
+          _row(n, tune_k, "pallas", "fwd", sec, gathered, None, temp, err)
+          | {"block_sizes": dataclasses.asdict(sizes)}
+        )
+        _print_row(rows[-1], on_cpu, note=f"tune block_q={bq} block_slots={slots} warps={warps}")
+    dump()
   print(f"# wrote {_OUT.value}")
 
 
-def _gather_fn(idx, impl):
+def _gather_fn(idx, impl, block_sizes=None):
   def fn(q, k, v):
-    return gsparse.sparse_gather_attention(q, k, v, idx, assume_unique=True, implementation=impl)
+    return gsparse.sparse_gather_attention(
+      q, k, v, idx, assume_unique=True, implementation=impl, block_sizes=block_sizes
+    )
+
+  return fn
+
+
+def _block_fn(bidx, block_size, impl):
+  def fn(q, k, v):
+    return gsparse.block_sparse_gather_attention(
+      q, k, v, bidx, block_q=block_size, block_k=block_size, assume_unique=True, implementation=impl
+    )
 
   return fn
 
@@ -185,9 +255,10 @@ def _row(n, k, impl, name, sec, gathered, ratio, temp, err):
   }
 
 
-def _print_row(r, on_cpu):
+def _print_row(r, on_cpu, note=""):
   fmt = lambda x, spec: "-" if x is None else format(x, spec)
-  note = r["error"] or ("interpret mode" if (on_cpu and r["impl"] == "pallas") else "")
+  interp = on_cpu and r["impl"].startswith("pallas")
+  note = r["error"] or " ".join(x for x in (note, "interpret mode" if interp else "") if x)
   temp = None if r["temp_bytes"] is None else r["temp_bytes"] / 2**20
   print(
     f"{r['n']:>6} {fmt(r['k'], 'd'):>4} {r['impl']:>7} {r['pass']:>8} "
