@@ -264,16 +264,38 @@ def _keep(out, listed, bad_values):
   return out
 
 
-def _auto_token_implementation(query: jax.Array, s: int, k: int, scale=None) -> str:
+def _kernel_cannot_take(query, key, value, scale) -> str | None:
+  """Why the Pallas kernels cannot take these inputs, or None if they can.
+
+  The kernels compile the scale in and compute in float32: float64 inputs
+  would silently lose precision there.
+  """
+  for name, x in (("query", query), ("key", key), ("value", value)):
+    if x.dtype == jnp.float64:
+      return f"{name} of dtype float64 (the kernels compute in float32)"
+  if scale is not None and _checks.concrete_or_none(scale) is None:
+    return "a traced scale (the kernels compile it in)"
+  return None
+
+
+def _check_kernel_inputs(query, key, value) -> None:
+  """Raises for `implementation="pallas"` with float64 inputs."""
+  reason = _kernel_cannot_take(query, key, value, None)
+  if reason is not None:
+    raise TypeError(
+      f'implementation="pallas" cannot take {reason}; use implementation="xla" or None'
+    )
+
+
+def _auto_token_implementation(query, key, value, k: int, scale=None) -> str:
   """`resolve_implementation(None)`, with "masked" in place of "xla" where it pays.
 
-  "pallas" only with a scale known at trace time (the kernel compiles it in);
-  a traced scale takes the XLA path instead of raising.
+  "pallas" only where the kernel can take the inputs (`_kernel_cannot_take`):
+  a traced scale or float64 inputs take the XLA path instead of raising.
   """
   if resolve_implementation(None) != "xla":
-    if scale is None or _checks.concrete_or_none(scale) is not None:
-      return "pallas"
-    return "xla"
+    return "pallas" if _kernel_cannot_take(query, key, value, scale) is None else "xla"
+  s = key.shape[-3]
   dense_entries = query.size // query.shape[-1] * s
   return "masked" if 16 * k >= s and dense_entries <= 2**24 else "xla"
 
@@ -329,9 +351,11 @@ def sparse_gather_attention(
       raise ValueError(f"bias must have the shape of indices {indices.shape}, got {bias.shape}")
   s = key.shape[-3]
   if implementation is None:
-    implementation = _auto_token_implementation(query, s, indices.shape[-1], scale)
+    implementation = _auto_token_implementation(query, key, value, indices.shape[-1], scale)
   elif implementation != "masked":
     implementation = resolve_implementation(implementation)
+  if implementation == "pallas":
+    _check_kernel_inputs(query, key, value)
   scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
   idx = jnp.where((indices >= 0) & (indices < s), indices, -1).astype(jnp.int32)
   if not assume_unique:
@@ -367,11 +391,18 @@ def _sparse_gather_pallas(query, key, value, idx, bias, scale, block_sizes) -> G
     variant=variant,
     interpret=interpret,
   )
-  # A slot has weight only if it is kept and its query has some mass: a query whose
-  # kept logits are all -inf (e.g. a -inf bias) has lse = -inf and zero weights
-  # (not exp(-inf + inf) = NaN); NaN data still propagates through lse.
-  valid = (_flatten_batch(idx, 3) >= 0) & (lse[..., None] != -jnp.inf)
-  w = jnp.where(valid, jnp.exp(jnp.where(valid, logits - lse[..., None], 0.0)), 0.0)
+  # Weights: the softmax of the kernel's slot logits, normalised here rather than
+  # as exp(logit - lse), since a float32 lse near |1e4| is itself off by up to
+  # 1e-3 and that error would reach every weight. A query whose kept logits are
+  # all -inf (e.g. a -inf bias) gets zero weights, not exp(-inf + inf) = NaN;
+  # NaN data still propagates through the row maximum.
+  listed = _flatten_batch(idx, 3) >= 0
+  s = jnp.where(listed, logits, -jnp.inf)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  live = listed & (m != -jnp.inf)
+  e = jnp.where(live, jnp.exp(jnp.where(live, s - m, 0.0)), 0.0)
+  z = jnp.sum(e, axis=-1, keepdims=True)
+  w = e / jnp.where(z > 0, z, 1.0)
   return GatherResult(
     out.reshape(*batch, *out.shape[1:]),
     lse.reshape(*batch, *lse.shape[1:]),
@@ -447,16 +478,14 @@ def block_sparse_gather_attention_xla(
   return BlockGatherResult(out.astype(query.dtype), lse)
 
 
-def _auto_block_implementation(block_q: int, block_k: int, scale) -> str:
+def _auto_block_implementation(query, key, value, block_q: int, block_k: int, scale) -> str:
   """`resolve_implementation(None)` for block lists, "xla" where the kernel cannot run.
 
   The device kernels tile whole blocks: Triton dots want powers of two >= 16,
-  Mosaic wants multiples of 8; both compile the scale in.
+  Mosaic wants multiples of 8; both compile the scale in and compute in float32.
   """
   choice = resolve_implementation(None)
-  if choice == "xla":
-    return choice
-  if scale is not None and _checks.concrete_or_none(scale) is None:
+  if choice == "xla" or _kernel_cannot_take(query, key, value, scale) is not None:
     return "xla"
   from gsparse.kernels import sparse_gather as kernels
 
@@ -514,8 +543,10 @@ def block_sparse_gather_attention(
   if scale is not None:
     _checks.check_float_scalar("scale", scale)
   if implementation is None:
-    implementation = _auto_block_implementation(block_q, block_k, scale)
+    implementation = _auto_block_implementation(query, key, value, block_q, block_k, scale)
   implementation = resolve_implementation(implementation)
+  if implementation == "pallas":
+    _check_kernel_inputs(query, key, value)
   scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
   nkb = -(-key.shape[-3] // block_k)
   bidx = block_indices.astype(jnp.int32)

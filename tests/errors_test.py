@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import gsparse
@@ -31,6 +32,7 @@ class Row(NamedTuple):
   message: str  # a substring of the message
   args: tuple[Any, ...]  # arrays, traced under jit
   kwargs: dict[str, Any]  # everything else, static under jit
+  x64: bool = False  # call with float64 enabled (NumPy float64 args stay float64)
 
 
 q = jnp.ones((3, 2, 4))
@@ -277,6 +279,16 @@ ROWS += [
     "implementation='cuda' must be",
     (q, kv, kv, idx),
     {"implementation": "cuda"},
+  ),
+  Row(
+    "sparse_gather_attention",
+    "implementation",
+    '`"pallas"` with float64 inputs',
+    TypeError,
+    'implementation="pallas" cannot take query of dtype float64',
+    (np.ones((3, 2, 4)), np.ones((5, 1, 4)), np.ones((5, 1, 4)), idx),
+    {"implementation": "pallas"},
+    x64=True,
   ),
   Row(
     "min_sparse_k",
@@ -676,6 +688,16 @@ ROWS += [
     "implementation='cuda' must be",
     (bq, kv, kv, bidx),
     {"block_q": 2, "block_k": 2, "implementation": "cuda"},
+  ),
+  Row(
+    "block_sparse_gather_attention",
+    "implementation",
+    '`"pallas"` with float64 inputs',
+    TypeError,
+    'implementation="pallas" cannot take query of dtype float64',
+    (np.ones((3, 2, 4)), np.ones((5, 1, 4)), np.ones((5, 1, 4)), bidx),
+    {"block_q": 2, "block_k": 2, "implementation": "pallas"},
+    x64=True,
   ),
   Row(
     "selection_recall",
@@ -1106,9 +1128,10 @@ def _row_id(row: Row) -> str:
 
 def _call(row: Row, jit: bool):
   fn: Callable = getattr(gsparse, row.function)
-  if not jit:
-    return fn(*row.args, **row.kwargs)
-  return jax.jit(lambda *a: fn(*a, **row.kwargs))(*row.args)
+  with jax.enable_x64(row.x64):
+    if not jit:
+      return fn(*row.args, **row.kwargs)
+    return jax.jit(lambda *a: fn(*a, **row.kwargs))(*row.args)
 
 
 @pytest.mark.parametrize("jit", [False, True], ids=["eager", "jit"])

@@ -6,8 +6,9 @@ backend (this is what runs on CPU). `TpuKernelTest` / `TpuKernelInterpretTest`
 do the same for the Mosaic kernel; the interpret subclass runs it on CPU under
 `pltpu.force_tpu_interpret_mode()`. `LoweringTest` lowers both kernels for
 "cuda" and "tpu" from the CPU host: this checks the Triton and Mosaic lowering
-rules accept them, not that the device compilers do (nothing here ran on a GPU
-or TPU).
+rules accept them, not that the device compilers do. `GpuKernelTest` and
+`PublicApiTest` ran on an NVIDIA H200 through `scripts/gpu_checks.sh` (README
+`## Pallas kernel`); nothing has run on a TPU.
 
 References: `sparse_gather_reference` / `block_gather_reference` build the dense
 `[B, N, T, S]` mask from the indices and run dense softmax attention, so they
@@ -467,33 +468,52 @@ class PublicApiTest(parameterized.TestCase):
     if jax.default_backend() != "cpu":
       self.skipTest("checks the CPU default")
     q = jnp.zeros((2, 64, 4, 8))
-    self.assertEqual(gather._auto_token_implementation(q, 512, 32), "masked")
-    self.assertEqual(gather._auto_token_implementation(q, 512, 31), "xla")  # 16 k < S
+    kv = jax.ShapeDtypeStruct((2, 512, 4, 8), jnp.float32)
+    self.assertEqual(gather._auto_token_implementation(q, kv, kv, 32), "masked")
+    self.assertEqual(gather._auto_token_implementation(q, kv, kv, 31), "xla")  # 16 k < S
     big = jax.ShapeDtypeStruct((8, 4096, 8, 8), jnp.float32)  # 2**28 dense entries
-    self.assertEqual(gather._auto_token_implementation(big, 4096, 512), "xla")
+    self.assertEqual(gather._auto_token_implementation(big, big, big, 512), "xla")
 
   @parameterized.parameters("gpu", "tpu")
   def test_default_on_device_falls_back_where_the_kernel_cannot_run(self, backend):
-    """None takes "pallas" on GPU/TPU, "xla" for untileable blocks or a traced scale."""
+    """None takes "pallas" on GPU/TPU; "xla" for untileable blocks, float64 or a traced scale."""
+    x = jax.ShapeDtypeStruct((1, 4, 2, 8), jnp.float32)
+    wide = jax.ShapeDtypeStruct((1, 4, 2, 8), jnp.float64)
+    block = functools.partial(gather._auto_block_implementation, x, x, x)
     with mock.patch.object(jax, "default_backend", return_value=backend):
-      self.assertEqual(gather._auto_block_implementation(16, 32, None), "pallas")
-      self.assertEqual(gather._auto_block_implementation(16, 32, 0.5), "pallas")
-      self.assertEqual(gather._auto_block_implementation(12, 16, None), "xla")  # no tiling
-      self.assertEqual(
-        gather._auto_block_implementation(8, 16, None), "xla" if backend == "gpu" else "pallas"
-      )
-      q = jnp.zeros((1, 4, 2, 8))
-      self.assertEqual(gather._auto_token_implementation(q, 64, 4, 0.5), "pallas")
+      self.assertEqual(block(16, 32, None), "pallas")
+      self.assertEqual(block(16, 32, 0.5), "pallas")
+      self.assertEqual(block(12, 16, None), "xla")  # no tiling
+      self.assertEqual(block(8, 16, None), "xla" if backend == "gpu" else "pallas")
+      self.assertEqual(gather._auto_block_implementation(x, wide, x, 16, 16, None), "xla")
+      self.assertEqual(gather._auto_token_implementation(x, x, x, 4, 0.5), "pallas")
+      self.assertEqual(gather._auto_token_implementation(x, x, wide, 4, 0.5), "xla")
       traced = []
 
       @jax.jit
       def f(scale):
-        traced.append(gather._auto_token_implementation(q, 64, 4, scale))
-        traced.append(gather._auto_block_implementation(16, 16, scale))
+        traced.append(gather._auto_token_implementation(x, x, x, 4, scale))
+        traced.append(block(16, 16, scale))
         return scale
 
       f(0.5)
       self.assertEqual(traced, ["xla", "xla"])
+
+  def test_pallas_weights_are_the_softmax_of_the_slot_logits_at_large_logits(self):
+    """Weights sum to one at logits near 1e4, where a float32 lse is off by ~1e-3."""
+    q, k, v = _inputs(40, 1, 6, 2, 2, 9, 4, 4, jnp.float32)
+    # Every key row the same: each query's 5 listed logits tie near 1e4, so
+    # lse = max + log(5), which float32 rounds to a multiple of ~1e-3.
+    q = q * 3e3
+    k = jnp.broadcast_to(k[:, :1], k.shape)
+    idx = jnp.broadcast_to(jnp.arange(5), (1, 6, 2, 5))
+    res = gsparse.sparse_gather_attention(
+      q, k, v, idx, return_residuals=True, implementation="pallas"
+    )
+    ref = gsparse.sparse_gather_attention(q, k, v, idx, return_residuals=True, implementation="xla")
+    self.assertGreater(float(jnp.max(jnp.abs(res.logsumexp))), 1e3)  # the regime meant
+    np.testing.assert_allclose(np.asarray(res.weights).sum(-1), 1.0, atol=2e-6)
+    _assert_close(res.weights, ref.weights, dict(atol=2e-6, rtol=0))
 
   def test_default_implementation_on_cpu_is_xla(self):
     if jax.default_backend() != "cpu":
@@ -573,6 +593,22 @@ class ErrorTest(parameterized.TestCase):
     for exc, msg, fn in cases:
       with self.assertRaisesRegex(exc, msg):
         maybe_jit(fn)(q)
+
+  def test_float64_rejected_by_pallas(self):
+    """The kernels compute in float32: float64 inputs would lose precision silently."""
+    idx = jnp.zeros((1, 4, 2, 3), jnp.int32)
+    bidx = jnp.zeros((1, 2, 2, 1), jnp.int32)
+    with jax.enable_x64(True):
+      q, k, v = (x.astype(jnp.float64) for x in (self.q, self.k, self.v))
+      calls = (
+        lambda: gsparse.sparse_gather_attention(q, k, v, idx, implementation="pallas"),
+        lambda: gather.block_sparse_gather_attention(
+          q, k, v, bidx, block_q=2, block_k=2, implementation="pallas"
+        ),
+      )
+      for call in calls:
+        with self.assertRaisesRegex(TypeError, "query of dtype float64"):
+          jax.jit(call)()
 
   def test_traced_scale_rejected_by_pallas(self):
     q, k, v = self.q, self.k, self.v
