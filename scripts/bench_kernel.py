@@ -187,7 +187,7 @@ def main(argv):
       idx = jax.random.randint(ki, (b, n, nh, kk_), 0, n, jnp.int32)
       gathered = b * n * nh * kk_ * (2 * head_dim) * dtype.itemsize
       for impl in ("pallas", "xla"):
-        timed(n, kk_, impl, _gather_fn(idx, impl), (q, k, v), gathered, dense_ms)
+        timed(n, kk_, impl, _gather_fn(impl), (q, k, v, idx), gathered, dense_ms)
       nb = kk_ // _BLOCK_SIZE.value
       if _BLOCK.value and nb >= 1:
         bs = _BLOCK_SIZE.value
@@ -196,15 +196,15 @@ def main(argv):
         # Rows read once per query block, not once per query.
         block_bytes = b * tb * nh * nb * bs * (2 * head_dim) * dtype.itemsize
         for impl in ("pallas", "xla"):
-          fn = _block_fn(bidx, bs, impl)
-          timed(n, kk_, f"{impl}-blk", fn, (q, k, v), block_bytes, dense_ms)
+          fn = _block_fn(bs, impl)
+          timed(n, kk_, f"{impl}-blk", fn, (q, k, v, bidx), block_bytes, dense_ms)
     if _TUNE.value and n == ns[0]:
       tune_k = min(ks, key=lambda x: abs(x - 128))
       idx = jax.random.randint(ki, (b, n, nh, tune_k), 0, n, jnp.int32)
       gathered = b * n * nh * tune_k * (2 * head_dim) * dtype.itemsize
       for bq, slots, warps in _TUNE_CANDIDATES:
         sizes = kernels.BlockSizes(block_q=bq, block_slots=slots, num_warps=warps)
-        sec, temp, err = _time(_gather_fn(idx, "pallas", sizes), (q, k, v), _REPEATS.value)
+        sec, temp, err = _time(_gather_fn("pallas", sizes), (q, k, v, idx), _REPEATS.value)
         rows.append(
           _row(n, tune_k, "pallas", "fwd", sec, gathered, None, temp, err)
           | {"block_sizes": dataclasses.asdict(sizes)}
@@ -214,8 +214,10 @@ def main(argv):
   print(f"# wrote {_OUT.value}")
 
 
-def _gather_fn(idx, impl, block_sizes=None):
-  def fn(q, k, v):
+# Indices are arguments, not closure constants: XLA would constant-fold index
+# arithmetic on constants, which a real top-k selection never is.
+def _gather_fn(impl, block_sizes=None):
+  def fn(q, k, v, idx):
     return gsparse.sparse_gather_attention(
       q, k, v, idx, assume_unique=True, implementation=impl, block_sizes=block_sizes
     )
@@ -223,8 +225,8 @@ def _gather_fn(idx, impl, block_sizes=None):
   return fn
 
 
-def _block_fn(bidx, block_size, impl):
-  def fn(q, k, v):
+def _block_fn(block_size, impl):
+  def fn(q, k, v, bidx):
     return gsparse.block_sparse_gather_attention(
       q, k, v, bidx, block_q=block_size, block_k=block_size, assume_unique=True, implementation=impl
     )
@@ -233,8 +235,8 @@ def _block_fn(bidx, block_size, impl):
 
 
 def _grad_of(fn):
-  def loss(q, k, v):
-    return jnp.sum(fn(q, k, v).astype(jnp.float32))
+  def loss(q, k, v, *indices):
+    return jnp.sum(fn(q, k, v, *indices).astype(jnp.float32))
 
   return jax.grad(loss, argnums=(0, 1, 2))
 
