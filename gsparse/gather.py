@@ -32,7 +32,8 @@ computes the dense `[T, S]` logits and masks them to the listed keys, which
 costs O(T S) memory but replaces the gather, and the scatter-add of its
 gradient, by matmuls: on XLA:CPU at T = S = 512, k = 128 it is 7x faster
 (forward and backward) than "xla". None picks "pallas" on GPU and TPU (unless
-the scale is traced, or block sizes do not fit the device tiles: then "xla"); on
+the inputs are float64, the scale is traced, or block sizes do not fit the
+device tiles: then "xla"); on
 other backends "masked" when the lists are long relative to the keys
 (`16 k >= S`) and the dense logits small (at most 2**24 entries), else "xla".
 """
@@ -391,18 +392,10 @@ def _sparse_gather_pallas(query, key, value, idx, bias, scale, block_sizes) -> G
     variant=variant,
     interpret=interpret,
   )
-  # Weights: the softmax of the kernel's slot logits, normalised here rather than
-  # as exp(logit - lse), since a float32 lse near |1e4| is itself off by up to
-  # 1e-3 and that error would reach every weight. A query whose kept logits are
-  # all -inf (e.g. a -inf bias) gets zero weights, not exp(-inf + inf) = NaN;
-  # NaN data still propagates through the row maximum.
-  listed = _flatten_batch(idx, 3) >= 0
-  s = jnp.where(listed, logits, -jnp.inf)
-  m = jnp.max(s, axis=-1, keepdims=True)
-  live = listed & (m != -jnp.inf)
-  e = jnp.where(live, jnp.exp(jnp.where(live, s - m, 0.0)), 0.0)
-  z = jnp.sum(e, axis=-1, keepdims=True)
-  w = e / jnp.where(z > 0, z, 1.0)
+  # Weights: the softmax of the kernel's slot logits (as the XLA path), not
+  # exp(logit - lse): a float32 lse near 1e4 is itself off by up to 1e-3, and
+  # that error would reach every weight.
+  w = masked_softmax_lse(logits, _flatten_batch(idx, 3) >= 0)[0]
   return GatherResult(
     out.reshape(*batch, *out.shape[1:]),
     lse.reshape(*batch, *lse.shape[1:]),
@@ -526,8 +519,8 @@ def block_sparse_gather_attention(
     assume_unique: skip de-duplication of the block ids.
     return_residuals: also return the log-sum-exp.
     implementation: None, "xla" or "pallas", as in `sparse_gather_attention`;
-      None takes "xla" where the device kernel cannot tile the block sizes or
-      the scale is traced.
+      None takes "xla" where the device kernel cannot tile the block sizes,
+      the inputs are float64 or the scale is traced.
     precision: einsum precision of the XLA path.
 
   Returns:
