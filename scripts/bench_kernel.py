@@ -174,6 +174,9 @@ def main(argv):
       if impl == "dense":
         dense_ms[name] = None if sec is None else sec * 1e3
 
+  def gathered_bytes(rows, width):  # K and V rows of `width` keys read `rows` times
+    return rows * width * (2 * head_dim) * dtype.itemsize
+
   for n in ns:
     key = jax.random.key(n)
     kq, kk, kv, ki = jax.random.split(key, 4)
@@ -185,23 +188,22 @@ def main(argv):
       timed(n, None, "dense", dense, (q, k, v), None, dense_ms)
     for kk_ in ks:
       idx = jax.random.randint(ki, (b, n, nh, kk_), 0, n, jnp.int32)
-      gathered = b * n * nh * kk_ * (2 * head_dim) * dtype.itemsize
+      gathered = gathered_bytes(b * n * nh, kk_)
       for impl in ("pallas", "xla"):
         timed(n, kk_, impl, _gather_fn(impl), (q, k, v, idx), gathered, dense_ms)
       nb = kk_ // _BLOCK_SIZE.value
       if _BLOCK.value and nb >= 1:
         bs = _BLOCK_SIZE.value
         tb = -(-n // bs)
-        bidx = jax.random.randint(ki, (b, tb, nh, nb), 0, -(-n // bs), jnp.int32)
-        # Rows read once per query block, not once per query.
-        block_bytes = b * tb * nh * nb * bs * (2 * head_dim) * dtype.itemsize
+        bidx = jax.random.randint(ki, (b, tb, nh, nb), 0, tb, jnp.int32)  # T = S: tb key blocks
+        block_bytes = gathered_bytes(b * tb * nh, nb * bs)  # once per query block
         for impl in ("pallas", "xla"):
           fn = _block_fn(bs, impl)
           timed(n, kk_, f"{impl}-blk", fn, (q, k, v, bidx), block_bytes, dense_ms)
     if _TUNE.value and n == ns[0]:
       tune_k = min(ks, key=lambda x: abs(x - 128))
       idx = jax.random.randint(ki, (b, n, nh, tune_k), 0, n, jnp.int32)
-      gathered = b * n * nh * tune_k * (2 * head_dim) * dtype.itemsize
+      gathered = gathered_bytes(b * n * nh, tune_k)
       for bq, slots, warps in _TUNE_CANDIDATES:
         sizes = kernels.BlockSizes(block_q=bq, block_slots=slots, num_warps=warps)
         sec, temp, err = _time(_gather_fn("pallas", sizes), (q, k, v, idx), _REPEATS.value)

@@ -857,13 +857,14 @@ def _block_core_bwd(block_q, block_k, scale, is_causal, variant, interpret, res,
 _block_core.defvjp(_block_core_fwd, _block_core_bwd)
 
 
+def _device_tiles(size: int, variant: str) -> bool:
+  """Whether a compiled block kernel tiles a block of `size` (Triton dot / Mosaic)."""
+  return _is_pow2(size) and size >= 16 if variant == "gpu" else size % 8 == 0
+
+
 def block_sizes_supported(block_q: int, block_k: int, variant: str, interpret: bool) -> bool:
   """Whether the block kernel tiles `block_q x block_k` (any size in interpret mode)."""
-  if interpret:
-    return True
-  if variant == "gpu":
-    return all(_is_pow2(x) and x >= 16 for x in (block_q, block_k))
-  return block_q % 8 == 0 and block_k % 8 == 0
+  return interpret or (_device_tiles(block_q, variant) and _device_tiles(block_k, variant))
 
 
 @functools.partial(
@@ -903,7 +904,7 @@ def block_gather_attention(
   """
   _check_variant(variant)
   for name, size in (("block_q", block_q), ("block_k", block_k)):
-    if not block_sizes_supported(size, size, variant, interpret):
+    if not (interpret or _device_tiles(size, variant)):
       rule = "a power of two >= 16" if variant == "gpu" else "a multiple of 8"
       tiles = "Triton dot tiles" if variant == "gpu" else "TPU tiles"
       raise ValueError(
