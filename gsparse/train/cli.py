@@ -77,6 +77,24 @@ def define_flags(*, with_variant: bool = True) -> None:
   flags.DEFINE_integer("eval_batches", 4, "Validation batches (of --batch_size) per evaluation.")
   flags.DEFINE_integer("checkpoint_every", 50, "Steps between checkpoints (0: at the end only).")
   flags.DEFINE_integer("log_every", 10, "Steps between progress lines.")
+  flags.DEFINE_integer(
+    "keep_checkpoints", 3, "How many of the newest checkpoints each run keeps (>= 1)."
+  )
+  flags.DEFINE_bool(
+    "restart",
+    False,
+    (
+      "Delete the run files (checkpoints/, log.jsonl, log.json, tensorboard/) of the workdir "
+      "and start over. Without it a run resumes from its newest checkpoint, and a missing or "
+      "unreadable checkpoint is an error."
+    ),
+  )
+  flags.DEFINE_bool(
+    "tensorboard",
+    True,
+    "Also write TensorBoard scalars to <workdir>/tensorboard when tensorboardX or TensorFlow "
+    "is installed (the JSON logs are always written).",
+  )
   flags.DEFINE_integer("max_train_bytes", 4_000_000, "Cap on training bytes read from the stdlib.")
   flags.DEFINE_integer(
     "max_validation_bytes", 400_000, "Cap on validation bytes read from the stdlib."
@@ -119,7 +137,13 @@ def config_from_flags(fl, *, variant: str | None = None, seed: int | None = None
 
 def train_main(fl) -> dict:
   config = config_from_flags(fl)
-  log = run_training(config, workdir=fl.workdir)
+  log = run_training(
+    config,
+    workdir=fl.workdir,
+    restart=fl.restart,
+    keep_checkpoints=fl.keep_checkpoints,
+    tensorboard=fl.tensorboard,
+  )
   fin = log.get("final")
   if fin is not None:
     summary = {k: v for k, v in fin.items() if k not in ("sparsity", "weight_norms")}
