@@ -60,13 +60,17 @@ class CheckpointError(ValueError):
 
 
 def open_manager(workdir: pathlib.Path, *, keep: int, read_only: bool = False):
-  """The orbax `CheckpointManager` of `workdir` (synchronous saves, newest `keep`)."""
+  """The orbax `CheckpointManager` of `workdir` (synchronous saves, newest `keep`).
+
+  `read_only` managers are for restoring: they create nothing and must not
+  save (orbax's own `read_only` option is not used only because it logs a
+  warning on every open).
+  """
   if not isinstance(keep, int) or keep < 1:
     raise ValueError(f"keep_checkpoints={keep!r} must be an int >= 1")
   options = ocp.CheckpointManagerOptions(
-    max_to_keep=keep,
+    max_to_keep=None if read_only else keep,
     create=not read_only,
-    read_only=read_only,
     enable_async_checkpointing=False,
   )
   return ocp.CheckpointManager(workdir / CHECKPOINT_DIR, options=options)
