@@ -252,11 +252,11 @@ DAMAGE = {
   ),
   "checkpoints deleted": (
     lambda wd, d: shutil.rmtree(wd / ckpt.CHECKPOINT_DIR),
-    r"log.jsonl records a checkpoint at step 4.*newest complete step .* is None",
+    r"log.jsonl records a checkpoint at step 4, but .*checkpoints holds no complete step",
   ),
-  "newest step deleted": (
-    lambda wd, d: shutil.rmtree(d),
-    r"log.jsonl records a checkpoint at step 4.* is 2",
+  "checkpoints emptied": (
+    lambda wd, d: [shutil.rmtree(p) for p in (wd / ckpt.CHECKPOINT_DIR).iterdir()],
+    r"log.jsonl records a checkpoint at step 4, but .*checkpoints holds no complete step",
   ),
   "finished log without checkpoints": (
     lambda wd, d: (
@@ -296,6 +296,15 @@ def test_damaged_newest_step_names_older_steps(partial, corpus, tmp_path):
   wd = damaged_copy(partial, tmp_path, lambda wd, d: shutil.rmtree(d / "meta"))
   with pytest.raises(ckpt.CheckpointError, match=r"older step \(\[2\]\) instead, delete .*/4"):
     run(wd, corpus)
+
+
+def test_deleting_the_newest_step_resumes_from_an_older_one(partial, reference, corpus, tmp_path):
+  # What the error for a damaged newest step suggests, done: resume from step 2.
+  wd = damaged_copy(partial, tmp_path, lambda wd, d: shutil.rmtree(d))
+  log = run(wd, corpus, keep_checkpoints=2)
+  check_same_as_reference(log, wd, reference)
+  start = records(wd, "start")[-1]
+  assert (start["step"], start["resumed"], start["newer_checkpoint_deleted"]) == (2, True, 4)
 
 
 def test_restart_starts_over(partial, reference, corpus, tmp_path):

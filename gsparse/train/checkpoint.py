@@ -163,12 +163,16 @@ def latest_step(workdir: pathlib.Path) -> int | None:
     return manager.latest_step()
 
 
-def check_workdir(workdir: pathlib.Path, manager) -> int | None:
-  """The step to resume from (None: nothing to resume, start fresh).
+def check_workdir(workdir: pathlib.Path, manager) -> tuple[int | None, int | None]:
+  """`(step to resume from, newest checkpoint step recorded in log.jsonl)`.
 
-  Raises `CheckpointError` when the workdir shows a run whose checkpoint is
-  gone: legacy msgpack files, a finished `log.json`, or a checkpoint recorded
-  in `log.jsonl` that is newer than the newest complete step.
+  The first is None when there is nothing to resume (start fresh). The
+  second is larger than the first when newer step directories were deleted
+  (deliberately, to resume from an older step): the caller notes it.
+
+  Raises `CheckpointError` when the workdir shows a run but no checkpoint is
+  left to resume it from: legacy msgpack files, a finished `log.json`, or
+  checkpoints recorded in `log.jsonl`.
   """
   for name in LEGACY_FILES:
     if (workdir / name).exists():
@@ -177,13 +181,12 @@ def check_workdir(workdir: pathlib.Path, manager) -> int | None:
         f"does not read; {RESTART_HINT}"
       )
   latest = manager.latest_step()
-  recorded = [
-    r["step"] for r in read_log_stream(workdir / LOG_STREAM) if r["event"] == "checkpoint"
-  ]
-  if recorded and (latest is None or latest < max(recorded)):
+  records = read_log_stream(workdir / LOG_STREAM)
+  recorded = max((r["step"] for r in records if r["event"] == "checkpoint"), default=None)
+  if latest is None and recorded is not None:
     raise CheckpointError(
-      f"{workdir / LOG_STREAM} records a checkpoint at step {max(recorded)}, but the newest "
-      f"complete step in {workdir / CHECKPOINT_DIR} is {latest}: the checkpoint was lost; "
+      f"{workdir / LOG_STREAM} records a checkpoint at step {recorded}, but "
+      f"{workdir / CHECKPOINT_DIR} holds no complete step: the checkpoints were lost; "
       f"{RESTART_HINT}"
     )
   if latest is None and (workdir / FINAL_LOG).exists():
@@ -191,7 +194,7 @@ def check_workdir(workdir: pathlib.Path, manager) -> int | None:
       f"{workdir / FINAL_LOG} shows a finished run, but {workdir / CHECKPOINT_DIR} holds no "
       f"complete checkpoint; {RESTART_HINT}"
     )
-  return latest
+  return latest, recorded
 
 
 def clear_workdir(workdir: pathlib.Path) -> None:

@@ -388,7 +388,7 @@ def run_training(
     if state is None:
       state = init_state(config)
     else:
-      say(f"resumed from {wd} at step {len(log['train'])}")
+      say(f"resumed from {wd / ckpt.CHECKPOINT_DIR / str(len(log['train']))}")
     if "final" in log:  # killed after the final checkpoint, before log.json
       rec.finish(log)
       return log

@@ -48,7 +48,10 @@ class Recorder:
       self._manager.close()
       ckpt.clear_workdir(self.workdir)
       self._manager = ckpt.open_manager(self.workdir, keep=self._keep)
-    step = ckpt.check_workdir(self.workdir, self._manager)
+    step, recorded = ckpt.check_workdir(self.workdir, self._manager)
+    note = {}
+    if step is not None and recorded is not None and recorded > step:
+      note = {"newer_checkpoint_deleted": recorded}  # the user chose an older step
     state = None
     if step is not None:
       got = ckpt.restore(self._manager, step, abstract_state)
@@ -59,7 +62,9 @@ class Recorder:
         )
       state, log = got["state"], got["log"]
     self._stream = ckpt.LogStream(self.workdir / ckpt.LOG_STREAM)
-    self._stream.write("start", step=step or 0, resumed=step is not None, config=log["config"])
+    self._stream.write(
+      "start", step=step or 0, resumed=step is not None, **note, config=log["config"]
+    )
     if self._tensorboard:
       self._writer = summary.open_writer(self.workdir / ckpt.TENSORBOARD_DIR)
     return state, log
