@@ -166,8 +166,11 @@ def test_sigkill_mid_save_resumes_identically(reference, corpus, tmp_path):
                  keep_checkpoints=2)
     """
   )
-  env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.getcwd(), *sys.path]))
-  proc = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, timeout=300)
+  root = str(pathlib.Path(__file__).resolve().parents[1])
+  env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, *sys.path]))
+  proc = subprocess.run(
+    [sys.executable, "-c", script], env=env, cwd=root, capture_output=True, timeout=300
+  )
   assert proc.returncode == -signal.SIGKILL, proc.stderr.decode()[-2000:]
   assert not (tmp_path / ckpt.FINAL_LOG).exists()
   before = (tmp_path / ckpt.LOG_STREAM).read_bytes()

@@ -34,7 +34,7 @@ from jax.sharding import PartitionSpec as P
 
 from gsparse.train import checkpoint as ckpt
 from gsparse.train import data as data_lib
-from gsparse.train import rank
+from gsparse.train import measures, rank
 from gsparse.train.model import AttentionSpec, MeasureSpec, ModelConfig, TransformerLM, layer_specs
 from gsparse.train.recorder import Recorder
 
@@ -283,46 +283,6 @@ def _read_manager(workdir, step):
     yield manager, step
 
 
-MEASURES = (
-  "min_k",
-  "effective_support",
-  "tail_mass",
-  "tail_bound",
-  "tail_bound_max",
-  "kept",
-  "own_tail_bound",
-)
-
-
-def evaluate(eval_step, params, val: np.ndarray, batch_sharding, num_layers: int) -> tuple:
-  """Validation bits per byte and per-layer sparsity over the fixed batches.
-
-  Returns:
-    `(bpb, sparsity)` where sparsity maps each name in `MEASURES` to a
-    `[num_layers, num_heads]` list, averaged over the batches
-    (`tail_bound_max` is the maximum).
-  """
-  total, count = 0.0, 0
-  acc = {name: [] for name in MEASURES}
-  for b in val:
-    nats, n, inter = eval_step(params, jax.device_put(b, batch_sharding))
-    total += float(nats)
-    count += int(n)
-    inter = jax.device_get(inter)
-    for name in MEASURES:
-      acc[name].append(
-        [
-          np.asarray(inter[f"block_{i}"]["attention"][name][0], np.float64)
-          for i in range(num_layers)
-        ]
-      )
-  sparsity = {}
-  for name, vals in acc.items():
-    arr = np.asarray(vals)  # [batches, layers, heads]
-    sparsity[name] = (arr.max(0) if name == "tail_bound_max" else arr.mean(0)).tolist()
-  return total / count / math.log(2.0), sparsity
-
-
 def run_training(
   config: TrainConfig,
   *,
@@ -459,7 +419,7 @@ def _train_loop(config, state, log, rec, corpus, mesh, end, say) -> dict:
       eta = med * (config.steps - step)
       say(f"step {step}/{config.steps} loss {loss:.4f} {med:.3f} s/step eta {eta:.0f} s")
     if step % config.eval_every == 0 or step == config.steps:
-      bpb, measured = evaluate(eval_step, state["params"], val, batch_sh, num_layers)
+      bpb, measured = measures.evaluate(eval_step, state["params"], val, batch_sh, num_layers)
       entry = {"step": step, "val_bpb": bpb, "sparsity": measured}
       log["eval"].append(entry)
       rec.record("eval", entry, {"eval/val_bpb": bpb})
@@ -472,37 +432,13 @@ def _train_loop(config, state, log, rec, corpus, mesh, end, say) -> dict:
   if sparse_layers is None and config.variant == "select":  # select_step == steps
     norms = rank.attention_weight_norms(jax.device_get(state["params"]), num_layers)
     log["sparse_layers"] = sparse_layers = rank.rank_layers(norms, config.select_layers)
-  log["final"] = _final_entry(config, log, state["params"], step, time.perf_counter() - t_start)
+  log["final"] = measures.final_entry(
+    log,
+    jax.device_get(state["params"]),
+    num_layers=num_layers,
+    layer_specs=[s.label() for s in layer_attention(config, sparse_layers)],
+    wall_time_s=time.perf_counter() - t_start,
+  )
   rec.checkpoint(step, state, log)
   rec.finish(log)
   return log
-
-
-def _final_entry(config: TrainConfig, log: dict, params, step: int, wall_time_s: float) -> dict:
-  """The log's "final" entry: last evaluation, timings, weight norms and rankings."""
-  num_layers = config.model.num_layers
-  measured = log["eval"][-1]["sparsity"]
-  norms = rank.attention_weight_norms(jax.device_get(params), num_layers)
-  eff = np.asarray(measured["effective_support"])
-  mink = np.asarray(measured["min_k"])
-  times = [r["step_time_s"] for r in log["train"]]
-  return {
-    "step": step,
-    "val_bpb": log["eval"][-1]["val_bpb"],
-    "final_train_loss": log["train"][-1]["loss"],
-    # Median over steps after the first (the first includes compilation).
-    "median_step_time_s": statistics.median(times[1:] if len(times) > 1 else times),
-    # Process CPU seconds per step (all threads): on a loaded machine, CPU
-    # time / cores estimates the wall time the step would take on a quiet one.
-    "median_step_cpu_s": statistics.median(
-      [r.get("step_cpu_s", float("nan")) for r in log["train"][1:]] or [float("nan")]
-    ),
-    "wall_time_s": wall_time_s,
-    "layer_specs": [s.label() for s in layer_attention(config, log["sparse_layers"])],
-    "sparsity": measured,
-    "weight_norms": norms.tolist(),
-    # Larger norm is predicted sparser: smaller effective support / min_k.
-    "spearman_layer_norm_vs_neg_effective_support": rank.spearman(norms.mean(1), -eff.mean(1)),
-    "spearman_layer_norm_vs_neg_min_k": rank.spearman(norms.mean(1), -mink.mean(1)),
-    "spearman_head_norm_vs_neg_effective_support": rank.spearman(norms.ravel(), -eff.ravel()),
-  }
