@@ -177,6 +177,8 @@ def test_sigkill_mid_save_resumes_identically(reference, corpus, tmp_path):
   log = run(tmp_path, corpus, keep_checkpoints=2)
   check_same_as_reference(log, tmp_path, reference)
   assert (tmp_path / ckpt.LOG_STREAM).read_bytes().startswith(before)
+  # No temporary directory of the cut save is left behind.
+  assert sorted(p.name for p in (tmp_path / ckpt.CHECKPOINT_DIR).iterdir()) == ["4", "6"]
 
 
 def test_keeps_newest_checkpoints_and_log_is_streamed(reference):
@@ -328,6 +330,8 @@ def test_fresh_and_other_config(reference, corpus, tmp_path):
     run_training(config(seed=1), workdir=wd, corpus=corpus, progress=None)
   with pytest.raises(ValueError, match="keep_checkpoints=0"):
     run(tmp_path / "k", corpus, keep_checkpoints=0)
+  with pytest.raises(ValueError, match="keep_checkpoints=1.5"):
+    run(None, corpus, keep_checkpoints=1.5)
 
 
 def test_log_stream_tolerates_a_record_cut_by_a_kill(tmp_path):

@@ -59,6 +59,11 @@ class CheckpointError(ValueError):
   """A workdir's checkpoint is missing, incomplete or unreadable."""
 
 
+def check_keep(keep) -> None:
+  if isinstance(keep, bool) or not isinstance(keep, int) or keep < 1:
+    raise ValueError(f"keep_checkpoints={keep!r} must be an int >= 1")
+
+
 def open_manager(workdir: pathlib.Path, *, keep: int, read_only: bool = False):
   """The orbax `CheckpointManager` of `workdir` (synchronous saves, newest `keep`).
 
@@ -66,11 +71,11 @@ def open_manager(workdir: pathlib.Path, *, keep: int, read_only: bool = False):
   save (orbax's own `read_only` option is not used only because it logs a
   warning on every open).
   """
-  if not isinstance(keep, int) or keep < 1:
-    raise ValueError(f"keep_checkpoints={keep!r} must be an int >= 1")
+  check_keep(keep)
   options = ocp.CheckpointManagerOptions(
     max_to_keep=None if read_only else keep,
     create=not read_only,
+    cleanup_tmp_directories=not read_only,  # a save cut short by a kill
     enable_async_checkpointing=False,
   )
   return ocp.CheckpointManager(workdir / CHECKPOINT_DIR, options=options)

@@ -23,6 +23,7 @@ class Recorder:
   """
 
   def __init__(self, workdir: pathlib.Path | None, *, keep: int, tensorboard: bool):
+    ckpt.check_keep(keep)
     self.workdir = workdir
     self._keep, self._tensorboard = keep, tensorboard
     self._manager = self._stream = self._writer = None
