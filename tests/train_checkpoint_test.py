@@ -255,6 +255,21 @@ DAMAGE = {
     lambda wd, d: (d / "log" / "metadata").write_text('{"train": [{"st'),
     r"checkpoints/4 is unreadable",
   ),
+  "meta of another step": (
+    lambda wd, d: (d / "meta" / "metadata").write_text('{"format": "x", "step": 2}'),
+    r"4/meta is not a gsparse.train checkpoint of step 4",
+  ),
+  "log of another step": (
+    lambda wd, d: (d / "log" / "metadata").write_text('{"train": []}'),
+    r"4/log does not hold the log of steps 0..3",
+  ),
+  "state of another step": (
+    lambda wd, d: (
+      shutil.rmtree(d / "state"),
+      shutil.copytree(d.parent / "2" / "state", d / "state"),
+    ),
+    r"4/state holds the state of step 2, not 4",
+  ),
   "checkpoints deleted": (
     lambda wd, d: shutil.rmtree(wd / ckpt.CHECKPOINT_DIR),
     r"log.jsonl records a checkpoint at step 4, but .*checkpoints holds no complete step",

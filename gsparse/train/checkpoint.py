@@ -139,6 +139,12 @@ def restore(manager, step: int, abstract_state, *, items: tuple = ITEMS) -> dict
       f"checkpoint {step_dir / 'meta'} is not a gsparse.train checkpoint of step {step} "
       f"(got {str(meta)[:200]}); {_older(manager, step)}"
     )
+  state = got.get("state")
+  if state is not None and int(state["step"]) != step:
+    raise CheckpointError(
+      f"checkpoint {step_dir / 'state'} holds the state of step {int(state['step'])}, "
+      f"not {step}; {_older(manager, step)}"
+    )
   log = got.get("log")
   if log is not None and (not isinstance(log, dict) or len(log.get("train", ())) != step):
     raise CheckpointError(
