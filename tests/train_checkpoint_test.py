@@ -97,27 +97,28 @@ def check_same_as_reference(log, wd, reference):
   assert last == {r["step"]: r["loss"] for r in want["train"]}
 
 
-# (write point, occurrence): every place the run writes, each at least once;
-# checkpoint occurrence 3 is the final checkpoint at step 6.
+# (write point, occurrence, newest complete checkpoint after the kill): every
+# place the run writes, each at least once. Evaluations and checkpoints are at
+# steps 2, 4 and 6; checkpoint occurrence 3 is the final one, at step 6.
 KILL_POINTS = [
-  ("start_record", 1),
-  ("train_record", 1),
-  ("train_record", 4),
-  ("eval_record", 2),
-  ("checkpoint_save", 1),
-  ("checkpoint_saved", 2),
-  ("checkpoint_record", 2),
-  ("checkpoint_save", 3),
-  ("checkpoint_saved", 3),
-  ("final_record", 1),
-  ("final_log", 1),
-  ("final_log_written", 1),
+  ("start_record", 1, None),
+  ("train_record", 1, None),
+  ("train_record", 4, 2),
+  ("eval_record", 2, 2),
+  ("checkpoint_save", 1, None),
+  ("checkpoint_saved", 2, 4),
+  ("checkpoint_record", 2, 4),
+  ("checkpoint_save", 3, 4),
+  ("checkpoint_saved", 3, 6),
+  ("final_record", 1, 6),
+  ("final_log", 1, 6),
+  ("final_log_written", 1, 6),
 ]
 
 
-@pytest.mark.parametrize(("point", "occurrence"), KILL_POINTS)
+@pytest.mark.parametrize(("point", "occurrence", "resume_from"), KILL_POINTS)
 def test_kill_at_write_point_resumes_identically(
-  point, occurrence, reference, corpus, tmp_path, monkeypatch
+  point, occurrence, resume_from, reference, corpus, tmp_path, monkeypatch
 ):
   seen = []
 
@@ -133,7 +134,7 @@ def test_kill_at_write_point_resumes_identically(
     (tmp_path / ckpt.LOG_STREAM).read_bytes() if (tmp_path / ckpt.LOG_STREAM).exists() else b""
   )
   monkeypatch.setattr(ckpt, "fault_hook", None)
-  resume_from = ckpt.latest_step(tmp_path)
+  assert ckpt.latest_step(tmp_path) == resume_from
   log = run(tmp_path, corpus, keep_checkpoints=2)
   check_same_as_reference(log, tmp_path, reference)
   # Nothing written before the kill is lost: the old stream is a prefix of the new one.
