@@ -15,6 +15,8 @@
   metadata and log as one step), the append-only `log.jsonl`, and
   `CheckpointError`; `gsparse.train.recorder` and `gsparse.train.summary`
   route a run's records to them and to TensorBoard (when installed).
+* `gsparse.train.measures`: validation bits/byte, per-layer sparsity and the
+  end-of-training summary.
 * `gsparse.train.rank`: weight-norm ranking of layers and Spearman correlation.
 * `gsparse.train.compare`: runs all variants x seeds and writes the tables.
 
