@@ -10,9 +10,12 @@ Examples:
   PYTHONPATH=. python scripts/train.py --variant=select --select_layers=2
 
 Runs unchanged on CPU, GPU and TPU: the batch is sharded over all local
-devices (data parallel), parameters are replicated. Re-running with the same
---workdir resumes from its checkpoint. The JSON log goes to
-<workdir>/log.json.
+devices (data parallel), parameters are replicated. The run appends its
+records to <workdir>/log.jsonl as it goes, checkpoints every
+--checkpoint_every steps (<workdir>/checkpoints/<step>, the newest
+--keep_checkpoints kept) and writes the complete log to <workdir>/log.json at
+the end. Re-running with the same --workdir resumes from the newest
+checkpoint, also after a kill; --restart starts over. See docs/training.md.
 """
 
 from absl import app, flags

@@ -2,8 +2,8 @@
 
 Same step count and sequence length for all variants. Results go to
 <out_dir>/results.md and <out_dir>/results.json; each run's checkpoint and
-JSON log to <out_dir>/<variant>_seed<seed>/. Re-running resumes unfinished
-runs and reuses finished ones.
+JSON logs to <out_dir>/<variant>_seed<seed>/. Re-running resumes unfinished
+runs and reuses finished ones; --restart starts every run over.
 
   PYTHONPATH=. python scripts/train_compare.py --out_dir=results/train_compare
 """
@@ -43,7 +43,15 @@ def main(argv):
   if FLAGS.summarize_only:
     _, logs = compare.logs_at_step(out, None if FLAGS.at_step < 0 else FLAGS.at_step)
   else:
-    logs = compare.run_all(base, FLAGS.variants, [int(s) for s in FLAGS.seeds], out)
+    logs = compare.run_all(
+      base,
+      FLAGS.variants,
+      [int(s) for s in FLAGS.seeds],
+      out,
+      restart=FLAGS.restart,
+      keep_checkpoints=FLAGS.keep_checkpoints,
+      tensorboard=FLAGS.tensorboard,
+    )
   summary = compare.summarize(logs)
   summary["config"] = json.loads(json.dumps(base.to_dict()))
   md = compare.markdown(summary, measure_eps=FLAGS.measure_eps, measure_k=FLAGS.measure_k)

@@ -11,8 +11,9 @@ from gsparse.train.experiment import VARIANTS, TrainConfig, run_training
 from gsparse.train.model import AttentionSpec, MeasureSpec, ModelConfig
 
 
-def define_flags(*, with_variant: bool = True) -> None:
-  """Defines the training flags (`--variant` only when `with_variant`)."""
+def define_flags(*, with_variant: bool = True, flag_values: flags.FlagValues = flags.FLAGS) -> None:
+  """Defines the training flags (`--variant` only when `with_variant`) in `flag_values`."""
+  fv = flag_values
   if with_variant:
     flags.DEFINE_enum(
       "variant",
@@ -25,61 +26,114 @@ def define_flags(*, with_variant: bool = True) -> None:
         "(dense until --select_step, then top-k with --k in the --select_layers layers of "
         "largest ||scale W_Q W_K^T||_F)."
       ),
+      flag_values=fv,
     )
-    flags.DEFINE_integer("seed", 0, "Seed of initialisation and data order.")
+    flags.DEFINE_integer("seed", 0, "Seed of initialisation and data order.", flag_values=fv)
     flags.DEFINE_string(
       "workdir",
       None,
       (
-        "Checkpoint/log directory; a run in an existing one resumes. "
-        "Default: no checkpoints, log printed only."
+        "Checkpoint/log directory; a run in an existing one resumes from its newest "
+        "checkpoint (--restart starts over). Default: no checkpoints, log printed only."
       ),
+      flag_values=fv,
     )
-  flags.DEFINE_integer("seq_len", 512, "Bytes per training sequence (attention length n).")
   flags.DEFINE_integer(
-    "batch_size", 4, "Global batch size; must divide by the number of local devices."
+    "seq_len", 512, "Bytes per training sequence (attention length n).", flag_values=fv
   )
-  flags.DEFINE_integer("steps", 300, "Optimizer steps.")
-  flags.DEFINE_integer("d_model", 128, "Residual width.")
-  flags.DEFINE_integer("num_layers", 4, "Transformer blocks.")
-  flags.DEFINE_integer("num_heads", 4, "Attention heads per block.")
+  flags.DEFINE_integer(
+    "batch_size",
+    4,
+    "Global batch size; must divide by the number of local devices.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer("steps", 300, "Optimizer steps.", flag_values=fv)
+  flags.DEFINE_integer("d_model", 128, "Residual width.", flag_values=fv)
+  flags.DEFINE_integer("num_layers", 4, "Transformer blocks.", flag_values=fv)
+  flags.DEFINE_integer("num_heads", 4, "Attention heads per block.", flag_values=fv)
   flags.DEFINE_float(
-    "learning_rate", 3e-3, "Peak AdamW learning rate (linear warmup, cosine decay to 0)."
+    "learning_rate",
+    3e-3,
+    "Peak AdamW learning rate (linear warmup, cosine decay to 0).",
+    flag_values=fv,
   )
-  flags.DEFINE_integer("warmup_steps", 20, "Learning-rate warmup steps.")
-  flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.")
-  flags.DEFINE_integer("k", 32, "Kept keys per query for --variant=topk and select.")
-  flags.DEFINE_float("alpha", 2.0, "Prefactor of k = alpha n^C (--variant=power).")
-  flags.DEFINE_float("power", 0.5, "Exponent C in (0, 1) of k = alpha n^C (--variant=power).")
-  flags.DEFINE_float("tolerance", 0.05, "Certified tail-mass tolerance (--variant=certified).")
+  flags.DEFINE_integer("warmup_steps", 20, "Learning-rate warmup steps.", flag_values=fv)
+  flags.DEFINE_float("weight_decay", 0.01, "AdamW weight decay.", flag_values=fv)
+  flags.DEFINE_integer(
+    "k", 32, "Kept keys per query for --variant=topk and select.", flag_values=fv
+  )
+  flags.DEFINE_float("alpha", 2.0, "Prefactor of k = alpha n^C (--variant=power).", flag_values=fv)
+  flags.DEFINE_float(
+    "power", 0.5, "Exponent C in (0, 1) of k = alpha n^C (--variant=power).", flag_values=fv
+  )
+  flags.DEFINE_float(
+    "tolerance", 0.05, "Certified tail-mass tolerance (--variant=certified).", flag_values=fv
+  )
   flags.DEFINE_list(
-    "candidate_ks", ["8", "16", "32", "64", "128"], "Candidate k values of --variant=certified."
+    "candidate_ks",
+    ["8", "16", "32", "64", "128"],
+    "Candidate k values of --variant=certified.",
+    flag_values=fv,
   )
-  flags.DEFINE_integer("select_layers", 2, "How many layers --variant=select makes sparse.")
+  flags.DEFINE_integer(
+    "select_layers", 2, "How many layers --variant=select makes sparse.", flag_values=fv
+  )
   flags.DEFINE_integer(
     "select_step",
     -1,
     "Step at which --variant=select ranks layers by weight norm (-1: steps // 4).",
+    flag_values=fv,
   )
   flags.DEFINE_float(
     "measure_eps",
     0.01,
     "eps of the measured (eps, k)-sparsity: entries of a dense attention row above eps.",
+    flag_values=fv,
   )
   flags.DEFINE_integer(
     "measure_k",
     32,
     "k at which the exact tail mass and its certificate are measured in every variant.",
+    flag_values=fv,
   )
   flags.DEFINE_integer(
-    "eval_every", 50, "Steps between validation evaluations (and the last step)."
+    "eval_every", 50, "Steps between validation evaluations (and the last step).", flag_values=fv
   )
-  flags.DEFINE_integer("eval_batches", 4, "Validation batches (of --batch_size) per evaluation.")
-  flags.DEFINE_integer("checkpoint_every", 50, "Steps between checkpoints (0: at the end only).")
-  flags.DEFINE_integer("log_every", 10, "Steps between progress lines.")
-  flags.DEFINE_integer("max_train_bytes", 4_000_000, "Cap on training bytes read from the stdlib.")
   flags.DEFINE_integer(
-    "max_validation_bytes", 400_000, "Cap on validation bytes read from the stdlib."
+    "eval_batches", 4, "Validation batches (of --batch_size) per evaluation.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "checkpoint_every", 50, "Steps between checkpoints (0: at the end only).", flag_values=fv
+  )
+  flags.DEFINE_integer("log_every", 10, "Steps between progress lines.", flag_values=fv)
+  flags.DEFINE_integer(
+    "keep_checkpoints",
+    3,
+    "How many of the newest checkpoints each run keeps (>= 1).",
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "restart",
+    False,
+    (
+      "Delete the run files (checkpoints/, log.jsonl, log.json, tensorboard/) of the workdir "
+      "and start over. Without it a run resumes from its newest checkpoint, and a missing or "
+      "unreadable checkpoint is an error."
+    ),
+    flag_values=fv,
+  )
+  flags.DEFINE_bool(
+    "tensorboard",
+    True,
+    "Also write TensorBoard scalars to <workdir>/tensorboard when tensorboardX or TensorFlow "
+    "is installed (the JSON logs are always written).",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
+    "max_train_bytes", 4_000_000, "Cap on training bytes read from the stdlib.", flag_values=fv
+  )
+  flags.DEFINE_integer(
+    "max_validation_bytes", 400_000, "Cap on validation bytes read from the stdlib.", flag_values=fv
   )
 
 
@@ -119,7 +173,13 @@ def config_from_flags(fl, *, variant: str | None = None, seed: int | None = None
 
 def train_main(fl) -> dict:
   config = config_from_flags(fl)
-  log = run_training(config, workdir=fl.workdir)
+  log = run_training(
+    config,
+    workdir=fl.workdir,
+    restart=fl.restart,
+    keep_checkpoints=fl.keep_checkpoints,
+    tensorboard=fl.tensorboard,
+  )
   fin = log.get("final")
   if fin is not None:
     summary = {k: v for k, v in fin.items() if k not in ("sparsity", "weight_norms")}

@@ -8,6 +8,7 @@ import pathlib
 import statistics
 from collections.abc import Callable, Sequence
 
+import jax
 import numpy as np
 
 from gsparse.train import data as data_lib
@@ -21,11 +22,15 @@ def run_all(
   out_dir: str | pathlib.Path,
   *,
   progress: Callable[[str], None] | None = print,
+  restart: bool = False,
+  keep_checkpoints: int = 3,
+  tensorboard: bool = True,
 ) -> dict[str, list[dict]]:
   """Trains each variant for each seed in `out_dir/<variant>_seed<seed>`.
 
   Finished runs (a log.json with a "final" entry for the same config) are
-  reused; interrupted ones resume from their checkpoint.
+  reused; interrupted ones resume from their checkpoint. `restart` starts
+  every run over; `keep_checkpoints` and `tensorboard` go to `run_training`.
 
   Returns:
     `{variant: [log per seed]}`.
@@ -42,14 +47,23 @@ def run_all(
       wd = out_dir / f"{v}_seed{seed}"
       done = wd / "log.json"
       want = json.loads(json.dumps(cfg.to_dict()))
-      if done.exists():
+      if done.exists() and not restart:
         log = json.loads(done.read_text())
         if log.get("config") == want and "final" in log:
           say(f"== {v} seed {seed}: reusing {done}")
           logs.setdefault(v, []).append(log)
           continue
       say(f"== {v} seed {seed}")
-      logs.setdefault(v, []).append(run_training(cfg, workdir=wd, corpus=corpus, progress=progress))
+      log = run_training(
+        cfg,
+        workdir=wd,
+        corpus=corpus,
+        progress=progress,
+        restart=restart,
+        keep_checkpoints=keep_checkpoints,
+        tensorboard=tensorboard,
+      )
+      logs.setdefault(v, []).append(log)
   return logs
 
 
@@ -169,44 +183,44 @@ def markdown(summary: dict, *, measure_eps: float, measure_k: int) -> str:
 
 
 def _checkpoint_norms(run_dir: pathlib.Path, num_layers: int, step: int) -> np.ndarray | None:
-  """Weight norms from the run's checkpoint if it was written at `step`."""
-  import flax.serialization
-
+  """Weight norms from the run's checkpoint of `step` (None if it has none of that step)."""
+  from gsparse.train import checkpoint as ckpt
   from gsparse.train import rank
+  from gsparse.train.experiment import load_params
 
-  path = run_dir / "state.msgpack"
-  if not path.exists():
-    return None
-  state = flax.serialization.msgpack_restore(path.read_bytes())
-  if int(np.asarray(state["step"])) != step:
-    return None
-  return rank.attention_weight_norms(state["params"], num_layers)
+  with ckpt.open_manager(run_dir, keep=1, read_only=True) as manager:
+    if step not in manager.all_steps():  # kept steps only (the newest `keep_checkpoints`)
+      return None
+  _, params = load_params(run_dir, step)
+  return rank.attention_weight_norms(jax.device_get(params), num_layers)
 
 
 def logs_at_step(out_dir: str | pathlib.Path, step: int | None = None) -> tuple[int, dict]:
   """Collects the runs under `out_dir` (finished or not) as of one common step.
 
-  Each run's log is read from `log.json` (finished) or from its checkpoint's
-  `meta.json` (unfinished). `step` defaults to the largest step at which every
-  run has an evaluation. Each returned log gets a "final" entry describing the
-  run at that step: validation bits/byte and sparsity of that evaluation,
-  median step time over the steps before it, and the weight norms and their
-  Spearman correlation when parameters of that step are on disk (NaN
-  otherwise).
+  Each run's log is read from `log.json` (finished) or from its newest
+  checkpoint (unfinished; a run directory with neither is skipped, one with an
+  unreadable checkpoint raises `CheckpointError`). `step` defaults to the
+  largest step at which every run has an evaluation. Each returned log gets a
+  "final" entry describing the run at that step: validation bits/byte and
+  sparsity of that evaluation, median step time over the steps before it, and
+  the weight norms and their Spearman correlation when a kept checkpoint of
+  that step is on disk (NaN otherwise).
 
   Returns:
     `(step, {variant: [log per seed]})`.
   """
+  from gsparse.train import checkpoint as ckpt
   from gsparse.train import rank
-  from gsparse.train.experiment import TrainConfig, layer_attention
+  from gsparse.train.experiment import TrainConfig, checkpoint_log, layer_attention
 
   out_dir = pathlib.Path(out_dir)
   runs = []
   for d in sorted(p for p in out_dir.iterdir() if p.is_dir()):
     if (d / "log.json").exists():
       runs.append((d, json.loads((d / "log.json").read_text())))
-    elif (d / "meta.json").exists():
-      runs.append((d, json.loads((d / "meta.json").read_text())["log"]))
+    elif ckpt.latest_step(d) is not None:
+      runs.append((d, checkpoint_log(d)))
   if not runs:
     raise ValueError(f"no runs under out_dir={str(out_dir)!r}")
   if step is None:

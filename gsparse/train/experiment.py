@@ -13,6 +13,7 @@ CPU, GPU and TPU. The global batch must be divisible by the device count.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -24,7 +25,6 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-import flax.serialization
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -32,9 +32,11 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gsparse.train import checkpoint as ckpt
 from gsparse.train import data as data_lib
-from gsparse.train import rank
+from gsparse.train import measures, rank
 from gsparse.train.model import AttentionSpec, MeasureSpec, ModelConfig, TransformerLM, layer_specs
+from gsparse.train.recorder import Recorder
 
 VARIANTS = ("dense", "topk", "power", "certified", "select")
 
@@ -99,11 +101,13 @@ class TrainConfig:
         raise ValueError(f"{name}={v!r} must be an int >= 1")
     if self.seq_len > self.model.max_len:
       raise ValueError(f"seq_len={self.seq_len} exceeds model.max_len={self.model.max_len}")
-    if not 0 <= self.select_layers <= self.model.num_layers:
+    # Only "select" uses select_layers and select_step: other variants accept
+    # any value (e.g. the default select_layers=2 with num_layers=1).
+    if self.variant == "select" and not 0 <= self.select_layers <= self.model.num_layers:
       raise ValueError(
         f"select_layers={self.select_layers} must be in [0, {self.model.num_layers}]"
       )
-    if self.select_step < -1 or self.select_step > self.steps:
+    if self.variant == "select" and (self.select_step < -1 or self.select_step > self.steps):
       raise ValueError(f"select_step={self.select_step} must be -1 or in [0, steps={self.steps}]")
     if self.warmup_steps < 0:
       raise ValueError(f"warmup_steps={self.warmup_steps} must be >= 0")
@@ -211,121 +215,126 @@ def _compiled_steps(model_cfg, specs, measure, opt_key, devices):
   return model, *make_steps(model, make_optimizer(**dict(opt_key)), mesh)
 
 
-def _save_checkpoint(workdir: pathlib.Path, state, meta: dict) -> None:
-  workdir.mkdir(parents=True, exist_ok=True)
-  blob = flax.serialization.to_bytes(jax.device_get(state))
-  tmp = workdir / "state.msgpack.tmp"
-  tmp.write_bytes(blob)
-  os.replace(tmp, workdir / "state.msgpack")
-  tmp = workdir / "meta.json.tmp"
-  tmp.write_text(json.dumps(meta))
-  os.replace(tmp, workdir / "meta.json")
+def init_state(config: TrainConfig) -> dict:
+  """The training state at step 0: `{"params", "opt_state", "step"}`."""
+  # Attention functions have no parameters: initialise through the dense model.
+  num_layers = config.model.num_layers
+  init_model = TransformerLM(config.model, layer_specs(AttentionSpec("dense"), num_layers, []))
+  params = init_model.init(jax.random.key(config.seed), jnp.zeros((1, config.seq_len), jnp.int32))
+  optimizer = make_optimizer(**dict(_optimizer_key(config)))
+  return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def _load_checkpoint(workdir: pathlib.Path, target):
-  if not (workdir / "state.msgpack").exists() or not (workdir / "meta.json").exists():
-    return None, None
-  meta = json.loads((workdir / "meta.json").read_text())
-  state = flax.serialization.from_bytes(
-    jax.device_get(target), (workdir / "state.msgpack").read_bytes()
-  )
-  return state, meta
+def _abstract_state(config: TrainConfig, sharding) -> dict:
+  """`init_state(config)` as `jax.ShapeDtypeStruct`s placed with `sharding`."""
+  shapes = jax.eval_shape(lambda: init_state(config))
+  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
 
 
-MEASURES = (
-  "min_k",
-  "effective_support",
-  "tail_mass",
-  "tail_bound",
-  "tail_bound_max",
-  "kept",
-  "own_tail_bound",
-)
+def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[TrainConfig, Any]:
+  """Loads a trained LM's config and parameters from a training workdir.
 
+  Example (apply the model with the attention it was trained with):
 
-def evaluate(eval_step, params, val: np.ndarray, batch_sharding, num_layers: int) -> tuple:
-  """Validation bits per byte and per-layer sparsity over the fixed batches.
+      config, params = load_params("/tmp/lm_dense")
+      log = checkpoint_log("/tmp/lm_dense")  # for the "select" variant's layers
+      model = TransformerLM(config.model, layer_attention(config, log["sparse_layers"]))
+      logits = model.apply(params, tokens)  # tokens: int32 [batch, <= config.seq_len]
+
+  Args:
+    workdir: a `run_training` workdir (its `checkpoints/` directory).
+    step: the checkpoint step (None: the newest).
 
   Returns:
-    `(bpb, sparsity)` where sparsity maps each name in `MEASURES` to a
-    `[num_layers, num_heads]` list, averaged over the batches
-    (`tail_bound_max` is the maximum).
+    `(config, params)`: the run's `TrainConfig` and its flax parameter tree
+    (`{"params": ...}`, arrays on the default device).
+
+  Raises:
+    CheckpointError (a ValueError): no checkpoint, no checkpoint at `step`,
+      or an unreadable one; the message names the directory.
   """
-  total, count = 0.0, 0
-  acc = {name: [] for name in MEASURES}
-  for b in val:
-    nats, n, inter = eval_step(params, jax.device_put(b, batch_sharding))
-    total += float(nats)
-    count += int(n)
-    inter = jax.device_get(inter)
-    for name in MEASURES:
-      acc[name].append(
-        [
-          np.asarray(inter[f"block_{i}"]["attention"][name][0], np.float64)
-          for i in range(num_layers)
-        ]
+  with _read_manager(workdir, step) as (manager, step):
+    meta = ckpt.restore(manager, step, None, items=("meta",))["meta"]
+    config = TrainConfig.from_dict(meta["config"])
+    abstract = _abstract_state(config, jax.sharding.SingleDeviceSharding(jax.devices()[0]))
+    state = ckpt.restore(manager, step, abstract, items=("state",))["state"]
+  return config, state["params"]
+
+
+def checkpoint_log(workdir: str | os.PathLike, step: int | None = None) -> dict:
+  """The run log saved with a workdir's checkpoint (`step` None: the newest)."""
+  with _read_manager(workdir, step) as (manager, step):
+    return ckpt.restore(manager, step, None, items=("log",))["log"]
+
+
+@contextlib.contextmanager
+def _read_manager(workdir, step):
+  wd = pathlib.Path(workdir)
+  if not (wd / ckpt.CHECKPOINT_DIR).is_dir():
+    raise ckpt.CheckpointError(f"no checkpoints in workdir={str(wd)!r} (no {ckpt.CHECKPOINT_DIR}/)")
+  with ckpt.open_manager(wd, keep=1, read_only=True) as manager:
+    steps = manager.all_steps()
+    if step is None:
+      step = manager.latest_step()
+    if step is None or step not in steps:
+      raise ckpt.CheckpointError(
+        f"no checkpoint at step={step} in {wd / ckpt.CHECKPOINT_DIR} (steps: {sorted(steps)})"
       )
-  sparsity = {}
-  for name, vals in acc.items():
-    arr = np.asarray(vals)  # [batches, layers, heads]
-    sparsity[name] = (arr.max(0) if name == "tail_bound_max" else arr.mean(0)).tolist()
-  return total / count / math.log(2.0), sparsity
+    yield manager, step
 
 
 def run_training(
   config: TrainConfig,
   *,
   workdir: str | os.PathLike | None = None,
-  resume: bool = True,
+  restart: bool = False,
+  keep_checkpoints: int = 3,
+  tensorboard: bool = True,
   stop_at_step: int | None = None,
   corpus: data_lib.ByteCorpus | None = None,
   progress: Callable[[str], None] | None = print,
 ) -> dict:
-  """Trains one variant; returns its log (also written to `workdir/log.json`).
+  """Trains one variant, resuming from `workdir`'s newest checkpoint; returns its log.
+
+  With a workdir, the run appends every record to `workdir/log.jsonl` as it
+  goes (and TensorBoard scalars to `workdir/tensorboard/` when a writer is
+  installed), saves a checkpoint (state + metadata + log as one atomic orbax
+  step, see `gsparse.train.checkpoint`) every `config.checkpoint_every` steps
+  and at the end, and writes the complete log to `workdir/log.json` when it
+  finishes. Killed at any point and run again, it resumes from the newest
+  complete checkpoint and gives the same losses as an uninterrupted run.
 
   Args:
     config: the run.
     workdir: checkpoint and log directory (None: no checkpoints, no files).
-    resume: continue from `workdir`'s checkpoint when there is one.
+    restart: delete `workdir`'s run files (checkpoints, logs) and start over.
+      Without it, a workdir whose checkpoint is missing or unreadable raises
+      `CheckpointError` instead of being overwritten.
+    keep_checkpoints: how many of the newest checkpoints to keep (>= 1).
+    tensorboard: also write TensorBoard scalars when a writer is installed.
     stop_at_step: checkpoint and return after this many steps (to exercise
       resumption); the log then has no "final" entry.
     corpus: a preloaded corpus (default: the stdlib with `config`'s caps).
     progress: called with one progress line at a time (None: silent).
 
   Returns:
-    The log: {"config", "devices", "sparse_layers", "train": [{step, loss,
-    step_time_s}], "eval": [{step, val_bpb}], "final": {...}}.
+    The log: {"config", "devices", "backend", "sparse_layers", "train":
+    [{step, loss, step_time_s, step_cpu_s}], "eval": [{step, val_bpb,
+    sparsity}], "final": {...}}.
+
+  Raises:
+    CheckpointError (a ValueError): `workdir` holds a run whose checkpoint is
+      missing, unreadable or of another config (the message names the path).
   """
   say = progress or (lambda s: None)
   wd = pathlib.Path(workdir) if workdir is not None else None
-  if corpus is None:
-    corpus = data_lib.load_stdlib_corpus(
-      max_train_bytes=config.max_train_bytes, max_validation_bytes=config.max_validation_bytes
-    )
   devices = jax.local_devices()
   if config.batch_size % len(devices):
     raise ValueError(
       f"batch_size={config.batch_size} must be divisible by the {len(devices)} local devices"
     )
   mesh = Mesh(np.array(devices), ("data",))
-  repl, batch_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
-  optimizer = make_optimizer(**dict(_optimizer_key(config)))
-  num_layers = config.model.num_layers
-
-  def build(sparse_layers):
-    return _compiled_steps(
-      config.model,
-      layer_attention(config, sparse_layers),
-      config.measure,
-      _optimizer_key(config),
-      tuple(devices),
-    )
-
-  # Attention functions have no parameters: initialise through the dense model.
-  init_model = TransformerLM(config.model, layer_specs(AttentionSpec("dense"), num_layers, []))
-  tokens = jnp.zeros((1, config.seq_len), jnp.int32)
-  params = init_model.init(jax.random.key(config.seed), tokens)
-  state = {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
+  repl = NamedSharding(mesh, P())
   log = {
     "config": json.loads(json.dumps(config.to_dict())),
     "devices": [str(d) for d in devices],
@@ -334,17 +343,41 @@ def run_training(
     "train": [],
     "eval": [],
   }
-  if wd is not None and resume:
-    restored, meta = _load_checkpoint(wd, state)
-    if restored is not None:
-      if meta["log"]["config"] != log["config"]:
-        raise ValueError(f"checkpoint in {wd} was written by a different config")
-      state, log = restored, meta["log"]
-      say(f"resumed from {wd} at step {int(state['step'])}")
-  state = jax.device_put(state, repl)
+  with Recorder(wd, keep=keep_checkpoints, tensorboard=tensorboard) as rec:
+    state, log = rec.start(log, _abstract_state(config, repl), restart=restart)
+    if state is None:
+      state = init_state(config)
+    else:
+      say(f"resumed from {wd / ckpt.CHECKPOINT_DIR / str(len(log['train']))}")
+    if "final" in log:  # killed after the final checkpoint, before log.json
+      rec.finish(log)
+      return log
+    if corpus is None:
+      corpus = data_lib.load_stdlib_corpus(
+        max_train_bytes=config.max_train_bytes, max_validation_bytes=config.max_validation_bytes
+      )
+    end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
+    return _train_loop(config, jax.device_put(state, repl), log, rec, corpus, mesh, end, say)
+
+
+def _train_loop(config, state, log, rec, corpus, mesh, end, say) -> dict:
+  """The steps of `run_training` from `state` to `end` (long: one loop with its records)."""
+  devices = tuple(mesh.devices.flat)
+  batch_sh = NamedSharding(mesh, P("data"))
+  num_layers = config.model.num_layers
   step = int(jax.device_get(state["step"]))
   select_at = config.resolved_select_step if config.variant == "select" else None
   sparse_layers = log["sparse_layers"]
+
+  def build(sparse_layers):
+    return _compiled_steps(
+      config.model,
+      layer_attention(config, sparse_layers),
+      config.measure,
+      _optimizer_key(config),
+      devices,
+    )
+
   model, train_step, eval_step = build(sparse_layers)
   val = data_lib.validation_batches(
     corpus.validation,
@@ -352,12 +385,6 @@ def run_training(
     batch_size=config.batch_size,
     seq_len=config.seq_len,
   )
-
-  def checkpoint():
-    if wd is not None:
-      _save_checkpoint(wd, state, {"log": log})
-
-  end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
   t_start = time.perf_counter()
   while step < end:
     if select_at is not None and step == select_at and sparse_layers is None:
@@ -365,6 +392,7 @@ def run_training(
       sparse_layers = rank.rank_layers(norms, config.select_layers)
       log["sparse_layers"] = sparse_layers
       log["select_norms"] = norms.tolist()
+      rec.record("select", {"step": step, "sparse_layers": sparse_layers, "norms": norms.tolist()})
       say(f"step {step}: weight-norm ranking picks sparse layers {sparse_layers}")
       model, train_step, eval_step = build(sparse_layers)
     batch = data_lib.train_batch(
@@ -378,7 +406,9 @@ def run_training(
     state, loss = train_step(state, jax.device_put(batch, batch_sh))
     loss = float(loss)
     dt, dc = time.perf_counter() - t0, time.process_time() - c0
-    log["train"].append({"step": step, "loss": loss, "step_time_s": dt, "step_cpu_s": dc})
+    entry = {"step": step, "loss": loss, "step_time_s": dt, "step_cpu_s": dc}
+    log["train"].append(entry)
+    rec.record("train", entry, {"train/loss": loss, "train/step_time_s": dt})
     step += 1
     if not math.isfinite(loss):
       say(f"step {step}: non-finite loss {loss}; stopping")
@@ -389,45 +419,26 @@ def run_training(
       eta = med * (config.steps - step)
       say(f"step {step}/{config.steps} loss {loss:.4f} {med:.3f} s/step eta {eta:.0f} s")
     if step % config.eval_every == 0 or step == config.steps:
-      bpb, measured = evaluate(eval_step, state["params"], val, batch_sh, num_layers)
-      log["eval"].append({"step": step, "val_bpb": bpb, "sparsity": measured})
+      bpb, measured = measures.evaluate(eval_step, state["params"], val, batch_sh, num_layers)
+      entry = {"step": step, "val_bpb": bpb, "sparsity": measured}
+      log["eval"].append(entry)
+      rec.record("eval", entry, {"eval/val_bpb": bpb})
       say(f"step {step}: validation {bpb:.4f} bits/byte")
     if config.checkpoint_every and step % config.checkpoint_every == 0 and step < end:
-      checkpoint()
+      rec.checkpoint(step, state, log)
   if step < config.steps:  # stopped early (stop_at_step or non-finite loss)
-    checkpoint()
+    rec.checkpoint(step, state, log)
     return log
-
-  params = state["params"]
   if sparse_layers is None and config.variant == "select":  # select_step == steps
-    norms = rank.attention_weight_norms(jax.device_get(params), num_layers)
+    norms = rank.attention_weight_norms(jax.device_get(state["params"]), num_layers)
     log["sparse_layers"] = sparse_layers = rank.rank_layers(norms, config.select_layers)
-  measured = log["eval"][-1]["sparsity"]
-  norms = rank.attention_weight_norms(jax.device_get(params), num_layers)
-  eff = np.asarray(measured["effective_support"])
-  mink = np.asarray(measured["min_k"])
-  times = [r["step_time_s"] for r in log["train"]]
-  log["final"] = {
-    "step": step,
-    "val_bpb": log["eval"][-1]["val_bpb"],
-    "final_train_loss": log["train"][-1]["loss"],
-    # Median over steps after the first (the first includes compilation).
-    "median_step_time_s": statistics.median(times[1:] if len(times) > 1 else times),
-    # Process CPU seconds per step (all threads): on a loaded machine, CPU
-    # time / cores estimates the wall time the step would take on a quiet one.
-    "median_step_cpu_s": statistics.median(
-      [r.get("step_cpu_s", float("nan")) for r in log["train"][1:]] or [float("nan")]
-    ),
-    "wall_time_s": time.perf_counter() - t_start,
-    "layer_specs": [s.label() for s in layer_attention(config, sparse_layers)],
-    "sparsity": measured,
-    "weight_norms": norms.tolist(),
-    # Larger norm is predicted sparser: smaller effective support / min_k.
-    "spearman_layer_norm_vs_neg_effective_support": rank.spearman(norms.mean(1), -eff.mean(1)),
-    "spearman_layer_norm_vs_neg_min_k": rank.spearman(norms.mean(1), -mink.mean(1)),
-    "spearman_head_norm_vs_neg_effective_support": rank.spearman(norms.ravel(), -eff.ravel()),
-  }
-  checkpoint()
-  if wd is not None:
-    (wd / "log.json").write_text(json.dumps(log, indent=1))
+  log["final"] = measures.final_entry(
+    log,
+    jax.device_get(state["params"]),
+    num_layers=num_layers,
+    layer_specs=[s.label() for s in layer_attention(config, sparse_layers)],
+    wall_time_s=time.perf_counter() - t_start,
+  )
+  rec.checkpoint(step, state, log)
+  rec.finish(log)
   return log
