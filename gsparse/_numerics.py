@@ -54,20 +54,20 @@ _NATIVE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  """`jax.lax.top_k(x, k)`: same values, indices and tie order, faster on CPU.
+  """`jax.lax.top_k(x, k)`: same values, indices and tie order; native on CPU.
 
   On a CPU computation with the native kernel available (`gsparse._native`),
   the indices come from an exact multi-threaded top-k behind XLA's FFI
-  (float32, bfloat16 and float16 inputs, which widen to float32 exactly);
-  at n = 8192 keys and k = 65 it is about 3x faster than XLA's TopK. Other
-  platforms, dtypes, or a missing kernel use `jax.lax.top_k`.
+  (float32, bfloat16 and float16 inputs, which widen to float32 exactly),
+  because XLA:CPU's TopK sorts each row on one thread (figures in
+  docs/results). Other platforms, dtypes, or a missing kernel use
+  `jax.lax.top_k`.
 
   `jax.lax.top_k` itself runs behind an optimization barrier: XLA lowers it
   as a sort followed by slices and turns it back into its TopK op only when
   the slices have the expected form; when the caller uses a column of the
-  values (the (k+1)-th logit, say) it stays a full sort of every row. On
-  XLA:CPU that was 14x slower: 1.13 s against 0.08 s for `[16, 512, 512]`
-  logits and k = 33. The barrier has batching and differentiation rules, so
+  values (the (k+1)-th logit, say) it stays a full comparator sort of every
+  row instead of a partial sort. The barrier has batching and differentiation rules, so
   vmap and grad are unaffected.
   """
   return top_k_or(x, k, lambda x: _xla_top_k(x, k))
@@ -76,9 +76,9 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
 def top_k_or(x: jax.Array, k: int, default) -> tuple[jax.Array, jax.Array]:
   """`top_k(x, k)` where the native CPU kernel serves the call, else `default(x)`.
 
-  For callers with a faster XLA-only route than `jax.lax.top_k` (the exact
-  selection's block search): on CPU with the kernel a single native top-k of
-  the row is the fastest route; elsewhere `default` runs. Both must return
+  For callers with an XLA-only route that avoids `jax.lax.top_k` on the whole
+  row (the exact selection's block search): on CPU with the kernel a single
+  native top-k of the row replaces it; elsewhere `default` runs. Both must return
   the same values and indices.
   """
   x = jnp.asarray(x)

@@ -168,6 +168,15 @@ def attention_weights(
   Returns:
     `[batch..., N, T, S]` weights in the compute dtype (>= float32); each row
     sums to one, or is all zero when the row is fully masked.
+
+  Example:
+    Equal keys give uniform rows; with `is_causal` query i sees keys 0..i.
+
+    >>> import jax.numpy as jnp
+    >>> import gsparse
+    >>> q = k = jnp.ones((3, 1, 4))  # [T, N, H]
+    >>> gsparse.attention_weights(q, k, is_causal=True)[0].tolist()  # doctest: +ELLIPSIS
+    [[1.0, 0.0, 0.0], [0.5, 0.5, 0.0], [0.333..., 0.333..., 0.333...]]
   """
   lg = compute_logits(query, key, bias, mask, scale=scale, is_causal=is_causal, precision=precision)
   return masked_softmax(lg.logits, lg.valid)

@@ -46,6 +46,16 @@ def tail_mass_certificate(
   Returns:
     The bound, in `[0, 1]`, broadcast over the arguments; exactly 0 when
     `num_keys <= k` or `next_logit == -inf` (nothing with weight is dropped).
+
+  Example:
+    Logits `(log 2, 0, 0)` and k = 1: the kept mass is `H = 2`, the two dropped
+    keys weigh at most `2 exp(0)`, so `t <= 2 / (2 + 2) = 0.5` (here exact).
+
+    >>> import math
+    >>> from gsparse import certificate
+    >>> bound = certificate.tail_mass_certificate(math.log(2.0), 0.0, num_keys=3, k=1)
+    >>> round(float(bound), 6)
+    0.5
   """
   head_logsumexp = jnp.asarray(head_logsumexp)
   dtype = jnp.promote_types(head_logsumexp.dtype, jnp.float32)
@@ -72,6 +82,14 @@ def value_center_and_radius(value: ArrayLike) -> tuple[jax.Array, jax.Array]:
   Returns:
     `(center [batch..., K, Hv], radius [batch..., K])` in at least float32.
     All keys are used, so the radius is a valid bound for any mask.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gsparse import certificate
+    >>> value = jnp.array([[0.0, 0.0], [2.0, 0.0]])[:, None, :]  # S=2, K=1, Hv=2
+    >>> c, r = certificate.value_center_and_radius(value)
+    >>> c.tolist(), r.tolist()
+    ([[1.0, 0.0]], [1.0])
   """
   value = _checks.check_float_array("value", value, min_ndim=3)
   value = value.astype(jnp.promote_types(value.dtype, jnp.float32))
@@ -92,6 +110,18 @@ def output_error_certificate(
 
   Returns:
     `[batch..., T, N]` bound `t (||o_k - c|| + R)`.
+
+  Example:
+    Values 0 and 2 (centre 1, radius 1), top-k output 0, tail bound 0.5:
+    the bound is `0.5 * (1 + 1) = 1`.
+
+    >>> import jax.numpy as jnp
+    >>> from gsparse import certificate
+    >>> value = jnp.array([[0.0], [2.0]])[:, None, :]  # [S=2, K=1, Hv=1]
+    >>> certificate.output_error_certificate(
+    ...   jnp.full((1, 1), 0.5), jnp.zeros((1, 1, 1)), value
+    ... ).tolist()
+    [[1.0]]
   """
   tail_bound = _checks.check_float_array("tail_bound", tail_bound)
   topk_output = _checks.check_float_array("topk_output", topk_output, min_ndim=3)

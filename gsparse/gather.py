@@ -30,8 +30,8 @@ kernels of `gsparse.kernels.sparse_gather` (Triton on GPU, Mosaic on TPU, the
 Pallas interpreter elsewhere) with a custom VJP; "masked" (token level only)
 computes the dense `[T, S]` logits and masks them to the listed keys, which
 costs O(T S) memory but replaces the gather, and the scatter-add of its
-gradient, by matmuls: on XLA:CPU at T = S = 512, k = 128 it is 7x faster
-(forward and backward) than "xla". None picks "pallas" on GPU and TPU (unless
+gradient, by matmuls, which suits XLA:CPU when the lists are a sizeable share
+of the keys (docs/kernels.md). None picks "pallas" on GPU and TPU (unless
 the inputs are float64, the scale is traced, or block sizes do not fit the
 device tiles: then "xla"); on other backends "masked" when the lists are long
 relative to the keys (`16 k >= S`) and the dense logits small (at most 2**24

@@ -176,7 +176,7 @@ class ReportConfig:
 
   @classmethod
   def small(cls) -> ReportConfig:
-    """A quick configuration for tests and notebooks (seconds, not minutes)."""
+    """A quick configuration for tests and notebooks (small sizes, few points)."""
     return cls(
       d=8,
       trials=2,
@@ -262,7 +262,7 @@ def build_report(
   Args:
     key: PRNG key.
     out_dir: folder to write into (created).
-    config: what to measure; default `ReportConfig()` (a few minutes on 2 CPU cores).
+    config: what to measure; default `ReportConfig()` (the full default sweep).
     progress: print progress to stderr.
 
   Returns:

@@ -24,8 +24,9 @@ chunk of it:
   it, k + 1 in all: the blocks that `jax.lax.top_k` on the block maxima
   keeps (if a logit x lay outside them, the k + 1 kept blocks would each hold
   a distinct logit ranked before x).
-  The point of the threshold: on XLA:CPU `jax.lax.top_k` costs ~10-20 us per
-  row, more than the matmul of the logits. On the XLA path `topk_attention`
+  The point of the threshold: on XLA:CPU `jax.lax.top_k` is a comparator
+  sort of each row and costs more than the matmul of the logits, so it runs
+  only on the few candidate blocks. On the XLA path `topk_attention`
   also computes the output inside the chunk loop from the logits already at
   hand (`select(..., value=)`), so the kept keys are never gathered. Peak
   memory is O(query_chunk * S) per head plus the O(T * k) result.
@@ -90,15 +91,15 @@ class ExactSelection:
       is padded).
     key_block: keys per block of the two-stage search, or None for automatic:
       on CPU with the native top-k kernel (`gsparse._native`) a single
-      native top-k per row, which is faster there than any block search;
+      native top-k per row (one pass over the row, no block search);
       elsewhere blocks of about `sqrt(S / (k + 1))` keys (a power of two).
       1 means a single `top_k` per row. Need not divide S.
     search_steps: bisection steps of the threshold search that picks the
       candidate blocks without a sort (rows that still flag more than
       `candidate_blocks` blocks, e.g. under heavy ties, keep bisecting until
       the threshold is exact); 0 picks the blocks with `jax.lax.top_k` on
-      the block maxima. The result is the same either way, only the speed
-      differs.
+      the block maxima. The result is the same either way; the bisection
+      avoids XLA's sort of the block maxima.
     candidate_blocks: candidate blocks per row for the threshold search, or
       None for `k + 33` (at least `k + 1` are used).
   """

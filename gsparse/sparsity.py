@@ -44,6 +44,13 @@ def min_sparse_k(p: ArrayLike, *, eps: float) -> jax.Array:
 
   Returns:
     `[...]` int32 count of entries strictly greater than `eps`.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gsparse import sparsity
+    >>> p = jnp.array([[0.5, 0.3, 0.15, 0.05], [0.25, 0.25, 0.25, 0.25]])
+    >>> sparsity.min_sparse_k(p, eps=0.1).tolist()
+    [3, 4]
   """
   p = _rows(p)
   _check_eps(eps)
@@ -60,6 +67,12 @@ def is_sparse(p: ArrayLike, *, eps: float, k: int | ArrayLike) -> jax.Array:
 
   Returns:
     `[...]` boolean.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gsparse import sparsity
+    >>> sparsity.is_sparse(jnp.array([0.5, 0.3, 0.15, 0.05]), eps=0.1, k=2).item()
+    False
   """
   if isinstance(k, (jax.Array, np.ndarray)):
     if not jnp.issubdtype(k.dtype, jnp.integer):
@@ -70,7 +83,14 @@ def is_sparse(p: ArrayLike, *, eps: float, k: int | ArrayLike) -> jax.Array:
 
 
 def topk_mask(p: ArrayLike, k: int) -> jax.Array:
-  """`[..., n]` boolean mask of the top-k entries of each row."""
+  """`[..., n]` boolean mask of the top-k entries of each row.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gsparse import sparsity
+    >>> sparsity.topk_mask(jnp.array([0.1, 0.6, 0.3]), 2).tolist()
+    [False, True, True]
+  """
   p = _rows(p)
   n = p.shape[-1]
   k = _checks.check_int("k", k, minimum=1)
@@ -92,6 +112,12 @@ def tail_mass(p: ArrayLike, *, k: int) -> jax.Array:
 
   Returns:
     `[...]` tail mass.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gsparse import sparsity
+    >>> round(float(sparsity.tail_mass(jnp.array([0.5, 0.3, 0.15, 0.05]), k=2)), 6)
+    0.2
   """
   p = _rows(p)
   head = topk_mask(p, k)
@@ -102,6 +128,12 @@ def effective_support(p: ArrayLike) -> jax.Array:
   """Effective support `1 / sum_j p_j^2` of each row (inverse participation ratio).
 
   Rows that are all zero (fully masked) give 0.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gsparse import sparsity
+    >>> sparsity.effective_support(jnp.array([[0.5, 0.5, 0.0], [0.0, 0.0, 0.0]])).tolist()
+    [2.0, 0.0]
   """
   p = _rows(p)
   s2 = jnp.sum(p * p, axis=-1)
@@ -139,6 +171,18 @@ def topk_error_decomposition(p: ArrayLike, v: ArrayLike, *, k: int) -> ErrorDeco
   Returns:
     An `ErrorDecomposition`. With `o = (1 - t) mu_head + t mu_tail`, the top-k
     output is `mu_head` and `||o - mu_head|| = t ||mu_tail - mu_head||`.
+
+  Example:
+    Two keys, values 0 and 1, top-1 keeps the first: `t = 0.25`, the dense
+    output is 0.25 and the error `0.25 * |1 - 0|`.
+
+    >>> import jax.numpy as jnp
+    >>> from gsparse import sparsity
+    >>> e = sparsity.topk_error_decomposition(
+    ...   jnp.array([0.75, 0.25]), jnp.array([[0.0], [1.0]]), k=1
+    ... )
+    >>> float(e.tail_mass), e.output.tolist(), float(e.error), float(e.identity_error)
+    (0.25, [0.25], 0.25, 0.25)
   """
   p = _rows(p)
   v = _checks.check_float_array("v", v, min_ndim=2)

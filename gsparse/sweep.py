@@ -317,8 +317,8 @@ def _kth_largest(s: jax.Array, k: jax.Array) -> jax.Array:
 
   Bisection on the int32 keys that order floats (`sortable_int32`): keeps
   `count(key >= lo) >= k > count(key > hi)`; 32 halvings of the 2^32 keys
-  leave `lo` = the key of the k-th largest entry. On CPU this is several
-  times faster than `lax.top_k` and needs no static k.
+  leave `lo` = the key of the k-th largest entry. It needs no static k and
+  no sort (XLA:CPU sorts with a comparator call per comparison).
   """
   key = sortable_int32(s)
   lo, hi = jnp.min(key, axis=-1), jnp.max(key, axis=-1)
@@ -424,9 +424,9 @@ def _quantile(v: jax.Array, q: float) -> jax.Array:
   """`jnp.quantile(v, q)` (linear interpolation) of a 1-D `v`, without a sort.
 
   The two order statistics around position `q (N - 1)` come from the
-  bisection of `_kth_largest` and one masked minimum: about 1.15x the whole
-  sweep's speed at n = 512, where XLA:CPU's sort (a comparator call per
-  comparison) cost more than the rest of the summaries together.
+  bisection of `_kth_largest` and one masked minimum, because XLA:CPU's sort
+  (a comparator call per comparison) cost more than the rest of the
+  summaries together.
   """
   size = v.shape[0]
   pos = q * (size - 1)
@@ -445,8 +445,8 @@ def _point_normals(key, index, size):
   """`size` standard normals for point `index`: the stream of `fold_in(key, index)`.
 
   Threefry is counter-based, so the numbers are the same under `vmap`, in any
-  chunk and on any device. (The "rbg" generator compiles faster but gave other
-  numbers under `vmap` than alone, and ran about 3x slower on CPU.)
+  chunk and on any device. (The "rbg" generator gave other numbers under
+  `vmap` than alone.)
   """
   return jax.random.normal(jax.random.fold_in(key, index), (size,), jnp.float32)
 
@@ -775,8 +775,9 @@ def _crn_group(
     _group_key(key, n, d), n=n, d=d, rows=rows, trials=trials,
     resample_weights=resample_weights, head_cap=head_cap,
   )  # fmt: skip
-  # A point's arrays are small next to the cache here: 4 points per lax.map
-  # step ran 1.5x faster than 1 at n = 512 (fewer, larger ops), 8 no faster.
+  # A point's arrays are small next to the cache here: a few points per
+  # lax.map step give fewer, larger ops; more than 4 gained nothing (measured
+  # with scripts/bench_sweep.py).
   batch = max(1, 4 * max_elements // (trials * rows * n))
   size = chunk_size or 1024
   size = max(ndev, -(-size // ndev) * ndev)
@@ -832,8 +833,8 @@ def run_sweep(
       times those of the shared draw, the draws, the score matrices and
       their order (and, for k <= n/4, the value rows of the largest scores)
       are computed once per group, and a point costs one pass of softmax
-      arithmetic and the tail's matmul per trial: about 15x faster than
-      independent draws at n = 512 (README). Default False: independent
+      arithmetic and the tail's matmul per trial (figures in
+      docs/exploration.md). Default False: independent
       draws per point (`fold_in(key, point_index)`).
     chunk_size: points per jitted call; default: as many as keep one
       `[chunk, trials, rows, n]` array under `max_elements` elements, rounded
@@ -841,8 +842,8 @@ def run_sweep(
       1024 points per call, `lax.map`-ped in batches of 4x that size).
     max_elements: target size of one `[chunk, trials, rows, n]` array for the
       default chunk size. The default (2^18 float32 = 1 MiB) keeps the working
-      set in cache: on CPU, one n=512, 16-trial point per call ran twice as
-      fast per point as 64 points per call (scripts/bench_sweep.py notes).
+      set in cache, which on CPU matters more than batching many points per
+      call (measured with scripts/bench_sweep.py).
     mesh: a 1-D device mesh, None for no sharding, or "auto": all devices
       when there are several, else None.
     progress: print a progress line to stderr (True), nothing (False), or a

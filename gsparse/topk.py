@@ -148,6 +148,13 @@ def topk_attention(
     >>> out, stats = gsparse.topk_attention(q, kk, v, k=4, return_stats=True)
     >>> out.shape, stats.indices.shape
     ((16, 2, 8), (16, 2, 4))
+
+    The certificate bounds the softmax mass that top-k dropped, per query:
+
+    >>> from gsparse import sparsity
+    >>> dropped = sparsity.tail_mass(gsparse.attention_weights(q, kk), k=4)  # [N, T]
+    >>> bool((stats.tail_mass_bound >= dropped.T - 1e-6).all())
+    True
   """
   if not isinstance(return_stats, bool):
     raise TypeError(f"return_stats must be a bool, got {return_stats!r}")

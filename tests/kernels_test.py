@@ -7,8 +7,8 @@ do the same for the Mosaic kernel; the interpret subclass runs it on CPU under
 `pltpu.force_tpu_interpret_mode()`. `LoweringTest` lowers both kernels for
 "cuda" and "tpu" from the CPU host: this checks the Triton and Mosaic lowering
 rules accept them, not that the device compilers do. `GpuKernelTest` and
-`PublicApiTest` ran on an NVIDIA H200 through `scripts/gpu_checks.sh` (README
-`## Pallas kernel`); nothing has run on a TPU.
+`PublicApiTest` ran on an NVIDIA H200 through `scripts/gpu_checks.sh`
+(docs/kernels.md, "What ran where"); nothing has run on a TPU.
 
 References: `sparse_gather_reference` / `block_gather_reference` build the dense
 `[B, N, T, S]` mask from the indices and run dense softmax attention, so they

@@ -1,8 +1,8 @@
 """Native CPU kernels, compiled on first use and called through XLA's FFI.
 
-XLA:CPU's TopK runs one `std::partial_sort` per row on a single thread; at
-the shapes of top-k attention (n = 8192 keys, k = 65) it costs about 38 us a
-row, more than the matmul that made the logits. `topk_cpu.cc` is an exact
+XLA:CPU's TopK runs one comparator `std::partial_sort` per row on a single
+thread; at the shapes of top-k attention it costs more than the matmul that
+made the logits (figures in docs/selection.md). `topk_cpu.cc` is an exact
 replacement (same indices, same tie order, same NaN order) that filters each
 row with vector compares and spreads rows over XLA's intra-op thread pool.
 
@@ -12,8 +12,8 @@ computation asks for it, into a cache directory keyed by a hash of the source,
 the headers' location, the compiler and the flags (`$GSPARSE_CACHE_DIR`, else
 `$XDG_CACHE_HOME/gsparse`, else `~/.cache/gsparse`). If anything is missing
 (no compiler, no headers, a read-only cache, a non-CPU backend) the kernel is
-reported unavailable and callers use `jax.lax.top_k`: the result is the same,
-only slower. `GSPARSE_NATIVE=0` turns the kernel off.
+reported unavailable and callers use `jax.lax.top_k`, with the same result.
+`GSPARSE_NATIVE=0` turns the kernel off.
 """
 
 from __future__ import annotations

@@ -37,7 +37,7 @@ probabilities from the saved log-sum-exp, and scatter-adds dK and dV. The
 scatter is where the backward differs from the forward: many queries select the
 same key, so a kernel would need atomics (Triton) or a key-major transposed
 index (a sort); XLA's scatter-add is deterministic on TPU, available
-everywhere, and keeps the fallback first-class. See README `## Pallas kernel`.
+everywhere, and keeps the fallback first-class. See docs/kernels.md.
 
 `sparse_gather_reference` and `block_gather_reference` are independent pure
 jnp references: they build the dense `[B, N, T, S]` mask from the indices.

@@ -1,0 +1,139 @@
+"""The README and the docs pages: every ```python block runs, every relative link resolves.
+
+Each page's ```python blocks run in order in one fresh namespace, in a temporary
+working directory (a block may write files), as a reader pasting them would.
+A block that deliberately cannot run uses the fence info string `python notest`
+and starts with a `# Not run:` comment that says why; there may be at most
+`MAX_NOTEST` of them in all.
+
+Links: every relative `[text](target)` of README.md and of the pages under
+docs/ must name an existing file, and an anchor into a Markdown page must
+name one of its headings (GitHub's slug rule).
+"""
+
+import contextlib
+import io
+import pathlib
+import re
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parent.parent
+PAGES = sorted([ROOT / "README.md", *(ROOT / "docs").rglob("*.md")])
+MAX_NOTEST = 2
+
+# Pages whose blocks compile the bound functions of gsparse.bounds (tens of
+# seconds of compilation on a 2-core CPU): marked slow, still run by CI.
+SLOW_PAGES = {"docs/bounds.md"}
+
+_FENCE = re.compile(r"^(\s*)(```+|~~~+)(.*)$")
+_LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
+
+
+def _rel(page: pathlib.Path) -> str:
+  return page.relative_to(ROOT).as_posix()
+
+
+def _blocks(text: str):
+  """(info string, first line number, source) of each fenced block, and the prose lines."""
+  blocks, prose, fence, info, start, body, indent = [], [], None, "", 0, [], ""
+  for number, line in enumerate(text.splitlines(), start=1):
+    m = _FENCE.match(line)
+    if fence is None and m:
+      fence, info, start, body, indent = m.group(2), m.group(3).strip(), number + 1, [], m.group(1)
+    elif fence is not None and m and m.group(2).startswith(fence) and not m.group(3).strip():
+      blocks.append((info, start, "\n".join(body) + "\n"))
+      fence = None
+    elif fence is not None:  # a block inside a list item is indented as its fence is
+      body.append(line[len(indent) :] if line.startswith(indent) else line)
+    else:
+      prose.append((number, line))
+  assert fence is None, "unclosed code fence"
+  return blocks, prose
+
+
+def _python_blocks(page: pathlib.Path):
+  blocks, _ = _blocks(page.read_text(encoding="utf-8"))
+  return [(line, src) for info, line, src in blocks if info == "python"]
+
+
+def _page_params():
+  params = []
+  for page in PAGES:
+    if not _python_blocks(page):
+      continue
+    marks = [pytest.mark.slow] if _rel(page) in SLOW_PAGES else []
+    params.append(pytest.param(page, id=_rel(page), marks=marks))
+  return params
+
+
+@pytest.mark.parametrize("page", _page_params())
+def test_python_blocks_run(page, tmp_path, monkeypatch):
+  monkeypatch.chdir(tmp_path)
+  namespace = {"__name__": "__main__"}
+  for line, src in _python_blocks(page):
+    code = compile(src, f"{_rel(page)}:{line}", "exec")
+    with contextlib.redirect_stdout(io.StringIO()):
+      exec(code, namespace)  # noqa: S102 -- running the documented example is the test
+
+
+def test_notest_blocks_are_rare_and_justified():
+  notest = []
+  for page in PAGES:
+    blocks, _ = _blocks(page.read_text(encoding="utf-8"))
+    for info, line, src in blocks:
+      if info.startswith("python") and info != "python":
+        assert info == "python notest", f"{_rel(page)}:{line}: unknown fence info {info!r}"
+        assert src.startswith("# Not run:"), f"{_rel(page)}:{line}: say why with '# Not run:'"
+        notest.append(f"{_rel(page)}:{line}")
+  assert len(notest) <= MAX_NOTEST, notest
+
+
+def test_readme_and_docs_have_python_blocks():
+  assert len(_python_blocks(ROOT / "README.md")) >= 3
+  assert len(_page_params()) >= 5
+
+
+def _slug(heading: str) -> str:
+  """GitHub's anchor for a Markdown heading."""
+  text = heading.strip().lower().replace("`", "")
+  return re.sub(r"[^\w\- ]", "", text).replace(" ", "-")
+
+
+def _anchors(page: pathlib.Path) -> set[str]:
+  _, prose = _blocks(page.read_text(encoding="utf-8"))
+  return {_slug(line.lstrip("#")) for _, line in prose if re.match(r"^#{1,6} ", line)}
+
+
+def _links(page: pathlib.Path):
+  _, prose = _blocks(page.read_text(encoding="utf-8"))
+  for number, line in prose:
+    for m in _LINK.finditer(re.sub(r"`[^`]*`", "", line)):
+      yield number, m.group(1)
+
+
+def test_slug_rule():
+  assert _slug("The sort trap of `jax.lax.top_k` on XLA:CPU") == (
+    "the-sort-trap-of-jaxlaxtop_k-on-xlacpu"
+  )
+  assert _slug("What ran where") == "what-ran-where"
+
+
+@pytest.mark.parametrize("page", PAGES, ids=_rel)
+def test_relative_links_resolve(page):
+  broken = []
+  for number, target in _links(page):
+    if re.match(r"^[a-z][a-z0-9+.-]*:", target):  # http:, https:, mailto:
+      continue
+    path, _, anchor = target.partition("#")
+    dest = (page.parent / path).resolve() if path else page
+    where = f"{_rel(page)}:{number}: {target}"
+    if not dest.exists():
+      broken.append(f"{where} (no such file)")
+    elif anchor and dest.suffix == ".md" and anchor not in _anchors(dest):
+      broken.append(f"{where} (no heading with that anchor)")
+  assert not broken, "\n".join(broken)
+
+
+def test_link_check_sees_links():
+  assert sum(1 for _ in _links(ROOT / "README.md")) >= 5
