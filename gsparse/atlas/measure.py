@@ -155,8 +155,15 @@ def default_lengths(t: int) -> tuple[int, ...]:
   return tuple(lengths)
 
 
-def _record(runner, args, recorder, weight_paths):
-  runner(args, recorder.wrap)
+def _run(runner, args, recorder, jit: bool) -> None:
+  """Runs the model with `recorder`'s attention and waits for its statistics."""
+  fn = lambda v, a: runner(a, recorder.wrap, v)  # noqa: E731
+  jax.block_until_ready((jax.jit(fn) if jit else fn)(runner.variables, args))
+  jax.effects_barrier()
+
+
+def _record(runner, args, recorder, weight_paths, jit):
+  _run(runner, args, recorder, jit)
   if not recorder.records and not recorder.skipped:
     raise ValueError(
       f"no attention layer found: searched {runner.searched} (none was called) and the "
@@ -165,7 +172,7 @@ def _record(runner, args, recorder, weight_paths):
     )
 
 
-def _fits(runner, args, rows_full, t, lengths, kw, query_mask, fit_kw):
+def _fits(runner, args, rows_full, t, lengths, kw, query_mask, fit_kw, jit):
   """Per path, `fits[tol][head]` from the needed k at every prefix length."""
   needed = {n: {} for n in lengths}
   for n in lengths:
@@ -173,7 +180,7 @@ def _fits(runner, args, rows_full, t, lengths, kw, query_mask, fit_kw):
       needed[n] = {p: (r["needed_k"], r["num_keys"]) for p, r in rows_full.items()}
       continue
     rec = Recorder(**kw)
-    runner(_prefix(args, n), rec.wrap)
+    _run(runner, _prefix(args, n), rec, jit)
     qm = None if query_mask is None else np.asarray(query_mask)[:, :n]
     needed[n] = {
       p: (r["needed_k"], r["num_keys"])
@@ -223,6 +230,7 @@ def measure_model(
   sigma: float = 1.0,
   num_bootstrap: int = 200,
   seed: int = 0,
+  jit: bool = True,
 ) -> Atlas:
   """Measures the attention sparsity of every attention layer of a model.
 
@@ -238,6 +246,8 @@ def measure_model(
     sigma: input scale of the weight-based prediction (1 after LayerNorm).
     num_bootstrap: bootstrap resamples of the fits' intervals.
     seed: seed of the bootstrap.
+    jit: run the model under `jax.jit` (False: eagerly, e.g. for a model
+      that cannot be jitted).
 
   Returns:
     An `Atlas`.
@@ -257,7 +267,7 @@ def measure_model(
   weights = find_attention_layers(runner.variables)
   kw = dict(tolerances=tolerances, certified_ks=certified_ks, chunk=chunk)
   rec = Recorder(**kw)
-  _record(runner, args, rec, list(weights))
+  _record(runner, args, rec, list(weights), jit)
   rows = {p: _layer_rows(v, query_mask) for p, v in rec.records.items()}
   skipped = dict(rec.skipped)
   for path in weights:
@@ -270,7 +280,7 @@ def measure_model(
   fits = {}
   if len(lengths) >= 2:
     fit_kw = dict(num_bootstrap=num_bootstrap, seed=seed)
-    fits = _fits(runner, args, rows, t, lengths, kw, query_mask, fit_kw)
+    fits = _fits(runner, args, rows, t, lengths, kw, query_mask, fit_kw, jit)
   layers = []
   for path, r in rows.items():
     nheads = r["effective_support"].shape[0]

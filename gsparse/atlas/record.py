@@ -3,9 +3,10 @@
 A `Recorder` hands out, per attention layer, an `attention_fn` that returns
 exactly what the layer's own attention function returns and, on the side,
 reduces the exact softmax of the call to per-row statistics
-(`gsparse.atlas.stats.row_statistics`). The model runs eagerly so each
-layer's statistics are pulled to NumPy as soon as the layer has run: at most
-one layer's query chunk of `[B, N, chunk, S]` weights exists at a time.
+(`gsparse.atlas.stats.row_statistics`), which reach the host through
+`jax.debug.callback`, so the model may run eagerly or under `jax.jit`. Only
+the per-row statistics leave a layer: its `[B, N, T, S]` weights are built
+one query chunk of `[B, N, chunk, S]` at a time and never kept.
 
 A runner (`linen_runner`, `nnx_runner`) calls a model with the attention of
 every `flax.linen.MultiHeadDotProductAttention` / `flax.nnx.MultiHeadAttention`
@@ -16,12 +17,14 @@ that takes an `attention_fn` can be wrapped with `ModelRunner` directly.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect
 import warnings
 from collections.abc import Callable
 from typing import Any
 
 import jax
+import numpy as np
 
 from gsparse import _checks
 from gsparse.atlas.stats import RowStats, row_statistics
@@ -83,20 +86,24 @@ class Recorder:
       self.skipped[path] = reason
 
   def record(self, path, query, key, bias=None, mask=None, *, scale=None, is_causal=False):
-    """Reduces one attention call to `RowStats` and stores them under `path`."""
-    arrays = [x for x in (query, key, bias, mask) if x is not None]
-    if any(isinstance(x, jax.core.Tracer) for x in arrays):
-      self._skip(path, "its inputs are traced (the layer runs under jit, scan or remat)")
-      return
+    """Reduces one attention call to `RowStats`, stored under `path` when it runs.
+
+    Works eagerly and under `jax.jit` (the statistics reach the host through
+    `jax.debug.callback`); inputs transformed by `vmap` or `grad` are not
+    recorded (the statistics would not be those of whole rows).
+    """
+    for x in (query, key, bias, mask):
+      if isinstance(x, jax.core.Tracer) and type(x).__name__ != "DynamicJaxprTracer":
+        self._skip(path, f"its inputs are transformed ({type(x).__name__}: vmap or grad)")
+        return
     try:
-      s = key.shape[-3]
       stats = row_statistics(
         query,
         key,
         bias,
         mask,
         tolerances=self.tolerances,
-        candidates=self.certified.candidates(s),
+        candidates=self.certified.candidates(key.shape[-3]),
         scale=scale,
         is_causal=bool(is_causal),
         chunk=self.chunk,
@@ -104,7 +111,10 @@ class Recorder:
     except Exception as e:  # noqa: BLE001 -- any failure skips this layer only
       self._skip(path, f"{type(e).__name__}: {e}")
       return
-    self.records.setdefault(path, []).append(RowStats(*jax.device_get(tuple(stats))))
+    jax.debug.callback(functools.partial(self._store, path), tuple(stats))
+
+  def _store(self, path, stats) -> None:
+    self.records.setdefault(path, []).append(RowStats(*(np.asarray(x) for x in stats)))
 
   def wrap(self, path: str, fn: Callable) -> Callable:
     """An `attention_fn` that records at `path` and returns `fn`'s output."""
