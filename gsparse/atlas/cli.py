@@ -55,6 +55,13 @@ def _load_training_checkpoint(path: str | os.PathLike):
   return config, flax.serialization.msgpack_restore(state.read_bytes())["params"]
 
 
+def _checkpoint_step(path: str | os.PathLike) -> int:
+  """Optimizer steps taken by the checkpoint (from its training log)."""
+  meta = json.loads((pathlib.Path(path) / "meta.json").read_text())
+  train = meta["log"]["train"]
+  return train[-1]["step"] + 1 if train else 0
+
+
 def text_windows(path: str, *, seq_len: int, num: int) -> np.ndarray:
   """`[num, seq_len]` int32 consecutive byte windows from the start of a file."""
   data = np.frombuffer(pathlib.Path(path).read_bytes(), np.uint8)
@@ -125,7 +132,8 @@ def main(fl) -> str:
     f"  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; jax {jax.__version__}; "
     f"backend {jax.default_backend()}; machine: {platform.machine()} {platform.processor()} "
     f"({os.cpu_count()} CPUs); atlas wall time {time.perf_counter() - t0:.0f} s.  \n"
-    f"Model: `TransformerLM` {mc}, trained {config.steps} steps ({config.variant}); "
+    f"Model: `TransformerLM` {mc}, checkpoint at step {_checkpoint_step(fl.checkpoint)} "
+    f"of {config.steps} ({config.variant}); "
     f"text: `{fl.text}` ({fl.batch_size} windows of {seq_len} bytes measured, "
     f"{fl.validation_batch_size} held aside). Loss: next-byte cross entropy (nats)."
   )

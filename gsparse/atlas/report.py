@@ -30,7 +30,7 @@ def fig_needed_k_heatmap(atlas: Atlas, tol_index: int, path: str, *, quantile: f
   grid = np.full((len(atlas.layers), nh), np.nan)
   for i, layer in enumerate(atlas.layers):
     grid[i, : layer.num_heads] = layer.needed_quantile(tol_index, quantile)
-  fig, ax = plt.subplots(figsize=(1.2 + 0.7 * nh, 1.2 + 0.45 * len(atlas.layers)))
+  fig, ax = plt.subplots(figsize=(max(5.5, 2.5 + 0.7 * nh), 1.4 + 0.45 * len(atlas.layers)))
   im = ax.imshow(np.maximum(grid, 1), norm=LogNorm(vmin=1, vmax=atlas.seq_len), aspect="auto")
   for (i, j), v in np.ndenumerate(grid):
     if np.isfinite(v):
@@ -39,7 +39,9 @@ def fig_needed_k_heatmap(atlas: Atlas, tol_index: int, path: str, *, quantile: f
   ax.set_xticks(range(nh))
   ax.set_xlabel("head")
   tol = atlas.tolerances[tol_index]
-  ax.set_title(f"needed k ({quantile:.0%} of rows), tail mass <= {tol:g}, n = {atlas.seq_len}")
+  ax.set_title(
+    f"needed k ({quantile:.0%} of rows), tail <= {tol:g}, n = {atlas.seq_len}", fontsize=9
+  )
   fig.colorbar(im, ax=ax, label="k")
   fig.tight_layout()
   fig.savefig(path, dpi=110)
