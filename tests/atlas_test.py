@@ -1,5 +1,7 @@
 """Tests of gsparse.atlas: recorded statistics, masks, fits, recommendation, bad input."""
 
+import pathlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -252,3 +254,46 @@ def test_bad_input():
 def test_stats_needed_k_sums_tail_from_the_small_end():
   p = jnp.array([[1.0 - 3e-9, 1e-9, 1e-9, 1e-9]])
   assert int(atlas_stats.needed_k(p, 2.5e-9)[0]) == 2  # tail after 2 entries: 2e-9
+
+
+def test_cli_writes_report_from_training_checkpoint(tmp_path):
+  import json
+  import types
+
+  import flax.serialization
+
+  from gsparse.atlas import cli
+  from gsparse.train.experiment import TrainConfig
+
+  mc = lm.ModelConfig(d_model=16, num_layers=2, num_heads=2, max_len=32)
+  config = TrainConfig(model=mc, seq_len=32, steps=1)
+  model = lm.TransformerLM(mc, lm.layer_specs(lm.AttentionSpec("dense"), 2, []))
+  variables = jax.jit(model.init)(jax.random.key(9), jnp.zeros((1, 32), jnp.int32))
+  state = {"params": variables, "step": np.int32(1)}
+  (tmp_path / "state.msgpack").write_bytes(flax.serialization.to_bytes(state))
+  log = {"config": config.to_dict(), "train": [{"step": 0}]}
+  (tmp_path / "meta.json").write_text(json.dumps({"log": log}))
+  (tmp_path / "text.py").write_bytes(b"for i in range(10):\n  print(i)\n" * 10)
+  fl = types.SimpleNamespace(
+    checkpoint=str(tmp_path),
+    text=str(tmp_path / "text.py"),
+    out=str(tmp_path / "out"),
+    tolerances=["0.05", "0.1"],
+    tolerance=0.1,
+    seq_len=0,
+    batch_size=2,
+    validation_batch_size=1,
+    chunk=16,
+    quantile=0.9,
+    repeats=1,
+  )
+  md = pathlib.Path(cli.main(fl)).read_text()
+  assert "| block_1/attention | 1 |" in md and "checkpoint at step 1 of 1" in md
+  for name in ("needed_k_heatmap", "needed_k_distributions", "power_law_fits"):
+    assert (tmp_path / "out" / f"{name}.png").stat().st_size > 1000
+  summary = json.loads((tmp_path / "out" / "atlas.json").read_text())
+  assert set(summary["config"]) == {"block_0/attention", "block_1/attention"}
+  with pytest.raises(ValueError, match="tolerance=1.5"):
+    cli.main(types.SimpleNamespace(**{**vars(fl), "tolerances": ["1.5"]}))
+  with pytest.raises(ValueError, match="fewer than 21 x 32"):
+    cli.main(types.SimpleNamespace(**{**vars(fl), "batch_size": 20}))
