@@ -14,6 +14,7 @@ def main(argv):
 def run():
   """Console entry point (`gsparse-atlas`)."""
   cli.define_flags()
+  flags.adopt_module_key_flags(cli)
   app.run(main)
 
 
