@@ -60,6 +60,7 @@ def test_notebooks_exist():
     "01_sparsity_explorer.ipynb",
     "02_bounds_vs_monte_carlo.ipynb",
     "03_flax_sparse_attention.ipynb",
+    "04_model_atlas.ipynb",
   ]
 
 
