@@ -260,19 +260,16 @@ def test_cli_writes_report_from_training_checkpoint(tmp_path):
   import json
   import types
 
-  import flax.serialization
-
   from gsparse.atlas import cli
-  from gsparse.train.experiment import TrainConfig
+  from gsparse.train import checkpoint as ckpt
+  from gsparse.train.experiment import TrainConfig, init_state
 
   mc = lm.ModelConfig(d_model=16, num_layers=2, num_heads=2, max_len=32)
   config = TrainConfig(model=mc, seq_len=32, steps=1)
-  model = lm.TransformerLM(mc, lm.layer_specs(lm.AttentionSpec("dense"), 2, []))
-  variables = jax.jit(model.init)(jax.random.key(9), jnp.zeros((1, 32), jnp.int32))
-  state = {"params": variables, "step": np.int32(1)}
-  (tmp_path / "state.msgpack").write_bytes(flax.serialization.to_bytes(state))
+  state = {**init_state(config), "step": jnp.int32(1)}  # as after one optimizer step
   log = {"config": config.to_dict(), "train": [{"step": 0}]}
-  (tmp_path / "meta.json").write_text(json.dumps({"log": log}))
+  with ckpt.open_manager(tmp_path, keep=1) as manager:  # what run_training writes
+    ckpt.save(manager, 1, state, config=config.to_dict(), log=log)
   (tmp_path / "text.py").write_bytes(b"for i in range(10):\n  print(i)\n" * 10)
   fl = types.SimpleNamespace(
     checkpoint=str(tmp_path),

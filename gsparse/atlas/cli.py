@@ -27,7 +27,7 @@ from gsparse.atlas.report import markdown, write_figures
 
 
 def define_flags() -> None:
-  flags.DEFINE_string("checkpoint", None, "Training-experiment workdir (meta.json, state.msgpack).")
+  flags.DEFINE_string("checkpoint", None, "Training-experiment workdir (its orbax checkpoints/).")
   flags.DEFINE_string("text", None, "Text file whose bytes the model reads.")
   flags.DEFINE_string("out", "atlas", "Output directory of the report.")
   flags.DEFINE_list("tolerances", ["0.01", "0.05", "0.1"], "Tail-mass tolerances, each in (0, 1).")
@@ -42,24 +42,12 @@ def define_flags() -> None:
 
 
 def _load_training_checkpoint(path: str | os.PathLike):
-  """`(TrainConfig, variables)` of a training-experiment workdir (msgpack format)."""
-  import flax.serialization
+  """`(TrainConfig, variables, steps)` of a training-experiment workdir's newest checkpoint."""
+  from gsparse.train.experiment import checkpoint_log, load_params
 
-  from gsparse.train.experiment import TrainConfig
-
-  wd = pathlib.Path(path)
-  meta, state = wd / "meta.json", wd / "state.msgpack"
-  if not meta.exists() or not state.exists():
-    raise ValueError(f"checkpoint={str(path)!r} has no meta.json and state.msgpack")
-  config = TrainConfig.from_dict(json.loads(meta.read_text())["log"]["config"])
-  return config, flax.serialization.msgpack_restore(state.read_bytes())["params"]
-
-
-def _checkpoint_step(path: str | os.PathLike) -> int:
-  """Optimizer steps taken by the checkpoint (from its training log)."""
-  meta = json.loads((pathlib.Path(path) / "meta.json").read_text())
-  train = meta["log"]["train"]
-  return train[-1]["step"] + 1 if train else 0
+  config, variables = load_params(path)
+  train = checkpoint_log(path)["train"]
+  return config, variables, (train[-1]["step"] + 1 if train else 0)
 
 
 def text_windows(path: str, *, seq_len: int, num: int) -> np.ndarray:
@@ -106,7 +94,7 @@ def main(fl) -> str:
   from gsparse.train.model import AttentionSpec, TransformerLM, layer_specs
 
   tolerances = check_tolerances([float(t) for t in fl.tolerances])
-  config, variables = _load_training_checkpoint(fl.checkpoint)
+  config, variables, steps = _load_training_checkpoint(fl.checkpoint)
   mc = config.model
   seq_len = fl.seq_len or mc.max_len
   if seq_len > mc.max_len:
@@ -132,7 +120,7 @@ def main(fl) -> str:
     f"  \nDate: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}; jax {jax.__version__}; "
     f"backend {jax.default_backend()}; machine: {platform.machine()} {platform.processor()} "
     f"({os.cpu_count()} CPUs); atlas wall time {time.perf_counter() - t0:.0f} s.  \n"
-    f"Model: `TransformerLM` {mc}, checkpoint at step {_checkpoint_step(fl.checkpoint)} "
+    f"Model: `TransformerLM` {mc}, checkpoint at step {steps} "
     f"of {config.steps} ({config.variant}); "
     f"text: `{fl.text}` ({fl.batch_size} windows of {seq_len} bytes measured, "
     f"{fl.validation_batch_size} held aside). Loss: next-byte cross entropy (nats)."
