@@ -82,7 +82,8 @@ class SparsityBound(NamedTuple):
   Attributes:
     k: the certified k (integer-valued float): with probability `>= 1 - delta`
       every row is (eps, k)-sparse. `min(k_gauss, trivial_k)`.
-    trivial_k: `min(floor(1/eps), n)`, true for every probability row.
+    trivial_k: `min(ceil(1/eps) - 1, n)` (the largest K with `K eps < 1`), true for
+      every probability row (Fact 1).
     informative: `k_gauss < trivial_k`, i.e. the Gaussian structure helped.
     k_gauss: the Gaussian bound before taking the minimum with `trivial_k`.
     exceed_prob: `p*`, the worst-case probability that one off-diagonal score
@@ -100,7 +101,31 @@ class SparsityBound(NamedTuple):
 
 
 def _trivial_k(n, eps):
-  return jnp.minimum(jnp.floor(1.0 / eps), n)
+  """`min(max{K integer : K eps < 1}, n) = min(ceil(1/eps) - 1, n)` (Fact 1), exactly.
+
+  `fl(1/eps)` is within an ulp of `1/eps`, so the answer is `c = ceil(fl(1/eps)) - 1`
+  or `c + 1`; which one is decided by the sign of the exact product `(c + 1) eps - 1`
+  (an error-free product, `_mul_less_than_one`), not by rounded arithmetic.
+  """
+  c = jnp.ceil(1.0 / eps) - 1.0
+  return jnp.minimum(jnp.where(_mul_less_than_one(c + 1.0, eps), c + 1.0, c), n)
+
+
+def _mul_less_than_one(a, b):
+  """Whether the exact real product `a * b` is `< 1` (Dekker's error-free product)."""
+  bits = jnp.finfo(b.dtype).nmant + 1
+  split = float(2 ** ((bits + 1) // 2) + 1)
+
+  def halves(x):
+    t = split * x
+    hi = t - (t - x)
+    return hi, x - hi
+
+  p = a * b
+  ah, al = halves(a)
+  bh, bl = halves(b)
+  err = ((ah * bh - p) + ah * bl + al * bh) + al * bl  # a * b = p + err exactly
+  return (p < 1.0) | ((p == 1.0) & (err < 0.0))
 
 
 def _exceed_log_prob(theta, ta, tb):
@@ -252,7 +277,7 @@ def sparsity_bound(
     delta: failure probability in (0, 1), default 1e-4.
 
   Returns:
-    `SparsityBound`; `k` never exceeds the trivial `min(floor(1/eps), n)` and
+    `SparsityBound`; `k` never exceeds the trivial `min(ceil(1/eps) - 1, n)` and
     `informative` says whether the Gaussian bound beat it.
   """
   _check_n(n)
@@ -350,7 +375,10 @@ def sparsity_eps_bound(
 def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   tlo, thi = _tau_range_scalar(n, sigma, frob, op, gram, delta / 2.0)
   log_row = jnp.log(delta / 2.0) - jnp.log(n)
-  triv = jnp.where(k >= n, 0.0, 1.0 / (k + 1.0))
+  # 1/(k+1), rounded up when fl(1/(k+1)) is below it: k+1 entries above eps need (k+1) eps < 1.
+  r = 1.0 / (k + 1.0)
+  r = jnp.where(_mul_less_than_one(k + 1.0, r), jnp.nextafter(r, jnp.inf), r)
+  triv = jnp.where(k >= n, 0.0, r)
   # Bisection on log eps; `hi` is always an eps whose Theorem-1 k is <= k (verified).
   lo = jnp.log(1e-3 / n)
   hi = jnp.log(triv)
