@@ -128,6 +128,7 @@ def _run(argv_str: str) -> dict:
         tol_e = 4.0 * math.sqrt(n) * _F32 * float(st.max_value_norm.max())
         cert_t_viol = int(np.sum(st.cert_tail_excess > tol_t))
         cert_e_viol = int(np.sum(st.cert_error_excess > tol_e))
+        multi_viol = int(np.sum(st.multi_tail_excess > tol_t))
         pred_ess = float(bounds.predicted_effective_support(n, float(np.median(st.median_tau))))
         row = dict(
           d=d,
@@ -167,6 +168,8 @@ def _run(argv_str: str) -> dict:
           cert_error_tolerance=tol_e,
           cert_violations=cert_t_viol + cert_e_viol,
           cert_tail_max_slack=float(st.cert_tail_slack.max()),
+          multi_violations=multi_viol,
+          multi_tail_max_slack=float(st.multi_tail_slack.max()),
           median_log_ess=float(np.median(st.median_log_ess)),
           predicted_log_ess_at_median_tau=math.log(pred_ess),
           seconds=mc_s,
@@ -184,6 +187,7 @@ def _run(argv_str: str) -> dict:
     violations_error=sum(sum(r["violations_error"]) for r in rows),
     violations_tail=sum(sum(r["violations_tail"]) for r in rows),
     cert_violations=sum(r["cert_violations"] for r in rows),
+    multi_violations=sum(r.get("multi_violations", 0) for r in rows),
     informative_settings=sum(r["informative"] for r in rows),
     settings=len(rows),
     seconds=time.time() - t_start,

@@ -24,7 +24,9 @@ Public pieces (each proven in docs/theory.md):
 * `rank_layers_by_sparsity`: which layers are sparsest, from their weights.
 
 The deterministic certificate (fact 4) lives in `gsparse.certificate` and is
-re-exported here as `tail_mass_certificate` / `output_error_certificate`.
+re-exported here as `tail_mass_certificate` / `output_error_certificate`;
+the multi-gap certificate (`multi_gap_tail_bound`, `dyadic_band_ranks`), which
+uses a few more order statistics, is in `gsparse.bounds.certificates`.
 
 Arguments whose values are known at trace time (Python numbers, NumPy arrays,
 closed-over constants under `jit`) are range-checked and raise `ValueError`
@@ -35,6 +37,7 @@ out-of-range traced value gives NaN in the result.
 from __future__ import annotations
 
 from gsparse.bounds._common import DEFAULT_DELTA, binomial_upper_quantile
+from gsparse.bounds.certificates import dyadic_band_ranks, multi_gap_tail_bound
 from gsparse.bounds.error import ErrorBound, topk_error_bound, value_norm_bound
 from gsparse.bounds.layers import LayerRanking, rank_layers_by_sparsity
 from gsparse.bounds.norms import InteractionNorms, interaction_norms, interaction_norms_from_weights
@@ -66,8 +69,10 @@ __all__ = [
   "SparsityEpsBound",
   "TauRange",
   "binomial_upper_quantile",
+  "dyadic_band_ranks",
   "interaction_norms",
   "interaction_norms_from_weights",
+  "multi_gap_tail_bound",
   "output_error_certificate",
   "power_law_error_bound",
   "power_law_k",
