@@ -20,7 +20,7 @@ Public pieces (each proven in docs/theory.md):
 * `binomial_upper_quantile`: the exact binomial quantile through `betainc`.
 * The n^C view: `power_law_k`, `power_law_error_bound`,
   `predicted_tail_mass`, `predicted_effective_support`, `rem_boundaries`,
-  `rem_regime`.
+  `rem_regime`, and the proven converse `head_mass_exceeds_prob` (Theorem R1).
 * `rank_layers_by_sparsity`: which layers are sparsest, from their weights.
 
 The deterministic certificate (fact 4) lives in `gsparse.certificate` and is
@@ -38,6 +38,7 @@ from __future__ import annotations
 
 from gsparse.bounds._common import DEFAULT_DELTA, binomial_upper_quantile
 from gsparse.bounds.certificates import dyadic_band_ranks, multi_gap_tail_bound
+from gsparse.bounds.converse import head_mass_exceeds_prob
 from gsparse.bounds.error import ErrorBound, topk_error_bound, value_norm_bound
 from gsparse.bounds.layers import LayerRanking, rank_layers_by_sparsity
 from gsparse.bounds.norms import InteractionNorms, interaction_norms, interaction_norms_from_weights
@@ -70,6 +71,7 @@ __all__ = [
   "TauRange",
   "binomial_upper_quantile",
   "dyadic_band_ranks",
+  "head_mass_exceeds_prob",
   "interaction_norms",
   "interaction_norms_from_weights",
   "multi_gap_tail_bound",
