@@ -83,7 +83,7 @@ def _tail_core(n, tau_lo, tau_hi, k, log_drow):
   """Log bound on every row's top-k tail mass, per-row failure `exp(log_drow)` given tau in range.
 
   Conditions on `G`, the k-th largest off-diagonal standardised score
-  (docs/theory.md, Lemma 6): `G` lies in `[c_lo, c_hi]` (binomial quantiles,
+  (docs/theory.md, Theorem 2, steps 1-3): `G` lies in `[c_lo, c_hi]` (binomial quantiles,
   half of the budget), the `n - 1 - k` scores below it are i.i.d. truncated
   normals whose exponential sum is bounded above by Bernstein (a quarter), and
   the largest of the `k - 1` above it exceeds `G` by at least `Delta` (a

@@ -73,7 +73,8 @@ def predicted_tail_mass(n: ArrayLike, tau: ArrayLike, *, k: ArrayLike) -> jax.Ar
   the level `g` by `e^{tau g}`, i.e. the tilted law `N(tau, 1)`, so the mass
   below `q` is `Phi(q - tau)`. Under `k = alpha n^C` and fixed tau it tends to
   1 as n grows (`q ~ sqrt(2 (1-C) ln n)`); it falls with n only when tau
-  grows at least like `sqrt(2 (1-C) ln n)` (docs/theory.md, section 5).
+  grows at least like `sqrt(2 (1-C) ln n)` (docs/theory.md, section 6;
+  `head_mass_exceeds_prob`, Theorem R1, proves the failure side for small tau).
 
   Args:
     n: sequence length.
@@ -125,7 +126,7 @@ def rem_regime(n: ArrayLike, tau: ArrayLike) -> jax.Array:
 def predicted_effective_support(n: ArrayLike, tau: ArrayLike) -> jax.Array:
   """Leading-order prediction of `1 / sum_j p_j^2` for n i.i.d. `N(0, tau^2)` scores.
 
-  With `a = sqrt(2 ln n)` (random energy model, docs/theory.md section 5):
+  With `a = sqrt(2 ln n)` (random energy model, docs/theory.md section 6):
   `log ESS = ln n - tau^2` for `tau <= a/2`, `(a - tau)^2` for
   `a/2 <= tau <= a`, and 0 (ESS of order one) beyond. Continuous, decreasing,
   exact at exponential scale only (sub-exponential factors are not modelled).
