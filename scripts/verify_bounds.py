@@ -67,6 +67,12 @@ _BATCH = flags.DEFINE_integer(
 _OUT = flags.DEFINE_string("out", "/tmp/verify_bounds.json", "Where to write the JSON results.")
 _MD = flags.DEFINE_string("markdown_out", "", "If set, also write the table as Markdown here.")
 _PLOT = flags.DEFINE_string("plot_out", "", "If set, write a PNG of bound vs empirical k here.")
+_RENDER = flags.DEFINE_string(
+  "render_from", "", "If set, run nothing: render --markdown_out/--plot_out from this JSON."
+)
+_BEFORE = flags.DEFINE_string(
+  "before", "", "If set, a JSON of an earlier run: the Markdown gets a before/after table."
+)
 
 # Float32 rounding allowance for the deterministic certificate: the tail mass may
 # exceed its certificate by 1e-4 relative; the error may exceed its certificate by
@@ -129,6 +135,7 @@ def _run(argv_str: str) -> dict:
         cert_t_viol = int(np.sum(st.cert_tail_excess > tol_t))
         cert_e_viol = int(np.sum(st.cert_error_excess > tol_e))
         multi_viol = int(np.sum(st.multi_tail_excess > tol_t))
+        multi_viol += int(np.sum(st.band_tail_excess > tol_t))
         pred_ess = float(bounds.predicted_effective_support(n, float(np.median(st.median_tau))))
         row = dict(
           d=d,
@@ -170,6 +177,7 @@ def _run(argv_str: str) -> dict:
           cert_tail_max_slack=float(st.cert_tail_slack.max()),
           multi_violations=multi_viol,
           multi_tail_max_slack=float(st.multi_tail_slack.max()),
+          band_tail_max_slack=float(st.band_tail_slack.max()),
           median_log_ess=float(np.median(st.median_log_ess)),
           predicted_log_ess_at_median_tau=math.log(pred_ess),
           seconds=mc_s,
@@ -198,7 +206,8 @@ def _run(argv_str: str) -> dict:
 
 _HEADER = (
   "| d | n | tau | rows | k bound | k emp | k ratio | viol k | "
-  "err bound (k=8/32) | err emp | err ratio | viol err | cert viol | logESS emp/pred |"
+  "err bound (k=8/32) | err emp | err ratio | tail bound / 1-k/n | slack single/multi | "
+  "viol err | cert viol | logESS emp/pred |"
 )
 
 
@@ -207,20 +216,103 @@ def _fmt_row(r: dict) -> str:
   ee = "/".join(f"{v:.3g}" for v in r["error_empirical_max"])
   er = "/".join(f"{v:.3g}" for v in r["error_ratio"])
   k_b = f"{r['k_bound']:.0f}" + ("" if r["informative"] else "*")
+  tb = "/".join(
+    f"{b:.3g}/{1 - k / r['n']:.3g}" for b, k in zip(r["tail_bound"], r["ks"], strict=True)
+  )
+  extra = [r.get(f) for f in ("multi_tail_max_slack", "band_tail_max_slack")]
+  sl = "/".join(
+    [f"{r['cert_tail_max_slack']:.3g}"] + ["-" if v is None else f"{v:.3g}" for v in extra]
+  )
   return (
     f"| {r['d']} | {r['n']} | {r['tau_target']:g} | {r['rows']} | {k_b} | "
     f"{r['k_empirical_max']} | {r['k_ratio']:.2f} | {r['violations_k']} | {eb} | {ee} | {er} | "
+    f"{tb} | {sl} | "
     f"{sum(r['violations_error'])} | {r['cert_violations']} | "
     f"{r['median_log_ess']:.2f}/{r['predicted_log_ess_at_median_tau']:.2f} |"
   )
 
 
-def _markdown(res: dict) -> str:
+def _quantiles(v) -> str:
+  v = np.asarray(v, np.float64)
+  if v.size == 0:
+    return "n/a"
+  return f"{v.min():.3g} / {np.median(v):.3g} / {v.max():.3g}"
+
+
+def summary_figures(res: dict) -> dict:
+  """The figures that docs quote, computed from a run's JSON (one place, never typed by hand)."""
+  rows = res["rows"]
+  big = [r for r in rows if r["tau_target"] >= 1]
+  kr = [r["k_ratio"] for r in big]
+  er = [v for r in rows for v in r["error_ratio"]]
+  pairs = [(r, i) for r in rows for i in range(len(r["ks"]))]
+  tail_vs_trivial = [r["tail_bound"][i] >= 1 - r["ks"][i] / r["n"] for r, i in pairs]
+  collapsed = [r for r in rows if r["tau_target"] >= math.sqrt(2 * math.log(r["n"]))]
+  out = {
+    "settings": len(rows),
+    "k_ratio_tau_ge_1 (min/median/max)": _quantiles(kr),
+    "k_ratio_tau_ge_1 within 2x": f"{sum(v <= 2 for v in kr)} of {len(kr)}",
+    "k_ratio_tau_ge_1 within 3x": f"{sum(v <= 3 for v in kr)} of {len(kr)}",
+    "k_ratio all (min/median/max)": _quantiles([r["k_ratio"] for r in rows]),
+    "k bound / trivial k (min/median/max)": _quantiles(
+      [r["k_bound"] / r["k_trivial"] for r in rows]
+    ),
+    "tail bound (min/median/max)": _quantiles([r["tail_bound"][i] for r, i in pairs]),
+    "tail bound >= trivial 1 - k/n": f"{sum(tail_vs_trivial)} of {len(pairs)} (setting, k) pairs",
+    "error ratio (min/median/max)": _quantiles(er),
+    "value factor 2 V / observed max ||v|| (min/median/max)": _quantiles(
+      [2 * r["value_norm_bound"] / r["value_norm_empirical_max"] for r in rows]
+    ),
+    "tau_lo bound / target tau (min/median/max)": _quantiles(
+      [r["tau_lo_bound"] / r["tau_target"] for r in rows]
+    ),
+    "tau_hi bound / target tau (min/median/max)": _quantiles(
+      [r["tau_hi_bound"] / r["tau_target"] for r in rows]
+    ),
+    "observed row tau / target tau (min..max)": (
+      f"{min(r['tau_row_min'] / r['tau_target'] for r in rows):.3g}.."
+      f"{max(r['tau_row_max'] / r['tau_target'] for r in rows):.3g}"
+    ),
+    "single-gap certificate slack, max per setting (min/median/max)": _quantiles(
+      [r["cert_tail_max_slack"] for r in rows]
+    ),
+  }
+  if collapsed:
+    out["single-gap slack, collapsed settings (min/median/max)"] = _quantiles(
+      [r["cert_tail_max_slack"] for r in collapsed]
+    )
+  if all("multi_tail_max_slack" in r for r in rows):
+    out["multi-gap certificate slack, max per setting (min/median/max)"] = _quantiles(
+      [r["multi_tail_max_slack"] for r in rows]
+    )
+    if collapsed:
+      out["multi-gap slack, collapsed settings (min/median/max)"] = _quantiles(
+        [r["multi_tail_max_slack"] for r in collapsed]
+      )
+  if all("band_tail_max_slack" in r for r in rows):
+    out["band-count certificate slack, max per setting (min/median/max)"] = _quantiles(
+      [r["band_tail_max_slack"] for r in rows]
+    )
+    if collapsed:
+      out["band-count slack, collapsed settings (min/median/max)"] = _quantiles(
+        [r["band_tail_max_slack"] for r in collapsed]
+      )
   s = res["summary"]
+  out["violations (Thm 1 / Thm 2 error / Thm 2 tail / certificates)"] = (
+    f"{s['violations_k']} / {s['violations_error']} / {s['violations_tail']} / "
+    f"{s['cert_violations'] + s.get('multi_violations', 0)}"
+  )
+  return out
+
+
+def _markdown(res: dict, before: dict | None = None) -> str:
+  s = res["summary"]
+  fig = summary_figures(res)
   lines = [
     "# Monte Carlo verification of gsparse.bounds",
     "",
-    "Produced by `scripts/verify_bounds.py` (see its docstring for the design).",
+    "Produced by `scripts/verify_bounds.py` (see its docstring for the design); every number",
+    "below is rendered from the run's JSON by `summary_figures`, none is typed by hand.",
     "",
     f"Command: `{s['command']}`",
     "",
@@ -231,13 +323,25 @@ def _markdown(res: dict) -> str:
     f"{s['expected_violations_allowed']:.3f}.",
     f"- Theorem 1 violations: {s['violations_k']}; Theorem 2 error violations: "
     f"{s['violations_error']} (tail-mass: {s['violations_tail']}); certificate "
-    f"violations beyond float32 rounding: {s['cert_violations']}.",
-    f"- Theorem 1 beat the trivial floor(1/eps) in {s['informative_settings']} of "
+    f"violations beyond float32 rounding: {s['cert_violations']} (multi-gap: "
+    f"{s.get('multi_violations', 'not run')}).",
+    f"- Theorem 1 beat the trivial ceil(1/eps) - 1 in {s['informative_settings']} of "
     f"{s['settings']} settings (`*` marks the others: the bound returned the trivial k).",
+    "- k ratio = Theorem-1 k / worst observed minimal k; err ratio = Theorem-2 error / worst",
+    "  observed error; slack = certificate / true tail, the worst row; collapsed settings are",
+    "  those with tau >= sqrt(2 ln n).",
     "",
-    _HEADER,
-    "|" + "---|" * 14,
+    "## Summary",
+    "",
+    "| figure | " + ("before | after |" if before else "value |"),
+    "|---|---|" + ("---|" if before else ""),
   ]
+  old = summary_figures(before) if before else {}
+  for name, v in fig.items():
+    lines.append(f"| {name} | " + (f"{old.get(name, 'n/a')} | {v} |" if before else f"{v} |"))
+  if before:
+    lines += ["", f"Before: `{before['summary']['command']}` (an earlier commit)."]
+  lines += ["", "## Per setting", "", _HEADER, "|" + "---|" * (_HEADER.count("|") - 1)]
   lines += [_fmt_row(r) for r in res["rows"]]
   return "\n".join(lines) + "\n"
 
@@ -271,16 +375,23 @@ def main(argv):
   del argv
   import sys
 
-  cmd = "PYTHONPATH=. python " + " ".join(["scripts/verify_bounds.py", *sys.argv[1:]])
-  print(_HEADER)
-  res = _run(cmd)
-  s = res["summary"]
-  print(json.dumps(s, indent=1))
-  with open(_OUT.value, "w") as f:
-    json.dump(res, f, indent=1)
+  if _RENDER.value:
+    with open(_RENDER.value) as f:
+      res = json.load(f)
+  else:
+    cmd = "PYTHONPATH=. python " + " ".join(["scripts/verify_bounds.py", *sys.argv[1:]])
+    print(_HEADER)
+    res = _run(cmd)
+    print(json.dumps(res["summary"], indent=1))
+    with open(_OUT.value, "w") as f:
+      json.dump(res, f, indent=1)
+  before = None
+  if _BEFORE.value:
+    with open(_BEFORE.value) as f:
+      before = json.load(f)
   if _MD.value:
     with open(_MD.value, "w") as f:
-      f.write(_markdown(res))
+      f.write(_markdown(res, before))
   if _PLOT.value:
     _plot(res, _PLOT.value)
 

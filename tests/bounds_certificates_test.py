@@ -77,3 +77,39 @@ def test_bad_arguments_raise():
   with pytest.raises(ValueError, match="max_rank"):
     B.dyadic_band_ranks(4, max_rank=4)
   np.testing.assert_array_equal(B.dyadic_band_ranks(4, max_rank=12), [5, 6, 8, 12])
+
+
+def test_band_count_certificate_valid_and_within_its_factor():
+  with jax.enable_x64(True):
+    num, m, k, w, nb = 64, 300, 7, 0.25, 64
+    scales = jnp.geomspace(0.1, 30.0, num)
+    s = _rows(jax.random.key(1), num, m, scales)
+    perm = jax.random.permutation(jax.random.key(2), m)  # order must not matter
+    s_perm = s[:, perm]
+    head = jax.nn.logsumexp(s[:, :k], axis=-1)
+    t = jnp.exp(jax.nn.logsumexp(s[:, k:], axis=-1) - jax.nn.logsumexp(s, axis=-1))
+    dropped = (perm >= k)[None, :] & jnp.ones((num, 1), bool)
+    counts = B.band_counts(s_perm, dropped, s[:, k], width=w, num_bands=nb)
+    # Counts computed independently with NumPy: band of each dropped logit below s_{k+1}.
+    gap = np.floor((np.asarray(s[:, k : k + 1]) - np.asarray(s[:, k:])) / w).clip(0, nb)
+    want = np.stack([(gap == b).sum(-1) for b in range(nb + 1)], -1)
+    np.testing.assert_array_equal(np.asarray(counts), want)
+    bound = np.asarray(B.band_count_tail_bound(head, s[:, k], counts, width=w))
+    t = np.asarray(t)
+    assert np.all(bound >= t * (1 - 1e-12))
+    # Proposition C4: bound / t <= e^w + (m - k) e^{-B w} (u = s_{k+1} is a dropped logit).
+    assert np.all(bound <= t * (np.exp(w) + (m - k) * np.exp(-nb * w)) * (1 + 1e-12))
+    # Any kept set: keep a random set of 10 keys, u = the largest dropped logit.
+    keep = np.zeros(m, bool)
+    keep[np.asarray(jax.random.choice(jax.random.key(3), m, (10,), replace=False))] = True
+    sk = np.asarray(s)
+    lse_keep = jax.nn.logsumexp(jnp.where(keep, s, -jnp.inf), axis=-1)
+    u = jnp.max(jnp.where(keep, -jnp.inf, s), axis=-1)
+    c2 = B.band_counts(s, jnp.broadcast_to(~keep, s.shape), u, width=w, num_bands=nb)
+    t2 = np.exp(np.log(np.exp(sk)[:, ~keep].sum(-1)) - np.log(np.exp(sk).sum(-1)))
+    b2 = np.asarray(B.band_count_tail_bound(lse_keep, u, c2, width=w))
+    assert np.all(b2 >= t2 * (1 - 1e-12)) and np.all(b2 <= t2 * 1.3)
+  with pytest.raises(ValueError, match="width"):
+    B.band_count_tail_bound(0.0, 0.0, jnp.ones((3,)), width=0.0)
+  with pytest.raises(ValueError, match="num_bands"):
+    B.band_counts(jnp.zeros((4,)), jnp.ones((4,), bool), 0.0, width=1.0, num_bands=0)

@@ -91,6 +91,7 @@ def test_theorems_and_certificates_hold_at_high_delta():
     # The certificates are deterministic: violated by float32 rounding only.
     assert np.max(st.cert_tail_excess) <= 1e-4, (s[:4], np.max(st.cert_tail_excess))
     assert np.max(st.multi_tail_excess) <= 1e-4, (s[:4], np.max(st.multi_tail_excess))
+    assert np.max(st.band_tail_excess) <= 1e-4, (s[:4], np.max(st.band_tail_excess))
   # The bounds are not vacuous here (else the counts above could not fail): Theorem 1 is
   # informative in some settings and Theorem 2's tail bound is below 1 in some.
   assert np.any(np.asarray(sb.informative)), np.asarray(sb.k)

@@ -25,8 +25,8 @@ Public pieces (each proven in docs/theory.md):
 
 The deterministic certificate (fact 4) lives in `gsparse.certificate` and is
 re-exported here as `tail_mass_certificate` / `output_error_certificate`;
-the multi-gap certificate (`multi_gap_tail_bound`, `dyadic_band_ranks`), which
-uses a few more order statistics, is in `gsparse.bounds.certificates`.
+the multi-gap certificates (`multi_gap_tail_bound` on a few more order statistics,
+`band_count_tail_bound` on counts of dropped logits in bands), is in `gsparse.bounds.certificates`.
 
 Arguments whose values are known at trace time (Python numbers, NumPy arrays,
 closed-over constants under `jit`) are range-checked and raise `ValueError`
@@ -37,7 +37,12 @@ out-of-range traced value gives NaN in the result.
 from __future__ import annotations
 
 from gsparse.bounds._common import DEFAULT_DELTA, binomial_upper_quantile
-from gsparse.bounds.certificates import dyadic_band_ranks, multi_gap_tail_bound
+from gsparse.bounds.certificates import (
+  band_count_tail_bound,
+  band_counts,
+  dyadic_band_ranks,
+  multi_gap_tail_bound,
+)
 from gsparse.bounds.converse import head_mass_exceeds_prob
 from gsparse.bounds.error import ErrorBound, topk_error_bound, value_norm_bound
 from gsparse.bounds.layers import LayerRanking, rank_layers_by_sparsity
@@ -69,6 +74,8 @@ __all__ = [
   "SparsityBound",
   "SparsityEpsBound",
   "TauRange",
+  "band_count_tail_bound",
+  "band_counts",
   "binomial_upper_quantile",
   "dyadic_band_ranks",
   "head_mass_exceeds_prob",

@@ -12,8 +12,11 @@ splits the dropped keys into bands: every logit of band `b` (ranks
 
 and `t = T / (H + T) <= T_up / (H + T_up)` (docs/theory.md, Proposition C2).
 With the dyadic ranks `r_b = k + 2^b` reaching `m` the bound is within a
-factor 2 of the true tail (Corollary C3). Nothing is random: it can only be
-violated by floating-point rounding.
+factor 2 of the true tail (Corollary C3). Counts of the dropped logits in
+bands of width `w` below an upper bound `u` (one pass, no sort) give the same
+kind of bound for ANY kept set, within `e^w` of the tail plus a remainder
+(`band_count_tail_bound`, Proposition C4). Nothing is random: these can only
+be violated by floating-point rounding.
 """
 
 from __future__ import annotations
@@ -102,13 +105,96 @@ def multi_gap_tail_bound(
   r = jnp.asarray(band_ranks, dtype)
   nxt = jnp.concatenate([r[..., 1:], jnp.full(r.shape[:-1] + (1,), jnp.inf, dtype)], axis=-1)
   count = jnp.clip(jnp.minimum(nxt, m + 1.0) - r, 0.0, None)  # keys of each band among the m
-  used = (count > 0) & (a != -jnp.inf)
-  terms = jnp.where(used, jnp.log(jnp.where(used, count, 1.0)) + jnp.where(used, a, 0.0), -jnp.inf)
+  bad = jnp.any(jnp.isnan(a) & (count > 0), axis=-1)
+  return _bound_from_bands(lse_k, count, a, bad)
+
+
+def _bound_from_bands(lse_k, count, level, bad):
+  """`T_up / (e^{lse_k} + T_up)`, `T_up = sum_b count_b e^{level_b}`, in log space.
+
+  0 when no band has weight, 1 when the kept set is empty (`lse_k = -inf`) and
+  a band has weight, NaN where `lse_k` is NaN or `+inf` or `bad`.
+  """
+  used = (count > 0) & (level != -jnp.inf)
+  log_c = jnp.log(jnp.where(used, count, 1.0))
+  terms = jnp.where(used, log_c + jnp.where(used, level, 0.0), -jnp.inf)
   log_tail = jax.nn.logsumexp(terms, axis=-1)
   has_tail = jnp.any(used, axis=-1)
   finite_head = jnp.isfinite(lse_k)
   bound = jax.nn.sigmoid(jnp.where(has_tail, log_tail, 0.0) - jnp.where(finite_head, lse_k, 0.0))
   bound = jnp.where(finite_head, bound, 1.0)
   bound = jnp.where(has_tail, bound, 0.0)
-  nan = jnp.isnan(lse_k) | (lse_k == jnp.inf) | jnp.any(jnp.isnan(a) & (count > 0), axis=-1)
+  nan = jnp.isnan(lse_k) | (lse_k == jnp.inf) | bad
   return jnp.where(nan, jnp.nan, bound)
+
+
+def band_counts(
+  logits: ArrayLike, dropped: ArrayLike, upper: ArrayLike, *, width: float, num_bands: int
+) -> jax.Array:
+  """Counts of dropped logits per band below `upper`, the statistics of `band_count_tail_bound`.
+
+  Band `b < num_bands` holds the dropped logits in `(upper - (b + 1) width,
+  upper - b width]`; the last entry counts the rest (at most `upper -
+  num_bands width`, `-inf` included). One pass over the row, no sort.
+
+  Args:
+    logits: `[..., m]` logits of the row.
+    dropped: `[..., m]` bool, the admissible keys outside the kept set.
+    upper: `[...]` an upper bound on every dropped logit (e.g. `s_{k+1}`).
+    width: band width in nats (> 0).
+    num_bands: number of bands (>= 1).
+
+  Returns:
+    `[..., num_bands + 1]` float counts.
+  """
+  if not width > 0:
+    raise ValueError(f"width={width!r} must be > 0")
+  if int(num_bands) != num_bands or num_bands < 1:
+    raise ValueError(f"num_bands={num_bands!r} must be an integer >= 1")
+  s = _checks.check_float_array("logits", logits, min_ndim=1)
+  dtype = jnp.promote_types(s.dtype, jnp.float32)
+  gap = (jnp.asarray(upper, dtype)[..., None] - s.astype(dtype)) / width
+  idx = jnp.clip(jnp.floor(jnp.where(jnp.isfinite(gap), gap, num_bands)), 0, num_bands)
+  dropped = jnp.asarray(dropped, bool)
+  # One band at a time (lax.map): memory stays that of the row, not row x bands.
+  per_band = jax.lax.map(
+    lambda b: jnp.sum(dropped & (idx == b), axis=-1, dtype=dtype),
+    jnp.arange(num_bands + 1, dtype=dtype),
+  )
+  return jnp.moveaxis(per_band, 0, -1)
+
+
+def band_count_tail_bound(
+  kept_lse: ArrayLike, upper: ArrayLike, counts: ArrayLike, *, width: ArrayLike
+) -> jax.Array:
+  """Upper bound on the softmax mass outside a kept set from band counts (Proposition C4).
+
+  With `u >= ` every dropped logit and `counts[..., b]` the number of dropped
+  logits in `(u - (b + 1) w, u - b w]` (the last entry: all the rest), the
+  dropped mass is at most `T_up = sum_b counts_b e^{u - b w}` (the last entry
+  weighted `e^{u - B w}`), and the result is `T_up / (e^{kept_lse} + T_up)`.
+  Within a factor `e^w + (#dropped) e^{-B w}` of the true tail when `u` is the
+  largest dropped logit (docs/theory.md, Proposition C4).
+
+  Args:
+    kept_lse: `[...]` log-sum-exp of the kept logits (any kept set).
+    upper: `[...]` the upper bound `u` used to form the bands.
+    counts: `[..., B + 1]` band counts (`band_counts`).
+    width: band width `w` (> 0).
+
+  Returns:
+    `[...]` bound in `[0, 1]` (0 when nothing is dropped, 1 for an empty kept
+    set with something dropped, NaN for NaN inputs).
+  """
+  counts = _checks.check_float_array("counts", counts, min_ndim=1)
+  w_c = _checks.concrete_or_none(width)
+  if w_c is not None and np.any(~(w_c > 0)):
+    raise ValueError(f"width={width!r} must be > 0")
+  dtype = jnp.promote_types(counts.dtype, jnp.float32)
+  c = counts.astype(dtype)
+  u = jnp.asarray(upper, dtype)
+  lse_k = jnp.asarray(kept_lse, dtype)
+  steps = jnp.arange(c.shape[-1], dtype=dtype)
+  levels = u[..., None] - jnp.asarray(width, dtype)[..., None] * steps
+  bad = jnp.isnan(u) & jnp.any(c > 0, axis=-1)
+  return _bound_from_bands(lse_k, c, levels, bad)
