@@ -361,7 +361,8 @@ def _plot(res: dict, path: str) -> None:
       x = [r["tau_target"] for r in sel]
       (line,) = ax.plot(x, [r["k_bound"] for r in sel], "-o", label=f"bound n={n}")
       ax.plot(x, [r["k_empirical_max"] for r in sel], "--x", color=line.get_color(), label="emp.")
-    ax.axhline(math.floor(1 / rows[0]["eps"]), color="k", lw=0.8, ls=":", label="1/eps")
+    triv = math.ceil(1 / rows[0]["eps"]) - 1
+    ax.axhline(triv, color="k", lw=0.8, ls=":", label="ceil(1/eps) - 1")
     ax.set_xscale("log")
     ax.set_xlabel("sqrt(E tau^2)")
     ax.set_ylabel(f"k at eps={rows[0]['eps']}")
