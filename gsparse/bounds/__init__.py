@@ -15,7 +15,8 @@ Public pieces (each proven in docs/theory.md):
 * `interaction_norms`, `interaction_norms_from_weights`: the three norms of a
   matrix that the bounds need.
 * `tau_range`: an interval holding every `tau_i` with high probability.
-* `sparsity_bound` (Theorem 1) and its inverse `sparsity_eps_bound`.
+* `sparsity_bound` (Theorem 1) and its inverse `sparsity_eps_bound`;
+  `row_sparsity_bound` (Theorem 1R), per row given its own tau_i.
 * `topk_error_bound` (Theorem 2) and `value_norm_bound`.
 * `binomial_upper_quantile`: the exact binomial quantile through `betainc`.
 * The n^C view: `power_law_k`, `power_law_error_bound`,
@@ -56,6 +57,7 @@ from gsparse.bounds.rem import (
   rem_boundaries,
   rem_regime,
 )
+from gsparse.bounds.row import row_sparsity_bound
 from gsparse.bounds.sparsity import (
   SparsityBound,
   SparsityEpsBound,
@@ -90,6 +92,7 @@ __all__ = [
   "rank_layers_by_sparsity",
   "rem_boundaries",
   "rem_regime",
+  "row_sparsity_bound",
   "sparsity_bound",
   "sparsity_eps_bound",
   "tail_mass_certificate",

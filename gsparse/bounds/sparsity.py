@@ -158,7 +158,6 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c):
     `[C]` probability bounds.
   """
   dt = ta.dtype
-  inv_safe = 1.0 / _safety(dt)
   slack = 1.0 - eps * m
   cnt = nm1 - m
   ninf = jnp.asarray(-jnp.inf, dt)
@@ -194,13 +193,24 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c):
   tails = log_ndtr(-jnp.stack(jnp.broadcast_arrays(cn + delta_c, cn)))
   log_q = (m - 1.0) * _log1mexp(jnp.minimum(tails[0] - tails[1], 0.0))
   b = b * jnp.exp(jnp.where(m > 1.0, log_q, 0.0))
-  bt = jax.lax.cummax(b, axis=1)  # [C, L], non-decreasing in l
-  # T_l = P(G > c_l) = P(Binomial(n-1, Phi_bar(c_l)) >= m), rounded up.
+  return jnp.where(slack <= 0, 0.0, _sum_over_g_cells(nm1, m, c, b))
+
+
+def _sum_over_g_cells(nm1, m, c, b):
+  """`P(K >= m) <= P(G <= c_0) + sum_l P(G in (c_{l-1}, c_l]) Bt_l + P(G > c_L)` (Lemma 5).
+
+  `G` is the m-th largest of `nm1` standard normals, `b[..., l]` bounds the
+  conditional failure probability on the cell `(c_l, c_{l+1}]` and `Bt` is its
+  running maximum; Abel summation leaves only nonnegative coefficients of the
+  rounded-up binomial tails `T_l = P(G > c_l)`.
+  """
+  inv_safe = 1.0 / _safety(c.dtype)
+  bt = jax.lax.cummax(b, axis=b.ndim - 1)  # non-decreasing in l
   t = jnp.minimum(betainc(m, jnp.maximum(nm1 - m + 1.0, 1.0), ndtr(-c)) * inv_safe, 1.0)
   head = jnp.minimum(betainc(jnp.maximum(nm1 - m + 1.0, 1.0), m, ndtr(c[0])) * inv_safe, 1.0)
-  body = jnp.sum(t[None, 1:-1] * (bt[:, 1:] - bt[:, :-1]), axis=1)
-  total = head + t[0] * bt[:, 0] + body + t[-1] * (1.0 - bt[:, -1])
-  return jnp.where(slack <= 0, 0.0, jnp.minimum(total, 1.0))
+  body = jnp.sum(t[1:-1] * (bt[..., 1:] - bt[..., :-1]), axis=-1)
+  total = head + t[0] * bt[..., 0] + body + t[-1] * (1.0 - bt[..., -1])
+  return jnp.minimum(total, 1.0)
 
 
 def _fail_fn(n, tau_lo, tau_hi, eps, log_drow):
