@@ -70,6 +70,11 @@ _PLOT = flags.DEFINE_string("plot_out", "", "If set, write a PNG of bound vs emp
 _RENDER = flags.DEFINE_string(
   "render_from", "", "If set, run nothing: render --markdown_out/--plot_out from this JSON."
 )
+_FIXED_TAUS = flags.DEFINE_list(
+  "fixed_taus", ["1", "2", "4", "8"], "Row scales of the fixed-tau check of Theorems 1 and 1R."
+)
+_FIXED_N = flags.DEFINE_integer("fixed_n", 256, "n of the fixed-tau check.")
+_FIXED_ROWS = flags.DEFINE_integer("fixed_rows", 40960, "Rows per tau of the fixed-tau check.")
 _BEFORE = flags.DEFINE_string(
   "before", "", "If set, a JSON of an earlier run: the Markdown gets a before/after table."
 )
@@ -201,7 +206,7 @@ def _run(argv_str: str) -> dict:
     seconds=time.time() - t_start,
     backend=jax.default_backend(),
   )
-  return dict(summary=summary, rows=rows)
+  return dict(summary=summary, rows=rows, fixed_tau=_fixed_tau(eps, delta))
 
 
 _HEADER = (
@@ -230,6 +235,40 @@ def _fmt_row(r: dict) -> str:
     f"{sum(r['violations_error'])} | {r['cert_violations']} | "
     f"{r['median_log_ess']:.2f}/{r['predicted_log_ess_at_median_tau']:.2f} |"
   )
+
+
+def _fixed_tau(eps: float, delta: float) -> list[dict]:
+  """Theorem 1's core and Theorem 1R at a known row scale, against Monte Carlo rows.
+
+  Rows of `n - 1` i.i.d. `N(0, tau^2)` scores (the off-diagonal part of a row
+  given `tau_i`; the diagonal counted as one entry), per-row failure level
+  `delta / (2 n)` as in Theorem 1.
+  """
+  from gsparse.bounds.sparsity import _sparsity_core
+
+  n, rows = _FIXED_N.value, _FIXED_ROWS.value
+  taus = np.asarray([float(t) for t in _FIXED_TAUS.value], np.float32)
+  drow = delta / (2 * n)
+  k_row = np.asarray(bounds.row_sparsity_bound(n, taus, eps=eps, delta=drow))
+  core = jax.jit(_sparsity_core)
+  out = []
+  for i, tau in enumerate(taus):
+    t32 = jnp.float32(tau)
+    k_old = float(core(jnp.float32(n), t32, t32, jnp.float32(eps), jnp.log(jnp.float32(drow)))[0])
+    s = tau * jax.random.normal(jax.random.key(1000 + i), (rows, n - 1))
+    worst = int(jnp.max(jnp.sum(jax.nn.softmax(s, axis=-1) > eps, axis=-1))) + 1
+    out.append(
+      dict(
+        n=n,
+        tau=float(tau),
+        rows=rows,
+        delta_row=drow,
+        k_theorem1_core=k_old,
+        k_theorem1r=float(k_row[i]),
+        k_worst_observed=worst,
+      )
+    )
+  return out
 
 
 def _quantiles(v) -> str:
@@ -341,6 +380,21 @@ def _markdown(res: dict, before: dict | None = None) -> str:
     lines.append(f"| {name} | " + (f"{old.get(name, 'n/a')} | {v} |" if before else f"{v} |"))
   if before:
     lines += ["", f"Before: `{before['summary']['command']}` (an earlier commit)."]
+  if res.get("fixed_tau"):
+    ft = res["fixed_tau"]
+    lines += [
+      "",
+      f"## Known row scale (n = {ft[0]['n']}, per-row level delta / (2n) = "
+      f"{ft[0]['delta_row']:.3g}, {ft[0]['rows']} Monte Carlo rows per tau)",
+      "",
+      "| tau | Theorem 1 core at [tau, tau] | Theorem 1R | worst observed | 1R / observed |",
+      "|---|---|---|---|---|",
+    ]
+    lines += [
+      f"| {r['tau']:g} | {r['k_theorem1_core']:.0f} | {r['k_theorem1r']:.0f} | "
+      f"{r['k_worst_observed']} | {r['k_theorem1r'] / r['k_worst_observed']:.2f} |"
+      for r in ft
+    ]
   lines += ["", "## Per setting", "", _HEADER, "|" + "---|" * (_HEADER.count("|") - 1)]
   lines += [_fmt_row(r) for r in res["rows"]]
   return "\n".join(lines) + "\n"
@@ -379,6 +433,10 @@ def main(argv):
   if _RENDER.value:
     with open(_RENDER.value) as f:
       res = json.load(f)
+    if "fixed_tau" not in res:
+      res["fixed_tau"] = _fixed_tau(res["rows"][0]["eps"], res["rows"][0]["delta"])
+      with open(_OUT.value, "w") as f:
+        json.dump(res, f, indent=1)
   else:
     cmd = "PYTHONPATH=. python " + " ".join(["scripts/verify_bounds.py", *sys.argv[1:]])
     print(_HEADER)
