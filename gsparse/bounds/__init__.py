@@ -17,7 +17,8 @@ Public pieces (each proven in docs/theory.md):
 * `tau_range`: an interval holding every `tau_i` with high probability.
 * `sparsity_bound` (Theorem 1) and its inverse `sparsity_eps_bound`;
   `row_sparsity_bound` (Theorem 1R), per row given its own tau_i.
-* `topk_error_bound` (Theorem 2) and `value_norm_bound`.
+* `topk_error_bound` (Theorem 2) and `value_norm_bound`; `row_tail_bound`
+  (Theorem 2R), the top-k tail mass per row given its own tau_i.
 * `binomial_upper_quantile`: the exact binomial quantile through `betainc`.
 * The n^C view: `power_law_k`, `power_law_error_bound`,
   `predicted_tail_mass`, `predicted_effective_support`, `rem_boundaries`,
@@ -58,6 +59,7 @@ from gsparse.bounds.rem import (
   rem_regime,
 )
 from gsparse.bounds.row import row_sparsity_bound
+from gsparse.bounds.row_tail import row_tail_bound
 from gsparse.bounds.sparsity import (
   SparsityBound,
   SparsityEpsBound,
@@ -93,6 +95,7 @@ __all__ = [
   "rem_boundaries",
   "rem_regime",
   "row_sparsity_bound",
+  "row_tail_bound",
   "sparsity_bound",
   "sparsity_eps_bound",
   "tail_mass_certificate",
