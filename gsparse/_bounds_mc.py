@@ -16,7 +16,16 @@ import jax
 import jax.numpy as jnp
 
 from gsparse._numerics import top_k as _top_k
+from gsparse.bounds.certificates import (
+  band_count_tail_bound,
+  band_counts,
+  dyadic_band_ranks,
+  multi_gap_tail_bound,
+)
 from gsparse.certificate import output_error_certificate, tail_mass_certificate
+
+_BAND_WIDTH = 0.25  # nats; the band-count certificate is within e^0.25 = 1.28 (+ remainder)
+_NUM_BANDS = 64  # 16 nats below s_{k+1}
 
 
 class MatrixStats(NamedTuple):
@@ -31,6 +40,13 @@ class MatrixStats(NamedTuple):
       (must be <= 0 up to rounding).
     cert_error_excess: `[R, K]` max over rows of `error - error certificate`.
     cert_tail_slack: `[R, K]` max over rows of `certificate / t` (tightness).
+    multi_tail_excess: `[R, K]` max over rows of `(t - multi-gap) / multi-gap`, the
+      multi-gap certificate on the dyadic ranks `k + 2^b <= min(4k, n)` (must be <= 0
+      up to rounding).
+    multi_tail_slack: `[R, K]` max over rows of `multi-gap / t`.
+    band_tail_excess: `[R, K]` as `multi_tail_excess` for the band-count certificate
+      (`_BAND_WIDTH`, `_NUM_BANDS` bands below `s_{k+1}`).
+    band_tail_slack: `[R, K]` max over rows of `band-count / t`.
     median_log_ess: `[R]` median over rows of `log(1 / sum_j p_ij^2)`.
     median_tau: `[R]` median over rows of `tau_i = sigma ||M^T x_i||`.
     max_tau: `[R]` and min_tau: `[R]` over rows.
@@ -43,6 +59,10 @@ class MatrixStats(NamedTuple):
   cert_tail_excess: jax.Array
   cert_error_excess: jax.Array
   cert_tail_slack: jax.Array
+  multi_tail_excess: jax.Array
+  multi_tail_slack: jax.Array
+  band_tail_excess: jax.Array
+  band_tail_slack: jax.Array
   median_log_ess: jax.Array
   median_tau: jax.Array
   max_tau: jax.Array
@@ -60,8 +80,8 @@ def _one_matrix(x, m, w_v, sigma, eps, ks):
   v = x @ w_v  # [n, hv]
   o = p @ v
   kmax = max(ks)
-  vals, idx = _top_k(s, min(kmax + 1, n))
-  tails, errs, cte, cee, slack = [], [], [], [], []
+  vals, idx = _top_k(s, min(4 * kmax, n))
+  tails, errs, cte, cee, slack, mte, mslack, bte, bslack = ([] for _ in range(9))
   for k in ks:
     head = idx[:, :k]
     rows = jnp.arange(n)[:, None]
@@ -80,6 +100,14 @@ def _one_matrix(x, m, w_v, sigma, eps, ks):
     cte.append(jnp.max((t - cert) / jnp.maximum(cert, 1e-20)))
     cee.append(jnp.max(err - ecert))
     slack.append(jnp.max(jnp.where(t > 1e-30, cert / jnp.maximum(t, 1e-30), 1.0)))
+    ranks = dyadic_band_ranks(k, max_rank=min(4 * k, n))
+    multi = multi_gap_tail_bound(head_lse, vals[:, ranks - 1], n, k=k, band_ranks=ranks)
+    mte.append(jnp.max((t - multi) / jnp.maximum(multi, 1e-20)))
+    mslack.append(jnp.max(jnp.where(t > 1e-30, multi / jnp.maximum(t, 1e-30), 1.0)))
+    counts = band_counts(s, ~in_head, next_logit, width=_BAND_WIDTH, num_bands=_NUM_BANDS)
+    band = band_count_tail_bound(head_lse, next_logit, counts, width=_BAND_WIDTH)
+    bte.append(jnp.max((t - band) / jnp.maximum(band, 1e-20)))
+    bslack.append(jnp.max(jnp.where(t > 1e-30, band / jnp.maximum(t, 1e-30), 1.0)))
   return MatrixStats(
     jnp.max(count),
     jnp.stack(tails),
@@ -88,6 +116,10 @@ def _one_matrix(x, m, w_v, sigma, eps, ks):
     jnp.stack(cte),
     jnp.stack(cee),
     jnp.stack(slack),
+    jnp.stack(mte),
+    jnp.stack(mslack),
+    jnp.stack(bte),
+    jnp.stack(bslack),
     jnp.median(log_ess),
     jnp.median(tau),
     jnp.max(tau),

@@ -20,18 +20,11 @@ from gsparse import _theory
 _COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
-def _theory_or_none(fn, *args, **kwargs):
-  try:
-    return fn(*args, **kwargs)
-  except _theory.BoundsUnavailable:
-    return None
-
-
 def _note_missing(ax, what="theory curves"):
   ax.text(
     0.02,
     0.02,
-    f"gsparse.bounds missing: no {what}",
+    f"no {what}: the table has no bound column",
     transform=ax.transAxes,
     fontsize=7,
     color="gray",
@@ -110,14 +103,11 @@ def fig_phase_diagram(table, part, config, path):
   sc = ax.scatter(t["tau_mean"], n, c=c_hat, cmap="viridis", vmin=0, vmax=1, s=90, marker="s")
   fig.colorbar(sc, ax=ax, label="measured C = ln(effective support) / ln n")
   ng = np.unique(np.round(np.geomspace(n.min(), n.max(), 100)))
-  b = _theory_or_none(_theory.boundaries, ng)
-  if b is not None:
-    ax.plot(b[0], ng, "w--", lw=2)
-    ax.plot(b[0], ng, "k--", lw=1, label="diffuse | n^C: tau = sqrt(ln n / 2) (predicted)")
-    ax.plot(b[1], ng, "r-", lw=2, label="n^C | collapsed: tau = sqrt(2 ln n) (predicted)")
-    ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
-  else:
-    _note_missing(ax, "boundaries")
+  b = _theory.boundaries(ng)
+  ax.plot(b[0], ng, "w--", lw=2)
+  ax.plot(b[0], ng, "k--", lw=1, label="diffuse | n^C: tau = sqrt(ln n / 2) (predicted)")
+  ax.plot(b[1], ng, "r-", lw=2, label="n^C | collapsed: tau = sqrt(2 ln n) (predicted)")
+  ax.legend(fontsize=7, loc="lower right", framealpha=0.9)
   ax.set_yscale("log", base=2)
   ax.set_xlabel("tau (measured mean)")
   ax.set_ylabel("n (sequence length)")
@@ -126,18 +116,9 @@ def fig_phase_diagram(table, part, config, path):
     s = t.where(t["n"] == nn).sort_by("tau_mean")
     col = _COLORS[i % len(_COLORS)]
     ax2.plot(s["tau_mean"], s["support_mean"], "o", color=col, label=f"n={nn} measured")
-    pred = _theory_or_none(
-      _theory.predicted_support, np.full(100, nn), np.linspace(0, s["tau_mean"].max(), 100)
-    )
-    if pred is not None:
-      ax2.plot(
-        np.linspace(0, s["tau_mean"].max(), 100),
-        pred,
-        "-",
-        color=col,
-        lw=1,
-        label=f"n={nn} predicted",
-      )
+    grid = np.linspace(0, s["tau_mean"].max(), 100)
+    pred = _theory.predicted_support(np.full(100, nn), grid)
+    ax2.plot(grid, pred, "-", color=col, lw=1, label=f"n={nn} predicted")
   ax2.set_yscale("log")
   ax2.set_xlabel("tau (measured mean)")
   ax2.set_ylabel("effective support 1 / sum_j p_j^2 (mean over rows)")
@@ -160,9 +141,8 @@ def fig_power_law_vs_fixed(table, part, config, path):
     c = _COLORS[i]
     n = t["n"]
     ax.plot(n, t["tail_mean"], "o-", color=c, label=f"{lab}: measured mean tail")
-    pred = _theory_or_none(_theory.predicted_tail, n, t["tau_mean"], t["k"])
-    if pred is not None:
-      ax.plot(n, pred, "--", color=c, label=f"{lab}: REM prediction")
+    pred = _theory.predicted_tail(n, t["tau_mean"], t["k"])
+    ax.plot(n, pred, "--", color=c, label=f"{lab}: REM prediction")
     ax2.plot(n, t["error_mean"], "o-", color=c, label=f"{lab}: mean error")
     ax2.plot(n, t["error_max"], "s:", color=c, ms=4, label=f"{lab}: max error")
     if "bound_error" in t.names:
@@ -203,7 +183,7 @@ def _fmt(x):
 
 
 def summary_markdown(
-  table, part, config, figs, *, legacy_table, bounds_note, sweep_seconds, total_seconds
+  table, part, config, figs, *, legacy_table, sweep_seconds, total_seconds
 ) -> str:
   """The report's Markdown text: what was run, the checks with counts, the figures."""
   draws = int(table["trials"][0])
@@ -217,8 +197,6 @@ def summary_markdown(
     f"Sweep {sweep_seconds:.1f} s, whole report {total_seconds:.1f} s. Raw numbers: `sweep.csv`.",
     "",
   ]
-  if bounds_note:
-    lines += [f"> **Note:** {bounds_note}.", ""]
   # Theorem 1.
   sp = np.isin(part, ["sparsity"])
   t = table.where(sp)
@@ -285,16 +263,15 @@ def summary_markdown(
     f"![phase diagram]({os.path.basename(figs['phase_diagram'])})",
     "",
   ]
-  if not bounds_note:
-    pred = _theory.predicted_support(ph["n"], ph["tau_mean"])
-    c_pred = np.log(np.maximum(pred, 1.0)) / np.log(ph["n"])
-    lines += [
-      f"- Measured exponent C = ln(ESS)/ln n against the random-energy-model prediction at "
-      f"the measured tau: mean |difference| {_fmt(np.mean(np.abs(c_hat - c_pred)))}, max "
-      f"{_fmt(np.max(np.abs(c_hat - c_pred)))} over {len(ph)} points (the prediction is "
-      "exact at exponential scale only: sub-exponential factors and the spread of tau over "
-      "rows are not modelled).",
-    ]
+  pred = _theory.predicted_support(ph["n"], ph["tau_mean"])
+  c_pred = np.log(np.maximum(pred, 1.0)) / np.log(ph["n"])
+  lines += [
+    f"- Measured exponent C = ln(ESS)/ln n against the random-energy-model prediction at "
+    f"the measured tau: mean |difference| {_fmt(np.mean(np.abs(c_hat - c_pred)))}, max "
+    f"{_fmt(np.max(np.abs(c_hat - c_pred)))} over {len(ph)} points (the prediction is "
+    "exact at exponential scale only: sub-exponential factors and the spread of tau over "
+    "rows are not modelled).",
+  ]
   lines += [
     f"- Measured C ranges from {_fmt(c_hat.min())} to {_fmt(c_hat.max())}.",
     "",

@@ -285,11 +285,6 @@ def build_report(
   table = _theory.with_bound_columns(table, delta=config.delta)
   csv_path = os.path.join(out_dir, "sweep.csv")
   sweep.SweepTable({**table.columns, "part": part}).to_csv(csv_path)
-  try:
-    _theory.bounds_module()
-    bounds_note = None
-  except _theory.BoundsUnavailable as e:
-    bounds_note = str(e)
   figs = figures.report_figures(table, part, config, out_dir)
   legacy = sparsity_table(
     k_table,
@@ -307,7 +302,6 @@ def build_report(
     config,
     figs,
     legacy_table=format_table(legacy),
-    bounds_note=bounds_note,
     sweep_seconds=sweep_s,
     total_seconds=seconds,
   )

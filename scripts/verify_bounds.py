@@ -67,6 +67,17 @@ _BATCH = flags.DEFINE_integer(
 _OUT = flags.DEFINE_string("out", "/tmp/verify_bounds.json", "Where to write the JSON results.")
 _MD = flags.DEFINE_string("markdown_out", "", "If set, also write the table as Markdown here.")
 _PLOT = flags.DEFINE_string("plot_out", "", "If set, write a PNG of bound vs empirical k here.")
+_RENDER = flags.DEFINE_string(
+  "render_from", "", "If set, run nothing: render --markdown_out/--plot_out from this JSON."
+)
+_FIXED_TAUS = flags.DEFINE_list(
+  "fixed_taus", ["1", "2", "4", "8"], "Row scales of the fixed-tau check of Theorems 1 and 1R."
+)
+_FIXED_N = flags.DEFINE_integer("fixed_n", 256, "n of the fixed-tau check.")
+_FIXED_ROWS = flags.DEFINE_integer("fixed_rows", 40960, "Rows per tau of the fixed-tau check.")
+_BEFORE = flags.DEFINE_string(
+  "before", "", "If set, a JSON of an earlier run: the Markdown gets a before/after table."
+)
 
 # Float32 rounding allowance for the deterministic certificate: the tail mass may
 # exceed its certificate by 1e-4 relative; the error may exceed its certificate by
@@ -128,6 +139,8 @@ def _run(argv_str: str) -> dict:
         tol_e = 4.0 * math.sqrt(n) * _F32 * float(st.max_value_norm.max())
         cert_t_viol = int(np.sum(st.cert_tail_excess > tol_t))
         cert_e_viol = int(np.sum(st.cert_error_excess > tol_e))
+        multi_viol = int(np.sum(st.multi_tail_excess > tol_t))
+        multi_viol += int(np.sum(st.band_tail_excess > tol_t))
         pred_ess = float(bounds.predicted_effective_support(n, float(np.median(st.median_tau))))
         row = dict(
           d=d,
@@ -167,6 +180,9 @@ def _run(argv_str: str) -> dict:
           cert_error_tolerance=tol_e,
           cert_violations=cert_t_viol + cert_e_viol,
           cert_tail_max_slack=float(st.cert_tail_slack.max()),
+          multi_violations=multi_viol,
+          multi_tail_max_slack=float(st.multi_tail_slack.max()),
+          band_tail_max_slack=float(st.band_tail_slack.max()),
           median_log_ess=float(np.median(st.median_log_ess)),
           predicted_log_ess_at_median_tau=math.log(pred_ess),
           seconds=mc_s,
@@ -184,17 +200,19 @@ def _run(argv_str: str) -> dict:
     violations_error=sum(sum(r["violations_error"]) for r in rows),
     violations_tail=sum(sum(r["violations_tail"]) for r in rows),
     cert_violations=sum(r["cert_violations"] for r in rows),
+    multi_violations=sum(r.get("multi_violations", 0) for r in rows),
     informative_settings=sum(r["informative"] for r in rows),
     settings=len(rows),
     seconds=time.time() - t_start,
     backend=jax.default_backend(),
   )
-  return dict(summary=summary, rows=rows)
+  return dict(summary=summary, rows=rows, fixed_tau=_fixed_tau(eps, delta))
 
 
 _HEADER = (
   "| d | n | tau | rows | k bound | k emp | k ratio | viol k | "
-  "err bound (k=8/32) | err emp | err ratio | viol err | cert viol | logESS emp/pred |"
+  "err bound (k=8/32) | err emp | err ratio | tail bound / 1-k/n | slack single/multi/band | "
+  "viol err | cert viol | logESS emp/pred |"
 )
 
 
@@ -203,20 +221,155 @@ def _fmt_row(r: dict) -> str:
   ee = "/".join(f"{v:.3g}" for v in r["error_empirical_max"])
   er = "/".join(f"{v:.3g}" for v in r["error_ratio"])
   k_b = f"{r['k_bound']:.0f}" + ("" if r["informative"] else "*")
+  tb = "/".join(
+    f"{b:.3g}/{1 - k / r['n']:.3g}" for b, k in zip(r["tail_bound"], r["ks"], strict=True)
+  )
+  extra = [r.get(f) for f in ("multi_tail_max_slack", "band_tail_max_slack")]
+  sl = "/".join(
+    [f"{r['cert_tail_max_slack']:.3g}"] + ["-" if v is None else f"{v:.3g}" for v in extra]
+  )
   return (
     f"| {r['d']} | {r['n']} | {r['tau_target']:g} | {r['rows']} | {k_b} | "
     f"{r['k_empirical_max']} | {r['k_ratio']:.2f} | {r['violations_k']} | {eb} | {ee} | {er} | "
+    f"{tb} | {sl} | "
     f"{sum(r['violations_error'])} | {r['cert_violations']} | "
     f"{r['median_log_ess']:.2f}/{r['predicted_log_ess_at_median_tau']:.2f} |"
   )
 
 
-def _markdown(res: dict) -> str:
+def _fixed_tau(eps: float, delta: float) -> list[dict]:
+  """Theorem 1's core and Theorem 1R at a known row scale, against Monte Carlo rows.
+
+  Rows of `n - 1` i.i.d. `N(0, tau^2)` scores (the off-diagonal part of a row
+  given `tau_i`; the diagonal counted as one entry), per-row failure level
+  `delta / (2 n)` as in Theorem 1.
+  """
+  from gsparse.bounds.sparsity import _sparsity_core
+
+  n, rows = _FIXED_N.value, _FIXED_ROWS.value
+  taus = np.asarray([float(t) for t in _FIXED_TAUS.value], np.float32)
+  drow = delta / (2 * n)
+  from gsparse.bounds.error import _tail_core
+
+  k_row = np.asarray(bounds.row_sparsity_bound(n, taus, eps=eps, delta=drow))
+  kt = [int(v) for v in _KS.value if int(v) < n]
+  t_row = np.asarray(
+    bounds.row_tail_bound(n, np.repeat(taus, len(kt)), k=np.tile(kt, len(taus)), delta=drow)
+  ).reshape(len(taus), len(kt))
+  core = jax.jit(_sparsity_core)
+  tcore = jax.jit(_tail_core)
+  out = []
+  for i, tau in enumerate(taus):
+    t32 = jnp.float32(tau)
+    k_old = float(core(jnp.float32(n), t32, t32, jnp.float32(eps), jnp.log(jnp.float32(drow)))[0])
+    s = tau * jax.random.normal(jax.random.key(1000 + i), (rows, n - 1))
+    worst = int(jnp.max(jnp.sum(jax.nn.softmax(s, axis=-1) > eps, axis=-1))) + 1
+    lse = jax.nn.logsumexp(s, axis=-1)
+    tails, olds = [], []
+    for k in kt:
+      head = jax.nn.logsumexp(jax.lax.top_k(s, k)[0], axis=-1)
+      tails.append(float(jnp.max(1.0 - jnp.exp(head - lse))))
+      log_drow = jnp.log(jnp.float32(drow))
+      olds.append(float(jnp.exp(tcore(jnp.float32(n), t32, t32, jnp.float32(k), log_drow))))
+    out.append(
+      dict(
+        n=n,
+        tau=float(tau),
+        rows=rows,
+        delta_row=drow,
+        k_theorem1_core=k_old,
+        k_theorem1r=float(k_row[i]),
+        k_worst_observed=worst,
+        ks=kt,
+        tail_theorem2_core=olds,
+        tail_theorem2r=[float(v) for v in t_row[i]],
+        tail_worst_observed=tails,
+      )
+    )
+  return out
+
+
+def _quantiles(v) -> str:
+  v = np.asarray(v, np.float64)
+  if v.size == 0:
+    return "n/a"
+  return f"{v.min():.3g} / {np.median(v):.3g} / {v.max():.3g}"
+
+
+def summary_figures(res: dict) -> dict:
+  """The figures that docs quote, computed from a run's JSON (one place, never typed by hand)."""
+  rows = res["rows"]
+  big = [r for r in rows if r["tau_target"] >= 1]
+  kr = [r["k_ratio"] for r in big]
+  er = [v for r in rows for v in r["error_ratio"]]
+  pairs = [(r, i) for r in rows for i in range(len(r["ks"]))]
+  tail_vs_trivial = [r["tail_bound"][i] >= 1 - r["ks"][i] / r["n"] for r, i in pairs]
+  collapsed = [r for r in rows if r["tau_target"] >= math.sqrt(2 * math.log(r["n"]))]
+  out = {
+    "settings": len(rows),
+    "k_ratio_tau_ge_1 (min/median/max)": _quantiles(kr),
+    "k_ratio_tau_ge_1 within 2x": f"{sum(v <= 2 for v in kr)} of {len(kr)}",
+    "k_ratio_tau_ge_1 within 3x": f"{sum(v <= 3 for v in kr)} of {len(kr)}",
+    "k_ratio all (min/median/max)": _quantiles([r["k_ratio"] for r in rows]),
+    "k bound / trivial k (min/median/max)": _quantiles(
+      [r["k_bound"] / r["k_trivial"] for r in rows]
+    ),
+    "tail bound (min/median/max)": _quantiles([r["tail_bound"][i] for r, i in pairs]),
+    "tail bound >= trivial 1 - k/n": f"{sum(tail_vs_trivial)} of {len(pairs)} (setting, k) pairs",
+    "error ratio (min/median/max)": _quantiles(er),
+    "value factor 2 V / observed max ||v|| (min/median/max)": _quantiles(
+      [2 * r["value_norm_bound"] / r["value_norm_empirical_max"] for r in rows]
+    ),
+    "tau_lo bound / target tau (min/median/max)": _quantiles(
+      [r["tau_lo_bound"] / r["tau_target"] for r in rows]
+    ),
+    "tau_hi bound / target tau (min/median/max)": _quantiles(
+      [r["tau_hi_bound"] / r["tau_target"] for r in rows]
+    ),
+    "observed row tau / target tau (min..max)": (
+      f"{min(r['tau_row_min'] / r['tau_target'] for r in rows):.3g}.."
+      f"{max(r['tau_row_max'] / r['tau_target'] for r in rows):.3g}"
+    ),
+    "single-gap certificate slack, max per setting (min/median/max)": _quantiles(
+      [r["cert_tail_max_slack"] for r in rows]
+    ),
+  }
+  if collapsed:
+    out["single-gap slack, collapsed settings (min/median/max)"] = _quantiles(
+      [r["cert_tail_max_slack"] for r in collapsed]
+    )
+  if all("multi_tail_max_slack" in r for r in rows):
+    out["multi-gap certificate slack, max per setting (min/median/max)"] = _quantiles(
+      [r["multi_tail_max_slack"] for r in rows]
+    )
+    if collapsed:
+      out["multi-gap slack, collapsed settings (min/median/max)"] = _quantiles(
+        [r["multi_tail_max_slack"] for r in collapsed]
+      )
+  if all("band_tail_max_slack" in r for r in rows):
+    out["band-count certificate slack, max per setting (min/median/max)"] = _quantiles(
+      [r["band_tail_max_slack"] for r in rows]
+    )
+    if collapsed:
+      out["band-count slack, collapsed settings (min/median/max)"] = _quantiles(
+        [r["band_tail_max_slack"] for r in collapsed]
+      )
   s = res["summary"]
+  out["violations (Thm 1 / Thm 2 error / Thm 2 tail / certificates)"] = (
+    f"{s['violations_k']} / {s['violations_error']} / {s['violations_tail']} / "
+    f"{s['cert_violations'] + s.get('multi_violations', 0)}"
+  )
+  return out
+
+
+def _markdown(res: dict, before: dict | None = None) -> str:
+  s = res["summary"]
+  fig = summary_figures(res)
   lines = [
     "# Monte Carlo verification of gsparse.bounds",
     "",
-    "Produced by `scripts/verify_bounds.py` (see its docstring for the design).",
+    "Produced by `scripts/verify_bounds.py` (see its docstring for the design); every number",
+    "below is rendered from the run's JSON by `summary_figures`, none is typed by hand.",
     "",
     f"Command: `{s['command']}`",
     "",
@@ -227,13 +380,58 @@ def _markdown(res: dict) -> str:
     f"{s['expected_violations_allowed']:.3f}.",
     f"- Theorem 1 violations: {s['violations_k']}; Theorem 2 error violations: "
     f"{s['violations_error']} (tail-mass: {s['violations_tail']}); certificate "
-    f"violations beyond float32 rounding: {s['cert_violations']}.",
-    f"- Theorem 1 beat the trivial floor(1/eps) in {s['informative_settings']} of "
+    f"violations beyond float32 rounding: {s['cert_violations']} (multi-gap: "
+    f"{s.get('multi_violations', 'not run')}).",
+    f"- Theorem 1 beat the trivial ceil(1/eps) - 1 in {s['informative_settings']} of "
     f"{s['settings']} settings (`*` marks the others: the bound returned the trivial k).",
+    "- k ratio = Theorem-1 k / worst observed minimal k; err ratio = Theorem-2 error / worst",
+    "  observed error; slack = certificate / true tail, the worst row; collapsed settings are",
+    "  those with tau >= sqrt(2 ln n).",
     "",
-    _HEADER,
-    "|" + "---|" * 14,
+    "## Summary",
+    "",
+    "| figure | " + ("before | after |" if before else "value |"),
+    "|---|---|" + ("---|" if before else ""),
   ]
+  old = summary_figures(before) if before else {}
+  for name, v in fig.items():
+    lines.append(f"| {name} | " + (f"{old.get(name, 'n/a')} | {v} |" if before else f"{v} |"))
+  if before:
+    lines += ["", f"Before: `{before['summary']['command']}` (an earlier commit)."]
+  if res.get("fixed_tau"):
+    ft = res["fixed_tau"]
+    lines += [
+      "",
+      f"## Known row scale (n = {ft[0]['n']}, per-row level delta / (2n) = "
+      f"{ft[0]['delta_row']:.3g}, {ft[0]['rows']} Monte Carlo rows per tau)",
+      "",
+      "| tau | Theorem 1 core at [tau, tau] | Theorem 1R | worst observed | 1R / observed |",
+      "|---|---|---|---|---|",
+    ]
+    lines += [
+      f"| {r['tau']:g} | {r['k_theorem1_core']:.0f} | {r['k_theorem1r']:.0f} | "
+      f"{r['k_worst_observed']} | {r['k_theorem1r'] / r['k_worst_observed']:.2f} |"
+      for r in ft
+    ]
+    if "tail_theorem2r" in ft[0]:
+      lines += [
+        "",
+        "| tau | k | Theorem 2 core tail at [tau, tau] | Theorem 2R tail | worst observed "
+        "| 1 - k/n |",
+        "|---|---|---|---|---|---|",
+      ]
+      lines += [
+        f"| {r['tau']:g} | {k} | {a:.3g} | {b:.3g} | {c:.3g} | {1 - k / r['n']:.3g} |"
+        for r in ft
+        for k, a, b, c in zip(
+          r["ks"],
+          r["tail_theorem2_core"],
+          r["tail_theorem2r"],
+          r["tail_worst_observed"],
+          strict=True,
+        )
+      ]
+  lines += ["", "## Per setting", "", _HEADER, "|" + "---|" * (_HEADER.count("|") - 1)]
   lines += [_fmt_row(r) for r in res["rows"]]
   return "\n".join(lines) + "\n"
 
@@ -253,7 +451,8 @@ def _plot(res: dict, path: str) -> None:
       x = [r["tau_target"] for r in sel]
       (line,) = ax.plot(x, [r["k_bound"] for r in sel], "-o", label=f"bound n={n}")
       ax.plot(x, [r["k_empirical_max"] for r in sel], "--x", color=line.get_color(), label="emp.")
-    ax.axhline(math.floor(1 / rows[0]["eps"]), color="k", lw=0.8, ls=":", label="1/eps")
+    triv = math.ceil(1 / rows[0]["eps"]) - 1
+    ax.axhline(triv, color="k", lw=0.8, ls=":", label="ceil(1/eps) - 1")
     ax.set_xscale("log")
     ax.set_xlabel("sqrt(E tau^2)")
     ax.set_ylabel(f"k at eps={rows[0]['eps']}")
@@ -267,16 +466,27 @@ def main(argv):
   del argv
   import sys
 
-  cmd = "PYTHONPATH=. python " + " ".join(["scripts/verify_bounds.py", *sys.argv[1:]])
-  print(_HEADER)
-  res = _run(cmd)
-  s = res["summary"]
-  print(json.dumps(s, indent=1))
-  with open(_OUT.value, "w") as f:
-    json.dump(res, f, indent=1)
+  if _RENDER.value:
+    with open(_RENDER.value) as f:
+      res = json.load(f)
+    if "fixed_tau" not in res or "tail_theorem2r" not in res["fixed_tau"][0]:
+      res["fixed_tau"] = _fixed_tau(res["rows"][0]["eps"], res["rows"][0]["delta"])
+      with open(_OUT.value, "w") as f:
+        json.dump(res, f, indent=1)
+  else:
+    cmd = "PYTHONPATH=. python " + " ".join(["scripts/verify_bounds.py", *sys.argv[1:]])
+    print(_HEADER)
+    res = _run(cmd)
+    print(json.dumps(res["summary"], indent=1))
+    with open(_OUT.value, "w") as f:
+      json.dump(res, f, indent=1)
+  before = None
+  if _BEFORE.value:
+    with open(_BEFORE.value) as f:
+      before = json.load(f)
   if _MD.value:
     with open(_MD.value, "w") as f:
-      f.write(_markdown(res))
+      f.write(_markdown(res, before))
   if _PLOT.value:
     _plot(res, _PLOT.value)
 

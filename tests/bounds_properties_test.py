@@ -46,6 +46,7 @@ about 50-55 s on one CPU core, mostly compiling.
 
 from __future__ import annotations
 
+import fractions
 import math
 
 import jax
@@ -249,8 +250,11 @@ def test_sparsity_bound_range_consistency_and_monotonicity(setting, shrink, data
   eps, delta = _f32(eps), _f32(delta)
   sb = B.sparsity_bound(n, sigma, norms, eps=eps, delta=delta)
   k, triv, kg = _np(sb.k), _np(sb.trivial_k), _np(sb.k_gauss)
-  # Range: integer in [1, min(floor(1/eps), n)]; trivial_k is that minimum (computed here).
-  np.testing.assert_array_equal(triv, np.minimum(np.floor(1.0 / eps), n))
+  # Range: integer in [1, min(ceil(1/eps) - 1, n)]; trivial_k is that minimum, the largest K
+  # with K eps < 1 (computed here in exact rational arithmetic on the float32 eps).
+  frac = [fractions.Fraction(float(e)) for e in eps]
+  triv_ref = [int(1 / f) - 1 if int(1 / f) * f >= 1 else int(1 / f) for f in frac]
+  np.testing.assert_array_equal(triv, np.minimum(triv_ref, n))
   assert np.all(k == np.round(k)) and np.all((k >= 1) & (k <= triv)), (k, triv)
   np.testing.assert_array_equal(k, np.minimum(kg, triv))
   np.testing.assert_array_equal(np.asarray(sb.informative), kg < triv)

@@ -4,6 +4,7 @@ Compilation dominates the run time (each bound is one jitted program), so the
 tests share a few calls of fixed shapes.
 """
 
+import fractions
 import math
 
 import jax
@@ -87,14 +88,43 @@ def test_sparsity_beats_trivial_when_collapsed(eps_sweep):
   assert np.all(np.asarray(sb.informative)[:5]), (np.asarray(sb.k_gauss), np.asarray(sb.trivial_k))
   assert np.all(np.asarray(sb.k_gauss) <= np.asarray(sb.trivial_k) + 2)
   eps32 = eps.astype(np.float32)  # the bound computes in float32 here
-  np.testing.assert_array_equal(np.asarray(sb.trivial_k), np.minimum(np.floor(1 / eps32), 1024))
+  np.testing.assert_array_equal(np.asarray(sb.trivial_k), _trivial_k_exact(eps32, 1024))
   # At eps = 0.01 and tau ~ 8 (n = 1024) the Gaussian bound beats 1/eps = 100.
   k01 = float(
     B.sparsity_bound(
       1024, float(np.sqrt(8.0 / _iso_norms(1.0, 128).frobenius)), _iso_norms(1.0, 128), eps=0.01
     ).k
   )
-  assert k01 < 100, k01  # informative: below floor(1/eps) = 100
+  assert k01 < 99, k01  # informative: below the trivial ceil(1/eps) - 1 = 99
+
+
+def _trivial_k_exact(eps, n):
+  """min(max{K : K eps < 1}, n) in exact rational arithmetic on the float values of eps."""
+  out = []
+  for e in np.ravel(eps):
+    f = fractions.Fraction(float(e))
+    k = int(1 / f)  # floor(1/eps)
+    out.append(k - 1 if k * f >= 1 else k)
+  return np.minimum(np.reshape(out, np.shape(eps)), n)
+
+
+@pytest.mark.parametrize("x64", [False, True])
+def test_trivial_k_is_strict_fact_1(x64):
+  # Regression: trivial_k was floor(1/eps), one too many when 1/eps is an integer (K eps < 1
+  # strictly): eps = 0.25 allows at most 3 entries above it, not 4. The core is checked under
+  # jit in both precisions (sparsity_bound's field is checked in the test above).
+  from gsparse.bounds.sparsity import _trivial_k
+
+  with jax.enable_x64(x64):
+    dt = np.float64 if x64 else np.float32
+    eps = np.array([0.25, 0.5, 0.125, 0.01, 0.3, 0.07, 1 / 3, 0.2, 1e-3, 0.999], dt)
+    got = np.asarray(jax.jit(_trivial_k)(dt(10**6), jnp.asarray(eps)))
+    np.testing.assert_array_equal(got, _trivial_k_exact(eps, 10**6))
+    assert got[0] == 3 and got[1] == 1 and got[2] == 7
+    # K eps < 1 holds for the reported value and fails for one more (exact arithmetic).
+    for e, t in zip(eps, got, strict=True):
+      assert fractions.Fraction(int(t)) * fractions.Fraction(float(e)) < 1
+      assert fractions.Fraction(int(t) + 1) * fractions.Fraction(float(e)) >= 1
 
 
 def test_sparsity_diffuse_regime_and_trivial_flag():

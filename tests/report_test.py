@@ -9,7 +9,7 @@ import jax
 import numpy as np
 import pytest
 
-from gsparse import _theory, report, sweep
+from gsparse import report, sweep
 
 _ROOT = pathlib.Path(__file__).resolve().parents[1]
 
@@ -31,11 +31,7 @@ _TINY = report.ReportConfig(
 )
 
 
-def test_report_without_bounds_writes_everything_and_says_so(tmp_path, monkeypatch):
-  def missing():
-    raise _theory.BoundsUnavailable("gsparse.bounds is not available in this installation (test)")
-
-  monkeypatch.setattr(_theory, "bounds_module", missing)
+def test_report_writes_everything(tmp_path):
   res = report.build_report(jax.random.key(0), str(tmp_path / "r"), config=_TINY, progress=False)
   names = sorted(os.listdir(tmp_path / "r"))
   assert names == sorted(
@@ -52,8 +48,6 @@ def test_report_without_bounds_writes_everything_and_says_so(tmp_path, monkeypat
     with open(f, "rb") as fh:
       assert fh.read(8) == b"\x89PNG\r\n\x1a\n"
   text = pathlib.Path(res.summary).read_text()
-  assert "gsparse.bounds is not available" in text
-  assert "Theorem 1 (delta" not in text  # no bound claimed without the bounds
   for fig in ("sparsity_vs_tau.png", "error_vs_k.png", "phase_diagram.png"):
     assert f"]({fig})" in text
   assert "| n | d | sigma | eps |" in text  # the legacy table is kept

@@ -1,0 +1,84 @@
+"""The norms of the interaction and value matrices that the bounds use."""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.typing import ArrayLike
+
+from gsparse import _checks
+from gsparse.bounds._common import _check
+
+
+class InteractionNorms(NamedTuple):
+  """The norms of a matrix `M` that the bounds use (all `>= 0`).
+
+  Attributes:
+    frobenius: `||M||_F`; `sigma^4 ||M||_F^2 = E tau^2`.
+    operator: `||M||_op`, the largest singular value.
+    gram_frobenius: `||M M^T||_F = sqrt(sum of singular values^4)`.
+  """
+
+  frobenius: jax.Array
+  operator: jax.Array
+  gram_frobenius: jax.Array
+
+
+def interaction_norms(m: ArrayLike) -> InteractionNorms:
+  """Frobenius, operator and Gram-Frobenius norms of `m` over its last two axes.
+
+  Use it on the interaction matrix `M = scale W_Q W_K^T` (`[..., d, d]`) for the
+  sparsity bound, and on `W_V` (`[..., d, h_v]`, one head) for the value-norm
+  bound: both need the same three norms.
+
+  Args:
+    m: `[..., a, b]` floating array.
+
+  Returns:
+    `InteractionNorms` with fields of shape `[...]`.
+  """
+  m = _checks.check_float_array("m", m, min_ndim=2)
+  sv = jnp.linalg.svd(m.astype(jnp.promote_types(m.dtype, jnp.float32)), compute_uv=False)
+  op = jnp.max(sv, axis=-1)
+  # Powers of the singular values relative to the largest: sv^4 itself underflows in float32
+  # for ||M|| < ~1e-10 (giving gram_frobenius = 0 and an invalid tau_range) and overflows for
+  # ||M|| > ~1e9 (giving inf).
+  rel = sv / jnp.where(op > 0, op, 1.0)[..., None]
+  rel2 = rel * rel
+  return InteractionNorms(
+    frobenius=op * jnp.sqrt(jnp.sum(rel2, axis=-1)),
+    operator=op,
+    gram_frobenius=op * op * jnp.sqrt(jnp.sum(rel2 * rel2, axis=-1)),
+  )
+
+
+def interaction_norms_from_weights(
+  w_q: ArrayLike, w_k: ArrayLike, *, scale: float | None = None
+) -> InteractionNorms:
+  """`interaction_norms` of `M = scale W_Q W_K^T` per head.
+
+  Args:
+    w_q: `[d, heads, h]` (as in `gsparse.Weights`) or `[d, h]`.
+    w_k: same shape as `w_q`.
+    scale: default `1/sqrt(h)`.
+
+  Returns:
+    `InteractionNorms` with fields `[heads]` (or scalars for 2-D inputs).
+  """
+  from gsparse.gaussian import interaction_matrix
+
+  return interaction_norms(interaction_matrix(w_q, w_k, scale=scale))
+
+
+def _norm_fields(norms) -> tuple[Any, Any, Any]:
+  if not isinstance(norms, InteractionNorms):
+    if isinstance(norms, (tuple, list)) and len(norms) == 3:
+      norms = InteractionNorms(*norms)
+    else:
+      raise TypeError(f"norms must be an InteractionNorms (or 3-tuple), got {type(norms).__name__}")
+  _check("norms.frobenius", norms.frobenius, lo=0)
+  _check("norms.operator", norms.operator, lo=0)
+  _check("norms.gram_frobenius", norms.gram_frobenius, lo=0)
+  return norms.frobenius, norms.operator, norms.gram_frobenius

@@ -1,0 +1,426 @@
+"""Theorem 1 (every row is (eps, k)-sparse) and its inverse (docs/theory.md, section 3)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+from jax.scipy.special import betainc, log_ndtr, ndtr
+from jax.typing import ArrayLike
+
+from gsparse.bounds._common import (
+  _EPS_BISECTION_STEPS,
+  _NUM_GRID,
+  _NUM_LEVELS,
+  DEFAULT_DELTA,
+  _binom_tail,
+  _check,
+  _check_delta,
+  _check_eps,
+  _check_n,
+  _float_dtype,
+  _log1mexp,
+  _log_moments,
+  _norm_isf,
+  _pad_flat,
+  _safety,
+  _unpad,
+  _valid,
+)
+from gsparse.bounds.norms import InteractionNorms, _norm_fields
+from gsparse.bounds.tau import _cells, _tau_range_scalar
+
+
+def _log_z_lower(nm1, ta, tb, log_dz):
+  """Lower bound on `log Z_i` valid for every `tau_i` in the cell `[ta, tb]`.
+
+  Off-diagonal part only (`Z_i` also has the positive diagonal term). Holds
+  with probability `>= 1 - exp(log_dz)` given `tau_i` in the cell. The best of
+  three candidates, each chosen from `(n, cell, delta)` only (never the data):
+  AM-GM, the maximum, and a lower-tail Bernstein bound on truncated summands.
+
+  Args:
+    nm1: `n - 1 >= 1`, scalar.
+    ta, tb: `[C]` cell endpoints.
+    log_dz: scalar log failure probability.
+
+  Returns:
+    `[C]` lower bounds (may be `-inf`).
+  """
+  ell = -log_dz
+  lnm1 = jnp.log(nm1)
+  # AM-GM: log Z >= log(n-1) + mean_j s_ij, the mean ~ N(0, tau^2/(n-1)).
+  z = _norm_isf(jnp.exp(log_dz))
+  amgm = lnm1 - jnp.maximum(tb * z, ta * z) / jnp.sqrt(nm1)
+  # Maximum: P(max_j g_j < c) = Phi(c)^(n-1) = dz  =>  Phi_bar(c*) = 1 - dz^(1/(n-1)).
+  cstar = _norm_isf(-jnp.expm1(log_dz / nm1))
+  maxb = jnp.where(cstar >= 0, ta * cstar, tb * cstar)
+  # Truncated summands Y = e^{tb g} (g <= 0), e^{ta g} (0 < g <= c), e^{ta c} (g > c).
+  cmax = jnp.sqrt(2.0 * lnm1) + 1.0
+  c = jnp.linspace(0.0, 1.0, _NUM_LEVELS, dtype=ta.dtype) * cmax  # [G]
+  ta_, tb_, c_ = ta[:, None], tb[:, None], c[None, :]
+  ninf = jnp.asarray(-jnp.inf, ta.dtype)
+  l_tail = log_ndtr(-c_)
+  m_neg, m_mid, m2_neg, m2_mid = _log_moments(
+    [(tb_, ninf, 0.0), (ta_, 0.0, c_), (2.0 * tb_, ninf, 0.0), (2.0 * ta_, 0.0, c_)]
+  )
+  ley = jnp.logaddexp(jnp.logaddexp(m_neg, m_mid), ta_ * c_ + l_tail)
+  ley2 = jnp.logaddexp(jnp.logaddexp(m2_neg, m2_mid), 2.0 * ta_ * c_ + l_tail)
+  r = 0.5 * jnp.log(2.0 * ell / nm1) + 0.5 * ley2 - ley
+  bern = jnp.where(r < 0, lnm1 + ley + _log1mexp(jnp.minimum(r, 0.0)), -jnp.inf)
+  bern = jnp.max(bern, axis=-1)
+  return jnp.maximum(jnp.maximum(amgm, maxb), bern)
+
+
+# ------------------------------------------------------------------- Theorem 1
+
+
+class SparsityBound(NamedTuple):
+  """Result of `sparsity_bound` (all fields broadcast over the arguments).
+
+  Attributes:
+    k: the certified k (integer-valued float): with probability `>= 1 - delta`
+      every row is (eps, k)-sparse. `min(k_gauss, trivial_k)`.
+    trivial_k: `min(ceil(1/eps) - 1, n)` (the largest K with `K eps < 1`), true for
+      every probability row (Fact 1).
+    informative: `k_gauss < trivial_k`, i.e. the Gaussian structure helped.
+    k_gauss: the Gaussian bound before taking the minimum with `trivial_k`.
+    exceed_prob: `p*`, the worst-case probability that one off-diagonal score
+      exceeds the threshold `log(eps * Z_lower)`.
+    tau_lo, tau_hi: the tau interval used.
+  """
+
+  k: jax.Array
+  trivial_k: jax.Array
+  informative: jax.Array
+  k_gauss: jax.Array
+  exceed_prob: jax.Array
+  tau_lo: jax.Array
+  tau_hi: jax.Array
+
+
+def _trivial_k(n, eps):
+  """`min(max{K integer : K eps < 1}, n) = min(ceil(1/eps) - 1, n)` (Fact 1), exactly.
+
+  `fl(1/eps)` is within an ulp of `1/eps`, so the answer is `c = ceil(fl(1/eps)) - 1`
+  or `c + 1`; which one is decided by the sign of the exact product `(c + 1) eps - 1`
+  (an error-free product, `_mul_less_than_one`), not by rounded arithmetic.
+  """
+  c = jnp.ceil(1.0 / eps) - 1.0
+  return jnp.minimum(jnp.where(_mul_less_than_one(c + 1.0, eps), c + 1.0, c), n)
+
+
+def _mul_less_than_one(a, b):
+  """Whether the exact real product `a * b` is `< 1` (Dekker's error-free product)."""
+  bits = jnp.finfo(b.dtype).nmant + 1
+  split = float(2 ** ((bits + 1) // 2) + 1)
+
+  def halves(x):
+    t = split * x
+    hi = t - (t - x)
+    return hi, x - hi
+
+  p = a * b
+  ah, al = halves(a)
+  bh, bl = halves(b)
+  err = ((ah * bh - p) + ah * bl + al * bh) + al * bl  # a * b = p + err exactly
+  return (p < 1.0) | ((p == 1.0) & (err < 0.0))
+
+
+def _exceed_log_prob(theta, ta, tb):
+  """`log max_{tau in {ta, tb}} Phi_bar(theta / tau)` per cell (tau = 0 handled)."""
+
+  def one(t):
+    x = jnp.where(t > 0, theta / jnp.where(t > 0, t, 1.0), jnp.where(theta >= 0, jnp.inf, -jnp.inf))
+    return log_ndtr(-x)
+
+  return jnp.maximum(one(ta), one(tb))
+
+
+def _orderstat_fail(nm1, m, eps, ta, tb, c):
+  """Bound on `P(at least m off-diagonal p_ij > eps)` per tau cell, by the m-th order statistic.
+
+  Conditioning on the m-th largest standardised score `G = c`, the other
+  `n - 1 - m` lower ones are i.i.d. `N(0, 1)` truncated to `(-inf, c)`; the
+  event needs `e^{tau G} (1 - eps m) > eps Z_rest`, a lower-tail (Bernstein)
+  event for the truncated sum. Summed over a grid of cells of `G`
+  (docs/theory.md, Lemma 5).
+
+  Args:
+    nm1: `n - 1`.
+    m: number of exceedances (>= 1).
+    eps: threshold.
+    ta, tb: `[C]` tau cells.
+    c: `[L + 1]` increasing grid of standardised levels.
+
+  Returns:
+    `[C]` probability bounds.
+  """
+  dt = ta.dtype
+  slack = 1.0 - eps * m
+  cnt = nm1 - m
+  ninf = jnp.asarray(-jnp.inf, dt)
+  cp = c[:-1][None, :]  # truncation levels c_{l-1}, [1, L]
+  cn = c[1:][None, :]  # cell tops c_l
+  ta_, tb_ = ta[:, None], tb[:, None]
+  lo_part = jnp.minimum(cp, 0.0)
+  hi_part = jnp.maximum(cp, 0.0)
+  m1n, m1p, m2n, m2p = _log_moments(
+    [
+      (tb_, ninf, lo_part),
+      (ta_, 0.0, hi_part),
+      (2.0 * tb_, ninf, lo_part),
+      (2.0 * ta_, 0.0, hi_part),
+    ]
+  )
+  lphi = log_ndtr(cp)
+  log_cnt = jnp.log(jnp.maximum(cnt, 1.0))
+  log_mu = log_cnt + jnp.logaddexp(m1n, m1p) - lphi
+  log_v = log_cnt + jnp.logaddexp(m2n, m2p) - lphi
+  log_lam = jnp.log(jnp.maximum(slack, 1e-30)) - jnp.log(eps) + jnp.maximum(ta_ * cn, tb_ * cn)
+  gap = _log1mexp(jnp.minimum(log_lam - log_mu, 0.0))
+  b = jnp.where(
+    (log_lam < log_mu) & (cnt >= 1.0),
+    jnp.exp(-0.5 * jnp.exp(2.0 * (log_mu + gap) - log_v)),
+    1.0,
+  )
+  # The m - 1 scores above G: if the largest exceeds G by Delta, the m-th entry
+  # cannot exceed eps. P(all below G + Delta | G = c) is largest at the cell top.
+  ta_safe = jnp.where(ta_ > 0, ta_, 1.0)
+  log_r = jnp.log(jnp.maximum(1.0 - eps * (m - 1.0), 1e-30)) - jnp.log(eps)
+  delta_c = jnp.where(ta_ > 0, jnp.maximum(log_r, 0.0) / ta_safe, jnp.inf)
+  tails = log_ndtr(-jnp.stack(jnp.broadcast_arrays(cn + delta_c, cn)))
+  log_q = (m - 1.0) * _log1mexp(jnp.minimum(tails[0] - tails[1], 0.0))
+  b = b * jnp.exp(jnp.where(m > 1.0, log_q, 0.0))
+  return jnp.where(slack <= 0, 0.0, _sum_over_g_cells(nm1, m, c, b))
+
+
+def _sum_over_g_cells(nm1, m, c, b):
+  """`P(K >= m) <= P(G <= c_0) + sum_l P(G in (c_{l-1}, c_l]) Bt_l + P(G > c_L)` (Lemma 5).
+
+  `G` is the m-th largest of `nm1` standard normals, `b[..., l]` bounds the
+  conditional failure probability on the cell `(c_l, c_{l+1}]` and `Bt` is its
+  running maximum; Abel summation leaves only nonnegative coefficients of the
+  rounded-up binomial tails `T_l = P(G > c_l)`.
+  """
+  inv_safe = 1.0 / _safety(c.dtype)
+  bt = jax.lax.cummax(b, axis=b.ndim - 1)  # non-decreasing in l
+  t = jnp.minimum(betainc(m, jnp.maximum(nm1 - m + 1.0, 1.0), ndtr(-c)) * inv_safe, 1.0)
+  head = jnp.minimum(betainc(jnp.maximum(nm1 - m + 1.0, 1.0), m, ndtr(c[0])) * inv_safe, 1.0)
+  body = jnp.sum(t[1:-1] * (bt[..., 1:] - bt[..., :-1]), axis=-1)
+  total = head + t[0] * bt[..., 0] + body + t[-1] * (1.0 - bt[..., -1])
+  return jnp.minimum(total, 1.0)
+
+
+def _fail_fn(n, tau_lo, tau_hi, eps, log_drow):
+  """`(fail, p*)`: `fail(m)` bounds `P(at least m off-diagonal entries > eps)` for one row.
+
+  The better of the union bound and the order-statistic bound, per tau cell,
+  worst cell; `p*` is the union bound's exceedance probability.
+  """
+  nm1 = jnp.maximum(n - 1.0, 1.0)
+  ta, tb = _cells(tau_lo, tau_hi)
+  drow = jnp.exp(log_drow)
+  # Union bound: Z >= Z_lower with prob 1 - drow/2; then a binomial count.
+  log_dz = log_drow - jnp.log(2.0)
+  lz = _log_z_lower(nm1, ta, tb, log_dz)
+  theta = jnp.log(eps) + lz
+  p_cell = jnp.exp(_exceed_log_prob(theta, ta, tb))  # [C]
+  c = jnp.linspace(-3.0, 1.0, _NUM_GRID + 1, dtype=ta.dtype)
+  c = c + jnp.where(c > 0, c * (jnp.sqrt(2.0 * jnp.log(nm1)) + 2.0) - c, 0.0)
+  inv_safe = 1.0 / _safety(ta.dtype)
+
+  def fail(m):  # bound on P(at least m off-diagonal entries > eps), max over cells
+    p1 = 0.5 * drow + jnp.minimum(_binom_tail(n - 1.0, m - 1.0, p_cell) * inv_safe, 1.0)
+    p2 = _orderstat_fail(nm1, m, eps, ta, tb, c)
+    return jnp.max(jnp.minimum(p1, p2))
+
+  return fail, jnp.max(p_cell)
+
+
+def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
+  """Scalar core of Theorem 1 for a given tau interval: `(k_gauss, p*)`."""
+  fail, p_star = _fail_fn(n, tau_lo, tau_hi, eps, log_drow)
+  drow = jnp.exp(log_drow)
+
+  # Linear scan from m = 1: the first m whose bound is <= drow. (A bisection
+  # would need the bound to be monotone in m, which it need not be; the first
+  # hit makes k monotone in eps.) The scan stops by m = ceil(1/eps), where the
+  # order-statistic bound is 0, and by m = n (only n - 1 off-diagonal entries).
+  def cond(m):
+    return (m < n) & (fail(m) > drow)
+
+  m = jax.lax.while_loop(cond, lambda m: m + 1.0, jnp.ones_like(n))
+  k = jnp.minimum(m, n)  # m - 1 off-diagonal entries plus the diagonal
+  return jnp.where(n <= 1.0, n, k), p_star
+
+
+def sparsity_bound(
+  n: ArrayLike,
+  sigma: ArrayLike,
+  norms: InteractionNorms,
+  *,
+  eps: ArrayLike,
+  delta: ArrayLike = DEFAULT_DELTA,
+) -> SparsityBound:
+  """Theorem 1: a k such that every row is (eps, k)-sparse with prob `>= 1 - delta`.
+
+  For `n` i.i.d. rows `x_i ~ N(0, sigma^2 I_d)` and scores `x_i^T M x_j`, with
+  probability at least `1 - delta` every one of the `n` rows of the softmax
+  matrix has at most `k` entries larger than `eps`. The failure probability
+  is split in two halves: `delta / 2` for the tau interval (`tau_range`) and
+  `delta / 2` for the rows, `delta / (2 n)` each by a union bound. Per row,
+  given tau in a cell of the interval, the better of two bounds on
+  `P(at least m off-diagonal entries > eps)` is used: a union bound (half for a
+  lower bound on the normaliser, half for a binomial count of exceedances) and
+  an order-statistic bound (docs/theory.md, Theorem 1).
+
+  Everything is a jnp function of its arguments: jit and vmap over any of them.
+
+  Args:
+    n: sequence length (integer-valued, >= 1).
+    sigma: input standard deviation (> 0).
+    norms: `InteractionNorms` of `M` (`interaction_norms(M)` or
+      `interaction_norms_from_weights(w_q, w_k)`), each `>= 0`.
+    eps: threshold in (0, 1).
+    delta: failure probability in (0, 1), default 1e-4.
+
+  Returns:
+    `SparsityBound`; `k` never exceeds the trivial `min(ceil(1/eps) - 1, n)` and
+    `informative` says whether the Gaussian bound beat it.
+  """
+  _check_n(n)
+  _check("sigma", sigma, lo=0, lo_open=True)
+  _check_eps(eps)
+  _check_delta(delta)
+  frob, op, gram = _norm_fields(norms)
+  dtype = _float_dtype()
+  args = jnp.broadcast_arrays(
+    *(jnp.asarray(v, dtype) for v in (n, sigma, eps, delta, frob, op, gram))
+  )
+  shape = args[0].shape
+  out = _sparsity_flat(*_pad_flat(args))
+  return SparsityBound(*_unpad(out, shape))
+
+
+def _sparsity_scalar(n, sigma, eps, delta, frob, op, gram):
+  tlo, thi = _tau_range_scalar(n, sigma, frob, op, gram, delta / 2.0)
+  log_row = jnp.log(delta / 2.0) - jnp.log(n)
+  k_g, p = _sparsity_core(n, tlo, thi, eps, log_row)
+  triv = _trivial_k(n, eps)
+  ok = _valid(
+    n >= 1, sigma > 0, eps > 0, eps < 1, delta > 0, delta < 1, frob >= 0, op >= 0, gram >= 0
+  )
+  nan = jnp.asarray(jnp.nan, n.dtype)
+  k = jnp.where(ok, jnp.minimum(k_g, triv), nan)
+  return (
+    k,
+    triv,
+    ok & (k_g < triv),
+    jnp.where(ok, k_g, nan),
+    jnp.where(ok, p, nan),
+    tlo,
+    thi,
+  )
+
+
+class SparsityEpsBound(NamedTuple):
+  """Result of `sparsity_eps_bound`.
+
+  Attributes:
+    eps: with probability `>= 1 - delta` every row is (eps, k)-sparse;
+      `min(eps_gauss, trivial_eps)` (0 when `k >= n`).
+    trivial_eps: `1 / (k + 1)`, true for every probability row.
+    informative: `eps_gauss < trivial_eps`.
+    eps_gauss: the Gaussian bound alone.
+  """
+
+  eps: jax.Array
+  trivial_eps: jax.Array
+  informative: jax.Array
+  eps_gauss: jax.Array
+
+
+def sparsity_eps_bound(
+  n: ArrayLike,
+  sigma: ArrayLike,
+  norms: InteractionNorms,
+  *,
+  k: ArrayLike,
+  delta: ArrayLike = DEFAULT_DELTA,
+) -> SparsityEpsBound:
+  """Inverse of Theorem 1: the eps achieved for a given k.
+
+  Returns `eps` such that, with probability `>= 1 - delta`, every row has at
+  most `k` entries above `eps`. Same events and split as `sparsity_bound`, so
+  `sparsity_bound(..., eps=e).k <= k` for every `e` slightly above the
+  returned `eps_gauss` (up to the bisection resolution of the binomial
+  inversion, which errs on the safe side).
+
+  Args:
+    n: sequence length (integer-valued, >= 1).
+    sigma: input standard deviation (> 0).
+    norms: `InteractionNorms` of `M`.
+    k: number of allowed large entries (integer-valued, >= 1).
+    delta: failure probability in (0, 1).
+
+  Returns:
+    `SparsityEpsBound`.
+  """
+  _check_n(n)
+  _check("sigma", sigma, lo=0, lo_open=True)
+  _check("k", k, lo=1, integer=True)
+  _check_delta(delta)
+  frob, op, gram = _norm_fields(norms)
+  dtype = _float_dtype()
+  args = jnp.broadcast_arrays(
+    *(jnp.asarray(v, dtype) for v in (n, sigma, k, delta, frob, op, gram))
+  )
+  shape = args[0].shape
+  out = _eps_flat(*_pad_flat(args))
+  return SparsityEpsBound(*_unpad(out, shape))
+
+
+def _eps_scalar(n, sigma, k, delta, frob, op, gram):
+  tlo, thi = _tau_range_scalar(n, sigma, frob, op, gram, delta / 2.0)
+  log_row = jnp.log(delta / 2.0) - jnp.log(n)
+  # 1/(k+1), rounded up when fl(1/(k+1)) is below it: k+1 entries above eps need (k+1) eps < 1.
+  r = 1.0 / (k + 1.0)
+  r = jnp.where(_mul_less_than_one(k + 1.0, r), jnp.nextafter(r, jnp.inf), r)
+  triv = jnp.where(k >= n, 0.0, r)
+  # Bisection on log eps; `hi` is always an eps whose Theorem-1 k is <= k (verified).
+  lo = jnp.log(1e-3 / n)
+  hi = jnp.log(triv)
+  drow = jnp.exp(log_row)
+  kk = jnp.minimum(k, n)
+
+  def admissible(log_eps):
+    # fail(k) <= drow implies the first admissible m of Theorem 1 is <= k, for
+    # this eps and (fail being non-increasing in eps) every larger one.
+    fail, _ = _fail_fn(n, tlo, thi, jnp.exp(log_eps), log_row)
+    return fail(kk) <= drow
+
+  found = admissible(hi)
+
+  def body(_, state):
+    lo, hi = state
+    mid = 0.5 * (lo + hi)
+    ok = admissible(mid)
+    return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+
+  _, hi = jax.lax.fori_loop(0, _EPS_BISECTION_STEPS, body, (lo, hi))
+  eps_g = jnp.where(k >= n, 0.0, jnp.where(found, jnp.exp(hi), jnp.inf))
+  ok = _valid(n >= 1, sigma > 0, k >= 1, delta > 0, delta < 1, frob >= 0, op >= 0, gram >= 0)
+  nan = jnp.asarray(jnp.nan, n.dtype)
+  eps = jnp.minimum(eps_g, triv)
+  return (
+    jnp.where(ok, eps, nan),
+    triv,
+    ok & (eps_g < triv),
+    jnp.where(ok, eps_g, nan),
+  )
+
+
+_sparsity_flat = jax.jit(jax.vmap(_sparsity_scalar))
+_eps_flat = jax.jit(jax.vmap(_eps_scalar))

@@ -1,0 +1,73 @@
+"""Theorem 1R (docs/theory.md): per-row sparsity given the row's own tau_i."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.stats
+
+from gsparse import bounds as B
+
+_N, _EPS = 256, 0.01
+_TAUS = np.array([1.0, 2.0, 4.0, 8.0], np.float32)
+
+
+def _counts(key, tau, rows):
+  # Worst case for the statement: the diagonal contributes nothing to Z, and counts as one.
+  s = tau * jax.random.normal(key, (rows, _N - 1))
+  return np.asarray(jnp.sum(jax.nn.softmax(s, axis=-1) > _EPS, axis=-1)) + 1
+
+
+@pytest.mark.slow  # one compile of the bound, ~20-40 s on 2 cores
+def test_row_bound_valid_at_high_delta_and_within_2x_at_small_delta():
+  delta_row = 1e-4 / (2 * _N)  # Theorem 1's per-row budget at delta = 1e-4
+  deltas = np.repeat(np.float32([0.3, delta_row]), len(_TAUS))
+  k = np.asarray(B.row_sparsity_bound(_N, np.tile(_TAUS, 2), eps=_EPS, delta=deltas))
+  key = jax.random.key(5)
+  for i, tau in enumerate(_TAUS):
+    # Validity at delta = 0.3: rows above the bound ~ Binomial(2000, p <= 0.3); fail beyond its
+    # 1 - 1e-6 quantile (false-failure rate <= 4e-6 over the four tau).
+    cnt = _counts(jax.random.fold_in(key, i), tau, 2000)
+    assert np.sum(cnt > k[i]) <= scipy.stats.binom.isf(1e-6, 2000, 0.3), (tau, k[i])
+    # Tightness at Theorem 1's per-row level: within 2x of the worst of 20480 rows (issue 19's
+    # target at fixed tau); and valid there (false-failure rate <= 4 * 20480 * 2e-7 = 0.016).
+    worst = _counts(jax.random.fold_in(key, 10 + i), tau, 20480).max()
+    assert worst <= k[4 + i] <= 2 * worst, (tau, k[4 + i], worst)
+
+
+def test_row_bound_errors():
+  with pytest.raises(ValueError, match="tau"):
+    B.row_sparsity_bound(16, -1.0, eps=0.1, delta=0.1)
+  with pytest.raises(ValueError, match="delta"):
+    B.row_sparsity_bound(16, 1.0, eps=0.1, delta=1.0)
+
+
+@pytest.mark.slow  # one compile of the bound, ~15 s on 2 cores
+def test_row_tail_bound_valid_at_high_delta_and_beats_theorem_2_core():
+  from gsparse.bounds.error import _tail_core
+
+  taus = np.float32([1.0, 4.0, 8.0])
+  k = 32
+  delta_row = 1e-4 / (2 * _N)
+  deltas = np.repeat(np.float32([0.3, delta_row]), 3)
+  t = np.asarray(B.row_tail_bound(_N, np.tile(taus, 2), k=k, delta=deltas))
+  key = jax.random.key(6)
+  for i, tau in enumerate(taus):
+    s = tau * jax.random.normal(jax.random.fold_in(key, i), (2000, _N - 1))
+    lse = jax.nn.logsumexp(s, axis=-1)
+    tail = np.asarray(1.0 - jnp.exp(jax.nn.logsumexp(jax.lax.top_k(s, k)[0], axis=-1) - lse))
+    # Rows above the bound ~ Binomial(2000, p <= 0.3); false-failure rate <= 3e-6.
+    assert np.sum(tail > t[i]) <= scipy.stats.binom.isf(1e-6, 2000, 0.3), (tau, t[i])
+    assert tail.max() <= t[3 + i]  # false-failure rate <= 3 * 2000 * 2e-7 = 1.2e-3
+    # Below the free bound 1 - k/n and below Theorem 2's core at the one-point tau cell.
+    old = float(
+      jnp.exp(
+        _tail_core(jnp.float32(_N), tau, tau, jnp.float32(k), jnp.log(jnp.float32(delta_row)))
+      )
+    )
+    assert t[3 + i] < min(1.0 - k / _N, old), (tau, t[3 + i], old)
+  np.testing.assert_array_equal(
+    np.asarray(B.row_tail_bound(8, 1.0, k=np.array([1, 8]), delta=0.1)), [1.0, 0.0]
+  )
