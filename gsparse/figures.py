@@ -1,7 +1,9 @@
 """Figures and the Markdown summary of the default report (matplotlib).
 
+matplotlib is an optional dependency (`pip install 'gsparse-jax[report]'`);
+importing this module without it raises an `ImportError` that says so.
 The figures are saved as PNG files and closed, so any backend works;
-`scripts/report.py` selects the non-interactive Agg backend.
+`gsparse-report` selects the non-interactive Agg backend.
 
 Every figure function takes a `gsparse.sweep.SweepTable` (and the report's
 part labels) and writes one PNG. Theory curves come from `gsparse._theory`;
@@ -12,8 +14,15 @@ from __future__ import annotations
 
 import os
 
-import matplotlib.pyplot as plt
 import numpy as np
+
+try:
+  import matplotlib.pyplot as plt
+except ImportError as e:  # an optional dependency: say how to get it
+  raise ImportError(
+    "gsparse.figures (the report's figures) needs matplotlib, an optional dependency of "
+    "gsparse: pip install 'gsparse-jax[report]' (or pip install matplotlib)"
+  ) from e
 
 from gsparse import _theory
 
@@ -203,18 +212,19 @@ def _fmt(x):
 
 
 def summary_markdown(
-  table, part, config, figs, *, legacy_table, bounds_note, sweep_seconds, total_seconds
+  table, part, config, figs, *, bounds_note, phase_seconds, total_seconds
 ) -> str:
   """The report's Markdown text: what was run, the checks with counts, the figures."""
   draws = int(table["trials"][0])
   rows = table["rows"]
+  phases = ", ".join(f"{name} {s:.1f} s" for name, s in phase_seconds.items())
   lines = [
     "# gsparse report: how sparse is attention on Gaussian input?",
     "",
     f"Sweep of {len(table)} parameter points, {draws} draws of X per point, "
     f"{int(rows.min())}-{int(rows.max())} query rows measured per draw (d = {config.d}, "
     f"one head, h = d, sigma = 1, weight scale set for a target tau). "
-    f"Sweep {sweep_seconds:.1f} s, whole report {total_seconds:.1f} s. Raw numbers: `sweep.csv`.",
+    f"Time: {phases}; whole report {total_seconds:.1f} s. Raw numbers: `sweep.csv`.",
     "",
   ]
   if bounds_note:
@@ -319,5 +329,5 @@ def summary_markdown(
       f"{int(pw['k'][i])} | {_fmt(pw['tail_mean'][i])} | {_fmt(fx['error_mean'][i])} | "
       f"{_fmt(pw['error_mean'][i])} |"
     )
-  lines += ["", "## Sparsity table (fresh weights per draw)", "", legacy_table, ""]
+  lines += [""]
   return "\n".join(lines)

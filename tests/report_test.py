@@ -25,18 +25,28 @@ _TINY = report.ReportConfig(
   phase_ns=(32,),
   phase_taus=(1.0, 3.0),
   fixed_k=2,
-  table_trials=1,
-  table_ns=(32,),
-  table_ds=(4,),
 )
 
 
-def test_report_without_bounds_writes_everything_and_says_so(tmp_path, monkeypatch):
+def test_report_without_bounds_writes_everything_and_says_so(tmp_path, monkeypatch, capsys):
   def missing():
     raise _theory.BoundsUnavailable("gsparse.bounds is not available in this installation (test)")
 
   monkeypatch.setattr(_theory, "bounds_module", missing)
-  res = report.build_report(jax.random.key(0), str(tmp_path / "r"), config=_TINY, progress=False)
+  res = report.build_report(jax.random.key(0), str(tmp_path / "r"), config=_TINY, progress=True)
+  # One progress line per phase, in order, each with the seconds since the start.
+  lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("report [")]
+  assert [ln.split("] ", 1)[1].split(":")[0] for ln in lines] == [
+    "1/4 sweep",
+    "2/4 bounds",
+    "3/4 figures",
+    "4/4 summary",
+    "done",
+  ], lines
+  seconds = [float(ln[len("report [") :].split(" s]")[0]) for ln in lines]
+  assert seconds == sorted(seconds)
+  assert list(res.phase_seconds) == ["sweep", "bounds", "figures", "summary"]
+  assert sum(res.phase_seconds.values()) <= res.seconds
   names = sorted(os.listdir(tmp_path / "r"))
   assert names == sorted(
     [
@@ -56,7 +66,7 @@ def test_report_without_bounds_writes_everything_and_says_so(tmp_path, monkeypat
   assert "Theorem 1 (delta" not in text  # no bound claimed without the bounds
   for fig in ("sparsity_vs_tau.png", "error_vs_k.png", "phase_diagram.png"):
     assert f"]({fig})" in text
-  assert "| n | d | sigma | eps |" in text  # the legacy table is kept
+  assert "Time: sweep " in text and "whole report" in text
   table = sweep.SweepTable.from_csv(res.csv)
   points, part = report.report_points(_TINY)
   assert len(table) == len(part) and table["part"].tolist() == part.tolist()

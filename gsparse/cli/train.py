@@ -1,0 +1,40 @@
+"""Trains the byte-level LM on the Python stdlib with dense or top-k attention.
+
+Examples:
+  # dense baseline, default small CPU config
+  gsparse-train --variant=dense --workdir=/tmp/lm_dense
+  # fixed k, k = alpha n^C, certified k, and sparse only in weight-norm-picked layers
+  gsparse-train --variant=topk --k=32
+  gsparse-train --variant=power --alpha=2 --power=0.5
+  gsparse-train --variant=certified --tolerance=0.05
+  gsparse-train --variant=select --select_layers=2
+
+Runs unchanged on CPU, GPU and TPU: the batch is sharded over all local
+devices (data parallel), parameters are replicated. Re-running with the same
+--workdir resumes from its checkpoint. The JSON log goes to
+<workdir>/log.json.
+"""
+
+from absl import app, flags
+
+from gsparse.cli import _common
+from gsparse.train import cli
+
+FLAGS = flags.FLAGS
+cli.define_flags()
+flags.adopt_module_key_flags(cli)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.train_main(FLAGS)
+
+
+def run() -> None:
+  """Console entry point `gsparse-train` (also `python -m gsparse.cli.train`)."""
+  _common.run_app(main, __name__)
+
+
+if __name__ == "__main__":
+  run()
