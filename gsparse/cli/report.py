@@ -20,32 +20,35 @@ from absl import app, flags
 
 from gsparse.cli import _common
 
-_OUT = flags.DEFINE_string(
-  "out",
-  os.path.join("reports", "latest"),
-  "Folder to write summary.md, sweep.csv and the PNG figures into (created; files in it "
-  "are overwritten).",
-)
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed of all Monte Carlo draws.")
-_SMALL = flags.DEFINE_bool(
-  "small",
-  False,
-  "Use the small configuration (few points and draws) for a quick look.",
-)
-_TRIALS = flags.DEFINE_integer(
-  "trials",
-  None,
-  "Draws of X per parameter point (default: 8, or 2 with --small).",
-)
-_EPS = flags.DEFINE_float("eps", None, "Sparsity threshold eps in (0, 1) (default 0.01).")
-_DELTA = flags.DEFINE_float(
-  "delta",
-  None,
-  "Failure probability of the Theorem 1 and 2 bounds (default 0.01).",
-)
-_PROGRESS = flags.DEFINE_bool(
-  "progress", True, "Print a line per phase and the sweep's progress to stderr."
-)
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defines the flags (in `run()`, so that importing this module defines none)."""
+  flags.DEFINE_string(
+    "out",
+    os.path.join("reports", "latest"),
+    "Folder to write summary.md, sweep.csv and the PNG figures into (created; files in it "
+    "are overwritten).",
+  )
+  flags.DEFINE_integer("seed", 0, "PRNG seed of all Monte Carlo draws.")
+  flags.DEFINE_bool(
+    "small",
+    False,
+    "Use the small configuration (few points and draws) for a quick look.",
+  )
+  flags.DEFINE_integer(
+    "trials",
+    None,
+    "Draws of X per parameter point (default: 8, or 2 with --small).",
+  )
+  flags.DEFINE_float("eps", None, "Sparsity threshold eps in (0, 1) (default 0.01).")
+  flags.DEFINE_float(
+    "delta",
+    None,
+    "Failure probability of the Theorem 1 and 2 bounds (default 0.01).",
+  )
+  flags.DEFINE_bool("progress", True, "Print a line per phase and the sweep's progress to stderr.")
 
 
 def main(argv):
@@ -56,15 +59,15 @@ def main(argv):
 
   from gsparse import report
 
-  config = report.ReportConfig.small() if _SMALL.value else report.ReportConfig()
+  config = report.ReportConfig.small() if FLAGS.small else report.ReportConfig()
   changes = {
-    name: flag.value
-    for name, flag in (("trials", _TRIALS), ("eps", _EPS), ("delta", _DELTA))
-    if flag.value is not None
+    name: getattr(FLAGS, name)
+    for name in ("trials", "eps", "delta")
+    if getattr(FLAGS, name) is not None
   }
   config = dataclasses.replace(config, **changes)
   result = report.build_report(
-    jax.random.key(_SEED.value), _OUT.value, config=config, progress=_PROGRESS.value
+    jax.random.key(FLAGS.seed), FLAGS.out, config=config, progress=FLAGS.progress
   )
   print(f"Report written to {os.path.abspath(result.out_dir)} ({result.seconds:.0f} s):")
   for path in (result.summary, result.csv, *result.figures):
@@ -73,6 +76,7 @@ def main(argv):
 
 def run() -> None:
   """Console entry point `gsparse-report` (also `python -m gsparse.cli.report`)."""
+  _define_flags()
   _common.run_app(main, __name__)
 
 

@@ -21,8 +21,12 @@ from gsparse.cli import _common
 from gsparse.train import cli
 
 FLAGS = flags.FLAGS
-cli.define_flags()
-flags.adopt_module_key_flags(cli)
+
+
+def _define_flags() -> None:
+  """Defines the flags (in `run()`, so that importing this module defines none)."""
+  cli.define_flags()
+  flags.adopt_module_key_flags(cli)
 
 
 def main(argv):
@@ -33,6 +37,7 @@ def main(argv):
 
 def run() -> None:
   """Console entry point `gsparse-train` (also `python -m gsparse.cli.train`)."""
+  _define_flags()
   _common.run_app(main, __name__)
 
 

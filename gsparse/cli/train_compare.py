@@ -18,22 +18,28 @@ from gsparse.train import cli, compare
 from gsparse.train.experiment import VARIANTS
 
 FLAGS = flags.FLAGS
-cli.define_flags(with_variant=False)
-flags.adopt_module_key_flags(cli)
-flags.DEFINE_list("variants", list(VARIANTS), "Variants to run (dense first: ratios are vs dense).")
-flags.DEFINE_list("seeds", ["0", "1"], "Seeds; the table reports means over them.")
-flags.DEFINE_string("out_dir", "results/train_compare", "Output directory.")
-flags.DEFINE_bool(
-  "summarize_only",
-  False,
-  "Train nothing: tabulate the runs already under --out_dir (finished or not, read from "
-  "their logs and checkpoints) at the step given by --at_step.",
-)
-flags.DEFINE_integer(
-  "at_step",
-  -1,
-  "With --summarize_only: the step to compare (-1: the last step all runs evaluated).",
-)
+
+
+def _define_flags() -> None:
+  """Defines the flags (in `run()`, so that importing this module defines none)."""
+  cli.define_flags(with_variant=False)
+  flags.adopt_module_key_flags(cli)
+  flags.DEFINE_list(
+    "variants", list(VARIANTS), "Variants to run (dense first: ratios are vs dense)."
+  )
+  flags.DEFINE_list("seeds", ["0", "1"], "Seeds; the table reports means over them.")
+  flags.DEFINE_string("out_dir", "results/train_compare", "Output directory.")
+  flags.DEFINE_bool(
+    "summarize_only",
+    False,
+    "Train nothing: tabulate the runs already under --out_dir (finished or not, read from "
+    "their logs and checkpoints) at the step given by --at_step.",
+  )
+  flags.DEFINE_integer(
+    "at_step",
+    -1,
+    "With --summarize_only: the step to compare (-1: the last step all runs evaluated).",
+  )
 
 
 def main(argv):
@@ -62,6 +68,7 @@ def summary_step(logs) -> int:
 
 def run() -> None:
   """Console entry point `gsparse-train-compare` (also `python -m gsparse.cli.train_compare`)."""
+  _define_flags()
   _common.run_app(main, __name__)
 
 

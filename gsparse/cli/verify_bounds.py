@@ -48,29 +48,35 @@ from gsparse import bounds
 from gsparse._bounds_mc import matrix_stats
 from gsparse.cli import _common
 
-_NS = flags.DEFINE_list("n", ["256", "1024", "4096", "8192"], "Sequence lengths n.")
-_MATRICES = flags.DEFINE_list(
-  "matrices",
-  ["128", "32", "4", "2"],
-  "Independent matrices (trials) per setting, one entry per n (same order).",
-)
-_DS = flags.DEFINE_list("d", ["16", "64", "128"], "Input dimensions d.")
-_TAUS = flags.DEFINE_list(
-  "tau",
-  ["0.5", "1", "2", "4", "8"],
-  "Target sqrt(E tau^2) = sigma^2 ||M||_F per setting (sigma is derived from it).",
-)
-_HEAD_DIM = flags.DEFINE_integer("head_dim", 64, "h = h_v, the query/key/value head dimension.")
-_EPS = flags.DEFINE_float("eps", 0.01, "Threshold of (eps, k)-sparsity for Theorem 1.")
-_KS = flags.DEFINE_list("k", ["8", "32"], "Top-k sizes checked by Theorem 2 and the certificate.")
-_DELTA = flags.DEFINE_float("delta", 1e-4, "Failure probability of Theorems 1 and 2.")
-_SEED = flags.DEFINE_integer("seed", 0, "PRNG seed.")
-_BATCH = flags.DEFINE_integer(
-  "max_batch_elems", 2**24, "Matrices per batch are chosen so batch * n^2 stays below this."
-)
-_OUT = flags.DEFINE_string("out", "/tmp/verify_bounds.json", "Where to write the JSON results.")
-_MD = flags.DEFINE_string("markdown_out", "", "If set, also write the table as Markdown here.")
-_PLOT = flags.DEFINE_string("plot_out", "", "If set, write a PNG of bound vs empirical k here.")
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """Defines the flags (in `run()`, so that importing this module defines none)."""
+  flags.DEFINE_list("n", ["256", "1024", "4096", "8192"], "Sequence lengths n.")
+  flags.DEFINE_list(
+    "matrices",
+    ["128", "32", "4", "2"],
+    "Independent matrices (trials) per setting, one entry per n (same order).",
+  )
+  flags.DEFINE_list("d", ["16", "64", "128"], "Input dimensions d.")
+  flags.DEFINE_list(
+    "tau",
+    ["0.5", "1", "2", "4", "8"],
+    "Target sqrt(E tau^2) = sigma^2 ||M||_F per setting (sigma is derived from it).",
+  )
+  flags.DEFINE_integer("head_dim", 64, "h = h_v, the query/key/value head dimension.")
+  flags.DEFINE_float("eps", 0.01, "Threshold of (eps, k)-sparsity for Theorem 1.")
+  flags.DEFINE_list("k", ["8", "32"], "Top-k sizes checked by Theorem 2 and the certificate.")
+  flags.DEFINE_float("delta", 1e-4, "Failure probability of Theorems 1 and 2.")
+  flags.DEFINE_integer("seed", 0, "PRNG seed.")
+  flags.DEFINE_integer(
+    "max_batch_elems", 2**24, "Matrices per batch are chosen so batch * n^2 stays below this."
+  )
+  flags.DEFINE_string("out", "/tmp/verify_bounds.json", "Where to write the JSON results.")
+  flags.DEFINE_string("markdown_out", "", "If set, also write the table as Markdown here.")
+  flags.DEFINE_string("plot_out", "", "If set, write a PNG of bound vs empirical k here.")
+
 
 # Float32 rounding allowance for the deterministic certificate: the tail mass may
 # exceed its certificate by 1e-4 relative; the error may exceed its certificate by
@@ -79,20 +85,20 @@ _F32 = float(np.finfo(np.float32).eps)
 
 
 def _run(argv_str: str) -> dict:
-  ns = [int(v) for v in _NS.value]
-  mats = [int(v) for v in _MATRICES.value]
+  ns = [int(v) for v in FLAGS.n]
+  mats = [int(v) for v in FLAGS.matrices]
   if len(mats) != len(ns):
     raise ValueError(f"--matrices needs one entry per n, got {mats} for n={ns}")
-  ds = [int(v) for v in _DS.value]
-  taus = [float(v) for v in _TAUS.value]
-  ks = tuple(int(v) for v in _KS.value)
-  eps, delta = _EPS.value, _DELTA.value
-  key = jax.random.key(_SEED.value)
+  ds = [int(v) for v in FLAGS.d]
+  taus = [float(v) for v in FLAGS.tau]
+  ks = tuple(int(v) for v in FLAGS.k)
+  eps, delta = FLAGS.eps, FLAGS.delta
+  key = jax.random.key(FLAGS.seed)
   rows = []
   t_start = time.time()
   for di, d in enumerate(ds):
     w = gsparse.sample_weights(
-      jax.random.fold_in(key, 1000 + di), d=d, head_dim=_HEAD_DIM.value, heads=1
+      jax.random.fold_in(key, 1000 + di), d=d, head_dim=FLAGS.head_dim, heads=1
     )
     m = gsparse.interaction_matrix(w.w_q, w.w_k)[0]
     w_v = w.w_v[:, 0, :]
@@ -103,7 +109,7 @@ def _run(argv_str: str) -> dict:
       for ti, tau in enumerate(taus):
         sigma = math.sqrt(tau / float(norms.frobenius))
         t0 = time.time()
-        batch = max(1, min(r, _BATCH.value // (n * n)))
+        batch = max(1, min(r, FLAGS.max_batch_elems // (n * n)))
         st = matrix_stats(
           jax.random.fold_in(key, (di * 100 + ni) * 100 + ti),
           m,
@@ -269,24 +275,25 @@ def main(argv):
   del argv
   import sys
 
-  if _PLOT.value:
+  if FLAGS.plot_out:
     _common.use_agg_matplotlib("--plot_out")
   cmd = " ".join(["gsparse-verify-bounds", *sys.argv[1:]])
   print(_HEADER)
   res = _run(cmd)
   s = res["summary"]
   print(json.dumps(s, indent=1))
-  with open(_OUT.value, "w") as f:
+  with open(FLAGS.out, "w") as f:
     json.dump(res, f, indent=1)
-  if _MD.value:
-    with open(_MD.value, "w") as f:
+  if FLAGS.markdown_out:
+    with open(FLAGS.markdown_out, "w") as f:
       f.write(_markdown(res))
-  if _PLOT.value:
-    _plot(res, _PLOT.value)
+  if FLAGS.plot_out:
+    _plot(res, FLAGS.plot_out)
 
 
 def run() -> None:
   """Console entry point `gsparse-verify-bounds`."""
+  _define_flags()
   _common.run_app(main, __name__)
 
 
