@@ -75,6 +75,28 @@ def test_report_without_bounds_writes_everything_and_says_so(tmp_path, monkeypat
   assert "at 0 of" in text
 
 
+def test_measure_puts_each_bound_at_the_points_that_show_it(monkeypatch):
+  """Theorem 1 at the sparsity points, Theorem 2 at the error and n^C points, NaN elsewhere.
+
+  The bounds are replaced by functions of each row's own n and k, so the test
+  sees which sweep row each value landed on (the real bounds are tested in
+  bounds_test.py).
+  """
+  monkeypatch.setattr(_theory, "sparsity_k", lambda t, delta: np.asarray(t["n"]) + 0.5)
+  monkeypatch.setattr(
+    _theory, "topk_error", lambda t, delta: (np.asarray(t["k"]) * 10.0, np.asarray(t["n"]) * 0.1)
+  )
+  table, part = report.measure(jax.random.key(1), _TINY, progress=False)
+  one = part == "sparsity"
+  two = np.isin(part, ["error", "fixed", "power"])
+  assert one.any() and two.any() and (part == "phase").any()
+  np.testing.assert_array_equal(table["bound_k"][one], table["n"][one] + 0.5)
+  np.testing.assert_array_equal(table["bound_error"][two], table["k"][two] * 10.0)
+  np.testing.assert_allclose(table["bound_tail"][two], table["n"][two] * 0.1)
+  assert np.isnan(table["bound_k"][~one]).all()
+  assert np.isnan(table["bound_error"][~two]).all() and np.isnan(table["bound_tail"][~two]).all()
+
+
 def test_report_points_cover_every_figure():
   points, part = report.report_points(_TINY)
   assert set(part.tolist()) == {"sparsity", "error", "phase", "fixed", "power"}
