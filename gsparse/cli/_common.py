@@ -22,7 +22,7 @@ def use_agg_matplotlib(what: str) -> None:
   rather than after a long sweep.
   """
   if importlib.util.find_spec("matplotlib") is None:
-    raise app.UsageError(MATPLOTLIB_MISSING.format(what=what))
+    sys.exit(MATPLOTLIB_MISSING.format(what=what))  # status 1, the message on stderr
   import matplotlib
 
   matplotlib.use("Agg")  # files only, no display needed
