@@ -1,6 +1,6 @@
 """Monte Carlo statistics of Gaussian-input attention matrices, for checking `gsparse.bounds`.
 
-Used by scripts/verify_bounds.py and tests/bounds_test.py. One call draws
+Used by gsparse/cli/verify_bounds.py and tests/bounds_test.py. One call draws
 `num_matrices` independent inputs `X` (`[n, d]`, rows `N(0, sigma^2 I)`) for a
 fixed head (`M`, `W_V`) and returns per-matrix summaries: the unit of failure
 of Theorems 1 and 2 is a whole matrix ("every row"), so each statistic is the

@@ -67,14 +67,3 @@ def boundaries(n) -> tuple[np.ndarray, np.ndarray]:
 def power_law_k(n, *, alpha: float, C: float) -> np.ndarray:
   """`k = clip(ceil(alpha n^C), 1, n)` (the revision's adaptive window)."""
   return np.asarray(b.power_law_k(np.asarray(n, np.float64), alpha=alpha, C=C), np.int64)
-
-
-def with_bound_columns(table, *, delta: float):
-  """The sweep table plus `bound_k`, `bound_error`, `bound_tail` columns (one call each).
-
-  One call per theorem over the whole table: the bounds are jitted per input
-  length, so calling them on many small sub-tables would compile many times.
-  """
-  k = sparsity_k(table, delta=delta)
-  err, tail = topk_error(table, delta=delta)
-  return type(table)({**table.columns, "bound_k": k, "bound_error": err, "bound_tail": tail})

@@ -1,114 +1,24 @@
 """The default report: how sparse is attention on Gaussian input?
 
-Library code for `scripts/report.py`. It draws the paper's setting at a few
-(n, d, sigma), measures the empirical (eps, k)-sparsity of every attention row
-and the error of top-k attention, and returns the rows of a table.
+Library code of the `gsparse-report` command (`gsparse.cli.report`). It draws
+the paper's Gaussian setting over a grid of (n, tau, k), measures every
+attention row by Monte Carlo (`gsparse.sweep`), adds the bounds of
+`gsparse.bounds` and writes figures (`gsparse.figures`, needs matplotlib) and
+a Markdown summary.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+import os
+import sys
+import time
+from collections.abc import Callable
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
-from gsparse.attention import attention_weights
-from gsparse.gaussian import project, sample_inputs, sample_weights
-from gsparse.sparsity import min_sparse_k, topk_error_decomposition
-from gsparse.topk import topk_attention
-
-
-@dataclasses.dataclass(frozen=True)
-class SparsityRow:
-  """One line of the sparsity table (means over all rows and trials)."""
-
-  n: int
-  d: int
-  sigma: float
-  eps: float
-  trivial_k: int
-  mean_min_k: float
-  max_min_k: int
-  k: int
-  mean_tail_mass: float
-  mean_error: float
-  max_error: float
-  max_certified_error: float
-
-
-@functools.partial(jax.jit, static_argnames=("n", "d", "eps", "k", "trials"))
-def _measure(key, sigma, *, n, d, eps, k, trials):
-  def one(key):
-    kx, kw = jax.random.split(key)
-    x = sample_inputs(kx, n=n, d=d, sigma=sigma)
-    w = sample_weights(kw, d=d, head_dim=d)
-    q, kk, v = project(x, w)
-    p = attention_weights(q, kk)[0]  # [n, n], one head
-    mk = min_sparse_k(p, eps=eps)
-    dec = topk_error_decomposition(p, v[:, 0, :], k=k)
-    _, stats = topk_attention(q, kk, v, k=k, return_stats=True)
-    return mk, dec.tail_mass, dec.error, stats.error_bound[:, 0]
-
-  mk, t, err, cert = jax.vmap(one)(jax.random.split(key, trials))
-  return (jnp.mean(mk), jnp.max(mk), jnp.mean(t), jnp.mean(err), jnp.max(err), jnp.max(cert))
-
-
-def sparsity_table(
-  key: jax.Array,
-  *,
-  ns=(256, 1024),
-  ds=(16, 64),
-  sigmas=(1.0, 2.0, 3.0),
-  eps: float = 0.01,
-  k: int = 32,
-  trials: int = 4,
-) -> list[SparsityRow]:
-  """Measures sparsity and top-k error on fresh Gaussian draws at each grid point."""
-  rows = []
-  for n in ns:
-    for d in ds:
-      for sigma in sigmas:
-        key, sub = jax.random.split(key)
-        mean_k, max_k, t, err, max_err, cert = _measure(
-          sub, sigma, n=n, d=d, eps=eps, k=k, trials=trials
-        )
-        rows.append(
-          SparsityRow(
-            n,
-            d,
-            sigma,
-            eps,
-            int(1 / eps),
-            float(mean_k),
-            int(max_k),
-            k,
-            float(t),
-            float(err),
-            float(max_err),
-            float(cert),
-          )
-        )
-  return rows
-
-
-def format_table(rows: list[SparsityRow]) -> str:
-  """Markdown table of `sparsity_table` rows."""
-  head = (
-    "| n | d | sigma | eps | trivial k | mean min k | max min k | k | mean tail mass "
-    "| mean error | max error | max certified error |"
-  )
-  sep = "|" + "---|" * 12
-  lines = [head, sep]
-  for r in rows:
-    lines.append(
-      f"| {r.n} | {r.d} | {r.sigma:g} | {r.eps:g} | {r.trivial_k} | {r.mean_min_k:.1f} "
-      f"| {r.max_min_k} | {r.k} | {r.mean_tail_mass:.3g} | {r.mean_error:.3g} "
-      f"| {r.max_error:.3g} | {r.max_certified_error:.3g} |"
-    )
-  return "\n".join(lines)
-
+from gsparse import _theory, sweep
 
 # ----------------------------------------------------------------------------
 # The default report: one sweep, four figures, a Markdown summary.
@@ -134,8 +44,6 @@ class ReportConfig:
     growth_a: the n^C figure uses tau = growth_a * sqrt(2 ln n).
     fixed_k: the fixed window of the n^C figure.
     alpha, C: the adaptive window k = alpha n^C.
-    table_trials, table_ns, table_ds: trials and grid of the sparsity table
-      (fresh weights per draw, sigma in {1, 2}).
   """
 
   d: int = 32
@@ -170,9 +78,6 @@ class ReportConfig:
   fixed_k: int = 8
   alpha: float = 1.0
   C: float = 0.5
-  table_trials: int = 4
-  table_ns: tuple[int, ...] = (256,)
-  table_ds: tuple[int, ...] = (16,)
 
   @classmethod
   def small(cls) -> ReportConfig:
@@ -189,9 +94,6 @@ class ReportConfig:
       phase_ns=(32, 128),
       phase_taus=(0.5, 2.0, 4.0),
       fixed_k=2,
-      table_trials=1,
-      table_ns=(64,),
-      table_ds=(8,),
     )
 
 
@@ -207,8 +109,6 @@ def report_points(config: ReportConfig):
     `(points, part)`: sweep parameter columns and a `[P]` array of labels
     "sparsity", "error", "phase", "fixed" or "power".
   """
-  from gsparse import _theory
-
   c = config
   cols = {p: [] for p in ("n", "d", "sigma", "weight_scale", "k", "eps")}
   part = []
@@ -239,15 +139,107 @@ def report_points(config: ReportConfig):
   return cols, np.asarray(part)
 
 
+# The parts whose figures and summary lines use each theorem: Theorem 1 (`bound_k`)
+# is drawn against the sparsity points, Theorem 2 (`bound_error`, `bound_tail`)
+# against the error-vs-k and n^C points. The phase diagram uses neither.
+_THEOREM_1_PARTS = ("sparsity",)
+_THEOREM_2_PARTS = ("error", "fixed", "power")
+
+
+def measure(
+  key: jax.Array,
+  config: ReportConfig | None = None,
+  *,
+  progress: bool = True,
+  on_phase: Callable[[str, str], None] | None = None,
+) -> tuple[sweep.SweepTable, np.ndarray]:
+  """The report's measurements: its sweep plus the bounds of Theorems 1 and 2.
+
+  Args:
+    key: PRNG key of the Monte Carlo draws.
+    config: what to measure; default `ReportConfig()`.
+    progress: print the sweep's progress line to stderr.
+    on_phase: called as `on_phase(name, description)` when the "sweep" and
+      the "bounds" phase start (the report prints them).
+
+  Returns:
+    `(table, part)`: a `SweepTable` with one row per point of
+    `report_points(config)` and the `[P]` part labels. Besides the measured
+    columns of `gsparse.sweep` it has `bound_k` (Theorem 1) at the
+    "sparsity" points and `bound_error`, `bound_tail` (Theorem 2) at the
+    "error", "fixed" and "power" points, NaN elsewhere: the bounds are
+    evaluated where the report shows them. Without `gsparse.bounds` the
+    bound columns are left out.
+  """
+  config = ReportConfig() if config is None else config
+  on_phase = on_phase or (lambda name, description: None)
+  points, part = report_points(config)
+  on_phase(
+    "sweep",
+    f"sweep: {len(part)} points, {config.trials} draws x {config.rows} rows each, "
+    f"n up to {max(points['n'])}",
+  )
+  one = np.isin(part, _THEOREM_1_PARTS)
+  two = np.isin(part, _THEOREM_2_PARTS)
+  table = sweep.run_sweep(
+    points, key=key, trials=config.trials, rows=config.rows, progress=progress
+  )
+  on_phase(
+    "bounds",
+    f"bounds: Theorem 1 at {int(one.sum())} points, Theorem 2 at {int(two.sum())} points",
+  )
+  k = _theory.sparsity_k(table.where(one), delta=config.delta)
+  err, tail = _theory.topk_error(table.where(two), delta=config.delta)
+  cols = {c: np.full(len(table), np.nan) for c in ("bound_k", "bound_error", "bound_tail")}
+  cols["bound_k"][one] = k
+  cols["bound_error"][two], cols["bound_tail"][two] = err, tail
+  return sweep.SweepTable({**table.columns, **cols}), part
+
+
+class _Phases:
+  """One progress line per phase of the report on stderr, with the time since the start."""
+
+  def __init__(self, total: int, enabled: bool):
+    self.total, self.enabled = total, enabled
+    self.start = time.perf_counter()
+    self.count = 0
+    self.seconds: dict[str, float] = {}
+    self._name, self._since = None, self.start
+
+  def elapsed(self) -> float:
+    return time.perf_counter() - self.start
+
+  def _close(self) -> None:
+    if self._name is not None:
+      self.seconds[self._name] = time.perf_counter() - self._since
+
+  def begin(self, name: str, what: str) -> None:
+    """Ends the running phase and starts `name`; prints `what` is being done."""
+    self._close()
+    self.count += 1
+    self._name, self._since = name, time.perf_counter()
+    self._print(f"{self.count}/{self.total} {what}")
+
+  def end(self, what: str) -> None:
+    self._close()
+    self._name = None
+    self._print(what)
+
+  def _print(self, text: str) -> None:
+    if self.enabled:
+      print(f"report [{self.elapsed():6.1f} s] {text}", file=sys.stderr, flush=True)
+
+
 @dataclasses.dataclass(frozen=True)
 class ReportResult:
-  """What `build_report` wrote."""
+  """What `build_report` wrote, and how long each phase took."""
 
   out_dir: str
   summary: str
   figures: tuple[str, ...]
   csv: str
   seconds: float
+  phase_seconds: dict[str, float]
 
 
 def build_report(
@@ -259,53 +251,41 @@ def build_report(
 ) -> ReportResult:
   """Runs the report's sweep and writes `summary.md`, `sweep.csv` and PNG figures.
 
+  Needs matplotlib (`pip install 'gsparse-jax[report]'`).
+
   Args:
     key: PRNG key.
     out_dir: folder to write into (created).
-    config: what to measure; default `ReportConfig()` (the full default sweep).
-    progress: print progress to stderr.
+    config: what to measure; default `ReportConfig()`.
+    progress: print a line to stderr as each phase starts (with the time
+      since the start) and the sweep's progress line.
 
   Returns:
-    A `ReportResult` with the paths written.
+    A `ReportResult` with the paths written and the seconds of each phase.
   """
-  import os
-  import time
-
-  from gsparse import _theory, figures, sweep
+  from gsparse import figures  # imports matplotlib
 
   config = ReportConfig() if config is None else config
+  phases = _Phases(4, progress)
+  table, part = measure(key, config, progress=progress, on_phase=phases.begin)
   os.makedirs(out_dir, exist_ok=True)
-  start = time.perf_counter()
-  points, part = report_points(config)
-  k_sweep, k_table = jax.random.split(key)
-  table = sweep.run_sweep(
-    points, key=k_sweep, trials=config.trials, rows=config.rows, progress=progress
-  )
-  sweep_s = time.perf_counter() - start
-  table = _theory.with_bound_columns(table, delta=config.delta)
   csv_path = os.path.join(out_dir, "sweep.csv")
   sweep.SweepTable({**table.columns, "part": part}).to_csv(csv_path)
+  phases.begin("figures", f"figures: 4 PNG files into {out_dir}")
   figs = figures.report_figures(table, part, config, out_dir)
-  legacy = sparsity_table(
-    k_table,
-    ns=(256,),
-    ds=(16,),
-    sigmas=(1.0, 2.0),
-    eps=config.eps,
-    k=config.k,
-    trials=config.table_trials,
-  )
-  seconds = time.perf_counter() - start
+  phases.begin("summary", "summary: summary.md")
   text = figures.summary_markdown(
     table,
     part,
     config,
     figs,
-    legacy_table=format_table(legacy),
-    sweep_seconds=sweep_s,
-    total_seconds=seconds,
+    phase_seconds=dict(phases.seconds),
+    total_seconds=phases.elapsed(),
   )
   summary = os.path.join(out_dir, "summary.md")
   with open(summary, "w") as f:
     f.write(text)
-  return ReportResult(out_dir, summary, tuple(figs.values()), csv_path, seconds)
+  phases.end("done")
+  return ReportResult(
+    out_dir, summary, tuple(figs.values()), csv_path, phases.elapsed(), dict(phases.seconds)
+  )
