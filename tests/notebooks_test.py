@@ -34,6 +34,7 @@ _SAVED_SMALL = {
   "01_sparsity_explorer": False,
   "02_bounds_vs_monte_carlo": True,
   "03_flax_sparse_attention": False,
+  "04_model_atlas": True,
 }
 _MAX_BYTES = 1_500_000
 

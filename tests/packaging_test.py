@@ -121,6 +121,7 @@ def test_cli_modules_import_together_without_defining_flags():
   code = (
     "import importlib, pkgutil\n"
     "from absl import app, flags, logging  # these define absl's own flags\n"
+    "import orbax.checkpoint  # defines orbax's own flags (gsparse.train uses it)\n"
     "import gsparse.cli\n"
     "before = set(flags.FLAGS)\n"
     "names = [m.name for m in pkgutil.walk_packages(gsparse.cli.__path__, 'gsparse.cli.')]\n"

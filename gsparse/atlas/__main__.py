@@ -1,22 +1,6 @@
-"""`python -m gsparse.atlas --checkpoint WORKDIR --text FILE --out DIR` (`gsparse.atlas.cli`)."""
+"""`python -m gsparse.atlas`: the `gsparse-atlas` command (`gsparse.cli.atlas`)."""
 
-from absl import app, flags
-
-from gsparse.atlas import cli
-
-
-def main(argv):
-  if len(argv) > 1:
-    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
-  print(cli.main(flags.FLAGS))
-
-
-def run():
-  """Console entry point (`gsparse-atlas`)."""
-  cli.define_flags()
-  flags.adopt_module_key_flags(cli)
-  app.run(main)
-
+from gsparse.cli.atlas import run
 
 if __name__ == "__main__":
   run()
