@@ -14,7 +14,7 @@ probability <= 1e-4 and the whole test (8 settings x 2 statistics) with
 probability <= 1.6e-3 (union bound; the seed is fixed, so the outcome is
 reproducible). delta in {0.1, 0.3}: a wrong constant shows up as violations.
 `python tests/bounds_value_test.py` prints the tightness table of
-docs/bounds_verification.md ("Value factor (Lemma V)").
+docs/results/2026-11-30-value-factor-cpu.md.
 """
 
 from __future__ import annotations
@@ -137,7 +137,7 @@ def _table():
   rows = _run(_SETTINGS, jax.random.key(1919))
   print(
     "| M | tau | k | delta | violations row 0 / all rows (allowed) | V(delta/n) / obs."
-    " median (min, max) | 2 max ||v_j|| / obs. median | gain median |"
+    " median (min, max) | 2 max_j norm(v_j) / obs. median | gain median |"
   )
   print("|---|---|---|---|---|---|---|---|")
   for (kind, tau, k, delta), gap, vf_row, vf_all, vmax in rows:
