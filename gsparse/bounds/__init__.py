@@ -23,6 +23,8 @@ Public pieces (each proven in docs/theory.md):
 * The n^C view: `power_law_k`, `power_law_error_bound`,
   `predicted_tail_mass`, `predicted_effective_support`, `rem_boundaries`,
   `rem_regime`, and the proven converse `head_mass_exceeds_prob` (Theorem R1).
+* `value_factor_bound` and `row_value_error_bound` (Lemma V): the value factor
+  from isotropy, given the row's scores, replacing `2 max_j ||v_j||`.
 * `rank_layers_by_sparsity`: which layers are sparsest, from their weights.
 
 The deterministic certificate (fact 4) lives in `gsparse.certificate` and is
@@ -67,6 +69,7 @@ from gsparse.bounds.sparsity import (
   sparsity_eps_bound,
 )
 from gsparse.bounds.tau import TauRange, tau_range
+from gsparse.bounds.value import RowValueBound, row_value_error_bound, value_factor_bound
 from gsparse.certificate import output_error_certificate, tail_mass_certificate
 
 __all__ = [
@@ -75,6 +78,7 @@ __all__ = [
   "InteractionNorms",
   "LayerRanking",
   "RemBoundaries",
+  "RowValueBound",
   "SparsityBound",
   "SparsityEpsBound",
   "TauRange",
@@ -96,10 +100,12 @@ __all__ = [
   "rem_regime",
   "row_sparsity_bound",
   "row_tail_bound",
+  "row_value_error_bound",
   "sparsity_bound",
   "sparsity_eps_bound",
   "tail_mass_certificate",
   "tau_range",
   "topk_error_bound",
+  "value_factor_bound",
   "value_norm_bound",
 ]
