@@ -39,9 +39,14 @@ def float_from_sortable(key: jax.Array) -> jax.Array:
 
 
 def _xla_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  # The barrier keeps XLA's TopK op (see `top_k`).
-  vals, idx = jax.lax.optimization_barrier(tuple(jax.lax.top_k(x, k)))
-  return vals, idx
+  # The barrier keeps XLA's TopK op (see `top_k`). It holds the indices only:
+  # a barrier on the (values, indices) pair aborts XLA inside a fully manual
+  # `shard_map` (it folds the pair back into TopK's own tuple). The values are
+  # gathered back from `x`, which also keeps the barrier out of
+  # differentiation (older jax has no derivative rule for it).
+  _, idx = jax.lax.top_k(jax.lax.stop_gradient(x), k)
+  idx = jax.lax.optimization_barrier(idx)
+  return jnp.take_along_axis(x, idx, axis=-1), idx
 
 
 def _native_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -88,6 +93,7 @@ def top_k_or(x: jax.Array, k: int, default) -> tuple[jax.Array, jax.Array]:
     and 1 <= k <= n < 2**31
     and jax.default_backend() == "cpu"
     and _native.available()
+    and _native.usable_for(x)
   ):
     return jax.lax.platform_dependent(x, cpu=lambda x: _native_top_k(x, k), default=default)
   return default(x)
