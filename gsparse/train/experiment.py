@@ -6,9 +6,12 @@ bits-per-byte at every evaluation, and at the end, per layer, the measured
 attention sparsity, the certificate tail mass and the weight-norm ranking
 with its Spearman correlation to the measured sparsity.
 
-Data parallelism: a 1-D mesh over all local devices, the batch axis sharded
-over it, parameters and optimizer state replicated; the same code runs on
-CPU, GPU and TPU. The global batch must be divisible by the device count.
+Data and head parallelism: a `gsparse.sharding.make_mesh` mesh over all local
+devices, "data" x "heads" (`mesh_heads` devices on the heads axis, 1 by
+default: pure data parallelism). The batch is split over "data"; the
+attention projections (and their optimizer moments) are split by head over
+"heads", every other parameter replicated. The same code runs on CPU, GPU and
+TPU. The global batch must be divisible by the data axis.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gsparse import sharding
 from gsparse.train import data as data_lib
 from gsparse.train import rank
 from gsparse.train.model import AttentionSpec, MeasureSpec, ModelConfig, TransformerLM, layer_specs
@@ -52,7 +56,7 @@ class TrainConfig:
     sparse: the sparse policy's parameters (its `kind` is set by `variant`).
     measure: eps and k of the end-of-training sparsity measurement.
     seq_len: tokens (bytes) per sequence.
-    batch_size: global batch (divisible by the local device count).
+    batch_size: global batch (divisible by the mesh's data axis).
     steps: optimizer steps.
     learning_rate: peak AdamW learning rate (linear warmup, cosine decay).
     warmup_steps: warmup length.
@@ -67,6 +71,8 @@ class TrainConfig:
     log_every: steps between progress lines.
     max_train_bytes: cap on the training stream.
     max_validation_bytes: cap on the validation stream.
+    mesh_heads: devices on the mesh's heads axis (head parallelism); must
+      divide the local device count and `model.num_heads`.
   """
 
   variant: str = "dense"
@@ -89,11 +95,20 @@ class TrainConfig:
   log_every: int = 10
   max_train_bytes: int = 4_000_000
   max_validation_bytes: int = 400_000
+  mesh_heads: int = 1
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
       raise ValueError(f"variant={self.variant!r} must be one of {VARIANTS}")
-    for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "log_every"):
+    for name in (
+      "seq_len",
+      "batch_size",
+      "steps",
+      "eval_every",
+      "eval_batches",
+      "log_every",
+      "mesh_heads",
+    ):
       v = getattr(self, name)
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"{name}={v!r} must be an int >= 1")
@@ -174,6 +189,7 @@ def make_steps(model: TransformerLM, optimizer, mesh: Mesh):
   """
   repl = NamedSharding(mesh, P())
   batch_sh = NamedSharding(mesh, P("data"))
+  state_sh = None  # the state keeps the sharding it is placed with (run_training)
 
   def loss_fn(params, batch):
     logits = model.apply(params, batch[:, :-1])
@@ -191,9 +207,9 @@ def make_steps(model: TransformerLM, optimizer, mesh: Mesh):
     return jnp.sum(nats), nats.size, inter["intermediates"]
 
   train = jax.jit(
-    train_step, in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0
+    train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0
   )
-  evaluate = jax.jit(eval_step, in_shardings=(repl, batch_sh), out_shardings=repl)
+  evaluate = jax.jit(eval_step, in_shardings=(state_sh, batch_sh), out_shardings=repl)
   return train, evaluate
 
 
@@ -203,11 +219,10 @@ def _optimizer_key(config: TrainConfig) -> tuple:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_steps(model_cfg, specs, measure, opt_key, devices):
+def _compiled_steps(model_cfg, specs, measure, opt_key, mesh):
   """(model, train_step, eval_step), cached so that repeated runs of one
   configuration (resumption, several seeds) reuse the compiled functions."""
   model = TransformerLM(model_cfg, specs, measure)
-  mesh = Mesh(np.array(devices), ("data",))
   return model, *make_steps(model, make_optimizer(**dict(opt_key)), mesh)
 
 
@@ -303,12 +318,14 @@ def run_training(
       max_train_bytes=config.max_train_bytes, max_validation_bytes=config.max_validation_bytes
     )
   devices = jax.local_devices()
-  if config.batch_size % len(devices):
+  mesh = sharding.make_mesh(heads=config.mesh_heads, devices=devices)
+  sharding.check_heads(mesh, config.model.num_heads, name="mesh_heads")
+  if config.batch_size % mesh.devices.shape[0]:
     raise ValueError(
-      f"batch_size={config.batch_size} must be divisible by the {len(devices)} local devices"
+      f"batch_size={config.batch_size} must be divisible by the mesh's data axis, "
+      f"{mesh.devices.shape[0]} of the {len(devices)} local devices"
     )
-  mesh = Mesh(np.array(devices), ("data",))
-  repl, batch_sh = NamedSharding(mesh, P()), NamedSharding(mesh, P("data"))
+  batch_sh = NamedSharding(mesh, P("data"))
   optimizer = make_optimizer(**dict(_optimizer_key(config)))
   num_layers = config.model.num_layers
 
@@ -318,7 +335,7 @@ def run_training(
       layer_attention(config, sparse_layers),
       config.measure,
       _optimizer_key(config),
-      tuple(devices),
+      mesh,
     )
 
   # Attention functions have no parameters: initialise through the dense model.
@@ -341,7 +358,7 @@ def run_training(
         raise ValueError(f"checkpoint in {wd} was written by a different config")
       state, log = restored, meta["log"]
       say(f"resumed from {wd} at step {int(state['step'])}")
-  state = jax.device_put(state, repl)
+  state = jax.device_put(state, sharding.head_parallel_shardings(state, mesh))
   step = int(jax.device_get(state["step"]))
   select_at = config.resolved_select_step if config.variant == "select" else None
   sparse_layers = log["sparse_layers"]
