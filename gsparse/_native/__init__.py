@@ -166,5 +166,6 @@ def topk_indices(x: jax.Array, k: int) -> jax.Array:
   # Rows are independent, so a vmapped call is the same kernel on more rows.
   call = jax.ffi.ffi_call(_TARGET, out, vmap_method="broadcast_all")
   idx = call(x, k=np.int64(k))
-  axes = _varying_axes(x)
-  return _mark_varying(idx, axes) if axes else idx
+  # Some jax versions type the result like its input already, others not.
+  missing = tuple(a for a in _varying_axes(x) if a not in _varying_axes(idx))
+  return _mark_varying(idx, missing) if missing else idx
