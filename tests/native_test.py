@@ -122,10 +122,17 @@ def test_exact_selection_uses_the_kernel_and_agrees_with_block_search():
   auto = ExactSelection(query_chunk=128)
   blocks = ExactSelection(query_chunk=128, key_block=8)
   run = lambda cfg: jax.jit(  # noqa: E731
-    lambda q, k, v: gsparse.topk_attention(q, k, v, k=16, selection=cfg, is_causal=True)
+    lambda q, k, v: gsparse.topk_attention(
+      q, k, v, k=16, selection=cfg, is_causal=True, return_stats=True
+    )
   )
   assert "gsparse_topk_f32" in run(auto).lower(q, k, v).as_text()
-  np.testing.assert_array_equal(run(auto)(q, k, v), run(blocks)(q, k, v))
+  (out_a, stats_a), (out_b, stats_b) = run(auto)(q, k, v), run(blocks)(q, k, v)
+  # The same keys, exactly. The outputs come from two compiled programs: on
+  # jax 0.6-0.10.0 XLA rounds them differently in the last bit (bitwise equal
+  # on jax 0.10.2).
+  np.testing.assert_array_equal(stats_a.indices, stats_b.indices)
+  np.testing.assert_allclose(out_a, out_b, rtol=1e-5, atol=1e-6)
 
 
 def _env():
