@@ -163,12 +163,19 @@ def attention_spec(mesh: Mesh | None = None) -> PartitionSpec:
   return PartitionSpec(DATA_AXIS, None, HEADS_AXIS, None)
 
 
-def check_heads(mesh: Mesh, num_heads: int, *, name: str = "heads") -> None:
-  """Raises ValueError naming `name` if the heads axis of `mesh` does not divide `num_heads`."""
-  size = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)).get(HEADS_AXIS, 1)
-  if num_heads % size:
+def check_heads(mesh: Mesh | int, num_heads: int, *, name: str = "heads") -> None:
+  """Raises ValueError naming `name` if the heads axis does not divide `num_heads`.
+
+  Args:
+    mesh: a `make_mesh` mesh, or the size of its heads axis.
+    num_heads: the number of attention heads (check key/value heads too).
+    name: the argument the heads axis size came from, for the message.
+  """
+  if isinstance(mesh, Mesh):
+    mesh = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)).get(HEADS_AXIS, 1)
+  if num_heads % mesh:
     raise ValueError(
-      f"{name}={size} (the mesh's '{HEADS_AXIS}' axis) must divide the number of "
+      f"{name}={mesh} (the mesh's '{HEADS_AXIS}' axis) must divide the number of "
       f"attention heads, {num_heads}"
     )
 

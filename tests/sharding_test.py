@@ -149,6 +149,25 @@ def test_make_mesh_and_head_checks():
   with pytest.raises(ValueError, match=r"mesh_heads=2 \(the mesh's 'heads' axis\) must divide"):
     sharding.check_heads(two, 3, name="mesh_heads")
   sharding.check_heads(two, 4, name="mesh_heads")
+  with pytest.raises(ValueError, match=r"mesh_heads=3 \(the mesh's 'heads' axis\) must divide"):
+    sharding.check_heads(3, 4, name="mesh_heads")
+
+
+def test_training_rejects_mesh_heads_not_dividing_heads():
+  from gsparse.train import data as data_lib
+  from gsparse.train.experiment import run_training
+  from tests.train_test import tiny_config
+
+  tiny = np.zeros(4096, np.uint8)
+  corpus = data_lib.ByteCorpus(
+    train=tiny, validation=tiny, train_files=(), validation_files=(), root=""
+  )
+  with pytest.raises(
+    ValueError, match="mesh_heads=3 .* must divide the number of attention heads, 2"
+  ):
+    run_training(tiny_config("dense", mesh_heads=3), corpus=corpus)
+  with pytest.raises(ValueError, match="mesh_heads=0 must be an int >= 1"):
+    tiny_config("dense", mesh_heads=0)
 
 
 def test_shard_batch_checks_divisibility():

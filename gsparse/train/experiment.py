@@ -318,8 +318,8 @@ def run_training(
       max_train_bytes=config.max_train_bytes, max_validation_bytes=config.max_validation_bytes
     )
   devices = jax.local_devices()
+  sharding.check_heads(config.mesh_heads, config.model.num_heads, name="mesh_heads")
   mesh = sharding.make_mesh(heads=config.mesh_heads, devices=devices)
-  sharding.check_heads(mesh, config.model.num_heads, name="mesh_heads")
   if config.batch_size % mesh.devices.shape[0]:
     raise ValueError(
       f"batch_size={config.batch_size} must be divisible by the mesh's data axis, "
