@@ -39,9 +39,14 @@ def float_from_sortable(key: jax.Array) -> jax.Array:
 
 
 def _xla_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  # The barrier keeps XLA's TopK op (see `top_k`).
-  vals, idx = jax.lax.optimization_barrier(tuple(jax.lax.top_k(x, k)))
-  return vals, idx
+  # The barrier keeps XLA's TopK op (see `top_k`). It holds the indices only:
+  # a barrier on the (values, indices) pair aborts XLA inside a fully manual
+  # `shard_map` (it folds the pair back into TopK's own tuple). The values are
+  # gathered back from `x`, which also keeps the barrier out of
+  # differentiation (older jax has no derivative rule for it).
+  _, idx = jax.lax.top_k(jax.lax.stop_gradient(x), k)
+  idx = jax.lax.optimization_barrier(idx)
+  return jnp.take_along_axis(x, idx, axis=-1), idx
 
 
 def _native_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -67,8 +72,13 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   as a sort followed by slices and turns it back into its TopK op only when
   the slices have the expected form; when the caller uses a column of the
   values (the (k+1)-th logit, say) it stays a full comparator sort of every
-  row instead of a partial sort. The barrier has batching and differentiation rules, so
-  vmap and grad are unaffected.
+  row instead of a partial sort. The barrier holds the indices; the values are read
+  back from `x` at them (the same bits), so they carry `x`'s gradient and
+  the barrier is never differentiated.
+
+  Both routes work inside `jax.shard_map` (the rows of each device's block
+  are independent) and under `jax.jit` with sharded inputs, as long as the
+  last axis is not split over devices.
   """
   return top_k_or(x, k, lambda x: _xla_top_k(x, k))
 
@@ -88,6 +98,7 @@ def top_k_or(x: jax.Array, k: int, default) -> tuple[jax.Array, jax.Array]:
     and 1 <= k <= n < 2**31
     and jax.default_backend() == "cpu"
     and _native.available()
+    and _native.usable_for(x)
   ):
     return jax.lax.platform_dependent(x, cpu=lambda x: _native_top_k(x, k), default=default)
   return default(x)

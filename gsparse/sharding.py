@@ -1,5 +1,12 @@
 """Spreading batched work over several devices with `jax.sharding`.
 
+Two meshes: `batch_mesh` (1-D, for sweeps and batched attention) and
+`make_mesh` (2-D, "data" x "heads", for training: data parallel plus head
+parallel). `attention_spec` is the `PartitionSpec` of `[batch, seq, heads,
+dim]` activations on the 2-D mesh; `topk_attention` runs under `jax.shard_map`
+with it, and under `jax.jit` with `NamedSharding(mesh, attention_spec(mesh))`
+inputs (docs/sharding.md).
+
 gsparse's batched computations (a parameter sweep, attention over a batch) are
 independent along one leading axis. Placing that axis on a 1-D device mesh
 with a `NamedSharding` lets `jax.jit` partition the computation with no code
@@ -27,6 +34,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 BATCH_AXIS = "batch"
+DATA_AXIS = "data"
+HEADS_AXIS = "heads"
 
 
 def batch_mesh(devices: Sequence[jax.Device] | None = None, *, axis_name: str = BATCH_AXIS) -> Mesh:
@@ -88,3 +97,143 @@ def shard_batch(tree: Any, mesh: Mesh | None = None, *, axis: int = 0) -> Any:
     return jax.device_put(x, batch_sharding(mesh, x.ndim, axis=axis))
 
   return jax.tree.map(put, tree)
+
+
+def _positive_int(value: Any, name: str) -> int:
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+    raise TypeError(f"{name} must be an int, got {value!r}")
+  if value < 1:
+    raise ValueError(f"{name} must be >= 1, got {value}")
+  return int(value)
+
+
+def make_mesh(
+  *,
+  data: int | None = None,
+  heads: int = 1,
+  devices: Sequence[jax.Device] | None = None,
+) -> Mesh:
+  """A 2-D `("data", "heads")` mesh: data parallel times head parallel.
+
+  On a TPU pod slice `make_mesh(heads=4)` puts 4 chips on the heads axis and
+  the rest on the data axis. The axes are `Auto` (jit's partitioner places
+  the work; `jax.shard_map` makes them manual inside its body).
+
+  Args:
+    data: size of the data axis (default: `len(devices) // heads`).
+    heads: size of the heads axis; must divide the number of attention heads
+      (and key/value heads) of whatever runs on the mesh (`check_heads`).
+    devices: the devices (default: all devices of the default backend);
+      exactly `data * heads` of them.
+
+  Returns:
+    A `jax.sharding.Mesh` with axes `("data", "heads")`.
+  """
+  devices = list(jax.devices() if devices is None else devices)
+  heads = _positive_int(heads, "heads")
+  if data is None:
+    if len(devices) % heads:
+      raise ValueError(f"heads={heads} must divide the number of devices, {len(devices)}")
+    data = len(devices) // heads
+  data = _positive_int(data, "data")
+  if data * heads != len(devices):
+    raise ValueError(
+      f"data * heads = {data} * {heads} must equal the number of devices, {len(devices)}"
+    )
+  shape, names = (data, heads), (DATA_AXIS, HEADS_AXIS)
+  axis_type = getattr(jax.sharding, "AxisType", None)
+  try:  # jax's own device order follows the physical topology (TPU torus)
+    if axis_type is not None:
+      return jax.make_mesh(shape, names, axis_types=(axis_type.Auto,) * 2, devices=devices)
+    return jax.make_mesh(shape, names, devices=devices)
+  except (TypeError, ValueError, AttributeError):  # older jax: plain row-major order
+    return Mesh(np.asarray(devices).reshape(shape), names)
+
+
+def attention_spec(mesh: Mesh | None = None) -> PartitionSpec:
+  """`PartitionSpec` of `[batch, seq, heads, dim]` arrays on a `make_mesh` mesh.
+
+  Batch over "data", heads over "heads", sequence and feature whole: every
+  device holds all keys of its heads, which is what top-k selection needs.
+  """
+  if mesh is not None and not {DATA_AXIS, HEADS_AXIS} <= set(mesh.axis_names):
+    raise ValueError(
+      f"mesh must have axes {(DATA_AXIS, HEADS_AXIS)} (see make_mesh), got {mesh.axis_names}"
+    )
+  return PartitionSpec(DATA_AXIS, None, HEADS_AXIS, None)
+
+
+def check_heads(mesh: Mesh | int, num_heads: int, *, name: str = "heads") -> None:
+  """Raises ValueError naming `name` if the heads axis does not divide `num_heads`.
+
+  Args:
+    mesh: a `make_mesh` mesh, or the size of its heads axis.
+    num_heads: the number of attention heads (check key/value heads too).
+    name: the argument the heads axis size came from, for the message.
+  """
+  if isinstance(mesh, Mesh):
+    mesh = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True)).get(HEADS_AXIS, 1)
+  if num_heads % mesh:
+    raise ValueError(
+      f"{name}={mesh} (the mesh's '{HEADS_AXIS}' axis) must divide the number of "
+      f"attention heads, {num_heads}"
+    )
+
+
+# Flax linen `MultiHeadDotProductAttention` parameters and the axis of each
+# that indexes heads: query/key/value kernels [features, heads, head_dim] and
+# biases [heads, head_dim]; the output kernel [heads, head_dim, features].
+_HEAD_AXIS = {
+  ("query", "kernel"): 1,
+  ("key", "kernel"): 1,
+  ("value", "kernel"): 1,
+  ("query", "bias"): 0,
+  ("key", "bias"): 0,
+  ("value", "bias"): 0,
+  ("out", "kernel"): 0,
+}
+
+
+def _path_names(path) -> tuple[str, ...]:
+  return tuple(str(getattr(p, "key", getattr(p, "name", p))) for p in path)
+
+
+def head_parallel_shardings(tree: Any, mesh: Mesh) -> Any:
+  """`NamedSharding`s that split the attention parameters of `tree` by head.
+
+  Head parallelism (Megatron style) for flax linen
+  `MultiHeadDotProductAttention`: the query/key/value projections and the
+  output projection are split along their heads axis over the mesh's "heads"
+  axis, every other leaf is replicated. Given parameters placed so, `jax.jit`
+  computes each device's heads only (queries, keys and values come out split
+  by head, so does top-k attention) and sums the output projection over the
+  heads axis. Optimizer states that mirror the parameter tree (Adam's moments)
+  match the same paths and are split the same way.
+
+  Args:
+    tree: a pytree of arrays or `jax.ShapeDtypeStruct`s (parameters, a
+      training state).
+    mesh: a `make_mesh` mesh.
+
+  Returns:
+    A pytree of `NamedSharding`s with the structure of `tree`.
+  """
+  sizes = dict(zip(mesh.axis_names, mesh.devices.shape, strict=True))
+  heads = sizes.get(HEADS_AXIS, 1)
+
+  def spec(path, leaf):
+    names = _path_names(path)
+    axis = _HEAD_AXIS.get(names[-2:]) if len(names) >= 2 else None
+    ndim = len(getattr(leaf, "shape", ()))
+    if heads == 1 or axis is None or axis >= ndim:
+      return NamedSharding(mesh, PartitionSpec())
+    if leaf.shape[axis] % heads:
+      raise ValueError(
+        f"mesh heads axis of size {heads} must divide the {leaf.shape[axis]} heads of "
+        f"parameter {'/'.join(names)} (shape {leaf.shape})"
+      )
+    parts = [None] * ndim
+    parts[axis] = HEADS_AXIS
+    return NamedSharding(mesh, PartitionSpec(*parts))
+
+  return jax.tree_util.tree_map_with_path(spec, tree)

@@ -14,6 +14,7 @@ import textwrap
 import jax
 import numpy as np
 import pytest
+from jax.sharding import Mesh, PartitionSpec
 
 from gsparse import sharding
 
@@ -92,6 +93,81 @@ def test_eight_devices_match_one_and_are_sharded():
   assert out["attn_in_devices"] == 8
   spec, ndev, replicated = out["attn_out_sharding"]
   assert "batch" in spec and ndev == 8 and not replicated, out
+
+
+def _run_checks(*args):
+  """Runs tests/multidevice_checks.py on 4 forced host devices; returns its stdout lines."""
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = (
+    env.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=4"
+  ).strip()
+  env["JAX_PLATFORMS"] = "cpu"
+  env["PYTHONPATH"] = str(_ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+  script = str(_ROOT / "tests" / "multidevice_checks.py")
+  proc = subprocess.run(
+    [sys.executable, script, *args], env=env, capture_output=True, text=True, timeout=900, cwd=_ROOT
+  )
+  assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+  lines = proc.stdout.splitlines()
+  assert lines[-1] == "done", proc.stdout
+  return lines
+
+
+def test_topk_attention_sharded_matches_unsharded():
+  """shard_map (batch+heads, queries) and jit on NamedShardings, 4 devices: see multidevice_checks."""
+  lines = _run_checks()
+  # 4 selections under shard_map, "full" and "exact" also query-sharded and
+  # under jit; with the native kernel also "full" and "exact" on XLA's top-k.
+  assert sum(ln.startswith("ok ") for ln in lines) >= 8, lines
+
+
+@pytest.mark.slow
+def test_head_parallel_training_matches_data_parallel():
+  """The training script on a 2 x 2 (data x heads) mesh: same losses as 4 x 1."""
+  lines = _run_checks("train")
+  assert any(ln.startswith("ok training") for ln in lines), lines
+
+
+def test_make_mesh_and_head_checks():
+  n = jax.device_count()
+  mesh = sharding.make_mesh()
+  assert mesh.axis_names == ("data", "heads") and mesh.devices.shape == (n, 1)
+  assert sharding.attention_spec(mesh) == PartitionSpec("data", None, "heads", None)
+  sharding.check_heads(mesh, 3)  # a heads axis of 1 divides anything
+  with pytest.raises(ValueError, match="must equal the number of devices"):
+    sharding.make_mesh(data=n + 1, heads=1)
+  with pytest.raises(ValueError, match="heads=2 must divide the number of devices"):
+    sharding.make_mesh(heads=2, devices=jax.devices()[:1])
+  with pytest.raises(ValueError, match="heads must be >= 1"):
+    sharding.make_mesh(heads=0)
+  with pytest.raises(TypeError, match="data must be an int"):
+    sharding.make_mesh(data=1.5)
+  with pytest.raises(ValueError, match="must have axes"):
+    sharding.attention_spec(sharding.batch_mesh())
+  # A 1 x 2 mesh is only a shape here: nothing is placed on it.
+  two = Mesh(np.asarray(jax.devices()[:1] * 2).reshape(1, 2), ("data", "heads"))
+  with pytest.raises(ValueError, match=r"mesh_heads=2 \(the mesh's 'heads' axis\) must divide"):
+    sharding.check_heads(two, 3, name="mesh_heads")
+  sharding.check_heads(two, 4, name="mesh_heads")
+  with pytest.raises(ValueError, match=r"mesh_heads=3 \(the mesh's 'heads' axis\) must divide"):
+    sharding.check_heads(3, 4, name="mesh_heads")
+
+
+def test_training_rejects_mesh_heads_not_dividing_heads():
+  from gsparse.train import data as data_lib
+  from gsparse.train.experiment import run_training
+  from tests.train_test import tiny_config
+
+  tiny = np.zeros(4096, np.uint8)
+  corpus = data_lib.ByteCorpus(
+    train=tiny, validation=tiny, train_files=(), validation_files=(), root=""
+  )
+  with pytest.raises(
+    ValueError, match="mesh_heads=3 .* must divide the number of attention heads, 2"
+  ):
+    run_training(tiny_config("dense", mesh_heads=3), corpus=corpus)
+  with pytest.raises(ValueError, match="mesh_heads=0 must be an int >= 1"):
+    tiny_config("dense", mesh_heads=0)
 
 
 def test_shard_batch_checks_divisibility():

@@ -122,13 +122,50 @@ def unavailable_reason() -> str | None:
   return None if available() else str(_state.get("why"))
 
 
+def _varying_axes(x: jax.Array) -> tuple[str, ...]:
+  """The manual mesh axes (`jax.shard_map`) over which `x` varies, sorted; () outside them."""
+  typeof = getattr(jax, "typeof", None)
+  if typeof is None:
+    return ()
+  aval = typeof(x)
+  vma = getattr(aval, "vma", None)  # jax 0.6-0.9
+  if vma is None:  # jax >= 0.10: the manual axis type's `varying` set
+    vma = getattr(getattr(aval, "manual_axis_type", None), "varying", ())
+  return tuple(sorted(vma))
+
+
+def _mark_varying(y: jax.Array, axes: tuple[str, ...]) -> jax.Array:
+  pcast = getattr(jax.lax, "pcast", None)
+  if pcast is not None:
+    return pcast(y, axes, to="varying")
+  return jax.lax.pvary(y, axes)  # jax 0.6-0.7 spelling
+
+
+def usable_for(x: jax.Array) -> bool:
+  """Whether `topk_indices(x, k)` can be traced here.
+
+  Inside `jax.shard_map` a value's type records the manual mesh axes it
+  varies over; a custom call's result records none, so the result is marked
+  varying like its input. A jax that cannot mark it (neither `lax.pcast` nor
+  `lax.pvary`) leaves such calls to `jax.lax.top_k`.
+  """
+  return not _varying_axes(x) or hasattr(jax.lax, "pcast") or hasattr(jax.lax, "pvary")
+
+
 def topk_indices(x: jax.Array, k: int) -> jax.Array:
   """Indices `[..., k]` of the native top-k of float32 `x` along its last axis.
 
-  Only for a CPU computation, after `available()` returned True; the caller
-  checks `1 <= k <= x.shape[-1]`.
+  Only for a CPU computation, after `available()` and `usable_for(x)`
+  returned True; the caller checks `1 <= k <= x.shape[-1]`. Under
+  `jax.shard_map` the kernel runs on each device's block of rows, which is
+  right because rows are independent; the last axis must not be split over
+  the mesh (`topk_attention` never splits it: it is the key axis, and keys
+  are whole on every device).
   """
   out = jax.ShapeDtypeStruct(x.shape[:-1] + (k,), jax.numpy.int32)
   # Rows are independent, so a vmapped call is the same kernel on more rows.
   call = jax.ffi.ffi_call(_TARGET, out, vmap_method="broadcast_all")
-  return call(x, k=np.int64(k))
+  idx = call(x, k=np.int64(k))
+  # Some jax versions type the result like its input already, others not.
+  missing = tuple(a for a in _varying_axes(x) if a not in _varying_axes(idx))
+  return _mark_varying(idx, missing) if missing else idx

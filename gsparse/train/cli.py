@@ -133,6 +133,13 @@ def define_flags(*, with_variant: bool = True, flag_values: flags.FlagValues = f
     "max_train_bytes", 4_000_000, "Cap on training bytes read from the stdlib.", flag_values=fv
   )
   flags.DEFINE_integer(
+    "mesh_heads",
+    1,
+    "Devices on the mesh's heads axis (head parallelism; the rest split the batch). "
+    "Must divide the local device count and --num_heads.",
+    flag_values=fv,
+  )
+  flags.DEFINE_integer(
     "max_validation_bytes", 400_000, "Cap on validation bytes read from the stdlib.", flag_values=fv
   )
 
@@ -168,6 +175,7 @@ def config_from_flags(fl, *, variant: str | None = None, seed: int | None = None
     log_every=fl.log_every,
     max_train_bytes=fl.max_train_bytes,
     max_validation_bytes=fl.max_validation_bytes,
+    mesh_heads=fl.mesh_heads,
   )
 
 

@@ -6,9 +6,12 @@ bits-per-byte at every evaluation, and at the end, per layer, the measured
 attention sparsity, the certificate tail mass and the weight-norm ranking
 with its Spearman correlation to the measured sparsity.
 
-Data parallelism: a 1-D mesh over all local devices, the batch axis sharded
-over it, parameters and optimizer state replicated; the same code runs on
-CPU, GPU and TPU. The global batch must be divisible by the device count.
+Data and head parallelism: a `gsparse.sharding.make_mesh` mesh over all local
+devices, "data" x "heads" (`mesh_heads` devices on the heads axis, 1 by
+default: pure data parallelism). The batch is split over "data"; the
+attention projections (and their optimizer moments) are split by head over
+"heads", every other parameter replicated. The same code runs on CPU, GPU and
+TPU. The global batch must be divisible by the data axis.
 """
 
 from __future__ import annotations
@@ -27,11 +30,11 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from gsparse import sharding
 from gsparse.train import checkpoint as ckpt
 from gsparse.train import data as data_lib
 from gsparse.train import measures, rank
@@ -54,7 +57,7 @@ class TrainConfig:
     sparse: the sparse policy's parameters (its `kind` is set by `variant`).
     measure: eps and k of the end-of-training sparsity measurement.
     seq_len: tokens (bytes) per sequence.
-    batch_size: global batch (divisible by the local device count).
+    batch_size: global batch (divisible by the mesh's data axis).
     steps: optimizer steps.
     learning_rate: peak AdamW learning rate (linear warmup, cosine decay).
     warmup_steps: warmup length.
@@ -69,6 +72,8 @@ class TrainConfig:
     log_every: steps between progress lines.
     max_train_bytes: cap on the training stream.
     max_validation_bytes: cap on the validation stream.
+    mesh_heads: devices on the mesh's heads axis (head parallelism); must
+      divide the local device count and `model.num_heads`.
   """
 
   variant: str = "dense"
@@ -91,11 +96,20 @@ class TrainConfig:
   log_every: int = 10
   max_train_bytes: int = 4_000_000
   max_validation_bytes: int = 400_000
+  mesh_heads: int = 1
 
   def __post_init__(self):
     if self.variant not in VARIANTS:
       raise ValueError(f"variant={self.variant!r} must be one of {VARIANTS}")
-    for name in ("seq_len", "batch_size", "steps", "eval_every", "eval_batches", "log_every"):
+    for name in (
+      "seq_len",
+      "batch_size",
+      "steps",
+      "eval_every",
+      "eval_batches",
+      "log_every",
+      "mesh_heads",
+    ):
       v = getattr(self, name)
       if not isinstance(v, int) or v < 1:
         raise ValueError(f"{name}={v!r} must be an int >= 1")
@@ -178,6 +192,7 @@ def make_steps(model: TransformerLM, optimizer, mesh: Mesh):
   """
   repl = NamedSharding(mesh, P())
   batch_sh = NamedSharding(mesh, P("data"))
+  state_sh = None  # the state keeps the sharding it is placed with (run_training)
 
   def loss_fn(params, batch):
     logits = model.apply(params, batch[:, :-1])
@@ -195,9 +210,9 @@ def make_steps(model: TransformerLM, optimizer, mesh: Mesh):
     return jnp.sum(nats), nats.size, inter["intermediates"]
 
   train = jax.jit(
-    train_step, in_shardings=(repl, batch_sh), out_shardings=(repl, repl), donate_argnums=0
+    train_step, in_shardings=(state_sh, batch_sh), out_shardings=(state_sh, repl), donate_argnums=0
   )
-  evaluate = jax.jit(eval_step, in_shardings=(repl, batch_sh), out_shardings=repl)
+  evaluate = jax.jit(eval_step, in_shardings=(state_sh, batch_sh), out_shardings=repl)
   return train, evaluate
 
 
@@ -207,11 +222,10 @@ def _optimizer_key(config: TrainConfig) -> tuple:
 
 
 @functools.lru_cache(maxsize=32)
-def _compiled_steps(model_cfg, specs, measure, opt_key, devices):
+def _compiled_steps(model_cfg, specs, measure, opt_key, mesh):
   """(model, train_step, eval_step), cached so that repeated runs of one
   configuration (resumption, several seeds) reuse the compiled functions."""
   model = TransformerLM(model_cfg, specs, measure)
-  mesh = Mesh(np.array(devices), ("data",))
   return model, *make_steps(model, make_optimizer(**dict(opt_key)), mesh)
 
 
@@ -225,10 +239,18 @@ def init_state(config: TrainConfig) -> dict:
   return {"params": params, "opt_state": optimizer.init(params), "step": jnp.zeros((), jnp.int32)}
 
 
-def _abstract_state(config: TrainConfig, sharding) -> dict:
-  """`init_state(config)` as `jax.ShapeDtypeStruct`s placed with `sharding`."""
+def _abstract_state(config: TrainConfig, placement) -> dict:
+  """`init_state(config)` as `jax.ShapeDtypeStruct`s placed with `placement`.
+
+  `placement` is one `jax.sharding.Sharding` for every leaf, or a pytree of
+  them with the state's structure (`sharding.head_parallel_shardings`).
+  """
   shapes = jax.eval_shape(lambda: init_state(config))
-  return jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), shapes)
+  if isinstance(placement, jax.sharding.Sharding):
+    placement = jax.tree.map(lambda _: placement, shapes)
+  return jax.tree.map(
+    lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh), shapes, placement
+  )
 
 
 def load_params(workdir: str | os.PathLike, step: int | None = None) -> tuple[TrainConfig, Any]:
@@ -329,12 +351,16 @@ def run_training(
   say = progress or (lambda s: None)
   wd = pathlib.Path(workdir) if workdir is not None else None
   devices = jax.local_devices()
-  if config.batch_size % len(devices):
+  sharding.check_heads(config.mesh_heads, config.model.num_heads, name="mesh_heads")
+  mesh = sharding.make_mesh(heads=config.mesh_heads, devices=devices)
+  if config.batch_size % mesh.devices.shape[0]:
     raise ValueError(
-      f"batch_size={config.batch_size} must be divisible by the {len(devices)} local devices"
+      f"batch_size={config.batch_size} must be divisible by the mesh's data axis, "
+      f"{mesh.devices.shape[0]} of the {len(devices)} local devices"
     )
-  mesh = Mesh(np.array(devices), ("data",))
-  repl = NamedSharding(mesh, P())
+  # The state's placement: attention projections (and their Adam moments) split by
+  # head over the mesh's heads axis, everything else replicated.
+  state_sh = sharding.head_parallel_shardings(jax.eval_shape(lambda: init_state(config)), mesh)
   log = {
     "config": json.loads(json.dumps(config.to_dict())),
     "devices": [str(d) for d in devices],
@@ -344,7 +370,7 @@ def run_training(
     "eval": [],
   }
   with Recorder(wd, keep=keep_checkpoints, tensorboard=tensorboard) as rec:
-    state, log = rec.start(log, _abstract_state(config, repl), restart=restart)
+    state, log = rec.start(log, _abstract_state(config, state_sh), restart=restart)
     if state is None:
       state = init_state(config)
     else:
@@ -357,12 +383,11 @@ def run_training(
         max_train_bytes=config.max_train_bytes, max_validation_bytes=config.max_validation_bytes
       )
     end = config.steps if stop_at_step is None else min(stop_at_step, config.steps)
-    return _train_loop(config, jax.device_put(state, repl), log, rec, corpus, mesh, end, say)
+    return _train_loop(config, jax.device_put(state, state_sh), log, rec, corpus, mesh, end, say)
 
 
 def _train_loop(config, state, log, rec, corpus, mesh, end, say) -> dict:
   """The steps of `run_training` from `state` to `end` (long: one loop with its records)."""
-  devices = tuple(mesh.devices.flat)
   batch_sh = NamedSharding(mesh, P("data"))
   num_layers = config.model.num_layers
   step = int(jax.device_get(state["step"]))
@@ -375,7 +400,7 @@ def _train_loop(config, state, log, rec, corpus, mesh, end, say) -> dict:
       layer_attention(config, sparse_layers),
       config.measure,
       _optimizer_key(config),
-      devices,
+      mesh,
     )
 
   model, train_step, eval_step = build(sparse_layers)
