@@ -50,7 +50,7 @@ from jax.typing import ArrayLike
 from gsparse import _checks
 from gsparse.attention import compute_dtype, masked_softmax_lse
 
-IMPLEMENTATIONS = (None, "xla", "pallas")
+IMPLEMENTATIONS = (None, "xla", "masked", "pallas")
 
 
 class GatherResult(NamedTuple):
@@ -344,8 +344,7 @@ def sparse_gather_attention(
   """
   query, key, value = _checks.check_attention_inputs(query, key, value)
   indices = check_indices(indices, query.shape)
-  if scale is not None:
-    _checks.check_float_scalar("scale", scale)
+  _checks.check_scale(scale)
   if bias is not None:
     bias = _checks.check_float_array("bias", bias)
     if bias.shape != indices.shape:
@@ -353,14 +352,18 @@ def sparse_gather_attention(
   s = key.shape[-3]
   if implementation is None:
     implementation = _auto_token_implementation(query, key, value, indices.shape[-1], scale)
-  elif implementation != "masked":
-    implementation = resolve_implementation(implementation)
+  implementation = resolve_implementation(implementation)
   if implementation == "pallas":
     _check_kernel_inputs(query, key, value)
+    if query.size == 0:  # an empty grid: nothing to compute, the XLA path gives the shapes
+      implementation = "xla"
   scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
   idx = jnp.where((indices >= 0) & (indices < s), indices, -1).astype(jnp.int32)
   if not assume_unique:
     idx = dedup_indices(idx, s)
+  if bias is not None:  # a -inf bias is exactly a masked slot (never NaN from inf - inf)
+    idx = jnp.where(bias == -jnp.inf, -1, idx)
+    bias = jnp.where(bias == -jnp.inf, jnp.zeros((), bias.dtype), bias)
   if implementation == "xla":
     res = sparse_gather_attention_xla(query, key, value, idx, bias, scale, precision)
   elif implementation == "masked":
@@ -374,9 +377,18 @@ def _flatten_batch(x: jax.Array, trailing: int) -> jax.Array:
   return x.reshape((-1,) + x.shape[x.ndim - trailing :])
 
 
+def _nonempty_value(value: jax.Array) -> jax.Array:
+  """`value`, or one zero column when Hv = 0 (a kernel block cannot be empty)."""
+  if value.shape[-1]:
+    return value
+  return jnp.zeros((*value.shape[:-1], 1), value.dtype)
+
+
 def _sparse_gather_pallas(query, key, value, idx, bias, scale, block_sizes) -> GatherResult:
   from gsparse.kernels import sparse_gather as kernels
 
+  hv = value.shape[-1]
+  value = _nonempty_value(value)
   if block_sizes is None:
     block_sizes = kernels.BlockSizes()
   variant, interpret = kernels.default_variant()
@@ -397,7 +409,7 @@ def _sparse_gather_pallas(query, key, value, idx, bias, scale, block_sizes) -> G
   # that error would reach every weight.
   w = masked_softmax_lse(logits, _flatten_batch(idx, 3) >= 0)[0]
   return GatherResult(
-    out.reshape(*batch, *out.shape[1:]),
+    out.reshape(*batch, *out.shape[1:])[..., :hv],
     lse.reshape(*batch, *lse.shape[1:]),
     w.reshape(*batch, *w.shape[1:]),
   )
@@ -533,13 +545,19 @@ def block_sparse_gather_attention(
   block_indices = check_block_indices(block_indices, query.shape, block_q)
   if not isinstance(is_causal, bool):
     raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-  if scale is not None:
-    _checks.check_float_scalar("scale", scale)
+  _checks.check_scale(scale)
   if implementation is None:
     implementation = _auto_block_implementation(query, key, value, block_q, block_k, scale)
   implementation = resolve_implementation(implementation)
+  if implementation == "masked":
+    raise ValueError(
+      'implementation="masked" is token level only; block_sparse_gather_attention takes '
+      'None, "xla" or "pallas"'
+    )
   if implementation == "pallas":
     _check_kernel_inputs(query, key, value)
+    if query.size == 0:  # an empty grid: nothing to compute, the XLA path gives the shapes
+      implementation = "xla"
   scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
   nkb = -(-key.shape[-3] // block_k)
   bidx = block_indices.astype(jnp.int32)
@@ -566,7 +584,7 @@ def block_sparse_gather_attention(
     out, lse = kernels.block_gather_attention(
       _flatten_batch(query, 3),
       _flatten_batch(key, 3),
-      _flatten_batch(value, 3),
+      _flatten_batch(_nonempty_value(value), 3),
       _flatten_batch(bidx, 3),
       block_q=block_q,
       block_k=block_k,
@@ -576,6 +594,7 @@ def block_sparse_gather_attention(
       interpret=interpret,
     )
     res = BlockGatherResult(
-      out.reshape(*batch, *out.shape[1:]), lse.reshape(*batch, *lse.shape[1:])
+      out.reshape(*batch, *out.shape[1:])[..., : value.shape[-1]],
+      lse.reshape(*batch, *lse.shape[1:]),
     )
   return res if return_residuals else res.output

@@ -344,10 +344,14 @@ def _rows_logits(qc, kmat, bc, mc, row0, *, s, sp, scale, is_causal, dtype, prec
   return jnp.where(valid, logits, neg), jnp.sum(valid, axis=-1, dtype=jnp.int32)
 
 
-def _finish(vals, idx, k):
-  """top_k output `[.., kk]` -> (indices `[.., k]` with -1, next logit `[..]`)."""
+def finish_top_k(vals, idx, k):
+  """top_k output `[.., kk]` -> (indices `[.., k]` with -1, next logit `[..]`).
+
+  A slot is a key unless its logit is `-inf` (masked, or zero weight): NaN
+  logits are kept (they rank first), so a NaN reaches the output.
+  """
   kk = vals.shape[-1]
-  ok = vals > -jnp.inf
+  ok = vals != -jnp.inf
   idx = jnp.where(ok, idx, -1).astype(jnp.int32)
   if kk > k:
     nxt = jnp.where(ok[..., k], vals[..., k], -jnp.inf)
@@ -512,7 +516,7 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
       vals, idx = _top_k_or(logits, kk, by_blocks)
     else:
       vals, idx = by_blocks(logits)
-    idx, nxt = _finish(vals, idx, k)
+    idx, nxt = finish_top_k(vals, idx, k)
     if vmat is None:
       return idx, nxt, num
     # Attend with the kept logits (no second gather of the keys); autodiff of
@@ -615,7 +619,7 @@ def _block_head(q, kmat, mask, bias, *, k, scale, is_causal, cfg, precision):
       ok = jnp.take_along_axis(valid_cols, pos, axis=-1)
     logits = jnp.where(ok, logits, -inf)
     vals, p = _top_k(logits, kk)
-    idx, nxt = _finish(vals, jnp.take_along_axis(pos, p, axis=-1), k)
+    idx, nxt = finish_top_k(vals, jnp.take_along_axis(pos, p, axis=-1), k)
     if kk <= k:  # every candidate kept: no candidate bound
       nxt = jnp.full_like(nxt, -inf)
     nxt = jnp.maximum(nxt, drop_bound)
@@ -733,25 +737,10 @@ def _lsh_head(q, kmat, mask, bias, proj, sample_key, *, k, scale, is_causal, cfg
   sc = jnp.where(ok, sc, neg)
   kk = min(k + 1, sc.shape[1])
   vals, p = _top_k(sc, kk)
-  idx, nxt = _finish(vals, jnp.take_along_axis(cand_idx, p, axis=-1), k)
+  idx, nxt = finish_top_k(vals, jnp.take_along_axis(cand_idx, p, axis=-1), k)
   if kk <= k:
     nxt = jnp.full_like(nxt, neg)
-  # Admissible-key count of each row.
-  if mask is None:
-    num = jnp.full((t,), s, jnp.int32)
-    if is_causal:
-      num = jnp.minimum(rows + 1, s).astype(jnp.int32)
-  else:
-    mrow = jnp.broadcast_to(mask, (t, s))
-    if is_causal:
-      mrow = mrow & (jnp.arange(s)[None, :] <= rows[:, None])
-    num = jnp.sum(mrow, axis=-1, dtype=jnp.int32)
-  # Certified cap on the logits never scored (Cauchy-Schwarz; loose but valid).
-  qn = jnp.sqrt(jnp.sum(q.astype(dtype) ** 2, -1))
-  kn = jnp.max(jnp.sqrt(jnp.sum(kmat.astype(dtype) ** 2, -1)))
-  cap = scale_ * qn * kn * (1 + 1e-5) + 1e-30
-  if bias is not None:
-    cap = cap + jnp.max(jnp.broadcast_to(bias, (t, s)).astype(dtype), axis=-1)
+  num, cap = _lsh_unscored_cap(q, kmat, mask, bias, scale=scale_, is_causal=is_causal)
   nxt = jnp.maximum(nxt, cap)
   log_rest = jnp.full((t,), neg)
   if cfg.normalizer_samples > 0:
@@ -776,6 +765,37 @@ def _lsh_head(q, kmat, mask, bias, proj, sample_key, *, k, scale, is_causal, cfg
       precision=precision,
     )
   return idx, nxt, num, log_rest
+
+
+def _lsh_unscored_cap(q, kmat, mask, bias, *, scale, is_causal):
+  """`(num [T] admissible keys per row, cap [T])`: `cap` bounds every admissible logit.
+
+  Cauchy-Schwarz, `|scale q.k| <= |scale| ||q|| max_j ||k_j||`, valid for
+  either sign of the scale (loose but certified), plus the largest admissible
+  bias of the row. A NaN key that the row may attend to makes its cap NaN
+  (the row's attention is then NaN, as dense); a NaN key the row cannot
+  attend to is ignored.
+  """
+  t, s = q.shape[0], kmat.shape[0]
+  dtype = scale.dtype
+  rows = jnp.arange(t)
+  adm = None  # [T, S] admissibility, None when every key is admissible
+  if mask is not None:
+    adm = jnp.broadcast_to(mask, (t, s))
+  if is_causal:
+    causal = jnp.arange(s)[None, :] <= rows[:, None]
+    adm = causal if adm is None else adm & causal
+  num = jnp.full((t,), s, jnp.int32) if adm is None else jnp.sum(adm, -1, dtype=jnp.int32)
+  knorm = jnp.sqrt(jnp.sum(kmat.astype(dtype) ** 2, -1))  # [S], NaN for a NaN key
+  key_nan = jnp.isnan(knorm)
+  kn = jnp.max(jnp.where(key_nan, 0.0, knorm))
+  qn = jnp.sqrt(jnp.sum(q.astype(dtype) ** 2, -1))
+  cap = jnp.abs(scale) * qn * kn * (1 + 1e-5) + 1e-30
+  if bias is not None:
+    bfull = jnp.broadcast_to(bias, (t, s)).astype(dtype)
+    cap = cap + jnp.max(bfull if adm is None else jnp.where(adm, bfull, -jnp.inf), axis=-1)
+  reach_nan = jnp.any(key_nan) if adm is None else jnp.any(adm & key_nan[None, :], axis=-1)
+  return num, jnp.where(reach_nan, jnp.nan, cap)
 
 
 def _at(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
@@ -885,6 +905,7 @@ def select(
     A `SelectionResult` in the `[batch..., T, N, *]` layout.
   """
   s = key.shape[-3]
+  k = min(k, s)  # k > S keeps every key: no S-sized padding of a huge k
   common = dict(k=k, scale=scale, is_causal=is_causal, cfg=config, precision=precision)
   if isinstance(config, ExactSelection):
     out = _map_heads(lambda *a: _exact_head(*a, **common), query, key, mask, bias, value=value)

@@ -278,6 +278,9 @@ def gather_backward_xla(
     qpos = (jnp.arange(tb)[:, None] * bq + jnp.arange(bq)[None, :])[None, :, :, None, None]
     valid = valid & (pos[:, :, None] <= qpos)
   lse_b = lse.reshape(b, tb, bq, n, 1)
+  # A row with nothing kept (lse = -inf, e.g. all slots at -inf logits) has
+  # p = 0, not exp(-inf - -inf) = NaN; a NaN lse still propagates.
+  valid = valid & (lse_b != -jnp.inf)
   p = jnp.where(valid, jnp.exp(jnp.where(valid, s - lse_b, 0.0)), 0.0)
   dob = do.reshape(b, tb, bq, n, -1)
   dp = dot("btqnv,btnmv->btqnm", dob, vg)
@@ -341,7 +344,7 @@ def _token_kernel_gpu(
 
     init = (jnp.full((), -jnp.inf, f32), jnp.zeros((), f32), jnp.zeros((hv,), f32))
     m, denom, acc = lax.fori_loop(0, kp // chunk, chunk_body, init)
-    ok = denom > 0
+    ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
     l_safe = jnp.where(ok, denom, 1.0)
     o_ref[i, :] = jnp.where(ok, acc / l_safe, 0.0).astype(o_ref.dtype)
     lse_ref[i] = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)
@@ -459,7 +462,7 @@ def _token_kernel_tpu(
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)
     p = jnp.exp(s - m_safe)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    ok = denom > 0
+    ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
     l_safe = jnp.where(ok, denom, 1.0)
     acc = jnp.dot(p, vbuf[...].astype(f32))
     o_ref[pl.ds(i, 1), :] = jnp.where(ok, acc / l_safe, 0.0).astype(o_ref.dtype)
@@ -639,7 +642,7 @@ def _block_kernel_gpu(
 
   init = (jnp.full((bq,), -jnp.inf, f32), jnp.zeros((bq,), f32), jnp.zeros((bq, hv), f32))
   m, denom, acc = lax.fori_loop(0, nb, body, init)
-  ok = denom > 0
+  ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
   l_safe = jnp.where(ok, denom, 1.0)
   o_ref[...] = jnp.where(ok[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)
@@ -751,7 +754,7 @@ def _block_kernel_tpu(
   hv = o_ref.shape[-1]
   init = (jnp.full((bq, 1), -jnp.inf, f32), jnp.zeros((bq, 1), f32), jnp.zeros((bq, hv), f32))
   m, denom, acc = lax.fori_loop(0, num_blocks, body, init)
-  ok = denom > 0
+  ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
   l_safe = jnp.where(ok, denom, 1.0)
   o_ref[...] = jnp.where(ok, acc / l_safe, 0.0).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)
