@@ -142,7 +142,9 @@ def gather_kv(x: jax.Array, indices: jax.Array) -> jax.Array:
 
   Args:
     x: `[batch..., S, K, D]` keys or values.
-    indices: `[batch..., T, N, k]` in `[0, S)`; N a multiple of K.
+    indices: `[batch..., T, N, k]` in `[0, S)`, or negative for "no key": that
+      slot gets a zero row, never another key's row (a NaN there would reach
+      the output as `0 * NaN`, and every gradient through it); N a multiple of K.
 
   Returns:
     `[batch..., T, N, k, D]`.
@@ -150,12 +152,13 @@ def gather_kv(x: jax.Array, indices: jax.Array) -> jax.Array:
   *batch, s, kh, dd = x.shape
   t, n, k = indices.shape[-3:]
   g = n // kh
+  listed = (indices >= 0)[..., None]
   xt = jnp.swapaxes(x, -3, -2)  # [..., K, S, D]
-  idx = jnp.moveaxis(indices, -3, -2)  # [..., N, T, k]
+  idx = jnp.moveaxis(jnp.maximum(indices, 0), -3, -2)  # [..., N, T, k]
   idx = idx.reshape(*batch, kh, g * t * k)
   out = jnp.take_along_axis(xt, idx[..., None], axis=-2, mode="clip")  # [..., K, G*T*k, D]
   out = out.reshape(*batch, kh, g, t, k, dd).reshape(*batch, n, t, k, dd)
-  return jnp.moveaxis(out, -4, -3)  # [..., T, N, k, D]
+  return jnp.where(listed, jnp.moveaxis(out, -4, -3), jnp.zeros((), x.dtype))  # [..., T, N, k, D]
 
 
 def sparse_gather_attention_xla(
@@ -170,9 +173,8 @@ def sparse_gather_attention_xla(
   """XLA reference implementation; `indices` already de-duplicated (-1 = masked)."""
   dtype = compute_dtype(query.dtype, key.dtype, value.dtype)
   valid = indices >= 0
-  safe = jnp.where(valid, indices, 0)
-  kg = gather_kv(key, safe)  # [..., T, N, k, H]
-  vg = gather_kv(value, safe)  # [..., T, N, k, Hv]
+  kg = gather_kv(key, indices)  # [..., T, N, k, H], zero rows at -1
+  vg = gather_kv(value, indices)  # [..., T, N, k, Hv]
   logits = jnp.einsum(
     "...tnh,...tnkh->...tnk", query, kg, precision=precision, preferred_element_type=dtype
   ).astype(dtype)
@@ -464,7 +466,7 @@ def block_sparse_gather_attention_xla(
   slot_valid = (block_indices >= 0)[..., None] & (pos < s)
   pos = pos.reshape(*pos.shape[:-2], nb * block_k)  # [..., Tb, N, m]
   slot_valid = slot_valid.reshape(pos.shape)
-  safe = jnp.where(slot_valid, pos, 0)
+  safe = jnp.where(slot_valid, pos, -1)  # -1: a zero row
   kg = gather_kv(key, safe)  # [..., Tb, N, m, H]
   vg = gather_kv(value, safe)
   qb = q.reshape(*batch, tb, block_q, n, h)

@@ -519,11 +519,12 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
     idx, nxt = finish_top_k(vals, idx, k)
     if vmat is None:
       return idx, nxt, num
-    # Attend with the kept logits (no second gather of the keys); autodiff of
-    # top_k's values gives the gradient of the kept logits.
+    # Attend with the kept logits read back (their forward values are top_k's);
+    # the gradient flows through the kept keys only (`_kept_logit_grad_path`).
     ok = idx >= 0
     safe = jnp.where(ok, idx, 0)
-    kept = jnp.take_along_axis(logits, safe, axis=1)  # the top_k values, read back
+    kept = jnp.take_along_axis(jax.lax.stop_gradient(logits), safe, axis=1)
+    kept = kept + _kept_logit_grad_path(qc, kmat, bc, safe, ok, scale, dtype, precision)
     w, lse = masked_softmax_lse(kept, ok)
     vg = jnp.take(vmat, jnp.where(ok, idx, 0), axis=0, mode="clip").astype(dtype)
     out = jnp.einsum("tk,tkv->tv", w, vg, precision=precision)
@@ -531,6 +532,26 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
 
   outs = jax.lax.map(body, xs)
   return tuple(o.reshape(tp, *o.shape[2:])[:t] for o in outs)
+
+
+def _kept_logit_grad_path(qc, kmat, bc, safe, ok, scale, dtype, precision):
+  """Zero in the forward; in the backward, the gradient of the kept logits.
+
+  The kept logits are recomputed from the `[c, k]` kept keys, `e`, and
+  `e - stop_gradient(e)` is added: its value is 0 (NaN only where the kept
+  logit is NaN or infinite, a row that is NaN anyway), its gradient that of
+  the kept logits. Differentiating the `[c, S]` logit matrix instead would
+  send `0 * k_j` into dq for every key, and a NaN key the row does not keep
+  (masked, `-inf` bias) would make dq NaN.
+  """
+  kg = jnp.where(ok[..., None], jnp.take(kmat, safe, axis=0), 0)  # [c, k, H]
+  e = jnp.einsum("th,tkh->tk", qc, kg, precision=precision, preferred_element_type=dtype)
+  e = e.astype(dtype) * jnp.asarray(scale, dtype)
+  if bc is not None:
+    bfull = jnp.broadcast_to(bc, (safe.shape[0], kmat.shape[0])).astype(dtype)
+    e = e + jnp.take_along_axis(bfull, safe, axis=1)
+  e = jnp.where(ok, e, 0)
+  return e - jax.lax.stop_gradient(e)
 
 
 # ----------------------------------------------------------------------------

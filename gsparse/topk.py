@@ -194,6 +194,7 @@ def topk_attention(
   # keys not kept (LSH never scores some keys): the row is NaN, as dense.
   undefined = jnp.isnan(sel.next_logit) & (sel.num_keys > _num_kept(sel))
   topk_out = jnp.where(undefined[..., None], jnp.nan, topk_out).astype(topk_out.dtype)
+  lse_k = jnp.where(undefined, jnp.nan, lse_k)
   output = topk_out
   if log_rest is not None:  # LSH normaliser correction: rescale by H / (H + rest).
     lse = jnp.logaddexp(lse_k, log_rest)

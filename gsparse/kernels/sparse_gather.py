@@ -264,10 +264,10 @@ def gather_backward_xla(
   tb, m = pos.shape[1], pos.shape[3]
   bq = block_q
   f32 = jnp.float32
-  safe = jnp.where(slot_valid, pos, 0)
-  # Gathered rows stay in the input dtype; products accumulate in float32.
-  kg = gather_kv(k, safe)  # [B, Tb, N, m, H]
-  vg = gather_kv(v, safe)
+  # Gathered rows stay in the input dtype (zero rows at invalid slots, so a
+  # NaN key or value elsewhere never enters); products accumulate in float32.
+  kg = gather_kv(k, jnp.where(slot_valid, pos, -1))  # [B, Tb, N, m, H]
+  vg = gather_kv(v, jnp.where(slot_valid, pos, -1))
   qb = q.reshape(b, tb, bq, n, h)
   dot = functools.partial(jnp.einsum, preferred_element_type=f32)
   s = dot("btqnh,btnmh->btqnm", qb, kg) * scale
@@ -330,7 +330,8 @@ def _token_kernel_gpu(
       idx = idx_ref[i, sl]
       valid = idx >= 0
       safe = jnp.where(valid, idx, 0)
-      kr = k_ref[safe, :].astype(f32)  # gathered rows [chunk, H], on chip only
+      # gathered rows [chunk, H], on chip only; zero at masked slots (0 * NaN)
+      kr = jnp.where(valid[:, None], k_ref[safe, :].astype(f32), 0.0)
       s = jnp.sum(kr * q[None, :], axis=1) * scale + bias_ref[i, sl].astype(f32)
       s = jnp.where(valid, s, -jnp.inf)
       s_ref[i, sl] = s
@@ -338,7 +339,7 @@ def _token_kernel_gpu(
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
       alpha = jnp.exp(m - m_safe)
       p = jnp.exp(s - m_safe)
-      vr = v_ref[safe, :].astype(f32)
+      vr = jnp.where(valid[:, None], v_ref[safe, :].astype(f32), 0.0)
       acc = acc * alpha + jnp.sum(p[:, None] * vr, axis=0)
       return m_new, denom * alpha + jnp.sum(p), acc
 
