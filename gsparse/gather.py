@@ -480,7 +480,7 @@ def block_sparse_gather_attention_xla(
     valid = valid & (pos[..., :, None, :, :] <= qpos)
   w, lse = masked_softmax_lse(logits, valid)
   out = jnp.einsum("...tqnm,...tnmv->...tqnv", w, vg.astype(dtype), precision=precision)
-  out = out.reshape(*batch, tp, n, -1)[..., :t, :, :]
+  out = out.reshape(*batch, tp, n, value.shape[-1])[..., :t, :, :]
   lse = lse.reshape(*batch, tp, n)[..., :t, :]
   return BlockGatherResult(out.astype(query.dtype), lse)
 

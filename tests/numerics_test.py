@@ -10,6 +10,8 @@ each failed on the code before the fix.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -90,10 +92,10 @@ def _route(selection, implementation):
   return f, jax.jit(program)
 
 
-def _kept_mask(indices):
-  """`[B, T, N, k]` indices -> `[B, N, T, S]` kept set."""
+def _kept_mask(indices, s=S):
+  """`[..., T, N, k]` indices -> `[..., N, T, S]` kept set."""
   idx = np.asarray(indices)
-  kept = np.zeros((*idx.shape[:-1], S), bool)
+  kept = np.zeros((*idx.shape[:-1], s), bool)
   for pos in np.ndindex(*idx.shape[:-1]):
     kept[pos][idx[pos][idx[pos] >= 0]] = True
   return np.swapaxes(kept, -2, -3)
@@ -125,6 +127,7 @@ def _check_against_reference(out, stats, inputs, selection):
   return kept
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
 @pytest.mark.parametrize("selection", list(SELECTIONS))
 def test_nonfinite_table(selection, implementation):
@@ -170,7 +173,7 @@ def test_gather_neg_inf_bias_row_zero_grads(implementation):
     out = gsparse.sparse_gather_attention(q, k, v, idx, bias=bias, implementation=implementation)
     return jnp.sum(out[1]), out
 
-  (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+  (_, out), grads = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True))(q, k, v)
   assert np.all(np.asarray(out[1]) == 0)
   for g in grads:
     assert np.all(np.asarray(g) == 0), "row 1 reads nothing: its loss has zero gradient"
@@ -178,22 +181,16 @@ def test_gather_neg_inf_bias_row_zero_grads(implementation):
 
 def test_lsh_certificate_negative_scale():
   """Issue 21 item 3: the LSH cap on unscored keys bounds them for scale < 0."""
-  q, k, v = jax.random.normal(jax.random.key(3), (3, 64, 1, 8))
-  _, stats = gsparse.topk_attention(
-    q, k, v, k=4, scale=-1.0, selection=LSHSelection(block_size=8),
+  q, k, v = jax.random.normal(jax.random.key(3), (3, 32, 1, 8))
+  f = jax.jit(lambda q, k, v: gsparse.topk_attention(
+    q, k, v, k=4, scale=-1.0, selection=LSHSelection(block_size=4),
     selection_key=jax.random.key(1), return_stats=True,
-  )
-  r = ref.topk_reference(q, k, v, kept=_kept_mask_s(stats.indices, 64), scale=-1.0)
+  ))
+  _, stats = f(q, k, v)
+  r = ref.topk_reference(q, k, v, kept=_kept_mask(stats.indices, 32), scale=-1.0)
+  assert (r.tail > 0.5).sum() > 10  # the case bites: most rows drop real mass
   tail = np.asarray(stats.tail_mass_bound)
   assert (tail >= r.tail - 1e-6).all(), f"{np.sum(tail < r.tail - 1e-6)} rows violate the bound"
-
-
-def _kept_mask_s(indices, s):
-  idx = np.asarray(indices)
-  kept = np.zeros((*idx.shape[:-1], s), bool)
-  for pos in np.ndindex(*idx.shape[:-1]):
-    kept[pos][idx[pos][idx[pos] >= 0]] = True
-  return np.swapaxes(kept, -2, -3)
 
 
 EMPTY_SHAPES = {
@@ -205,27 +202,30 @@ EMPTY_SHAPES = {
 
 @pytest.mark.parametrize("shapes", list(EMPTY_SHAPES), ids=list(EMPTY_SHAPES))
 def test_empty_shapes_every_route(shapes):
-  """Issue 21 item 5: empty inputs give the dense reference's empty result on every route."""
+  """Issue 21 item 5: empty inputs give the dense reference's empty result on every route.
+
+  The crashes were at trace time, so every route is traced (`jax.eval_shape`,
+  no run); the Pallas route, the one that crashed for every shape, also runs.
+  """
   q, k, v = (jnp.ones(s) for s in EMPTY_SHAPES[shapes])
   want = ref.attention(q, k, v)
-  for name, sel in SELECTIONS.items():
+  for sel in SELECTIONS.values():
     for impl in IMPLEMENTATIONS:
-      out, stats = gsparse.topk_attention(
-        q, k, v, k=2, selection=sel, implementation=impl, selection_key=jax.random.key(0),
-        return_stats=True,
-      )
-      assert out.shape == want.shape, (name, impl)
-      np.testing.assert_allclose(np.asarray(out), want, rtol=1e-6)
-      assert stats.tail_mass_bound.shape == want.shape[:-1]
-  for impl in IMPLEMENTATIONS:
-    idx = jnp.zeros((*q.shape[:-1], 2), jnp.int32)
-    assert gsparse.sparse_gather_attention(q, k, v, idx, implementation=impl).shape == want.shape
-  for impl in ("xla", "pallas"):
-    bidx = jnp.zeros((*q.shape[:-3], -(-q.shape[-3] // 16), 1, 1), jnp.int32)
-    out = gsparse.block_sparse_gather_attention(
-      q, k, v, bidx, block_q=16, block_k=16, implementation=impl
-    )
-    assert out.shape == want.shape
+      out, stats = jax.eval_shape(functools.partial(
+        gsparse.topk_attention, k=2, selection=sel, implementation=impl,
+        selection_key=jax.random.key(0), return_stats=True,
+      ), q, k, v)
+      assert out.shape == want.shape and stats.tail_mass_bound.shape == want.shape[:-1]
+  out = gsparse.topk_attention(q, k, v, k=2, implementation="pallas")
+  np.testing.assert_array_equal(np.asarray(out), want)
+  idx = jnp.zeros((*q.shape[:-1], 2), jnp.int32)
+  out = gsparse.sparse_gather_attention(q, k, v, idx, implementation="pallas")
+  np.testing.assert_array_equal(np.asarray(out), want)
+  bidx = jnp.zeros((*q.shape[:-3], -(-q.shape[-3] // 16), 1, 1), jnp.int32)
+  out = gsparse.block_sparse_gather_attention(
+    q, k, v, bidx, block_q=16, block_k=16, implementation="pallas"
+  )
+  assert out.shape == want.shape
 
 
 def test_head_dim_zero_is_one_error():
@@ -238,13 +238,16 @@ def test_head_dim_zero_is_one_error():
       gsparse.topk_attention(q, k, v, k=2, selection=sel, selection_key=jax.random.key(0))
 
 
-@pytest.mark.parametrize("k", [2**31, 10**12])
 @pytest.mark.parametrize("selection", ["full", "exact"])
-def test_huge_k_is_clipped(selection, k):
+def test_huge_k_is_clipped(selection):
   """Issue 21 item 6: k far above S is clipped to S (dense attention), no huge allocation."""
   q, kk, v = jax.random.normal(jax.random.key(4), (3, 6, 1, 4))
-  out, stats = gsparse.topk_attention(q, kk, v, k=k, selection=selection, return_stats=True)
-  assert stats.indices.shape == (6, 1, 6)
+  for k in (2**31, 10**12):  # traced only: the shapes show that nothing of size k exists
+    out, stats = jax.eval_shape(functools.partial(
+      gsparse.topk_attention, k=k, selection=selection, return_stats=True), q, kk, v)
+    assert stats.indices.shape == (6, 1, 6)
+  out, stats = jax.jit(functools.partial(
+    gsparse.topk_attention, k=2**31, selection=selection, return_stats=True))(q, kk, v)
   np.testing.assert_allclose(np.asarray(out), ref.attention(q, kk, v), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(stats.tail_mass_bound), 0.0)
 
