@@ -198,3 +198,57 @@ def topk_grads(q, k, v, cot, *, kept, scale, bias=None, mask=None, is_causal=Fal
     dq[b + (t, hn)] += scale * ds[on] @ k[b + (slice(None), kv)][on]  # reads kept keys only
     dk[b + (slice(None), kv)] += scale * np.outer(ds, q[b + (t, hn)])
   return dq, dk, dv
+
+
+def kept_from_indices(indices, s):
+  """`[..., T, N, k]` indices (-1 = none) -> `[..., N, T, S]` boolean kept set."""
+  idx = np.asarray(indices)
+  kept = np.zeros((*idx.shape[:-1], s), bool)
+  for pos in np.ndindex(*idx.shape[:-1]):
+    row = idx[pos][idx[pos] >= 0]
+    assert len(set(row.tolist())) == len(row), f"repeated index in {idx[pos]}"
+    kept[pos][row] = True
+  return np.swapaxes(kept, -2, -3)
+
+
+def check_topk_route(out, stats, q, k, v, *, topk, exact, logit_tol=0.0, out_tol=2e-6, **kw):
+  """Checks a `topk_attention(..., return_stats=True)` result against this reference.
+
+  `exact`: the route claims the exact top-k (then its kept set must be a
+  top-k of the reference logits up to `logit_tol`, and hold min(k, live)
+  keys); otherwise any subset of the live keys is allowed, and the output and
+  certificate are checked for that subset. Returns the kept set and the
+  reference. `out_tol` is the absolute tolerance per unit of max |value|.
+  """
+  lg, live, _ = admissible_logits(q, k, **kw)
+  s = lg.shape[-1]
+  kept = kept_from_indices(stats.indices, s)
+  assert not (kept & ~live).any(), "listed a masked, -inf-bias or -inf-logit key"
+  if exact:
+    for idx in np.ndindex(*lg.shape[:-1]):
+      row, on, kp = lg[idx], live[idx], kept[idx]
+      assert kp.sum() == min(topk, on.sum()), (idx, kp, on)
+      if np.isnan(row[on]).any():
+        continue  # NaN ranks first: checked through the NaN pattern below
+      dropped = on & ~kp
+      if dropped.any() and kp.any():
+        assert row[kp].min() >= row[dropped].max() - logit_tol, (idx, row, kp)
+  r = topk_reference(q, k, v, kept=kept, **kw)
+  out = np.asarray(out, np.float64)
+  vmax = max(1.0, float(np.nanmax(np.abs(np.asarray(v, np.float64)), initial=0.0)))
+  np.testing.assert_array_equal(np.isnan(out), np.isnan(r.output))
+  np.testing.assert_allclose(out, r.output, rtol=0, atol=out_tol * vmax)
+  tail = np.asarray(stats.tail_mass_bound, np.float64)
+  lse = np.asarray(stats.logsumexp, np.float64)
+  err = np.asarray(stats.error_bound, np.float64)
+  np.testing.assert_array_equal(np.isnan(tail), r.nan_row)
+  assert not np.isfinite(lse[r.nan_row]).any(), "a NaN row has a finite logsumexp"
+  assert np.isnan(err[r.nan_row]).all(), "a NaN row has a non-NaN error bound"
+  ok = ~r.nan_row & np.isfinite(r.logsumexp)
+  np.testing.assert_allclose(lse[ok], r.logsumexp[ok], rtol=0, atol=1e-5 + logit_tol)
+  ok = ~r.nan_row & np.isfinite(r.tail)
+  assert (tail[ok] >= r.tail[ok] - 1e-5 - 2 * logit_tol).all(), "tail bound violated"
+  dist = np.linalg.norm(r.dense - r.output, axis=-1)
+  ok = ~r.nan_row & np.isfinite(dist) & np.isfinite(err)
+  assert (err[ok] >= dist[ok] - out_tol * vmax * 4).all(), "error bound violated"
+  return kept, r
