@@ -107,9 +107,7 @@ def check_prng_key(name: str, key: Any) -> None:
 def _check_array_like(name: str, x: Any) -> None:
   """Rejects what jnp cannot take as an array (lists, strings, None) by name."""
   if x is None or isinstance(x, (list, tuple, dict, set, str, bytes)):
-    raise TypeError(
-      f"{name} must be an array (jax.Array or numpy.ndarray), got {type(x).__name__}"
-    )
+    raise TypeError(f"{name} must be an array (jax.Array or numpy.ndarray), got {type(x).__name__}")
 
 
 def check_float_array(name: str, x: Any, *, min_ndim: int = 0) -> jax.Array:

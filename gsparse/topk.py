@@ -248,8 +248,20 @@ def select_keys(
 
 
 def _select(
-  query, key, value, bias, mask, *, k, scale, is_causal, selection, selection_key, precision,
-  implementation, attend,
+  query,
+  key,
+  value,
+  bias,
+  mask,
+  *,
+  k,
+  scale,
+  is_causal,
+  selection,
+  selection_key,
+  precision,
+  implementation,
+  attend,
 ):
   """`(TopKSelection, LSH log_rest or None, (output, logsumexp) or (None, None))`;
   the last is filled when `attend` and the selection attended in its own pass."""

@@ -235,7 +235,7 @@ ROWS += [
   Row(
     "topk_attention",
     "selection_key",
-    "missing for \"lsh\"",
+    'missing for "lsh"',
     ValueError,
     "selection 'lsh' needs a PRNG key",
     (q, kv, kv),

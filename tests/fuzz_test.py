@@ -28,11 +28,18 @@ from gsparse.selection import BlockSelection, LSHSelection
 from tests import np_reference as ref
 
 settings.register_profile(
-  "ci", max_examples=12, derandomize=True, deadline=None,
-  suppress_health_check=[HealthCheck.too_slow], print_blob=True,
+  "ci",
+  max_examples=12,
+  derandomize=True,
+  deadline=None,
+  suppress_health_check=[HealthCheck.too_slow],
+  print_blob=True,
 )
 settings.register_profile(
-  "long", max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow],
+  "long",
+  max_examples=400,
+  deadline=None,
+  suppress_health_check=[HealthCheck.too_slow],
   print_blob=True,
 )
 PROFILE = os.environ.get("GSPARSE_FUZZ_PROFILE", "ci")
@@ -63,8 +70,13 @@ def cases(draw):
   k = rng.standard_normal((*batch, s, kh, h))
   v = rng.standard_normal((*batch, s, kh, hv))
   special = draw(st.sampled_from(["none", "none", "nan_q", "nan_k", "nan_v", "inf_q", "inf_k"]))
-  arr, val = {"nan_q": (q, np.nan), "nan_k": (k, np.nan), "nan_v": (v, np.nan),
-              "inf_q": (q, np.inf), "inf_k": (k, -np.inf)}.get(special, (None, None))
+  arr, val = {
+    "nan_q": (q, np.nan),
+    "nan_k": (k, np.nan),
+    "nan_v": (v, np.nan),
+    "inf_q": (q, np.inf),
+    "inf_k": (k, -np.inf),
+  }.get(special, (None, None))
   if arr is not None and arr.size:
     arr.flat[rng.integers(arr.size)] = val
   bias = None
@@ -81,9 +93,21 @@ def cases(draw):
   implementation = draw(st.sampled_from(["xla", "masked", "pallas"]))
   dtype, u = DTYPES[dtype_name]
   cast = lambda x: None if x is None else np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
-  return dict(q=cast(q), k=cast(k), v=cast(v), bias=cast(bias), mask=mask, scale=scale,
-              is_causal=is_causal, topk=topk, selection=selection,
-              implementation=implementation, dtype=dtype, u=u, special=special)
+  return dict(
+    q=cast(q),
+    k=cast(k),
+    v=cast(v),
+    bias=cast(bias),
+    mask=mask,
+    scale=scale,
+    is_causal=is_causal,
+    topk=topk,
+    selection=selection,
+    implementation=implementation,
+    dtype=dtype,
+    u=u,
+    special=special,
+  )
 
 
 def _program(c):
@@ -91,8 +115,17 @@ def _program(c):
 
   def f(q, k, v, bias):
     return gsparse.topk_attention(
-      q, k, v, bias, c["mask"], k=c["topk"], scale=c["scale"], is_causal=c["is_causal"],
-      selection=sel, selection_key=jax.random.key(0), implementation=c["implementation"],
+      q,
+      k,
+      v,
+      bias,
+      c["mask"],
+      k=c["topk"],
+      scale=c["scale"],
+      is_causal=c["is_causal"],
+      selection=sel,
+      selection_key=jax.random.key(0),
+      implementation=c["implementation"],
       return_stats=True,
     )
 
@@ -120,20 +153,31 @@ def test_topk_attention_matches_reference(c):
   scale = 1.0 / np.sqrt(h) if c["scale"] is None else c["scale"]
   kw = dict(scale=scale, bias=c["bias"], mask=c["mask"], is_causal=c["is_causal"])
   # Logit rounding: (H + 2) u_f32 sum_h |q_h k_h| |scale| (docs/errors.md), plus the bias.
-  qk = np.einsum("...tnh,...snh->...nts", np.abs(c["q"]),
-                 np.repeat(np.abs(c["k"]), c["q"].shape[-2] // c["k"].shape[-2], axis=-2))
+  qk = np.einsum(
+    "...tnh,...snh->...nts",
+    np.abs(c["q"]),
+    np.repeat(np.abs(c["k"]), c["q"].shape[-2] // c["k"].shape[-2], axis=-2),
+  )
   mag = float(np.nanmax(np.where(np.isfinite(qk), qk, 0.0), initial=0.0)) * abs(scale)
   logit_tol = (h + 2) * 6e-8 * (mag + 10.0) * 4
   out_tol = 4 * logit_tol + 2 * c["u"] + 1e-6
   kept, r = ref.check_topk_route(
-    out, stats, c["q"], c["k"], c["v"], topk=c["topk"],
-    exact=c["selection"] in ("full", "exact"), logit_tol=logit_tol, out_tol=out_tol, **kw,
+    out,
+    stats,
+    c["q"],
+    c["k"],
+    c["v"],
+    topk=c["topk"],
+    exact=c["selection"] in ("full", "exact"),
+    logit_tol=logit_tol,
+    out_tol=out_tol,
+    **kw,
   )
   finite_data = c["special"] == "none" and (c["bias"] is None or not np.isnan(c["bias"]).any())
   if not finite_data or (c["bias"] is not None and np.isposinf(c["bias"]).any()):
     return  # gradients of NaN rows are NaN; the table test checks zero grads of masked rows
   want = ref.topk_grads(c["q"], c["k"], c["v"], cot, kept=kept, **kw)
-  for got, exp in zip(grads, want):
+  for got, exp in zip(grads, want, strict=True):
     got = np.asarray(got, np.float64)
     big = max(1.0, float(np.max(np.abs(exp), initial=0.0)))
     np.testing.assert_allclose(got, exp, rtol=0, atol=(1e-4 + 50 * out_tol) * big)

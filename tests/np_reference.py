@@ -164,7 +164,11 @@ def topk_reference(q, k, v, *, topk=None, kept=None, **kw) -> TopKReference:
     tail[idx] = wd[on & ~kp].sum() if np.isfinite(lse_all) else (np.nan if on.any() else 0.0)
   swap = lambda x: np.swapaxes(x, -2, -3) if x.ndim == lg.ndim else np.swapaxes(x, -1, -2)
   return TopKReference(
-    swap(out), np.swapaxes(lse, -1, -2), keep, np.swapaxes(tail, -1, -2), swap(dense),
+    swap(out),
+    np.swapaxes(lse, -1, -2),
+    keep,
+    np.swapaxes(tail, -1, -2),
+    swap(dense),
     np.swapaxes(nan_row, -1, -2),
   )
 

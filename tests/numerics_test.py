@@ -66,7 +66,9 @@ def _table_inputs():
   for i, edits in enumerate(CASES.values()):
     for name, where, val in edits:
       x[name][i][where] = val
-  return tuple(x[n].astype(np.float32) if n != "mask" else x[n] for n in ("q", "k", "v", "bias", "mask"))
+  return tuple(
+    x[n].astype(np.float32) if n != "mask" else x[n] for n in ("q", "k", "v", "bias", "mask")
+  )
 
 
 def _route(selection, implementation):
@@ -75,8 +77,17 @@ def _route(selection, implementation):
 
   def f(q, k, v, bias, mask):
     return gsparse.topk_attention(
-      q, k, v, bias, mask, k=K, scale=SCALE, selection=sel, selection_key=jax.random.key(0),
-      implementation=implementation, return_stats=True,
+      q,
+      k,
+      v,
+      bias,
+      mask,
+      k=K,
+      scale=SCALE,
+      selection=sel,
+      selection_key=jax.random.key(0),
+      implementation=implementation,
+      return_stats=True,
     )
 
   def loss(q, k, v, bias, mask, cot):
@@ -103,8 +114,10 @@ def _check_against_reference(out, stats, inputs, selection):
     out, stats, q, k, v, topk=K, exact=exact, scale=SCALE, bias=bias, mask=mask
   )
   if exact:
-    np.testing.assert_array_equal(kept[~r.nan_row], ref.topk_reference(
-      q, k, v, topk=K, scale=SCALE, bias=bias, mask=mask).kept[~r.nan_row])
+    np.testing.assert_array_equal(
+      kept[~r.nan_row],
+      ref.topk_reference(q, k, v, topk=K, scale=SCALE, bias=bias, mask=mask).kept[~r.nan_row],
+    )
   return kept
 
 
@@ -126,10 +139,16 @@ def test_nonfinite_table(selection, implementation):
   kept = _check_against_reference(out, stats, inputs, selection)
   np.testing.assert_array_equal(_check_against_reference(vout, vstats, inputs, selection), kept)
   want = ref.topk_grads(
-    q[finite], k[finite], v[finite], cot[finite], kept=kept[finite], scale=SCALE,
-    bias=bias[finite], mask=mask[finite],
+    q[finite],
+    k[finite],
+    v[finite],
+    cot[finite],
+    kept=kept[finite],
+    scale=SCALE,
+    bias=bias[finite],
+    mask=mask[finite],
   )
-  for got, exp in zip(grads, want):
+  for got, exp in zip(grads, want, strict=True):
     got = np.asarray(got)[finite]
     assert np.isfinite(got).all()
     np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-5)
@@ -163,10 +182,18 @@ def test_gather_neg_inf_bias_row_zero_grads(implementation):
 def test_lsh_certificate_negative_scale():
   """Issue 21 item 3: the LSH cap on unscored keys bounds them for scale < 0."""
   q, k, v = jax.random.normal(jax.random.key(3), (3, 32, 1, 8))
-  f = jax.jit(lambda q, k, v: gsparse.topk_attention(
-    q, k, v, k=4, scale=-1.0, selection=LSHSelection(block_size=4),
-    selection_key=jax.random.key(1), return_stats=True,
-  ))
+  f = jax.jit(
+    lambda q, k, v: gsparse.topk_attention(
+      q,
+      k,
+      v,
+      k=4,
+      scale=-1.0,
+      selection=LSHSelection(block_size=4),
+      selection_key=jax.random.key(1),
+      return_stats=True,
+    )
+  )
   _, stats = f(q, k, v)
   r = ref.topk_reference(q, k, v, kept=_kept_mask(stats.indices, 32), scale=-1.0)
   assert (r.tail > 0.5).sum() > 10  # the case bites: most rows drop real mass
@@ -192,10 +219,19 @@ def test_empty_shapes_every_route(shapes):
   want = ref.attention(q, k, v)
   for sel in SELECTIONS.values():
     for impl in IMPLEMENTATIONS:
-      out, stats = jax.eval_shape(functools.partial(
-        gsparse.topk_attention, k=2, selection=sel, implementation=impl,
-        selection_key=jax.random.key(0), return_stats=True,
-      ), q, k, v)
+      out, stats = jax.eval_shape(
+        functools.partial(
+          gsparse.topk_attention,
+          k=2,
+          selection=sel,
+          implementation=impl,
+          selection_key=jax.random.key(0),
+          return_stats=True,
+        ),
+        q,
+        k,
+        v,
+      )
       assert out.shape == want.shape and stats.tail_mass_bound.shape == want.shape[:-1]
   out = gsparse.topk_attention(q, k, v, k=2, implementation="pallas")
   np.testing.assert_array_equal(np.asarray(out), want)
@@ -224,11 +260,16 @@ def test_huge_k_is_clipped(selection):
   """Issue 21 item 6: k far above S is clipped to S (dense attention), no huge allocation."""
   q, kk, v = jax.random.normal(jax.random.key(4), (3, 6, 1, 4))
   for k in (2**31, 10**12):  # traced only: the shapes show that nothing of size k exists
-    out, stats = jax.eval_shape(functools.partial(
-      gsparse.topk_attention, k=k, selection=selection, return_stats=True), q, kk, v)
+    out, stats = jax.eval_shape(
+      functools.partial(gsparse.topk_attention, k=k, selection=selection, return_stats=True),
+      q,
+      kk,
+      v,
+    )
     assert stats.indices.shape == (6, 1, 6)
-  out, stats = jax.jit(functools.partial(
-    gsparse.topk_attention, k=2**31, selection=selection, return_stats=True))(q, kk, v)
+  out, stats = jax.jit(
+    functools.partial(gsparse.topk_attention, k=2**31, selection=selection, return_stats=True)
+  )(q, kk, v)
   np.testing.assert_allclose(np.asarray(out), ref.attention(q, kk, v), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(np.asarray(stats.tail_mass_bound), 0.0)
 
