@@ -41,7 +41,7 @@ entries), else "xla".
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,10 @@ from jax.typing import ArrayLike
 from gsparse import _checks
 from gsparse.attention import compute_dtype, masked_softmax_lse
 
-IMPLEMENTATIONS = (None, "xla", "masked", "pallas")
+Implementation = Literal["xla", "masked", "pallas"]
+# Every value `implementation=` takes, in gsparse.topk_attention, the gathers
+# and gsparse.flax alike; `resolve_implementation` is the one check.
+IMPLEMENTATIONS = (None, *get_args(Implementation))
 
 
 class GatherResult(NamedTuple):
@@ -83,8 +86,12 @@ class BlockGatherResult(NamedTuple):
   logsumexp: jax.Array
 
 
-def resolve_implementation(implementation: str | None) -> str:
-  """Checks `implementation` and resolves None: "pallas" on GPU/TPU, else "xla"."""
+def resolve_implementation(implementation: Implementation | None) -> Implementation:
+  """The one check of `implementation=`: resolves None to "pallas" on GPU/TPU, else "xla".
+
+  Raises:
+    ValueError: a value outside `IMPLEMENTATIONS`; the message lists them all.
+  """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS}")
   if implementation is None:
@@ -313,7 +320,7 @@ def sparse_gather_attention(
   scale: float | None = None,
   assume_unique: bool = False,
   return_residuals: bool = False,
-  implementation: str | None = None,
+  implementation: Implementation | None = None,
   precision=None,
   block_sizes=None,
 ):
@@ -512,7 +519,7 @@ def block_sparse_gather_attention(
   is_causal: bool = False,
   assume_unique: bool = False,
   return_residuals: bool = False,
-  implementation: str | None = None,
+  implementation: Implementation | None = None,
   precision=None,
 ):
   """Attention in which every query block attends to its own list of key blocks.

@@ -21,7 +21,7 @@ from gsparse import _checks
 from gsparse._numerics import top_k as _top_k
 from gsparse.attention import compute_logits, fold_neg_inf_bias
 from gsparse.certificate import kept_set_tail_bound, output_error_certificate
-from gsparse.gather import resolve_implementation, sparse_gather_attention
+from gsparse.gather import Implementation, resolve_implementation, sparse_gather_attention
 from gsparse.selection import (
   ExactSelection,
   LSHSelection,
@@ -32,6 +32,7 @@ from gsparse.selection import (
 )
 
 SELECTIONS = ("full", "exact", "block", "lsh")
+DEFAULT_SELECTION = "full"
 
 
 class TopKSelection(NamedTuple):
@@ -101,11 +102,11 @@ def topk_attention(
   k: int,
   scale: float | None = None,
   is_causal: bool = False,
-  selection="full",
+  selection=DEFAULT_SELECTION,
   selection_key: ArrayLike | None = None,
   return_stats: bool = False,
   precision=None,
-  implementation: str | None = None,
+  implementation: Implementation | None = None,
 ):
   """Top-k attention in the layout of `jax.nn.dot_product_attention`.
 
@@ -216,10 +217,10 @@ def select_keys(
   k: int,
   scale: float | None = None,
   is_causal: bool = False,
-  selection="full",
+  selection=DEFAULT_SELECTION,
   selection_key: ArrayLike | None = None,
   precision=None,
-  implementation: str | None = None,
+  implementation: Implementation | None = None,
 ) -> TopKSelection:
   """The keys `topk_attention` would keep, without attending over them.
 
