@@ -90,6 +90,8 @@ def cases(draw):
   is_causal = draw(st.booleans())
   topk = draw(st.integers(1, s + 1))
   selection = draw(st.sampled_from(sorted(SELECTIONS)))
+  if selection in ("block", "lsh"):
+    topk = min(topk, 4)  # their candidate capacity here: k above it is a documented error
   implementation = draw(st.sampled_from(["xla", "masked", "pallas"]))
   dtype, u = DTYPES[dtype_name]
   cast = lambda x: None if x is None else np.asarray(jnp.asarray(x, dtype).astype(jnp.float32))
