@@ -107,3 +107,22 @@ def top_k_or(x: jax.Array, k: int, default) -> tuple[jax.Array, jax.Array]:
   ):
     return jax.lax.platform_dependent(x, cpu=lambda x: _native_top_k(x, k), default=default)
   return default(x)
+
+
+def finish_top_k(vals: jax.Array, idx: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`top_k(x, kk)` output `[..., kk]` -> `(indices [..., k] with -1, next logit [...])`.
+
+  Shared by every selection, so that all list the same keys: a slot is a key
+  unless its logit is `-inf` (masked, or zero weight); NaN logits are kept
+  (they rank first), so a NaN reaches the output. The next logit is the
+  (k+1)-th value when `kk > k`, else `-inf`; indices are padded with -1 to k.
+  """
+  kk = vals.shape[-1]
+  ok = vals != -jnp.inf
+  idx = jnp.where(ok, idx, -1).astype(jnp.int32)
+  if kk > k:
+    nxt = jnp.where(ok[..., k], vals[..., k], -jnp.inf)
+    return idx[..., :k], nxt
+  nxt = jnp.full(vals.shape[:-1], -jnp.inf, vals.dtype)
+  pad = [(0, 0)] * (idx.ndim - 1) + [(0, max(k - kk, 0))]
+  return jnp.pad(idx, pad, constant_values=-1), nxt

@@ -63,6 +63,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from gsparse import _checks
+from gsparse._numerics import finish_top_k
 from gsparse._numerics import sortable_int32 as _sortable
 from gsparse._numerics import top_k as _top_k
 from gsparse._numerics import top_k_or as _top_k_or
@@ -342,24 +343,6 @@ def _rows_logits(qc, kmat, bc, mc, row0, *, s, sp, scale, is_causal, dtype, prec
     return logits, jnp.full((c,), s, jnp.int32)
   neg = jnp.asarray(-jnp.inf, dtype)
   return jnp.where(valid, logits, neg), jnp.sum(valid, axis=-1, dtype=jnp.int32)
-
-
-def finish_top_k(vals, idx, k):
-  """top_k output `[.., kk]` -> (indices `[.., k]` with -1, next logit `[..]`).
-
-  A slot is a key unless its logit is `-inf` (masked, or zero weight): NaN
-  logits are kept (they rank first), so a NaN reaches the output.
-  """
-  kk = vals.shape[-1]
-  ok = vals != -jnp.inf
-  idx = jnp.where(ok, idx, -1).astype(jnp.int32)
-  if kk > k:
-    nxt = jnp.where(ok[..., k], vals[..., k], -jnp.inf)
-    idx = idx[..., :k]
-  else:
-    nxt = jnp.full(vals.shape[:-1], -jnp.inf, vals.dtype)
-    idx = _pad_axis(idx, k, idx.ndim - 1, -1)
-  return idx, nxt
 
 
 def auto_key_block(s: int, k: int) -> int:

@@ -18,6 +18,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from gsparse import _checks
+from gsparse._numerics import finish_top_k
 from gsparse._numerics import top_k as _top_k
 from gsparse.attention import compute_logits, fold_neg_inf_bias
 from gsparse.certificate import kept_set_tail_bound, output_error_certificate
@@ -25,7 +26,6 @@ from gsparse.gather import Implementation, resolve_implementation, sparse_gather
 from gsparse.selection import (
   ExactSelection,
   LSHSelection,
-  finish_top_k,
   gather_bias,
   resolve_selection,
   select,
