@@ -80,10 +80,39 @@ def check_float_scalar(
     raise ValueError(f"{name}={value!r} must be > 0")
 
 
+def check_scale(scale: Any) -> None:
+  """Checks an attention `scale`: None, or a finite real scalar (may be traced)."""
+  if scale is None:
+    return
+  shape = np.shape(scale) if not isinstance(scale, jax.Array) else scale.shape
+  if shape != ():
+    raise ValueError(f"scale must be a scalar, got an array of shape {shape}")
+  check_float_scalar("scale", scale)
+
+
+def check_prng_key(name: str, key: Any) -> None:
+  """Checks an optional PRNG key: a typed key (`jax.random.key`) or raw uint32 key data."""
+  if key is None:
+    return
+  dtype = getattr(key, "dtype", None)
+  if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    return
+  if dtype == np.uint32 and np.ndim(key) == 1:  # legacy jax.random.PRNGKey(...)
+    return
+  raise TypeError(
+    f"{name} must be a PRNG key, e.g. jax.random.key(0), got {key!r} of type {type(key).__name__}"
+  )
+
+
+def _check_array_like(name: str, x: Any) -> None:
+  """Rejects what jnp cannot take as an array (lists, strings, None) by name."""
+  if x is None or isinstance(x, (list, tuple, dict, set, str, bytes)):
+    raise TypeError(f"{name} must be an array (jax.Array or numpy.ndarray), got {type(x).__name__}")
+
+
 def check_float_array(name: str, x: Any, *, min_ndim: int = 0) -> jax.Array:
   """Converts `x` to a jax array and checks it has a floating dtype."""
-  if x is None:
-    raise TypeError(f"{name} must be an array, got None")
+  _check_array_like(name, x)
   dtype = jnp.result_type(x)
   if not jnp.issubdtype(dtype, jnp.floating):
     raise TypeError(f"{name} must have a floating dtype, got {dtype}")
@@ -128,6 +157,11 @@ def check_attention_inputs(
     raise ValueError(
       f"query and key must have the same head_dim, got query.shape={query.shape}, "
       f"key.shape={key.shape}"
+    )
+  if query.shape[-1] == 0:
+    raise ValueError(
+      f"query and key must have head_dim >= 1 (the default scale is 1 / sqrt(head_dim)), got "
+      f"query.shape={query.shape}"
     )
   n_q, n_kv = query.shape[-2], key.shape[-2]
   if n_kv == 0 or n_q % n_kv:

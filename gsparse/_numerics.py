@@ -26,9 +26,10 @@ def sortable_int32(x: jax.Array) -> jax.Array:
   and decreasing for negative ones; flipping the non-sign bits of negatives
   makes it increasing everywhere (-inf < ... < -0.0 < 0.0 < ... < inf < NaN,
   the total order of XLA's TopK comparator). Narrower floats widen exactly;
-  float64 rounds to float32, which keeps the order weakly (ties only).
+  float64 rounds to float32, which keeps the order weakly (ties only). Every
+  NaN gets the key of the positive NaN (`positive_nan`): it ranks first.
   """
-  i = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.int32)
+  i = jax.lax.bitcast_convert_type(positive_nan(x.astype(jnp.float32)), jnp.int32)
   return jnp.where(i < 0, i ^ jnp.int32(0x7FFFFFFF), i)
 
 
@@ -36,6 +37,19 @@ def float_from_sortable(key: jax.Array) -> jax.Array:
   """The float32 whose `sortable_int32` key is `key` (the map is its own inverse on bits)."""
   i = jnp.where(key < 0, key ^ jnp.int32(0x7FFFFFFF), key)
   return jax.lax.bitcast_convert_type(i, jnp.float32)
+
+
+def positive_nan(x: jax.Array) -> jax.Array:
+  """`x` with every NaN replaced by the positive quiet NaN.
+
+  Arithmetic NaNs (`inf - inf`, `0 * inf`) carry the sign bit on x86, and
+  `jax.lax.top_k` ranks a negative NaN below `-inf`: a NaN logit would then be
+  dropped as if it were masked. With the sign cleared every NaN ranks first,
+  so a NaN logit is always selected and its row comes out NaN.
+  """
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    return x
+  return jnp.where(jnp.isnan(x), jnp.asarray(jnp.nan, x.dtype), x)
 
 
 def _xla_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
@@ -60,6 +74,8 @@ _NATIVE_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   """`jax.lax.top_k(x, k)`: same values, indices and tie order; native on CPU.
+
+  Every NaN ranks first, whatever its sign bit (see `positive_nan`).
 
   On a CPU computation with the native kernel available (`gsparse._native`),
   the indices come from an exact multi-threaded top-k behind XLA's FFI
@@ -91,7 +107,7 @@ def top_k_or(x: jax.Array, k: int, default) -> tuple[jax.Array, jax.Array]:
   native top-k of the row replaces it; elsewhere `default` runs. Both must return
   the same values and indices.
   """
-  x = jnp.asarray(x)
+  x = positive_nan(jnp.asarray(x))
   n = x.shape[-1] if x.ndim else 0
   if (
     x.dtype in _NATIVE_DTYPES
@@ -102,3 +118,22 @@ def top_k_or(x: jax.Array, k: int, default) -> tuple[jax.Array, jax.Array]:
   ):
     return jax.lax.platform_dependent(x, cpu=lambda x: _native_top_k(x, k), default=default)
   return default(x)
+
+
+def finish_top_k(vals: jax.Array, idx: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """`top_k(x, kk)` output `[..., kk]` -> `(indices [..., k] with -1, next logit [...])`.
+
+  Shared by every selection, so that all list the same keys: a slot is a key
+  unless its logit is `-inf` (masked, or zero weight); NaN logits are kept
+  (they rank first), so a NaN reaches the output. The next logit is the
+  (k+1)-th value when `kk > k`, else `-inf`; indices are padded with -1 to k.
+  """
+  kk = vals.shape[-1]
+  ok = vals != -jnp.inf
+  idx = jnp.where(ok, idx, -1).astype(jnp.int32)
+  if kk > k:
+    nxt = jnp.where(ok[..., k], vals[..., k], -jnp.inf)
+    return idx[..., :k], nxt
+  nxt = jnp.full(vals.shape[:-1], -jnp.inf, vals.dtype)
+  pad = [(0, 0)] * (idx.ndim - 1) + [(0, max(k - kk, 0))]
+  return jnp.pad(idx, pad, constant_values=-1), nxt

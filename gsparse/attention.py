@@ -60,6 +60,24 @@ def combine_masks(
   return mask
 
 
+def fold_neg_inf_bias(
+  mask: jax.Array | None, bias: jax.Array | None
+) -> tuple[jax.Array | None, jax.Array | None]:
+  """Moves `-inf` bias entries into the mask: a `-inf` bias is exactly `mask=False`.
+
+  Whatever the logit `q.k` is there (NaN, `+inf`), a key with a `-inf` bias
+  is not admissible: it is never listed, carries no weight and gets a zero
+  gradient, as a masked key. The returned bias is 0 at those entries (so no
+  `-inf` or `inf - inf` reaches any arithmetic); `mask` takes the broadcast
+  shape of both. NaN and `+inf` bias entries are left as they are.
+  """
+  if bias is None:
+    return mask, bias
+  allowed = bias != -jnp.inf
+  mask = allowed if mask is None else jnp.logical_and(mask, allowed)
+  return mask, jnp.where(allowed, bias, jnp.zeros((), bias.dtype))
+
+
 def _group_query(query: jax.Array, num_kv_heads: int) -> jax.Array:
   """`[..., T, N, H]` -> `[..., T, K, G, H]` with N = K * G."""
   *lead, t, n, h = query.shape
@@ -91,14 +109,13 @@ def compute_logits(
     A `Logits` tuple.
   """
   query, key, _ = _checks.check_attention_inputs(query, key, key)
-  if scale is not None:
-    _checks.check_float_scalar("scale", scale)
+  _checks.check_scale(scale)
   if not isinstance(is_causal, bool):
     raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
   *batch, t, n, h = query.shape
   s, kh = key.shape[-3], key.shape[-2]
   logits_shape = (*batch, n, t, s)
-  mask, bias = _checks.check_mask_and_bias(mask, bias, logits_shape)
+  mask, bias = fold_neg_inf_bias(*_checks.check_mask_and_bias(mask, bias, logits_shape))
   dtype = compute_dtype(query.dtype, key.dtype)
   if scale is None:
     scale = 1.0 / float(h) ** 0.5

@@ -1,21 +1,25 @@
-"""The a-posteriori certificate: deterministic bounds from the top-(k+1) logits.
+"""The a-posteriori certificate: deterministic bounds from a kept set.
 
-For one attention row with logits `s_1 >= s_2 >= ... >= s_m` over its `m`
-admissible keys, let `H = sum_{j <= k} exp(s_j)` be the mass of the kept
-(top-k) set and `t` the softmax mass outside it. Every dropped logit is at
-most `s_{k+1}`, so
+The one lemma behind every selection's bound (`kept_set_tail_bound`): for
+one attention row, let `K` be ANY set of kept admissible keys with
+log-sum-exp `L_K = log sum_{j in K} exp(s_j)` of their logits, let `m` be
+the number of admissible keys outside `K` and `u` an upper bound on each of
+their logits. The softmax mass `t` outside `K` is `D / (e^{L_K} + D)` with
+`D = sum_{j not in K} exp(s_j) <= m e^u`, and `x -> x / (e^{L_K} + x)` is
+increasing, hence
 
-    t = T / (H + T)  with  T = sum_{j > k} exp(s_j) <= (m - k) exp(s_{k+1}),
+    t <= m e^u / (e^{L_K} + m e^u) = sigmoid(log m + u - L_K).
 
-and `x -> x / (H + x)` is increasing, hence
+Nothing in it depends on how `K` was chosen or on the sign of the scale: the
+exact top-k (`u` = the (k+1)-th logit), a block selection (`u` = the largest
+certified block bound among dropped blocks) and LSH (`u` = a bound on the
+logits never scored) all use this one function.
 
-    t <= (m - k) exp(s_{k+1}) / (H + (m - k) exp(s_{k+1})).
+With the exact error identity `o - o_K = t (mu_tail - mu_head)` (mu_head =
+o_K, the kept-set output, and mu_tail a convex combination of value rows) and
+any centre `c` with `R = max_j ||v_j - c||`,
 
-With the exact error identity `o - o_k = t (mu_tail - mu_head)` (mu_head = o_k,
-the top-k output, and mu_tail a convex combination of value rows) and any
-centre `c` with `R = max_j ||v_j - c||`,
-
-    ||o - o_k|| <= t (||o_k - c|| + R).
+    ||o - o_K|| <= t (||o_K - c|| + R).
 
 Both statements are proven in docs/theory.md. Nothing here is random: the
 certificate can never be violated (up to floating-point rounding).
@@ -31,10 +35,62 @@ from gsparse import _checks
 from gsparse._numerics import safe_norm
 
 
+def kept_set_tail_bound(
+  kept_lse: ArrayLike, dropped_upper: ArrayLike, num_dropped: ArrayLike
+) -> jax.Array:
+  """Upper bound on the softmax mass outside any kept set of a row.
+
+  Lemma (proof in docs/theory.md): let a row have logits `s_j` over its
+  admissible keys, `K` any subset of them with `L_K = log sum_{j in K}
+  exp(s_j)`, `m` the number of admissible keys outside `K`, and `u >= s_j`
+  for every admissible `j` outside `K`. Then the softmax mass outside `K`,
+  `t = sum_{j not in K} e^{s_j} / sum_j e^{s_j}`, satisfies
+
+      t <= m e^u / (e^{L_K} + m e^u) = sigmoid(log m + u - L_K).
+
+  Computed in log space (`sigmoid` of a difference of logs), so logits of any
+  size, of either sign, and any scale sign are safe. Edge cases, each what
+  the lemma gives or the only honest answer:
+
+  * `m == 0` or `u == -inf`: nothing with weight is dropped: exactly 0 (even
+    when `K` is empty too: a fully masked row).
+  * `L_K == -inf` (an empty kept set) with something dropped: 1.
+  * `u == +inf` with something dropped and `L_K` finite: 1.
+  * `L_K` NaN (a NaN logit or value reached the kept set) or `L_K == +inf`:
+    NaN; `u` NaN with `m > 0` (a NaN logit among the dropped keys): NaN. A NaN
+    output never gets a finite certificate.
+
+  Args:
+    kept_lse: `L_K`, the log-sum-exp of the kept logits.
+    dropped_upper: `u`, an upper bound on every dropped admissible logit.
+    num_dropped: `m >= 0`, the number of admissible keys not kept.
+
+  Returns:
+    The bound, in `[0, 1]` or NaN, broadcast over the arguments, in at least
+    float32.
+  """
+  kept_lse = jnp.asarray(kept_lse)
+  dtype = jnp.promote_types(jnp.result_type(kept_lse, dropped_upper), jnp.float32)
+  kept_lse = kept_lse.astype(dtype)
+  u = jnp.asarray(dropped_upper, dtype)
+  m = jnp.asarray(num_dropped, dtype)
+  has_tail = (m > 0) & (u != -jnp.inf)
+  log_tail = jnp.log(jnp.where(has_tail, m, 1.0)) + jnp.where(has_tail, u, 0.0)
+  finite_head = jnp.isfinite(kept_lse)
+  bound = jax.nn.sigmoid(log_tail - jnp.where(finite_head, kept_lse, 0.0))
+  bound = jnp.where(finite_head, bound, 1.0)  # L_K = -inf: only the tail has mass
+  bound = jnp.where(has_tail, bound, 0.0)
+  undefined = jnp.isnan(kept_lse) | (kept_lse == jnp.inf) | (jnp.isnan(u) & (m > 0))
+  return jnp.where(undefined, jnp.nan, bound)
+
+
 def tail_mass_certificate(
   head_logsumexp: ArrayLike, next_logit: ArrayLike, num_keys: ArrayLike, k: ArrayLike
 ) -> jax.Array:
   """Upper bound on the softmax mass outside the top-k set of a row.
+
+  `kept_set_tail_bound` for the exact top-k: the kept set is the top-k and
+  every dropped logit is at most the (k+1)-th, `s_{k+1}`.
 
   Args:
     head_logsumexp: `log sum_{j in top-k} exp(s_j)` (may be `-inf` for an empty row).
@@ -44,8 +100,9 @@ def tail_mass_certificate(
     k: number of kept keys.
 
   Returns:
-    The bound, in `[0, 1]`, broadcast over the arguments; exactly 0 when
-    `num_keys <= k` or `next_logit == -inf` (nothing with weight is dropped).
+    The bound, in `[0, 1]` (NaN for NaN data, see `kept_set_tail_bound`),
+    broadcast over the arguments; exactly 0 when `num_keys <= k` or
+    `next_logit == -inf` (nothing with weight is dropped).
 
   Example:
     Logits `(log 2, 0, 0)` and k = 1: the kept mass is `H = 2`, the two dropped
@@ -57,20 +114,8 @@ def tail_mass_certificate(
     >>> round(float(bound), 6)
     0.5
   """
-  head_logsumexp = jnp.asarray(head_logsumexp)
-  dtype = jnp.promote_types(head_logsumexp.dtype, jnp.float32)
-  head_logsumexp = head_logsumexp.astype(dtype)
-  next_logit = jnp.asarray(next_logit, dtype)
-  dropped = jnp.asarray(num_keys, dtype) - jnp.asarray(k, dtype)
-  # A (k+1)-th logit of -inf (a -inf bias) means every dropped key has zero
-  # weight: the tail is exactly empty even if the kept set is empty as well.
-  has_tail = (dropped > 0) & (next_logit != -jnp.inf)
-  log_tail = jnp.log(jnp.where(has_tail, dropped, 1.0)) + jnp.where(has_tail, next_logit, 0.0)
-  head = jnp.where(has_tail & jnp.isfinite(head_logsumexp), head_logsumexp, 0.0)
-  bound = jax.nn.sigmoid(log_tail - head)
-  bound = jnp.where(jnp.isfinite(head_logsumexp), bound, 1.0)
-  bound = jnp.where(jnp.isnan(head_logsumexp) | jnp.isnan(next_logit), jnp.nan, bound)
-  return jnp.where(has_tail, bound, 0.0)
+  dropped = jnp.asarray(num_keys) - jnp.asarray(k)
+  return kept_set_tail_bound(head_logsumexp, next_logit, jnp.maximum(dropped, 0))
 
 
 def value_center_and_radius(value: ArrayLike) -> tuple[jax.Array, jax.Array]:

@@ -41,7 +41,7 @@ entries), else "xla".
 from __future__ import annotations
 
 import functools
-from typing import NamedTuple
+from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +50,10 @@ from jax.typing import ArrayLike
 from gsparse import _checks
 from gsparse.attention import compute_dtype, masked_softmax_lse
 
-IMPLEMENTATIONS = (None, "xla", "pallas")
+Implementation = Literal["xla", "masked", "pallas"]
+# Every value `implementation=` takes, in gsparse.topk_attention, the gathers
+# and gsparse.flax alike; `resolve_implementation` is the one check.
+IMPLEMENTATIONS = (None, *get_args(Implementation))
 
 
 class GatherResult(NamedTuple):
@@ -83,8 +86,12 @@ class BlockGatherResult(NamedTuple):
   logsumexp: jax.Array
 
 
-def resolve_implementation(implementation: str | None) -> str:
-  """Checks `implementation` and resolves None: "pallas" on GPU/TPU, else "xla"."""
+def resolve_implementation(implementation: Implementation | None) -> Implementation:
+  """The one check of `implementation=`: resolves None to "pallas" on GPU/TPU, else "xla".
+
+  Raises:
+    ValueError: a value outside `IMPLEMENTATIONS`; the message lists them all.
+  """
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"implementation={implementation!r} must be one of {IMPLEMENTATIONS}")
   if implementation is None:
@@ -142,7 +149,9 @@ def gather_kv(x: jax.Array, indices: jax.Array) -> jax.Array:
 
   Args:
     x: `[batch..., S, K, D]` keys or values.
-    indices: `[batch..., T, N, k]` in `[0, S)`; N a multiple of K.
+    indices: `[batch..., T, N, k]` in `[0, S)`, or negative for "no key": that
+      slot gets a zero row, never another key's row (a NaN there would reach
+      the output as `0 * NaN`, and every gradient through it); N a multiple of K.
 
   Returns:
     `[batch..., T, N, k, D]`.
@@ -150,12 +159,13 @@ def gather_kv(x: jax.Array, indices: jax.Array) -> jax.Array:
   *batch, s, kh, dd = x.shape
   t, n, k = indices.shape[-3:]
   g = n // kh
+  listed = (indices >= 0)[..., None]
   xt = jnp.swapaxes(x, -3, -2)  # [..., K, S, D]
-  idx = jnp.moveaxis(indices, -3, -2)  # [..., N, T, k]
+  idx = jnp.moveaxis(jnp.maximum(indices, 0), -3, -2)  # [..., N, T, k]
   idx = idx.reshape(*batch, kh, g * t * k)
   out = jnp.take_along_axis(xt, idx[..., None], axis=-2, mode="clip")  # [..., K, G*T*k, D]
   out = out.reshape(*batch, kh, g, t, k, dd).reshape(*batch, n, t, k, dd)
-  return jnp.moveaxis(out, -4, -3)  # [..., T, N, k, D]
+  return jnp.where(listed, jnp.moveaxis(out, -4, -3), jnp.zeros((), x.dtype))  # [..., T, N, k, D]
 
 
 def sparse_gather_attention_xla(
@@ -170,9 +180,8 @@ def sparse_gather_attention_xla(
   """XLA reference implementation; `indices` already de-duplicated (-1 = masked)."""
   dtype = compute_dtype(query.dtype, key.dtype, value.dtype)
   valid = indices >= 0
-  safe = jnp.where(valid, indices, 0)
-  kg = gather_kv(key, safe)  # [..., T, N, k, H]
-  vg = gather_kv(value, safe)  # [..., T, N, k, Hv]
+  kg = gather_kv(key, indices)  # [..., T, N, k, H], zero rows at -1
+  vg = gather_kv(value, indices)  # [..., T, N, k, Hv]
   logits = jnp.einsum(
     "...tnh,...tnkh->...tnk", query, kg, precision=precision, preferred_element_type=dtype
   ).astype(dtype)
@@ -311,7 +320,7 @@ def sparse_gather_attention(
   scale: float | None = None,
   assume_unique: bool = False,
   return_residuals: bool = False,
-  implementation: str | None = None,
+  implementation: Implementation | None = None,
   precision=None,
   block_sizes=None,
 ):
@@ -344,8 +353,7 @@ def sparse_gather_attention(
   """
   query, key, value = _checks.check_attention_inputs(query, key, value)
   indices = check_indices(indices, query.shape)
-  if scale is not None:
-    _checks.check_float_scalar("scale", scale)
+  _checks.check_scale(scale)
   if bias is not None:
     bias = _checks.check_float_array("bias", bias)
     if bias.shape != indices.shape:
@@ -353,14 +361,18 @@ def sparse_gather_attention(
   s = key.shape[-3]
   if implementation is None:
     implementation = _auto_token_implementation(query, key, value, indices.shape[-1], scale)
-  elif implementation != "masked":
-    implementation = resolve_implementation(implementation)
+  implementation = resolve_implementation(implementation)
   if implementation == "pallas":
     _check_kernel_inputs(query, key, value)
+    if query.size == 0:  # an empty grid: nothing to compute, the XLA path gives the shapes
+      implementation = "xla"
   scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
   idx = jnp.where((indices >= 0) & (indices < s), indices, -1).astype(jnp.int32)
   if not assume_unique:
     idx = dedup_indices(idx, s)
+  if bias is not None:  # a -inf bias is exactly a masked slot (never NaN from inf - inf)
+    idx = jnp.where(bias == -jnp.inf, -1, idx)
+    bias = jnp.where(bias == -jnp.inf, jnp.zeros((), bias.dtype), bias)
   if implementation == "xla":
     res = sparse_gather_attention_xla(query, key, value, idx, bias, scale, precision)
   elif implementation == "masked":
@@ -374,9 +386,18 @@ def _flatten_batch(x: jax.Array, trailing: int) -> jax.Array:
   return x.reshape((-1,) + x.shape[x.ndim - trailing :])
 
 
+def _nonempty_value(value: jax.Array) -> jax.Array:
+  """`value`, or one zero column when Hv = 0 (a kernel block cannot be empty)."""
+  if value.shape[-1]:
+    return value
+  return jnp.zeros((*value.shape[:-1], 1), value.dtype)
+
+
 def _sparse_gather_pallas(query, key, value, idx, bias, scale, block_sizes) -> GatherResult:
   from gsparse.kernels import sparse_gather as kernels
 
+  hv = value.shape[-1]
+  value = _nonempty_value(value)
   if block_sizes is None:
     block_sizes = kernels.BlockSizes()
   variant, interpret = kernels.default_variant()
@@ -397,7 +418,7 @@ def _sparse_gather_pallas(query, key, value, idx, bias, scale, block_sizes) -> G
   # that error would reach every weight.
   w = masked_softmax_lse(logits, _flatten_batch(idx, 3) >= 0)[0]
   return GatherResult(
-    out.reshape(*batch, *out.shape[1:]),
+    out.reshape(*batch, *out.shape[1:])[..., :hv],
     lse.reshape(*batch, *lse.shape[1:]),
     w.reshape(*batch, *w.shape[1:]),
   )
@@ -452,7 +473,7 @@ def block_sparse_gather_attention_xla(
   slot_valid = (block_indices >= 0)[..., None] & (pos < s)
   pos = pos.reshape(*pos.shape[:-2], nb * block_k)  # [..., Tb, N, m]
   slot_valid = slot_valid.reshape(pos.shape)
-  safe = jnp.where(slot_valid, pos, 0)
+  safe = jnp.where(slot_valid, pos, -1)  # -1: a zero row
   kg = gather_kv(key, safe)  # [..., Tb, N, m, H]
   vg = gather_kv(value, safe)
   qb = q.reshape(*batch, tb, block_q, n, h)
@@ -466,7 +487,7 @@ def block_sparse_gather_attention_xla(
     valid = valid & (pos[..., :, None, :, :] <= qpos)
   w, lse = masked_softmax_lse(logits, valid)
   out = jnp.einsum("...tqnm,...tnmv->...tqnv", w, vg.astype(dtype), precision=precision)
-  out = out.reshape(*batch, tp, n, -1)[..., :t, :, :]
+  out = out.reshape(*batch, tp, n, value.shape[-1])[..., :t, :, :]
   lse = lse.reshape(*batch, tp, n)[..., :t, :]
   return BlockGatherResult(out.astype(query.dtype), lse)
 
@@ -498,7 +519,7 @@ def block_sparse_gather_attention(
   is_causal: bool = False,
   assume_unique: bool = False,
   return_residuals: bool = False,
-  implementation: str | None = None,
+  implementation: Implementation | None = None,
   precision=None,
 ):
   """Attention in which every query block attends to its own list of key blocks.
@@ -533,13 +554,19 @@ def block_sparse_gather_attention(
   block_indices = check_block_indices(block_indices, query.shape, block_q)
   if not isinstance(is_causal, bool):
     raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-  if scale is not None:
-    _checks.check_float_scalar("scale", scale)
+  _checks.check_scale(scale)
   if implementation is None:
     implementation = _auto_block_implementation(query, key, value, block_q, block_k, scale)
   implementation = resolve_implementation(implementation)
+  if implementation == "masked":
+    raise ValueError(
+      'implementation="masked" is token level only; block_sparse_gather_attention takes '
+      'None, "xla" or "pallas"'
+    )
   if implementation == "pallas":
     _check_kernel_inputs(query, key, value)
+    if query.size == 0:  # an empty grid: nothing to compute, the XLA path gives the shapes
+      implementation = "xla"
   scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
   nkb = -(-key.shape[-3] // block_k)
   bidx = block_indices.astype(jnp.int32)
@@ -566,7 +593,7 @@ def block_sparse_gather_attention(
     out, lse = kernels.block_gather_attention(
       _flatten_batch(query, 3),
       _flatten_batch(key, 3),
-      _flatten_batch(value, 3),
+      _flatten_batch(_nonempty_value(value), 3),
       _flatten_batch(bidx, 3),
       block_q=block_q,
       block_k=block_k,
@@ -576,6 +603,7 @@ def block_sparse_gather_attention(
       interpret=interpret,
     )
     res = BlockGatherResult(
-      out.reshape(*batch, *out.shape[1:]), lse.reshape(*batch, *lse.shape[1:])
+      out.reshape(*batch, *out.shape[1:])[..., : value.shape[-1]],
+      lse.reshape(*batch, *lse.shape[1:]),
     )
   return res if return_residuals else res.output

@@ -64,6 +64,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from gsparse import _checks
+from gsparse._numerics import finish_top_k
 from gsparse._numerics import sortable_int32 as _sortable
 from gsparse._numerics import top_k as _top_k
 from gsparse._numerics import top_k_or as _top_k_or
@@ -345,20 +346,6 @@ def _rows_logits(qc, kmat, bc, mc, row0, *, s, sp, scale, is_causal, dtype, prec
   return jnp.where(valid, logits, neg), jnp.sum(valid, axis=-1, dtype=jnp.int32)
 
 
-def _finish(vals, idx, k):
-  """top_k output `[.., kk]` -> (indices `[.., k]` with -1, next logit `[..]`)."""
-  kk = vals.shape[-1]
-  ok = vals > -jnp.inf
-  idx = jnp.where(ok, idx, -1).astype(jnp.int32)
-  if kk > k:
-    nxt = jnp.where(ok[..., k], vals[..., k], -jnp.inf)
-    idx = idx[..., :k]
-  else:
-    nxt = jnp.full(vals.shape[:-1], -jnp.inf, vals.dtype)
-    idx = _pad_axis(idx, k, idx.ndim - 1, -1)
-  return idx, nxt
-
-
 def auto_key_block(s: int, k: int) -> int:
   """Block size about `sqrt(S / (k + 1))`, a power of two in [1, 64]."""
   b = math.sqrt(s / (k + 1))
@@ -513,14 +500,15 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
       vals, idx = _top_k_or(logits, kk, by_blocks)
     else:
       vals, idx = by_blocks(logits)
-    idx, nxt = _finish(vals, idx, k)
+    idx, nxt = finish_top_k(vals, idx, k)
     if vmat is None:
       return idx, nxt, num
-    # Attend with the kept logits (no second gather of the keys); autodiff of
-    # top_k's values gives the gradient of the kept logits.
+    # Attend with the kept logits read back (their forward values are top_k's);
+    # the gradient flows through the kept keys only (`_kept_logit_grad_path`).
     ok = idx >= 0
     safe = jnp.where(ok, idx, 0)
-    kept = jnp.take_along_axis(logits, safe, axis=1)  # the top_k values, read back
+    kept = jnp.take_along_axis(jax.lax.stop_gradient(logits), safe, axis=1)
+    kept = kept + _kept_logit_grad_path(qc, kmat, bc, safe, ok, scale, dtype, precision)
     w, lse = masked_softmax_lse(kept, ok)
     vg = jnp.take(vmat, jnp.where(ok, idx, 0), axis=0, mode="clip").astype(dtype)
     out = jnp.einsum("tk,tkv->tv", w, vg, precision=precision)
@@ -528,6 +516,26 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
 
   outs = jax.lax.map(body, xs)
   return tuple(o.reshape(tp, *o.shape[2:])[:t] for o in outs)
+
+
+def _kept_logit_grad_path(qc, kmat, bc, safe, ok, scale, dtype, precision):
+  """Zero in the forward; in the backward, the gradient of the kept logits.
+
+  The kept logits are recomputed from the `[c, k]` kept keys, `e`, and
+  `e - stop_gradient(e)` is added: its value is 0 (NaN only where the kept
+  logit is NaN or infinite, a row that is NaN anyway), its gradient that of
+  the kept logits. Differentiating the `[c, S]` logit matrix instead would
+  send `0 * k_j` into dq for every key, and a NaN key the row does not keep
+  (masked, `-inf` bias) would make dq NaN.
+  """
+  kg = jnp.where(ok[..., None], jnp.take(kmat, safe, axis=0), 0)  # [c, k, H]
+  e = jnp.einsum("th,tkh->tk", qc, kg, precision=precision, preferred_element_type=dtype)
+  e = e.astype(dtype) * jnp.asarray(scale, dtype)
+  if bc is not None:
+    bfull = jnp.broadcast_to(bc, (safe.shape[0], kmat.shape[0])).astype(dtype)
+    e = e + jnp.take_along_axis(bfull, safe, axis=1)
+  e = jnp.where(ok, e, 0)
+  return e - jax.lax.stop_gradient(e)
 
 
 # ----------------------------------------------------------------------------
@@ -616,7 +624,7 @@ def _block_head(q, kmat, mask, bias, *, k, scale, is_causal, cfg, precision):
       ok = jnp.take_along_axis(valid_cols, pos, axis=-1)
     logits = jnp.where(ok, logits, -inf)
     vals, p = _top_k(logits, kk)
-    idx, nxt = _finish(vals, jnp.take_along_axis(pos, p, axis=-1), k)
+    idx, nxt = finish_top_k(vals, jnp.take_along_axis(pos, p, axis=-1), k)
     if kk <= k:  # every candidate kept: no candidate bound
       nxt = jnp.full_like(nxt, -inf)
     nxt = jnp.maximum(nxt, drop_bound)
@@ -734,25 +742,10 @@ def _lsh_head(q, kmat, mask, bias, proj, sample_key, *, k, scale, is_causal, cfg
   sc = jnp.where(ok, sc, neg)
   kk = min(k + 1, sc.shape[1])
   vals, p = _top_k(sc, kk)
-  idx, nxt = _finish(vals, jnp.take_along_axis(cand_idx, p, axis=-1), k)
+  idx, nxt = finish_top_k(vals, jnp.take_along_axis(cand_idx, p, axis=-1), k)
   if kk <= k:
     nxt = jnp.full_like(nxt, neg)
-  # Admissible-key count of each row.
-  if mask is None:
-    num = jnp.full((t,), s, jnp.int32)
-    if is_causal:
-      num = jnp.minimum(rows + 1, s).astype(jnp.int32)
-  else:
-    mrow = jnp.broadcast_to(mask, (t, s))
-    if is_causal:
-      mrow = mrow & (jnp.arange(s)[None, :] <= rows[:, None])
-    num = jnp.sum(mrow, axis=-1, dtype=jnp.int32)
-  # Certified cap on the logits never scored (Cauchy-Schwarz; loose but valid).
-  qn = jnp.sqrt(jnp.sum(q.astype(dtype) ** 2, -1))
-  kn = jnp.max(jnp.sqrt(jnp.sum(kmat.astype(dtype) ** 2, -1)))
-  cap = scale_ * qn * kn * (1 + 1e-5) + 1e-30
-  if bias is not None:
-    cap = cap + jnp.max(jnp.broadcast_to(bias, (t, s)).astype(dtype), axis=-1)
+  num, cap = _lsh_unscored_cap(q, kmat, mask, bias, scale=scale_, is_causal=is_causal)
   nxt = jnp.maximum(nxt, cap)
   log_rest = jnp.full((t,), neg)
   if cfg.normalizer_samples > 0:
@@ -777,6 +770,37 @@ def _lsh_head(q, kmat, mask, bias, proj, sample_key, *, k, scale, is_causal, cfg
       precision=precision,
     )
   return idx, nxt, num, log_rest
+
+
+def _lsh_unscored_cap(q, kmat, mask, bias, *, scale, is_causal):
+  """`(num [T] admissible keys per row, cap [T])`: `cap` bounds every admissible logit.
+
+  Cauchy-Schwarz, `|scale q.k| <= |scale| ||q|| max_j ||k_j||`, valid for
+  either sign of the scale (loose but certified), plus the largest admissible
+  bias of the row. A NaN key that the row may attend to makes its cap NaN
+  (the row's attention is then NaN, as dense); a NaN key the row cannot
+  attend to is ignored.
+  """
+  t, s = q.shape[0], kmat.shape[0]
+  dtype = scale.dtype
+  rows = jnp.arange(t)
+  adm = None  # [T, S] admissibility, None when every key is admissible
+  if mask is not None:
+    adm = jnp.broadcast_to(mask, (t, s))
+  if is_causal:
+    causal = jnp.arange(s)[None, :] <= rows[:, None]
+    adm = causal if adm is None else adm & causal
+  num = jnp.full((t,), s, jnp.int32) if adm is None else jnp.sum(adm, -1, dtype=jnp.int32)
+  knorm = jnp.sqrt(jnp.sum(kmat.astype(dtype) ** 2, -1))  # [S], NaN for a NaN key
+  key_nan = jnp.isnan(knorm)
+  kn = jnp.max(jnp.where(key_nan, 0.0, knorm))
+  qn = jnp.sqrt(jnp.sum(q.astype(dtype) ** 2, -1))
+  cap = jnp.abs(scale) * qn * kn * (1 + 1e-5) + 1e-30
+  if bias is not None:
+    bfull = jnp.broadcast_to(bias, (t, s)).astype(dtype)
+    cap = cap + jnp.max(bfull if adm is None else jnp.where(adm, bfull, -jnp.inf), axis=-1)
+  reach_nan = jnp.any(key_nan) if adm is None else jnp.any(adm & key_nan[None, :], axis=-1)
+  return num, jnp.where(reach_nan, jnp.nan, cap)
 
 
 def _at(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
@@ -886,6 +910,7 @@ def select(
     A `SelectionResult` in the `[batch..., T, N, *]` layout.
   """
   s = key.shape[-3]
+  k = min(k, s)  # k > S keeps every key: no S-sized padding of a huge k
   common = dict(k=k, scale=scale, is_causal=is_causal, cfg=config, precision=precision)
   if isinstance(config, ExactSelection):
     out = _map_heads(lambda *a: _exact_head(*a, **common), query, key, mask, bias, value=value)

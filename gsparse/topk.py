@@ -18,21 +18,29 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from gsparse import _checks
+from gsparse._numerics import finish_top_k
 from gsparse._numerics import top_k as _top_k
-from gsparse.attention import compute_logits
-from gsparse.certificate import output_error_certificate, tail_mass_certificate
-from gsparse.gather import resolve_implementation, sparse_gather_attention
-from gsparse.selection import ExactSelection, gather_bias, resolve_selection, select
+from gsparse.attention import compute_logits, fold_neg_inf_bias
+from gsparse.certificate import kept_set_tail_bound, output_error_certificate
+from gsparse.gather import Implementation, resolve_implementation, sparse_gather_attention
+from gsparse.selection import (
+  ExactSelection,
+  LSHSelection,
+  gather_bias,
+  resolve_selection,
+  select,
+)
 
 SELECTIONS = ("full", "exact", "block", "lsh")
+DEFAULT_SELECTION = "full"
 
 
 class TopKSelection(NamedTuple):
   """Selected keys per query.
 
   Attributes:
-    indices: `[batch..., T, N, k]` int32 key positions, -1 where the row has
-      fewer than k admissible keys.
+    indices: `[batch..., T, N, min(k, S)]` int32 key positions, -1 where the
+      row has fewer admissible keys (a `-inf` logit is never listed).
     next_logit: `[batch..., T, N]` the (k+1)-th largest admissible logit, or
       `-inf` when there is none (used by the certificate).
     num_keys: `[batch..., T, N]` int32 number of admissible keys of the row.
@@ -47,10 +55,11 @@ class TopKStats(NamedTuple):
   """Diagnostics returned by `topk_attention(..., return_stats=True)`.
 
   Attributes:
-    indices: `[batch..., T, N, k]` selected key positions (-1 = none).
+    indices: `[batch..., T, N, min(k, S)]` selected key positions (-1 = none).
     logsumexp: `[batch..., T, N]` log normaliser over the kept keys.
     tail_mass_bound: `[batch..., T, N]` certified upper bound on the softmax mass
-      of the dropped keys (see `gsparse.certificate`).
+      of the dropped keys (`gsparse.certificate.kept_set_tail_bound`); NaN
+      for a row whose output is NaN.
     error_bound: `[batch..., T, N]` certified upper bound on
       `||dense_output - topk_output||_2`.
   """
@@ -64,28 +73,19 @@ class TopKStats(NamedTuple):
 def select_topk_full(logits: jax.Array, valid: jax.Array | None, k: int) -> TopKSelection:
   """Exact top-k selection from a materialised `[batch..., N, T, S]` logit matrix.
 
-  Returns indices laid out `[batch..., T, N, k]`. Ties are broken towards the
-  lower key index (as `jax.lax.top_k`).
+  Returns indices laid out `[batch..., T, N, min(k, S)]`. Ties are broken
+  towards the lower key index (as `jax.lax.top_k`); NaN logits rank first and
+  `-inf` logits are never listed (`finish_top_k`, shared by every selection).
   """
   s = logits.shape[-1]
-  kk = min(k + 1, s)
-  neg = jnp.asarray(-jnp.inf, logits.dtype)
-  masked = logits if valid is None else jnp.where(valid, logits, neg)
-  vals, idx = _top_k(masked, kk)
+  k = min(k, s)
+  masked = logits if valid is None else jnp.where(valid, logits, -jnp.inf)
+  vals, idx = _top_k(masked, min(k + 1, s))
   if valid is None:
     num_keys = jnp.full(logits.shape[:-1], s, jnp.int32)
-    sel_valid = jnp.ones(idx.shape, bool)
   else:
     num_keys = jnp.sum(valid, axis=-1, dtype=jnp.int32)
-    sel_valid = jnp.take_along_axis(valid, idx, axis=-1)
-  idx = jnp.where(sel_valid, idx, -1).astype(jnp.int32)
-  if kk > k:
-    next_logit = jnp.where(sel_valid[..., k], vals[..., k], neg)
-    idx = idx[..., :k]
-  else:
-    next_logit = jnp.full(vals.shape[:-1], neg)
-  if idx.shape[-1] < k:  # S < k: pad with "no key".
-    idx = jnp.pad(idx, [(0, 0)] * (idx.ndim - 1) + [(0, k - idx.shape[-1])], constant_values=-1)
+  idx, next_logit = finish_top_k(vals, idx, k)
   # [..., N, T, *] -> [..., T, N, *]
   return TopKSelection(
     jnp.swapaxes(idx, -3, -2), jnp.swapaxes(next_logit, -2, -1), jnp.swapaxes(num_keys, -2, -1)
@@ -102,11 +102,11 @@ def topk_attention(
   k: int,
   scale: float | None = None,
   is_causal: bool = False,
-  selection="full",
+  selection=DEFAULT_SELECTION,
   selection_key: ArrayLike | None = None,
   return_stats: bool = False,
   precision=None,
-  implementation: str | None = None,
+  implementation: Implementation | None = None,
 ):
   """Top-k attention in the layout of `jax.nn.dot_product_attention`.
 
@@ -119,7 +119,8 @@ def topk_attention(
     value: `[batch..., S, K, Hv]`.
     bias: optional, broadcastable to `[batch..., N, T, S]`.
     mask: optional boolean, broadcastable to `[batch..., N, T, S]`; True keeps.
-    k: number of keys kept per query, a Python int >= 1 (static).
+    k: number of keys kept per query, a Python int >= 1 (static); values
+      above S are clipped to S (dense attention), however large.
     scale: logit scale; default `1 / sqrt(H)`.
     is_causal: top-left aligned causal mask.
     selection: how keys are selected (static): "full" materialises the logit
@@ -136,11 +137,15 @@ def topk_attention(
     precision: einsum precision.
     implementation: how the selected keys are gathered, passed to
       `gsparse.sparse_gather_attention`: None (Pallas kernel on GPU/TPU, XLA
-      elsewhere), "xla" or "pallas".
+      elsewhere), "xla", "masked" or "pallas".
 
   Returns:
     `[batch..., T, N, Hv]` output in `query.dtype`, or `(output, TopKStats)`
-    when `return_stats=True`. Fully masked rows give zeros.
+    when `return_stats=True` (`stats.indices` has `min(k, S)` slots). Fully
+    masked rows give zeros; NaN, `-inf` and `+inf` follow one semantics on
+    every route (docs/errors.md): a `-inf` bias is exactly `mask=False`, a
+    NaN that an admissible key brings in makes the row and its certificate
+    NaN. Empty inputs (T, batch or Hv of 0) give empty results.
 
   Example:
     >>> import jax, gsparse
@@ -193,6 +198,11 @@ def topk_attention(
       implementation=implementation,
     )
     topk_out, lse_k = res.output, res.logsumexp
+  # A NaN bound on the dropped logits means a NaN logit among the admissible
+  # keys not kept (LSH never scores some keys): the row is NaN, as dense.
+  undefined = jnp.isnan(sel.next_logit) & (sel.num_keys > _num_kept(sel))
+  topk_out = jnp.where(undefined[..., None], jnp.nan, topk_out).astype(topk_out.dtype)
+  lse_k = jnp.where(undefined, jnp.nan, lse_k)
   output = topk_out
   if log_rest is not None:  # LSH normaliser correction: rescale by H / (H + rest).
     lse = jnp.logaddexp(lse_k, log_rest)
@@ -214,10 +224,10 @@ def select_keys(
   k: int,
   scale: float | None = None,
   is_causal: bool = False,
-  selection="full",
+  selection=DEFAULT_SELECTION,
   selection_key: ArrayLike | None = None,
   precision=None,
-  implementation: str | None = None,
+  implementation: Implementation | None = None,
 ) -> TopKSelection:
   """The keys `topk_attention` would keep, without attending over them.
 
@@ -263,21 +273,24 @@ def _select(
 ):
   """`(TopKSelection, LSH log_rest or None, (output, logsumexp) or (None, None))`;
   the last is filled when `attend` and the selection attended in its own pass."""
-  k = _checks.check_int("k", k, minimum=1)
+  k = min(_checks.check_int("k", k, minimum=1), key.shape[-3])  # k > S is dense: clip
   config = resolve_selection(selection)
-  if config == "full":
+  impl = resolve_implementation(implementation)
+  _checks.check_prng_key("selection_key", selection_key)
+  if isinstance(config, LSHSelection) and selection_key is None:
+    raise ValueError("selection 'lsh' needs a PRNG key: pass selection_key=jax.random.key(...)")
+  if config == "full" or query.size == 0:  # nothing to select in an empty query
     lg = compute_logits(
       query, key, bias, mask, scale=scale, is_causal=is_causal, precision=precision
     )
     return select_topk_full(lg.logits, lg.valid, k), None, (None, None)
-  if scale is not None:
-    _checks.check_float_scalar("scale", scale)
+  _checks.check_scale(scale)
   if not isinstance(is_causal, bool):
     raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
   *batch, t, n, h = query.shape
   mask, bias = _checks.check_mask_and_bias(mask, bias, (*batch, n, t, key.shape[-3]))
-  xla = resolve_implementation(implementation) == "xla"
-  fused = attend and isinstance(config, ExactSelection) and xla
+  mask, bias = fold_neg_inf_bias(mask, bias)
+  fused = attend and isinstance(config, ExactSelection) and impl == "xla"
   res_sel = select(
     config,
     query,
@@ -297,12 +310,21 @@ def _select(
   return sel, res_sel.log_rest, (res_sel.output, res_sel.logsumexp)
 
 
+def _num_kept(sel: TopKSelection) -> jax.Array:
+  """Keys actually kept per row (<= k: fewer when a row has fewer admissible
+  keys or an approximate selection found fewer)."""
+  return jnp.sum(sel.indices >= 0, axis=-1, dtype=jnp.int32)
+
+
 def selection_tail_bound(sel: TopKSelection, logsumexp: jax.Array) -> jax.Array:
-  """Certified dropped softmax mass of `sel`, from the log-sum-exp over its kept keys."""
-  # The number actually kept (<= k; fewer when a row has fewer admissible keys or an
-  # approximate selection found fewer), so the dropped count num_keys - kept is exact.
-  kept = jnp.sum(sel.indices >= 0, axis=-1, dtype=jnp.int32)
-  return tail_mass_certificate(logsumexp, sel.next_logit, sel.num_keys, kept)
+  """Certified dropped softmax mass of `sel`, from the log-sum-exp over its kept keys.
+
+  Every selection goes through `gsparse.certificate.kept_set_tail_bound`:
+  the kept set is whatever `sel.indices` lists, `sel.next_logit` bounds every
+  dropped admissible logit and `num_keys - kept` counts the dropped keys.
+  """
+  dropped = sel.num_keys - _num_kept(sel)
+  return kept_set_tail_bound(logsumexp, sel.next_logit, dropped)
 
 
 def topk_stats(

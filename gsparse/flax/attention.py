@@ -37,7 +37,7 @@ from jax.typing import ArrayLike
 import gsparse.topk as _topk
 from gsparse import _checks
 from gsparse.flax.policies import CertifiedK, KPolicy, as_policy
-from gsparse.gather import gather_kv, sparse_gather_attention
+from gsparse.gather import gather_kv, resolve_implementation, sparse_gather_attention
 from gsparse.selection import ExactSelection, resolve_selection
 
 
@@ -80,23 +80,17 @@ def check_topk_kwargs(kwargs: dict[str, Any]) -> None:
       raise TypeError(
         f"{name}={value!r}: the installed gsparse.topk_attention has no argument {name!r}"
       )
-  # Names are checked here; other values (a selection config object) by topk_attention.
-  selections = getattr(_topk, "SELECTIONS", None)
-  selection = kwargs.get("selection")
-  if isinstance(selection, str) and selections is not None and selection not in selections:
-    raise ValueError(f"selection={selection!r} must be one of {selections}")
-  impls = getattr(_topk, "IMPLEMENTATIONS", None)
-  impl = kwargs.get("implementation")
-  if isinstance(impl, str) and impls is not None and impl not in impls:
-    raise ValueError(f"implementation={impl!r} must be one of {impls}")
+  # Values through the resolvers topk_attention itself uses: one check, one message.
+  if "selection" in kwargs:
+    resolve_selection(kwargs["selection"])
+  if "implementation" in kwargs:
+    resolve_implementation(kwargs["implementation"])
 
 
 def _gather_kwargs(topk_kwargs: dict[str, Any]) -> dict[str, Any]:
-  """The `implementation` for `sparse_gather_attention`, when both accept one."""
+  """The `implementation` for `sparse_gather_attention`, when one was given."""
   impl = topk_kwargs.get("implementation")
-  if impl is None or "implementation" not in inspect.signature(sparse_gather_attention).parameters:
-    return {}
-  return {"implementation": impl}
+  return {} if impl is None else {"implementation": impl}
 
 
 def _gather_bias(bias, indices: jax.Array, logits_shape: tuple[int, ...]) -> jax.Array | None:
@@ -266,8 +260,7 @@ def sparse_attention(
     tail_k = _topk.selection_tail_bound(sel, pre.logsumexp)
     # "full" and "exact" return the slots in decreasing logit order: keep the
     # first k slots, with no sort. Other selections: keep the k heaviest.
-    default = inspect.signature(_topk.topk_attention).parameters["selection"].default
-    in_order = _slots_in_logit_order(topk_kwargs.get("selection", default))
+    in_order = _slots_in_logit_order(topk_kwargs.get("selection", _topk.DEFAULT_SELECTION))
     num_kept, tail = certified_num_keys(
       pre.weights, tail_k, policy.candidates(s), policy.tol, in_slot_order=in_order
     )

@@ -264,10 +264,10 @@ def gather_backward_xla(
   tb, m = pos.shape[1], pos.shape[3]
   bq = block_q
   f32 = jnp.float32
-  safe = jnp.where(slot_valid, pos, 0)
-  # Gathered rows stay in the input dtype; products accumulate in float32.
-  kg = gather_kv(k, safe)  # [B, Tb, N, m, H]
-  vg = gather_kv(v, safe)
+  # Gathered rows stay in the input dtype (zero rows at invalid slots, so a
+  # NaN key or value elsewhere never enters); products accumulate in float32.
+  kg = gather_kv(k, jnp.where(slot_valid, pos, -1))  # [B, Tb, N, m, H]
+  vg = gather_kv(v, jnp.where(slot_valid, pos, -1))
   qb = q.reshape(b, tb, bq, n, h)
   dot = functools.partial(jnp.einsum, preferred_element_type=f32)
   s = dot("btqnh,btnmh->btqnm", qb, kg) * scale
@@ -278,6 +278,9 @@ def gather_backward_xla(
     qpos = (jnp.arange(tb)[:, None] * bq + jnp.arange(bq)[None, :])[None, :, :, None, None]
     valid = valid & (pos[:, :, None] <= qpos)
   lse_b = lse.reshape(b, tb, bq, n, 1)
+  # A row with nothing kept (lse = -inf, e.g. all slots at -inf logits) has
+  # p = 0, not exp(-inf - -inf) = NaN; a NaN lse still propagates.
+  valid = valid & (lse_b != -jnp.inf)
   p = jnp.where(valid, jnp.exp(jnp.where(valid, s - lse_b, 0.0)), 0.0)
   dob = do.reshape(b, tb, bq, n, -1)
   dp = dot("btqnv,btnmv->btqnm", dob, vg)
@@ -327,7 +330,8 @@ def _token_kernel_gpu(
       idx = idx_ref[i, sl]
       valid = idx >= 0
       safe = jnp.where(valid, idx, 0)
-      kr = k_ref[safe, :].astype(f32)  # gathered rows [chunk, H], on chip only
+      # gathered rows [chunk, H], on chip only; zero at masked slots (0 * NaN)
+      kr = jnp.where(valid[:, None], k_ref[safe, :].astype(f32), 0.0)
       s = jnp.sum(kr * q[None, :], axis=1) * scale + bias_ref[i, sl].astype(f32)
       s = jnp.where(valid, s, -jnp.inf)
       s_ref[i, sl] = s
@@ -335,13 +339,13 @@ def _token_kernel_gpu(
       m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
       alpha = jnp.exp(m - m_safe)
       p = jnp.exp(s - m_safe)
-      vr = v_ref[safe, :].astype(f32)
+      vr = jnp.where(valid[:, None], v_ref[safe, :].astype(f32), 0.0)
       acc = acc * alpha + jnp.sum(p[:, None] * vr, axis=0)
       return m_new, denom * alpha + jnp.sum(p), acc
 
     init = (jnp.full((), -jnp.inf, f32), jnp.zeros((), f32), jnp.zeros((hv,), f32))
     m, denom, acc = lax.fori_loop(0, kp // chunk, chunk_body, init)
-    ok = denom > 0
+    ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
     l_safe = jnp.where(ok, denom, 1.0)
     o_ref[i, :] = jnp.where(ok, acc / l_safe, 0.0).astype(o_ref.dtype)
     lse_ref[i] = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)
@@ -459,7 +463,7 @@ def _token_kernel_tpu(
     m_safe = jnp.where(m == -jnp.inf, 0.0, m)
     p = jnp.exp(s - m_safe)
     denom = jnp.sum(p, axis=-1, keepdims=True)
-    ok = denom > 0
+    ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
     l_safe = jnp.where(ok, denom, 1.0)
     acc = jnp.dot(p, vbuf[...].astype(f32))
     o_ref[pl.ds(i, 1), :] = jnp.where(ok, acc / l_safe, 0.0).astype(o_ref.dtype)
@@ -639,7 +643,7 @@ def _block_kernel_gpu(
 
   init = (jnp.full((bq,), -jnp.inf, f32), jnp.zeros((bq,), f32), jnp.zeros((bq, hv), f32))
   m, denom, acc = lax.fori_loop(0, nb, body, init)
-  ok = denom > 0
+  ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
   l_safe = jnp.where(ok, denom, 1.0)
   o_ref[...] = jnp.where(ok[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)
@@ -751,7 +755,7 @@ def _block_kernel_tpu(
   hv = o_ref.shape[-1]
   init = (jnp.full((bq, 1), -jnp.inf, f32), jnp.zeros((bq, 1), f32), jnp.zeros((bq, hv), f32))
   m, denom, acc = lax.fori_loop(0, num_blocks, body, init)
-  ok = denom > 0
+  ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
   l_safe = jnp.where(ok, denom, 1.0)
   o_ref[...] = jnp.where(ok, acc / l_safe, 0.0).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)
