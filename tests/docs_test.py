@@ -13,8 +13,11 @@ name one of its headings (GitHub's slug rule).
 
 import contextlib
 import io
+import os
 import pathlib
 import re
+import subprocess
+import sys
 
 import pytest
 
@@ -25,6 +28,10 @@ MAX_NOTEST = 2
 # Pages whose blocks compile the bound functions of gsparse.bounds (tens of
 # seconds of compilation on a 2-core CPU): marked slow, still run by CI.
 SLOW_PAGES = {"docs/bounds.md"}
+
+# Pages whose blocks need several devices: run in a subprocess with this many
+# forced host CPU devices (XLA reads the flag when it starts).
+MULTI_DEVICE_PAGES = {"docs/sharding.md": 4}
 
 _FENCE = re.compile(r"^(\s*)(```+|~~~+)(.*)$")
 _LINK = re.compile(r"!?\[[^\]]*\]\(([^)\s]+)(?:\s+\"[^\"]*\")?\)")
@@ -67,8 +74,25 @@ def _page_params():
   return params
 
 
+def _run_in_subprocess(page: pathlib.Path, devices: int, tmp_path: pathlib.Path) -> None:
+  script = "\n\n".join(src for _, src in _python_blocks(page))
+  env = {
+    **os.environ,
+    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    "JAX_PLATFORMS": "cpu",
+    "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
+  }
+  proc = subprocess.run(
+    [sys.executable, "-c", script], cwd=tmp_path, env=env, capture_output=True, text=True
+  )
+  assert proc.returncode == 0, f"{_rel(page)}: {proc.stderr[-4000:]}"
+
+
 @pytest.mark.parametrize("page", _page_params())
 def test_python_blocks_run(page, tmp_path, monkeypatch):
+  if _rel(page) in MULTI_DEVICE_PAGES:
+    _run_in_subprocess(page, MULTI_DEVICE_PAGES[_rel(page)], tmp_path)
+    return
   monkeypatch.chdir(tmp_path)
   namespace = {"__name__": "__main__"}
   for line, src in _python_blocks(page):

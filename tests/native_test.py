@@ -13,7 +13,7 @@ import pytest
 
 import gsparse
 from gsparse import _native
-from gsparse._numerics import top_k
+from gsparse._numerics import positive_nan, top_k
 from gsparse.selection import ExactSelection
 
 needs_kernel = pytest.mark.skipif(
@@ -51,12 +51,23 @@ def _rows(kind, shape, rng):
 
 def _same(x, k):
   got_v, got_i = jax.jit(top_k, static_argnums=1)(x, k)
-  want_v, want_i = jax.lax.top_k(x, k)
+  # gsparse ranks every NaN first whatever its sign bit (docs/errors.md), where
+  # lax.top_k ranks a negative NaN last: the reference sees the sign-cleared input.
+  want_v, want_i = jax.lax.top_k(positive_nan(jnp.asarray(x)), k)
   np.testing.assert_array_equal(np.asarray(got_i), np.asarray(want_i))
   # Bit patterns, so that NaN payloads and the sign of zero count too.
   bits = lambda a: np.asarray(a.astype(jnp.float32)).view(np.int32)  # noqa: E731
   np.testing.assert_array_equal(bits(got_v), bits(want_v))
   assert got_v.dtype == want_v.dtype
+
+
+def test_negative_nan_ranks_first():
+  """Arithmetic NaNs carry the sign bit; gsparse's top-k ranks them first anyway."""
+  x = jnp.array([[1.0, -jnp.nan, 3.0, -jnp.inf]], jnp.float32)
+  assert np.signbit(np.asarray(x)[0, 1])  # the input really holds a negative NaN
+  vals, idx = jax.jit(top_k, static_argnums=1)(x, 2)
+  np.testing.assert_array_equal(np.asarray(idx), [[1, 2]])
+  assert np.isnan(np.asarray(vals)[0, 0])
 
 
 KINDS = ["normal", "ties", "constant", "ascending", "descending", "special"]
