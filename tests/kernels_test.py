@@ -148,11 +148,16 @@ class GpuKernelTest(parameterized.TestCase):
       interpret=self.INTERPRET,
     )
 
-  @parameterized.parameters(
-    ("gqa_h6", jnp.float32, "dups"),
-    ("gqa_h6", jnp.bfloat16, "causal"),
-  )
-  def test_token_forward(self, shape, dtype, kind):
+  # One forward and one gradient test per kernel run by default; the other
+  # dtypes, shapes and index kinds run in the slow step of CI.
+  def test_token_forward(self):
+    self._check_token_forward("gqa_h6", jnp.float32, "dups")
+
+  @pytest.mark.slow
+  def test_token_forward_bfloat16_causal(self):
+    self._check_token_forward("gqa_h6", jnp.bfloat16, "causal")
+
+  def _check_token_forward(self, shape, dtype, kind):
     b, t, n, kh, s, h, hv, kk = TOKEN_SHAPES[shape]
     q, k, v = _inputs(0, b, t, n, kh, s, h, hv, dtype)
     idx = _token_indices(1, b, t, n, s, kk, kind)
@@ -172,8 +177,14 @@ class GpuKernelTest(parameterized.TestCase):
     xla = gather.sparse_gather_attention_xla(q, k, v, idx, bias, 0.37)
     _assert_close(out, xla.output, FWD_TOL[dtype])
 
-  @parameterized.parameters(("gqa_h6", jnp.float32), ("mha_h8", jnp.bfloat16))
-  def test_token_gradients_match_reference(self, shape, dtype):
+  def test_token_gradients_match_reference(self):
+    self._check_token_gradients("gqa_h6", jnp.float32)
+
+  @pytest.mark.slow
+  def test_token_gradients_match_reference_bfloat16_mha(self):
+    self._check_token_gradients("mha_h8", jnp.bfloat16)
+
+  def _check_token_gradients(self, shape, dtype):
     b, t, n, kh, s, h, hv, kk = TOKEN_SHAPES[shape]
     q, k, v = _inputs(3, b, t, n, kh, s, h, hv, dtype)
     idx = _token_indices(4, b, t, n, s, kk, "dups")
@@ -194,6 +205,7 @@ class GpuKernelTest(parameterized.TestCase):
       self.assertEqual(g.dtype, w.dtype, name)
       _assert_close(g, w, GRAD_TOL[dtype], err_msg=name)
 
+  @pytest.mark.slow  # finite differences; test_token_gradients_match_reference runs by default
   def test_token_check_grads(self):
     b, t, n, kh, s, h, hv, kk = TOKEN_SHAPES["mha_h8"]
     q, k, v = _inputs(7, b, t, n, kh, s, h, hv, jnp.float32)
@@ -207,11 +219,14 @@ class GpuKernelTest(parameterized.TestCase):
     )
     check_grads(f, (q, k, v, bias), order=1, modes=("rev",), eps=1e-3, atol=2e-2, rtol=2e-2)
 
-  @parameterized.parameters(
-    ("gqa_h6", jnp.float32, True),
-    ("mqa_h5", jnp.bfloat16, False),
-  )
-  def test_block_forward(self, shape, dtype, is_causal):
+  def test_block_forward(self):
+    self._check_block_forward("gqa_h6", jnp.float32, is_causal=True)
+
+  @pytest.mark.slow
+  def test_block_forward_bfloat16_mqa(self):
+    self._check_block_forward("mqa_h5", jnp.bfloat16, is_causal=False)
+
+  def _check_block_forward(self, shape, dtype, *, is_causal):
     b, t, n, kh, s, h, hv, bq, bk, nb = self.BLOCK_SHAPES[shape]
     q, k, v = _inputs(10, b, t, n, kh, s, h, hv, dtype)
     bidx = _block_indices(11, b, t, n, s, bq, bk, nb)
@@ -228,8 +243,14 @@ class GpuKernelTest(parameterized.TestCase):
     )
     _assert_close(out, xla.output, FWD_TOL[dtype])
 
-  @parameterized.parameters(("gqa_h6", jnp.bfloat16), ("gqa_h6", jnp.float32))
-  def test_block_gradients_match_reference(self, shape, dtype):
+  def test_block_gradients_match_reference(self):
+    self._check_block_gradients("gqa_h6", jnp.float32)
+
+  @pytest.mark.slow  # the same in bfloat16 (the forward tests cover bfloat16 by default)
+  def test_block_gradients_match_reference_bfloat16(self):
+    self._check_block_gradients("gqa_h6", jnp.bfloat16)
+
+  def _check_block_gradients(self, shape, dtype):
     b, t, n, kh, s, h, hv, bq, bk, nb = self.BLOCK_SHAPES[shape]
     q, k, v = _inputs(12, b, t, n, kh, s, h, hv, dtype)
     bidx = _block_indices(13, b, t, n, s, bq, bk, nb)
@@ -250,6 +271,7 @@ class GpuKernelTest(parameterized.TestCase):
     for name, g, w in zip(("dq", "dk", "dv"), got, want, strict=True):
       _assert_close(g, w, GRAD_TOL[dtype], err_msg=name)
 
+  @pytest.mark.slow  # finite differences; test_block_gradients_match_reference runs by default
   def test_block_check_grads(self):
     b, t, n, kh, s, h, hv, bq, bk, nb = self.BLOCK_SHAPES["mqa_h5"]
     q, k, v = _inputs(15, b, t, n, kh, s, h, hv, jnp.float32)
@@ -309,6 +331,7 @@ class TpuKernelTest(parameterized.TestCase):
     _assert_lse_close(lse, ref_lse, FWD_TOL[jnp.float32])
     np.testing.assert_array_equal(np.isneginf(np.asarray(logits)), np.asarray(idx) < 0)
 
+  @pytest.mark.slow  # the Mosaic interpreter compiles slowly; the token kernel runs by default
   def test_block_forward_causal(self):
     b, t, n, kh, s, h, hv, bq, bk, nb = 1, 8, 2, 1, 11, 6, 5, 8, 8, 2
     q, k, v = _inputs(22, b, t, n, kh, s, h, hv, jnp.bfloat16)
@@ -416,9 +439,15 @@ class PublicApiTest(parameterized.TestCase):
     )
     _assert_close(a.output, ref_out, FWD_TOL[jnp.float32])
 
-  @parameterized.parameters(jnp.float32, jnp.bfloat16)
-  def test_masked_matches_xla_forward_residuals_and_gradients(self, dtype):
+  def test_masked_matches_xla_forward_residuals_and_gradients(self):
     """Dense logits masked to the lists = the gather, with -1, >= S, duplicates, GQA, bias."""
+    self._check_masked_matches_xla(jnp.float32)
+
+  @pytest.mark.slow  # the same in bfloat16
+  def test_masked_matches_xla_forward_residuals_and_gradients_bfloat16(self):
+    self._check_masked_matches_xla(jnp.bfloat16)
+
+  def _check_masked_matches_xla(self, dtype):
     q, k, v = _inputs(36, 2, 5, 4, 2, 9, 6, 5, dtype)
     idx = jax.random.randint(jax.random.key(37), (2, 5, 4, 6), -2, 11)
     idx = idx.at[0, 0, 0].set(-1)  # a query with no key

@@ -27,6 +27,15 @@ example holds `INSTANCES` = 4), plus 30 for the error identity. (All passed
 with 30 examples per property for dense, "full" and the gather, 367 in all,
 before trimming for the CI time budget.) Sizes come from a
 small pool of layouts so that compiled functions are reused across examples.
+
+Each property runs twice: `[fast]` in the default suite with a quarter of
+those examples, rounded up (5 for dense, "full" and the XLA gather, 2 for
+"exact", 1 for the others: 72 examples in all, the Pallas kernel's included),
+and `[full]`, marked `slow`, with all of them. Every new
+(layout, dtype, k) combination compiles anew, so the fast run costs about a
+third of the full one; CI runs both (`.ci/run`, second step `-m slow`). The
+same split holds for the gradient checks: the first k of each implementation
+runs by default, the k >= S case (k = 7, S = 6) only in the slow step.
 """
 
 from __future__ import annotations
@@ -372,9 +381,17 @@ def out_tol(case: Case, logits, valid) -> float:
 # Properties.
 
 
-def _run(impl: Impl, prop, with_seed: bool = False) -> None:
-  """Runs `prop(impl, case[, seed])` on `impl.examples` derandomized examples."""
-  run_settings = settings(SETTINGS, max_examples=impl.examples)
+# The example budgets of every property: a quarter of `Impl.examples` by
+# default, all of them in the slow step (module docstring).
+BUDGETS = [
+  pytest.param(4, id="fast"),
+  pytest.param(1, id="full", marks=pytest.mark.slow),
+]
+
+
+def _run(impl: Impl, prop, divisor: int, with_seed: bool = False) -> None:
+  """Runs `prop(impl, case[, seed])` on `ceil(impl.examples / divisor)` derandomized examples."""
+  run_settings = settings(SETTINGS, max_examples=-(-impl.examples // divisor))
   if with_seed:
 
     @run_settings
@@ -421,8 +438,9 @@ def _finite_and_rows_normalised(impl, case):
 
 
 @pytest.mark.parametrize("impl", IMPLEMENTATIONS, ids=IMPL_IDS)
-def test_finite_and_rows_normalised(impl):
-  _run(impl, _finite_and_rows_normalised)
+@pytest.mark.parametrize("divisor", BUDGETS)
+def test_finite_and_rows_normalised(impl, divisor):
+  _run(impl, _finite_and_rows_normalised, divisor)
 
 
 def _k_at_least_s_equals_dense(impl, case):
@@ -439,8 +457,9 @@ def _k_at_least_s_equals_dense(impl, case):
 @pytest.mark.parametrize(
   "impl", [i for i in IMPLEMENTATIONS if i.dense_when_k_ge_s], ids=lambda i: i.name
 )
-def test_k_at_least_s_equals_dense(impl):
-  _run(impl, _k_at_least_s_equals_dense)
+@pytest.mark.parametrize("divisor", BUDGETS)
+def test_k_at_least_s_equals_dense(impl, divisor):
+  _run(impl, _k_at_least_s_equals_dense, divisor)
 
 
 def _min_topk_gap(k_keep: int, logits, valid) -> float:
@@ -483,8 +502,9 @@ def _key_permutation_invariance(impl, case, seed):
 @pytest.mark.parametrize(
   "impl", [i for i in IMPLEMENTATIONS if i.permutation_invariant], ids=lambda i: i.name
 )
-def test_key_permutation_invariance(impl):
-  _run(impl, _key_permutation_invariance, with_seed=True)
+@pytest.mark.parametrize("divisor", BUDGETS)
+def test_key_permutation_invariance(impl, divisor):
+  _run(impl, _key_permutation_invariance, divisor, with_seed=True)
 
 
 def _certificate_holds(impl, case):
@@ -528,8 +548,9 @@ def _certificate_holds(impl, case):
 
 
 @pytest.mark.parametrize("impl", [i for i in IMPLEMENTATIONS if i.topk], ids=lambda i: i.name)
-def test_certificate_holds(impl):
-  _run(impl, _certificate_holds)
+@pytest.mark.parametrize("divisor", BUDGETS)
+def test_certificate_holds(impl, divisor):
+  _run(impl, _certificate_holds, divisor)
 
 
 _decomposition = jax.jit(gsparse.topk_error_decomposition, static_argnames="k")
@@ -569,7 +590,12 @@ def test_error_identity(n, k, magnitudes, x64, seed):
 
 @pytest.mark.parametrize(
   "impl, k_keep",
-  [pytest.param(i, kk, id=f"{i.name}-k{kk}") for i in IMPLEMENTATIONS for kk in i.grad_ks],
+  [
+    # The first k of each implementation by default; k >= S (all keys kept) in the slow step.
+    pytest.param(i, kk, id=f"{i.name}-k{kk}", marks=[pytest.mark.slow] if j else [])
+    for i in IMPLEMENTATIONS
+    for j, kk in enumerate(i.grad_ks)
+  ],
 )
 def test_check_grads(impl, k_keep):
   """First-order gradients (forward and reverse mode) against finite differences.

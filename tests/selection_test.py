@@ -59,10 +59,15 @@ def _check_matches_full(q, k, v, m, b, causal, config):
   "kind, causal, config",
   [
     ("none", False, ExactSelection(query_chunk=8, key_block=4)),
-    ("mask", True, ExactSelection(query_chunk=64)),
+    # One chunk holding every query; chunks that divide neither T nor S by
+    # other factors: the default run covers both cases with the configs above
+    # and below, these add masks and chunk sizes (slow step of CI).
+    pytest.param("mask", True, ExactSelection(query_chunk=64), marks=pytest.mark.slow),
     ("bias", False, ExactSelection()),
     ("mask+bias", True, ExactSelection(query_chunk=8, key_block=4)),
-    ("mask+bias", False, ExactSelection(query_chunk=5, key_block=3)),
+    pytest.param(
+      "mask+bias", False, ExactSelection(query_chunk=5, key_block=3), marks=pytest.mark.slow
+    ),
   ],
 )
 def test_exact_matches_full_top_k(kind, causal, config):
@@ -225,7 +230,8 @@ APPROX = [
     (APPROX[1], "none", False),
     (APPROX[2], "mask+bias", True),
     (APPROX[3], "bias", False),
-    (APPROX[2], "none", False),
+    # The same LSH config again, without mask and causality (slow step of CI).
+    pytest.param(APPROX[2], "none", False, marks=pytest.mark.slow),
   ],
 )
 def test_approximate_certificate_is_valid(causal, kind, config):
@@ -256,7 +262,9 @@ def test_approximate_certificate_is_valid(causal, kind, config):
     assert len(set(r.tolist())) == len(r)
 
 
-@pytest.mark.parametrize("config", [APPROX[0], APPROX[3]])
+@pytest.mark.parametrize(
+  "config", [APPROX[0], pytest.param(APPROX[3], marks=pytest.mark.slow)], ids=["block", "lsh"]
+)
 def test_approximate_jit_vmap_equal(config):
   q, k, v, mask, bias = _inputs(6)
   f = lambda q, k, v, m: gsparse.topk_attention(
@@ -304,22 +312,27 @@ def test_lsh_normalizer_correction_exact_when_all_scored():
   out, st = _topk(
     q, k, v, None, mask, k=5, selection=cfg, selection_key=jax.random.key(0), return_stats=True
   )
-  p = gsparse.attention_weights(q, k, None, mask)  # [B, N, T, S]
-  idx = jnp.swapaxes(st.indices, -3, -2)
-  keep = (
-    jnp.zeros(p.shape, bool)
-    .at[
-      jnp.arange(p.shape[0])[:, None, None, None],
-      jnp.arange(p.shape[1])[None, :, None, None],
-      jnp.arange(p.shape[2])[None, None, :, None],
-      jnp.maximum(idx, 0),
-    ]
-    .set(idx >= 0)
-  )
-  expect = gsparse.attention.apply_weights(jnp.where(keep, p, 0), v)
-  np.testing.assert_allclose(out, expect, atol=1e-5)
+
+  @jax.jit  # one compile for the reference instead of op-by-op dispatch
+  def expected(q, k, v, mask, indices):
+    p = gsparse.attention_weights(q, k, None, mask)  # [B, N, T, S]
+    idx = jnp.swapaxes(indices, -3, -2)
+    keep = (
+      jnp.zeros(p.shape, bool)
+      .at[
+        jnp.arange(p.shape[0])[:, None, None, None],
+        jnp.arange(p.shape[1])[None, :, None, None],
+        jnp.arange(p.shape[2])[None, None, :, None],
+        jnp.maximum(idx, 0),
+      ]
+      .set(idx >= 0)
+    )
+    return gsparse.attention.apply_weights(jnp.where(keep, p, 0), v)
+
+  np.testing.assert_allclose(out, expected(q, k, v, mask, st.indices), atol=1e-5)
 
 
+@pytest.mark.slow  # T = S = 2048: a 2048 x 2048 reference softmax and long compiles.
 def test_lsh_normalizer_correction_unbiased_dropped_mass():
   """Sampled correction on a long row: the corrected normaliser is close to the true one.
 
@@ -340,6 +353,7 @@ def test_lsh_normalizer_correction_unbiased_dropped_mass():
   assert abs(float(jnp.mean(ratio)) - 1.0) < 0.05
 
 
+@pytest.mark.slow  # n = 1024 queries and keys, three selections compiled at that size.
 def test_recall_on_planted_heavy_keys():
   """Block and LSH find planted heavy keys.
 
