@@ -61,8 +61,8 @@ exec "$venv/bin/python" -m pytest -p no:cacheprovider -q -n 2 --dist loadscope \
   tests/native_test.py::test_kernel_inside_shard_map \
   tests/selection_test.py::test_exact_jit_vmap_and_grad \
   tests/selection_test.py::test_exact_ties_follow_lax_top_k \
-  "tests/flax_test.py::AttentionFnTest::test_nnx_matches_flax_dense_when_k_covers_sequence0" \
-  "tests/flax_test.py::AttentionFnTest::test_linen_matches_flax_dense_when_k_covers_sequence0" \
+  "tests/flax_test.py::AttentionFnTest::test_nnx_matches_flax_dense_when_k_covers_sequence_causal" \
+  "tests/flax_test.py::AttentionFnTest::test_linen_matches_flax_dense_when_k_covers_sequence_masked_causal" \
   tests/flax_test.py::LayerSelectionTest::test_nnx_walk_rank_and_configure \
   tests/flax_test.py::test_tiny_transformer_trains_with_sparse_attention \
   tests/sharding_test.py::test_topk_attention_sharded_matches_unsharded \
