@@ -26,9 +26,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import scipy.stats
 
 from gsparse import bounds as B
+from tests import mc_settings
 
 _R = 256  # matrices per setting
 _ALPHA = 1e-4  # false-failure probability per (setting, statistic)
@@ -38,20 +38,11 @@ _N = 64
 
 
 def _interaction(kind: str, key: jax.Array) -> jax.Array:
-  a = jax.random.normal(key, (_D, _D), jnp.float64) / math.sqrt(_D)
-  if kind == "pd":
-    return a @ a.T + 0.1 * jnp.eye(_D)
-  if kind == "nd":
-    return -(a @ a.T) - 0.1 * jnp.eye(_D)
-  if kind == "rank1":
-    return jnp.outer(a[:, 0], a[:, 1])
-  return a
+  return mc_settings.interaction(kind, key, _D, jnp.float64)
 
 
 def _allowed(delta: float) -> int:
-  # Smallest q with P(Binomial(R, delta) > q) <= alpha (scipy, independent of gsparse).
-  q = np.arange(_R + 1)
-  return int(q[np.argmax(scipy.stats.binom.sf(q, _R, delta) <= _ALPHA)])
+  return mc_settings.allowed_violations(delta, _R, _ALPHA)
 
 
 @functools.partial(jax.jit, static_argnames=("k",))
