@@ -49,6 +49,7 @@ from jax.typing import ArrayLike
 
 from gsparse import _checks
 from gsparse.attention import compute_dtype, masked_softmax_lse
+from gsparse.kernels import nonfinite
 
 Implementation = Literal["xla", "masked", "pallas"]
 # Every value `implementation=` takes, in gsparse.topk_attention, the gathers
@@ -477,16 +478,35 @@ def block_sparse_gather_attention_xla(
   kg = gather_kv(key, safe)  # [..., Tb, N, m, H]
   vg = gather_kv(value, safe)
   qb = q.reshape(*batch, tb, block_q, n, h)
+  # Causal masking differs between the queries of a block, so a masked
+  # non-finite entry cannot be zeroed per row: the products take the finite
+  # parts (gradients included) and mark the non-finite reads (gsparse.kernels.nonfinite).
   logits = jnp.einsum(
-    "...tqnh,...tnmh->...tqnm", qb, kg, precision=precision, preferred_element_type=dtype
+    "...tqnh,...tnmh->...tqnm",
+    nonfinite.finite_part(qb),
+    nonfinite.finite_part(kg),
+    precision=precision,
+    preferred_element_type=dtype,
   ).astype(dtype)
   logits = logits * jnp.asarray(scale, dtype)
+  q_bad = jnp.any(~jnp.isfinite(qb), axis=-1)[..., None]  # [..., Tb, bq, N, 1]
+  k_bad = jnp.any(~jnp.isfinite(kg), axis=-1)[..., None, :, :]  # [..., Tb, 1, N, m]
+  logits = jnp.where(q_bad | k_bad, jnp.asarray(jnp.nan, dtype), logits)
   valid = jnp.broadcast_to(slot_valid[..., :, None, :, :], logits.shape)
+  qpos = jnp.arange(tp).reshape(tb, block_q)[:, :, None, None]
   if is_causal:
-    qpos = jnp.arange(tp).reshape(tb, block_q)[:, :, None, None]
     valid = valid & (pos[..., :, None, :, :] <= qpos)
+  if tp != t:  # padded rows take no part (a NaN key they read would reach the gradients)
+    valid = valid & (qpos < t)
   w, lse = masked_softmax_lse(logits, valid)
-  out = jnp.einsum("...tqnm,...tnmv->...tqnv", w, vg.astype(dtype), precision=precision)
+  pv = functools.partial(jnp.einsum, "...tqnm,...tnmv->...tqnv", precision=precision)
+  out = pv(w, nonfinite.finite_part(vg).astype(dtype))
+  out = jax.lax.cond(
+    jnp.any(~jnp.isfinite(vg)),
+    lambda o: nonfinite.poison(o, pv(valid.astype(dtype), nonfinite.nonfinite_indicator(vg))),
+    lambda o: o,
+    out,
+  )
   out = out.reshape(*batch, tp, n, value.shape[-1])[..., :t, :, :]
   lse = lse.reshape(*batch, tp, n)[..., :t, :]
   return BlockGatherResult(out.astype(query.dtype), lse)

@@ -54,6 +54,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from gsparse.gather import gather_kv
+from gsparse.kernels.nonfinite import finite_part, nonfinite_indicator, poison
 
 VARIANTS = ("gpu", "tpu")
 
@@ -235,7 +236,21 @@ def _slot_positions(block_indices, block_k, num_keys):
 
 
 def gather_backward_xla(
-  q, k, v, pos, slot_valid, bias, lse, do, dlse, dlogits, *, block_q, scale, is_causal
+  q,
+  k,
+  v,
+  pos,
+  slot_valid,
+  bias,
+  lse,
+  do,
+  dlse,
+  dlogits,
+  *,
+  block_q,
+  scale,
+  is_causal,
+  num_queries=None,
 ):
   """Gradients of gather attention from the saved log-sum-exp (plain XLA).
 
@@ -255,6 +270,8 @@ def gather_backward_xla(
     block_q: queries sharing one slot list.
     scale: logit scale.
     is_causal: key position > query position is masked.
+    num_queries: the real T where `q` is padded to whole query blocks: padded
+      rows take no part (they may read a NaN key no real row can attend).
 
   Returns:
     `(dq, dk, dv, dbias)` with dbias None when bias is None.
@@ -274,24 +291,29 @@ def gather_backward_xla(
   if bias is not None:
     s = s + bias.reshape(b, tb, bq, n, m).astype(f32)
   valid = jnp.broadcast_to(slot_valid[:, :, None], s.shape)
+  qpos = (jnp.arange(tb)[:, None] * bq + jnp.arange(bq)[None, :])[None, :, :, None, None]
   if is_causal:
-    qpos = (jnp.arange(tb)[:, None] * bq + jnp.arange(bq)[None, :])[None, :, :, None, None]
     valid = valid & (pos[:, :, None] <= qpos)
+  if num_queries is not None:
+    valid = valid & (qpos < num_queries)
   lse_b = lse.reshape(b, tb, bq, n, 1)
   # A row with nothing kept (lse = -inf, e.g. all slots at -inf logits) has
   # p = 0, not exp(-inf - -inf) = NaN; a NaN lse still propagates.
   valid = valid & (lse_b != -jnp.inf)
   p = jnp.where(valid, jnp.exp(jnp.where(valid, s - lse_b, 0.0)), 0.0)
   dob = do.reshape(b, tb, bq, n, -1)
-  dp = dot("btqnv,btnmv->btqnm", dob, vg)
+  # A masked slot may still hold a non-finite row (causal masking inside a
+  # key block): its dp is dropped, and the products below take the finite
+  # parts of K and Q (an admissible NaN still reaches ds through p).
+  dp = jnp.where(valid, dot("btqnv,btnmv->btqnm", dob, vg), 0.0)
   delta = jnp.sum(p * dp, axis=-1, keepdims=True)
   ds = p * (dp - delta)
   if dlse is not None:
     ds = ds + p * dlse.reshape(b, tb, bq, n, 1).astype(f32)
   if dlogits is not None:
     ds = ds + jnp.where(valid, dlogits.reshape(ds.shape).astype(f32), 0.0)
-  dq = (scale * dot("btqnm,btnmh->btqnh", ds, kg.astype(f32))).reshape(q.shape)
-  dkg = scale * dot("btqnm,btqnh->btnmh", ds, qb.astype(f32))
+  dq = (scale * dot("btqnm,btnmh->btqnh", ds, finite_part(kg).astype(f32))).reshape(q.shape)
+  dkg = scale * dot("btqnm,btqnh->btnmh", ds, finite_part(qb).astype(f32))
   dvg = dot("btqnm,btqnv->btnmv", p, dob.astype(f32))
   g = n // kh
   bi = jnp.arange(b)[:, None, None, None]
@@ -452,8 +474,16 @@ def _token_kernel_tpu(
       cv.wait()
       return _
 
+    def zero_masked(c, _):  # a masked slot holds row 0: 0 * NaN would reach the output
+      @pl.when(idx_smem[0, i * kp + c] < 0)
+      def _zero():
+        vbuf[pl.ds(c, 1), :] = jnp.zeros((1, vbuf.shape[1]), vbuf.dtype)
+
+      return _
+
     lax.fori_loop(0, kp, start, 0)
-    lax.fori_loop(0, kp, wait, 0)
+    lax.fori_loop(0, kp, wait, 0)  # all copies share two semaphores: zero after the last
+    lax.fori_loop(0, kp, zero_masked, 0)
     q = q_ref[pl.ds(i, 1), :].astype(f32)  # [1, H]
     valid = idx_ref[pl.ds(i, 1), :] >= 0  # [1, kp]
     s = lax.dot_general(q, kbuf[...].astype(f32), (((1,), (1,)), ((), ())))
@@ -620,7 +650,7 @@ def _block_kernel_gpu(
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
 
   def body(j, state):
-    m, denom, acc = state
+    m, denom, acc, reads = state
     blk = bidx_ref[j]
     start = jnp.maximum(blk, 0) * block_k
     kb = k_ref[pl.ds(start, block_k), :]
@@ -638,14 +668,20 @@ def _block_kernel_gpu(
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp(m - m_safe)
     p = jnp.exp(s - m_safe[:, None])
-    pv = jnp.dot(p.astype(vb.dtype), vb, precision=_DOT_PRECISION, preferred_element_type=f32)
-    return m_new, denom * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv
+    # Causal masking differs per query: p @ v over the finite part, plus a
+    # count of non-finite rows each query may read (gsparse.kernels.nonfinite).
+    dot = functools.partial(jnp.dot, precision=_DOT_PRECISION, preferred_element_type=f32)
+    pv = dot(p.astype(vb.dtype), finite_part(vb))
+    reads = reads + dot(valid.astype(f32), nonfinite_indicator(vb))
+    return m_new, denom * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv, reads
 
-  init = (jnp.full((bq,), -jnp.inf, f32), jnp.zeros((bq,), f32), jnp.zeros((bq, hv), f32))
-  m, denom, acc = lax.fori_loop(0, nb, body, init)
+  zeros = jnp.zeros((bq, hv), f32)
+  init = (jnp.full((bq,), -jnp.inf, f32), jnp.zeros((bq,), f32), zeros, zeros)
+  m, denom, acc, reads = lax.fori_loop(0, nb, body, init)
   ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
   l_safe = jnp.where(ok, denom, 1.0)
-  o_ref[...] = jnp.where(ok[:, None], acc / l_safe[:, None], 0.0).astype(o_ref.dtype)
+  out = poison(jnp.where(ok[:, None], acc / l_safe[:, None], 0.0), reads)
+  o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)
 
 
@@ -730,7 +766,7 @@ def _block_kernel_tpu(
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
 
   def body(j, state):
-    m, denom, acc = state
+    m, denom, acc, reads = state
     blk = bidx_smem[base + j]
     start = jnp.maximum(blk, 0) * block_k
     ck = pltpu.make_async_copy(k_hbm.at[b, kvh, pl.ds(start, block_k)], kbuf, sems.at[0])
@@ -749,15 +785,17 @@ def _block_kernel_tpu(
     alpha = jnp.exp(m - m_safe)
     p = jnp.exp(s - m_safe)
     cv.wait()
-    pv = jnp.dot(p, vbuf[...].astype(f32))
-    return m_new, denom * alpha + jnp.sum(p, axis=1, keepdims=True), acc * alpha + pv
+    vb = vbuf[...].astype(f32)  # finite part and non-finite reads: as the GPU kernel
+    pv = jnp.dot(p, finite_part(vb))
+    reads = reads + jnp.dot(valid.astype(f32), nonfinite_indicator(vb))
+    return m_new, denom * alpha + jnp.sum(p, axis=1, keepdims=True), acc * alpha + pv, reads
 
-  hv = o_ref.shape[-1]
-  init = (jnp.full((bq, 1), -jnp.inf, f32), jnp.zeros((bq, 1), f32), jnp.zeros((bq, hv), f32))
-  m, denom, acc = lax.fori_loop(0, num_blocks, body, init)
+  zeros = jnp.zeros((bq, o_ref.shape[-1]), f32)
+  init = (jnp.full((bq, 1), -jnp.inf, f32), jnp.zeros((bq, 1), f32), zeros, zeros)
+  m, denom, acc, reads = lax.fori_loop(0, num_blocks, body, init)
   ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
   l_safe = jnp.where(ok, denom, 1.0)
-  o_ref[...] = jnp.where(ok, acc / l_safe, 0.0).astype(o_ref.dtype)
+  o_ref[...] = poison(jnp.where(ok, acc / l_safe, 0.0), reads).astype(o_ref.dtype)
   lse_ref[...] = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)
 
 
@@ -825,17 +863,19 @@ def _block_forward(q, k, v, bidx, block_q, block_k, scale, is_causal, variant, i
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9))
-def _block_core(q, k, v, bidx, block_q, block_k, scale, is_causal, variant, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10))
+def _block_core(q, k, v, bidx, block_q, block_k, scale, is_causal, variant, interpret, t):
+  del t  # the real T (q is padded to whole blocks); used by the backward
   return _block_forward(q, k, v, bidx, block_q, block_k, scale, is_causal, variant, interpret)
 
 
-def _block_core_fwd(q, k, v, bidx, block_q, block_k, scale, is_causal, variant, interpret):
+def _block_core_fwd(q, k, v, bidx, block_q, block_k, scale, is_causal, variant, interpret, t):
+  del t
   out, lse = _block_forward(q, k, v, bidx, block_q, block_k, scale, is_causal, variant, interpret)
   return (out, lse), (q, k, v, bidx, lse)
 
 
-def _block_core_bwd(block_q, block_k, scale, is_causal, variant, interpret, res, cts):
+def _block_core_bwd(block_q, block_k, scale, is_causal, variant, interpret, t, res, cts):
   del variant, interpret
   q, k, v, bidx, lse = res
   do, dlse = cts
@@ -854,6 +894,7 @@ def _block_core_bwd(block_q, block_k, scale, is_causal, variant, interpret, res,
     block_q=block_q,
     scale=scale,
     is_causal=is_causal,
+    num_queries=t,
   )
   return dq, dk, dv, None
 
@@ -926,6 +967,6 @@ def block_gather_attention(
   bidx = jnp.where((bidx >= 0) & (bidx < nkb), bidx, -1)
   qp = _pad_axis(q, 1, tb * block_q)
   out, lse = _block_core(
-    qp, k, v, bidx, block_q, block_k, float(scale), is_causal, variant, interpret
+    qp, k, v, bidx, block_q, block_k, float(scale), is_causal, variant, interpret, t
   )
   return out[:, :t], lse[:, :t]
