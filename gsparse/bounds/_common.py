@@ -104,6 +104,18 @@ def _unpad(outs, shape):
   return [o[:size].reshape(shape) for o in outs]
 
 
+def _on_flat(flat_fn, values, **kwargs) -> list[jax.Array]:
+  """`flat_fn` on `values` broadcast together, flattened and padded (`_pad_flat`).
+
+  The shared path of the public bound functions: the values become arrays of
+  the default float dtype, one compiled `flat_fn` per padded length serves
+  every shape, and the outputs come back in the broadcast shape.
+  """
+  dtype = _float_dtype()
+  args = jnp.broadcast_arrays(*(jnp.asarray(v, dtype) for v in values))
+  return _unpad(flat_fn(*_pad_flat(args), **kwargs), args[0].shape)
+
+
 def _valid(*conds) -> jax.Array:
   ok = jnp.asarray(True)
   for c in conds:

@@ -22,8 +22,7 @@ from gsparse.bounds._common import (
   _log1mexp,
   _log_moments,
   _norm_isf,
-  _pad_flat,
-  _unpad,
+  _on_flat,
   _valid,
 )
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
@@ -196,12 +195,8 @@ def topk_error_bound(
   else:
     vf, vo, vg = _norm_fields(value_norms)
     vn = jnp.zeros((), dtype)
-  args = jnp.broadcast_arrays(
-    *(jnp.asarray(v, dtype) for v in (n, sigma, k, delta, frob, op, gram, vf, vo, vg, vn))
-  )
-  shape = args[0].shape
-  out = _error_flat(*_pad_flat(args), given=value_norm is not None)
-  return ErrorBound(*_unpad(out, shape))
+  values = (n, sigma, k, delta, frob, op, gram, vf, vo, vg, vn)
+  return ErrorBound(*_on_flat(_error_flat, values, given=value_norm is not None))
 
 
 def _error_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, vn, *, given):

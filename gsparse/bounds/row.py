@@ -21,10 +21,8 @@ from gsparse.bounds._common import (
   _check_delta,
   _check_eps,
   _check_n,
-  _float_dtype,
   _log_phi_diff,
-  _pad_flat,
-  _unpad,
+  _on_flat,
   _valid,
 )
 from gsparse.bounds.sparsity import _sum_over_g_cells
@@ -127,8 +125,5 @@ def row_sparsity_bound(
   _check("tau", tau, lo=0)
   _check_eps(eps)
   _check_delta(delta)
-  dtype = _float_dtype()
-  args = jnp.broadcast_arrays(*(jnp.asarray(v, dtype) for v in (n, tau, eps, delta)))
-  shape = args[0].shape
-  (k,) = _unpad(_row_flat(*_pad_flat(args)), shape)
+  (k,) = _on_flat(_row_flat, (n, tau, eps, delta))
   return k

@@ -19,11 +19,9 @@ from gsparse.bounds._common import (
   _check,
   _check_delta,
   _check_n,
-  _float_dtype,
   _log_phi_diff,
-  _pad_flat,
+  _on_flat,
   _safety,
-  _unpad,
   _valid,
 )
 from gsparse.bounds.row import _FLOOR, _NUM_G_CELLS, _NUM_LAMBDA, _NUM_QUAD, _log_laplace_upper
@@ -120,8 +118,5 @@ def row_tail_bound(n: ArrayLike, tau: ArrayLike, *, k: ArrayLike, delta: ArrayLi
   _check("tau", tau, lo=0)
   _check("k", k, lo=1, integer=True)
   _check_delta(delta)
-  dtype = _float_dtype()
-  args = jnp.broadcast_arrays(*(jnp.asarray(v, dtype) for v in (n, tau, k, delta)))
-  shape = args[0].shape
-  (t,) = _unpad(_row_tail_flat(*_pad_flat(args)), shape)
+  (t,) = _on_flat(_row_tail_flat, (n, tau, k, delta))
   return t

@@ -19,13 +19,11 @@ from gsparse.bounds._common import (
   _check_delta,
   _check_eps,
   _check_n,
-  _float_dtype,
   _log1mexp,
   _log_moments,
   _norm_isf,
-  _pad_flat,
+  _on_flat,
   _safety,
-  _unpad,
   _valid,
 )
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
@@ -295,13 +293,7 @@ def sparsity_bound(
   _check_eps(eps)
   _check_delta(delta)
   frob, op, gram = _norm_fields(norms)
-  dtype = _float_dtype()
-  args = jnp.broadcast_arrays(
-    *(jnp.asarray(v, dtype) for v in (n, sigma, eps, delta, frob, op, gram))
-  )
-  shape = args[0].shape
-  out = _sparsity_flat(*_pad_flat(args))
-  return SparsityBound(*_unpad(out, shape))
+  return SparsityBound(*_on_flat(_sparsity_flat, (n, sigma, eps, delta, frob, op, gram)))
 
 
 def _sparsity_scalar(n, sigma, eps, delta, frob, op, gram):
@@ -373,13 +365,7 @@ def sparsity_eps_bound(
   _check("k", k, lo=1, integer=True)
   _check_delta(delta)
   frob, op, gram = _norm_fields(norms)
-  dtype = _float_dtype()
-  args = jnp.broadcast_arrays(
-    *(jnp.asarray(v, dtype) for v in (n, sigma, k, delta, frob, op, gram))
-  )
-  shape = args[0].shape
-  out = _eps_flat(*_pad_flat(args))
-  return SparsityEpsBound(*_unpad(out, shape))
+  return SparsityEpsBound(*_on_flat(_eps_flat, (n, sigma, k, delta, frob, op, gram)))
 
 
 def _eps_scalar(n, sigma, k, delta, frob, op, gram):
