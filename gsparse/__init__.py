@@ -5,6 +5,7 @@ sparsity measures, the paper's Gaussian-input setting and certified bounds.
 """
 
 from gsparse.attention import attention_weights, compute_logits, dot_product_attention
+from gsparse.block_gather import BlockGatherResult, block_sparse_gather_attention
 from gsparse.bounds import (
   ErrorBound,
   InteractionNorms,
@@ -35,12 +36,7 @@ from gsparse.certificate import (
   value_center_and_radius,
 )
 from gsparse.checking import checked
-from gsparse.gather import (
-  BlockGatherResult,
-  GatherResult,
-  block_sparse_gather_attention,
-  sparse_gather_attention,
-)
+from gsparse.gather import GatherResult, sparse_gather_attention
 from gsparse.gaussian import (
   Weights,
   gaussian_attention,

@@ -16,17 +16,12 @@ Index semantics (shared by every implementation):
   * A query whose slots are all masked gets a zero output and zero gradient,
     and a log-sum-exp of `-inf`.
 
-Block granularity (`block_sparse_gather_attention`): queries are cut into
-blocks of `block_q` consecutive positions and keys into blocks of `block_k`;
-`block_indices` `[batch..., ceil(T / block_q), N, nb]` lists, for every query
-block and head, the key blocks its queries attend to (block `j` covers key
-positions `[j * block_k, (j + 1) * block_k)`, cut at `S`). Ids outside
-`[0, ceil(S / block_k))` are masked, duplicates count once, and `is_causal`
-additionally masks key position > query position (top-left aligned).
+Block granularity lives in `gsparse.block_gather`
+(`block_sparse_gather_attention`), which resolves `implementation=` here too.
 
 Implementations (`implementation=`): "xla" is the reference and the fallback
 (gathers `[..., k, H]` copies, differentiated by autodiff); "pallas" runs the
-kernels of `gsparse.kernels.sparse_gather` (Triton on GPU, Mosaic on TPU, the
+kernels of `gsparse.kernels` (Triton on GPU, Mosaic on TPU, the
 Pallas interpreter elsewhere) with a custom VJP; "masked" (token level only)
 computes the dense `[T, S]` logits and masks them to the listed keys, which
 costs O(T S) memory but replaces the gather, and the scatter-add of its
@@ -45,11 +40,12 @@ from typing import Literal, NamedTuple, get_args
 
 import jax
 import jax.numpy as jnp
+from jax.lax import PrecisionLike
 from jax.typing import ArrayLike
 
-from gsparse import _checks
+from gsparse import _checks, kernels
+from gsparse._layout import gather_kv
 from gsparse.attention import compute_dtype, masked_softmax_lse
-from gsparse.kernels import nonfinite
 
 Implementation = Literal["xla", "masked", "pallas"]
 # Every value `implementation=` takes, in gsparse.topk_attention, the gathers
@@ -74,19 +70,6 @@ class GatherResult(NamedTuple):
   weights: jax.Array
 
 
-class BlockGatherResult(NamedTuple):
-  """Output of `block_sparse_gather_attention(..., return_residuals=True)`.
-
-  Attributes:
-    output: `[batch..., T, N, Hv]` attention output in `query.dtype`.
-    logsumexp: `[batch..., T, N]` float32 log-sum-exp (`-inf` for a query with
-      no admissible key).
-  """
-
-  output: jax.Array
-  logsumexp: jax.Array
-
-
 def resolve_implementation(implementation: Implementation | None) -> Implementation:
   """The one check of `implementation=`: resolves None to "pallas" on GPU/TPU, else "xla".
 
@@ -100,7 +83,7 @@ def resolve_implementation(implementation: Implementation | None) -> Implementat
   return implementation
 
 
-def _static_scale(scale) -> float:
+def static_scale(scale) -> float:
   """The scale as a Python float (the Pallas kernels compile it in)."""
   concrete = _checks.concrete_or_none(scale)
   if concrete is None:
@@ -145,30 +128,6 @@ def dedup_indices(indices: jax.Array, num_keys: int) -> jax.Array:
   return jnp.where(repeat, -1, idx)
 
 
-def gather_kv(x: jax.Array, indices: jax.Array) -> jax.Array:
-  """Gathers `x[..., indices, head(n), :]` for every query head.
-
-  Args:
-    x: `[batch..., S, K, D]` keys or values.
-    indices: `[batch..., T, N, k]` in `[0, S)`, or negative for "no key": that
-      slot gets a zero row, never another key's row (a NaN there would reach
-      the output as `0 * NaN`, and every gradient through it); N a multiple of K.
-
-  Returns:
-    `[batch..., T, N, k, D]`.
-  """
-  *batch, s, kh, dd = x.shape
-  t, n, k = indices.shape[-3:]
-  g = n // kh
-  listed = (indices >= 0)[..., None]
-  xt = jnp.swapaxes(x, -3, -2)  # [..., K, S, D]
-  idx = jnp.moveaxis(jnp.maximum(indices, 0), -3, -2)  # [..., N, T, k]
-  idx = idx.reshape(*batch, kh, g * t * k)
-  out = jnp.take_along_axis(xt, idx[..., None], axis=-2, mode="clip")  # [..., K, G*T*k, D]
-  out = out.reshape(*batch, kh, g, t, k, dd).reshape(*batch, n, t, k, dd)
-  return jnp.where(listed, jnp.moveaxis(out, -4, -3), jnp.zeros((), x.dtype))  # [..., T, N, k, D]
-
-
 def sparse_gather_attention_xla(
   query: jax.Array,
   key: jax.Array,
@@ -176,7 +135,7 @@ def sparse_gather_attention_xla(
   indices: jax.Array,
   bias: jax.Array | None,
   scale: float,
-  precision=None,
+  precision: PrecisionLike = None,
 ) -> GatherResult:
   """XLA reference implementation; `indices` already de-duplicated (-1 = masked)."""
   dtype = compute_dtype(query.dtype, key.dtype, value.dtype)
@@ -214,7 +173,7 @@ def sparse_gather_attention_masked(
   indices: jax.Array,
   bias: jax.Array | None,
   scale: float,
-  precision=None,
+  precision: PrecisionLike = None,
 ) -> GatherResult:
   """Dense logits masked to the listed keys; `indices` already de-duplicated.
 
@@ -275,7 +234,7 @@ def _keep(out, listed, bad_values):
   return out
 
 
-def _kernel_cannot_take(query, key, value, scale) -> str | None:
+def kernel_cannot_take(query, key, value, scale) -> str | None:
   """Why the Pallas kernels cannot take these inputs, or None if they can.
 
   The kernels compile the scale in and compute in float32: float64 inputs
@@ -289,9 +248,9 @@ def _kernel_cannot_take(query, key, value, scale) -> str | None:
   return None
 
 
-def _check_kernel_inputs(query, key, value) -> None:
+def check_kernel_inputs(query, key, value) -> None:
   """Raises for `implementation="pallas"` with float64 inputs."""
-  reason = _kernel_cannot_take(query, key, value, None)
+  reason = kernel_cannot_take(query, key, value, None)
   if reason is not None:
     raise TypeError(
       f'implementation="pallas" cannot take {reason}; use implementation="xla" or None'
@@ -301,16 +260,17 @@ def _check_kernel_inputs(query, key, value) -> None:
 def _auto_token_implementation(query, key, value, k: int, scale=None) -> str:
   """`resolve_implementation(None)`, with "masked" in place of "xla" where it pays.
 
-  "pallas" only where the kernel can take the inputs (`_kernel_cannot_take`):
+  "pallas" only where the kernel can take the inputs (`kernel_cannot_take`):
   a traced scale or float64 inputs take the XLA path instead of raising.
   """
   if resolve_implementation(None) != "xla":
-    return "pallas" if _kernel_cannot_take(query, key, value, scale) is None else "xla"
+    return "pallas" if kernel_cannot_take(query, key, value, scale) is None else "xla"
   s = key.shape[-3]
   dense_entries = query.size // query.shape[-1] * s
   return "masked" if 16 * k >= s and dense_entries <= 2**24 else "xla"
 
 
+# Over 60 lines through its docstring; the body is checks then one dispatch.
 def sparse_gather_attention(
   query: ArrayLike,
   key: ArrayLike,
@@ -322,7 +282,7 @@ def sparse_gather_attention(
   assume_unique: bool = False,
   return_residuals: bool = False,
   implementation: Implementation | None = None,
-  precision=None,
+  precision: PrecisionLike = None,
   block_sizes=None,
 ):
   """Attention of each query over its own list of key positions.
@@ -345,7 +305,7 @@ def sparse_gather_attention(
       the listed keys, O(T S) memory).
     precision: einsum precision of the XLA path (the kernels accumulate in
       float32 and ignore it).
-    block_sizes: optional `gsparse.kernels.sparse_gather.BlockSizes` tiles for
+    block_sizes: optional `gsparse.kernels.BlockSizes` tiles for
       the Pallas path.
 
   Returns:
@@ -364,7 +324,7 @@ def sparse_gather_attention(
     implementation = _auto_token_implementation(query, key, value, indices.shape[-1], scale)
   implementation = resolve_implementation(implementation)
   if implementation == "pallas":
-    _check_kernel_inputs(query, key, value)
+    check_kernel_inputs(query, key, value)
     if query.size == 0:  # an empty grid: nothing to compute, the XLA path gives the shapes
       implementation = "xla"
   scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
@@ -379,15 +339,15 @@ def sparse_gather_attention(
   elif implementation == "masked":
     res = sparse_gather_attention_masked(query, key, value, idx, bias, scale, precision)
   else:
-    res = _sparse_gather_pallas(query, key, value, idx, bias, _static_scale(scale), block_sizes)
+    res = _sparse_gather_pallas(query, key, value, idx, bias, static_scale(scale), block_sizes)
   return res if return_residuals else res.output
 
 
-def _flatten_batch(x: jax.Array, trailing: int) -> jax.Array:
+def flatten_batch(x: jax.Array, trailing: int) -> jax.Array:
   return x.reshape((-1,) + x.shape[x.ndim - trailing :])
 
 
-def _nonempty_value(value: jax.Array) -> jax.Array:
+def nonempty_value(value: jax.Array) -> jax.Array:
   """`value`, or one zero column when Hv = 0 (a kernel block cannot be empty)."""
   if value.shape[-1]:
     return value
@@ -395,20 +355,18 @@ def _nonempty_value(value: jax.Array) -> jax.Array:
 
 
 def _sparse_gather_pallas(query, key, value, idx, bias, scale, block_sizes) -> GatherResult:
-  from gsparse.kernels import sparse_gather as kernels
-
   hv = value.shape[-1]
-  value = _nonempty_value(value)
+  value = nonempty_value(value)
   if block_sizes is None:
     block_sizes = kernels.BlockSizes()
   variant, interpret = kernels.default_variant()
   batch = query.shape[:-3]
   out, lse, logits = kernels.token_gather_attention(
-    _flatten_batch(query, 3),
-    _flatten_batch(key, 3),
-    _flatten_batch(value, 3),
-    _flatten_batch(idx, 3),
-    None if bias is None else _flatten_batch(bias, 3),
+    flatten_batch(query, 3),
+    flatten_batch(key, 3),
+    flatten_batch(value, 3),
+    flatten_batch(idx, 3),
+    None if bias is None else flatten_batch(bias, 3),
     scale=scale,
     block_sizes=block_sizes,
     variant=variant,
@@ -417,213 +375,9 @@ def _sparse_gather_pallas(query, key, value, idx, bias, scale, block_sizes) -> G
   # Weights: the softmax of the kernel's slot logits (as the XLA path), not
   # exp(logit - lse): a float32 lse near 1e4 is itself off by up to 1e-3, and
   # that error would reach every weight.
-  w = masked_softmax_lse(logits, _flatten_batch(idx, 3) >= 0)[0]
+  w = masked_softmax_lse(logits, flatten_batch(idx, 3) >= 0)[0]
   return GatherResult(
     out.reshape(*batch, *out.shape[1:])[..., :hv],
     lse.reshape(*batch, *lse.shape[1:]),
     w.reshape(*batch, *w.shape[1:]),
   )
-
-
-def check_block_indices(
-  block_indices: ArrayLike, query_shape: tuple[int, ...], block_q: int
-) -> jax.Array:
-  """Checks `[batch..., ceil(T / block_q), N, nb]` integer block ids."""
-  block_indices = jnp.asarray(block_indices)
-  if not jnp.issubdtype(block_indices.dtype, jnp.integer):
-    raise TypeError(f"block_indices must have an integer dtype, got {block_indices.dtype}")
-  *batch, t, n, _ = query_shape
-  want = (*batch, -(-t // block_q), n)
-  if block_indices.ndim != len(query_shape) or block_indices.shape[:-1] != want:
-    raise ValueError(
-      f"block_indices must have shape [batch..., ceil(T / block_q), N, nb] = {want + ('nb',)} "
-      f"for query {tuple(query_shape)} and block_q={block_q}, got {block_indices.shape}"
-    )
-  if block_indices.shape[-1] < 1:
-    raise ValueError(f"block_indices must select at least one key block, got {block_indices.shape}")
-  return block_indices
-
-
-def block_sparse_gather_attention_xla(
-  query: jax.Array,
-  key: jax.Array,
-  value: jax.Array,
-  block_indices: jax.Array,
-  *,
-  block_q: int,
-  block_k: int,
-  scale: float,
-  is_causal: bool = False,
-  precision=None,
-) -> BlockGatherResult:
-  """XLA block-level implementation; `block_indices` de-duplicated (-1 = masked).
-
-  Gathers one `[nb * block_k, H]` slab of keys per query block and head (a
-  factor `block_q` less than token-level gathering) and differentiates by
-  autodiff.
-  """
-  *batch, t, n, h = query.shape
-  s = key.shape[-3]
-  dtype = compute_dtype(query.dtype, key.dtype, value.dtype)
-  tb, nb = block_indices.shape[-3], block_indices.shape[-1]
-  tp = tb * block_q
-  q = query
-  if tp != t:
-    q = jnp.pad(q, [(0, 0)] * len(batch) + [(0, tp - t), (0, 0), (0, 0)])
-  pos = block_indices[..., None] * block_k + jnp.arange(block_k, dtype=jnp.int32)
-  slot_valid = (block_indices >= 0)[..., None] & (pos < s)
-  pos = pos.reshape(*pos.shape[:-2], nb * block_k)  # [..., Tb, N, m]
-  slot_valid = slot_valid.reshape(pos.shape)
-  safe = jnp.where(slot_valid, pos, -1)  # -1: a zero row
-  kg = gather_kv(key, safe)  # [..., Tb, N, m, H]
-  vg = gather_kv(value, safe)
-  qb = q.reshape(*batch, tb, block_q, n, h)
-  # Causal masking differs between the queries of a block, so a masked
-  # non-finite entry cannot be zeroed per row: the products take the finite
-  # parts (gradients included) and mark the non-finite reads (gsparse.kernels.nonfinite).
-  logits = jnp.einsum(
-    "...tqnh,...tnmh->...tqnm",
-    nonfinite.finite_part(qb),
-    nonfinite.finite_part(kg),
-    precision=precision,
-    preferred_element_type=dtype,
-  ).astype(dtype)
-  logits = logits * jnp.asarray(scale, dtype)
-  q_bad = jnp.any(~jnp.isfinite(qb), axis=-1)[..., None]  # [..., Tb, bq, N, 1]
-  k_bad = jnp.any(~jnp.isfinite(kg), axis=-1)[..., None, :, :]  # [..., Tb, 1, N, m]
-  logits = jnp.where(q_bad | k_bad, jnp.asarray(jnp.nan, dtype), logits)
-  valid = jnp.broadcast_to(slot_valid[..., :, None, :, :], logits.shape)
-  qpos = jnp.arange(tp).reshape(tb, block_q)[:, :, None, None]
-  if is_causal:
-    valid = valid & (pos[..., :, None, :, :] <= qpos)
-  if tp != t:  # padded rows take no part (a NaN key they read would reach the gradients)
-    valid = valid & (qpos < t)
-  w, lse = masked_softmax_lse(logits, valid)
-  pv = functools.partial(jnp.einsum, "...tqnm,...tnmv->...tqnv", precision=precision)
-  out = pv(w, nonfinite.finite_part(vg).astype(dtype))
-  out = jax.lax.cond(
-    jnp.any(~jnp.isfinite(vg)),
-    lambda o: nonfinite.poison(o, pv(valid.astype(dtype), nonfinite.nonfinite_indicator(vg))),
-    lambda o: o,
-    out,
-  )
-  out = out.reshape(*batch, tp, n, value.shape[-1])[..., :t, :, :]
-  lse = lse.reshape(*batch, tp, n)[..., :t, :]
-  return BlockGatherResult(out.astype(query.dtype), lse)
-
-
-def _auto_block_implementation(query, key, value, block_q: int, block_k: int, scale) -> str:
-  """`resolve_implementation(None)` for block lists, "xla" where the kernel cannot run.
-
-  The device kernels tile whole blocks: Triton dots want powers of two >= 16,
-  Mosaic wants multiples of 8; both compile the scale in and compute in float32.
-  """
-  choice = resolve_implementation(None)
-  if choice == "xla" or _kernel_cannot_take(query, key, value, scale) is not None:
-    return "xla"
-  from gsparse.kernels import sparse_gather as kernels
-
-  variant, interpret = kernels.default_variant()
-  return "pallas" if kernels.block_sizes_supported(block_q, block_k, variant, interpret) else "xla"
-
-
-def block_sparse_gather_attention(
-  query: ArrayLike,
-  key: ArrayLike,
-  value: ArrayLike,
-  block_indices: ArrayLike,
-  *,
-  block_q: int,
-  block_k: int,
-  scale: float | None = None,
-  is_causal: bool = False,
-  assume_unique: bool = False,
-  return_residuals: bool = False,
-  implementation: Implementation | None = None,
-  precision=None,
-):
-  """Attention in which every query block attends to its own list of key blocks.
-
-  Args:
-    query: `[batch..., T, N, H]`.
-    key: `[batch..., S, K, H]`, `N % K == 0`.
-    value: `[batch..., S, K, Hv]`.
-    block_indices: `[batch..., ceil(T / block_q), N, nb]` integer key-block ids
-      (block `j` = key positions `[j * block_k, (j + 1) * block_k)`); ids
-      outside `[0, ceil(S / block_k))` are masked, duplicates count once.
-    block_q: queries per query block, a Python int >= 1. On GPU the Pallas
-      kernel needs a power of two >= 16, on TPU a multiple of 8.
-    block_k: keys per key block, a Python int >= 1 (same GPU constraint; on
-      TPU a multiple of 8).
-    scale: logit scale; default `1 / sqrt(H)` (a Python float for "pallas").
-    is_causal: also mask key position > query position (top-left aligned).
-    assume_unique: skip de-duplication of the block ids.
-    return_residuals: also return the log-sum-exp.
-    implementation: None, "xla" or "pallas", as in `sparse_gather_attention`;
-      None takes "xla" where the device kernel cannot tile the block sizes,
-      the inputs are float64 or the scale is traced.
-    precision: einsum precision of the XLA path.
-
-  Returns:
-    `[batch..., T, N, Hv]` output in `query.dtype`, or a `BlockGatherResult`
-    when `return_residuals=True`. A query with no admissible key gets zeros.
-  """
-  query, key, value = _checks.check_attention_inputs(query, key, value)
-  block_q = _checks.check_int("block_q", block_q, minimum=1)
-  block_k = _checks.check_int("block_k", block_k, minimum=1)
-  block_indices = check_block_indices(block_indices, query.shape, block_q)
-  if not isinstance(is_causal, bool):
-    raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-  _checks.check_scale(scale)
-  if implementation is None:
-    implementation = _auto_block_implementation(query, key, value, block_q, block_k, scale)
-  implementation = resolve_implementation(implementation)
-  if implementation == "masked":
-    raise ValueError(
-      'implementation="masked" is token level only; block_sparse_gather_attention takes '
-      'None, "xla" or "pallas"'
-    )
-  if implementation == "pallas":
-    _check_kernel_inputs(query, key, value)
-    if query.size == 0:  # an empty grid: nothing to compute, the XLA path gives the shapes
-      implementation = "xla"
-  scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
-  nkb = -(-key.shape[-3] // block_k)
-  bidx = block_indices.astype(jnp.int32)
-  bidx = jnp.where((bidx >= 0) & (bidx < nkb), bidx, -1)
-  if not assume_unique:
-    bidx = dedup_indices(bidx, nkb)
-  if implementation == "xla":
-    res = block_sparse_gather_attention_xla(
-      query,
-      key,
-      value,
-      bidx,
-      block_q=block_q,
-      block_k=block_k,
-      scale=scale,
-      is_causal=is_causal,
-      precision=precision,
-    )
-  else:
-    from gsparse.kernels import sparse_gather as kernels
-
-    variant, interpret = kernels.default_variant()
-    batch = query.shape[:-3]
-    out, lse = kernels.block_gather_attention(
-      _flatten_batch(query, 3),
-      _flatten_batch(key, 3),
-      _flatten_batch(_nonempty_value(value), 3),
-      _flatten_batch(bidx, 3),
-      block_q=block_q,
-      block_k=block_k,
-      scale=_static_scale(scale),
-      is_causal=is_causal,
-      variant=variant,
-      interpret=interpret,
-    )
-    res = BlockGatherResult(
-      out.reshape(*batch, *out.shape[1:])[..., : value.shape[-1]],
-      lse.reshape(*batch, *lse.shape[1:]),
-    )
-  return res if return_residuals else res.output

@@ -38,7 +38,7 @@ import jax.numpy as jnp
 from absl import app, flags
 
 import gsparse
-from gsparse.kernels import sparse_gather as kernels
+from gsparse import kernels
 
 _N = flags.DEFINE_list(
   "n", None, "sequence lengths (default: 4096..65536 on GPU/TPU, 256,512 on CPU)"

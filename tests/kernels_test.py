@@ -1,4 +1,4 @@
-"""Tests of the Pallas sparse-gather kernels (gsparse/kernels/sparse_gather.py).
+"""Tests of the Pallas sparse-gather kernels (gsparse/kernels/).
 
 `GpuKernelTest` runs the Triton kernel on a real GPU and skips elsewhere;
 `GpuKernelInterpretTest` runs the same tests in the Pallas interpreter on any
@@ -30,8 +30,7 @@ from jax.experimental.pallas import tpu as pltpu
 from jax.test_util import check_grads
 
 import gsparse
-from gsparse import gather
-from gsparse.kernels import sparse_gather as sg
+from gsparse import block_gather, gather, kernels
 
 # Forward / gradient tolerances per dtype (inputs in that dtype, float32 math).
 FWD_TOL = {
@@ -106,7 +105,7 @@ class GpuKernelTest(parameterized.TestCase):
 
   VARIANT = "gpu"
   INTERPRET = False
-  BLOCK_SIZES = sg.BlockSizes(block_q=2, block_slots=4)
+  BLOCK_SIZES = kernels.BlockSizes(block_q=2, block_slots=4)
   BLOCK_SHAPES = BLOCK_SHAPES_TRITON
 
   def setUp(self):
@@ -122,7 +121,7 @@ class GpuKernelTest(parameterized.TestCase):
     self.enter_context(jax.default_matmul_precision("highest"))
 
   def token(self, q, k, v, idx, bias=None, scale=0.37):
-    return sg.token_gather_attention(
+    return kernels.token_gather_attention(
       q,
       k,
       v,
@@ -135,7 +134,7 @@ class GpuKernelTest(parameterized.TestCase):
     )
 
   def block(self, q, k, v, bidx, *, block_q, block_k, is_causal, scale=0.37):
-    return sg.block_gather_attention(
+    return kernels.block_gather_attention(
       q,
       k,
       v,
@@ -163,7 +162,7 @@ class GpuKernelTest(parameterized.TestCase):
     idx = _token_indices(1, b, t, n, s, kk, kind)
     bias = jax.random.normal(jax.random.key(2), idx.shape, jnp.float32)
     out, lse, logits = self.token(q, k, v, idx, bias)
-    ref_out, ref_lse = sg.sparse_gather_reference(q, k, v, idx, bias, scale=0.37)
+    ref_out, ref_lse = kernels.sparse_gather_reference(q, k, v, idx, bias, scale=0.37)
     self.assertEqual(out.dtype, dtype)
     self.assertEqual(out.shape, (b, t, n, hv))
     _assert_close(out, ref_out, FWD_TOL[dtype])
@@ -198,7 +197,7 @@ class GpuKernelTest(parameterized.TestCase):
       )
 
     kern = lambda q, k, v, bias: self.token(q, k, v, idx, bias)[:2]
-    ref = lambda q, k, v, bias: sg.sparse_gather_reference(q, k, v, idx, bias, scale=0.37)
+    ref = lambda q, k, v, bias: kernels.sparse_gather_reference(q, k, v, idx, bias, scale=0.37)
     got = jax.jit(jax.grad(functools.partial(loss, kern), argnums=(0, 1, 2, 3)))(q, k, v, bias)
     want = jax.jit(jax.grad(functools.partial(loss, ref), argnums=(0, 1, 2, 3)))(q, k, v, bias)
     for name, g, w in zip(("dq", "dk", "dv", "dbias"), got, want, strict=True):
@@ -231,14 +230,14 @@ class GpuKernelTest(parameterized.TestCase):
     q, k, v = _inputs(10, b, t, n, kh, s, h, hv, dtype)
     bidx = _block_indices(11, b, t, n, s, bq, bk, nb)
     out, lse = self.block(q, k, v, bidx, block_q=bq, block_k=bk, is_causal=is_causal)
-    ref_out, ref_lse = sg.block_gather_reference(
+    ref_out, ref_lse = kernels.block_gather_reference(
       q, k, v, bidx, block_q=bq, block_k=bk, scale=0.37, is_causal=is_causal
     )
     self.assertEqual(out.dtype, dtype)
     _assert_close(out, ref_out, FWD_TOL[dtype])
     _assert_lse_close(lse, ref_lse, FWD_TOL[dtype])
     np.testing.assert_array_equal(np.asarray(out[0, :bq, 0], np.float32), 0.0)
-    xla = gather.block_sparse_gather_attention_xla(
+    xla = block_gather.block_sparse_gather_attention_xla(
       q, k, v, bidx, block_q=bq, block_k=bk, scale=0.37, is_causal=is_causal
     )
     _assert_close(out, xla.output, FWD_TOL[dtype])
@@ -263,7 +262,7 @@ class GpuKernelTest(parameterized.TestCase):
       )
 
     kern = lambda q, k, v: self.block(q, k, v, bidx, block_q=bq, block_k=bk, is_causal=True)
-    ref = lambda q, k, v: sg.block_gather_reference(
+    ref = lambda q, k, v: kernels.block_gather_reference(
       q, k, v, bidx, block_q=bq, block_k=bk, scale=0.37, is_causal=True
     )
     got = jax.jit(jax.grad(functools.partial(loss, kern), argnums=(0, 1, 2)))(q, k, v)
@@ -323,10 +322,10 @@ class TpuKernelTest(parameterized.TestCase):
     q, k, v = _inputs(20, b, t, n, kh, s, h, hv, jnp.float32)
     idx = _token_indices(21, b, t, n, s, kk, "dups")
     bias = jax.random.normal(jax.random.key(22), idx.shape, jnp.float32)
-    out, lse, logits = sg.token_gather_attention(
-      q, k, v, idx, bias, scale=0.37, block_sizes=sg.BlockSizes(block_q=2), variant="tpu"
+    out, lse, logits = kernels.token_gather_attention(
+      q, k, v, idx, bias, scale=0.37, block_sizes=kernels.BlockSizes(block_q=2), variant="tpu"
     )
-    ref_out, ref_lse = sg.sparse_gather_reference(q, k, v, idx, bias, scale=0.37)
+    ref_out, ref_lse = kernels.sparse_gather_reference(q, k, v, idx, bias, scale=0.37)
     _assert_close(out, ref_out, FWD_TOL[jnp.float32])
     _assert_lse_close(lse, ref_lse, FWD_TOL[jnp.float32])
     np.testing.assert_array_equal(np.isneginf(np.asarray(logits)), np.asarray(idx) < 0)
@@ -336,10 +335,10 @@ class TpuKernelTest(parameterized.TestCase):
     b, t, n, kh, s, h, hv, bq, bk, nb = 1, 8, 2, 1, 11, 6, 5, 8, 8, 2
     q, k, v = _inputs(22, b, t, n, kh, s, h, hv, jnp.bfloat16)
     bidx = _block_indices(23, b, t, n, s, bq, bk, nb).at[0, 0, 1].set(jnp.array([0, 2]))
-    out, lse = sg.block_gather_attention(
+    out, lse = kernels.block_gather_attention(
       q, k, v, bidx, block_q=bq, block_k=bk, scale=0.37, is_causal=True, variant="tpu"
     )
-    ref_out, ref_lse = sg.block_gather_reference(
+    ref_out, ref_lse = kernels.block_gather_reference(
       q, k, v, bidx, block_q=bq, block_k=bk, scale=0.37, is_causal=True
     )
     _assert_close(out, ref_out, FWD_TOL[jnp.bfloat16])
@@ -366,8 +365,8 @@ class LoweringTest(parameterized.TestCase):
 
     def fwd_and_grad(q, k, v):
       def loss(q, k, v):
-        o1 = sg.token_gather_attention(q, k, v, idx, scale=0.1, variant=variant)[0]
-        o2 = sg.block_gather_attention(
+        o1 = kernels.token_gather_attention(q, k, v, idx, scale=0.1, variant=variant)[0]
+        o2 = kernels.block_gather_attention(
           q, k, v, bidx, block_q=16, block_k=16, scale=0.1, is_causal=True, variant=variant
         )[0]
         return jnp.sum(o1.astype(jnp.float32)) + jnp.sum(o2.astype(jnp.float32))
@@ -423,11 +422,11 @@ class PublicApiTest(parameterized.TestCase):
     q, k, v = _inputs(34, 1, 3 * bq, 2, 2, 3 * bk + 1, 4, 4, jnp.float32)
     bidx = jax.random.randint(jax.random.key(35), (1, 3, 2, 3), -1, 5)  # dups, -1, >= nkb
     kw = dict(block_q=bq, block_k=bk, is_causal=True, return_residuals=True)
-    a = gather.block_sparse_gather_attention(q, k, v, bidx, implementation="xla", **kw)
-    b = gather.block_sparse_gather_attention(q, k, v, bidx, implementation="pallas", **kw)
+    a = block_gather.block_sparse_gather_attention(q, k, v, bidx, implementation="xla", **kw)
+    b = block_gather.block_sparse_gather_attention(q, k, v, bidx, implementation="pallas", **kw)
     _assert_close(b.output, a.output, FWD_TOL[jnp.float32])
     _assert_lse_close(b.logsumexp, a.logsumexp, FWD_TOL[jnp.float32])
-    ref_out, _ = sg.block_gather_reference(
+    ref_out, _ = kernels.block_gather_reference(
       q,
       k,
       v,
@@ -508,13 +507,13 @@ class PublicApiTest(parameterized.TestCase):
     """None takes "pallas" on GPU/TPU; "xla" for untileable blocks, float64 or a traced scale."""
     x = jax.ShapeDtypeStruct((1, 4, 2, 8), jnp.float32)
     wide = jax.ShapeDtypeStruct((1, 4, 2, 8), jnp.float64)
-    block = functools.partial(gather._auto_block_implementation, x, x, x)
+    block = functools.partial(block_gather._auto_block_implementation, x, x, x)
     with mock.patch.object(jax, "default_backend", return_value=backend):
       self.assertEqual(block(16, 32, None), "pallas")
       self.assertEqual(block(16, 32, 0.5), "pallas")
       self.assertEqual(block(12, 16, None), "xla")  # no tiling
       self.assertEqual(block(8, 16, None), "xla" if backend == "gpu" else "pallas")
-      self.assertEqual(gather._auto_block_implementation(x, wide, x, 16, 16, None), "xla")
+      self.assertEqual(block_gather._auto_block_implementation(x, wide, x, 16, 16, None), "xla")
       self.assertEqual(gather._auto_token_implementation(x, x, x, 4, 0.5), "pallas")
       self.assertEqual(gather._auto_token_implementation(x, x, wide, 4, 0.5), "xla")
       traced = []
@@ -548,7 +547,7 @@ class PublicApiTest(parameterized.TestCase):
     if jax.default_backend() != "cpu":
       self.skipTest("checks the CPU default")
     self.assertEqual(gather.resolve_implementation(None), "xla")
-    self.assertEqual(sg.default_variant(), ("gpu", True))
+    self.assertEqual(kernels.default_variant(), ("gpu", True))
 
 
 class ErrorTest(parameterized.TestCase):
@@ -600,21 +599,21 @@ class ErrorTest(parameterized.TestCase):
       (
         ValueError,
         "block_indices must have shape",
-        lambda q: gather.block_sparse_gather_attention(
+        lambda q: block_gather.block_sparse_gather_attention(
           q, k, v, jnp.zeros((1, 3, 2, 2), jnp.int32), block_q=2, block_k=2, implementation="pallas"
         ),
       ),
       (
         TypeError,
         "block_indices must have an integer dtype",
-        lambda q: gather.block_sparse_gather_attention(
+        lambda q: block_gather.block_sparse_gather_attention(
           q, k, v, jnp.zeros((1, 2, 2, 2)), block_q=2, block_k=2
         ),
       ),
       (
         ValueError,
         "block_k=0",
-        lambda q: gather.block_sparse_gather_attention(
+        lambda q: block_gather.block_sparse_gather_attention(
           q, k, v, jnp.zeros((1, 2, 2, 2), jnp.int32), block_q=2, block_k=0
         ),
       ),
@@ -637,17 +636,17 @@ class ErrorTest(parameterized.TestCase):
     bidx = jnp.zeros((1, 1, 2, 1), jnp.int32)
     for variant, msg in (("gpu", "power of two >= 16"), ("tpu", "multiple of 8")):
       with self.assertRaisesRegex(ValueError, f"block_q=4 must be a {msg}"):
-        sg.block_gather_attention(
+        kernels.block_gather_attention(
           q, k, v, bidx, block_q=4, block_k=16, scale=1.0, variant=variant, interpret=False
         )
 
   def test_block_sizes_validated(self):
     with self.assertRaisesRegex(ValueError, "block_slots=3 must be a power of two"):
-      sg.BlockSizes(block_slots=3)
+      kernels.BlockSizes(block_slots=3)
     with self.assertRaisesRegex(ValueError, "block_q=0 must be a positive int"):
-      sg.BlockSizes(block_q=0)
+      kernels.BlockSizes(block_q=0)
     with self.assertRaisesRegex(ValueError, "variant='cpu'"):
-      sg.token_gather_attention(
+      kernels.token_gather_attention(
         self.q, self.k, self.v, jnp.zeros((1, 4, 2, 3), jnp.int32), scale=1.0, variant="cpu"
       )
 

@@ -19,7 +19,7 @@ import pytest
 from jax.experimental.pallas import tpu as pltpu
 
 import gsparse
-from gsparse.kernels import sparse_gather as sg
+from gsparse import kernels
 
 SCALE = 0.37
 
@@ -70,7 +70,7 @@ def _block_kernel(variant, block):
   def fn(q, k, v):
     nqb = -(-q.shape[1] // block)
     bidx = jnp.broadcast_to(jnp.arange(2), (1, nqb, 1, 2))
-    out, _ = sg.block_gather_attention(
+    out, _ = kernels.block_gather_attention(
       q, k, v, bidx, block_q=block, block_k=block, scale=SCALE, is_causal=True,
       variant=variant, interpret=variant == "gpu",
     )  # fmt: skip
@@ -117,8 +117,8 @@ def test_token_mosaic_interpret_masked_slot_hides_nan_value():
   idx = jnp.array([[-1, 3, 4, -1], [0, 2, -1, 5], [6, -1, 7, 8]], jnp.int32)[None, :, None]
 
   def fn(q, k, v):
-    out, _, _ = sg.token_gather_attention(
-      q, k, v, idx, scale=SCALE, block_sizes=sg.BlockSizes(block_q=1), variant="tpu"
+    out, _, _ = kernels.token_gather_attention(
+      q, k, v, idx, scale=SCALE, block_sizes=kernels.BlockSizes(block_q=1), variant="tpu"
     )
     return out
 

@@ -1,6 +1,44 @@
-"""Pallas kernels for gsparse.
+"""Pallas kernels for sparse-gather attention, with an XLA backward.
 
-`gsparse.kernels.sparse_gather` holds the sparse-gather attention kernels
-(token- and block-level, GPU/Triton and TPU/Mosaic variants) behind
-`gsparse.sparse_gather_attention(..., implementation="pallas")`.
+They run behind `gsparse.sparse_gather_attention(..., implementation="pallas")`
+and `gsparse.block_sparse_gather_attention(..., implementation="pallas")`.
+
+Modules:
+  * `_common`: `BlockSizes`, the variants ("gpu": Triton, "tpu": Mosaic),
+    `default_variant`, and which block sizes the compiled kernels tile.
+  * `token`: `token_gather_attention`, one list of `k` key positions per
+    (query, head).
+  * `block`: `block_gather_attention`, one list of key blocks per (query
+    block, head).
+  * `backward`: `gather_backward_xla`, the XLA backward of both custom VJPs.
+  * `reference`: pure-jnp dense-mask references of both.
+  * `nonfinite`: the finite-part / poison trick for masked non-finite rows.
+
+The kernels depend only on jax and the leaf `gsparse._layout`, never on the
+gathers that call them. See docs/kernels.md.
 """
+
+from gsparse.kernels._common import (
+  VARIANTS,
+  BlockSizes,
+  Variant,
+  block_sizes_supported,
+  default_variant,
+)
+from gsparse.kernels.backward import gather_backward_xla
+from gsparse.kernels.block import block_gather_attention
+from gsparse.kernels.reference import block_gather_reference, sparse_gather_reference
+from gsparse.kernels.token import token_gather_attention
+
+__all__ = [
+  "VARIANTS",
+  "BlockSizes",
+  "Variant",
+  "block_gather_attention",
+  "block_gather_reference",
+  "block_sizes_supported",
+  "default_variant",
+  "gather_backward_xla",
+  "sparse_gather_reference",
+  "token_gather_attention",
+]

@@ -1,0 +1,361 @@
+"""Block-level sparse-gather attention kernels: Triton (GPU) and Mosaic (TPU).
+
+Queries are cut into blocks of `block_q` and keys into blocks of `block_k`;
+every (query block, head) has a list of key-block ids, `block_indices`
+`[B, ceil(T / block_q), N, nb]`, `-1` = masked. Key positions past `S` in the
+last block are masked, and `is_causal` also masks key position > query
+position (top-left aligned). Each kernel runs a running (flash-style) softmax
+over the listed key blocks with two small matmuls per step; the TPU kernel
+takes the block ids through scalar prefetch (`pltpu.PrefetchScalarGridSpec`)
+and copies each key block from HBM into VMEM. Both return the output and the
+log-sum-exp (float32, `-inf` for a query with no key). The backward is
+`gsparse.kernels.backward.gather_backward_xla`.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from gsparse._layout import pad_axis, round_up
+from gsparse.kernels._common import (
+  DOT_PRECISION,
+  Variant,
+  check_block_sizes,
+  check_variant,
+  interpret_arg,
+  next_pow2,
+)
+from gsparse.kernels.backward import gather_backward_xla, slot_positions
+from gsparse.kernels.nonfinite import finite_part, nonfinite_indicator, poison
+
+
+def _block_kernel_gpu(
+  bidx_ref, query_ref, key_ref, value_ref, o_ref, lse_ref, *, scale, block_k, num_keys, is_causal
+):
+  """One program: one query block of one head. Refs: bidx `[nb]`, query `[bq, H]`,
+  key `[Sp, H]`, value `[Sp, Hv]`, o `[bq, Hv]`, lse `[bq]`.
+  """
+  bq = query_ref.shape[0]
+  nb = bidx_ref.shape[0]
+  hv = value_ref.shape[-1]
+  f32 = jnp.float32
+  query = query_ref[...]
+  qpos = pl.program_id(0) * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
+  kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
+
+  def body(j, state):
+    m, denom, acc, reads = state
+    blk = bidx_ref[j]
+    start = jnp.maximum(blk, 0) * block_k
+    kb = key_ref[pl.ds(start, block_k), :]
+    vb = value_ref[pl.ds(start, block_k), :]
+    s = lax.dot_general(
+      query, kb, (((1,), (1,)), ((), ())), precision=DOT_PRECISION, preferred_element_type=f32
+    )
+    s = s * scale
+    kpos = start + kcol
+    valid = (blk >= 0) & (kpos < num_keys)
+    if is_causal:
+      valid = valid & (kpos <= qpos)
+    s = jnp.where(valid, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp(m - m_safe)
+    p = jnp.exp(s - m_safe[:, None])
+    # Causal masking differs per query: p @ v over the finite part, plus a
+    # count of non-finite rows each query may read (gsparse.kernels.nonfinite).
+    dot = functools.partial(jnp.dot, precision=DOT_PRECISION, preferred_element_type=f32)
+    pv = dot(p.astype(vb.dtype), finite_part(vb))
+    reads = reads + dot(valid.astype(f32), nonfinite_indicator(vb))
+    return m_new, denom * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv, reads
+
+  zeros = jnp.zeros((bq, hv), f32)
+  init = (jnp.full((bq,), -jnp.inf, f32), jnp.zeros((bq,), f32), zeros, zeros)
+  m, denom, acc, reads = lax.fori_loop(0, nb, body, init)
+  ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
+  l_safe = jnp.where(ok, denom, 1.0)
+  out = poison(jnp.where(ok[:, None], acc / l_safe[:, None], 0.0), reads)
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _block_forward_gpu(query, key, value, bidx, *, block_q, block_k, scale, is_causal, interpret):
+  b, tp, n, h = query.shape
+  s_len, kh, hv = key.shape[1], key.shape[2], value.shape[-1]
+  g = n // kh
+  nb = bidx.shape[-1]
+  nbp = next_pow2(nb)
+  # Triton's dot wants every dimension a power of two >= 16.
+  hp, hvp = max(16, next_pow2(h)), max(16, next_pow2(hv))
+  sp = round_up(s_len, block_k)
+  query = pad_axis(query, 3, hp)
+  key = pad_axis(pad_axis(key, 3, hp), 1, sp)
+  value = pad_axis(pad_axis(value, 3, hvp), 1, sp)
+  bidx = pad_axis(bidx, 3, nbp, -1)
+  kernel = functools.partial(
+    _block_kernel_gpu, scale=scale, block_k=block_k, num_keys=s_len, is_causal=is_causal
+  )
+  row = lambda width: pl.BlockSpec((None, block_q, None, width), lambda i, bb, nn: (bb, i, nn, 0))
+  kv_spec = lambda width: pl.BlockSpec(
+    (None, sp, None, width), lambda i, bb, nn: (bb, 0, nn // g, 0)
+  )
+  compiler_params = None
+  if not interpret:
+    from jax.experimental.pallas import triton as plgpu
+
+    compiler_params = plgpu.CompilerParams(num_warps=4, num_stages=2)
+  out, lse = pl.pallas_call(
+    kernel,
+    grid=(tp // block_q, b, n),
+    in_specs=[
+      pl.BlockSpec((None, None, None, nbp), lambda i, bb, nn: (bb, i, nn, 0)),
+      row(hp),
+      kv_spec(hp),
+      kv_spec(hvp),
+    ],
+    out_specs=[row(hvp), pl.BlockSpec((None, block_q, None), lambda i, bb, nn: (bb, i, nn))],
+    out_shape=[
+      jax.ShapeDtypeStruct((b, tp, n, hvp), query.dtype),
+      jax.ShapeDtypeStruct((b, tp, n), jnp.float32),
+    ],
+    compiler_params=compiler_params,
+    interpret=interpret_arg("gpu", interpret),
+    name="gsparse_block_gather_gpu",
+  )(bidx, query, key, value)
+  return out[..., :hv], lse
+
+
+# Over 60 lines only through its one-per-line ref signature (ruff format).
+def _block_kernel_tpu(
+  bidx_smem,
+  query_ref,
+  key_hbm,
+  value_hbm,
+  o_ref,
+  lse_ref,
+  kbuf,
+  vbuf,
+  sems,
+  *,
+  scale,
+  block_k,
+  num_keys,
+  is_causal,
+  group,
+  num_blocks,
+):
+  """Grid step `(b, n, query block)`. bidx_smem: flat prefetched block ids;
+  query `[bq, H]`, o `[bq, Hv]`, lse `[bq, 1]`; K/V in HBM `[B, K, Sp, H]`;
+  kbuf/vbuf VMEM `[block_k, H]`.
+  """
+  from jax.experimental.pallas import tpu as pltpu
+
+  b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  nheads, nqb = pl.num_programs(1), pl.num_programs(2)
+  kvh = lax.div(n, group)
+  bq = query_ref.shape[0]
+  f32 = jnp.float32
+  base = ((b * nheads + n) * nqb + i) * num_blocks
+  query = query_ref[...].astype(f32)
+  qpos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
+  kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
+
+  def body(j, state):
+    m, denom, acc, reads = state
+    blk = bidx_smem[base + j]
+    start = jnp.maximum(blk, 0) * block_k
+    ck = pltpu.make_async_copy(key_hbm.at[b, kvh, pl.ds(start, block_k)], kbuf, sems.at[0])
+    cv = pltpu.make_async_copy(value_hbm.at[b, kvh, pl.ds(start, block_k)], vbuf, sems.at[1])
+    ck.start()
+    cv.start()
+    ck.wait()
+    s = lax.dot_general(query, kbuf[...].astype(f32), (((1,), (1,)), ((), ()))) * scale
+    kpos = start + kcol
+    valid = (blk >= 0) & (kpos < num_keys)
+    if is_causal:
+      valid = valid & (kpos <= qpos)
+    s = jnp.where(valid, s, -jnp.inf)
+    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
+    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+    alpha = jnp.exp(m - m_safe)
+    p = jnp.exp(s - m_safe)
+    cv.wait()
+    vb = vbuf[...].astype(f32)  # finite part and non-finite reads: as the GPU kernel
+    pv = jnp.dot(p, finite_part(vb))
+    reads = reads + jnp.dot(valid.astype(f32), nonfinite_indicator(vb))
+    return m_new, denom * alpha + jnp.sum(p, axis=1, keepdims=True), acc * alpha + pv, reads
+
+  zeros = jnp.zeros((bq, o_ref.shape[-1]), f32)
+  init = (jnp.full((bq, 1), -jnp.inf, f32), jnp.zeros((bq, 1), f32), zeros, zeros)
+  m, denom, acc, reads = lax.fori_loop(0, num_blocks, body, init)
+  ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
+  l_safe = jnp.where(ok, denom, 1.0)
+  o_ref[...] = poison(jnp.where(ok, acc / l_safe, 0.0), reads).astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)
+
+
+def _block_forward_tpu(query, key, value, bidx, *, block_q, block_k, scale, is_causal, interpret):
+  from jax.experimental.pallas import tpu as pltpu
+
+  b, tp, n, h = query.shape
+  s_len, kh, hv = key.shape[1], key.shape[2], value.shape[-1]
+  g = n // kh
+  nb = bidx.shape[-1]
+  sp = round_up(s_len, block_k)
+  qt = jnp.swapaxes(query, 1, 2)  # [B, N, Tp, H]
+  kt = jnp.swapaxes(pad_axis(key, 1, sp), 1, 2)  # [B, K, Sp, H]
+  vt = jnp.swapaxes(pad_axis(value, 1, sp), 1, 2)
+  flat = jnp.swapaxes(bidx, 1, 2).reshape(-1)  # [B * N * Tb * nb]
+  blk = lambda width: pl.BlockSpec(
+    (None, None, block_q, width), lambda bb, nn, i, _: (bb, nn, i, 0)
+  )
+  any_spec = pl.BlockSpec(memory_space=pl.ANY)
+  kernel = functools.partial(
+    _block_kernel_tpu,
+    scale=scale,
+    block_k=block_k,
+    num_keys=s_len,
+    is_causal=is_causal,
+    group=g,
+    num_blocks=nb,
+  )
+  out, lse = pl.pallas_call(
+    kernel,
+    grid_spec=pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=1,
+      grid=(b, n, tp // block_q),
+      in_specs=[blk(h), any_spec, any_spec],
+      out_specs=[blk(hv), blk(1)],
+      scratch_shapes=[
+        pltpu.VMEM((block_k, h), key.dtype),
+        pltpu.VMEM((block_k, hv), value.dtype),
+        pltpu.SemaphoreType.DMA((2,)),
+      ],
+    ),
+    out_shape=[
+      jax.ShapeDtypeStruct((b, n, tp, hv), query.dtype),
+      jax.ShapeDtypeStruct((b, n, tp, 1), jnp.float32),
+    ],
+    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
+    interpret=interpret_arg("tpu", interpret),
+    name="gsparse_block_gather_tpu",
+  )(flat, qt, kt, vt)
+  return jnp.swapaxes(out, 1, 2), jnp.swapaxes(lse[..., 0], 1, 2)
+
+
+def _block_forward(query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret):
+  fwd = _block_forward_gpu if variant == "gpu" else _block_forward_tpu
+  return fwd(
+    query,
+    key,
+    value,
+    bidx,
+    block_q=block_q,
+    block_k=block_k,
+    scale=scale,
+    is_causal=is_causal,
+    interpret=interpret,
+  )
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10))
+def _block_core(query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret, t):
+  del t  # the real T (query is padded to whole blocks); used by the backward
+  return _block_forward(
+    query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret
+  )
+
+
+def _block_core_fwd(
+  query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret, t
+):
+  del t
+  out, lse = _block_forward(
+    query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret
+  )
+  return (out, lse), (query, key, value, bidx, lse)
+
+
+def _block_core_bwd(block_q, block_k, scale, is_causal, variant, interpret, t, res, cts):
+  del variant, interpret
+  query, key, value, bidx, lse = res
+  do, dlse = cts
+  pos, valid = slot_positions(bidx, block_k, key.shape[1])
+  dq, dk, dv, _ = gather_backward_xla(
+    query,
+    key,
+    value,
+    pos,
+    valid,
+    None,
+    lse,
+    do,
+    dlse,
+    None,
+    block_q=block_q,
+    scale=scale,
+    is_causal=is_causal,
+    num_queries=t,
+  )
+  return dq, dk, dv, None
+
+
+_block_core.defvjp(_block_core_fwd, _block_core_bwd)
+
+
+@functools.partial(
+  jax.jit,
+  static_argnames=("block_q", "block_k", "scale", "is_causal", "variant", "interpret"),
+)
+def block_gather_attention(
+  query: jax.Array,
+  key: jax.Array,
+  value: jax.Array,
+  block_indices: jax.Array,
+  *,
+  block_q: int,
+  block_k: int,
+  scale: float,
+  is_causal: bool = False,
+  variant: Variant = "gpu",
+  interpret: bool = False,
+) -> tuple[jax.Array, jax.Array]:
+  """Block-level sparse-gather attention kernel (differentiable).
+
+  Args:
+    query: `[B, T, N, H]`.
+    key: `[B, S, K, H]`, `N % K == 0`.
+    value: `[B, S, K, Hv]`.
+    block_indices: `[B, ceil(T / block_q), N, nb]` int key-block ids, already
+      de-duplicated; `-1` (or outside `[0, ceil(S / block_k))`) = masked.
+    block_q: queries per block (on GPU a power of two >= 16 for the Triton dot).
+    block_k: keys per block (same constraint on GPU).
+    scale: logit scale (a Python float).
+    is_causal: mask key position > query position.
+    variant: "gpu" or "tpu".
+    interpret: run in the Pallas (or TPU) interpreter.
+
+  Returns:
+    `(output [B, T, N, Hv] in query.dtype, logsumexp [B, T, N] float32)`.
+  """
+  check_variant(variant)
+  check_block_sizes(block_q, block_k, variant, interpret)
+  t = query.shape[1]
+  nkb = -(-key.shape[1] // block_k)
+  tb = -(-t // block_q)
+  if block_indices.shape[1] != tb:
+    raise ValueError(
+      f"block_indices.shape={block_indices.shape} must have ceil(T / block_q) = {tb} query blocks"
+    )
+  bidx = block_indices.astype(jnp.int32)
+  bidx = jnp.where((bidx >= 0) & (bidx < nkb), bidx, -1)
+  qp = pad_axis(query, 1, tb * block_q)
+  out, lse = _block_core(
+    qp, key, value, bidx, block_q, block_k, float(scale), is_causal, variant, interpret, t
+  )
+  return out[:, :t], lse[:, :t]
