@@ -146,7 +146,8 @@ def _auto_block_implementation(query, key, value, block_q: int, block_k: int, sc
   if choice == "xla" or kernel_cannot_take(query, key, value, scale) is not None:
     return "xla"
   variant, interpret = kernels.default_variant()
-  return "pallas" if kernels.block_sizes_supported(block_q, block_k, variant, interpret) else "xla"
+  fits = kernels.block_sizes_supported(block_q, block_k, variant=variant, interpret=interpret)
+  return "pallas" if fits else "xla"
 
 
 def _block_implementation(query, key, value, block_q, block_k, scale, implementation) -> str:

@@ -109,12 +109,12 @@ def device_tiles(size: int, variant: str) -> bool:
   return is_pow2(size) and size >= 16 if variant == "gpu" else size % 8 == 0
 
 
-def block_sizes_supported(block_q: int, block_k: int, variant: str, interpret: bool) -> bool:
+def block_sizes_supported(block_q: int, block_k: int, *, variant: str, interpret: bool) -> bool:
   """Whether the block kernel tiles `block_q x block_k` (any size in interpret mode)."""
   return interpret or (device_tiles(block_q, variant) and device_tiles(block_k, variant))
 
 
-def check_block_sizes(block_q: int, block_k: int, variant: str, interpret: bool) -> None:
+def check_block_sizes(block_q: int, block_k: int, *, variant: str, interpret: bool) -> None:
   """Raises ValueError naming the block size the compiled block kernel cannot tile."""
   for name, size in (("block_q", block_q), ("block_k", block_k)):
     if not (interpret or device_tiles(size, variant)):

@@ -344,7 +344,7 @@ def block_gather_attention(
     `(output [B, T, N, Hv] in query.dtype, logsumexp [B, T, N] float32)`.
   """
   check_variant(variant)
-  check_block_sizes(block_q, block_k, variant, interpret)
+  check_block_sizes(block_q, block_k, variant=variant, interpret=interpret)
   t = query.shape[1]
   nkb = -(-key.shape[1] // block_k)
   tb = -(-t // block_q)
