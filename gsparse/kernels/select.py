@@ -166,8 +166,7 @@ def _update(state, logits, valid, col0):
   m_new = jnp.maximum(m, jnp.max(x, axis=1, keepdims=True))
   # +-inf maxima shift by 0: a +inf logit then gives l = inf (lse = +inf).
   m_safe = jnp.where(jnp.abs(m_new) == jnp.inf, 0.0, m_new)
-  m_old = jnp.where(jnp.abs(m_new) == jnp.inf, 0.0, m)
-  denom = denom * jnp.exp(m_old - m_safe) + jnp.sum(jnp.exp(x - m_safe), axis=1, keepdims=True)
+  denom = denom * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(x - m_safe), axis=1, keepdims=True)
   num = num + jnp.sum(valid.astype(jnp.int32), axis=1, keepdims=True)
   bidx = col0 + lax.broadcasted_iota(jnp.int32, x.shape, 1)
   lk, li = _merge_block(lk, li, sortable_int32(x), bidx)
