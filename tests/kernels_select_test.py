@@ -137,22 +137,23 @@ class GpuSelectTest(parameterized.TestCase):
 
   def test_increasing_logits_replace_every_block_under_vmap(self):
     # Logits grow with the key index, so every block beats the whole running
-    # list (the worst case of the merge); causal with T < S. Under vmap over a
-    # leading axis of two inputs, one with the order reversed (no
-    # replacement after the first blocks).
+    # list (the worst case of the merge), while query 2 is zero: all its
+    # logits tie, and the replacements driven by the other rows of its
+    # program must leave its list at keys 0..7 (a later key that only ties
+    # never enters). k = 8 is a power of two, so the list's last slot is
+    # returned too. Under vmap over two inputs, the second with the key order
+    # reversed (no replacement after the first block).
     t, s, h, kk = 20, 70, 4, 8
-    kpos = np.arange(s, dtype=np.float32)
     k_inc = np.zeros((s, 1, h), np.float32)
-    k_inc[:, 0, 0] = kpos
-    k_dec = k_inc[::-1].copy()
+    k_inc[:, 0, 0] = np.arange(s)
+    k = np.stack([k_inc, k_inc[::-1]])
     q = np.ones((2, t, 1, h), np.float32)
-    k = np.stack([k_inc, k_dec])
-    got = jax.vmap(
-      lambda q, k: self._select(q, k, k=kk, scale=1.0, is_causal=True), in_axes=(0, 0)
-    )(q, k)
+    q[:, 2] = 0.0
+    got = jax.vmap(lambda q, k: self._select(q, k, k=kk, scale=1.0))(q, k)
     for i in range(2):
-      ref = _np_top_k(q[i], k[i], kk=kk, scale=1.0, is_causal=True)
+      ref = _np_top_k(q[i], k[i], kk=kk, scale=1.0)
       _assert_matches(jax.tree.map(lambda x, i=i: x[i], got), ref, err_msg=f"input {i}")
+    np.testing.assert_array_equal(np.asarray(got.indices)[:, 2, 0], [np.arange(kk)] * 2)
 
 
 class GpuSelectInterpretTest(GpuSelectTest):
@@ -183,6 +184,27 @@ class TpuSelectInterpretTest(parameterized.TestCase):
         variant="tpu", interpret=True,
       )  # fmt: skip
     _assert_matches(got, _np_top_k(q, k, kk=kk, scale=0.5, is_causal=True, mask=mask, bias=bias))
+
+
+class SelectDefaultsTest(parameterized.TestCase):
+  """Default blocks and variant, no batch axes, and the jnp reference."""
+
+  def test_defaults_and_jnp_reference_match_numpy(self):
+    # Gaussian inputs: no ties (seeded; a near-tie within float32 rounding
+    # would need two of these 3 x 5 logits within ~1e-7 of each other).
+    kq, kk_ = jax.random.split(jax.random.key(5))
+    q = np.asarray(jax.random.normal(kq, (3, 2, 6)))  # [T, N, H]
+    k = np.asarray(jax.random.normal(kk_, (5, 1, 6)))  # [S, K, H]
+    ref = _np_top_k(q, k, kk=4, scale=0.3, is_causal=True)
+    got = fsel.fused_topk_select(q, k, k=4, scale=0.3, is_causal=True)
+    np.testing.assert_array_equal(np.asarray(got.indices), ref[0])
+    np.testing.assert_allclose(np.asarray(got.logits), ref[1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(got.logsumexp), ref[2], rtol=1e-6, atol=1e-6)
+    jref = fsel.fused_topk_select_reference(q, k, k=4, scale=0.3, is_causal=True)
+    np.testing.assert_array_equal(np.asarray(jref.indices), ref[0])
+    np.testing.assert_allclose(np.asarray(jref.logits), ref[1], rtol=1e-6, atol=1e-6)
+    np.testing.assert_allclose(np.asarray(jref.logsumexp), ref[2], rtol=1e-6, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(jref.num_keys), ref[3])
 
 
 class SelectLoweringTest(parameterized.TestCase):

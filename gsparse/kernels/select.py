@@ -71,7 +71,6 @@ from gsparse._numerics import float_from_sortable, positive_nan, sortable_int32
 __all__ = ["FusedSelection", "fused_topk_select", "fused_topk_select_reference"]
 
 VARIANTS = ("gpu", "tpu")
-_DEFAULT_BLOCKS = {"gpu": (32, 64), "tpu": (128, 128)}
 _I32_MIN = -(2**31)  # below every sortable key: an entry taken out of play
 _I32_MAX = 2**31 - 1
 _NEG_KEY = int(jnp.asarray(sortable_int32(jnp.float32(-jnp.inf))))  # key of -inf
@@ -193,9 +192,6 @@ def _finish(state):
   m_safe = jnp.where(jnp.abs(m) == jnp.inf, 0.0, m)
   ok_l = denom != 0
   lse = jnp.where(ok_l, m_safe + jnp.log(jnp.where(ok_l, denom, 1.0)), -jnp.inf)
-  nan_key = sortable_int32(jnp.float32(jnp.nan))
-  top = jnp.max(ok, axis=1, keepdims=True)  # the first slot
-  lse = jnp.where(top == nan_key, jnp.nan, lse)  # a NaN logit ranks first
   return oi, ok, lse, num
 
 
@@ -549,6 +545,11 @@ def fused_topk_select(
 
   Returns:
     A `FusedSelection` (indices, kept logits, row log-sum-exp, key count).
+
+  Not differentiable: the outputs are constants to autodiff (a gradient
+  through them is zero), like the indices of `jax.lax.top_k`. A caller that
+  needs the gradient of the kept logits recomputes them from the indices
+  (O(T k H)), as the sparse gathers do.
   """
   query, key = jnp.asarray(query), jnp.asarray(key)
   mask = None if mask is None else jnp.asarray(mask)
@@ -559,31 +560,23 @@ def fused_topk_select(
   if interpret is None:
     interpret = backend not in ("gpu", "cuda", "rocm", "tpu")
   _check(query, key, mask, bias, k, scale, is_causal, variant, block_q, block_k)
+  # No gradient (see the docstring): the kernel sees constants.
+  query, key = lax.stop_gradient(query), lax.stop_gradient(key)
+  bias = None if bias is None else lax.stop_gradient(bias)
   *batch, t, n, h = query.shape
-  s, kh = key.shape[-3], key.shape[-2]
-  batch = tuple(batch)
+  batch, s, kh = tuple(batch), key.shape[-3], key.shape[-2]
   nb = math.prod(batch)
   ke = min(k, s)
-  kp = _next_pow2(ke)
-  dq, dk = _DEFAULT_BLOCKS[variant]
-  bq = min(block_q or dq, _next_pow2(t)) if block_q is None else block_q
-  bk = block_k or dk
-  if variant == "tpu" and s <= bk:
-    bk = _round_up(s, 8)  # one block: equal to the full (padded) key axis
-  elif variant == "gpu" and block_k is None:
-    bk = min(bk, max(16, _next_pow2(s)))
+  bq, bk = _blocks(variant, t, s, block_q, block_k)
   tp, sp = _round_up(t, bq), _round_up(s, bk)
-  f32 = jnp.float32
-  q = jnp.moveaxis(query.reshape(nb, t, n, h), 1, 2)
-  kt = jnp.moveaxis(key.reshape(nb, s, kh, h), 1, 2)
-  q, kt = _pad(q, 2, tp), _pad(kt, 2, sp)
   cd = jnp.promote_types(query.dtype, key.dtype)
-  q, kt = q.astype(cd), kt.astype(cd)
+  q = _pad(jnp.moveaxis(query.reshape(nb, t, n, h), 1, 2), 2, tp).astype(cd)
+  kt = _pad(jnp.moveaxis(key.reshape(nb, s, kh, h), 1, 2), 2, sp).astype(cd)
   m = _side(mask, batch, n, t, tp, sp, 0, jnp.int32)
-  bi = _side(bias, batch, n, t, tp, sp, 0, f32)
+  bi = _side(bias, batch, n, t, tp, sp, 0, jnp.float32)
   fwd = _forward_gpu if variant == "gpu" else _forward_tpu
   oi, ok, lse, num = fwd(
-    q, kt, m, bi, kp=kp, scale=float(scale), is_causal=is_causal, bq=bq, bk=bk,
+    q, kt, m, bi, kp=_next_pow2(ke), scale=float(scale), is_causal=is_causal, bq=bq, bk=bk,
     num_keys=s, interpret=bool(interpret),
   )  # fmt: skip
 
@@ -591,13 +584,22 @@ def fused_topk_select(
     x = jnp.moveaxis(x[:, :, :t, :width], 1, 2)
     return x.reshape(*batch, t, n, width)
 
-  idx = back(oi, ke)
-  logits = float_from_sortable(back(ok, ke))
-  if k > ke:
-    pad = [(0, 0)] * (idx.ndim - 1) + [(0, k - ke)]
-    idx = jnp.pad(idx, pad, constant_values=-1)
-    logits = jnp.pad(logits, pad, constant_values=-jnp.inf)
+  pad = [(0, 0)] * (len(batch) + 2) + [(0, k - ke)]  # k > S: -1 slots
+  idx = jnp.pad(back(oi, ke), pad, constant_values=-1)
+  logits = jnp.pad(float_from_sortable(back(ok, ke)), pad, constant_values=-jnp.inf)
   return FusedSelection(idx, logits, back(lse, 1)[..., 0], back(num, 1)[..., 0])
+
+
+def _blocks(variant, t, s, block_q, block_k):
+  """Tile sizes: the caller's, or defaults no larger than the padded input."""
+  if variant == "gpu":  # Triton's dot: powers of two >= 16
+    bq = block_q or max(16, min(32, _next_pow2(t)))
+    return bq, block_k or max(16, min(64, _next_pow2(s)))
+  bq = block_q or max(8, min(128, _next_pow2(t)))
+  bk = block_k or 128
+  if s <= bk:
+    bk = _round_up(s, 8)  # one block, equal to the full (padded) key axis
+  return bq, bk
 
 
 def fused_topk_select_reference(
