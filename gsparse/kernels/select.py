@@ -9,25 +9,8 @@ returns the kept logits, the log-sum-exp of the whole admissible row and the
 number of admissible keys, so a caller gets the exact tail mass of what it
 kept, `1 - exp(logsumexp(kept) - logsumexp_all)`.
 
-How: one program handles `block_q` queries of one head and walks over the keys
-in blocks of `block_k`. Each block's logits exist on chip only. The program
-keeps, per row,
-
-* a flash-style running max and sum of `exp` (the log-sum-exp of the row),
-* a running top-k: an unsorted list of `kp = next_pow2(k)` (int32 sortable
-  key, index) pairs, initialised with sentinels below every admissible key.
-
-A block is merged into the list by repeated replacement: while some row's
-best remaining block entry beats the worst list entry, that entry replaces
-it. Ordering uses the int32 keys of `gsparse._numerics.sortable_int32`
-(NaN first, then +inf ... -inf), and because every block entry has a larger
-index than every list entry, "beats" is a strict `>` on the keys: ties stay
-with the earlier, lower index, as `jax.lax.top_k` keeps them. Each
-replacement costs a few reductions over `kp + block_k` lanes; a block whose
-maximum does not beat any row's worst entry costs two reductions. At the end
-the list is sorted by `kp` max extractions. Only compares, `where` and
-max/min/sum reductions over the lane axis are used (no sort, no gather, no
-scatter), which both the Triton and the Mosaic lowerings accept.
+The algorithm (a running log-sum-exp and a running top-k list, merged block
+by block) is described in `gsparse.kernels.topk_state`.
 
 Variants (static `variant=`):
 
@@ -41,17 +24,8 @@ Variants (static `variant=`):
   attention). Causal programs skip blocks above the diagonal and do not fetch
   them.
 
-Costs and limits: the list merge is `O(kp + block_k)` vector work per
-replacement, and a row sees at most `min(kp, block_k)` replacements per block
-(all of them only while its list fills or on adversarial, increasing logits);
-on random logits replacements get rare after the first blocks (a key enters
-only if it beats the running k-th best). The state is `2 * block_q * kp`
-int32 per program, so large `k` (hundreds) wants a small `block_q` on the
-GPU (registers) and fits in VMEM on the TPU. The logits are float32 `q.k`
-(HIGHEST precision: no TF32), then `* scale`, then `+ bias`, as the XLA
-selections compute them; indices agree with `"full"` whenever both matmuls
-round the logits alike (always for logits that are exact in float32, e.g.
-the small-integer inputs of the tests).
+Costs and limits (merge work, state size, when the indices match "full"):
+docs/kernels.md, "The fused top-k selection".
 """
 
 from __future__ import annotations
@@ -66,15 +40,18 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.typing import ArrayLike
 
-from gsparse._numerics import float_from_sortable, positive_nan, sortable_int32
+from gsparse._numerics import float_from_sortable, positive_nan
+from gsparse.kernels.topk_state import (
+  DOT_PRECISION,
+  block_logits,
+  init_state,
+  update,
+  write_outputs,
+)
 
 __all__ = ["FusedSelection", "fused_topk_select", "fused_topk_select_reference"]
 
 VARIANTS = ("gpu", "tpu")
-_I32_MIN = -(2**31)  # below every sortable key: an entry taken out of play
-_I32_MAX = 2**31 - 1
-_NEG_KEY = int(jnp.asarray(sortable_int32(jnp.float32(-jnp.inf))))  # key of -inf
-_DOT_PRECISION = lax.Precision.HIGHEST
 
 
 class FusedSelection(NamedTuple):
@@ -114,154 +91,47 @@ def _pad(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
 
 
 # ----------------------------------------------------------------------------
-# The per-block update, shared by both variants. Every array is 2-D: [bq, *].
-
-
-def _init_state(bq: int, kp: int):
-  """Running (max, sum, count, list keys, list indices) of `bq` rows."""
-  col = lax.broadcasted_iota(jnp.int32, (bq, kp), 1)
-  return (
-    jnp.full((bq, 1), -jnp.inf, jnp.float32),
-    jnp.zeros((bq, 1), jnp.float32),
-    jnp.zeros((bq, 1), jnp.int32),
-    jnp.full((bq, kp), _NEG_KEY, jnp.int32),
-    -1 - col,  # distinct negative sentinel indices: the worst entry is unique
-  )
-
-
-def _merge_block(lk, li, bkeys, bidx):
-  """Replaces list entries by better block entries until none is better.
-
-  `lk`/`li` `[bq, kp]` list keys and indices; `bkeys`/`bidx` `[bq, bk]` the
-  block's keys and key positions (all larger than any list index).
-  """
-
-  def worst_and_best(lk, bkeys):
-    lmin = jnp.min(lk, axis=1, keepdims=True)
-    bmax = jnp.max(bkeys, axis=1, keepdims=True)
-    return lmin, bmax, jnp.max((bmax > lmin).astype(jnp.int32))
-
-  def body(st):
-    lk, li, bkeys, lmin, bmax, _ = st
-    go = bmax > lmin  # [bq, 1]: rows whose best block entry enters
-    pick = jnp.min(jnp.where(bkeys == bmax, bidx, _I32_MAX), axis=1, keepdims=True)
-    # The worst list entry: lowest key, then highest index (unique).
-    worst = jnp.max(jnp.where(lk == lmin, li, _I32_MIN), axis=1, keepdims=True)
-    hit = go & (lk == lmin) & (li == worst)
-    lk = jnp.where(hit, bmax, lk)
-    li = jnp.where(hit, pick, li)
-    bkeys = jnp.where(go & (bidx == pick), _I32_MIN, bkeys)
-    return (lk, li, bkeys, *worst_and_best(lk, bkeys))
-
-  st = (lk, li, bkeys, *worst_and_best(lk, bkeys))
-  lk, li, *_ = lax.while_loop(lambda st: st[-1] > 0, body, st)
-  return lk, li
-
-
-def _update(state, logits, valid, col0):
-  """Folds one key block (`logits`, `valid` `[bq, bk]`, first key `col0`) in."""
-  m, denom, num, lk, li = state
-  x = jnp.where(valid, logits, -jnp.inf)
-  m_new = jnp.maximum(m, jnp.max(x, axis=1, keepdims=True))
-  # +-inf maxima shift by 0: a +inf logit then gives l = inf (lse = +inf).
-  m_safe = jnp.where(jnp.abs(m_new) == jnp.inf, 0.0, m_new)
-  denom = denom * jnp.exp(m - m_safe) + jnp.sum(jnp.exp(x - m_safe), axis=1, keepdims=True)
-  num = num + jnp.sum(valid.astype(jnp.int32), axis=1, keepdims=True)
-  bidx = col0 + lax.broadcasted_iota(jnp.int32, x.shape, 1)
-  lk, li = _merge_block(lk, li, sortable_int32(x), bidx)
-  return m_new, denom, num, lk, li
-
-
-def _finish(state):
-  """`(indices, keys, lse, num)`: the list sorted as `jax.lax.top_k` orders it."""
-  m, denom, num, lk, li = state
-  bq, kp = lk.shape
-  col = lax.broadcasted_iota(jnp.int32, (bq, kp), 1)
-
-  def extract(j, st):
-    lk, ok, oi = st
-    best = jnp.max(lk, axis=1, keepdims=True)
-    pick = jnp.min(jnp.where(lk == best, li, _I32_MAX), axis=1, keepdims=True)
-    ok = jnp.where(col == j, best, ok)
-    oi = jnp.where(col == j, pick, oi)
-    return jnp.where((lk == best) & (li == pick), _I32_MIN, lk), ok, oi
-
-  zeros = jnp.zeros((bq, kp), jnp.int32)
-  _, ok, oi = lax.fori_loop(0, kp, extract, (lk, zeros, zeros))
-  oi = jnp.where(ok == _NEG_KEY, -1, oi)  # sentinels: no admissible key left
-  m_safe = jnp.where(jnp.abs(m) == jnp.inf, 0.0, m)
-  ok_l = denom != 0
-  lse = jnp.where(ok_l, m_safe + jnp.log(jnp.where(ok_l, denom, 1.0)), -jnp.inf)
-  return oi, ok, lse, num
-
-
-def _block_logits(q, kb, mask, bias, *, scale, row0, col0, num_keys, is_causal):
-  """Logits `[bq, bk]` of one block and their admissibility."""
-  s = lax.dot_general(
-    q,
-    kb,
-    (((1,), (1,)), ((), ())),
-    precision=_DOT_PRECISION,
-    preferred_element_type=jnp.float32,
-  )
-  s = s * scale
-  if bias is not None:
-    s = s + bias.astype(jnp.float32)
-  col = col0 + lax.broadcasted_iota(jnp.int32, s.shape, 1)
-  valid = col < num_keys
-  if mask is not None:
-    valid = valid & (mask != 0)
-  if is_causal:
-    valid = valid & (col <= row0 + lax.broadcasted_iota(jnp.int32, s.shape, 0))
-  return s, valid
-
-
-def _write(refs, state):
-  idx_ref, key_ref, lse_ref, num_ref = refs
-  oi, ok, lse, num = _finish(state)
-  idx_ref[...] = oi
-  key_ref[...] = ok
-  lse_ref[...] = lse
-  num_ref[...] = num
-
-
-# ----------------------------------------------------------------------------
 # GPU (Triton) variant.
 
 
-def _kernel_gpu(*refs, scale, bk, nkb, num_keys, is_causal, has_mask, has_bias, mask_bc):
-  q_ref, k_ref = refs[:2]
+def _split_refs(refs, has_mask, has_bias):
+  """`(q, k, mask or None, bias or None, the 4 outputs, the scratch refs)`."""
   mask_ref = refs[2] if has_mask else None
   bias_ref = refs[2 + has_mask] if has_bias else None
-  outs = refs[2 + has_mask + has_bias :]
+  o = 2 + has_mask + has_bias
+  return refs[0], refs[1], mask_ref, bias_ref, refs[o : o + 4], refs[o + 4 :]
+
+
+def _kernel_gpu(*refs, scale, bk, nkb, num_keys, is_causal, has_mask, has_bias):
+  q_ref, k_ref, mask_ref, bias_ref, outs, _ = _split_refs(refs, has_mask, has_bias)
   bq, kp = outs[0].shape
   row0 = pl.program_id(2) * bq
   q = q_ref[...]
 
-  def side(ref, bc, j):  # a mask/bias block, broadcast along T or S
+  def side(ref, j):  # a mask/bias block; a size-1 axis broadcasts (T or S)
     if ref is None:
       return None
-    x = ref[...] if bc[1] else ref[:, pl.ds(j * bk, bk)]
+    x = ref[...] if ref.shape[-1] == 1 else ref[:, pl.ds(j * bk, bk)]
     return jnp.broadcast_to(x, (bq, bk))
 
   def body(j, state):
     col0 = j * bk
     kb = k_ref[pl.ds(col0, bk), :]
-    logits, valid = _block_logits(
+    logits, valid = block_logits(
       q,
       kb,
-      side(mask_ref, mask_bc[0], j),
-      side(bias_ref, mask_bc[1], j),
+      side(mask_ref, j),
+      side(bias_ref, j),
       scale=scale,
       row0=row0,
       col0=col0,
       num_keys=num_keys,
       is_causal=is_causal,
     )
-    return _update(state, logits, valid, col0)
+    return update(state, logits, valid, col0)
 
   last = jnp.minimum(nkb, lax.div(row0 + bq - 1, bk) + 1) if is_causal else nkb
-  _write(outs, lax.fori_loop(0, last, body, _init_state(bq, kp)))
+  write_outputs(outs, lax.fori_loop(0, last, body, init_state(bq, kp)))
 
 
 def _side_spec_gpu(x, bq, sp):
@@ -270,7 +140,7 @@ def _side_spec_gpu(x, bq, sp):
   shape = (None, None, 1 if t1 else bq, 1 if s1 else sp)
   return pl.BlockSpec(
     shape, lambda bb, nn, i: (0 if b1 else bb, 0 if n1 else nn, 0 if t1 else i, 0)
-  ), (t1, s1)
+  )
 
 
 def _forward_gpu(q, k, mask, bias, *, kp, scale, is_causal, bq, bk, num_keys, interpret):
@@ -281,8 +151,6 @@ def _forward_gpu(q, k, mask, bias, *, kp, scale, is_causal, bq, bk, num_keys, in
   q, k = _pad(q, 3, hp), _pad(k, 3, hp)
   sides = [x for x in (mask, bias) if x is not None]
   specs = [_side_spec_gpu(x, bq, sp) for x in sides]
-  bcs = [sp_[1] for sp_ in specs]
-  mask_bc = (bcs[0] if mask is not None else None, bcs[-1] if bias is not None else None)
   kernel = functools.partial(
     _kernel_gpu,
     scale=scale,
@@ -292,7 +160,6 @@ def _forward_gpu(q, k, mask, bias, *, kp, scale, is_causal, bq, bk, num_keys, in
     is_causal=is_causal,
     has_mask=mask is not None,
     has_bias=bias is not None,
-    mask_bc=mask_bc,
   )
   row = lambda w: pl.BlockSpec((None, None, bq, w), lambda bb, nn, i: (bb, nn, i, 0))
   compiler_params = None
@@ -306,7 +173,7 @@ def _forward_gpu(q, k, mask, bias, *, kp, scale, is_causal, bq, bk, num_keys, in
     in_specs=[
       row(hp),
       pl.BlockSpec((None, None, sp, hp), lambda bb, nn, i: (bb, lax.div(nn, g), 0, 0)),
-      *[s[0] for s in specs],
+      *specs,
     ],
     out_specs=[row(kp), row(kp), row(1), row(1)],
     out_shape=_out_shapes(b, n, tp, kp),
@@ -331,18 +198,14 @@ def _out_shapes(b, n, tp, kp):
 
 
 def _kernel_tpu(*refs, scale, bk, num_keys, is_causal, has_mask, has_bias):
-  q_ref, k_ref = refs[:2]
-  mask_ref = refs[2] if has_mask else None
-  bias_ref = refs[2 + has_mask] if has_bias else None
-  outs = refs[2 + has_mask + has_bias : 6 + has_mask + has_bias]
-  scratch = refs[6 + has_mask + has_bias :]
+  q_ref, k_ref, mask_ref, bias_ref, outs, scratch = _split_refs(refs, has_mask, has_bias)
   i, j = pl.program_id(2), pl.program_id(3)
   bq, kp = outs[0].shape
   row0, col0 = i * bq, j * bk
 
   @pl.when(j == 0)
   def _init():
-    for ref, val in zip(scratch, _init_state(bq, kp), strict=True):
+    for ref, val in zip(scratch, init_state(bq, kp), strict=True):
       ref[...] = val
 
   def side(ref):
@@ -352,7 +215,7 @@ def _kernel_tpu(*refs, scale, bk, num_keys, is_causal, has_mask, has_bias):
 
   @pl.when(needed)
   def _step():
-    logits, valid = _block_logits(
+    logits, valid = block_logits(
       q_ref[...],
       k_ref[...],
       side(mask_ref),
@@ -363,13 +226,13 @@ def _kernel_tpu(*refs, scale, bk, num_keys, is_causal, has_mask, has_bias):
       num_keys=num_keys,
       is_causal=is_causal,
     )
-    state = _update(tuple(r[...] for r in scratch), logits, valid, col0)
+    state = update(tuple(r[...] for r in scratch), logits, valid, col0)
     for ref, val in zip(scratch, state, strict=True):
       ref[...] = val
 
   @pl.when(j == pl.num_programs(3) - 1)
   def _done():
-    _write(outs, tuple(r[...] for r in scratch))
+    write_outputs(outs, tuple(r[...] for r in scratch))
 
 
 def _forward_tpu(q, k, mask, bias, *, kp, scale, is_causal, bq, bk, num_keys, interpret):
@@ -625,7 +488,7 @@ def fused_topk_select_reference(
     "...tnh,...snh->...nts",
     query.astype(jnp.float32),
     kr.astype(jnp.float32),
-    precision=_DOT_PRECISION,
+    precision=DOT_PRECISION,
   )
   logits = logits * scale
   if bias is not None:
