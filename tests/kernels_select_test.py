@@ -53,6 +53,8 @@ def _np_top_k(q, k, *, kk, scale, is_causal=False, mask=None, bias=None):
     x = row[valid[pos]]
     if np.isnan(x).any():
       lse[pos] = np.nan
+    elif (x == np.inf).any():
+      lse[pos] = np.inf
     elif not (x > -np.inf).any():
       lse[pos] = -np.inf
     else:
@@ -78,6 +80,7 @@ def _assert_matches(got, ref, err_msg=""):
   lg = np.asarray(got.logsumexp)
   np.testing.assert_array_equal(np.isnan(lg), np.isnan(lse), err_msg=err_msg)
   np.testing.assert_array_equal(np.isneginf(lg), np.isneginf(lse), err_msg=err_msg)
+  np.testing.assert_array_equal(np.isposinf(lg), np.isposinf(lse), err_msg=err_msg)
   fin = np.isfinite(lse)
   np.testing.assert_allclose(lg[fin], lse[fin], rtol=1e-6, atol=1e-6, err_msg=err_msg)
 
@@ -119,11 +122,13 @@ class GpuSelectTest(parameterized.TestCase):
     bias[rng.random(bias.shape) < 0.1] = -np.inf
     bias[2, 4] = -np.inf
     mask[0, 0, 0], bias[0, 0] = True, 0.0  # the tie row: all logits 0
+    mask[:, 0, 3, 7], bias[1, 3, 7] = True, np.inf  # a +inf logit: ranked first, lse +inf
     got = self._select(q, k, k=kk, scale=0.5, mask=mask, bias=bias)
     ref = _np_top_k(q, k, kk=kk, scale=0.5, mask=mask, bias=bias)
     _assert_matches(got, ref)
     self.assertTrue((ref[0][0, 0, 0] == np.arange(kk)).all())  # the tie row
     self.assertTrue((ref[0][:, 4, 2] == -1).all() and (ref[0][1, 6] == -1).all())
+    self.assertEqual(ref[2][0, 3, 1], np.inf)  # the +inf row (batch 0; batch 1 has a NaN key)
 
   def test_causal_more_queries_than_keys_k_beyond_keys(self):
     # T > S, top-left causal: query i has min(i + 1, S) keys; k = 12 > S = 9,

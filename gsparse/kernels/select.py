@@ -63,7 +63,8 @@ class FusedSelection(NamedTuple):
     logits: `[batch..., T, N, k]` float32 logits of the kept keys (`-inf` at
       -1 slots, NaN where the logit is NaN).
     logsumexp: `[batch..., T, N]` float32 log-sum-exp of every admissible
-      logit of the row (`-inf` for a row with none, NaN if one is NaN).
+      logit of the row (`-inf` for a row with none, NaN if one is NaN,
+      else `+inf` if one is `+inf`).
     num_keys: `[batch..., T, N]` int32 number of admissible keys of the row
       (mask and causality; a `-inf` bias still counts, as in `select`).
   """
