@@ -133,10 +133,12 @@ class GpuSelectTest(parameterized.TestCase):
   def test_causal_more_queries_than_keys_k_beyond_keys(self):
     # T > S, top-left causal: query i has min(i + 1, S) keys; k = 12 > S = 9,
     # so every slot past the row's keys is -1. A [S] padding mask drops key 5.
+    # bfloat16 inputs (the kernel accumulates in float32).
     b, t, n, kh, s, h, kk = 1, 24, 2, 1, 9, 8, 12
     q, k = _int_inputs(2, b, t, n, kh, s, h)
     mask = np.arange(s) != 5
-    got = self._select(q, k, k=kk, scale=0.25, is_causal=True, mask=mask)
+    qb, kb = jnp.asarray(q, jnp.bfloat16), jnp.asarray(k, jnp.bfloat16)  # exact: small ints
+    got = self._select(qb, kb, k=kk, scale=0.25, is_causal=True, mask=mask)
     ref = _np_top_k(q, k, kk=kk, scale=0.25, is_causal=True, mask=mask)
     _assert_matches(got, ref)
 
@@ -234,6 +236,20 @@ class SelectLoweringTest(parameterized.TestCase):
 
     text = jax.jit(both).trace(q, k, mask, bias).lower(lowering_platforms=(platform,)).as_text()
     self.assertEqual(text.count(marker), 2, f"expected two {marker} kernels")
+
+  @parameterized.parameters(("gpu", "cuda"), ("tpu", "tpu"))
+  def test_no_query_by_key_array_outside_the_kernel(self, variant, platform):
+    # T = 256 queries, S = 512 keys: no [T, S] (or [S, T]) array may appear in
+    # the lowered program outside the kernel (the kernel's own body is an
+    # opaque custom call on both platforms).
+    q = jnp.zeros((1, 256, 4, 128), jnp.bfloat16)
+    k = jnp.zeros((1, 512, 2, 128), jnp.bfloat16)
+    f = lambda q, k: fsel.fused_topk_select(
+      q, k, k=64, scale=0.1, is_causal=True, variant=variant, interpret=False
+    )
+    text = jax.jit(f).trace(q, k).lower(lowering_platforms=(platform,)).as_text()
+    self.assertIn("64xi32", text)  # the result types are in the text
+    self.assertNotRegex(text, r"256x(\d+x)*512|512x(\d+x)*256")
 
 
 class SelectErrorTest(parameterized.TestCase):
