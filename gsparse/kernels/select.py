@@ -40,7 +40,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.typing import ArrayLike
 
+from gsparse._layout import pad_axis, round_up
 from gsparse._numerics import float_from_sortable, positive_nan
+from gsparse.kernels._common import next_pow2
 from gsparse.kernels.topk_state import (
   DOT_PRECISION,
   block_logits,
@@ -73,22 +75,6 @@ class FusedSelection(NamedTuple):
   logits: jax.Array
   logsumexp: jax.Array
   num_keys: jax.Array
-
-
-def _next_pow2(x: int) -> int:
-  return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def _round_up(x: int, m: int) -> int:
-  return -(-x // m) * m
-
-
-def _pad(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-  if x.shape[axis] >= size:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, size - x.shape[axis])
-  return jnp.pad(x, widths, constant_values=value)
 
 
 # ----------------------------------------------------------------------------
@@ -148,8 +134,8 @@ def _forward_gpu(q, k, mask, bias, *, kp, scale, is_causal, bq, bk, num_keys, in
   b, n, tp, h = q.shape
   g = n // k.shape[1]
   sp = k.shape[2]
-  hp = max(16, _next_pow2(h))  # zero columns add nothing to q.k
-  q, k = _pad(q, 3, hp), _pad(k, 3, hp)
+  hp = max(16, next_pow2(h))  # zero columns add nothing to q.k
+  q, k = pad_axis(q, 3, hp), pad_axis(k, 3, hp)
   sides = [x for x in (mask, bias) if x is not None]
   specs = [_side_spec_gpu(x, bq, sp) for x in sides]
   kernel = functools.partial(
@@ -357,9 +343,9 @@ def _side(x, batch, n, t, tp, sp, fill, dtype):
   x = jnp.broadcast_to(x, (*(batch if nb > 1 else lead), *x.shape[len(batch) :]))
   x = x.reshape(nb, *x.shape[len(batch) :]).astype(dtype)
   if x.shape[2] > 1:
-    x = _pad(x, 2, tp, fill)
+    x = pad_axis(x, 2, tp, fill)
   if x.shape[3] > 1:
-    x = _pad(x, 3, sp, fill)
+    x = pad_axis(x, 3, sp, fill)
   return x
 
 
@@ -432,15 +418,15 @@ def fused_topk_select(
   nb = math.prod(batch)
   ke = min(k, s)
   bq, bk = _blocks(variant, t, s, block_q, block_k)
-  tp, sp = _round_up(t, bq), _round_up(s, bk)
+  tp, sp = round_up(t, bq), round_up(s, bk)
   cd = jnp.promote_types(query.dtype, key.dtype)
-  q = _pad(jnp.moveaxis(query.reshape(nb, t, n, h), 1, 2), 2, tp).astype(cd)
-  kt = _pad(jnp.moveaxis(key.reshape(nb, s, kh, h), 1, 2), 2, sp).astype(cd)
+  q = pad_axis(jnp.moveaxis(query.reshape(nb, t, n, h), 1, 2), 2, tp).astype(cd)
+  kt = pad_axis(jnp.moveaxis(key.reshape(nb, s, kh, h), 1, 2), 2, sp).astype(cd)
   m = _side(mask, batch, n, t, tp, sp, 0, jnp.int32)
   bi = _side(bias, batch, n, t, tp, sp, 0, jnp.float32)
   fwd = _forward_gpu if variant == "gpu" else _forward_tpu
   oi, ok, lse, num = fwd(
-    q, kt, m, bi, kp=_next_pow2(ke), scale=float(scale), is_causal=is_causal, bq=bq, bk=bk,
+    q, kt, m, bi, kp=next_pow2(ke), scale=float(scale), is_causal=is_causal, bq=bq, bk=bk,
     num_keys=s, interpret=bool(interpret),
   )  # fmt: skip
 
@@ -457,12 +443,12 @@ def fused_topk_select(
 def _blocks(variant, t, s, block_q, block_k):
   """Tile sizes: the caller's, or defaults no larger than the padded input."""
   if variant == "gpu":  # Triton's dot: powers of two >= 16
-    bq = block_q or max(16, min(32, _next_pow2(t)))
-    return bq, block_k or max(16, min(64, _next_pow2(s)))
-  bq = block_q or max(8, min(128, _next_pow2(t)))
+    bq = block_q or max(16, min(32, next_pow2(t)))
+    return bq, block_k or max(16, min(64, next_pow2(s)))
+  bq = block_q or max(8, min(128, next_pow2(t)))
   bk = block_k or 128
   if s <= bk:
-    bk = _round_up(s, 8)  # one block, equal to the full (padded) key axis
+    bk = round_up(s, 8)  # one block, equal to the full (padded) key axis
   return bq, bk
 
 
