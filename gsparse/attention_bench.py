@@ -402,6 +402,7 @@ def header(grid: dict, argv: list[str] | None) -> dict[str, Any]:
     "command_line": " ".join(sys.argv[:1] + list(sys.argv[1:] if argv is None else argv)),
     "grid": grid,
     "timing": "interleaved pairs (dense, method); ratio = median of per-pair method/dense",
+    "device_peak_note": "peak_bytes_in_use is the process-wide peak up to the point (no reset)",
   }
 
 
