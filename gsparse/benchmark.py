@@ -73,13 +73,28 @@ def chunked_dense(q, k, v, chunk: int):
   return out.reshape(q.shape[0], *out.shape[2:])
 
 
-def xla_bytes(compiled) -> int | None:
-  """XLA memory estimate (arguments + outputs + temporaries) of a compiled program."""
+def xla_memory(compiled) -> dict[str, int] | None:
+  """XLA's memory analysis of a compiled program: argument, output, temp and total bytes.
+
+  None where the backend does not report it. The total is what the program
+  needs at its peak at most (XLA may alias outputs with temporaries).
+  """
   try:
     ma = compiled.memory_analysis()
-    return int(ma.argument_size_in_bytes + ma.output_size_in_bytes + ma.temp_size_in_bytes)
+    parts = {
+      "argument_bytes": int(ma.argument_size_in_bytes),
+      "output_bytes": int(ma.output_size_in_bytes),
+      "temp_bytes": int(ma.temp_size_in_bytes),
+    }
   except Exception:  # noqa: BLE001 -- not every backend reports it
     return None
+  return parts | {"total_bytes": sum(parts.values())}
+
+
+def xla_bytes(compiled) -> int | None:
+  """XLA memory estimate (arguments + outputs + temporaries) of a compiled program."""
+  mem = xla_memory(compiled)
+  return None if mem is None else mem["total_bytes"]
 
 
 def compiled_memory(fn, args) -> int | None:
@@ -101,6 +116,41 @@ def compile_and_time(fn, args, repeats: int) -> dict[str, Any]:
     "time_s": statistics.median(times) if times else None,
     "times_s": times,
     "xla_bytes": mem,
+    "out": out,
+  }
+
+
+def interleaved_pairs(first, second, args, pairs: int) -> dict[str, Any]:
+  """Times two compiled callables alternately: `first, second, first, second, ...`.
+
+  Alternating puts both members of a pair under the same machine load, so the
+  per-pair ratio `second / first` is robust to the slow drifts of a shared
+  machine that move each time on its own. Each callable runs once untimed
+  first (page-in, thread pools).
+
+  Returns:
+    `first_s` and `second_s` (the `pairs` times in seconds, in order), their
+    medians `first_median_s` and `second_median_s`, `ratio`: the median of
+    the per-pair ratios, and `out`: the last output of `second`.
+  """
+  if pairs < 1:
+    raise ValueError(f"pairs={pairs} must be >= 1")
+  jax.block_until_ready(first(*args))
+  out = jax.block_until_ready(second(*args))
+  times = ([], [])
+  for _ in range(pairs):
+    for fn, acc in zip((first, second), times, strict=True):
+      t0 = time.perf_counter()
+      out_i = jax.block_until_ready(fn(*args))
+      acc.append(time.perf_counter() - t0)
+      if fn is second:
+        out = out_i
+  return {
+    "first_s": times[0],
+    "second_s": times[1],
+    "first_median_s": statistics.median(times[0]),
+    "second_median_s": statistics.median(times[1]),
+    "ratio": statistics.median(b / a for a, b in zip(*times, strict=True)),
     "out": out,
   }
 

@@ -85,10 +85,7 @@ def _fmt(x, spec):
 
 
 def _interleaved(fn, dense_fn, args, repeats):
-  """Times `fn` and `dense_fn` alternately; the ratio is the median of per-pair ratios."""
-  import statistics
-  import time
-
+  """Times `dense_fn` and `fn` alternately; the ratio is the median of per-pair ratios."""
   import jax
 
   from gsparse import benchmark as bm
@@ -96,21 +93,17 @@ def _interleaved(fn, dense_fn, args, repeats):
   compiled = {
     n: jax.jit(f).lower(*args).compile() for n, f in (("selection", fn), ("dense", dense_fn))
   }
-  out = {n: jax.block_until_ready(c(*args)) for n, c in compiled.items()}  # untimed first runs
-  times = {n: [] for n in compiled}
-  for _ in range(repeats):
-    for n, c in compiled.items():
-      t0 = time.perf_counter()
-      out[n] = jax.block_until_ready(c(*args))
-      times[n].append(time.perf_counter() - t0)
+  pairs = bm.interleaved_pairs(compiled["dense"], compiled["selection"], args, repeats)
   res = {
-    n: {"time_s": statistics.median(t), "times_s": t, "xla_bytes": bm.xla_bytes(compiled[n])}
-    for n, t in times.items()
+    name: {
+      "time_s": pairs[f"{which}_median_s"],
+      "times_s": pairs[f"{which}_s"],
+      "xla_bytes": bm.xla_bytes(compiled[name]),
+    }
+    for name, which in (("selection", "second"), ("dense", "first"))
   }
-  res["selection"]["out"] = out["selection"]
-  res["ratio"] = statistics.median(
-    a / b for a, b in zip(times["selection"], times["dense"], strict=True)
-  )
+  res["selection"]["out"] = pairs["out"]
+  res["ratio"] = pairs["ratio"]
   return res
 
 
