@@ -178,7 +178,7 @@ def test_block_candidates_cover_the_top_logits():
   rows, a row with one huge logit, all-equal and rounded rows (ties), and a
   row with only 3 finite blocks; every logit below the threshold is outside."""
   from gsparse._numerics import sortable_int32 as _sortable
-  from gsparse.selection import _block_candidates, _prefix_count
+  from gsparse.selection.exact import _block_candidates, _prefix_count
 
   rng = np.random.default_rng(0)
   x = rng.standard_normal((6, 96, 8)).astype(np.float32)
