@@ -203,39 +203,10 @@ def topk_attention(
     selection_key=selection_key,
     implementation=implementation,
   )
-  if isinstance(plan.config, ExactSelection) and plan.implementation == "xla":
-    # "exact" on the XLA path attends in its own chunked pass, with the
-    # logits it already has: no gather of the kept keys.
-    sel, topk_out, lse_k = select_and_attend(
-      plan.config,
-      query,
-      key,
-      value,
-      plan.bias,
-      plan.mask,
-      k=plan.k,
-      scale=plan.scale,
-      is_causal=is_causal,
-      precision=precision,
-    )
-    topk_out = topk_out.astype(query.dtype)
-  else:
-    sel = _run(
-      plan, query, key, is_causal=is_causal, selection_key=selection_key, precision=precision
-    )
-    res = sparse_gather_attention(
-      query,
-      key,
-      value,
-      sel.indices,
-      bias=gather_bias(bias, sel.indices, key.shape[-3]),
-      scale=scale,
-      assume_unique=True,
-      return_residuals=True,
-      precision=precision,
-      implementation=implementation,
-    )
-    topk_out, lse_k = res.output, res.logsumexp
+  run = dict(is_causal=is_causal, selection_key=selection_key, precision=precision)
+  sel, topk_out, lse_k = _select_and_gather(
+    plan, query, key, value, bias, scale=scale, implementation=implementation, **run
+  )
   # A NaN bound on the dropped logits means a NaN logit among the admissible
   # keys not kept (LSH never scores some keys): the row is NaN, as dense.
   undefined = jnp.isnan(sel.next_logit) & (sel.num_keys > _num_kept(sel))
@@ -290,6 +261,47 @@ def select_keys(
   return _run(
     plan, query, key, is_causal=is_causal, selection_key=selection_key, precision=precision
   )
+
+
+def _select_and_gather(
+  plan, query, key, value, bias, *, scale, is_causal, selection_key, precision, implementation
+):
+  """`(selection, top-k output in query.dtype, logsumexp)`: the route is chosen here, once.
+
+  `implementation` is passed to the gather unresolved: its own automatic
+  choice for None is kept."""
+  if isinstance(plan.config, ExactSelection) and plan.implementation == "xla":
+    # "exact" on the XLA path attends in its own chunked pass, with the
+    # logits it already has: no gather of the kept keys.
+    sel, out, lse = select_and_attend(
+      plan.config,
+      query,
+      key,
+      value,
+      plan.bias,
+      plan.mask,
+      k=plan.k,
+      scale=plan.scale,
+      is_causal=is_causal,
+      precision=precision,
+    )
+    return sel, out.astype(query.dtype), lse
+  sel = _run(
+    plan, query, key, is_causal=is_causal, selection_key=selection_key, precision=precision
+  )
+  res = sparse_gather_attention(
+    query,
+    key,
+    value,
+    sel.indices,
+    bias=gather_bias(bias, sel.indices, key.shape[-3]),
+    scale=scale,
+    assume_unique=True,
+    return_residuals=True,
+    precision=precision,
+    implementation=implementation,
+  )
+  return sel, res.output, res.logsumexp
 
 
 class _Plan(NamedTuple):

@@ -1,4 +1,4 @@
-"""Tests of the scalable selections (gsparse/selection.py) through topk_attention."""
+"""Tests of the scalable selections (gsparse/selection/) through topk_attention."""
 
 import jax
 import jax.numpy as jnp

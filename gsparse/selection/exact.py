@@ -5,6 +5,7 @@ fused route `select_and_attend` that also attends inside the chunk loop."""
 from __future__ import annotations
 
 import dataclasses
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -190,6 +191,46 @@ def _block_candidates(bm: jax.Array, kk: int, cap: int, steps: int):
   return bid[:, :cap], count, lo
 
 
+class _Search(NamedTuple):
+  """Static shape of the two-stage search of one head (see `_exact_head`)."""
+
+  kk: int  # logits wanted per row (k + 1, at most S)
+  b: int  # keys per block
+  nb: int  # blocks per row
+  nkb: int  # blocks `jax.lax.top_k` on the block maxima keeps
+  cap: int  # candidate slots of the threshold search
+  steps: int  # bisection steps, 0 = no threshold search
+
+
+def _search_for(cfg: ExactSelection, s: int, k: int) -> _Search:
+  kk = min(k + 1, s)
+  b = cfg.key_block if cfg.key_block is not None else auto_key_block(s, k)
+  nb = -(-s // b)
+  cap = min(nb, max(kk, cfg.candidate_blocks if cfg.candidate_blocks is not None else kk + 32))
+  steps = cfg.search_steps if cap < nb else 0
+  return _Search(kk, b, nb, min(kk, nb), cap, steps)
+
+
+def _from_blocks(s3, bid, sr: _Search, count=None, lo=None):
+  """Exact top-kk among the blocks `bid` (increasing: exact tie order)."""
+  cand = jnp.take_along_axis(s3, bid[..., None], axis=1)
+  if count is not None:  # padding slots, and logits that cannot be in the top-kk
+    keep = jnp.arange(bid.shape[1])[None, :, None] < count[:, None, None]
+    cand = jnp.where(keep & (_sortable(cand) >= lo[..., None]), cand, -jnp.inf)
+  vals, pos = _top_k(cand.reshape(s3.shape[0], -1), sr.kk)
+  return vals, jnp.take_along_axis(bid, pos // sr.b, axis=-1) * sr.b + pos % sr.b
+
+
+def _by_blocks(logits, sr: _Search):
+  """Top-kk of `[c, nb * b]` logits: the candidate blocks first, then `top_k` on them."""
+  s3 = logits.reshape(logits.shape[0], sr.nb, sr.b)
+  if sr.steps == 0:
+    _, bid = _top_k(jnp.max(s3, axis=-1), sr.nkb)
+    return _from_blocks(s3, jnp.sort(bid, axis=-1), sr)
+  bid, count, lo = _block_candidates(jnp.max(_sortable(s3), axis=-1), sr.kk, sr.cap, sr.steps)
+  return _from_blocks(s3, bid, sr, count, lo)
+
+
 def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
   """Exact top-k of one head; `kv` is the keys `[S, H]`, or `(keys, values [S, Hv])`
   to also attend over the kept keys with the logits already at hand (returns
@@ -201,14 +242,9 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
   c = min(cfg.query_chunk, t)
   nc = -(-t // c)
   tp = nc * c
-  kk = min(k + 1, s)
-  b = cfg.key_block if cfg.key_block is not None else auto_key_block(s, k)
-  nb = -(-s // b)
-  nkb = min(kk, nb)
-  two_stage = b > 1 and nkb < nb
-  cap = min(nb, max(kk, cfg.candidate_blocks if cfg.candidate_blocks is not None else kk + 32))
-  search = two_stage and cfg.search_steps > 0 and cap < nb
-  sp = nb * b if two_stage else s
+  sr = _search_for(cfg, s, k)
+  two_stage = sr.b > 1 and sr.nkb < sr.nb
+  sp = sr.nb * sr.b if two_stage else s
   kpad = pad_axis(kmat, 0, sp, 0)
   xs = (
     pad_axis(q, 0, tp, 0).reshape(nc, c, h),
@@ -216,64 +252,40 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
     row_chunks(mask, t, tp, c, False),
     row_chunks(bias, t, tp, c, 0),
   )
-
-  def from_blocks(s3, bid, count=None, lo=None):
-    """Exact top-kk among the blocks `bid` (increasing: exact tie order)."""
-    cand = jnp.take_along_axis(s3, bid[..., None], axis=1)
-    if count is not None:  # padding slots, and logits that cannot be in the top-kk
-      keep = jnp.arange(bid.shape[1])[None, :, None] < count[:, None, None]
-      cand = jnp.where(keep & (_sortable(cand) >= lo[..., None]), cand, -jnp.inf)
-    vals, pos = _top_k(cand.reshape(c, -1), kk)
-    return vals, jnp.take_along_axis(bid, pos // b, axis=-1) * b + pos % b
-
-  def by_top_k(s3):
-    _, bid = _top_k(jnp.max(s3, axis=-1), nkb)
-    return from_blocks(s3, jnp.sort(bid, axis=-1))
-
-  def by_blocks(logits):
-    s3 = logits.reshape(c, nb, b)
-    if not search:
-      return by_top_k(s3)
-    bid, count, lo = _block_candidates(jnp.max(_sortable(s3), axis=-1), kk, cap, cfg.search_steps)
-    return from_blocks(s3, bid, count, lo)
+  common = dict(scale=scale, dtype=dtype, precision=precision)
 
   def body(x):
     qc, row0, mc, bc = x
-    logits, num = rows_logits(
-      qc,
-      kpad,
-      bc,
-      mc,
-      row0,
-      s=s,
-      sp=sp,
-      scale=scale,
-      is_causal=is_causal,
-      dtype=dtype,
-      precision=precision,
-    )
+    logits, num = rows_logits(qc, kpad, bc, mc, row0, s=s, sp=sp, is_causal=is_causal, **common)
     if not two_stage:
-      vals, idx = _top_k(logits, kk)
+      vals, idx = _top_k(logits, sr.kk)
     elif cfg.key_block is None:  # auto: the native CPU top-k where it serves, else blocks
-      vals, idx = _top_k_or(logits, kk, by_blocks)
+      vals, idx = _top_k_or(logits, sr.kk, lambda lg: _by_blocks(lg, sr))
     else:
-      vals, idx = by_blocks(logits)
+      vals, idx = _by_blocks(logits, sr)
     idx, nxt = finish_top_k(vals, idx, k)
     if vmat is None:
       return idx, nxt, num
-    # Attend with the kept logits read back (their forward values are top_k's);
-    # the gradient flows through the kept keys only (`_kept_logit_grad_path`).
-    ok = idx >= 0
-    safe = jnp.where(ok, idx, 0)
-    kept = jnp.take_along_axis(jax.lax.stop_gradient(logits), safe, axis=1)
-    kept = kept + _kept_logit_grad_path(qc, kmat, bc, safe, ok, scale, dtype, precision)
-    w, lse = masked_softmax_lse(kept, ok)
-    vg = jnp.take(vmat, jnp.where(ok, idx, 0), axis=0, mode="clip").astype(dtype)
-    out = jnp.einsum("tk,tkv->tv", w, vg, precision=precision)
-    return idx, nxt, num, out, lse
+    return idx, nxt, num, *_attend_chunk(qc, kmat, vmat, bc, logits, idx, **common)
 
   outs = jax.lax.map(body, xs)
   return tuple(o.reshape(tp, *o.shape[2:])[:t] for o in outs)
+
+
+def _attend_chunk(qc, kmat, vmat, bc, logits, idx, *, scale, dtype, precision):
+  """`(output [c, Hv], logsumexp [c])` over the kept keys `idx` of a chunk.
+
+  The kept logits are read back from `logits` (their forward values are
+  top_k's); the gradient flows through the kept keys only
+  (`_kept_logit_grad_path`).
+  """
+  ok = idx >= 0
+  safe = jnp.where(ok, idx, 0)
+  kept = jnp.take_along_axis(jax.lax.stop_gradient(logits), safe, axis=1)
+  kept = kept + _kept_logit_grad_path(qc, kmat, bc, safe, ok, scale, dtype, precision)
+  w, lse = masked_softmax_lse(kept, ok)
+  vg = jnp.take(vmat, safe, axis=0, mode="clip").astype(dtype)
+  return jnp.einsum("tk,tkv->tv", w, vg, precision=precision), lse
 
 
 def _kept_logit_grad_path(qc, kmat, bc, safe, ok, scale, dtype, precision):
