@@ -92,6 +92,11 @@ def resolve_selection(selection: Any) -> str | SelectionConfig:
 
   Raises:
     ValueError: unknown name. TypeError: neither a str nor a config.
+
+  Example:
+    >>> from gsparse.selection import resolve_selection
+    >>> resolve_selection("block")
+    BlockSelection(block_size=32, num_blocks=16, query_chunk=256, summary='minmax')
   """
   if isinstance(selection, (ExactSelection, BlockSelection, LSHSelection)):
     return selection
@@ -161,6 +166,12 @@ def selection_recall(indices: ArrayLike, reference: ArrayLike) -> jax.Array:
 
   Returns:
     `[...]` float32 recall in [0, 1]; 1 for rows whose reference is empty.
+
+  Example:
+    >>> import jax.numpy as jnp
+    >>> from gsparse.selection import selection_recall
+    >>> selection_recall(jnp.array([[0, 2, 5]]), jnp.array([[2, 5, -1]])).tolist()
+    [1.0]
   """
   indices = jnp.asarray(indices)
   reference = jnp.asarray(reference)
