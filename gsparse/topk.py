@@ -11,10 +11,11 @@ keep all their admissible keys; `k >= S` equals dense attention.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Literal, NamedTuple, overload
 
 import jax
 import jax.numpy as jnp
+from jax.lax import PrecisionLike
 from jax.typing import ArrayLike
 
 from gsparse import _checks
@@ -24,31 +25,19 @@ from gsparse.attention import compute_logits, fold_neg_inf_bias
 from gsparse.certificate import kept_set_tail_bound, output_error_certificate
 from gsparse.gather import Implementation, resolve_implementation, sparse_gather_attention
 from gsparse.selection import (
+  NAMES,
   ExactSelection,
   LSHSelection,
+  SelectionConfig,
+  SelectionResult,
   gather_bias,
   resolve_selection,
   select,
+  select_and_attend,
 )
 
-SELECTIONS = ("full", "exact", "block", "lsh")
+SELECTIONS = NAMES
 DEFAULT_SELECTION = "full"
-
-
-class TopKSelection(NamedTuple):
-  """Selected keys per query.
-
-  Attributes:
-    indices: `[batch..., T, N, min(k, S)]` int32 key positions, -1 where the
-      row has fewer admissible keys (a `-inf` logit is never listed).
-    next_logit: `[batch..., T, N]` the (k+1)-th largest admissible logit, or
-      `-inf` when there is none (used by the certificate).
-    num_keys: `[batch..., T, N]` int32 number of admissible keys of the row.
-  """
-
-  indices: jax.Array
-  next_logit: jax.Array
-  num_keys: jax.Array
 
 
 class TopKStats(NamedTuple):
@@ -70,7 +59,7 @@ class TopKStats(NamedTuple):
   error_bound: jax.Array
 
 
-def select_topk_full(logits: jax.Array, valid: jax.Array | None, k: int) -> TopKSelection:
+def select_topk_full(logits: jax.Array, valid: jax.Array | None, k: int) -> SelectionResult:
   """Exact top-k selection from a materialised `[batch..., N, T, S]` logit matrix.
 
   Returns indices laid out `[batch..., T, N, min(k, S)]`. Ties are broken
@@ -87,9 +76,47 @@ def select_topk_full(logits: jax.Array, valid: jax.Array | None, k: int) -> TopK
     num_keys = jnp.sum(valid, axis=-1, dtype=jnp.int32)
   idx, next_logit = finish_top_k(vals, idx, k)
   # [..., N, T, *] -> [..., T, N, *]
-  return TopKSelection(
+  return SelectionResult(
     jnp.swapaxes(idx, -3, -2), jnp.swapaxes(next_logit, -2, -1), jnp.swapaxes(num_keys, -2, -1)
   )
+
+
+@overload
+def topk_attention(
+  query: ArrayLike,
+  key: ArrayLike,
+  value: ArrayLike,
+  bias: ArrayLike | None = None,
+  mask: ArrayLike | None = None,
+  *,
+  k: int,
+  scale: float | None = None,
+  is_causal: bool = False,
+  selection: str | SelectionConfig = DEFAULT_SELECTION,
+  selection_key: ArrayLike | None = None,
+  return_stats: Literal[False] = False,
+  precision: PrecisionLike = None,
+  implementation: Implementation | None = None,
+) -> jax.Array: ...
+
+
+@overload
+def topk_attention(
+  query: ArrayLike,
+  key: ArrayLike,
+  value: ArrayLike,
+  bias: ArrayLike | None = None,
+  mask: ArrayLike | None = None,
+  *,
+  k: int,
+  scale: float | None = None,
+  is_causal: bool = False,
+  selection: str | SelectionConfig = DEFAULT_SELECTION,
+  selection_key: ArrayLike | None = None,
+  return_stats: Literal[True],
+  precision: PrecisionLike = None,
+  implementation: Implementation | None = None,
+) -> tuple[jax.Array, TopKStats]: ...
 
 
 def topk_attention(
@@ -102,12 +129,12 @@ def topk_attention(
   k: int,
   scale: float | None = None,
   is_causal: bool = False,
-  selection=DEFAULT_SELECTION,
+  selection: str | SelectionConfig = DEFAULT_SELECTION,
   selection_key: ArrayLike | None = None,
   return_stats: bool = False,
-  precision=None,
+  precision: PrecisionLike = None,
   implementation: Implementation | None = None,
-):
+) -> jax.Array | tuple[jax.Array, TopKStats]:
   """Top-k attention in the layout of `jax.nn.dot_product_attention`.
 
   For every query and head, keeps the `k` admissible keys with the largest
@@ -164,10 +191,9 @@ def topk_attention(
   if not isinstance(return_stats, bool):
     raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
   query, key, value = _checks.check_attention_inputs(query, key, value)
-  sel, log_rest, attended = _select(
+  plan = _plan(
     query,
     key,
-    value,
     bias,
     mask,
     k=k,
@@ -175,37 +201,20 @@ def topk_attention(
     is_causal=is_causal,
     selection=selection,
     selection_key=selection_key,
-    precision=precision,
     implementation=implementation,
-    attend=True,
   )
-  if attended[0] is not None:
-    topk_out, lse_k = attended[0].astype(query.dtype), attended[1]
-  else:
-    gathered_bias = None
-    if bias is not None:
-      gathered_bias = gather_bias(bias, sel.indices, key.shape[-3])
-    res = sparse_gather_attention(
-      query,
-      key,
-      value,
-      sel.indices,
-      bias=gathered_bias,
-      scale=scale,
-      assume_unique=True,
-      return_residuals=True,
-      precision=precision,
-      implementation=implementation,
-    )
-    topk_out, lse_k = res.output, res.logsumexp
+  run = dict(is_causal=is_causal, selection_key=selection_key, precision=precision)
+  sel, topk_out, lse_k = _select_and_gather(
+    plan, query, key, value, bias, scale=scale, implementation=implementation, **run
+  )
   # A NaN bound on the dropped logits means a NaN logit among the admissible
   # keys not kept (LSH never scores some keys): the row is NaN, as dense.
   undefined = jnp.isnan(sel.next_logit) & (sel.num_keys > _num_kept(sel))
   topk_out = jnp.where(undefined[..., None], jnp.nan, topk_out).astype(topk_out.dtype)
   lse_k = jnp.where(undefined, jnp.nan, lse_k)
   output = topk_out
-  if log_rest is not None:  # LSH normaliser correction: rescale by H / (H + rest).
-    lse = jnp.logaddexp(lse_k, log_rest)
+  if sel.log_rest is not None:  # LSH normaliser correction: rescale by H / (H + rest).
+    lse = jnp.logaddexp(lse_k, sel.log_rest)
     factor = jnp.where(jnp.isfinite(lse), jnp.exp(lse_k - lse), 0.0)
     output = (output * factor[..., None]).astype(output.dtype)
   if not return_stats:
@@ -224,11 +233,11 @@ def select_keys(
   k: int,
   scale: float | None = None,
   is_causal: bool = False,
-  selection=DEFAULT_SELECTION,
+  selection: str | SelectionConfig = DEFAULT_SELECTION,
   selection_key: ArrayLike | None = None,
-  precision=None,
+  precision: PrecisionLike = None,
   implementation: Implementation | None = None,
-) -> TopKSelection:
+) -> SelectionResult:
   """The keys `topk_attention` would keep, without attending over them.
 
   Same arguments as `topk_attention` (`value` is only checked against
@@ -237,10 +246,9 @@ def select_keys(
   gather pass for the certified choice of k.
   """
   query, key, value = _checks.check_attention_inputs(query, key, value)
-  sel, _, _ = _select(
+  plan = _plan(
     query,
     key,
-    value,
     bias,
     mask,
     k=k,
@@ -248,75 +256,115 @@ def select_keys(
     is_causal=is_causal,
     selection=selection,
     selection_key=selection_key,
+    implementation=implementation,
+  )
+  return _run(
+    plan, query, key, is_causal=is_causal, selection_key=selection_key, precision=precision
+  )
+
+
+def _select_and_gather(
+  plan, query, key, value, bias, *, scale, is_causal, selection_key, precision, implementation
+):
+  """`(selection, top-k output in query.dtype, logsumexp)`: the route is chosen here, once.
+
+  `implementation` is passed to the gather unresolved: its own automatic
+  choice for None is kept."""
+  if isinstance(plan.config, ExactSelection) and plan.implementation == "xla":
+    # "exact" on the XLA path attends in its own chunked pass, with the
+    # logits it already has: no gather of the kept keys.
+    sel, out, lse = select_and_attend(
+      plan.config,
+      query,
+      key,
+      value,
+      plan.bias,
+      plan.mask,
+      k=plan.k,
+      scale=plan.scale,
+      is_causal=is_causal,
+      precision=precision,
+    )
+    return sel, out.astype(query.dtype), lse
+  sel = _run(
+    plan, query, key, is_causal=is_causal, selection_key=selection_key, precision=precision
+  )
+  res = sparse_gather_attention(
+    query,
+    key,
+    value,
+    sel.indices,
+    bias=gather_bias(bias, sel.indices, key.shape[-3]),
+    scale=scale,
+    assume_unique=True,
+    return_residuals=True,
     precision=precision,
     implementation=implementation,
-    attend=False,
   )
-  return sel
+  return sel, res.output, res.logsumexp
 
 
-def _select(
-  query,
-  key,
-  value,
-  bias,
-  mask,
-  *,
-  k,
-  scale,
-  is_causal,
-  selection,
-  selection_key,
-  precision,
-  implementation,
-  attend,
-):
-  """`(TopKSelection, LSH log_rest or None, (output, logsumexp) or (None, None))`;
-  the last is filled when `attend` and the selection attended in its own pass."""
+class _Plan(NamedTuple):
+  """Checked selection arguments: `config` is "full" for the materialised route
+  (raw `bias`/`mask`, checked by `compute_logits`), else a config with the
+  checked, `-inf`-folded `bias`/`mask` and the resolved `scale`."""
+
+  config: str | SelectionConfig
+  implementation: str
+  k: int
+  scale: float | None
+  bias: jax.Array | None
+  mask: jax.Array | None
+
+
+def _plan(query, key, bias, mask, *, k, scale, is_causal, selection, selection_key, implementation):
+  """Checks the selection arguments once, for both routes (at trace time)."""
   k = min(_checks.check_int("k", k, minimum=1), key.shape[-3])  # k > S is dense: clip
   config = resolve_selection(selection)
   impl = resolve_implementation(implementation)
   _checks.check_prng_key("selection_key", selection_key)
-  if isinstance(config, LSHSelection) and selection_key is None:
-    raise ValueError("selection 'lsh' needs a PRNG key: pass selection_key=jax.random.key(...)")
+  if isinstance(config, LSHSelection):
+    config.require_key(selection_key)
   if config == "full" or query.size == 0:  # nothing to select in an empty query
-    lg = compute_logits(
-      query, key, bias, mask, scale=scale, is_causal=is_causal, precision=precision
-    )
-    return select_topk_full(lg.logits, lg.valid, k), None, (None, None)
+    return _Plan("full", impl, k, scale, bias, mask)
   _checks.check_scale(scale)
   if not isinstance(is_causal, bool):
     raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
   *batch, t, n, h = query.shape
   mask, bias = _checks.check_mask_and_bias(mask, bias, (*batch, n, t, key.shape[-3]))
   mask, bias = fold_neg_inf_bias(mask, bias)
-  fused = attend and isinstance(config, ExactSelection) and impl == "xla"
-  res_sel = select(
-    config,
+  scale = 1.0 / float(h) ** 0.5 if scale is None else scale
+  return _Plan(config, impl, k, scale, bias, mask)
+
+
+def _run(plan: _Plan, query, key, *, is_causal, selection_key, precision) -> SelectionResult:
+  """The selection of `plan` ("full": the logit matrix and `jax.lax.top_k`)."""
+  if plan.config == "full":
+    lg = compute_logits(
+      query, key, plan.bias, plan.mask, scale=plan.scale, is_causal=is_causal, precision=precision
+    )
+    return select_topk_full(lg.logits, lg.valid, plan.k)
+  return select(
+    plan.config,
     query,
     key,
-    bias,
-    mask,
-    k=k,
-    scale=1.0 / float(h) ** 0.5 if scale is None else scale,
+    plan.bias,
+    plan.mask,
+    k=plan.k,
+    scale=plan.scale,
     is_causal=is_causal,
-    rng=selection_key,
+    selection_key=selection_key,
     precision=precision,
-    # "exact" on the XLA path attends in its own chunked pass, with the
-    # logits it already has: no gather of the kept keys.
-    value=value if fused else None,
   )
-  sel = TopKSelection(res_sel.indices, res_sel.next_logit, res_sel.num_keys)
-  return sel, res_sel.log_rest, (res_sel.output, res_sel.logsumexp)
 
 
-def _num_kept(sel: TopKSelection) -> jax.Array:
+def _num_kept(sel: SelectionResult) -> jax.Array:
   """Keys actually kept per row (<= k: fewer when a row has fewer admissible
   keys or an approximate selection found fewer)."""
   return jnp.sum(sel.indices >= 0, axis=-1, dtype=jnp.int32)
 
 
-def selection_tail_bound(sel: TopKSelection, logsumexp: jax.Array) -> jax.Array:
+def selection_tail_bound(sel: SelectionResult, logsumexp: jax.Array) -> jax.Array:
   """Certified dropped softmax mass of `sel`, from the log-sum-exp over its kept keys.
 
   Every selection goes through `gsparse.certificate.kept_set_tail_bound`:
@@ -328,7 +376,7 @@ def selection_tail_bound(sel: TopKSelection, logsumexp: jax.Array) -> jax.Array:
 
 
 def topk_stats(
-  sel: TopKSelection, logsumexp: jax.Array, output: jax.Array, value: jax.Array, k: int
+  sel: SelectionResult, logsumexp: jax.Array, output: jax.Array, value: jax.Array, k: int
 ) -> TopKStats:
   """Builds `TopKStats` (certificate included) from a selection and its output."""
   tail = selection_tail_bound(sel, logsumexp)

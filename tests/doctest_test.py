@@ -22,6 +22,7 @@ CORE = (
   "gsparse.certificate",
   "gsparse.flax.attention",
   "gsparse.flax.policies",
+  "gsparse.selection",
   "gsparse.sparsity",
   "gsparse.topk",
 )

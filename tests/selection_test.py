@@ -1,4 +1,4 @@
-"""Tests of the scalable selections (gsparse/selection.py) through topk_attention."""
+"""Tests of the scalable selections (gsparse/selection/) through topk_attention."""
 
 import jax
 import jax.numpy as jnp
@@ -178,7 +178,7 @@ def test_block_candidates_cover_the_top_logits():
   rows, a row with one huge logit, all-equal and rounded rows (ties), and a
   row with only 3 finite blocks; every logit below the threshold is outside."""
   from gsparse._numerics import sortable_int32 as _sortable
-  from gsparse.selection import _block_candidates, _prefix_count
+  from gsparse.selection.exact import _block_candidates, _prefix_count
 
   rng = np.random.default_rng(0)
   x = rng.standard_normal((6, 96, 8)).astype(np.float32)
@@ -436,3 +436,35 @@ def test_select_layout_matches_gqa_heads():
   lg = jnp.einsum("btnh,bsnh->bnts", q, jnp.repeat(k, 2, axis=2)) * 0.25
   ref = jnp.swapaxes(jax.lax.top_k(lg, 3)[1], 1, 2)
   np.testing.assert_array_equal(res.indices, ref)
+
+
+def test_select_and_attend_matches_full_selection_and_masked_gather():
+  """The named fused route ("exact" on XLA) keeps the keys of `jax.lax.top_k`
+  on the full row and attends as the materialised route + masked gather does."""
+  q, k, v, mask, bias = _inputs(11, t=19, s=29)
+  mask, bias = mask[..., :19, :29], bias[..., :29]
+  sel, out, lse = gsparse.selection.select_and_attend(
+    ExactSelection(query_chunk=8), q, k, v, bias, mask, k=5, scale=0.25, is_causal=True
+  )
+  ref_out, ref = gsparse.topk_attention(
+    q,
+    k,
+    v,
+    bias,
+    mask,
+    k=5,
+    scale=0.25,
+    is_causal=True,
+    selection="full",
+    implementation="masked",
+    return_stats=True,
+  )
+  np.testing.assert_array_equal(sel.indices, ref.indices)
+  np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(lse, ref.logsumexp, rtol=1e-5, atol=1e-6)
+
+
+def test_select_rejects_a_name_instead_of_a_config():
+  q, k, _, _, _ = _inputs(12, t=4, s=8)
+  with pytest.raises(TypeError, match="unknown selection config"):
+    select("exact", q, k, None, None, k=2, scale=1.0, is_causal=False)

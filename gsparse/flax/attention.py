@@ -38,7 +38,7 @@ import gsparse.topk as _topk
 from gsparse import _checks
 from gsparse.flax.policies import CertifiedK, KPolicy, as_policy
 from gsparse.gather import gather_kv, resolve_implementation, sparse_gather_attention
-from gsparse.selection import ExactSelection, resolve_selection
+from gsparse.selection import ExactSelection, gather_bias, resolve_selection
 
 
 class SparseAttentionResult(NamedTuple):
@@ -91,16 +91,6 @@ def _gather_kwargs(topk_kwargs: dict[str, Any]) -> dict[str, Any]:
   """The `implementation` for `sparse_gather_attention`, when one was given."""
   impl = topk_kwargs.get("implementation")
   return {} if impl is None else {"implementation": impl}
-
-
-def _gather_bias(bias, indices: jax.Array, logits_shape: tuple[int, ...]) -> jax.Array | None:
-  """Bias broadcast to `[batch..., N, T, S]`, read at `[batch..., T, N, k]` indices."""
-  if bias is None:
-    return None
-  full = jnp.broadcast_to(jnp.asarray(bias), logits_shape)
-  safe = jnp.where(indices >= 0, indices, 0)
-  out = jnp.take_along_axis(full, jnp.swapaxes(safe, -3, -2), axis=-1)
-  return jnp.swapaxes(out, -3, -2)
 
 
 def certified_num_keys(
@@ -239,8 +229,7 @@ def sparse_attention(
   # no pass is spent on an output that would be thrown away.
   sel = _topk.select_keys(query, key, value, bias, mask, k=k, **common)
   indices = sel.indices
-  *batch, t, n, _ = query.shape
-  logits_shape = (*batch, n, t, s)
+  num_batch = query.ndim - 3
 
   num_kept = jnp.full(indices.shape[:-1], k, jnp.int32)
   tail = None
@@ -251,7 +240,7 @@ def sparse_attention(
       sg(key),
       sg(value),
       indices,
-      bias=None if bias is None else sg(_gather_bias(bias, indices, logits_shape)),
+      bias=sg(gather_bias(bias, indices, s)),
       scale=scale,
       assume_unique=True,
       return_residuals=True,
@@ -279,7 +268,7 @@ def sparse_attention(
     key,
     value,
     indices,
-    bias=_gather_bias(bias, indices, logits_shape),
+    bias=gather_bias(bias, indices, s),
     scale=scale,
     assume_unique=True,
     return_residuals=True,
@@ -291,7 +280,7 @@ def sparse_attention(
   weights, output = res.weights, res.output
   if use_dropout:
     rate = float(dropout_rate)
-    keep = _dropout_keep(dropout_rng, rate, broadcast_dropout, indices, len(batch), s)
+    keep = _dropout_keep(dropout_rng, rate, broadcast_dropout, indices, num_batch, s)
     weights = weights * keep.astype(weights.dtype) / jnp.asarray(1.0 - dropout_rate, weights.dtype)
     safe = jnp.where(indices >= 0, indices, 0)
     vg = gather_kv(value, safe).astype(weights.dtype)
