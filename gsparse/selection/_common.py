@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from gsparse._layout import pad_axis  # noqa: F401  (re-exported to the selection modules)
+
 
 class SelectionResult(NamedTuple):
   """The keys a selection kept per query, in the `[batch..., T, N, *]` layout.
@@ -84,16 +86,6 @@ def map_heads(fn, query, key, mask, bias, extra=(), value=None):
     return jnp.moveaxis(o, 1, 2).reshape(*batch, t, n, *o.shape[3:])
 
   return tuple(back(o) for o in outs)
-
-
-def pad_axis(x: jax.Array, axis: int, size: int, value=0) -> jax.Array:
-  """`x` padded at the end of `axis` to length `size` with `value` (unchanged if already longer)."""
-  pad = size - x.shape[axis]
-  if pad <= 0:
-    return x
-  widths = [(0, 0)] * x.ndim
-  widths[axis] = (0, pad)
-  return jnp.pad(x, widths, constant_values=value)
 
 
 def row_chunks(x: jax.Array | None, t: int, tp: int, c: int, fill):
