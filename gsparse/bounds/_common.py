@@ -5,7 +5,6 @@ from __future__ import annotations
 import contextvars
 import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,42 +34,8 @@ def _float_dtype():
   return jnp.result_type(float)
 
 
-def _check(
-  name: str,
-  value: Any,
-  *,
-  lo: float | None = None,
-  hi: float | None = None,
-  lo_open: bool = False,
-  hi_open: bool = False,
-  integer: bool = False,
-) -> None:
-  """Range-checks `value` when it is known at trace time; raises ValueError naming it."""
-  if value is None:
-    raise TypeError(f"{name} must be a real number or array, got None")
-  if isinstance(value, (bool, np.bool_, str)):
-    raise TypeError(f"{name} must be a real number or array, got {value!r}")
-  conc = _checks.concrete_or_none(value)
-  if conc is None:
-    return
-  if conc.dtype.kind not in "biuf":
-    raise TypeError(f"{name} must be real, got dtype {conc.dtype}")
-  conc = conc.astype(np.float64)
-  if np.any(~np.isfinite(conc)):
-    raise ValueError(f"{name}={value!r} must be finite")
-  bad = np.zeros(conc.shape, bool)
-  if lo is not None:
-    bad |= (conc <= lo) if lo_open else (conc < lo)
-  if hi is not None:
-    bad |= (conc >= hi) if hi_open else (conc > hi)
-  if integer:
-    bad |= conc != np.round(conc)
-  if np.any(bad):
-    lb = "(" if lo_open else "["
-    rb = ")" if hi_open else "]"
-    rng = f"{lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
-    kind = "an integer in " if integer else "in "
-    raise ValueError(f"{name}={value!r} must be {kind}{rng}")
+# The package's one range check (`gsparse._checks.check_real`), under the short local name.
+_check = _checks.check_real
 
 
 def _check_n(n):
