@@ -1038,9 +1038,7 @@ ROWS += [
     (),
     {"n": 8, "tau": 1.0, "k": 0.5},
   ),
-  Row(
-    "rem_boundaries", "n", "`n=0`", ValueError, "n=0 must be an integer >= 1", (), {"n": 0}
-  ),
+  Row("rem_boundaries", "n", "`n=0`", ValueError, "n=0 must be an integer >= 1", (), {"n": 0}),
   Row(
     "rem_boundaries",
     "n",
