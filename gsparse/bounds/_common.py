@@ -100,7 +100,9 @@ class PointFormula:
 
     The float32 safety margins of `_safety` apply when `margin_dtype` is float32.
     """
-    args = np.broadcast_arrays(*(np.asarray(v).astype(dtype) for v in values))
+    # Rounded to `margin_dtype` first: the values a traced call in that dtype would see.
+    rounded = (np.asarray(v).astype(margin_dtype).astype(dtype) for v in values)
+    args = np.broadcast_arrays(*rounded)
     shape = args[0].shape
     flat = [a.reshape(-1) for a in args]
     token = _MARGIN_DTYPE.set(np.dtype(margin_dtype))
@@ -117,10 +119,11 @@ def _on_flat(formula: PointFormula, values, **kwargs) -> list[jax.Array]:
 
   Values all known at trace time (Python numbers, NumPy or concrete jax
   arrays), at most `_NUMPY_MAX_POINTS` of them after broadcasting, are
-  evaluated with NumPy and SciPy in float64 (SciPy's float32 `betainc`
-  overflows in the tails used here) with the safety margins of the default
-  float dtype, then cast to it: no compilation, so a first call on Python
-  floats is fast, and an eager and a traced call agree up to rounding.
+  rounded to the default float dtype, evaluated with NumPy and SciPy in
+  float64 (SciPy's float32 `betainc` overflows in the tails used here) with
+  the safety margins of the default dtype, and cast back to it: no
+  compilation, so a first call on Python floats is fast, and an eager and a
+  traced call agree up to rounding.
 
   Otherwise (a tracer under jit/vmap/grad, or many points) the values become
   flat arrays of the default float dtype padded to a power of two

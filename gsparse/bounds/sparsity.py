@@ -141,7 +141,35 @@ def _exceed_log_prob(theta, ta, tb):
   return xp.maximum(one(ta), one(tb))
 
 
-def _orderstat_fail(nm1, m, eps, ta, tb, c):
+def _orderstat_moments(ta, tb, c):
+  """The parts of `_orderstat_fail` that do not depend on `m` or `eps` (computed once per row).
+
+  Returns `(log E, log E^2, log Phi(c_{l-1}), log Phi_bar(c_l))` of the truncated
+  summands, each `[C, L]` or `[1, L]`.
+  """
+  xp = _xp.of(ta, tb, c)
+  ninf = xp.asarray(-xp.inf, ta.dtype)
+  cp = c[:-1][None, :]  # truncation levels c_{l-1}, [1, L]
+  ta_, tb_ = ta[:, None], tb[:, None]
+  lo_part = xp.minimum(cp, 0.0)
+  hi_part = xp.maximum(cp, 0.0)
+  m1n, m1p, m2n, m2p = _log_moments(
+    [
+      (tb_, ninf, lo_part),
+      (ta_, 0.0, hi_part),
+      (2.0 * tb_, ninf, lo_part),
+      (2.0 * ta_, 0.0, hi_part),
+    ]
+  )
+  return (
+    xp.logaddexp(m1n, m1p),
+    xp.logaddexp(m2n, m2p),
+    xp.log_ndtr(cp),
+    xp.log_ndtr(-c[1:][None, :]),
+  )
+
+
+def _orderstat_fail(nm1, m, eps, ta, tb, c, moments):
   """Bound on `P(at least m off-diagonal p_ij > eps)` per tau cell, by the m-th order statistic.
 
   Conditioning on the m-th largest standardised score `G = c`, the other
@@ -156,32 +184,20 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c):
     eps: threshold.
     ta, tb: `[C]` tau cells.
     c: `[L + 1]` increasing grid of standardised levels.
+    moments: `_orderstat_moments(ta, tb, c)`.
 
   Returns:
     `[C]` probability bounds.
   """
   xp = _xp.of(nm1, m, eps, ta, tb, c)
-  dt = ta.dtype
+  log_m1, log_m2, lphi, tail_cn = moments
   slack = 1.0 - eps * m
   cnt = nm1 - m
-  ninf = xp.asarray(-xp.inf, dt)
-  cp = c[:-1][None, :]  # truncation levels c_{l-1}, [1, L]
   cn = c[1:][None, :]  # cell tops c_l
   ta_, tb_ = ta[:, None], tb[:, None]
-  lo_part = xp.minimum(cp, 0.0)
-  hi_part = xp.maximum(cp, 0.0)
-  m1n, m1p, m2n, m2p = _log_moments(
-    [
-      (tb_, ninf, lo_part),
-      (ta_, 0.0, hi_part),
-      (2.0 * tb_, ninf, lo_part),
-      (2.0 * ta_, 0.0, hi_part),
-    ]
-  )
-  lphi = xp.log_ndtr(cp)
   log_cnt = xp.log(xp.maximum(cnt, 1.0))
-  log_mu = log_cnt + xp.logaddexp(m1n, m1p) - lphi
-  log_v = log_cnt + xp.logaddexp(m2n, m2p) - lphi
+  log_mu = log_cnt + log_m1 - lphi
+  log_v = log_cnt + log_m2 - lphi
   log_lam = xp.log(xp.maximum(slack, 1e-30)) - xp.log(eps) + xp.maximum(ta_ * cn, tb_ * cn)
   gap = _log1mexp(xp.minimum(log_lam - log_mu, 0.0))
   b = xp.where(
@@ -194,8 +210,7 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c):
   ta_safe = xp.where(ta_ > 0, ta_, 1.0)
   log_r = xp.log(xp.maximum(1.0 - eps * (m - 1.0), 1e-30)) - xp.log(eps)
   delta_c = xp.where(ta_ > 0, xp.maximum(log_r, 0.0) / ta_safe, xp.inf)
-  tails = xp.log_ndtr(-xp.stack(xp.broadcast_arrays(cn + delta_c, cn)))
-  log_q = (m - 1.0) * _log1mexp(xp.minimum(tails[0] - tails[1], 0.0))
+  log_q = (m - 1.0) * _log1mexp(xp.minimum(xp.log_ndtr(-(cn + delta_c)) - tail_cn, 0.0))
   b = b * xp.exp(xp.where(m > 1.0, log_q, 0.0))
   return xp.where(slack <= 0, 0.0, _sum_over_g_cells(nm1, m, c, b))
 
@@ -218,28 +233,36 @@ def _sum_over_g_cells(nm1, m, c, b):
   return xp.minimum(total, 1.0)
 
 
-def _fail_fn(n, tau_lo, tau_hi, eps, log_drow):
+def _row_parts(n, tau_lo, tau_hi, log_drow):
+  """What `_fail_fn` needs that depends on neither `eps` nor `m`: computed once per row."""
+  xp = _xp.of(n, tau_lo, tau_hi, log_drow)
+  nm1 = xp.maximum(n - 1.0, 1.0)
+  ta, tb = _cells(tau_lo, tau_hi)
+  # Union bound: Z >= Z_lower with prob 1 - drow/2; then a binomial count.
+  lz = _log_z_lower(nm1, ta, tb, log_drow - math.log(2.0))
+  c = xp.linspace(-3.0, 1.0, _NUM_GRID + 1, dtype=ta.dtype)
+  c = c + xp.where(c > 0, c * (xp.sqrt(2.0 * xp.log(nm1)) + 2.0) - c, 0.0)
+  return ta, tb, lz, c, _orderstat_moments(ta, tb, c)
+
+
+def _fail_fn(n, parts, eps, log_drow):
   """`(fail, p*)`: `fail(m)` bounds `P(at least m off-diagonal entries > eps)` for one row.
 
   The better of the union bound and the order-statistic bound, per tau cell,
-  worst cell; `p*` is the union bound's exceedance probability.
+  worst cell; `p*` is the union bound's exceedance probability. `parts` is
+  `_row_parts(n, tau_lo, tau_hi, log_drow)`.
   """
-  xp = _xp.of(n, tau_lo, tau_hi, eps, log_drow)
+  xp = _xp.of(n, eps, log_drow)
+  ta, tb, lz, c, moments = parts
   nm1 = xp.maximum(n - 1.0, 1.0)
-  ta, tb = _cells(tau_lo, tau_hi)
   drow = xp.exp(log_drow)
-  # Union bound: Z >= Z_lower with prob 1 - drow/2; then a binomial count.
-  log_dz = log_drow - math.log(2.0)
-  lz = _log_z_lower(nm1, ta, tb, log_dz)
   theta = xp.log(eps) + lz
   p_cell = xp.exp(_exceed_log_prob(theta, ta, tb))  # [C]
-  c = xp.linspace(-3.0, 1.0, _NUM_GRID + 1, dtype=ta.dtype)
-  c = c + xp.where(c > 0, c * (xp.sqrt(2.0 * xp.log(nm1)) + 2.0) - c, 0.0)
   inv_safe = 1.0 / _safety(ta.dtype)
 
   def fail(m):  # bound on P(at least m off-diagonal entries > eps), max over cells
     p1 = 0.5 * drow + xp.minimum(_binom_tail(n - 1.0, m - 1.0, p_cell) * inv_safe, 1.0)
-    p2 = _orderstat_fail(nm1, m, eps, ta, tb, c)
+    p2 = _orderstat_fail(nm1, m, eps, ta, tb, c, moments)
     return xp.max(xp.minimum(p1, p2))
 
   return fail, xp.max(p_cell)
@@ -248,7 +271,7 @@ def _fail_fn(n, tau_lo, tau_hi, eps, log_drow):
 def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
   """Scalar core of Theorem 1 for a given tau interval: `(k_gauss, p*)`."""
   xp = _xp.of(n, tau_lo, tau_hi, eps, log_drow)
-  fail, p_star = _fail_fn(n, tau_lo, tau_hi, eps, log_drow)
+  fail, p_star = _fail_fn(n, _row_parts(n, tau_lo, tau_hi, log_drow), eps, log_drow)
   drow = xp.exp(log_drow)
 
   # Linear scan from m = 1: the first m whose bound is <= drow. (A bisection
@@ -391,11 +414,12 @@ def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   hi = xp.log(triv)
   drow = xp.exp(log_row)
   kk = xp.minimum(k, n)
+  parts = _row_parts(n, tlo, thi, log_row)
 
   def admissible(log_eps):
     # fail(k) <= drow implies the first admissible m of Theorem 1 is <= k, for
     # this eps and (fail being non-increasing in eps) every larger one.
-    fail, _ = _fail_fn(n, tlo, thi, xp.exp(log_eps), log_row)
+    fail, _ = _fail_fn(n, parts, xp.exp(log_eps), log_row)
     return fail(kk) <= drow
 
   found = admissible(hi)
