@@ -54,9 +54,13 @@ def _log_laplace_upper(log_lam, tau, lo, hi, tail_hi):
   return xp.logsumexp(xp.concatenate(parts, axis=-1), axis=-1)
 
 
-def _chernoff_fail(nm1, m, eps, tau, c):
-  """Per G-cell bound on `P(Z_top + Z_rest < e^{tau G}(1 - eps)/eps | G in (c_l, c_{l+1}])`."""
-  xp = _xp.of(nm1, m, eps, tau, c)
+def _chernoff_parts(eps, tau, c):
+  """The `m`-independent parts of `_chernoff_fail`: `(theta, top, rest)`, computed once per row.
+
+  `top` and `rest` (`[L, K]`) bound the log Laplace transforms of one score above and
+  one below the cell's order statistic, for each Chernoff parameter `theta` (`[K]`).
+  """
+  xp = _xp.of(eps, tau, c)
   c1, c2 = c[:-1], c[1:]  # [L]
   log_thr = tau * c2 + xp.log1p(-eps) - xp.log(eps)  # [L]
   theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam * threshold)
@@ -67,6 +71,16 @@ def _chernoff_fail(nm1, m, eps, tau, c):
   rest = xp.logaddexp(rest, xp.log_ndtr(lo)[:, None]) - xp.log_ndtr(c1)[:, None]
   # Top: m - 1 scores, g | g > c1.
   top = _log_laplace_upper(log_lam, tau, c1, c1 + 10.0, True) - xp.log_ndtr(-c1)[:, None]
+  return theta, top, rest
+
+
+def _chernoff_fail(nm1, m, parts):
+  """Per G-cell bound on `P(Z_top + Z_rest < e^{tau G}(1 - eps)/eps | G in (c_l, c_{l+1}])`.
+
+  `parts` is `_chernoff_parts(eps, tau, c)`.
+  """
+  theta, top, rest = parts
+  xp = _xp.of(nm1, m, theta)
   log_b = xp.exp(theta)[None, :] + (m - 1.0) * xp.minimum(top, 0.0)
   log_b = log_b + (nm1 - m) * xp.minimum(rest, 0.0)
   return xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [L]
@@ -79,10 +93,11 @@ def _row_fail_fn(n, tau, eps, log_drow):
   nm1 = xp.maximum(n - 1.0, 1.0)
   u = xp.linspace(0.0, 1.0, _NUM_G_CELLS + 1, dtype=tau.dtype)
   c = -3.0 + u * (xp.sqrt(2.0 * xp.log(nm1)) + 5.0)
+  parts = _chernoff_parts(eps, tau, c)
 
   def fail(m):
     mm = xp.clip(m, 1.0, nm1)
-    new = _sum_over_g_cells(nm1, mm, c, _chernoff_fail(nm1, mm, eps, tau, c))
+    new = _sum_over_g_cells(nm1, mm, c, _chernoff_fail(nm1, mm, parts))
     return xp.where((eps * m >= 1.0) | (m > nm1), 0.0, new)
 
   return fail
