@@ -82,11 +82,14 @@ class PointFormula:
   scalars. `flat` is `jit(vmap(point))` over 1-D arrays: traced once per
   padded length and static keyword set, whatever the values (the numeric
   arguments are traced, never static). `numpy` runs `point` eagerly with
-  NumPy for each point.
+  NumPy for each point; `eager=False` keeps a formula whose NumPy evaluation
+  costs more than its compilation (Theorem 2R's bisection over `[L, K, Q]`
+  grids) on the jax path.
   """
 
-  def __init__(self, point, *, static: tuple[str, ...] = ()):
+  def __init__(self, point, *, static: tuple[str, ...] = (), eager: bool = True):
     self.point = point
+    self.eager = eager
     self.traces = 0  # how many times `flat` was traced (tests check it stays put)
 
     def flat(*args, **kwargs):
@@ -132,7 +135,7 @@ def _on_flat(formula: PointFormula, values, **kwargs) -> list[jax.Array]:
   """
   dtype = _float_dtype()
   conc = [_checks.concrete_or_none(v) for v in values]
-  if all(c is not None for c in conc):
+  if formula.eager and all(c is not None for c in conc):
     size = int(np.prod(np.broadcast_shapes(*(c.shape for c in conc))))
     if 0 < size <= _NUMPY_MAX_POINTS:
       outs = formula.numpy(conc, np.float64, margin_dtype=dtype, **kwargs)

@@ -96,7 +96,7 @@ def _row_tail_scalar(n, tau, k, delta):
   return (xp.where(valid, t, xp.nan),)
 
 
-_ROW_TAIL = PointFormula(_row_tail_scalar)
+_ROW_TAIL = PointFormula(_row_tail_scalar, eager=False)
 
 
 def row_tail_bound(n: ArrayLike, tau: ArrayLike, *, k: ArrayLike, delta: ArrayLike) -> jax.Array:
