@@ -43,6 +43,66 @@ def check_int(
   return value
 
 
+def check_real(
+  name: str,
+  value: Any,
+  *,
+  lo: float | None = None,
+  hi: float | None = None,
+  lo_open: bool = False,
+  hi_open: bool = False,
+  integer: bool = False,
+  allow_traced: bool = True,
+) -> None:
+  """Checks a real number or array when its value is known at trace time.
+
+  The one range check of the package: every error names the argument. A
+  traced value cannot be checked; it is accepted (the caller documents what
+  an out-of-range traced value gives) unless `allow_traced` is False.
+
+  Args:
+    name: argument name used in the error message.
+    value: the value (a Python number, NumPy or jax array, or a tracer).
+    lo, hi: the allowed range (None: unbounded on that side).
+    lo_open, hi_open: exclude the end points.
+    integer: require integer values.
+    allow_traced: if False, a traced value is a TypeError.
+  """
+  if value is None or isinstance(value, (bool, np.bool_, str)):
+    raise TypeError(f"{name} must be a real number or array, got {value!r}")
+  conc = concrete_or_none(value)
+  if conc is None:
+    if not allow_traced:
+      raise TypeError(f"{name} must be known at trace time (a Python float), got a tracer")
+    return
+  if conc.dtype.kind not in "biuf":
+    raise TypeError(f"{name} must be a real number or array, got dtype {conc.dtype}")
+  conc = conc.astype(np.float64)
+  if np.any(~np.isfinite(conc)):
+    raise ValueError(f"{name}={value!r} must be finite")
+  bad = np.zeros(conc.shape, bool)
+  if lo is not None:
+    bad |= (conc <= lo) if lo_open else (conc < lo)
+  if hi is not None:
+    bad |= (conc >= hi) if hi_open else (conc > hi)
+  if integer:
+    bad |= conc != np.round(conc)
+  if np.any(bad):
+    raise ValueError(f"{name}={value!r} must be {_range_text(lo, hi, lo_open, hi_open, integer)}")
+
+
+def _range_text(lo, hi, lo_open, hi_open, integer) -> str:
+  """`> 0`, `>= 1`, `in (0, 1)`, `an integer >= 1`, ... for `check_real`'s message."""
+  kind = "an integer " if integer else ""
+  if lo is None and hi is None:
+    return kind.strip()
+  if hi is None:
+    return f"{kind}{'>' if lo_open else '>='} {lo}"
+  if lo is None:
+    return f"{kind}{'<' if hi_open else '<='} {hi}"
+  return f"{kind}in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
 def check_float_scalar(
   name: str,
   value: Any,
@@ -51,33 +111,10 @@ def check_float_scalar(
   open_unit: bool = False,
   allow_traced: bool = True,
 ) -> None:
-  """Checks a real scalar hyperparameter when its value is known at trace time.
-
-  Args:
-    name: argument name used in the error message.
-    value: the value.
-    positive: require value > 0.
-    open_unit: require 0 < value < 1.
-    allow_traced: if False, a traced value is an error; if True it is accepted
-      unchecked (documented by the caller).
-  """
-  if isinstance(value, (bool, np.bool_)):
-    raise TypeError(f"{name} must be a real number, got bool {value!r}")
-  if isinstance(value, str) or value is None:
-    raise TypeError(f"{name} must be a real number, got {value!r}")
-  concrete = concrete_or_none(value)
-  if concrete is None:
-    if not allow_traced:
-      raise TypeError(f"{name} must be known at trace time (a Python float), got a tracer")
-    return
-  if concrete.dtype.kind not in "biuf":
-    raise TypeError(f"{name} must be a real number, got dtype {concrete.dtype}")
-  if np.any(~np.isfinite(concrete)):
-    raise ValueError(f"{name}={value!r} must be finite")
-  if open_unit and np.any((concrete <= 0) | (concrete >= 1)):
-    raise ValueError(f"{name}={value!r} must be in the open interval (0, 1)")
-  if positive and np.any(concrete <= 0):
-    raise ValueError(f"{name}={value!r} must be > 0")
+  """`check_real` with the two ranges hyperparameters use: `> 0` (`positive`) or `(0, 1)`."""
+  hi = 1 if open_unit else None
+  lo = 0 if (positive or open_unit) else None
+  check_real(name, value, lo=lo, hi=hi, lo_open=True, hi_open=True, allow_traced=allow_traced)
 
 
 def check_scale(scale: Any) -> None:

@@ -335,8 +335,11 @@ def _error_of(n, s, f, o, g, k, v, d):
   return eb.error, eb.tail_mass
 
 
-# Module level, so that it compiles once for all examples (a new jit(vmap) per example would not).
+# Module level, so that they compile once for all examples (a new jit(vmap) per example would not).
 _error_vmapped = jax.jit(jax.vmap(_error_of))
+# Jitted, so that both sides take the traced (float32 XLA) path; an eager call on concrete values
+# would run the float64 NumPy evaluator (tests/bounds_eager_test.py compares the two).
+_error_batch = jax.jit(_error_of)
 
 
 @_settings(10)
@@ -353,7 +356,7 @@ def test_topk_error_bound_vmap_equals_per_element(setting, data):
   err_v, t_v = _error_vmapped(*(jnp.asarray(a, jnp.float32) for a in args))
   for i in range(B_SIZE):
     # Element i on its own: a batch holding only copies of it (the compiled batch of 8 is reused).
-    e_i, t_i = _error_of(*(np.full(B_SIZE, a[i], a.dtype) for a in args))
+    e_i, t_i = _error_batch(*(np.full(B_SIZE, a[i], a.dtype) for a in args))
     np.testing.assert_allclose(_np(e_i), float(err_v[i]), rtol=1e-5, atol=1e-30)
     np.testing.assert_allclose(_np(t_i), float(t_v[i]), rtol=1e-5, atol=1e-30)
 

@@ -276,7 +276,9 @@ def test_error_bound_vmaps_and_is_monotone_in_k():
     np.asarray(eb.value_norm), float(B.value_norm_bound(1024, sigma, vnorms, delta=1e-4 / 4))
   )
   vm = jax.vmap(lambda k: B.topk_error_bound(1024, sigma, norms, k=k, value_norm=1.0).tail_mass)(ks)
-  np.testing.assert_allclose(np.asarray(vm), np.asarray(eb.tail_mass), rtol=1e-6)
+  # The eager call on concrete values runs in float64 NumPy, the vmapped one in float32
+  # XLA: they agree up to float32 rounding of the latter (~1e-6 relative per step).
+  np.testing.assert_allclose(np.asarray(vm), np.asarray(eb.tail_mass), rtol=2e-5)
 
 
 # ---------------------------------------------------------------- n^C view, REM, ranking

@@ -196,8 +196,8 @@ class AttentionFnTest(parameterized.TestCase):
       gf.topk_attention_fn(k=2, selection="nope")
     with pytest.raises(ValueError, match="tol"):
       gf.CertifiedK(ks=(1, 2), tol=1.5)
-    with pytest.raises(ValueError, match="c=2"):
-      gf.PowerLawK(alpha=1.0, c=2)
+    with pytest.raises(ValueError, match=r"C=2 must be in \[0, 1\]"):
+      gf.PowerLawK(alpha=1.0, C=2)
     q = jnp.ones((1, 4, 2, 8))
     fn = gf.topk_attention_fn(k=2)
     with pytest.raises(ValueError, match="dropout_rng"):
@@ -299,13 +299,13 @@ class DecodeTest(parameterized.TestCase):
 
 class PolicyTest(parameterized.TestCase):
   def test_power_law_k(self):
-    p = gf.PowerLawK(alpha=0.5, c=0.5)
+    p = gf.PowerLawK(alpha=0.5, C=0.5)
     assert [p.num_keys(n) for n in (1, 4, 100, 10_000)] == [1, 1, 5, 50]
-    assert gf.PowerLawK(alpha=10.0, c=1.0).num_keys(7) == 7
+    assert gf.PowerLawK(alpha=10.0, C=1.0).num_keys(7) == 7
 
   def test_power_law_policy_keeps_that_many_keys(self):
     q, k, v = jax.random.normal(jax.random.key(30), (3, 1, 64, 2, 8))
-    policy = gf.PowerLawK(alpha=1.0, c=0.5)
+    policy = gf.PowerLawK(alpha=1.0, C=0.5)
     res = jax.jit(
       lambda q, k, v: gf.sparse_attention(q, k, v, policy=policy, return_residuals=True)
     )(q, k, v)

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+import contextvars
+import functools
 import math
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.scipy.special import betainc, log_ndtr, ndtri
 from jax.typing import ArrayLike
 
 from gsparse import _checks
+from gsparse.bounds import _xp
 
 DEFAULT_DELTA = 1e-4
 
@@ -33,42 +34,8 @@ def _float_dtype():
   return jnp.result_type(float)
 
 
-def _check(
-  name: str,
-  value: Any,
-  *,
-  lo: float | None = None,
-  hi: float | None = None,
-  lo_open: bool = False,
-  hi_open: bool = False,
-  integer: bool = False,
-) -> None:
-  """Range-checks `value` when it is known at trace time; raises ValueError naming it."""
-  if value is None:
-    raise TypeError(f"{name} must be a real number or array, got None")
-  if isinstance(value, (bool, np.bool_, str)):
-    raise TypeError(f"{name} must be a real number or array, got {value!r}")
-  conc = _checks.concrete_or_none(value)
-  if conc is None:
-    return
-  if conc.dtype.kind not in "biuf":
-    raise TypeError(f"{name} must be real, got dtype {conc.dtype}")
-  conc = conc.astype(np.float64)
-  if np.any(~np.isfinite(conc)):
-    raise ValueError(f"{name}={value!r} must be finite")
-  bad = np.zeros(conc.shape, bool)
-  if lo is not None:
-    bad |= (conc <= lo) if lo_open else (conc < lo)
-  if hi is not None:
-    bad |= (conc >= hi) if hi_open else (conc > hi)
-  if integer:
-    bad |= conc != np.round(conc)
-  if np.any(bad):
-    lb = "(" if lo_open else "["
-    rb = ")" if hi_open else "]"
-    rng = f"{lb}{'-inf' if lo is None else lo}, {'inf' if hi is None else hi}{rb}"
-    kind = "an integer in " if integer else "in "
-    raise ValueError(f"{name}={value!r} must be {kind}{rng}")
+# The package's one range check (`gsparse._checks.check_real`), under the short local name.
+_check = _checks.check_real
 
 
 def _check_n(n):
@@ -104,21 +71,82 @@ def _unpad(outs, shape):
   return [o[:size].reshape(shape) for o in outs]
 
 
-def _on_flat(flat_fn, values, **kwargs) -> list[jax.Array]:
-  """`flat_fn` on `values` broadcast together, flattened and padded (`_pad_flat`).
+# Up to this many points, values known at trace time go through NumPy (no compilation).
+_NUMPY_MAX_POINTS = 256
 
-  The shared path of the public bound functions: the values become arrays of
-  the default float dtype, one compiled `flat_fn` per padded length serves
-  every shape, and the outputs come back in the broadcast shape.
+
+class PointFormula:
+  """One bound's formula for one point of its arguments, and its two evaluators.
+
+  `point(*scalars, **static)` is written against `_xp` and returns a tuple of
+  scalars. `flat` is `jit(vmap(point))` over 1-D arrays: traced once per
+  padded length and static keyword set, whatever the values (the numeric
+  arguments are traced, never static). `numpy` runs `point` eagerly with
+  NumPy for each point; `eager=False` keeps a formula whose NumPy evaluation
+  costs more than its compilation (Theorem 2R's bisection over `[L, K, Q]`
+  grids) on the jax path.
+  """
+
+  def __init__(self, point, *, static: tuple[str, ...] = (), eager: bool = True):
+    self.point = point
+    self.eager = eager
+    self.traces = 0  # how many times `flat` was traced (tests check it stays put)
+
+    def flat(*args, **kwargs):
+      self.traces += 1
+      return jax.vmap(functools.partial(point, **kwargs))(*args)
+
+    self.flat = jax.jit(flat, static_argnames=static)
+
+  def numpy(self, values, dtype, *, margin_dtype, **kwargs) -> list[np.ndarray]:
+    """`point` at every broadcast point of NumPy `values`, in `dtype`, with no jax call.
+
+    The float32 safety margins of `_safety` apply when `margin_dtype` is float32.
+    """
+    # Rounded to `margin_dtype` first: the values a traced call in that dtype would see.
+    rounded = (np.asarray(v).astype(margin_dtype).astype(dtype) for v in values)
+    args = np.broadcast_arrays(*rounded)
+    shape = args[0].shape
+    flat = [a.reshape(-1) for a in args]
+    token = _MARGIN_DTYPE.set(np.dtype(margin_dtype))
+    try:
+      with np.errstate(all="ignore"):
+        rows = [self.point(*(f[i] for f in flat), **kwargs) for i in range(flat[0].size)]
+    finally:
+      _MARGIN_DTYPE.reset(token)
+    return [np.asarray(list(c)).reshape(shape) for c in zip(*rows, strict=True)]
+
+
+def _on_flat(formula: PointFormula, values, **kwargs) -> list[jax.Array]:
+  """`formula` on `values` broadcast together; the shared path of the public bound functions.
+
+  Values all known at trace time (Python numbers, NumPy or concrete jax
+  arrays), at most `_NUMPY_MAX_POINTS` of them after broadcasting, are
+  rounded to the default float dtype, evaluated with NumPy and SciPy in
+  float64 (SciPy's float32 `betainc` overflows in the tails used here) with
+  the safety margins of the default dtype, and cast back to it: no
+  compilation, so a first call on Python floats is fast, and an eager and a
+  traced call agree up to rounding.
+
+  Otherwise (a tracer under jit/vmap/grad, or many points) the values become
+  flat arrays of the default float dtype padded to a power of two
+  (`_pad_flat`), one compiled `formula.flat` per padded length serves every
+  shape and value, and the outputs come back in the broadcast shape.
   """
   dtype = _float_dtype()
+  conc = [_checks.concrete_or_none(v) for v in values]
+  if formula.eager and all(c is not None for c in conc):
+    size = int(np.prod(np.broadcast_shapes(*(c.shape for c in conc))))
+    if 0 < size <= _NUMPY_MAX_POINTS:
+      outs = formula.numpy(conc, np.float64, margin_dtype=dtype, **kwargs)
+      return [jnp.asarray(o, dtype if o.dtype.kind == "f" else o.dtype) for o in outs]
   args = jnp.broadcast_arrays(*(jnp.asarray(v, dtype) for v in values))
-  return _unpad(flat_fn(*_pad_flat(args), **kwargs), args[0].shape)
+  return _unpad(formula.flat(*_pad_flat(args), **kwargs), args[0].shape)
 
 
-def _valid(*conds) -> jax.Array:
-  ok = jnp.asarray(True)
-  for c in conds:
+def _valid(*conds):
+  ok = conds[0]
+  for c in conds[1:]:
     ok = ok & c
   return ok
 
@@ -128,11 +156,12 @@ def _valid(*conds) -> jax.Array:
 
 def _log1mexp(x):
   """`log(1 - exp(x))` for `x <= 0`, accurate at both ends."""
-  x = jnp.minimum(x, 0.0)
-  return jnp.where(
+  xp = _xp.of(x)
+  x = xp.minimum(x, 0.0)
+  return xp.where(
     x > -math.log(2.0),
-    jnp.log(-jnp.expm1(x)),
-    jnp.log1p(-jnp.exp(x)),
+    xp.log(-xp.expm1(x)),
+    xp.log1p(-xp.exp(x)),
   )
 
 
@@ -140,12 +169,13 @@ def _log_phi_diff(b, a):
   """`log(Phi(b) - Phi(a))` for `a <= b` (`-inf` when `a >= b`)."""
   # Work in the lower tail, where log_ndtr is accurate. One log_ndtr call on a
   # stacked array keeps the compiled graph small.
-  a, b = jnp.broadcast_arrays(a, b)
+  xp = _xp.of(a, b)
+  a, b = xp.broadcast_arrays(a, b)
   sym = a > 0
-  both = log_ndtr(jnp.stack([jnp.where(sym, -a, b), jnp.where(sym, -b, a)]))
+  both = xp.log_ndtr(xp.stack([xp.where(sym, -a, b), xp.where(sym, -b, a)]))
   hi, lo = both[0], both[1]
   out = hi + _log1mexp(lo - hi)
-  return jnp.where(b > a, out, -jnp.inf)
+  return xp.where(b > a, out, -xp.inf)
 
 
 def _log_moment(a, lo, hi):
@@ -155,32 +185,40 @@ def _log_moment(a, lo, hi):
 
 def _log_moments(specs):
   """`_log_moment` of several `(a, lo, hi)` triples with one special-function call."""
-  arrs = [jnp.broadcast_arrays(*(jnp.asarray(v) for v in spec)) for spec in specs]
-  shape = jnp.broadcast_shapes(*(x[0].shape for x in arrs))
-  stack = lambda i: jnp.stack([jnp.broadcast_to(x[i], shape) for x in arrs])
+  xp = _xp.of(*(v for spec in specs for v in spec))
+  arrs = [xp.broadcast_arrays(*(xp.asarray(v) for v in spec)) for spec in specs]
+  shape = xp.broadcast_shapes(*(x[0].shape for x in arrs))
+  stack = lambda i: xp.stack([xp.broadcast_to(x[i], shape) for x in arrs])
   out = _log_moment(stack(0), stack(1), stack(2))
   return [out[i] for i in range(len(specs))]
 
 
 def _norm_isf(p):
   """`Phi_bar^{-1}(p)`."""
-  return -ndtri(p)
+  return -_xp.of(p).ndtri(p)
+
+
+# The dtype whose margins a NumPy evaluation uses (`PointFormula.numpy`), so that an
+# eager call and a traced one in the same dtype make the same comparisons.
+_MARGIN_DTYPE: contextvars.ContextVar = contextvars.ContextVar("margin_dtype", default=None)
 
 
 def _safety(dtype) -> float:
   # float32 betainc agrees with scipy to about 1% relative in the tails we use
   # (tests/bounds_test.py); comparing against delta / 2 absorbs that.
-  return 0.5 if dtype == jnp.float32 else 1.0 - 1e-6
+  margin = _MARGIN_DTYPE.get()
+  return 0.5 if (dtype if margin is None else margin) == jnp.float32 else 1.0 - 1e-6
 
 
 def _binom_tail(trials, m, p):
   """`P(X >= m + 1)` for `X ~ Binomial(trials, p)`, `m` integer-valued float."""
+  xp = _xp.of(trials, m, p)
   a = m + 1.0
-  b = jnp.maximum(trials - m, 1.0)
-  pc = jnp.clip(p, 0.0, 1.0)
-  val = betainc(a, b, pc)
-  val = jnp.where(pc <= 0, 0.0, jnp.where(pc >= 1, 1.0, val))
-  return jnp.where(m >= trials, 0.0, jnp.where(m < 0, 1.0, val))
+  b = xp.maximum(trials - m, 1.0)
+  pc = xp.clip(p, 0.0, 1.0)
+  val = xp.betainc(a, b, pc)
+  val = xp.where(pc <= 0, 0.0, xp.where(pc >= 1, 1.0, val))
+  return xp.where(m >= trials, 0.0, xp.where(m < 0, 1.0, val))
 
 
 def binomial_upper_quantile(trials: ArrayLike, p: ArrayLike, delta: ArrayLike) -> jax.Array:
@@ -236,20 +274,21 @@ def _binom_max_p(trials, k, delta):
 
   `k >= 1`. Returns 1 when `k > trials`.
   """
+  xp = _xp.of(trials, k, delta)
   level = delta * _safety(trials.dtype)
-  safe_t = jnp.maximum(trials, 1.0)
+  safe_t = xp.maximum(trials, 1.0)
   # P(X >= k) <= P(X >= 1) <= trials * p, so p = level / trials is feasible.
-  lo = jnp.log(level / safe_t)
-  hi = jnp.zeros_like(lo)
+  lo = xp.log(level / safe_t)
+  hi = xp.zeros_like(lo)
 
   def body(_, state):
     lo, hi = state
     mid = 0.5 * (lo + hi)
-    ok = _binom_tail(trials, k - 1.0, jnp.exp(mid)) <= level
-    return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid)
+    ok = _binom_tail(trials, k - 1.0, xp.exp(mid)) <= level
+    return xp.where(ok, mid, lo), xp.where(ok, hi, mid)
 
-  lo, _ = jax.lax.fori_loop(0, 60, body, (lo, hi))
-  return jnp.where(k > trials, 1.0, jnp.exp(lo))
+  lo, _ = xp.fori_loop(0, 60, body, (lo, hi))
+  return xp.where(k > trials, 1.0, xp.exp(lo))
 
 
 def _binom_min_p(trials, k, delta):
@@ -257,17 +296,18 @@ def _binom_min_p(trials, k, delta):
 
   Needs `1 <= k <= trials`.
   """
+  xp = _xp.of(trials, k, delta)
   level = delta * _safety(trials.dtype)
-  lo = jnp.zeros_like(trials)
-  hi = jnp.ones_like(trials)
+  lo = xp.zeros_like(trials)
+  hi = xp.ones_like(trials)
 
   def body(_, state):
     lo, hi = state
     mid = 0.5 * (lo + hi)
     # P(X <= k - 1) = 1 - P(X >= k) = I_{1-p}(trials - k + 1, k).
-    low_tail = betainc(jnp.maximum(trials - k + 1.0, 1.0), k, 1.0 - mid)
+    low_tail = xp.betainc(xp.maximum(trials - k + 1.0, 1.0), k, 1.0 - mid)
     ok = low_tail <= level
-    return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+    return xp.where(ok, lo, mid), xp.where(ok, mid, hi)
 
-  _, hi = jax.lax.fori_loop(0, 60, body, (lo, hi))
+  _, hi = xp.fori_loop(0, 60, body, (lo, hi))
   return hi

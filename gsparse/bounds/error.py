@@ -2,23 +2,21 @@
 
 from __future__ import annotations
 
-import functools
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-from jax.scipy.special import log_ndtr
 from jax.typing import ArrayLike
 
+from gsparse.bounds import _xp
 from gsparse.bounds._common import (
   _NUM_LEVELS,
   DEFAULT_DELTA,
+  PointFormula,
   _binom_max_p,
   _binom_min_p,
   _check,
   _check_delta,
   _check_n,
-  _float_dtype,
   _log1mexp,
   _log_moments,
   _norm_isf,
@@ -26,7 +24,7 @@ from gsparse.bounds._common import (
   _valid,
 )
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
-from gsparse.bounds.tau import _cells, _quad_form_range, _tau_range_scalar
+from gsparse.bounds.tau import _cells, _quad_form_range, _tau_range_point
 
 
 def value_norm_bound(
@@ -50,17 +48,17 @@ def value_norm_bound(
   _check("sigma", sigma, lo=0, lo_open=True)
   _check_delta(delta)
   frob, op, gram = _norm_fields(value_norms)
-  dtype = _float_dtype()
-  n, sigma, delta, frob, op, gram = (
-    jnp.asarray(v, dtype) for v in (n, sigma, delta, frob, op, gram)
-  )
-  return _value_norm_jit(n, sigma, frob, op, gram, delta)
+  (out,) = _on_flat(_VALUE_NORM, (n, sigma, frob, op, gram, delta))
+  return out
 
 
-@jax.jit
-def _value_norm_jit(n, sigma, frob, op, gram, delta):
-  _, hi2 = _quad_form_range(sigma * sigma, frob, op, gram, jnp.log(n / delta))
-  return jnp.sqrt(hi2)
+def _value_norm_point(n, sigma, frob, op, gram, delta):
+  xp = _xp.of(n, sigma, frob, op, gram, delta)
+  _, hi2 = _quad_form_range(sigma * sigma, frob, op, gram, xp.log(n / delta))
+  return (xp.sqrt(hi2),)
+
+
+_VALUE_NORM = PointFormula(_value_norm_point)
 
 
 class ErrorBound(NamedTuple):
@@ -89,26 +87,27 @@ def _tail_core(n, tau_lo, tau_hi, k, log_drow):
   quarter). Then `t <= x / (x + y)` with `x = e^{tau G} + T_rest` and
   `y = (k - 2) e^{tau G} + e^{tau (G + Delta)}`.
   """
+  xp = _xp.of(n, tau_lo, tau_hi, k, log_drow)
   dt = tau_hi.dtype
-  nm1 = jnp.maximum(n - 1.0, 1.0)
+  nm1 = xp.maximum(n - 1.0, 1.0)
   ta, tb = _cells(tau_lo, tau_hi)
-  drow = jnp.exp(log_drow)
+  drow = xp.exp(log_drow)
   d_side = 0.25 * drow
   d_rest = 0.25 * drow
   d_top = 0.25 * drow
-  kk = jnp.clip(k, 2.0, nm1)
+  kk = xp.clip(k, 2.0, nm1)
   c_hi = _norm_isf(_binom_max_p(nm1, kk, d_side))
   c_lo = _norm_isf(_binom_min_p(nm1, kk, d_side))
-  u = jnp.linspace(0.0, 1.0, _NUM_LEVELS + 1, dtype=dt)
+  u = xp.linspace(0.0, 1.0, _NUM_LEVELS + 1, dtype=dt)
   grid = c_lo + u * (c_hi - c_lo)
   c1 = grid[:-1][None, :]  # [1, G]
   c2 = grid[1:][None, :]
   ta_, tb_ = ta[:, None], tb[:, None]  # [C, 1]
-  ninf = jnp.asarray(-jnp.inf, dt)
+  ninf = xp.asarray(-xp.inf, dt)
   # Rest: n - 1 - k scores with g < c2, coupled to W = e^{tb g} (g > 0), e^{ta g} (g <= 0).
-  cnt = jnp.maximum(nm1 - kk, 0.0)
-  lo_part = jnp.minimum(c2, 0.0)
-  hi_part = jnp.maximum(c2, 0.0)
+  cnt = xp.maximum(nm1 - kk, 0.0)
+  lo_part = xp.minimum(c2, 0.0)
+  hi_part = xp.maximum(c2, 0.0)
   m1n, m1p, m2n, m2p = _log_moments(
     [
       (ta_, ninf, lo_part),
@@ -117,30 +116,30 @@ def _tail_core(n, tau_lo, tau_hi, k, log_drow):
       (2.0 * tb_, 0.0, hi_part),
     ]
   )
-  lphi = log_ndtr(c2)
-  ell = -jnp.log(d_rest)
-  log_cnt = jnp.log(jnp.maximum(cnt, 1e-30))
+  lphi = xp.log_ndtr(c2)
+  ell = -xp.log(d_rest)
+  log_cnt = xp.log(xp.maximum(cnt, 1e-30))
   lb = tb_ * hi_part + ta_ * lo_part
-  rest = jnp.stack(
-    jnp.broadcast_arrays(
-      log_cnt + jnp.logaddexp(m1n, m1p) - lphi,
-      0.5 * (jnp.log(2.0 * ell) + log_cnt + jnp.logaddexp(m2n, m2p) - lphi),
-      lb + jnp.log(ell / 3.0),
+  rest = xp.stack(
+    xp.broadcast_arrays(
+      log_cnt + xp.logaddexp(m1n, m1p) - lphi,
+      0.5 * (xp.log(2.0 * ell) + log_cnt + xp.logaddexp(m2n, m2p) - lphi),
+      lb + xp.log(ell / 3.0),
     )
   )
-  log_rest = jnp.where(cnt > 0, jax.nn.logsumexp(rest, axis=0), -jnp.inf)
-  log_g_up = jnp.maximum(ta_ * c2, tb_ * c2)  # e^{tau G} <= this
-  log_x = jnp.logaddexp(log_g_up, log_rest)
+  log_rest = xp.where(cnt > 0, xp.logsumexp(rest, axis=0), -xp.inf)
+  log_g_up = xp.maximum(ta_ * c2, tb_ * c2)  # e^{tau G} <= this
+  log_x = xp.logaddexp(log_g_up, log_rest)
   # Top: P(max of k-1 scores above G < G + Delta | G = c) <= d_top.
-  log_rho = _log1mexp(jnp.log(d_top) / jnp.maximum(kk - 1.0, 1.0))
-  top = _norm_isf(jnp.exp(log_rho + log_ndtr(-c1)))  # c + Delta at c = c1
-  log_g_lo = jnp.minimum(ta_ * c1, tb_ * c1)
-  log_top = jnp.minimum(ta_ * top, tb_ * top)
-  log_km2 = jnp.log(jnp.maximum(kk - 2.0, 1e-30))
-  log_y = jnp.where(kk > 2.0, jnp.logaddexp(log_km2 + log_g_lo, log_top), log_top)
-  log_t = log_x - jnp.logaddexp(log_x, log_y)
-  log_t = jnp.max(log_t)
-  return jnp.where(k < 2.0, 0.0, jnp.minimum(log_t, 0.0))
+  log_rho = _log1mexp(xp.log(d_top) / xp.maximum(kk - 1.0, 1.0))
+  top = _norm_isf(xp.exp(log_rho + xp.log_ndtr(-c1)))  # c + Delta at c = c1
+  log_g_lo = xp.minimum(ta_ * c1, tb_ * c1)
+  log_top = xp.minimum(ta_ * top, tb_ * top)
+  log_km2 = xp.log(xp.maximum(kk - 2.0, 1e-30))
+  log_y = xp.where(kk > 2.0, xp.logaddexp(log_km2 + log_g_lo, log_top), log_top)
+  log_t = log_x - xp.logaddexp(log_x, log_y)
+  log_t = xp.max(log_t)
+  return xp.where(k < 2.0, 0.0, xp.minimum(log_t, 0.0))
 
 
 def topk_error_bound(
@@ -187,36 +186,34 @@ def topk_error_bound(
   frob, op, gram = _norm_fields(norms)
   if (value_norms is None) == (value_norm is None):
     raise ValueError("exactly one of value_norms and value_norm must be given")
-  dtype = _float_dtype()
   if value_norm is not None:
     _check("value_norm", value_norm, lo=0)
-    vf = vo = vg = jnp.zeros((), dtype)
-    vn = jnp.asarray(value_norm, dtype)
+    vf = vo = vg = 0.0
+    vn = value_norm
   else:
     vf, vo, vg = _norm_fields(value_norms)
-    vn = jnp.zeros((), dtype)
+    vn = 0.0
   values = (n, sigma, k, delta, frob, op, gram, vf, vo, vg, vn)
-  return ErrorBound(*_on_flat(_error_flat, values, given=value_norm is not None))
+  return ErrorBound(*_on_flat(_ERROR, values, given=value_norm is not None))
 
 
 def _error_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, vn, *, given):
+  xp = _xp.of(n, sigma, k, delta, frob, op, gram, vf, vo, vg, vn)
   dpart = delta / 4.0
-  tlo, thi = _tau_range_scalar(n, sigma, frob, op, gram, dpart)
-  log_row = jnp.log(2.0 * dpart) - jnp.log(n)
+  tlo, thi = _tau_range_point(n, sigma, frob, op, gram, dpart)
+  log_row = xp.log(2.0 * dpart) - xp.log(n)
   log_t = _tail_core(n, tlo, thi, k, log_row)
-  t = jnp.where(k >= n, 0.0, jnp.exp(log_t))
+  t = xp.where(k >= n, 0.0, xp.exp(log_t))
   if given:
     vmax = vn
   else:
-    _, hi2 = _quad_form_range(sigma * sigma, vf, vo, vg, jnp.log(n / dpart))
-    vmax = jnp.sqrt(hi2)
+    _, hi2 = _quad_form_range(sigma * sigma, vf, vo, vg, xp.log(n / dpart))
+    vmax = xp.sqrt(hi2)
   ok = _valid(n >= 1, sigma > 0, k >= 1, delta > 0, delta < 1, frob >= 0, op >= 0, gram >= 0)
   ok = ok & (vn >= 0) & (vf >= 0) & (vo >= 0) & (vg >= 0)
-  nan = jnp.asarray(jnp.nan, n.dtype)
+  nan = xp.asarray(xp.nan, n.dtype)
   err = 2.0 * t * vmax
-  return jnp.where(ok, err, nan), jnp.where(ok, t, nan), jnp.where(ok, vmax, nan)
+  return xp.where(ok, err, nan), xp.where(ok, t, nan), xp.where(ok, vmax, nan)
 
 
-@functools.partial(jax.jit, static_argnames=("given",))
-def _error_flat(*args, given):
-  return jax.vmap(functools.partial(_error_scalar, given=given))(*args)
+_ERROR = PointFormula(_error_scalar, static=("given",))

@@ -12,11 +12,11 @@ whose cells shrink with `1/tau`.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-from jax.scipy.special import log_ndtr
 from jax.typing import ArrayLike
 
+from gsparse.bounds import _xp
 from gsparse.bounds._common import (
+  PointFormula,
   _check,
   _check_delta,
   _check_eps,
@@ -42,62 +42,81 @@ def _log_laplace_upper(log_lam, tau, lo, hi, tail_hi):
   adds the mass above `hi` weighted `exp(-lam e^{tau hi})`; below `lo` nothing.
   Shapes: `log_lam [..., K]`, `lo, hi [...]`; returns `[..., K]`.
   """
-  u = jnp.linspace(0.0, 1.0, _NUM_QUAD + 1, dtype=hi.dtype)
+  xp = _xp.of(log_lam, tau, lo, hi)
+  u = xp.linspace(0.0, 1.0, _NUM_QUAD + 1, dtype=hi.dtype)
   g = lo[..., None] + (hi - lo)[..., None] * u  # [..., Q + 1]
   lw = _log_phi_diff(g[..., 1:], g[..., :-1])  # [..., Q]
-  expo = -jnp.exp(log_lam[..., :, None] + tau * g[..., None, :-1])  # [..., K, Q]
+  expo = -xp.exp(log_lam[..., :, None] + tau * g[..., None, :-1])  # [..., K, Q]
   parts = [expo + lw[..., None, :]]
   if tail_hi:
-    top = -jnp.exp(log_lam + tau * hi[..., None]) + log_ndtr(-hi)[..., None]
+    top = -xp.exp(log_lam + tau * hi[..., None]) + xp.log_ndtr(-hi)[..., None]
     parts.append(top[..., None])
-  return jax.nn.logsumexp(jnp.concatenate(parts, axis=-1), axis=-1)
+  return xp.logsumexp(xp.concatenate(parts, axis=-1), axis=-1)
 
 
-def _chernoff_fail(nm1, m, eps, tau, c):
-  """Per G-cell bound on `P(Z_top + Z_rest < e^{tau G}(1 - eps)/eps | G in (c_l, c_{l+1}])`."""
+def _chernoff_parts(eps, tau, c):
+  """The `m`-independent parts of `_chernoff_fail`: `(theta, top, rest)`, computed once per row.
+
+  `top` and `rest` (`[L, K]`) bound the log Laplace transforms of one score above and
+  one below the cell's order statistic, for each Chernoff parameter `theta` (`[K]`).
+  """
+  xp = _xp.of(eps, tau, c)
   c1, c2 = c[:-1], c[1:]  # [L]
-  log_thr = tau * c2 + jnp.log1p(-eps) - jnp.log(eps)  # [L]
-  theta = jnp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam * threshold)
+  log_thr = tau * c2 + xp.log1p(-eps) - xp.log(eps)  # [L]
+  theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam * threshold)
   log_lam = theta[None, :] - log_thr[:, None]  # [L, K]
   # Rest: nm1 - m scores, g | g < c1 (stochastically smallest in the cell).
-  lo = jnp.minimum(c1 - 1.0, _FLOOR)
+  lo = xp.minimum(c1 - 1.0, _FLOOR)
   rest = _log_laplace_upper(log_lam, tau, lo, c1, False)
-  rest = jnp.logaddexp(rest, log_ndtr(lo)[:, None]) - log_ndtr(c1)[:, None]
+  rest = xp.logaddexp(rest, xp.log_ndtr(lo)[:, None]) - xp.log_ndtr(c1)[:, None]
   # Top: m - 1 scores, g | g > c1.
-  top = _log_laplace_upper(log_lam, tau, c1, c1 + 10.0, True) - log_ndtr(-c1)[:, None]
-  log_b = jnp.exp(theta)[None, :] + (m - 1.0) * jnp.minimum(top, 0.0)
-  log_b = log_b + (nm1 - m) * jnp.minimum(rest, 0.0)
-  return jnp.exp(jnp.minimum(jnp.min(log_b, axis=-1), 0.0))  # [L]
+  top = _log_laplace_upper(log_lam, tau, c1, c1 + 10.0, True) - xp.log_ndtr(-c1)[:, None]
+  return theta, top, rest
+
+
+def _chernoff_fail(nm1, m, parts):
+  """Per G-cell bound on `P(Z_top + Z_rest < e^{tau G}(1 - eps)/eps | G in (c_l, c_{l+1}])`.
+
+  `parts` is `_chernoff_parts(eps, tau, c)`.
+  """
+  theta, top, rest = parts
+  xp = _xp.of(nm1, m, theta)
+  log_b = xp.exp(theta)[None, :] + (m - 1.0) * xp.minimum(top, 0.0)
+  log_b = log_b + (nm1 - m) * xp.minimum(rest, 0.0)
+  return xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [L]
 
 
 def _row_fail_fn(n, tau, eps, log_drow):
   """`fail(m)`: bound on `P(at least m off-diagonal entries > eps | tau_i = tau)`."""
+  xp = _xp.of(n, tau, eps, log_drow)
   del log_drow  # the grid is fixed; only the comparison uses the level
-  nm1 = jnp.maximum(n - 1.0, 1.0)
-  u = jnp.linspace(0.0, 1.0, _NUM_G_CELLS + 1, dtype=tau.dtype)
-  c = -3.0 + u * (jnp.sqrt(2.0 * jnp.log(nm1)) + 5.0)
+  nm1 = xp.maximum(n - 1.0, 1.0)
+  u = xp.linspace(0.0, 1.0, _NUM_G_CELLS + 1, dtype=tau.dtype)
+  c = -3.0 + u * (xp.sqrt(2.0 * xp.log(nm1)) + 5.0)
+  parts = _chernoff_parts(eps, tau, c)
 
   def fail(m):
-    mm = jnp.clip(m, 1.0, nm1)
-    new = _sum_over_g_cells(nm1, mm, c, _chernoff_fail(nm1, mm, eps, tau, c))
-    return jnp.where((eps * m >= 1.0) | (m > nm1), 0.0, new)
+    mm = xp.clip(m, 1.0, nm1)
+    new = _sum_over_g_cells(nm1, mm, c, _chernoff_fail(nm1, mm, parts))
+    return xp.where((eps * m >= 1.0) | (m > nm1), 0.0, new)
 
   return fail
 
 
 def _row_scalar(n, tau, eps, delta):
-  fail = _row_fail_fn(n, tau, eps, jnp.log(delta))
+  xp = _xp.of(n, tau, eps, delta)
+  fail = _row_fail_fn(n, tau, eps, xp.log(delta))
 
   def cond(m):  # first m with fail(m) <= delta; as in Theorem 1, no monotonicity assumed
     return (m < n) & (fail(m) > delta)
 
-  m = jax.lax.while_loop(cond, lambda m: m + 1.0, jnp.ones_like(n))
-  k = jnp.where(n <= 1.0, n, jnp.minimum(m, n))
+  m = xp.while_loop(cond, lambda m: m + 1.0, xp.ones_like(n))
+  k = xp.where(n <= 1.0, n, xp.minimum(m, n))
   ok = _valid(n >= 1, tau >= 0, eps > 0, eps < 1, delta > 0, delta < 1)
-  return (jnp.where(ok, k, jnp.nan),)
+  return (xp.where(ok, k, xp.nan),)
 
 
-_row_flat = jax.jit(jax.vmap(_row_scalar))
+_ROW = PointFormula(_row_scalar)
 
 
 def row_sparsity_bound(
@@ -125,5 +144,5 @@ def row_sparsity_bound(
   _check("tau", tau, lo=0)
   _check_eps(eps)
   _check_delta(delta)
-  (k,) = _on_flat(_row_flat, (n, tau, eps, delta))
+  (k,) = _on_flat(_ROW, (n, tau, eps, delta))
   return k

@@ -11,11 +11,11 @@ rest, both bounded by upper Riemann sums.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
-from jax.scipy.special import betainc, log_ndtr, ndtr
 from jax.typing import ArrayLike
 
+from gsparse.bounds import _xp
 from gsparse.bounds._common import (
+  PointFormula,
   _check,
   _check_delta,
   _check_n,
@@ -36,64 +36,67 @@ def _log_mgf_upper(log_mu, tau, lo, hi):
   value at `g_{q+1}` times `phi`; below `lo` at most its value at `lo`.
   Shapes: `log_mu [..., K]`, `lo, hi [...]`; returns `[..., K]`.
   """
-  u = jnp.linspace(0.0, 1.0, _NUM_QUAD + 1, dtype=hi.dtype)
+  xp = _xp.of(log_mu, tau, lo, hi)
+  u = xp.linspace(0.0, 1.0, _NUM_QUAD + 1, dtype=hi.dtype)
   g = lo[..., None] + (hi - lo)[..., None] * u
   lw = _log_phi_diff(g[..., 1:], g[..., :-1])
-  expo = jnp.exp(log_mu[..., :, None] + tau * g[..., None, 1:])
-  below = jnp.exp(log_mu + tau * lo[..., None]) + log_ndtr(lo)[..., None]
-  parts = jnp.concatenate([expo + lw[..., None, :], below[..., None]], axis=-1)
-  return jax.nn.logsumexp(parts, axis=-1)
+  expo = xp.exp(log_mu[..., :, None] + tau * g[..., None, 1:])
+  below = xp.exp(log_mu + tau * lo[..., None]) + xp.log_ndtr(lo)[..., None]
+  parts = xp.concatenate([expo + lw[..., None, :], below[..., None]], axis=-1)
+  return xp.logsumexp(parts, axis=-1)
 
 
 def _tail_fail(nm1, k, tau, t0, c):
   """Bound on `P(t > t0 | tau_i = tau)` (Theorem 2R), summed over the cells of G."""
+  xp = _xp.of(nm1, k, tau, t0, c)
   c1, c2 = c[:-1], c[1:]
-  log_thr = jnp.log1p(-t0) + tau * c2  # (1 - t0) e^{tau c2}
-  theta = jnp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)
+  log_thr = xp.log1p(-t0) + tau * c2  # (1 - t0) e^{tau c2}
+  theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)
   log_lam = theta[None, :] - log_thr[:, None]  # [L, K]
-  top = _log_laplace_upper(log_lam + jnp.log(t0), tau, c1, c1 + 10.0, True)
-  top = top - log_ndtr(-c1)[:, None]
-  lo = jnp.minimum(c2 - 1.0, _FLOOR)
-  rest = _log_mgf_upper(log_lam + jnp.log1p(-t0), tau, lo, c2) - log_ndtr(c2)[:, None]
-  log_b = jnp.exp(theta)[None, :] + (k - 1.0) * jnp.minimum(top, 0.0)
-  log_b = log_b + (nm1 - k) * jnp.maximum(rest, 0.0)
-  log_b = jnp.where(jnp.isnan(log_b), jnp.inf, log_b)  # inf * 0 in an overflowed MGF: no bound
-  b = jnp.exp(jnp.minimum(jnp.min(log_b, axis=-1), 0.0))  # [L]
+  top = _log_laplace_upper(log_lam + xp.log(t0), tau, c1, c1 + 10.0, True)
+  top = top - xp.log_ndtr(-c1)[:, None]
+  lo = xp.minimum(c2 - 1.0, _FLOOR)
+  rest = _log_mgf_upper(log_lam + xp.log1p(-t0), tau, lo, c2) - xp.log_ndtr(c2)[:, None]
+  log_b = xp.exp(theta)[None, :] + (k - 1.0) * xp.minimum(top, 0.0)
+  log_b = log_b + (nm1 - k) * xp.maximum(rest, 0.0)
+  log_b = xp.where(xp.isnan(log_b), xp.inf, log_b)  # inf * 0 in an overflowed MGF: no bound
+  b = xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [L]
   # sum_l P(G in cell l) b_l with bt = running max from the right (non-increasing) and
   # F_l = P(G <= c_l) rounded up: F_0 + T_L + F_L bt_{L-1} + sum_l F_l (bt_{l-1} - bt_l).
   inv_safe = 1.0 / _safety(c.dtype)
-  bt = jax.lax.cummax(b, axis=0, reverse=True)
-  f = jnp.minimum(betainc(jnp.maximum(nm1 - k + 1.0, 1.0), k, ndtr(c)) * inv_safe, 1.0)
-  t_top = jnp.minimum(betainc(k, jnp.maximum(nm1 - k + 1.0, 1.0), ndtr(-c[-1])) * inv_safe, 1.0)
-  body = jnp.sum(f[1:-1] * (bt[:-1] - bt[1:]))
-  return jnp.minimum(f[0] + t_top + f[-1] * bt[-1] + body, 1.0)
+  bt = xp.cummax(b, axis=0, reverse=True)
+  f = xp.minimum(xp.betainc(xp.maximum(nm1 - k + 1.0, 1.0), k, xp.ndtr(c)) * inv_safe, 1.0)
+  t_top = xp.minimum(xp.betainc(k, xp.maximum(nm1 - k + 1.0, 1.0), xp.ndtr(-c[-1])) * inv_safe, 1.0)
+  body = xp.sum(f[1:-1] * (bt[:-1] - bt[1:]))
+  return xp.minimum(f[0] + t_top + f[-1] * bt[-1] + body, 1.0)
 
 
 def _row_tail_scalar(n, tau, k, delta):
-  nm1 = jnp.maximum(n - 1.0, 1.0)
-  kk = jnp.clip(k, 2.0, nm1)
-  u = jnp.linspace(0.0, 1.0, _NUM_G_CELLS + 1, dtype=tau.dtype)
-  c = -3.0 + u * (jnp.sqrt(2.0 * jnp.log(nm1)) + 5.0)
+  xp = _xp.of(n, tau, k, delta)
+  nm1 = xp.maximum(n - 1.0, 1.0)
+  kk = xp.clip(k, 2.0, nm1)
+  u = xp.linspace(0.0, 1.0, _NUM_G_CELLS + 1, dtype=tau.dtype)
+  c = -3.0 + u * (xp.sqrt(2.0 * xp.log(nm1)) + 5.0)
 
   def ok(z):  # z = log(t0 / (1 - t0))
-    return _tail_fail(nm1, kk, tau, jax.nn.sigmoid(z), c) <= delta
+    return _tail_fail(nm1, kk, tau, xp.sigmoid(z), c) <= delta
 
   def body(_, state):
     lo, hi = state
     mid = 0.5 * (lo + hi)
     good = ok(mid)
-    return jnp.where(good, lo, mid), jnp.where(good, mid, hi)
+    return xp.where(good, lo, mid), xp.where(good, mid, hi)
 
-  lo0 = jnp.asarray(-30.0, tau.dtype)
-  hi0 = jnp.asarray(12.0, tau.dtype)
-  _, hi = jax.lax.fori_loop(0, _T0_STEPS, body, (lo0, hi0))
-  t = jnp.where(ok(hi), jax.nn.sigmoid(hi), 1.0)  # only a checked value is returned
-  t = jnp.where(k >= n, 0.0, jnp.where(k < 2.0, 1.0, t))
+  lo0 = xp.asarray(-30.0, tau.dtype)
+  hi0 = xp.asarray(12.0, tau.dtype)
+  _, hi = xp.fori_loop(0, _T0_STEPS, body, (lo0, hi0))
+  t = xp.where(ok(hi), xp.sigmoid(hi), 1.0)  # only a checked value is returned
+  t = xp.where(k >= n, 0.0, xp.where(k < 2.0, 1.0, t))
   valid = _valid(n >= 1, tau >= 0, k >= 1, delta > 0, delta < 1)
-  return (jnp.where(valid, t, jnp.nan),)
+  return (xp.where(valid, t, xp.nan),)
 
 
-_row_tail_flat = jax.jit(jax.vmap(_row_tail_scalar))
+_ROW_TAIL = PointFormula(_row_tail_scalar, eager=False)
 
 
 def row_tail_bound(n: ArrayLike, tau: ArrayLike, *, k: ArrayLike, delta: ArrayLike) -> jax.Array:
@@ -118,5 +121,5 @@ def row_tail_bound(n: ArrayLike, tau: ArrayLike, *, k: ArrayLike, delta: ArrayLi
   _check("tau", tau, lo=0)
   _check("k", k, lo=1, integer=True)
   _check_delta(delta)
-  (t,) = _on_flat(_row_tail_flat, (n, tau, k, delta))
+  (t,) = _on_flat(_ROW_TAIL, (n, tau, k, delta))
   return t

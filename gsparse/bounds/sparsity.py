@@ -2,18 +2,19 @@
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
-from jax.scipy.special import betainc, log_ndtr, ndtr
 from jax.typing import ArrayLike
 
+from gsparse.bounds import _xp
 from gsparse.bounds._common import (
   _EPS_BISECTION_STEPS,
   _NUM_GRID,
   _NUM_LEVELS,
   DEFAULT_DELTA,
+  PointFormula,
   _binom_tail,
   _check,
   _check_delta,
@@ -27,7 +28,7 @@ from gsparse.bounds._common import (
   _valid,
 )
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
-from gsparse.bounds.tau import _cells, _tau_range_scalar
+from gsparse.bounds.tau import _cells, _tau_range_point
 
 
 def _log_z_lower(nm1, ta, tb, log_dz):
@@ -46,29 +47,30 @@ def _log_z_lower(nm1, ta, tb, log_dz):
   Returns:
     `[C]` lower bounds (may be `-inf`).
   """
+  xp = _xp.of(ta, tb, log_dz)
   ell = -log_dz
-  lnm1 = jnp.log(nm1)
+  lnm1 = xp.log(nm1)
   # AM-GM: log Z >= log(n-1) + mean_j s_ij, the mean ~ N(0, tau^2/(n-1)).
-  z = _norm_isf(jnp.exp(log_dz))
-  amgm = lnm1 - jnp.maximum(tb * z, ta * z) / jnp.sqrt(nm1)
+  z = _norm_isf(xp.exp(log_dz))
+  amgm = lnm1 - xp.maximum(tb * z, ta * z) / xp.sqrt(nm1)
   # Maximum: P(max_j g_j < c) = Phi(c)^(n-1) = dz  =>  Phi_bar(c*) = 1 - dz^(1/(n-1)).
-  cstar = _norm_isf(-jnp.expm1(log_dz / nm1))
-  maxb = jnp.where(cstar >= 0, ta * cstar, tb * cstar)
+  cstar = _norm_isf(-xp.expm1(log_dz / nm1))
+  maxb = xp.where(cstar >= 0, ta * cstar, tb * cstar)
   # Truncated summands Y = e^{tb g} (g <= 0), e^{ta g} (0 < g <= c), e^{ta c} (g > c).
-  cmax = jnp.sqrt(2.0 * lnm1) + 1.0
-  c = jnp.linspace(0.0, 1.0, _NUM_LEVELS, dtype=ta.dtype) * cmax  # [G]
+  cmax = xp.sqrt(2.0 * lnm1) + 1.0
+  c = xp.linspace(0.0, 1.0, _NUM_LEVELS, dtype=ta.dtype) * cmax  # [G]
   ta_, tb_, c_ = ta[:, None], tb[:, None], c[None, :]
-  ninf = jnp.asarray(-jnp.inf, ta.dtype)
-  l_tail = log_ndtr(-c_)
+  ninf = xp.asarray(-xp.inf, ta.dtype)
+  l_tail = xp.log_ndtr(-c_)
   m_neg, m_mid, m2_neg, m2_mid = _log_moments(
     [(tb_, ninf, 0.0), (ta_, 0.0, c_), (2.0 * tb_, ninf, 0.0), (2.0 * ta_, 0.0, c_)]
   )
-  ley = jnp.logaddexp(jnp.logaddexp(m_neg, m_mid), ta_ * c_ + l_tail)
-  ley2 = jnp.logaddexp(jnp.logaddexp(m2_neg, m2_mid), 2.0 * ta_ * c_ + l_tail)
-  r = 0.5 * jnp.log(2.0 * ell / nm1) + 0.5 * ley2 - ley
-  bern = jnp.where(r < 0, lnm1 + ley + _log1mexp(jnp.minimum(r, 0.0)), -jnp.inf)
-  bern = jnp.max(bern, axis=-1)
-  return jnp.maximum(jnp.maximum(amgm, maxb), bern)
+  ley = xp.logaddexp(xp.logaddexp(m_neg, m_mid), ta_ * c_ + l_tail)
+  ley2 = xp.logaddexp(xp.logaddexp(m2_neg, m2_mid), 2.0 * ta_ * c_ + l_tail)
+  r = 0.5 * xp.log(2.0 * ell / nm1) + 0.5 * ley2 - ley
+  bern = xp.where(r < 0, lnm1 + ley + _log1mexp(xp.minimum(r, 0.0)), -xp.inf)
+  bern = xp.max(bern, axis=-1)
+  return xp.maximum(xp.maximum(amgm, maxb), bern)
 
 
 # ------------------------------------------------------------------- Theorem 1
@@ -105,13 +107,15 @@ def _trivial_k(n, eps):
   or `c + 1`; which one is decided by the sign of the exact product `(c + 1) eps - 1`
   (an error-free product, `_mul_less_than_one`), not by rounded arithmetic.
   """
-  c = jnp.ceil(1.0 / eps) - 1.0
-  return jnp.minimum(jnp.where(_mul_less_than_one(c + 1.0, eps), c + 1.0, c), n)
+  xp = _xp.of(n, eps)
+  c = xp.ceil(1.0 / eps) - 1.0
+  return xp.minimum(xp.where(_mul_less_than_one(c + 1.0, eps), c + 1.0, c), n)
 
 
 def _mul_less_than_one(a, b):
   """Whether the exact real product `a * b` is `< 1` (Dekker's error-free product)."""
-  bits = jnp.finfo(b.dtype).nmant + 1
+  xp = _xp.of(a, b)
+  bits = xp.finfo(b.dtype).nmant + 1
   split = float(2 ** ((bits + 1) // 2) + 1)
 
   def halves(x):
@@ -128,15 +132,44 @@ def _mul_less_than_one(a, b):
 
 def _exceed_log_prob(theta, ta, tb):
   """`log max_{tau in {ta, tb}} Phi_bar(theta / tau)` per cell (tau = 0 handled)."""
+  xp = _xp.of(theta, ta, tb)
 
   def one(t):
-    x = jnp.where(t > 0, theta / jnp.where(t > 0, t, 1.0), jnp.where(theta >= 0, jnp.inf, -jnp.inf))
-    return log_ndtr(-x)
+    x = xp.where(t > 0, theta / xp.where(t > 0, t, 1.0), xp.where(theta >= 0, xp.inf, -xp.inf))
+    return xp.log_ndtr(-x)
 
-  return jnp.maximum(one(ta), one(tb))
+  return xp.maximum(one(ta), one(tb))
 
 
-def _orderstat_fail(nm1, m, eps, ta, tb, c):
+def _orderstat_moments(ta, tb, c):
+  """The parts of `_orderstat_fail` that do not depend on `m` or `eps` (computed once per row).
+
+  Returns `(log E, log E^2, log Phi(c_{l-1}), log Phi_bar(c_l))` of the truncated
+  summands, each `[C, L]` or `[1, L]`.
+  """
+  xp = _xp.of(ta, tb, c)
+  ninf = xp.asarray(-xp.inf, ta.dtype)
+  cp = c[:-1][None, :]  # truncation levels c_{l-1}, [1, L]
+  ta_, tb_ = ta[:, None], tb[:, None]
+  lo_part = xp.minimum(cp, 0.0)
+  hi_part = xp.maximum(cp, 0.0)
+  m1n, m1p, m2n, m2p = _log_moments(
+    [
+      (tb_, ninf, lo_part),
+      (ta_, 0.0, hi_part),
+      (2.0 * tb_, ninf, lo_part),
+      (2.0 * ta_, 0.0, hi_part),
+    ]
+  )
+  return (
+    xp.logaddexp(m1n, m1p),
+    xp.logaddexp(m2n, m2p),
+    xp.log_ndtr(cp),
+    xp.log_ndtr(-c[1:][None, :]),
+  )
+
+
+def _orderstat_fail(nm1, m, eps, ta, tb, c, moments):
   """Bound on `P(at least m off-diagonal p_ij > eps)` per tau cell, by the m-th order statistic.
 
   Conditioning on the m-th largest standardised score `G = c`, the other
@@ -151,47 +184,35 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c):
     eps: threshold.
     ta, tb: `[C]` tau cells.
     c: `[L + 1]` increasing grid of standardised levels.
+    moments: `_orderstat_moments(ta, tb, c)`.
 
   Returns:
     `[C]` probability bounds.
   """
-  dt = ta.dtype
+  xp = _xp.of(nm1, m, eps, ta, tb, c)
+  log_m1, log_m2, lphi, tail_cn = moments
   slack = 1.0 - eps * m
   cnt = nm1 - m
-  ninf = jnp.asarray(-jnp.inf, dt)
-  cp = c[:-1][None, :]  # truncation levels c_{l-1}, [1, L]
   cn = c[1:][None, :]  # cell tops c_l
   ta_, tb_ = ta[:, None], tb[:, None]
-  lo_part = jnp.minimum(cp, 0.0)
-  hi_part = jnp.maximum(cp, 0.0)
-  m1n, m1p, m2n, m2p = _log_moments(
-    [
-      (tb_, ninf, lo_part),
-      (ta_, 0.0, hi_part),
-      (2.0 * tb_, ninf, lo_part),
-      (2.0 * ta_, 0.0, hi_part),
-    ]
-  )
-  lphi = log_ndtr(cp)
-  log_cnt = jnp.log(jnp.maximum(cnt, 1.0))
-  log_mu = log_cnt + jnp.logaddexp(m1n, m1p) - lphi
-  log_v = log_cnt + jnp.logaddexp(m2n, m2p) - lphi
-  log_lam = jnp.log(jnp.maximum(slack, 1e-30)) - jnp.log(eps) + jnp.maximum(ta_ * cn, tb_ * cn)
-  gap = _log1mexp(jnp.minimum(log_lam - log_mu, 0.0))
-  b = jnp.where(
+  log_cnt = xp.log(xp.maximum(cnt, 1.0))
+  log_mu = log_cnt + log_m1 - lphi
+  log_v = log_cnt + log_m2 - lphi
+  log_lam = xp.log(xp.maximum(slack, 1e-30)) - xp.log(eps) + xp.maximum(ta_ * cn, tb_ * cn)
+  gap = _log1mexp(xp.minimum(log_lam - log_mu, 0.0))
+  b = xp.where(
     (log_lam < log_mu) & (cnt >= 1.0),
-    jnp.exp(-0.5 * jnp.exp(2.0 * (log_mu + gap) - log_v)),
+    xp.exp(-0.5 * xp.exp(2.0 * (log_mu + gap) - log_v)),
     1.0,
   )
   # The m - 1 scores above G: if the largest exceeds G by Delta, the m-th entry
   # cannot exceed eps. P(all below G + Delta | G = c) is largest at the cell top.
-  ta_safe = jnp.where(ta_ > 0, ta_, 1.0)
-  log_r = jnp.log(jnp.maximum(1.0 - eps * (m - 1.0), 1e-30)) - jnp.log(eps)
-  delta_c = jnp.where(ta_ > 0, jnp.maximum(log_r, 0.0) / ta_safe, jnp.inf)
-  tails = log_ndtr(-jnp.stack(jnp.broadcast_arrays(cn + delta_c, cn)))
-  log_q = (m - 1.0) * _log1mexp(jnp.minimum(tails[0] - tails[1], 0.0))
-  b = b * jnp.exp(jnp.where(m > 1.0, log_q, 0.0))
-  return jnp.where(slack <= 0, 0.0, _sum_over_g_cells(nm1, m, c, b))
+  ta_safe = xp.where(ta_ > 0, ta_, 1.0)
+  log_r = xp.log(xp.maximum(1.0 - eps * (m - 1.0), 1e-30)) - xp.log(eps)
+  delta_c = xp.where(ta_ > 0, xp.maximum(log_r, 0.0) / ta_safe, xp.inf)
+  log_q = (m - 1.0) * _log1mexp(xp.minimum(xp.log_ndtr(-(cn + delta_c)) - tail_cn, 0.0))
+  b = b * xp.exp(xp.where(m > 1.0, log_q, 0.0))
+  return xp.where(slack <= 0, 0.0, _sum_over_g_cells(nm1, m, c, b))
 
 
 def _sum_over_g_cells(nm1, m, c, b):
@@ -202,45 +223,56 @@ def _sum_over_g_cells(nm1, m, c, b):
   running maximum; Abel summation leaves only nonnegative coefficients of the
   rounded-up binomial tails `T_l = P(G > c_l)`.
   """
+  xp = _xp.of(nm1, m, c, b)
   inv_safe = 1.0 / _safety(c.dtype)
-  bt = jax.lax.cummax(b, axis=b.ndim - 1)  # non-decreasing in l
-  t = jnp.minimum(betainc(m, jnp.maximum(nm1 - m + 1.0, 1.0), ndtr(-c)) * inv_safe, 1.0)
-  head = jnp.minimum(betainc(jnp.maximum(nm1 - m + 1.0, 1.0), m, ndtr(c[0])) * inv_safe, 1.0)
-  body = jnp.sum(t[1:-1] * (bt[..., 1:] - bt[..., :-1]), axis=-1)
+  bt = xp.cummax(b, axis=-1)  # non-decreasing in l
+  t = xp.minimum(xp.betainc(m, xp.maximum(nm1 - m + 1.0, 1.0), xp.ndtr(-c)) * inv_safe, 1.0)
+  head = xp.minimum(xp.betainc(xp.maximum(nm1 - m + 1.0, 1.0), m, xp.ndtr(c[0])) * inv_safe, 1.0)
+  body = xp.sum(t[1:-1] * (bt[..., 1:] - bt[..., :-1]), axis=-1)
   total = head + t[0] * bt[..., 0] + body + t[-1] * (1.0 - bt[..., -1])
-  return jnp.minimum(total, 1.0)
+  return xp.minimum(total, 1.0)
 
 
-def _fail_fn(n, tau_lo, tau_hi, eps, log_drow):
+def _row_parts(n, tau_lo, tau_hi, log_drow):
+  """What `_fail_fn` needs that depends on neither `eps` nor `m`: computed once per row."""
+  xp = _xp.of(n, tau_lo, tau_hi, log_drow)
+  nm1 = xp.maximum(n - 1.0, 1.0)
+  ta, tb = _cells(tau_lo, tau_hi)
+  # Union bound: Z >= Z_lower with prob 1 - drow/2; then a binomial count.
+  lz = _log_z_lower(nm1, ta, tb, log_drow - math.log(2.0))
+  c = xp.linspace(-3.0, 1.0, _NUM_GRID + 1, dtype=ta.dtype)
+  c = c + xp.where(c > 0, c * (xp.sqrt(2.0 * xp.log(nm1)) + 2.0) - c, 0.0)
+  return ta, tb, lz, c, _orderstat_moments(ta, tb, c)
+
+
+def _fail_fn(n, parts, eps, log_drow):
   """`(fail, p*)`: `fail(m)` bounds `P(at least m off-diagonal entries > eps)` for one row.
 
   The better of the union bound and the order-statistic bound, per tau cell,
-  worst cell; `p*` is the union bound's exceedance probability.
+  worst cell; `p*` is the union bound's exceedance probability. `parts` is
+  `_row_parts(n, tau_lo, tau_hi, log_drow)`.
   """
-  nm1 = jnp.maximum(n - 1.0, 1.0)
-  ta, tb = _cells(tau_lo, tau_hi)
-  drow = jnp.exp(log_drow)
-  # Union bound: Z >= Z_lower with prob 1 - drow/2; then a binomial count.
-  log_dz = log_drow - jnp.log(2.0)
-  lz = _log_z_lower(nm1, ta, tb, log_dz)
-  theta = jnp.log(eps) + lz
-  p_cell = jnp.exp(_exceed_log_prob(theta, ta, tb))  # [C]
-  c = jnp.linspace(-3.0, 1.0, _NUM_GRID + 1, dtype=ta.dtype)
-  c = c + jnp.where(c > 0, c * (jnp.sqrt(2.0 * jnp.log(nm1)) + 2.0) - c, 0.0)
+  xp = _xp.of(n, eps, log_drow)
+  ta, tb, lz, c, moments = parts
+  nm1 = xp.maximum(n - 1.0, 1.0)
+  drow = xp.exp(log_drow)
+  theta = xp.log(eps) + lz
+  p_cell = xp.exp(_exceed_log_prob(theta, ta, tb))  # [C]
   inv_safe = 1.0 / _safety(ta.dtype)
 
   def fail(m):  # bound on P(at least m off-diagonal entries > eps), max over cells
-    p1 = 0.5 * drow + jnp.minimum(_binom_tail(n - 1.0, m - 1.0, p_cell) * inv_safe, 1.0)
-    p2 = _orderstat_fail(nm1, m, eps, ta, tb, c)
-    return jnp.max(jnp.minimum(p1, p2))
+    p1 = 0.5 * drow + xp.minimum(_binom_tail(n - 1.0, m - 1.0, p_cell) * inv_safe, 1.0)
+    p2 = _orderstat_fail(nm1, m, eps, ta, tb, c, moments)
+    return xp.max(xp.minimum(p1, p2))
 
-  return fail, jnp.max(p_cell)
+  return fail, xp.max(p_cell)
 
 
 def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
   """Scalar core of Theorem 1 for a given tau interval: `(k_gauss, p*)`."""
-  fail, p_star = _fail_fn(n, tau_lo, tau_hi, eps, log_drow)
-  drow = jnp.exp(log_drow)
+  xp = _xp.of(n, tau_lo, tau_hi, eps, log_drow)
+  fail, p_star = _fail_fn(n, _row_parts(n, tau_lo, tau_hi, log_drow), eps, log_drow)
+  drow = xp.exp(log_drow)
 
   # Linear scan from m = 1: the first m whose bound is <= drow. (A bisection
   # would need the bound to be monotone in m, which it need not be; the first
@@ -249,9 +281,9 @@ def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
   def cond(m):
     return (m < n) & (fail(m) > drow)
 
-  m = jax.lax.while_loop(cond, lambda m: m + 1.0, jnp.ones_like(n))
-  k = jnp.minimum(m, n)  # m - 1 off-diagonal entries plus the diagonal
-  return jnp.where(n <= 1.0, n, k), p_star
+  m = xp.while_loop(cond, lambda m: m + 1.0, xp.ones_like(n))
+  k = xp.minimum(m, n)  # m - 1 off-diagonal entries plus the diagonal
+  return xp.where(n <= 1.0, n, k), p_star
 
 
 def sparsity_bound(
@@ -293,25 +325,26 @@ def sparsity_bound(
   _check_eps(eps)
   _check_delta(delta)
   frob, op, gram = _norm_fields(norms)
-  return SparsityBound(*_on_flat(_sparsity_flat, (n, sigma, eps, delta, frob, op, gram)))
+  return SparsityBound(*_on_flat(_SPARSITY, (n, sigma, eps, delta, frob, op, gram)))
 
 
 def _sparsity_scalar(n, sigma, eps, delta, frob, op, gram):
-  tlo, thi = _tau_range_scalar(n, sigma, frob, op, gram, delta / 2.0)
-  log_row = jnp.log(delta / 2.0) - jnp.log(n)
+  xp = _xp.of(n, sigma, eps, delta, frob, op, gram)
+  tlo, thi = _tau_range_point(n, sigma, frob, op, gram, delta / 2.0)
+  log_row = xp.log(delta / 2.0) - xp.log(n)
   k_g, p = _sparsity_core(n, tlo, thi, eps, log_row)
   triv = _trivial_k(n, eps)
   ok = _valid(
     n >= 1, sigma > 0, eps > 0, eps < 1, delta > 0, delta < 1, frob >= 0, op >= 0, gram >= 0
   )
-  nan = jnp.asarray(jnp.nan, n.dtype)
-  k = jnp.where(ok, jnp.minimum(k_g, triv), nan)
+  nan = xp.asarray(xp.nan, n.dtype)
+  k = xp.where(ok, xp.minimum(k_g, triv), nan)
   return (
     k,
     triv,
     ok & (k_g < triv),
-    jnp.where(ok, k_g, nan),
-    jnp.where(ok, p, nan),
+    xp.where(ok, k_g, nan),
+    xp.where(ok, p, nan),
     tlo,
     thi,
   )
@@ -365,26 +398,28 @@ def sparsity_eps_bound(
   _check("k", k, lo=1, integer=True)
   _check_delta(delta)
   frob, op, gram = _norm_fields(norms)
-  return SparsityEpsBound(*_on_flat(_eps_flat, (n, sigma, k, delta, frob, op, gram)))
+  return SparsityEpsBound(*_on_flat(_EPS, (n, sigma, k, delta, frob, op, gram)))
 
 
 def _eps_scalar(n, sigma, k, delta, frob, op, gram):
-  tlo, thi = _tau_range_scalar(n, sigma, frob, op, gram, delta / 2.0)
-  log_row = jnp.log(delta / 2.0) - jnp.log(n)
+  xp = _xp.of(n, sigma, k, delta, frob, op, gram)
+  tlo, thi = _tau_range_point(n, sigma, frob, op, gram, delta / 2.0)
+  log_row = xp.log(delta / 2.0) - xp.log(n)
   # 1/(k+1), rounded up when fl(1/(k+1)) is below it: k+1 entries above eps need (k+1) eps < 1.
   r = 1.0 / (k + 1.0)
-  r = jnp.where(_mul_less_than_one(k + 1.0, r), jnp.nextafter(r, jnp.inf), r)
-  triv = jnp.where(k >= n, 0.0, r)
+  r = xp.where(_mul_less_than_one(k + 1.0, r), xp.nextafter(r, xp.inf), r)
+  triv = xp.where(k >= n, 0.0, r)
   # Bisection on log eps; `hi` is always an eps whose Theorem-1 k is <= k (verified).
-  lo = jnp.log(1e-3 / n)
-  hi = jnp.log(triv)
-  drow = jnp.exp(log_row)
-  kk = jnp.minimum(k, n)
+  lo = xp.log(1e-3 / n)
+  hi = xp.log(triv)
+  drow = xp.exp(log_row)
+  kk = xp.minimum(k, n)
+  parts = _row_parts(n, tlo, thi, log_row)
 
   def admissible(log_eps):
     # fail(k) <= drow implies the first admissible m of Theorem 1 is <= k, for
     # this eps and (fail being non-increasing in eps) every larger one.
-    fail, _ = _fail_fn(n, tlo, thi, jnp.exp(log_eps), log_row)
+    fail, _ = _fail_fn(n, parts, xp.exp(log_eps), log_row)
     return fail(kk) <= drow
 
   found = admissible(hi)
@@ -393,20 +428,20 @@ def _eps_scalar(n, sigma, k, delta, frob, op, gram):
     lo, hi = state
     mid = 0.5 * (lo + hi)
     ok = admissible(mid)
-    return jnp.where(ok, lo, mid), jnp.where(ok, mid, hi)
+    return xp.where(ok, lo, mid), xp.where(ok, mid, hi)
 
-  _, hi = jax.lax.fori_loop(0, _EPS_BISECTION_STEPS, body, (lo, hi))
-  eps_g = jnp.where(k >= n, 0.0, jnp.where(found, jnp.exp(hi), jnp.inf))
+  _, hi = xp.fori_loop(0, _EPS_BISECTION_STEPS, body, (lo, hi))
+  eps_g = xp.where(k >= n, 0.0, xp.where(found, xp.exp(hi), xp.inf))
   ok = _valid(n >= 1, sigma > 0, k >= 1, delta > 0, delta < 1, frob >= 0, op >= 0, gram >= 0)
-  nan = jnp.asarray(jnp.nan, n.dtype)
-  eps = jnp.minimum(eps_g, triv)
+  nan = xp.asarray(xp.nan, n.dtype)
+  eps = xp.minimum(eps_g, triv)
   return (
-    jnp.where(ok, eps, nan),
+    xp.where(ok, eps, nan),
     triv,
     ok & (eps_g < triv),
-    jnp.where(ok, eps_g, nan),
+    xp.where(ok, eps_g, nan),
   )
 
 
-_sparsity_flat = jax.jit(jax.vmap(_sparsity_scalar))
-_eps_flat = jax.jit(jax.vmap(_eps_scalar))
+_SPARSITY = PointFormula(_sparsity_scalar)
+_EPS = PointFormula(_eps_scalar)

@@ -5,17 +5,18 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
-import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from gsparse.bounds import _xp
 from gsparse.bounds._common import (
   _FIRST_CELL_FRACTION,
   _NUM_CELLS,
   DEFAULT_DELTA,
+  PointFormula,
   _check,
   _check_delta,
   _check_n,
-  _float_dtype,
+  _on_flat,
 )
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
 
@@ -29,20 +30,21 @@ class TauRange(NamedTuple):
 
 def _solve_w_minus_log_w(c, upper):
   """Root `w` of `w - log w = c` (`c >= 1`) with `w <= 1` (`upper=False`) or `w >= 1`."""
-  c = jnp.maximum(c, 1.0)
-  lo = jnp.where(upper, jnp.zeros_like(c), -c - 1.0)
-  hi = jnp.where(upper, c + 1.0, jnp.zeros_like(c))
+  xp = _xp.of(c)
+  c = xp.maximum(c, 1.0)
+  lo = xp.where(upper, xp.zeros_like(c), -c - 1.0)
+  hi = xp.where(upper, c + 1.0, xp.zeros_like(c))
 
   def body(_, state):
     lo, hi = state
     mid = 0.5 * (lo + hi)
-    f = jnp.exp(mid) - mid - c  # decreasing on v < 0, increasing on v > 0
-    go_right = jnp.where(upper, f < 0, f > 0)
-    return jnp.where(go_right, mid, lo), jnp.where(go_right, hi, mid)
+    f = xp.exp(mid) - mid - c  # decreasing on v < 0, increasing on v > 0
+    go_right = xp.where(upper, f < 0, f > 0)
+    return xp.where(go_right, mid, lo), xp.where(go_right, hi, mid)
 
-  lo, hi = jax.lax.fori_loop(0, 64, body, (lo, hi))
+  lo, hi = xp.fori_loop(0, 64, body, (lo, hi))
   # Round outwards: the lower root down, the upper root up.
-  return jnp.exp(jnp.where(upper, hi, lo))
+  return xp.exp(xp.where(upper, hi, lo))
 
 
 def _quad_form_range(sigma2, frob, op, gram, x):
@@ -52,16 +54,17 @@ def _quad_form_range(sigma2, frob, op, gram, x):
   `||M M^T||_F`, `||M||_op`) and the effective-rank Chernoff bound
   (`r = ||M||_F^2 / ||M||_op^2`, docs/theory.md Lemma 2).
   """
+  xp = _xp.of(sigma2, frob, op, gram, x)
   mean = frob * frob
   op2 = op * op
-  up_lm = mean + 2.0 * gram * jnp.sqrt(x) + 2.0 * op2 * x
-  lo_lm = jnp.maximum(mean - 2.0 * gram * jnp.sqrt(x), 0.0)
-  r = mean / jnp.where(op2 > 0, op2, 1.0)
-  c = 1.0 + 2.0 * x / jnp.where(r > 0, r, 1.0)
+  up_lm = mean + 2.0 * gram * xp.sqrt(x) + 2.0 * op2 * x
+  lo_lm = xp.maximum(mean - 2.0 * gram * xp.sqrt(x), 0.0)
+  r = mean / xp.where(op2 > 0, op2, 1.0)
+  c = 1.0 + 2.0 * x / xp.where(r > 0, r, 1.0)
   up_ch = mean * _solve_w_minus_log_w(c, True)
   lo_ch = mean * _solve_w_minus_log_w(c, False)
-  up = jnp.where(op2 > 0, jnp.minimum(up_lm, up_ch), 0.0)
-  lo = jnp.where(op2 > 0, jnp.maximum(lo_lm, lo_ch), 0.0)
+  up = xp.where(op2 > 0, xp.minimum(up_lm, up_ch), 0.0)
+  lo = xp.where(op2 > 0, xp.maximum(lo_lm, lo_ch), 0.0)
   return sigma2 * lo, sigma2 * up
 
 
@@ -87,32 +90,28 @@ def tau_range(
   _check("sigma", sigma, lo=0, lo_open=True)
   _check_delta(delta)
   frob, op, gram = _norm_fields(norms)
-  dtype = _float_dtype()
-  n, sigma, delta, frob, op, gram = (
-    jnp.asarray(v, dtype) for v in (n, sigma, delta, frob, op, gram)
-  )
-  return TauRange(*_tau_range_jit(n, sigma, frob, op, gram, delta))
+  return TauRange(*_on_flat(_TAU_RANGE, (n, sigma, frob, op, gram, delta)))
 
 
 def _cells(tau_lo, tau_hi):
   """`[C]` cell endpoints covering `[tau_lo, tau_hi]`: one small first cell, then geometric."""
-  start = jnp.maximum(tau_lo, _FIRST_CELL_FRACTION * tau_hi)
-  start = jnp.maximum(start, jnp.finfo(tau_hi.dtype).tiny)
-  hi_safe = jnp.maximum(tau_hi, start)
-  u = jnp.linspace(0.0, 1.0, _NUM_CELLS, dtype=tau_hi.dtype)
-  geo = start * jnp.exp(u * (jnp.log(hi_safe) - jnp.log(start)))  # [C]
-  a = jnp.concatenate([tau_lo[..., None], geo[..., :-1]], axis=-1)
-  b = jnp.concatenate([start[..., None], geo[..., 1:]], axis=-1)
-  b = jnp.maximum(a, b)
+  xp = _xp.of(tau_lo, tau_hi)
+  start = xp.maximum(tau_lo, _FIRST_CELL_FRACTION * tau_hi)
+  start = xp.maximum(start, xp.finfo(tau_hi.dtype).tiny)
+  hi_safe = xp.maximum(tau_hi, start)
+  u = xp.linspace(0.0, 1.0, _NUM_CELLS, dtype=tau_hi.dtype)
+  geo = start * xp.exp(u * (xp.log(hi_safe) - xp.log(start)))  # [C]
+  a = xp.concatenate([tau_lo[..., None], geo[..., :-1]], axis=-1)
+  b = xp.concatenate([start[..., None], geo[..., 1:]], axis=-1)
+  b = xp.maximum(a, b)
   return a, b
 
 
-@jax.jit
-def _tau_range_jit(n, sigma, frob, op, gram, delta):
-  lo2, hi2 = _quad_form_range(sigma**4, frob, op, gram, jnp.log(2.0 * n / delta))
-  return jnp.sqrt(lo2), jnp.sqrt(hi2)
+def _tau_range_point(n, sigma, frob, op, gram, delta):
+  """`(lo, hi)` of `tau_range` at one point (Lemma 2 with `x = log(2 n / delta)`)."""
+  xp = _xp.of(n, sigma, frob, op, gram, delta)
+  lo2, hi2 = _quad_form_range(sigma**4, frob, op, gram, xp.log(2.0 * n / delta))
+  return xp.sqrt(lo2), xp.sqrt(hi2)
 
 
-def _tau_range_scalar(n, sigma, frob, op, gram, delta_tau):
-  lo2, hi2 = _quad_form_range(sigma**4, frob, op, gram, jnp.log(2.0 * n / delta_tau))
-  return jnp.sqrt(lo2), jnp.sqrt(hi2)
+_TAU_RANGE = PointFormula(_tau_range_point)

@@ -42,30 +42,29 @@ class FixedK:
 
 @dataclasses.dataclass(frozen=True)
 class PowerLawK:
-  """Keep `k = alpha * n**c` keys, rounded and clipped to `[1, n]`.
+  """Keep `k = alpha * n**C` keys, rounded and clipped to `[1, n]`.
 
   Attributes:
     alpha: positive prefactor.
-    c: exponent in `[0, 1]`; the revision's n^C-sparsity has 0 < C < 1.
+    C: exponent in `[0, 1]` (the `C` of the n^C view, docs/theory.md section 6,
+      spelled as in `gsparse.bounds.power_law_k`); n^C-sparsity has 0 < C < 1.
 
   Example:
     >>> from gsparse.flax import PowerLawK
-    >>> PowerLawK(alpha=2.0, c=0.5).num_keys(1024)
+    >>> PowerLawK(alpha=2.0, C=0.5).num_keys(1024)
     64
   """
 
   alpha: float
-  c: float
+  C: float  # the exponent's name in the theory and in gsparse.bounds.power_law_k
 
   def __post_init__(self):
     _checks.check_float_scalar("alpha", self.alpha, positive=True, allow_traced=False)
-    _checks.check_float_scalar("c", self.c, allow_traced=False)
-    if not 0.0 <= float(self.c) <= 1.0:
-      raise ValueError(f"c={self.c!r} must be in [0, 1]")
+    _checks.check_real("C", self.C, lo=0, hi=1, allow_traced=False)
 
   def num_keys(self, n: int) -> int:
     """Number of key slots for key length `n`."""
-    k = int(round(float(self.alpha) * float(n) ** float(self.c)))
+    k = int(round(float(self.alpha) * float(n) ** float(self.C)))
     return max(1, min(k, n))
 
 

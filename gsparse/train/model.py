@@ -71,7 +71,7 @@ class AttentionSpec:
     if self.kind == "topk":
       return FixedK(self.k)
     if self.kind == "power":
-      return PowerLawK(alpha=self.alpha, c=self.power)
+      return PowerLawK(alpha=self.alpha, C=self.power)
     if self.kind == "certified":
       return CertifiedK(ks=self.candidate_ks, tol=self.tolerance)
     return None
