@@ -32,7 +32,7 @@ from jax.experimental import pallas as pl
 
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import DOT_PRECISION, interpret_arg, next_pow2
-from gsparse.kernels.key_major import key_major
+from gsparse.kernels.key_major import group_sum, key_major
 from gsparse.kernels.nonfinite import finite_part
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b^T
@@ -362,14 +362,6 @@ def _backward_tpu(
     name="gsparse_block_bwd_dkdv_tpu",
   )(rows.reshape(-1), offsets.reshape(-1), kt, vt, qt, dot_, lse_t, delta_t)
   return head_major(dq), head_major(dk)[:, :s_len], head_major(dv)[:, :s_len]
-
-
-def group_sum(x: jax.Array, kv_heads: int) -> jax.Array:
-  """`[B, S, N, D]` per-query-head sums -> `[B, S, K, D]`, adding the `N / K` heads
-  of a group one after the other (elementwise adds: a fixed order on every backend)."""
-  b, s, n, d = x.shape
-  x = x.reshape(b, s, kv_heads, n // kv_heads, d)
-  return functools.reduce(lambda acc, i: acc + x[:, :, :, i], range(1, x.shape[3]), x[:, :, :, 0])
 
 
 def block_backward_pallas(

@@ -12,6 +12,8 @@ same sums in the same order on every run.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 
@@ -47,3 +49,11 @@ def key_major(ids: jax.Array, *, num_ids: int, segment: int, pad: int = 0):
     sorted_ids = jnp.pad(sorted_ids, ((0, 0), (0, 0), (0, pad)), constant_values=num_ids)
     order = jnp.pad(order, ((0, 0), (0, 0), (0, pad)))
   return sorted_ids, order, offsets
+
+
+def group_sum(x: jax.Array, kv_heads: int) -> jax.Array:
+  """`[B, S, N, D]` per-query-head sums -> `[B, S, K, D]`, adding the `N / K` heads
+  of a group one after the other (elementwise adds: a fixed order on every backend)."""
+  b, s, n, d = x.shape
+  x = x.reshape(b, s, kv_heads, n // kv_heads, d)
+  return functools.reduce(lambda acc, i: acc + x[:, :, :, i], range(1, x.shape[3]), x[:, :, :, 0])
