@@ -35,6 +35,7 @@ from gsparse.kernels._common import (
 )
 from gsparse.kernels.backward import gather_backward_xla
 from gsparse.kernels.token_bwd import token_backward_pallas
+from gsparse.kernels.tpu_rows import fetch_rows_tpu
 
 
 def _token_kernel_gpu(
@@ -134,47 +135,6 @@ def _token_forward_gpu(query, key, value, idx, bias, *, scale, block_sizes, inte
   return out[:, :t, :, :hv], lse[:, :t], logits[:, :t, :, :kk]
 
 
-def _fetch_rows_tpu(idx_smem, i, head, key_hbm, value_hbm, kbuf, vbuf, sems):
-  """Copies the `kp` listed K/V rows of query `i` of `head = (batch, kv head)` into VMEM.
-
-  A masked slot (index < 0) fetches row 0 and then gets a zero value row:
-  `0 * NaN` would otherwise reach the output.
-  """
-  from jax.experimental.pallas import tpu as pltpu
-
-  kp = kbuf.shape[0]
-
-  def copies(c):
-    row = jnp.maximum(idx_smem[0, i * kp + c], 0)
-    rows = (*head, pl.ds(row, 1))
-    ck = pltpu.make_async_copy(key_hbm.at[rows], kbuf.at[pl.ds(c, 1)], sems.at[0])
-    cv = pltpu.make_async_copy(value_hbm.at[rows], vbuf.at[pl.ds(c, 1)], sems.at[1])
-    return ck, cv
-
-  def start(c, _):
-    ck, cv = copies(c)
-    ck.start()
-    cv.start()
-    return _
-
-  def wait(c, _):
-    ck, cv = copies(c)
-    ck.wait()
-    cv.wait()
-    return _
-
-  def zero_masked(c, _):
-    @pl.when(idx_smem[0, i * kp + c] < 0)
-    def _zero():
-      vbuf[pl.ds(c, 1), :] = jnp.zeros((1, vbuf.shape[1]), vbuf.dtype)
-
-    return _
-
-  lax.fori_loop(0, kp, start, 0)
-  lax.fori_loop(0, kp, wait, 0)  # all copies share two semaphores: zero after the last
-  lax.fori_loop(0, kp, zero_masked, 0)
-
-
 def _token_kernel_tpu(
   idx_smem,
   query_ref,
@@ -202,7 +162,7 @@ def _token_kernel_tpu(
   f32 = jnp.float32
 
   def query_body(i, carry):
-    _fetch_rows_tpu(idx_smem, i, (b, kvh), key_hbm, value_hbm, kbuf, vbuf, sems)
+    fetch_rows_tpu(idx_smem, i, (b, kvh), key_hbm, value_hbm, kbuf, vbuf, sems)
     query = query_ref[pl.ds(i, 1), :].astype(f32)  # [1, H]
     valid = idx_ref[pl.ds(i, 1), :] >= 0  # [1, kp]
     s = lax.dot_general(query, kbuf[...].astype(f32), (((1,), (1,)), ((), ())))
