@@ -5,9 +5,10 @@
 # Steps (each under its own time limit, each logged, a failing step does not
 # stop the next):
 # 1. environment: GPU, driver, jax and jaxlib versions;
-# 2. tests/kernels_test.py on the real backend (GpuKernelTest runs the Triton
-#    kernel, PublicApiTest the public dispatch; the interpreter classes are
-#    left out);
+# 2. tests/kernels_test.py and tests/kernels_backward_test.py on the real
+#    backend (GpuKernelTest runs the Triton kernel, GpuBackwardTest its Pallas
+#    backward against the XLA one, PublicApiTest the public dispatch; the
+#    interpreter and TPU classes are left out);
 # 3. the benchmark: n = 4096, 16384, 65536, k = 32, 128, 512, token and block
 #    kernels, forward and forward+backward, plus the BlockSizes sweep;
 # 4. the rest of the suite on the GPU, as far as its time limit allows.
@@ -32,8 +33,9 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND, logs to $OUT/NAME.log
   tail -n 25 "$OUT/$name.log"
 }
 step env 30 bash -c "nvidia-smi; $PY -c 'import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())'"
-step kernel_tests 120 env XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
-  "$PY" -m pytest tests/kernels_test.py -v -rs -p no:cacheprovider -k "not Interpret"
+step kernel_tests 170 env XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
+  "$PY" -m pytest tests/kernels_test.py tests/kernels_backward_test.py -v -rs -p no:cacheprovider \
+  -k "not Interpret and not Tpu"
 step bench 330 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 "$PY" scripts/bench_kernel.py \
   ${BENCH_SIZES:---n=4096,16384,65536 --k=32,128,512} --grad --block --tune --repeats=5 \
   --out="$OUT/bench_kernel_device.json"

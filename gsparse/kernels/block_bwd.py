@@ -48,8 +48,10 @@ def _tile(q, kb, vb, do, lse, delta, valid, scale):
   ok = valid & (lse != -jnp.inf)
   s = _dot(q, kb, _NT) * scale
   p = jnp.where(ok, jnp.exp(jnp.where(ok, s - lse, 0.0)), 0.0)
-  dp = jnp.where(ok, _dot(do, vb, _NT), 0.0)
-  return p, p * (dp - delta)
+  dp = _dot(do, vb, _NT)
+  # Not p * (dp - delta) alone: a masked entry has p = 0, but delta is NaN on
+  # a row whose output is NaN (or a padded row that read a NaN row forward).
+  return p, jnp.where(ok, p * (dp - delta), 0.0)
 
 
 def _valid(qpos, kpos, *, num_keys, num_queries, is_causal):

@@ -80,7 +80,7 @@ def _token_dq_kernel_gpu(
       s = jnp.sum(kr * q[None, :], axis=1) * scale + bias_ref[i, sl].astype(f32)
       p = jnp.where(ok, jnp.exp(jnp.where(ok, s - lse, 0.0)), 0.0)
       dp = jnp.sum(vr * do[None, :], axis=1)
-      ds = p * (dp - delta) + jnp.where(ok, dlogits_ref[i, sl], 0.0)
+      ds = jnp.where(ok, p * (dp - delta) + dlogits_ref[i, sl], 0.0)  # delta may be NaN
       p_ref[i, sl] = p
       ds_ref[i, sl] = ds
       return dq + jnp.sum(ds[:, None] * finite_part(kr), axis=0)

@@ -63,8 +63,8 @@ def _dq_kernel(
     kb = kbuf[...].astype(f32)
     s = lax.dot_general(q, kb, _NT) * scale + bias_ref[one, :].astype(f32)
     p = jnp.where(ok, jnp.exp(jnp.where(ok, s - lse, 0.0)), 0.0)
-    dp = jnp.where(ok, lax.dot_general(do, vbuf[...].astype(f32), _NT), 0.0)
-    ds = p * (dp - delta) + jnp.where(ok, dlogits_ref[one, :], 0.0)
+    dp = lax.dot_general(do, vbuf[...].astype(f32), _NT)
+    ds = jnp.where(ok, p * (dp - delta) + dlogits_ref[one, :], 0.0)  # delta may be NaN
     p_ref[one, :] = p
     ds_ref[one, :] = ds
     dq_ref[one, :] = jnp.dot(ds, finite_part(kb)) * scale  # a masked slot copied row 0
