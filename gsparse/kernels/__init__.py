@@ -1,4 +1,4 @@
-"""Pallas kernels for sparse-gather attention, with an XLA backward.
+"""Pallas kernels for sparse-gather attention, forward and backward.
 
 They run behind `gsparse.sparse_gather_attention(..., implementation="pallas")`
 and `gsparse.block_sparse_gather_attention(..., implementation="pallas")`.
