@@ -8,7 +8,8 @@ tolerance). The inputs have masked slots (`-1`), out-of-range and duplicate
 raw indices (de-duplicated), a fully masked query, causal masking, a bias,
 GQA, head sizes and T / S that are not multiples of the tiles, and cotangents
 on every output (out, log-sum-exp, slot logits). `check_grads` checks the
-Pallas backward against finite differences.
+Pallas backward against finite differences, and the public routes run the
+non-finite table of docs/errors.md (tests/numerics_test.py) with it.
 
 `GpuBackwardTest` runs the Triton variant compiled on a GPU and in the Pallas
 interpreter elsewhere; `TpuBackwardTest` the Mosaic variant on a TPU or in the
@@ -31,6 +32,7 @@ from gsparse import gather, kernels
 from gsparse.kernels.backward import gather_backward_xla, slot_positions
 from gsparse.kernels.block_bwd import block_backward_pallas
 from gsparse.kernels.token_bwd import token_backward_pallas
+from tests import numerics_test
 
 SCALE = 0.37
 TOL = dict(atol=2e-5, rtol=2e-5)
@@ -270,3 +272,31 @@ def test_backward_argument_is_checked():
   # "auto": the XLA backward in interpret mode (no scatter is the Pallas one).
   assert kernels.resolve_backward("auto", interpret=True) == "xla"
   assert kernels.resolve_backward("auto", interpret=False) == "pallas"
+
+
+@pytest.fixture
+def pallas_backward_in_interpret(monkeypatch):
+  """The public routes with the Pallas backward where the kernels run in interpret mode.
+
+  `backward="auto"` picks the XLA backward in interpret mode (CPU); this makes
+  it pick the Pallas one, and clears the jit caches so that no earlier trace
+  with the XLA backward is reused.
+  """
+  force = lambda backward, *, interpret: "pallas"
+  for module in (kernels.token, kernels.block):
+    monkeypatch.setattr(module, "resolve_backward", force)
+  jax.clear_caches()
+  yield
+  jax.clear_caches()
+
+
+@pytest.mark.usefixtures("pallas_backward_in_interpret")
+def test_public_route_zero_grads_for_a_row_masked_by_bias():
+  numerics_test.test_gather_neg_inf_bias_row_zero_grads("pallas")
+
+
+@pytest.mark.slow  # the non-finite table through topk_attention: one route, forward and backward
+@pytest.mark.usefixtures("pallas_backward_in_interpret")
+@pytest.mark.parametrize("selection", ["full", "block"])
+def test_public_route_nonfinite_table(selection):
+  numerics_test.test_nonfinite_table(selection, "pallas")
