@@ -300,3 +300,24 @@ def test_public_route_zero_grads_for_a_row_masked_by_bias():
 @pytest.mark.parametrize("selection", ["full", "block"])
 def test_public_route_nonfinite_table(selection):
   numerics_test.test_nonfinite_table(selection, "pallas")
+
+
+@pytest.mark.slow  # two more compiles of each backward; the vmap batching rule of pallas_call
+def test_pallas_backward_under_vmap():
+  q, k, v, idx, _ = _token_case(12, 2, 3, 2, 1, 11, 4, 3, 4)
+  q2, k2, v2, bidx = _block_case(13, 2, 5, 2, 1, 9, 4, 3, 2, 4, 2)
+
+  def loss(backward, q, k, v, idx, q2, k2, v2, bidx):
+    kw = dict(scale=SCALE, interpret=True, backward=backward)
+    o1 = kernels.token_gather_attention(q[None], k[None], v[None], idx[None], **kw)[0]
+    o2 = kernels.block_gather_attention(
+      q2[None], k2[None], v2[None], bidx[None], block_q=2, block_k=4, is_causal=True, **kw
+    )[0]
+    return jnp.sum(o1) + jnp.sum(o2)
+
+  def grads(backward):
+    g = jax.grad(functools.partial(loss, backward), argnums=(0, 1, 2, 4, 5, 6))
+    return jax.jit(jax.vmap(g))(q, k, v, idx, q2, k2, v2, bidx)
+
+  for name, g, w in zip(("dq", "dk", "dv") * 2, grads("pallas"), grads("xla"), strict=True):
+    np.testing.assert_allclose(g, w, err_msg=name, **TOL)
