@@ -1,4 +1,4 @@
-"""Pallas kernels for sparse-gather attention, with an XLA backward.
+"""Pallas kernels for sparse-gather attention, forward and backward.
 
 They run behind `gsparse.sparse_gather_attention(..., implementation="pallas")`
 and `gsparse.block_sparse_gather_attention(..., implementation="pallas")`.
@@ -10,7 +10,11 @@ Modules:
     (query, head).
   * `block`: `block_gather_attention`, one list of key blocks per (query
     block, head).
-  * `backward`: `gather_backward_xla`, the XLA backward of both custom VJPs.
+  * `token_bwd` / `token_bwd_tpu`, `block_bwd`: the Pallas backward of both
+    custom VJPs (dq, dk, dv without atomics; `key_major` sorts the pairs by
+    key), run where the forward compiles for a device (`backward=`).
+  * `backward`: `gather_backward_xla`, the XLA backward: the reference, and the
+    default in interpret mode.
   * `reference`: pure-jnp dense-mask references of both.
   * `nonfinite`: the finite-part / poison trick for masked non-finite rows.
 
@@ -19,11 +23,14 @@ gathers that call them. See docs/kernels.md.
 """
 
 from gsparse.kernels._common import (
+  BACKWARDS,
   VARIANTS,
+  Backward,
   BlockSizes,
   Variant,
   block_sizes_supported,
   default_variant,
+  resolve_backward,
 )
 from gsparse.kernels.backward import gather_backward_xla
 from gsparse.kernels.block import block_gather_attention
@@ -31,13 +38,16 @@ from gsparse.kernels.reference import block_gather_reference, sparse_gather_refe
 from gsparse.kernels.token import token_gather_attention
 
 __all__ = [
+  "BACKWARDS",
   "VARIANTS",
+  "Backward",
   "BlockSizes",
   "Variant",
   "block_gather_attention",
   "block_gather_reference",
   "block_sizes_supported",
   "default_variant",
+  "resolve_backward",
   "gather_backward_xla",
   "sparse_gather_reference",
   "token_gather_attention",

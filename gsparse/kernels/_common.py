@@ -22,6 +22,8 @@ from jax import lax
 
 Variant = Literal["gpu", "tpu"]
 VARIANTS: tuple[Variant, ...] = ("gpu", "tpu")
+Backward = Literal["auto", "pallas", "xla"]
+BACKWARDS: tuple[Backward, ...] = ("auto", "pallas", "xla")
 
 # Triton lowers a float32 dot at DEFAULT precision to TF32 (10-bit mantissa);
 # HIGHEST keeps float32 inputs in IEEE float32 and changes nothing for 16-bit
@@ -124,3 +126,17 @@ def check_block_sizes(block_q: int, block_k: int, *, variant: str, interpret: bo
         f"{name}={size} must be {rule} for the {variant.upper()} kernel ({tiles}); "
         'use implementation="xla" for other block sizes'
       )
+
+
+def resolve_backward(backward: str, *, interpret: bool) -> str:
+  """The backward a kernel's custom VJP runs: "pallas" or "xla".
+
+  "auto" is the Pallas backward where the forward compiles for a device and
+  the XLA backward in interpret mode (CPU); "pallas" in interpret mode is for
+  tests. Raises ValueError for anything else.
+  """
+  if backward not in BACKWARDS:
+    raise ValueError(f"backward={backward!r} must be one of {BACKWARDS}")
+  if backward == "auto":
+    return "xla" if interpret else "pallas"
+  return backward

@@ -1,12 +1,11 @@
 """The XLA backward shared by the token- and block-level kernels.
 
-`token_gather_attention` and `block_gather_attention` carry a custom VJP whose
-backward is plain XLA (`gather_backward_xla`): it recomputes the slot
-probabilities from the saved log-sum-exp, and scatter-adds dK and dV. The
-scatter is where the backward differs from the forward: many queries select the
-same key, so a kernel would need atomics (Triton) or a key-major transposed
-index (a sort); XLA's scatter-add is deterministic on TPU, available
-everywhere, and keeps the fallback first-class. See docs/kernels.md.
+`token_gather_attention` and `block_gather_attention` carry a custom VJP with
+two backwards. This one is plain XLA (`gather_backward_xla`): it recomputes the
+slot probabilities from the saved log-sum-exp and scatter-adds dK and dV. It is
+the reference, the default in interpret mode, and the fallback
+(`backward="xla"`). The Pallas backward (`token_bwd`, `block_bwd`) replaces the
+scatter with a key-major sort and per-key-block kernels. See docs/kernels.md.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@ over the listed key blocks with two small matmuls per step; the TPU kernel
 takes the block ids through scalar prefetch (`pltpu.PrefetchScalarGridSpec`)
 and copies each key block from HBM into VMEM. Both return the output and the
 log-sum-exp (float32, `-inf` for a query with no key). The backward is
-`gsparse.kernels.backward.gather_backward_xla`.
+`gsparse.kernels.block_bwd` (Pallas) or `gsparse.kernels.backward.gather_backward_xla`.
 """
 
 from __future__ import annotations
@@ -24,13 +24,16 @@ from jax.experimental import pallas as pl
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import (
   DOT_PRECISION,
+  Backward,
   Variant,
   check_block_sizes,
   check_variant,
   interpret_arg,
   next_pow2,
+  resolve_backward,
 )
 from gsparse.kernels.backward import gather_backward_xla, slot_positions
+from gsparse.kernels.block_bwd import block_backward_pallas
 from gsparse.kernels.nonfinite import finite_part, nonfinite_indicator, poison
 
 
@@ -263,28 +266,48 @@ def _block_forward(query, key, value, bidx, block_q, block_k, scale, is_causal, 
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10))
-def _block_core(query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret, t):
-  del t  # the real T (query is padded to whole blocks); used by the backward
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10, 11))
+def _block_core(
+  query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret, t, backward
+):
+  del t, backward  # the real T (query is padded to whole blocks) and the backward: for the VJP
   return _block_forward(
     query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret
   )
 
 
 def _block_core_fwd(
-  query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret, t
+  query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret, t, backward
 ):
-  del t
+  del t, backward
   out, lse = _block_forward(
     query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret
   )
-  return (out, lse), (query, key, value, bidx, lse)
+  return (out, lse), (query, key, value, bidx, out, lse)
 
 
-def _block_core_bwd(block_q, block_k, scale, is_causal, variant, interpret, t, res, cts):
-  del variant, interpret
-  query, key, value, bidx, lse = res
+def _block_core_bwd(block_q, block_k, scale, is_causal, variant, interpret, t, backward, res, cts):
+  query, key, value, bidx, out, lse = res
   do, dlse = cts
+  if backward == "pallas":
+    dq, dk, dv = block_backward_pallas(
+      query,
+      key,
+      value,
+      bidx,
+      out,
+      lse,
+      do,
+      dlse,
+      block_q=block_q,
+      block_k=block_k,
+      scale=scale,
+      is_causal=is_causal,
+      num_queries=t,
+      variant=variant,
+      interpret=interpret,
+    )
+    return dq, dk, dv, None
   pos, valid = slot_positions(bidx, block_k, key.shape[1])
   dq, dk, dv, _ = gather_backward_xla(
     query,
@@ -310,7 +333,7 @@ _block_core.defvjp(_block_core_fwd, _block_core_bwd)
 
 @functools.partial(
   jax.jit,
-  static_argnames=("block_q", "block_k", "scale", "is_causal", "variant", "interpret"),
+  static_argnames=("block_q", "block_k", "scale", "is_causal", "variant", "interpret", "backward"),
 )
 def block_gather_attention(
   query: jax.Array,
@@ -324,6 +347,7 @@ def block_gather_attention(
   is_causal: bool = False,
   variant: Variant = "gpu",
   interpret: bool = False,
+  backward: Backward = "auto",
 ) -> tuple[jax.Array, jax.Array]:
   """Block-level sparse-gather attention kernel (differentiable).
 
@@ -339,11 +363,15 @@ def block_gather_attention(
     is_causal: mask key position > query position.
     variant: "gpu" or "tpu".
     interpret: run in the Pallas (or TPU) interpreter.
+    backward: "pallas" (`gsparse.kernels.block_bwd`), "xla"
+      (`gather_backward_xla`, the reference) or "auto" (Pallas unless
+      `interpret`).
 
   Returns:
     `(output [B, T, N, Hv] in query.dtype, logsumexp [B, T, N] float32)`.
   """
   check_variant(variant)
+  backward = resolve_backward(backward, interpret=interpret)
   check_block_sizes(block_q, block_k, variant=variant, interpret=interpret)
   t = query.shape[1]
   nkb = -(-key.shape[1] // block_k)
@@ -356,6 +384,6 @@ def block_gather_attention(
   bidx = jnp.where((bidx >= 0) & (bidx < nkb), bidx, -1)
   qp = pad_axis(query, 1, tb * block_q)
   out, lse = _block_core(
-    qp, key, value, bidx, block_q, block_k, float(scale), is_causal, variant, interpret, t
+    qp, key, value, bidx, block_q, block_k, float(scale), is_causal, variant, interpret, t, backward
   )
   return out[:, :t], lse[:, :t]

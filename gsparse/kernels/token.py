@@ -10,7 +10,7 @@ and takes its indices per grid step as an SMEM block (the whole `[T, N, k]`
 index tensor would not fit in SMEM). Both return the output, the log-sum-exp
 (float32, `-inf` for a query with no key) and the per-slot logits, so that
 callers can form the slot weights without a second gather. The backward is
-`gsparse.kernels.backward.gather_backward_xla`.
+`gsparse.kernels.token_bwd` (Pallas) or `gsparse.kernels.backward.gather_backward_xla`.
 """
 
 from __future__ import annotations
@@ -25,13 +25,17 @@ from jax.experimental import pallas as pl
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import (
   DEFAULT_BLOCK_SIZES,
+  Backward,
   BlockSizes,
   Variant,
   check_variant,
   interpret_arg,
   next_pow2,
+  resolve_backward,
 )
 from gsparse.kernels.backward import gather_backward_xla
+from gsparse.kernels.token_bwd import token_backward_pallas
+from gsparse.kernels.tpu_rows import fetch_rows_tpu
 
 
 def _token_kernel_gpu(
@@ -131,47 +135,6 @@ def _token_forward_gpu(query, key, value, idx, bias, *, scale, block_sizes, inte
   return out[:, :t, :, :hv], lse[:, :t], logits[:, :t, :, :kk]
 
 
-def _fetch_rows_tpu(idx_smem, i, head, key_hbm, value_hbm, kbuf, vbuf, sems):
-  """Copies the `kp` listed K/V rows of query `i` of `head = (batch, kv head)` into VMEM.
-
-  A masked slot (index < 0) fetches row 0 and then gets a zero value row:
-  `0 * NaN` would otherwise reach the output.
-  """
-  from jax.experimental.pallas import tpu as pltpu
-
-  kp = kbuf.shape[0]
-
-  def copies(c):
-    row = jnp.maximum(idx_smem[0, i * kp + c], 0)
-    rows = (*head, pl.ds(row, 1))
-    ck = pltpu.make_async_copy(key_hbm.at[rows], kbuf.at[pl.ds(c, 1)], sems.at[0])
-    cv = pltpu.make_async_copy(value_hbm.at[rows], vbuf.at[pl.ds(c, 1)], sems.at[1])
-    return ck, cv
-
-  def start(c, _):
-    ck, cv = copies(c)
-    ck.start()
-    cv.start()
-    return _
-
-  def wait(c, _):
-    ck, cv = copies(c)
-    ck.wait()
-    cv.wait()
-    return _
-
-  def zero_masked(c, _):
-    @pl.when(idx_smem[0, i * kp + c] < 0)
-    def _zero():
-      vbuf[pl.ds(c, 1), :] = jnp.zeros((1, vbuf.shape[1]), vbuf.dtype)
-
-    return _
-
-  lax.fori_loop(0, kp, start, 0)
-  lax.fori_loop(0, kp, wait, 0)  # all copies share two semaphores: zero after the last
-  lax.fori_loop(0, kp, zero_masked, 0)
-
-
 def _token_kernel_tpu(
   idx_smem,
   query_ref,
@@ -199,7 +162,7 @@ def _token_kernel_tpu(
   f32 = jnp.float32
 
   def query_body(i, carry):
-    _fetch_rows_tpu(idx_smem, i, (b, kvh), key_hbm, value_hbm, kbuf, vbuf, sems)
+    fetch_rows_tpu(idx_smem, i, (b, kvh), key_hbm, value_hbm, kbuf, vbuf, sems)
     query = query_ref[pl.ds(i, 1), :].astype(f32)  # [1, H]
     valid = idx_ref[pl.ds(i, 1), :] >= 0  # [1, kp]
     s = lax.dot_general(query, kbuf[...].astype(f32), (((1,), (1,)), ((), ())))
@@ -278,22 +241,41 @@ def _token_forward(query, key, value, idx, bias, scale, block_sizes, variant, in
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def _token_core(query, key, value, idx, bias, scale, block_sizes, variant, interpret):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def _token_core(query, key, value, idx, bias, scale, block_sizes, variant, interpret, backward):
+  del backward  # for the VJP
   return _token_forward(query, key, value, idx, bias, scale, block_sizes, variant, interpret)
 
 
-def _token_core_fwd(query, key, value, idx, bias, scale, block_sizes, variant, interpret):
+def _token_core_fwd(query, key, value, idx, bias, scale, block_sizes, variant, interpret, backward):
+  del backward
   out, lse, logits = _token_forward(
     query, key, value, idx, bias, scale, block_sizes, variant, interpret
   )
-  return (out, lse, logits), (query, key, value, idx, bias, lse)
+  return (out, lse, logits), (query, key, value, idx, bias, out, lse)
 
 
-def _token_core_bwd(scale, block_sizes, variant, interpret, res, cts):
-  del block_sizes, variant, interpret
-  query, key, value, idx, bias, lse = res
+def _token_core_bwd(scale, block_sizes, variant, interpret, backward, res, cts):
+  query, key, value, idx, bias, out, lse = res
   do, dlse, dlogits = cts
+  if backward == "pallas":
+    dq, dk, dv, dbias = token_backward_pallas(
+      query,
+      key,
+      value,
+      idx,
+      bias,
+      out,
+      lse,
+      do,
+      dlse,
+      dlogits,
+      scale=scale,
+      block_sizes=block_sizes,
+      variant=variant,
+      interpret=interpret,
+    )
+    return dq, dk, dv, None, dbias
   valid = idx >= 0
   dq, dk, dv, dbias = gather_backward_xla(
     query,
@@ -316,7 +298,9 @@ def _token_core_bwd(scale, block_sizes, variant, interpret, res, cts):
 _token_core.defvjp(_token_core_fwd, _token_core_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("scale", "block_sizes", "variant", "interpret"))
+@functools.partial(
+  jax.jit, static_argnames=("scale", "block_sizes", "variant", "interpret", "backward")
+)
 def token_gather_attention(
   query: jax.Array,
   key: jax.Array,
@@ -328,6 +312,7 @@ def token_gather_attention(
   block_sizes: BlockSizes = DEFAULT_BLOCK_SIZES,
   variant: Variant = "gpu",
   interpret: bool = False,
+  backward: Backward = "auto",
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """Token-level sparse-gather attention kernel (differentiable).
 
@@ -342,15 +327,21 @@ def token_gather_attention(
     block_sizes: tile sizes.
     variant: "gpu" (Triton-style kernel) or "tpu" (Mosaic kernel).
     interpret: run the kernel in the Pallas (or TPU) interpreter.
+    backward: "pallas" (`gsparse.kernels.token_bwd`), "xla"
+      (`gather_backward_xla`, the reference) or "auto" (Pallas unless
+      `interpret`).
 
   Returns:
     `(output [B, T, N, Hv] in query.dtype, logsumexp [B, T, N] float32,
     logits [B, T, N, k] float32 with -inf at masked slots)`.
   """
   check_variant(variant)
+  backward = resolve_backward(backward, interpret=interpret)
   s_len = key.shape[1]
   idx = indices.astype(jnp.int32)
   idx = jnp.where((idx >= 0) & (idx < s_len), idx, -1)
   if bias is None:
     bias = jnp.zeros(idx.shape, jnp.float32)
-  return _token_core(query, key, value, idx, bias, float(scale), block_sizes, variant, interpret)
+  return _token_core(
+    query, key, value, idx, bias, float(scale), block_sizes, variant, interpret, backward
+  )
