@@ -144,11 +144,11 @@ def main(argv):
 
   # The common-random-numbers estimator one point at a time: the group's
   # shared draws computed once (as the sweep does), then one jitted call per point.
-  crn_point = jax.jit(sweep._crn_point, static_argnames=("n",))
+  crn_point = jax.jit(sweep.crn._crn_point, static_argnames=("n",))
   crn_ks = np.asarray(pts["k"])  # the head size the sweep uses
-  head_cap = sweep._crn_head_cap(crn_ks, n=n, d=d, rows=rows, trials=trials)
-  base, wstats = sweep._crn_base(
-    sweep._group_key(key, n, d), n=n, d=d, rows=rows, trials=trials,
+  head_cap = sweep.crn._crn_head_cap(crn_ks, n=n, d=d, rows=rows, trials=trials)
+  base, wstats = sweep.crn._crn_base(
+    sweep.measure._group_key(key, n, d), n=n, d=d, rows=rows, trials=trials,
     resample_weights=False, head_cap=head_cap,
   )  # fmt: skip
 
