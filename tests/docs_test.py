@@ -12,6 +12,7 @@ name one of its headings (GitHub's slug rule).
 """
 
 import contextlib
+import importlib.util
 import io
 import os
 import pathlib
@@ -161,3 +162,31 @@ def test_relative_links_resolve(page):
 
 def test_link_check_sees_links():
   assert sum(1 for _ in _links(ROOT / "README.md")) >= 5
+
+
+def _sync_readme():
+  spec = importlib.util.spec_from_file_location("sync_readme", ROOT / "scripts" / "sync_readme.py")
+  mod = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(mod)
+  return mod
+
+
+def test_readme_includes_match_their_source():
+  """Measured figures in the README are copies of one dated file each."""
+  sync = _sync_readme()
+  text = (ROOT / "README.md").read_text()
+  blocks = sync.INCLUDE.findall(text)
+  assert blocks, "the README has no include blocks (the timing and benchmark figures)"
+  for _, path, _, _ in blocks:
+    assert path.startswith("docs/results/"), f"{path}: includes come from dated results"
+  assert sync.synced(text) == text, "stale README block: run python scripts/sync_readme.py"
+
+
+def test_readme_include_check_sees_a_stale_block(tmp_path):
+  sync = _sync_readme()
+  (tmp_path / "fig.md").write_text("| a | 1.0x |\n")
+  stale = "x\n<!-- include: fig.md -->\n| a | 2.0x |\n<!-- /include -->\ny\n"
+  assert (
+    sync.synced(stale, tmp_path)
+    == "x\n<!-- include: fig.md -->\n| a | 1.0x |\n<!-- /include -->\ny\n"
+  )
