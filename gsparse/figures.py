@@ -205,44 +205,59 @@ def summary_markdown(table, part, config, figs, *, phase_seconds, total_seconds)
     f"Time: {phases}; whole report {total_seconds:.1f} s. Raw numbers: `sweep.csv`.",
     "",
   ]
-  # Theorem 1.
+  lines += _sparsity_section(table, part, config, figs)
+  lines += _error_section(table, part, config, figs)
+  lines += _phase_section(table, part, figs)
+  lines += _power_law_section(table, part, config, figs)
+  return "\n".join(lines)
+
+
+def _figure(figs, name: str, alt: str) -> list[str]:
+  return [f"![{alt}]({os.path.basename(figs[name])})", ""]
+
+
+def _sparsity_section(table, part, config, figs) -> list[str]:
+  """Theorem 1 against the measured minimal k."""
   sp = np.isin(part, ["sparsity"])
   t = table.where(sp)
-  lines += [
-    "## Sparsity vs tau",
-    "",
-    f"![sparsity vs tau]({os.path.basename(figs['sparsity_vs_tau'])})",
-    "",
-  ]
-  kb = table["bound_k"] if "bound_k" in table.names else None
-  if kb is not None:
-    has = ~np.isnan(kb)  # the report evaluates Theorem 1 at the sparsity points
-    viol = (table["min_k_max"] > kb) & has
-    draws_all = int(np.sum(table["trials"][has]))
-    q99 = table["min_k_q99"]
-    ok = (q99 > 0) & sp
-    ratio = kb[ok] / q99[ok]
-    informative = int(np.sum(kb[sp] < np.floor(1 / config.eps)))
-    lines += [
-      f"- Theorem 1 (delta = {config.delta:g}): over the {int(np.sum(has))} points with the bound "
-      f"({draws_all} draws), {int(np.sum(viol))} points have a measured row with more than "
-      f"k entries above eps (a violation of the theorem's event in that draw; at most "
-      f"delta x draws = {config.delta * draws_all:.2g} violating draws are allowed on average).",
-      f"- Tightness on the sparsity points: bound k / measured 99% quantile of min k: "
-      f"median {_fmt(np.median(ratio)) if ratio.size else 'n/a'}, range "
-      f"[{_fmt(ratio.min()) if ratio.size else 'n/a'}, "
-      f"{_fmt(ratio.max()) if ratio.size else 'n/a'}]"
-      f"; the bound beats the trivial floor(1/eps) = {int(1 / config.eps)} at "
-      f"{informative} of {int(np.sum(sp))} points.",
-    ]
-  lines += [
+  lines = ["## Sparsity vs tau", "", *_figure(figs, "sparsity_vs_tau", "sparsity vs tau")]
+  if "bound_k" in table.names:
+    lines += _theorem1_lines(table, sp, config)
+  return lines + [
     f"- Measured mean min k ranges from {_fmt(t['min_k_mean'].min())} (tau ~ "
     f"{_fmt(t['tau_mean'][np.argmin(t['min_k_mean'])])}) to {_fmt(t['min_k_mean'].max())} "
     f"(tau ~ {_fmt(t['tau_mean'][np.argmax(t['min_k_mean'])])}).",
     "",
   ]
-  # Error and certificate.
-  lines += ["## Top-k error vs k", "", f"![error vs k]({os.path.basename(figs['error_vs_k'])})", ""]
+
+
+def _theorem1_lines(table, sp, config) -> list[str]:
+  """Theorem 1's violations and tightness (`sp`: the sparsity points)."""
+  kb = table["bound_k"]
+  has = ~np.isnan(kb)  # the report evaluates Theorem 1 at the sparsity points
+  viol = (table["min_k_max"] > kb) & has
+  draws_all = int(np.sum(table["trials"][has]))
+  q99 = table["min_k_q99"]
+  ok = (q99 > 0) & sp
+  ratio = kb[ok] / q99[ok]
+  informative = int(np.sum(kb[sp] < np.floor(1 / config.eps)))
+  return [
+    f"- Theorem 1 (delta = {config.delta:g}): over the {int(np.sum(has))} points with the bound "
+    f"({draws_all} draws), {int(np.sum(viol))} points have a measured row with more than "
+    f"k entries above eps (a violation of the theorem's event in that draw; at most "
+    f"delta x draws = {config.delta * draws_all:.2g} violating draws are allowed on average).",
+    f"- Tightness on the sparsity points: bound k / measured 99% quantile of min k: "
+    f"median {_fmt(np.median(ratio)) if ratio.size else 'n/a'}, range "
+    f"[{_fmt(ratio.min()) if ratio.size else 'n/a'}, "
+    f"{_fmt(ratio.max()) if ratio.size else 'n/a'}]"
+    f"; the bound beats the trivial floor(1/eps) = {int(1 / config.eps)} at "
+    f"{informative} of {int(np.sum(sp))} points.",
+  ]
+
+
+def _error_section(table, part, config, figs) -> list[str]:
+  """The certificate (deterministic) and Theorem 2 against the measured top-k error."""
+  lines = ["## Top-k error vs k", "", *_figure(figs, "error_vs_k", "error vs k")]
   cert_bad = int(np.sum(table["cert_error_max"] < table["error_max"] * (1 - 1e-4)))
   cert_mean_bad = int(np.sum(table["cert_error_mean"] < table["error_mean"] * (1 - 1e-4)))
   er = table.where(part == "error")
@@ -264,37 +279,37 @@ def summary_markdown(table, part, config, figs, *, phase_seconds, total_seconds)
       f"error above the bound; bound / max observed error on the error points: median "
       f"{_fmt(np.median(ratio))}.",
     ]
-  lines += [""]
-  # Phase diagram.
+  return lines + [""]
+
+
+def _phase_section(table, part, figs) -> list[str]:
+  """The measured exponent C = ln(ESS) / ln n against the random-energy-model prediction."""
   ph = table.where(part == "phase")
   c_hat = np.log(np.maximum(ph["support_mean"], 1.0)) / np.log(ph["n"])
-  lines += [
-    "## Phase diagram in (n, tau)",
-    "",
-    f"![phase diagram]({os.path.basename(figs['phase_diagram'])})",
-    "",
-  ]
   pred = _theory.predicted_support(ph["n"], ph["tau_mean"])
   c_pred = np.log(np.maximum(pred, 1.0)) / np.log(ph["n"])
-  lines += [
+  return [
+    "## Phase diagram in (n, tau)",
+    "",
+    *_figure(figs, "phase_diagram", "phase diagram"),
     f"- Measured exponent C = ln(ESS)/ln n against the random-energy-model prediction at "
     f"the measured tau: mean |difference| {_fmt(np.mean(np.abs(c_hat - c_pred)))}, max "
     f"{_fmt(np.max(np.abs(c_hat - c_pred)))} over {len(ph)} points (the prediction is "
     "exact at exponential scale only: sub-exponential factors and the spread of tau over "
     "rows are not modelled).",
-  ]
-  lines += [
     f"- Measured C ranges from {_fmt(c_hat.min())} to {_fmt(c_hat.max())}.",
     "",
   ]
-  # n^C.
+
+
+def _power_law_section(table, part, config, figs) -> list[str]:
+  """Tail mass and error of the adaptive window k = alpha n^C against a fixed k."""
   fx = table.where(part == "fixed").sort_by("n")
   pw = table.where(part == "power").sort_by("n")
-  lines += [
+  lines = [
     "## k = alpha n^C vs fixed k",
     "",
-    f"![power law vs fixed]({os.path.basename(figs['power_law_vs_fixed'])})",
-    "",
+    *_figure(figs, "power_law_vs_fixed", "power law vs fixed"),
     f"tau = {config.growth_a:g} sqrt(2 ln n) grows with n. Mean tail mass:",
     "",
     "| n | fixed k | tail (fixed) | k = alpha n^C | tail (adaptive) | error (fixed) "
@@ -307,5 +322,4 @@ def summary_markdown(table, part, config, figs, *, phase_seconds, total_seconds)
       f"{int(pw['k'][i])} | {_fmt(pw['tail_mean'][i])} | {_fmt(fx['error_mean'][i])} | "
       f"{_fmt(pw['error_mean'][i])} |"
     )
-  lines += [""]
-  return "\n".join(lines)
+  return lines + [""]

@@ -281,29 +281,34 @@ def measure_model(
   if len(lengths) >= 2:
     fit_kw = dict(num_bootstrap=num_bootstrap, seed=seed)
     fits = _fits(runner, args, rows, t, lengths, kw, query_mask, fit_kw, jit)
-  layers = []
-  for path, r in rows.items():
-    nheads = r["effective_support"].shape[0]
-    pw = np.asarray(predicted.get(path, np.full(nheads, np.nan)), np.float64)
-    if pw.shape != (nheads,):
-      pw = np.full(nheads, np.nan)
-    pred_row = np.asarray(
-      bounds.predicted_effective_support(
-        np.maximum(np.nan_to_num(r["num_keys"], nan=1.0), 1.0), np.nan_to_num(r["tau"])
-      )
-    )
-    pred_row = np.where(np.isnan(r["num_keys"]), np.nan, pred_row)
-    layers.append(
-      LayerAtlas(
-        path,
-        r["effective_support"],
-        r["num_keys"],
-        r["tau"],
-        r["needed_k"],
-        r["certified_k"],
-        pred_row,
-        pw,
-        fits.get(path),
-      )
-    )
+  layers = [_layer_atlas(path, r, predicted.get(path), fits.get(path)) for path, r in rows.items()]
   return Atlas(tolerances, t, lengths, layers, skipped, _spearman(layers) if layers else {})
+
+
+def _layer_atlas(path, r: dict, predicted, fit) -> LayerAtlas:
+  """One layer's `LayerAtlas`: its measured rows and the two predictions.
+
+  The per-row prediction comes from the row's measured tau (random-energy
+  model); the per-head one from the weights (`predicted`; NaN if absent).
+  """
+  nheads = r["effective_support"].shape[0]
+  pw = np.asarray(np.full(nheads, np.nan) if predicted is None else predicted, np.float64)
+  if pw.shape != (nheads,):
+    pw = np.full(nheads, np.nan)
+  pred_row = np.asarray(
+    bounds.predicted_effective_support(
+      np.maximum(np.nan_to_num(r["num_keys"], nan=1.0), 1.0), np.nan_to_num(r["tau"])
+    )
+  )
+  pred_row = np.where(np.isnan(r["num_keys"]), np.nan, pred_row)
+  return LayerAtlas(
+    path,
+    r["effective_support"],
+    r["num_keys"],
+    r["tau"],
+    r["needed_k"],
+    r["certified_k"],
+    pred_row,
+    pw,
+    fit,
+  )

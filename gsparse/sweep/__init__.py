@@ -100,6 +100,35 @@ class _Progress:
     )
 
 
+def _reporter(
+  progress: bool | Callable[[int, int], None], total: int
+) -> Callable[[int, int], None]:
+  """`run_sweep`'s `progress` as a callable `report(done, total)`."""
+  if callable(progress):
+    return progress
+  bar = _Progress(total, bool(progress))
+  return lambda done, tot: bar.update(done)
+
+
+def _independent_group(
+  cols, sel, out, key, *, n, d, rows, trials, resample_weights, chunk_size, max_elements, mesh,
+  done, report, total,
+) -> int:  # fmt: skip
+  """Measures the points `sel` of one `(n, d)` group, each with its own draws."""
+  ndev = 1 if mesh is None else mesh.devices.size
+  size = chunk_size or max(1, max_elements // (trials * rows * n))
+  size = max(ndev, size // ndev * ndev)
+
+  def measure(pad):
+    return measure_points(
+      key, pad, cols["sigma"][pad], cols["weight_scale"][pad], cols["k"][pad], cols["eps"][pad],
+      n=n, d=d, trials=trials, rows=rows, resample_weights=resample_weights, mesh=mesh,
+    )  # fmt: skip
+
+  return _in_chunks(measure, sel, out, size=size, ndev=ndev, rows=rows, done=done,
+                    report=report, total=total)  # fmt: skip
+
+
 def _crn_group(
   cols, sel, out, key, *, n, d, rows, trials, resample_weights, chunk_size, max_elements, mesh,
   done, report, total,
@@ -117,10 +146,8 @@ def _crn_group(
   batch = max(1, 4 * max_elements // (trials * rows * n))
   size = chunk_size or 1024
   size = max(ndev, -(-size // ndev) * ndev)
-  size = min(size, -(-len(sel) // ndev) * ndev)
-  for start in range(0, len(sel), size):
-    idx = sel[start : start + size]
-    pad = np.concatenate([idx, np.full(size - len(idx), idx[-1])])
+
+  def measure(pad):
     args = tuple(
       jnp.asarray(cols[p][pad], dt)
       for p, dt in (("sigma", jnp.float32), ("weight_scale", jnp.float32), ("k", jnp.int32),
@@ -128,7 +155,24 @@ def _crn_group(
     )  # fmt: skip
     if mesh is not None:
       args = _sharding.shard_batch(args, mesh)
-    res = jax.device_get(_crn_chunk(base, wstats, *args, n=n, batch=batch, mesh=mesh))
+    return _crn_chunk(base, wstats, *args, n=n, batch=batch, mesh=mesh)
+
+  return _in_chunks(measure, sel, out, size=size, ndev=ndev, rows=rows, done=done,
+                    report=report, total=total)  # fmt: skip
+
+
+def _in_chunks(measure, sel, out, *, size, ndev, rows, done, report, total) -> int:
+  """Runs `measure(padded indices)` over `sel` in chunks of `size` points into `out`.
+
+  The last chunk is padded with its last index so that every call has one
+  shape (one compile); the padding's results are dropped. Returns `done` plus
+  the points measured.
+  """
+  size = min(size, -(-len(sel) // ndev) * ndev)
+  for start in range(0, len(sel), size):
+    idx = sel[start : start + size]
+    pad = np.concatenate([idx, np.full(size - len(idx), idx[-1])])
+    res = jax.device_get(measure(pad))
     for c, v in res.items():
       out[c][idx] = np.asarray(v)[: len(idx)]
     out["rows"][idx] = rows
@@ -202,52 +246,19 @@ def run_sweep(
     if mesh != "auto":
       raise ValueError(f"mesh={mesh!r} must be a Mesh, None or 'auto'")
     mesh = _sharding.batch_mesh() if jax.device_count() > 1 else None
-  ndev = 1 if mesh is None else mesh.devices.size
   total = len(cols["n"])
-  if callable(progress):
-    report = progress
-  else:
-    bar = _Progress(total, bool(progress))
-    report = lambda done, tot: bar.update(done)
+  report = _reporter(progress, total)
   out = {c: np.zeros(total, np.float64) for c in measured_columns()}
   done = 0
   groups = sorted({(int(a), int(b)) for a, b in zip(cols["n"], cols["d"], strict=True)})
+  measure_group = _crn_group if common_random_numbers else _independent_group
   for n, d in groups:
     sel = np.flatnonzero((cols["n"] == n) & (cols["d"] == d))
-    r = n if rows is None else min(rows, n)
-    if common_random_numbers:
-      done = _crn_group(
-        cols, sel, out, key, n=n, d=d, rows=r, trials=trials,
-        resample_weights=resample_weights, chunk_size=chunk_size,
-        max_elements=max_elements, mesh=mesh, done=done, report=report, total=total,
-      )  # fmt: skip
-      continue
-    size = chunk_size or max(1, max_elements // (trials * r * n))
-    size = max(ndev, size // ndev * ndev)
-    size = min(size, -(-len(sel) // ndev) * ndev)
-    for start in range(0, len(sel), size):
-      idx = sel[start : start + size]
-      pad = np.concatenate([idx, np.full(size - len(idx), idx[-1])])
-      res = measure_points(
-        key,
-        pad,
-        cols["sigma"][pad],
-        cols["weight_scale"][pad],
-        cols["k"][pad],
-        cols["eps"][pad],
-        n=n,
-        d=d,
-        trials=trials,
-        rows=r,
-        resample_weights=resample_weights,
-        mesh=mesh,
-      )
-      res = jax.device_get(res)
-      for c, v in res.items():
-        out[c][idx] = np.asarray(v)[: len(idx)]
-      out["rows"][idx] = r
-      done += len(idx)
-      report(done, total)
+    done = measure_group(
+      cols, sel, out, key, n=n, d=d, rows=n if rows is None else min(rows, n), trials=trials,
+      resample_weights=resample_weights, chunk_size=chunk_size,
+      max_elements=max_elements, mesh=mesh, done=done, report=report, total=total,
+    )  # fmt: skip
   table = dict(cols)
   table["trials"] = np.full(total, trials, np.int64)
   for c in measured_columns():

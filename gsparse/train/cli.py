@@ -11,6 +11,7 @@ from gsparse.train.experiment import VARIANTS, TrainConfig, run_training
 from gsparse.train.model import AttentionSpec, MeasureSpec, ModelConfig
 
 
+# Long on purpose: a flat list of absl flag definitions, one per setting; splitting scatters them.
 def define_flags(*, with_variant: bool = True, flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines the training flags (`--variant` only when `with_variant`) in `flag_values`."""
   fv = flag_values

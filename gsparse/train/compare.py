@@ -126,6 +126,16 @@ def markdown(summary: dict, *, measure_eps: float, measure_k: int) -> str:
     + "; ".join(f"{v} {s}" for v, s in seeds.items())
     + ".",
     "",
+  ]
+  lines += _quality_table(rows)
+  lines += _sparsity_table(rows, measure_eps=measure_eps, measure_k=measure_k)
+  lines += _spearman_table(rows)
+  return "\n".join(lines) + "\n"
+
+
+def _quality_table(rows: dict) -> list[str]:
+  """Validation bits per byte and step time per variant, against dense."""
+  lines = [
     "| variant | attention per layer | val bits/byte (mean) | per seed | vs dense | "
     "step time (s) | vs dense | CPU s/step |",
     "|---|---|---|---|---|---|---|---|",
@@ -144,7 +154,12 @@ def markdown(summary: dict, *, measure_eps: float, measure_k: int) -> str:
       f"| {v} | {specs} | {r['val_bpb_mean']:.4f} | {_fmt_list(r['val_bpb_per_seed'], '{:.4f}')} "
       f"| {delta} | {r['step_time_s_mean']:.3f} | {tratio} | {r['step_cpu_s_mean']:.2f} |"
     )
-  lines += [
+  return lines
+
+
+def _sparsity_table(rows: dict, *, measure_eps: float, measure_k: int) -> list[str]:
+  """The sparsity measured per layer at the end of training, per variant."""
+  lines = [
     "",
     f"Measured per layer at the end of training (layers 0 / 1 / ..., mean over heads, "
     f"validation rows and seeds): `min_k` = entries of the dense softmax row above "
@@ -165,7 +180,12 @@ def markdown(summary: dict, *, measure_eps: float, measure_k: int) -> str:
       f" | {_fmt_list(pl['kept'], '{:.1f}')} | {_fmt_list(pl['own_tail_bound'], '{:.3f}')}"
       f" | {_fmt_list(r['weight_norm_per_layer'], '{:.2f}')} |"
     )
-  lines += [
+  return lines
+
+
+def _spearman_table(rows: dict) -> list[str]:
+  """How well the weight norm predicted the measured sparsity, per variant."""
+  lines = [
     "",
     "Weight-norm prediction vs measured sparsity: Spearman correlation between "
     "‖scale·W_Q W_K^T‖_F (LayerNorm scale folded in) and minus the effective support "
@@ -179,7 +199,7 @@ def markdown(summary: dict, *, measure_eps: float, measure_k: int) -> str:
       f"| {v} | {_fmt_list(r['spearman_layer_per_seed'], '{:+.2f}')} "
       f"| {_fmt_list(r['spearman_head_per_seed'], '{:+.2f}')} |"
     )
-  return "\n".join(lines) + "\n"
+  return lines
 
 
 def _checkpoint_norms(run_dir: pathlib.Path, num_layers: int, step: int) -> np.ndarray | None:

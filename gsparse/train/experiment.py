@@ -387,7 +387,7 @@ def run_training(
 
 
 def _train_loop(config, state, log, rec, corpus, mesh, end, say) -> dict:
-  """The steps of `run_training` from `state` to `end` (long: one loop with its records)."""
+  """The steps of `run_training` from `state` to `end`, then the final entry."""
   batch_sh = NamedSharding(mesh, P("data"))
   num_layers = config.model.num_layers
   step = int(jax.device_get(state["step"]))
@@ -413,50 +413,28 @@ def _train_loop(config, state, log, rec, corpus, mesh, end, say) -> dict:
   t_start = time.perf_counter()
   while step < end:
     if select_at is not None and step == select_at and sparse_layers is None:
-      norms = rank.attention_weight_norms(jax.device_get(state["params"]), num_layers)
-      sparse_layers = rank.rank_layers(norms, config.select_layers)
+      norms, sparse_layers = _rank_layers(config, state)
       log["sparse_layers"] = sparse_layers
       log["select_norms"] = norms.tolist()
       rec.record("select", {"step": step, "sparse_layers": sparse_layers, "norms": norms.tolist()})
       say(f"step {step}: weight-norm ranking picks sparse layers {sparse_layers}")
       model, train_step, eval_step = build(sparse_layers)
-    batch = data_lib.train_batch(
-      corpus.train,
-      seed=config.seed,
-      step=step,
-      batch_size=config.batch_size,
-      seq_len=config.seq_len,
-    )
-    t0, c0 = time.perf_counter(), time.process_time()
-    state, loss = train_step(state, jax.device_put(batch, batch_sh))
-    loss = float(loss)
-    dt, dc = time.perf_counter() - t0, time.process_time() - c0
-    entry = {"step": step, "loss": loss, "step_time_s": dt, "step_cpu_s": dc}
-    log["train"].append(entry)
-    rec.record("train", entry, {"train/loss": loss, "train/step_time_s": dt})
+    state, loss = _train_step(config, state, log, rec, corpus, train_step, batch_sh, step)
     step += 1
     if not math.isfinite(loss):
       say(f"step {step}: non-finite loss {loss}; stopping")
       break
     if step % config.log_every == 0 or step == end:
-      recent = [r["step_time_s"] for r in log["train"][-config.log_every :]]
-      med = statistics.median(recent)
-      eta = med * (config.steps - step)
-      say(f"step {step}/{config.steps} loss {loss:.4f} {med:.3f} s/step eta {eta:.0f} s")
+      _say_progress(config, log, step, loss, say)
     if step % config.eval_every == 0 or step == config.steps:
-      bpb, measured = measures.evaluate(eval_step, state["params"], val, batch_sh, num_layers)
-      entry = {"step": step, "val_bpb": bpb, "sparsity": measured}
-      log["eval"].append(entry)
-      rec.record("eval", entry, {"eval/val_bpb": bpb})
-      say(f"step {step}: validation {bpb:.4f} bits/byte")
+      _evaluate(eval_step, state, val, batch_sh, num_layers, log, rec, step, say)
     if config.checkpoint_every and step % config.checkpoint_every == 0 and step < end:
       rec.checkpoint(step, state, log)
   if step < config.steps:  # stopped early (stop_at_step or non-finite loss)
     rec.checkpoint(step, state, log)
     return log
   if sparse_layers is None and config.variant == "select":  # select_step == steps
-    norms = rank.attention_weight_norms(jax.device_get(state["params"]), num_layers)
-    log["sparse_layers"] = sparse_layers = rank.rank_layers(norms, config.select_layers)
+    log["sparse_layers"] = sparse_layers = _rank_layers(config, state)[1]
   log["final"] = measures.final_entry(
     log,
     jax.device_get(state["params"]),
@@ -467,3 +445,45 @@ def _train_loop(config, state, log, rec, corpus, mesh, end, say) -> dict:
   rec.checkpoint(step, state, log)
   rec.finish(log)
   return log
+
+
+def _rank_layers(config, state):
+  """The "select" variant's choice: weight norms per layer and the layers made sparse."""
+  norms = rank.attention_weight_norms(jax.device_get(state["params"]), config.model.num_layers)
+  return norms, rank.rank_layers(norms, config.select_layers)
+
+
+def _train_step(config, state, log, rec, corpus, train_step, batch_sh, step):
+  """One optimizer step on the step's training batch, logged with its wall and CPU time."""
+  batch = data_lib.train_batch(
+    corpus.train,
+    seed=config.seed,
+    step=step,
+    batch_size=config.batch_size,
+    seq_len=config.seq_len,
+  )
+  t0, c0 = time.perf_counter(), time.process_time()
+  state, loss = train_step(state, jax.device_put(batch, batch_sh))
+  loss = float(loss)
+  dt, dc = time.perf_counter() - t0, time.process_time() - c0
+  entry = {"step": step, "loss": loss, "step_time_s": dt, "step_cpu_s": dc}
+  log["train"].append(entry)
+  rec.record("train", entry, {"train/loss": loss, "train/step_time_s": dt})
+  return state, loss
+
+
+def _evaluate(eval_step, state, val, batch_sh, num_layers, log, rec, step, say) -> None:
+  """Validation bits per byte and the per-layer sparsity measures, logged."""
+  bpb, measured = measures.evaluate(eval_step, state["params"], val, batch_sh, num_layers)
+  entry = {"step": step, "val_bpb": bpb, "sparsity": measured}
+  log["eval"].append(entry)
+  rec.record("eval", entry, {"eval/val_bpb": bpb})
+  say(f"step {step}: validation {bpb:.4f} bits/byte")
+
+
+def _say_progress(config, log, step, loss, say) -> None:
+  """The progress line: loss, median seconds per step of the last `log_every`, ETA."""
+  recent = [r["step_time_s"] for r in log["train"][-config.log_every :]]
+  med = statistics.median(recent)
+  eta = med * (config.steps - step)
+  say(f"step {step}/{config.steps} loss {loss:.4f} {med:.3f} s/step eta {eta:.0f} s")
