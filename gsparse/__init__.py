@@ -4,6 +4,7 @@ Exact and top-k attention in the layout of `jax.nn.dot_product_attention`,
 sparsity measures, the paper's Gaussian-input setting and certified bounds.
 """
 
+from gsparse._admissible import SegmentIds
 from gsparse.attention import attention_weights, compute_logits, dot_product_attention
 from gsparse.block_gather import BlockGatherResult, block_sparse_gather_attention
 from gsparse.bounds import (
@@ -76,6 +77,7 @@ __all__ = [
   "SweepTable",
   "TauRange",
   "LSHSelection",
+  "SegmentIds",
   "TopKStats",
   "Weights",
   "attention_weights",
