@@ -171,13 +171,13 @@ def _check_window(w: Any) -> tuple[int, int] | None:
 def _check_lengths(name: str, x: Any, batch: tuple[int, ...], bound: int) -> jax.Array | None:
   if x is None:
     return None
+  known = concrete_or_none(x)  # before jnp.asarray: under jit that would make a tracer
   x = jnp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise ValueError(f"{name} must have an integer dtype, got {x.dtype}")
   nb = math.prod(batch)
   if x.shape != tuple(batch) and not (not batch and x.shape in ((), (1,))):
     raise ValueError(f"{name} must have the batch shape {tuple(batch)}, got shape {x.shape}")
-  known = concrete_or_none(x)
   if known is not None and known.size and (known.min() < 0 or known.max() > bound):
     raise ValueError(f"{name} must lie in [0, {bound}], got values {known.tolist()}")
   return jnp.clip(x.reshape(nb).astype(jnp.int32), 0, bound)

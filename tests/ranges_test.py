@@ -276,3 +276,26 @@ def test_exact_selection_holds_no_t_by_s_array():
   # The check can fail: the same call with a dense T x S mask holds one.
   dense = jax.make_jaxpr(f)(q, lens, seg, jax.ShapeDtypeStruct((t, s), bool)).jaxpr
   assert _max_intermediate(dense) >= t * s
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas"])
+def test_block_gather_masks_inside_the_listed_blocks(implementation):
+  """Blocks 0 and 2 of 4 keys listed for every query block: jax.nn with the
+  listed keys as a mask plus its own lengths and window ("pallas" takes the
+  XLA path with these arguments, as documented)."""
+  q, k, v = _inputs(10)
+  kw = CASES["all"]
+  bidx = jnp.broadcast_to(jnp.array([0, 2], jnp.int32), (B, 3, N, 2))
+  listed = np.isin(np.arange(S) // 4, [0, 2])
+  out = jax.jit(
+    lambda q, k, v, bi: gsparse.block_sparse_gather_attention(
+      q, k, v, bi, block_q=4, block_k=4, is_causal=True, implementation=implementation, **kw
+    )
+  )(q, k, v, bidx)
+  nn_kw = {n: kw[n] for n in kw if n != "segment_ids"}
+  seg = _np_mask({"segment_ids": kw["segment_ids"]}, False)
+  ref = jax.nn.dot_product_attention(q, k, v, mask=seg & listed, is_causal=True, **nn_kw)
+  has = (_np_mask(kw, True) & listed).any(-1)[:, 0][..., None, None]
+  assert has.any() and not has.all()
+  np.testing.assert_allclose(np.where(has, out, 0), np.where(has, ref, 0), atol=2e-6)
+  assert np.all(np.where(has, 0, np.asarray(out)) == 0)
