@@ -15,7 +15,7 @@ import pytest
 
 import gsparse
 from gsparse import _admissible
-from gsparse.flax import CertifiedK, sparse_attention
+from gsparse.flax import sparse_attention, topk_attention_fn
 from gsparse.selection import BlockSelection, ExactSelection
 
 B, T, S, N, K, H = 2, 12, 10, 4, 2, 8
@@ -236,11 +236,35 @@ def test_single_segment_array_equals_pair():
 def test_flax_sparse_attention_forwards_ranges():
   q, k, v = _inputs(9)
   kw = CASES["all"]
-  ref = gsparse.topk_attention(q, k, v, k=S, is_causal=True, **kw)
-  cert = sparse_attention(
-    q, k, v, policy=CertifiedK(ks=(2, S), tol=1e-6), is_causal=True, return_residuals=True, **kw
-  )
-  np.testing.assert_allclose(cert.output, ref, atol=2e-6)
+  ref, _ = _reference(q, k, v, kw, True)
+  has = _np_mask(kw, True).any(-1)[:, 0][..., None, None]
+  out = jax.jit(
+    lambda q, k, v: (
+      sparse_attention(
+        q,
+        k,
+        v,
+        policy=S,
+        is_causal=True,
+        return_residuals=True,
+        **kw,  # select_keys + gather
+      ).output
+    )
+  )(q, k, v)
+  np.testing.assert_allclose(np.where(has, out, 0), np.where(has, ref, 0), atol=2e-6)
+
+
+def test_flax_attention_fn_window_option_and_per_call_ids():
+  """`topk_attention_fn(k, local_window_size=...)` fixes a window; lengths and
+  segment ids go per call (flax's modules do not pass them, a custom one may)."""
+  q, k, v = _inputs(11)
+  kw = CASES["all"]
+  fn = topk_attention_fn(S, selection="exact", local_window_size=kw["local_window_size"])
+  per_call = {n: kw[n] for n in kw if n != "local_window_size"}
+  out = jax.jit(lambda q, k, v: fn(q, k, v, **per_call))(q, k, v)
+  ref, _ = _reference(q, k, v, kw, False)
+  has = _np_mask(kw, False).any(-1)[:, 0][..., None, None]
+  np.testing.assert_allclose(np.where(has, out, 0), np.where(has, ref, 0), atol=2e-6)
 
 
 def _max_intermediate(jaxpr) -> int:
