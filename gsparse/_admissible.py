@@ -29,7 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from gsparse._checks import concrete_or_none
+from gsparse._checks import check_mask_and_bias, concrete_or_none
 
 
 class SegmentIds(NamedTuple):
@@ -112,6 +112,13 @@ def dense_mask(a: Admissible, batch: tuple[int, ...], t: int, s: int) -> jax.Arr
   rows, cols = jnp.arange(t)[:, None], jnp.arange(s)[None, :]
   m = jax.vmap(lambda ab: admits(ab, rows, cols))(a)  # [B, T, S]
   return m.reshape(*batch, 1, t, s)
+
+
+def fold_into_mask(a: Admissible, mask, bias, batch: tuple[int, ...], n: int, t: int, s: int):
+  """`(mask & dense_mask(a), bias)` after checking `mask`/`bias` against
+  `[*batch, N, T, S]`: for routes that hold the logit matrix anyway."""
+  mask, bias = check_mask_and_bias(mask, bias, (*batch, n, t, s))
+  return and_masks(mask, dense_mask(a, batch, t, s)), bias
 
 
 def and_masks(m1: jax.Array | None, m2: jax.Array | None) -> jax.Array | None:

@@ -414,8 +414,7 @@ def _plan(
   s = key.shape[-3]
   adm = _admissible.build(tuple(batch), t, s, **ranges)
   if adm is not None and (resolve_selection(selection) == "full" or query.size == 0):
-    mask, bias = _checks.check_mask_and_bias(mask, bias, (*batch, n, t, s))
-    mask = _admissible.and_masks(mask, _admissible.dense_mask(adm, tuple(batch), t, s))
+    mask, bias = _admissible.fold_into_mask(adm, mask, bias, tuple(batch), n, t, s)
     adm = None  # the logit matrix exists anyway on this route: a dense mask costs no more
   k = min(_checks.check_int("k", k, minimum=1), key.shape[-3])  # k > S is dense: clip
   config = resolve_selection(selection)

@@ -323,3 +323,15 @@ def test_block_gather_masks_inside_the_listed_blocks(implementation):
   assert has.any() and not has.all()
   np.testing.assert_allclose(np.where(has, out, 0), np.where(has, ref, 0), atol=2e-6)
   assert np.all(np.where(has, 0, np.asarray(out)) == 0)
+
+
+def test_dense_dot_product_attention_takes_the_same_arguments():
+  q, k, v = _inputs(12)
+  kw = CASES["all"]
+  ref, _ = _reference(q, k, v, kw, True)
+  out = jax.jit(lambda q, k, v: gsparse.dot_product_attention(q, k, v, is_causal=True, **kw))(
+    q, k, v
+  )
+  has = _np_mask(kw, True).any(-1)[:, 0][..., None, None]
+  np.testing.assert_allclose(np.where(has, out, 0), np.where(has, ref, 0), atol=2e-6)
+  assert np.all(np.where(has, 0, np.asarray(out)) == 0)
