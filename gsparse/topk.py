@@ -221,14 +221,16 @@ def topk_attention(
       outside their range raise; traced ones are clipped to it.
     return_residual: return `(output, logsumexp [batch..., T, N])` as
       `jax.nn.dot_product_attention` does (the log-normaliser over the kept
-      keys, in `key.dtype`, without gradient). Not with `return_stats`, whose
+      keys, LSH's sampled correction included, in `key.dtype`, without
+      gradient). Not with `return_stats`, whose
       `logsumexp` field is the same array. A row with no admissible key gets
       `-inf` (jax.nn: a large negative finite number, its masking constant).
 
   Returns:
     `[batch..., T, N, Hv]` output in `query.dtype`, or `(output, TopKStats)`
-    when `return_stats=True` (`stats.indices` has `min(k, S)` slots). Fully
-    masked rows give zeros; NaN, `-inf` and `+inf` follow one semantics on
+    when `return_stats=True` (`stats.indices` has `min(k, S)` slots), or
+    `(output, logsumexp)` when `return_residual=True`. Fully masked rows
+    (also rows past `query_seq_lengths`) give zeros; NaN, `-inf` and `+inf` follow one semantics on
     every route (docs/errors.md): a `-inf` bias is exactly `mask=False`, a
     NaN that an admissible key brings in makes the row and its certificate
     NaN. Empty inputs (T, batch or Hv of 0) give empty results.
