@@ -16,6 +16,7 @@ setting), `gsparse.bounds` (the theorems), `gsparse.certificate`,
 import importlib as _importlib
 import warnings as _warnings
 
+from gsparse._admissible import SegmentIds
 from gsparse.attention import attention_weights, compute_logits, dot_product_attention
 from gsparse.block_gather import BlockGatherResult, block_sparse_gather_attention
 from gsparse.checking import checked
@@ -31,6 +32,7 @@ __all__ = [
   "ExactSelection",
   "GatherResult",
   "LSHSelection",
+  "SegmentIds",
   "TopKStats",
   "attention_weights",
   "block_sparse_gather_attention",

@@ -14,13 +14,13 @@ the caller excluded.
 
 from __future__ import annotations
 
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from gsparse import _checks
+from gsparse import _admissible, _checks
 
 
 class Logits(NamedTuple):
@@ -226,6 +226,10 @@ def dot_product_attention(
   scale: float | None = None,
   is_causal: bool = False,
   precision=None,
+  query_seq_lengths: ArrayLike | None = None,
+  key_value_seq_lengths: ArrayLike | None = None,
+  local_window_size: int | tuple[int, int] | None = None,
+  segment_ids: Any = None,
 ) -> jax.Array:
   """Exact attention `D^{-1} A V`, a drop-in for `jax.nn.dot_product_attention`.
 
@@ -238,9 +242,13 @@ def dot_product_attention(
     scale: logit scale; default `1 / sqrt(H)`.
     is_causal: top-left aligned causal mask.
     precision: einsum precision.
+    query_seq_lengths, key_value_seq_lengths, local_window_size, segment_ids:
+      as in `gsparse.topk_attention` (docs/masks.md); this dense reference
+      folds them into a `[batch..., 1, T, S]` mask.
 
   Returns:
-    `[batch..., T, N, Hv]` in `query.dtype`. Fully masked rows give zeros.
+    `[batch..., T, N, Hv]` in `query.dtype`. Fully masked rows give zeros
+    (`jax.nn` averages the values there, except past `query_seq_lengths`).
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -250,6 +258,19 @@ def dot_product_attention(
     (4, 2, 8)
   """
   query, key, value = _checks.check_attention_inputs(query, key, value)
+  *batch, t, n, _ = query.shape
+  s = key.shape[-3]
+  adm = _admissible.build(
+    tuple(batch),
+    t,
+    s,
+    query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths,
+    local_window_size=local_window_size,
+    segment_ids=segment_ids,
+  )
+  if adm is not None:
+    mask, bias = _admissible.fold_into_mask(adm, mask, bias, tuple(batch), n, t, s)
   weights = attention_weights(
     query, key, bias, mask, scale=scale, is_causal=is_causal, precision=precision
   )

@@ -18,6 +18,7 @@ level only.
 from __future__ import annotations
 
 import functools
+import math
 from typing import NamedTuple
 
 import jax
@@ -25,7 +26,8 @@ import jax.numpy as jnp
 from jax.lax import PrecisionLike
 from jax.typing import ArrayLike
 
-from gsparse import _checks, kernels
+from gsparse import _admissible, _checks, kernels
+from gsparse._admissible import Admissible, SegmentIds, admits
 from gsparse._layout import gather_kv, pad_axis
 from gsparse.attention import compute_dtype, masked_softmax_lse
 from gsparse.gather import (
@@ -85,12 +87,14 @@ def block_sparse_gather_attention_xla(
   scale: float,
   is_causal: bool = False,
   precision: PrecisionLike = None,
+  adm: Admissible | None = None,
 ) -> BlockGatherResult:
   """XLA block-level implementation; `block_indices` de-duplicated (-1 = masked).
 
   Gathers one `[nb * block_k, H]` slab of keys per query block and head (a
   factor `block_q` less than token-level gathering) and differentiates by
-  autodiff.
+  autodiff. `adm` (index-range masks, `gsparse._admissible`) is evaluated on
+  the gathered slab only.
   """
   *batch, t, n, h = query.shape
   dtype = compute_dtype(query.dtype, key.dtype, value.dtype)
@@ -120,6 +124,10 @@ def block_sparse_gather_attention_xla(
   qpos = jnp.arange(tp).reshape(tb, block_q)[:, :, None, None]
   if is_causal:
     valid = valid & (pos[..., :, None, :, :] <= qpos)
+  if adm is not None:  # per batch element, on the [Tb, bq, N, m] slab positions
+    nb_ = math.prod(batch)
+    ok = jax.vmap(lambda a, p: admits(a, qpos, p))(adm, pos.reshape(nb_, tb, 1, n, -1))
+    valid = valid & ok.reshape(valid.shape)
   if tp != t:  # padded rows take no part (a NaN key they read would reach the gradients)
     valid = valid & (qpos < t)
   w, lse = masked_softmax_lse(logits, valid)
@@ -206,6 +214,10 @@ def block_sparse_gather_attention(
   return_residuals: bool = False,
   implementation: Implementation | None = None,
   precision: PrecisionLike = None,
+  query_seq_lengths: ArrayLike | None = None,
+  key_value_seq_lengths: ArrayLike | None = None,
+  local_window_size: int | tuple[int, int] | None = None,
+  segment_ids: ArrayLike | SegmentIds | None = None,
 ):
   """Attention in which every query block attends to its own list of key blocks.
 
@@ -228,6 +240,11 @@ def block_sparse_gather_attention(
       None takes "xla" where the device kernel cannot tile the block sizes,
       the inputs are float64 or the scale is traced.
     precision: einsum precision of the XLA path.
+    query_seq_lengths, key_value_seq_lengths, local_window_size, segment_ids:
+      index-range masks inside the listed blocks, as in
+      `gsparse.topk_attention`. With any of them the XLA path runs, also for
+      `implementation="pallas"`: the Pallas block kernels take no such side
+      inputs yet.
 
   Returns:
     `[batch..., T, N, Hv]` output in `query.dtype`, or a `BlockGatherResult`
@@ -241,6 +258,18 @@ def block_sparse_gather_attention(
     raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
   _checks.check_scale(scale)
   implementation = _block_implementation(query, key, value, block_q, block_k, scale, implementation)
+  *batch, t, _, _ = query.shape
+  adm = _admissible.build(
+    tuple(batch),
+    t,
+    key.shape[-3],
+    query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths,
+    local_window_size=local_window_size,
+    segment_ids=segment_ids,
+  )
+  if adm is not None:  # the Pallas block kernels take no index-range side inputs (yet)
+    implementation = "xla"
   scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
   nkb = -(-key.shape[-3] // block_k)
   bidx = block_indices.astype(jnp.int32)
@@ -258,6 +287,7 @@ def block_sparse_gather_attention(
       scale=scale,
       is_causal=is_causal,
       precision=precision,
+      adm=adm,
     )
   else:
     res = _block_gather_pallas(

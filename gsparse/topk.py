@@ -18,7 +18,8 @@ import jax.numpy as jnp
 from jax.lax import PrecisionLike
 from jax.typing import ArrayLike
 
-from gsparse import _checks
+from gsparse import _admissible, _checks
+from gsparse._admissible import Admissible, SegmentIds
 from gsparse._numerics import finish_top_k
 from gsparse._numerics import top_k as _top_k
 from gsparse.attention import compute_logits, fold_neg_inf_bias
@@ -97,6 +98,11 @@ def topk_attention(
   return_stats: Literal[False] = False,
   precision: PrecisionLike = None,
   implementation: Implementation | None = None,
+  query_seq_lengths: ArrayLike | None = None,
+  key_value_seq_lengths: ArrayLike | None = None,
+  local_window_size: int | tuple[int, int] | None = None,
+  segment_ids: ArrayLike | SegmentIds | None = None,
+  return_residual: Literal[False] = False,
 ) -> jax.Array: ...
 
 
@@ -116,7 +122,36 @@ def topk_attention(
   return_stats: Literal[True],
   precision: PrecisionLike = None,
   implementation: Implementation | None = None,
+  query_seq_lengths: ArrayLike | None = None,
+  key_value_seq_lengths: ArrayLike | None = None,
+  local_window_size: int | tuple[int, int] | None = None,
+  segment_ids: ArrayLike | SegmentIds | None = None,
+  return_residual: Literal[False] = False,
 ) -> tuple[jax.Array, TopKStats]: ...
+
+
+@overload
+def topk_attention(
+  query: ArrayLike,
+  key: ArrayLike,
+  value: ArrayLike,
+  bias: ArrayLike | None = None,
+  mask: ArrayLike | None = None,
+  *,
+  k: int,
+  scale: float | None = None,
+  is_causal: bool = False,
+  selection: str | SelectionConfig = DEFAULT_SELECTION,
+  selection_key: ArrayLike | None = None,
+  return_stats: Literal[False] = False,
+  precision: PrecisionLike = None,
+  implementation: Implementation | None = None,
+  query_seq_lengths: ArrayLike | None = None,
+  key_value_seq_lengths: ArrayLike | None = None,
+  local_window_size: int | tuple[int, int] | None = None,
+  segment_ids: ArrayLike | SegmentIds | None = None,
+  return_residual: Literal[True],
+) -> tuple[jax.Array, jax.Array]: ...
 
 
 def topk_attention(
@@ -134,7 +169,12 @@ def topk_attention(
   return_stats: bool = False,
   precision: PrecisionLike = None,
   implementation: Implementation | None = None,
-) -> jax.Array | tuple[jax.Array, TopKStats]:
+  query_seq_lengths: ArrayLike | None = None,
+  key_value_seq_lengths: ArrayLike | None = None,
+  local_window_size: int | tuple[int, int] | None = None,
+  segment_ids: ArrayLike | SegmentIds | None = None,
+  return_residual: bool = False,
+) -> jax.Array | tuple[jax.Array, TopKStats] | tuple[jax.Array, jax.Array]:
   """Top-k attention in the layout of `jax.nn.dot_product_attention`.
 
   For every query and head, keeps the `k` admissible keys with the largest
@@ -165,11 +205,32 @@ def topk_attention(
     implementation: how the selected keys are gathered, passed to
       `gsparse.sparse_gather_attention`: None (Pallas kernel on GPU/TPU, XLA
       elsewhere), "xla", "masked" or "pallas".
+    query_seq_lengths: optional `batch`-shaped integer lengths in [0, T], as
+      `jax.nn.dot_product_attention`'s: query rows `t >= length` attend
+      nothing and output zeros.
+    key_value_seq_lengths: optional `batch`-shaped integer lengths in [0, S]:
+      keys `s >= length` are masked.
+    local_window_size: optional int or `(left, right)`, both >= 0: query `t`
+      attends keys `t - left <= s <= t + right` (as `jax.nn`).
+    segment_ids: optional packed-sequence ids: one integer `[batch..., T]`
+      array (self-attention, T == S) or a `SegmentIds(q [batch..., T],
+      kv [batch..., S])` (jax's Pallas `SegmentIds` works too); a query
+      attends only keys with its id. Lengths, window and segment ids are
+      index-range masks evaluated per chunk: no T x S array (the "full"
+      selection aside, which holds the logit matrix anyway). Known lengths
+      outside their range raise; traced ones are clipped to it.
+    return_residual: return `(output, logsumexp [batch..., T, N])` as
+      `jax.nn.dot_product_attention` does (the log-normaliser over the kept
+      keys, LSH's sampled correction included, in `key.dtype`, without
+      gradient). Not with `return_stats`, whose
+      `logsumexp` field is the same array. A row with no admissible key gets
+      `-inf` (jax.nn: a large negative finite number, its masking constant).
 
   Returns:
     `[batch..., T, N, Hv]` output in `query.dtype`, or `(output, TopKStats)`
-    when `return_stats=True` (`stats.indices` has `min(k, S)` slots). Fully
-    masked rows give zeros; NaN, `-inf` and `+inf` follow one semantics on
+    when `return_stats=True` (`stats.indices` has `min(k, S)` slots), or
+    `(output, logsumexp)` when `return_residual=True`. Fully masked rows
+    (also rows past `query_seq_lengths`) give zeros; NaN, `-inf` and `+inf` follow one semantics on
     every route (docs/errors.md): a `-inf` bias is exactly `mask=False`, a
     NaN that an admissible key brings in makes the row and its certificate
     NaN. Empty inputs (T, batch or Hv of 0) give empty results.
@@ -188,9 +249,20 @@ def topk_attention(
     >>> bool((stats.tail_mass_bound >= dropped.T - 1e-6).all())
     True
   """
-  if not isinstance(return_stats, bool):
-    raise TypeError(f"return_stats must be a bool, got {return_stats!r}")
+  for name, flag in (("return_stats", return_stats), ("return_residual", return_residual)):
+    if not isinstance(flag, bool):
+      raise TypeError(f"{name} must be a bool, got {flag!r}")
+  if return_stats and return_residual:
+    raise ValueError(
+      "return_stats and return_residual are exclusive (stats.logsumexp is the residual)"
+    )
   query, key, value = _checks.check_attention_inputs(query, key, value)
+  ranges = dict(
+    query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths,
+    local_window_size=local_window_size,
+    segment_ids=segment_ids,
+  )
   plan = _plan(
     query,
     key,
@@ -202,6 +274,7 @@ def topk_attention(
     selection=selection,
     selection_key=selection_key,
     implementation=implementation,
+    ranges=ranges,
   )
   run = dict(is_causal=is_causal, selection_key=selection_key, precision=precision)
   sel, topk_out, lse_k = _select_and_gather(
@@ -217,6 +290,9 @@ def topk_attention(
     lse = jnp.logaddexp(lse_k, sel.log_rest)
     factor = jnp.where(jnp.isfinite(lse), jnp.exp(lse_k - lse), 0.0)
     output = (output * factor[..., None]).astype(output.dtype)
+  if return_residual:
+    lse = lse_k if sel.log_rest is None else jnp.logaddexp(lse_k, sel.log_rest)
+    return output, jax.lax.stop_gradient(lse).astype(key.dtype)
   if not return_stats:
     return output
   # The certificate is about the renormalised top-k output (before any LSH correction).
@@ -237,6 +313,10 @@ def select_keys(
   selection_key: ArrayLike | None = None,
   precision: PrecisionLike = None,
   implementation: Implementation | None = None,
+  query_seq_lengths: ArrayLike | None = None,
+  key_value_seq_lengths: ArrayLike | None = None,
+  local_window_size: int | tuple[int, int] | None = None,
+  segment_ids: ArrayLike | SegmentIds | None = None,
 ) -> SelectionResult:
   """The keys `topk_attention` would keep, without attending over them.
 
@@ -257,6 +337,12 @@ def select_keys(
     selection=selection,
     selection_key=selection_key,
     implementation=implementation,
+    ranges=dict(
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      local_window_size=local_window_size,
+      segment_ids=segment_ids,
+    ),
   )
   return _run(
     plan, query, key, is_causal=is_causal, selection_key=selection_key, precision=precision
@@ -284,6 +370,7 @@ def _select_and_gather(
       scale=plan.scale,
       is_causal=is_causal,
       precision=precision,
+      adm=plan.adm,
     )
     return sel, out.astype(query.dtype), lse
   sel = _run(
@@ -315,10 +402,22 @@ class _Plan(NamedTuple):
   scale: float | None
   bias: jax.Array | None
   mask: jax.Array | None
+  adm: Admissible | None = None  # index-range masks (gsparse._admissible); None on "full"
 
 
-def _plan(query, key, bias, mask, *, k, scale, is_causal, selection, selection_key, implementation):
-  """Checks the selection arguments once, for both routes (at trace time)."""
+def _plan(
+  query, key, bias, mask, *, k, scale, is_causal, selection, selection_key, implementation, ranges
+):
+  """Checks the selection arguments once, for both routes (at trace time).
+
+  `ranges`: the index-range keywords (lengths, window, segment ids) for
+  `gsparse._admissible.build`; the "full" route folds them into `mask`."""
+  *batch, t, n, _ = query.shape
+  s = key.shape[-3]
+  adm = _admissible.build(tuple(batch), t, s, **ranges)
+  if adm is not None and (resolve_selection(selection) == "full" or query.size == 0):
+    mask, bias = _admissible.fold_into_mask(adm, mask, bias, tuple(batch), n, t, s)
+    adm = None  # the logit matrix exists anyway on this route: a dense mask costs no more
   k = min(_checks.check_int("k", k, minimum=1), key.shape[-3])  # k > S is dense: clip
   config = resolve_selection(selection)
   impl = resolve_implementation(implementation)
@@ -334,7 +433,7 @@ def _plan(query, key, bias, mask, *, k, scale, is_causal, selection, selection_k
   mask, bias = _checks.check_mask_and_bias(mask, bias, (*batch, n, t, key.shape[-3]))
   mask, bias = fold_neg_inf_bias(mask, bias)
   scale = 1.0 / float(h) ** 0.5 if scale is None else scale
-  return _Plan(config, impl, k, scale, bias, mask)
+  return _Plan(config, impl, k, scale, bias, mask, adm)
 
 
 def _run(plan: _Plan, query, key, *, is_causal, selection_key, precision) -> SelectionResult:
@@ -355,6 +454,7 @@ def _run(plan: _Plan, query, key, *, is_causal, selection_key, precision) -> Sel
     is_causal=is_causal,
     selection_key=selection_key,
     precision=precision,
+    adm=plan.adm,
   )
 
 

@@ -270,6 +270,77 @@ ROWS += [
     {"k": 2, "return_stats": 1},
   ),
   Row(
+    "topk_attention",
+    "return_residual",
+    "with `return_stats=True`",
+    ValueError,
+    "return_stats and return_residual are exclusive",
+    (q, kv, kv),
+    {"k": 2, "return_stats": True, "return_residual": True},
+  ),
+  *[
+    Row("topk_attention", arg, bad, err, msg, (q, kv, kv), {"k": 2, arg: val})
+    for arg, bad, err, msg, val in [
+      (
+        "query_seq_lengths",
+        "a known value above T",
+        ValueError,
+        "query_seq_lengths must lie in [0, 3]",
+        np.array([4]),
+      ),
+      (
+        "key_value_seq_lengths",
+        "a known value below 0",
+        ValueError,
+        "key_value_seq_lengths must lie in [0, 5]",
+        np.array([-1]),
+      ),
+      (
+        "key_value_seq_lengths",
+        "floating dtype",
+        ValueError,
+        "key_value_seq_lengths must have an integer dtype",
+        np.array([2.0]),
+      ),
+      (
+        "query_seq_lengths",
+        "not the batch shape",
+        ValueError,
+        "query_seq_lengths must have the batch shape",
+        np.array([1, 2]),
+      ),
+      ("local_window_size", "`local_window_size=-1`", ValueError, "must be >= 0", -1),
+      (
+        "local_window_size",
+        "`local_window_size=1.5`",
+        TypeError,
+        "local_window_size must be an int or a pair",
+        1.5,
+      ),
+      (
+        "segment_ids",
+        "shape not [batch..., T]",
+        ValueError,
+        "segment_ids (q) must have shape",
+        (np.zeros(4, np.int32), np.zeros(5, np.int32)),
+      ),
+      (
+        "segment_ids",
+        "floating dtype",
+        ValueError,
+        "segment_ids (kv) must have an integer dtype",
+        (np.zeros(3, np.int32), np.zeros(5)),
+      ),
+      (
+        "segment_ids",
+        "one array with T != S",
+        ValueError,
+        "segment_ids as one array needs T == S",
+        np.zeros(3, np.int32),
+      ),
+    ]
+  ],
+  Row(
     "sparse_gather_attention",
     "query",
     "integer dtype",

@@ -165,6 +165,10 @@ def sparse_attention(
   precision=None,
   topk_kwargs: dict[str, Any] | None = None,
   return_residuals: bool = False,
+  query_seq_lengths: ArrayLike | None = None,
+  key_value_seq_lengths: ArrayLike | None = None,
+  local_window_size: int | tuple[int, int] | None = None,
+  segment_ids: Any = None,
 ):
   """Top-k attention with a k policy and flax-style dropout.
 
@@ -192,6 +196,9 @@ def sparse_attention(
     topk_kwargs: extra keywords for `gsparse.topk_attention` (`selection`,
       `implementation`, ...).
     return_residuals: return a `SparseAttentionResult` instead of the output.
+    query_seq_lengths, key_value_seq_lengths, local_window_size, segment_ids:
+      index-range masks, forwarded to `gsparse.topk_attention` (see there);
+      never a T x S array.
 
   Returns:
     `[batch..., T, N, Hv]` output in `query.dtype`, or a
@@ -220,7 +227,18 @@ def sparse_attention(
   s = key.shape[-3]
   k = policy.num_keys(s)
   certified = isinstance(policy, CertifiedK)
+  ranges = dict(
+    query_seq_lengths=query_seq_lengths,
+    key_value_seq_lengths=key_value_seq_lengths,
+    local_window_size=local_window_size,
+    segment_ids=segment_ids,
+  )
   common = dict(scale=scale, is_causal=is_causal, precision=precision, **topk_kwargs)
+  for name, val in ranges.items():
+    if val is not None:
+      if name in topk_kwargs:
+        raise ValueError(f"{name} is given both directly and in topk_kwargs")
+      common[name] = val
   if not (use_dropout or certified or return_residuals):
     return _topk.topk_attention(query, key, value, bias, mask, k=k, **common)
 
@@ -393,6 +411,9 @@ class TopKAttentionFn:
     module=None,
     is_causal: bool = False,
     force_fp32_for_softmax: bool = False,
+    query_seq_lengths=None,
+    key_value_seq_lengths=None,
+    segment_ids=None,
     **kwargs,
   ) -> jax.Array:
     """Top-k attention with flax's `dot_product_attention` arguments.
@@ -401,8 +422,12 @@ class TopKAttentionFn:
     `flax.nnx.dot_product_attention`. The softmax always runs in at least
     float32, so `force_fp32_for_softmax` changes nothing. `module`, when
     given (flax passes it for `sow_weights=True`), receives the kept weights
-    scattered to dense `[batch..., N, T, S]` under "attention_weights". Other
-    keywords flax may pass (`**kwargs`) are ignored.
+    scattered to dense `[batch..., N, T, S]` under "attention_weights".
+    `query_seq_lengths`, `key_value_seq_lengths` and `segment_ids` (per-call
+    arrays, which flax's modules do not pass but a custom module may) are
+    forwarded to `gsparse.topk_attention`; a static `local_window_size` goes
+    through `topk_attention_fn(..., local_window_size=...)`. Other keywords
+    flax may pass (`**kwargs`) are ignored.
 
     Returns:
       `[batch..., T, N, Hv]` in `dtype` (default: the promoted input dtype).
@@ -426,6 +451,9 @@ class TopKAttentionFn:
       precision=precision,
       topk_kwargs=self._topk_kwargs(),
       return_residuals=module is not None,
+      query_seq_lengths=query_seq_lengths,
+      key_value_seq_lengths=key_value_seq_lengths,
+      segment_ids=segment_ids,
     )
     if module is None:
       return res

@@ -49,7 +49,9 @@ chunk of it:
   O(T * block * H) work, never the full logit matrix.
 
 Logits that evaluate to `-inf` count as masked. All selections support
-`mask`, `bias`, `is_causal` and grouped-query heads, and give the same result
+`mask`, `bias`, `is_causal`, the index-range masks of `gsparse._admissible`
+(sequence lengths, a local window, segment ids; evaluated per chunk, never as
+a T x S array) and grouped-query heads, and give the same result
 under `jax.jit` and `jax.vmap`.
 """
 
@@ -62,6 +64,7 @@ import jax.numpy as jnp
 from jax.lax import PrecisionLike
 from jax.typing import ArrayLike
 
+from gsparse._admissible import Admissible
 from gsparse.selection._common import SelectionResult, auto_key_block, gather_bias
 from gsparse.selection.block import BlockSelection
 from gsparse.selection.exact import ExactSelection, select_and_attend
@@ -123,6 +126,7 @@ def select(
   is_causal: bool,
   selection_key: jax.Array | None = None,
   precision: PrecisionLike = None,
+  adm: Admissible | None = None,
 ) -> SelectionResult:
   """Runs a selection on checked inputs (see `gsparse.topk_attention`).
 
@@ -137,6 +141,8 @@ def select(
     is_causal: top-left aligned causal mask.
     selection_key: PRNG key, required by `LSHSelection` (the projections and samples).
     precision: einsum precision.
+    adm: index-range masks (lengths, window, segment ids) from
+      `gsparse._admissible.build`, evaluated per chunk; None for none.
 
   Returns:
     A `SelectionResult` in the `[batch..., T, N, *]` layout.
@@ -154,6 +160,7 @@ def select(
     is_causal=is_causal,
     selection_key=selection_key,
     precision=precision,
+    adm=adm,
   )
 
 

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
+from gsparse._admissible import admits, and_masks
 from gsparse._layout import pad_axis  # noqa: F401  (re-exported to the selection modules)
 
 
@@ -48,11 +49,13 @@ def expand(x: jax.Array | None, batch: tuple[int, ...], n: int, t: int, s: int):
   return x
 
 
-def map_heads(fn, query, key, mask, bias, extra=(), value=None):
-  """Runs `fn(q [T,H], k [S,H], mask [T',S'], bias [T',S'], *extra)` per batch and head.
+def map_heads(fn, query, key, mask, bias, extra=(), value=None, adm=None):
+  """Runs `fn(q [T,H], k [S,H], mask [T',S'], bias [T',S'], adm, *extra)` per batch and head.
 
-  With `value`, the second argument is `(k [S,H], v [S,Hv])`. `fn` returns a
-  tuple of `[T, ...]` arrays; the result is in `[*batch, T, N, ...]`.
+  With `value`, the second argument is `(k [S,H], v [S,Hv])`. `adm` is a
+  `gsparse._admissible.Admissible` (or None), mapped over the batch only, so
+  `fn` sees one batch element of it. `fn` returns a tuple of `[T, ...]`
+  arrays; the result is in `[*batch, T, N, ...]`.
   """
   *batch, t, n, h = query.shape
   s, kh = key.shape[-3], key.shape[-2]
@@ -76,10 +79,11 @@ def map_heads(fn, query, key, mask, bias, extra=(), value=None):
   m5, max_ = prep(mask)
   b5, bax = prep(bias)
   f = fn
-  f = jax.vmap(f, in_axes=(0, None, max_[2], bax[2], *[None] * len(extra)))
-  f = jax.vmap(f, in_axes=(0, 0, max_[1], bax[1], *[None] * len(extra)))
-  f = jax.vmap(f, in_axes=(0, 0, max_[0], bax[0], *[None] * len(extra)))
-  outs = f(q, kk, m5, b5, *extra)
+  rest = [None] * len(extra)
+  f = jax.vmap(f, in_axes=(0, None, max_[2], bax[2], None, *rest))
+  f = jax.vmap(f, in_axes=(0, 0, max_[1], bax[1], None, *rest))
+  f = jax.vmap(f, in_axes=(0, 0, max_[0], bax[0], None if adm is None else 0, *rest))
+  outs = f(q, kk, m5, b5, adm, *extra)
 
   def back(o):  # [B, K, G, T, ...] -> [*batch, T, N, ...]
     o = o.reshape(nb, n, *o.shape[3:])
@@ -98,9 +102,11 @@ def row_chunks(x: jax.Array | None, t: int, tp: int, c: int, fill):
   return pad_axis(x, 0, tp, fill).reshape(nc, c, x.shape[1])
 
 
-def rows_logits(qc, kmat, bc, mc, row0, *, s, sp, scale, is_causal, dtype, precision):
-  """Logits of a query chunk against all (padded) keys, `-inf` where inadmissible."""
+def rows_logits(qc, kmat, bc, mc, row0, *, s, sp, scale, is_causal, dtype, precision, adm=None):
+  """Logits of a query chunk against all (padded) keys, `-inf` where inadmissible
+  (`adm`: one batch element of a `gsparse._admissible.Admissible`, or None)."""
   c = qc.shape[0]
+  mc = chunk_mask(mc, adm, row0, c, s)
   logits = jnp.einsum("th,sh->ts", qc, kmat, precision=precision, preferred_element_type=dtype)
   logits = logits.astype(dtype) * jnp.asarray(scale, dtype)
   if bc is not None:
@@ -119,6 +125,13 @@ def rows_logits(qc, kmat, bc, mc, row0, *, s, sp, scale, is_causal, dtype, preci
     return logits, jnp.full((c,), s, jnp.int32)
   neg = jnp.asarray(-jnp.inf, dtype)
   return jnp.where(valid, logits, neg), jnp.sum(valid, axis=-1, dtype=jnp.int32)
+
+
+def chunk_mask(mc, adm, row0, c: int, s: int):
+  """The `[c or 1, S]` chunk mask `mc` and'ed with the index-range masks of
+  rows `row0 + [0, c)` (`gsparse._admissible.admits`): O(c * S), never T x S."""
+  rows = (row0 + jnp.arange(c))[:, None]
+  return and_masks(mc, admits(adm, rows, jnp.arange(s)[None, :]))
 
 
 def auto_key_block(s: int, k: int) -> int:

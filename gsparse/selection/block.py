@@ -11,10 +11,17 @@ import jax.numpy as jnp
 from jax.lax import PrecisionLike
 
 from gsparse import _checks
+from gsparse._admissible import Admissible
 from gsparse._numerics import finish_top_k
 from gsparse._numerics import top_k as _top_k
 from gsparse.attention import compute_dtype
-from gsparse.selection._common import SelectionResult, map_heads, pad_axis, row_chunks
+from gsparse.selection._common import (
+  SelectionResult,
+  chunk_mask,
+  map_heads,
+  pad_axis,
+  row_chunks,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +62,7 @@ class BlockSelection:
     is_causal: bool,
     selection_key: jax.Array | None = None,
     precision: PrecisionLike = None,
+    adm: Admissible | None = None,
   ) -> SelectionResult:
     """Block top-k on checked inputs (see `gsparse.selection.select`); no key needed.
 
@@ -69,7 +77,8 @@ class BlockSelection:
         f"{self.num_blocks} * {self.block_size} of BlockSelection"
       )
     common = dict(k=k, scale=scale, is_causal=is_causal, cfg=self, precision=precision)
-    return SelectionResult(*map_heads(lambda *a: _block_head(*a, **common), query, key, mask, bias))
+    out = map_heads(lambda *a: _block_head(*a, **common), query, key, mask, bias, adm=adm)
+    return SelectionResult(*out)
 
 
 class _Blocks(NamedTuple):
@@ -138,7 +147,7 @@ def _block_scores(qs, bfull, valid_cols, block_ok, blk: _Blocks, summary: str):
   return ub, jnp.where(block_ok, rank, neg)
 
 
-def _block_head(q, kmat, mask, bias, *, k, scale, is_causal, cfg, precision):
+def _block_head(q, kmat, mask, bias, adm, *, k, scale, is_causal, cfg, precision):
   """Block top-k of one head: `(idx [T, k], next_logit [T], num_keys [T])`."""
   t, h = q.shape
   dtype = compute_dtype(q.dtype, kmat.dtype)
@@ -159,6 +168,7 @@ def _block_head(q, kmat, mask, bias, *, k, scale, is_causal, cfg, precision):
 
   def body(x):
     qc, row0, mc, bc = x
+    mc = chunk_mask(mc, adm, row0, c, blk.s)  # index-range masks of this chunk: [c, S]
     qs = qc.astype(dtype) * jnp.asarray(scale, dtype)
     rows = row0 + jnp.arange(c)
     valid_cols, num, block_ok = _admissible(mc, rows, blk, is_causal)

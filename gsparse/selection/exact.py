@@ -12,6 +12,7 @@ import jax.numpy as jnp
 from jax.lax import PrecisionLike
 
 from gsparse import _checks
+from gsparse._admissible import Admissible
 from gsparse._numerics import finish_top_k
 from gsparse._numerics import sortable_int32 as _sortable
 from gsparse._numerics import top_k as _top_k
@@ -75,11 +76,12 @@ class ExactSelection:
     is_causal: bool,
     selection_key: jax.Array | None = None,
     precision: PrecisionLike = None,
+    adm: Admissible | None = None,
   ) -> SelectionResult:
     """Exact top-k on checked inputs (see `gsparse.selection.select`); no key needed."""
     del selection_key  # deterministic
     common = dict(k=k, scale=scale, is_causal=is_causal, cfg=self, precision=precision)
-    out = map_heads(lambda *a: _exact_head(*a, **common), query, key, mask, bias)
+    out = map_heads(lambda *a: _exact_head(*a, **common), query, key, mask, bias, adm=adm)
     return SelectionResult(*out)
 
 
@@ -95,13 +97,15 @@ def select_and_attend(
   scale: float,
   is_causal: bool,
   precision: PrecisionLike = None,
+  adm: Admissible | None = None,
 ) -> tuple[SelectionResult, jax.Array, jax.Array]:
   """Exact selection that also attends over the kept keys in the same chunk loop.
 
   The logits each chunk already holds give the kept weights, so the kept keys
   are never gathered again; `topk_attention` takes this route for "exact" on
   the XLA gather path. Inputs as `ExactSelection.select`, plus `value`
-  `[batch..., S, K, Hv]`.
+  `[batch..., S, K, Hv]`, and `adm`, the index-range masks
+  (`gsparse._admissible`).
 
   Returns:
     `(selection, output [batch..., T, N, Hv] in the compute dtype,
@@ -110,7 +114,7 @@ def select_and_attend(
   k = min(k, key.shape[-3])
   common = dict(k=k, scale=scale, is_causal=is_causal, cfg=config, precision=precision)
   idx, nxt, num, out, lse = map_heads(
-    lambda *a: _exact_head(*a, **common), query, key, mask, bias, value=value
+    lambda *a: _exact_head(*a, **common), query, key, mask, bias, value=value, adm=adm
   )
   return SelectionResult(idx, nxt, num), out, lse
 
@@ -231,10 +235,11 @@ def _by_blocks(logits, sr: _Search):
   return _from_blocks(s3, bid, sr, count, lo)
 
 
-def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
+def _exact_head(q, kv, mask, bias, adm, *, k, scale, is_causal, cfg, precision):
   """Exact top-k of one head; `kv` is the keys `[S, H]`, or `(keys, values [S, Hv])`
   to also attend over the kept keys with the logits already at hand (returns
-  `(idx, nxt, num, out, lse)` then)."""
+  `(idx, nxt, num, out, lse)` then). `adm`: this batch element's index-range
+  masks, evaluated per chunk."""
   kmat, vmat = kv if isinstance(kv, tuple) else (kv, None)
   t, h = q.shape
   s = kmat.shape[0]
@@ -256,7 +261,9 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision):
 
   def body(x):
     qc, row0, mc, bc = x
-    logits, num = rows_logits(qc, kpad, bc, mc, row0, s=s, sp=sp, is_causal=is_causal, **common)
+    logits, num = rows_logits(
+      qc, kpad, bc, mc, row0, s=s, sp=sp, is_causal=is_causal, adm=adm, **common
+    )
     if not two_stage:
       vals, idx = _top_k(logits, sr.kk)
     elif cfg.key_block is None:  # auto: the native CPU top-k where it serves, else blocks

@@ -13,10 +13,11 @@ import jax.numpy as jnp
 from jax.lax import PrecisionLike
 
 from gsparse import _checks
+from gsparse._admissible import Admissible, admits, and_masks
 from gsparse._numerics import finish_top_k
 from gsparse._numerics import top_k as _top_k
 from gsparse.attention import compute_dtype
-from gsparse.selection._common import SelectionResult, map_heads, pad_axis
+from gsparse.selection._common import SelectionResult, chunk_mask, map_heads, pad_axis, row_chunks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,7 @@ class LSHSelection:
     is_causal: bool,
     selection_key: jax.Array | None = None,
     precision: PrecisionLike = None,
+    adm: Admissible | None = None,
   ) -> SelectionResult:
     """sortLSH top-k on checked inputs (see `gsparse.selection.select`).
 
@@ -103,12 +105,13 @@ class LSHSelection:
     proj = jax.random.normal(kproj, (self.num_hashes, h, self.projections_for(s) + 1))
     common = dict(k=k, scale=scale, is_causal=is_causal, cfg=self, precision=precision)
     idx, nxt, num, rest = map_heads(
-      lambda q, kk, m, b_, p, sk: _lsh_head(q, kk, m, b_, p, sk, **common),
+      lambda q, kk, m, b_, a, p, sk: _lsh_head(q, kk, m, b_, a, p, sk, **common),
       query,
       key,
       mask,
       bias,
       extra=(proj, ksample),
+      adm=adm,
     )
     return SelectionResult(idx, nxt, num, rest if self.normalizer_samples > 0 else None)
 
@@ -256,8 +259,10 @@ def _candidates(q, kmat, proj, hd: _Head):
   return sc, cand, dup, _Windows(krank, qstart, dstart)
 
 
-def _lsh_head(q, kmat, mask, bias, proj, sample_key, *, k, scale, is_causal, cfg, precision):
-  """LSH top-k of one head: `(idx [T, k], next_logit [T], num_keys [T], log_rest [T])`."""
+def _lsh_head(q, kmat, mask, bias, adm, proj, sample_key, *, k, scale, is_causal, cfg, precision):
+  """LSH top-k of one head: `(idx [T, k], next_logit [T], num_keys [T], log_rest [T])`.
+
+  `adm`: this batch element's index-range masks (`gsparse._admissible`)."""
   t, s = q.shape[0], kmat.shape[0]
   dtype = compute_dtype(q.dtype, kmat.dtype)
   hd = _Head(cfg, min(cfg.block_size, s), jnp.asarray(scale, dtype), dtype, is_causal, precision)
@@ -271,6 +276,7 @@ def _lsh_head(q, kmat, mask, bias, proj, sample_key, *, k, scale, is_causal, cfg
     ok = ok & (cand <= rows[:, None])
   if mask is not None:
     ok = ok & _at(mask, rows[:, None], safe)
+  ok = and_masks(ok, admits(adm, rows[:, None], safe))
   if bias is not None:
     sc = sc + _at(bias, rows[:, None], safe).astype(dtype)
   sc = jnp.where(ok, sc, neg)
@@ -279,45 +285,65 @@ def _lsh_head(q, kmat, mask, bias, proj, sample_key, *, k, scale, is_causal, cfg
   idx, nxt = finish_top_k(vals, jnp.take_along_axis(cand, p, axis=-1), k)
   if kk <= k:
     nxt = jnp.full_like(nxt, neg)
-  num, cap = _lsh_unscored_cap(q, kmat, mask, bias, scale=hd.scale, is_causal=is_causal)
+  num, cap = _lsh_unscored_cap(q, kmat, mask, bias, adm, scale=hd.scale, is_causal=is_causal)
   nxt = jnp.maximum(nxt, cap)
   log_rest = jnp.full((t,), neg)
   if cfg.normalizer_samples > 0:
     log_dropped = _log_dropped(sc, vals[:, : min(k, kk)], dtype)
-    log_sampled = _log_unscored(q, kmat, mask, bias, windows, sample_key, hd)
+    log_sampled = _log_unscored(q, kmat, mask, bias, adm, windows, sample_key, hd)
     log_rest = jnp.logaddexp(log_dropped, log_sampled)
   return idx, nxt, num, log_rest
 
 
-def _lsh_unscored_cap(q, kmat, mask, bias, *, scale, is_causal):
+def _lsh_unscored_cap(q, kmat, mask, bias, adm, *, scale, is_causal, chunk: int = 256):
   """`(num [T] admissible keys per row, cap [T])`: `cap` bounds every admissible logit.
 
   Cauchy-Schwarz, `|scale q.k| <= |scale| ||q|| max_j ||k_j||`, valid for
   either sign of the scale (loose but certified), plus the largest admissible
   bias of the row. A NaN key that the row may attend to makes its cap NaN
   (the row's attention is then NaN, as dense); a NaN key the row cannot
-  attend to is ignored.
+  attend to is ignored. The admissibility is evaluated in chunks of `chunk`
+  rows: O(chunk * S) memory besides `mask`/`bias` themselves.
   """
   t, s = q.shape[0], kmat.shape[0]
   dtype = scale.dtype
-  rows = jnp.arange(t)
-  adm = None  # [T, S] admissibility, None when every key is admissible
-  if mask is not None:
-    adm = jnp.broadcast_to(mask, (t, s))
-  if is_causal:
-    causal = jnp.arange(s)[None, :] <= rows[:, None]
-    adm = causal if adm is None else adm & causal
-  num = jnp.full((t,), s, jnp.int32) if adm is None else jnp.sum(adm, -1, dtype=jnp.int32)
   knorm = jnp.sqrt(jnp.sum(kmat.astype(dtype) ** 2, -1))  # [S], NaN for a NaN key
   key_nan = jnp.isnan(knorm)
   kn = jnp.max(jnp.where(key_nan, 0.0, knorm))
   qn = jnp.sqrt(jnp.sum(q.astype(dtype) ** 2, -1))
   cap = jnp.abs(scale) * qn * kn * (1 + 1e-5) + 1e-30
-  if bias is not None:
-    bfull = jnp.broadcast_to(bias, (t, s)).astype(dtype)
-    cap = cap + jnp.max(bfull if adm is None else jnp.where(adm, bfull, -jnp.inf), axis=-1)
-  reach_nan = jnp.any(key_nan) if adm is None else jnp.any(adm & key_nan[None, :], axis=-1)
-  return num, jnp.where(reach_nan, jnp.nan, cap)
+  c = min(chunk, t)
+  nc = -(-t // c)
+  xs = (
+    jnp.arange(nc) * c,
+    row_chunks(mask, t, nc * c, c, False),
+    row_chunks(bias, t, nc * c, c, 0),
+  )
+
+  def body(x):
+    row0, mc, bc = x
+    adm_c = chunk_mask(mc, adm, row0, c, s)  # [c or 1, S] or None
+    if is_causal:
+      causal = jnp.arange(s)[None, :] <= (row0 + jnp.arange(c))[:, None]
+      adm_c = and_masks(adm_c, causal)
+    if adm_c is None:
+      num = jnp.full((c,), s, jnp.int32)
+      reach_nan = jnp.broadcast_to(jnp.any(key_nan), (c,))
+    else:
+      adm_c = jnp.broadcast_to(adm_c, (c, s))
+      num = jnp.sum(adm_c, -1, dtype=jnp.int32)
+      reach_nan = jnp.any(adm_c & key_nan[None, :], axis=-1)
+    if bc is None:
+      return num, reach_nan, jnp.zeros((c,), dtype)
+    bfull = jnp.broadcast_to(bc, (c, s)).astype(dtype)
+    return (
+      num,
+      reach_nan,
+      jnp.max(bfull if adm_c is None else jnp.where(adm_c, bfull, -jnp.inf), -1),
+    )
+
+  num, reach_nan, bmax = (o.reshape(nc * c)[:t] for o in jax.lax.map(body, xs))
+  return num, jnp.where(reach_nan, jnp.nan, cap + bmax)
 
 
 def _at(x: jax.Array, rows: jax.Array, cols: jax.Array) -> jax.Array:
@@ -339,7 +365,7 @@ def _log_dropped(sc: jax.Array, kept: jax.Array, dtype) -> jax.Array:
   return jnp.where(has, diff, neg)
 
 
-def _log_unscored(q, kmat, mask, bias, windows: _Windows, sample_key, hd: _Head) -> jax.Array:
+def _log_unscored(q, kmat, mask, bias, adm, windows: _Windows, sample_key, hd: _Head) -> jax.Array:
   """`[T]` unbiased log-mass estimate of the keys never scored.
 
   Uniform samples with replacement, shared by the queries of the head;
@@ -357,6 +383,7 @@ def _log_unscored(q, kmat, mask, bias, windows: _Windows, sample_key, hd: _Head)
     ok = ok & (j[None, :] <= rows)
   if mask is not None:
     ok = ok & _at(mask, rows, j[None, :])
+  ok = and_masks(ok, admits(adm, rows, j[None, :]))
   if bias is not None:
     lj = lj + _at(bias, rows, j[None, :]).astype(dtype)
   srank = windows.krank[:, j]  # [R, m] rank of each sample per round

@@ -49,6 +49,12 @@ def define_flags(*, with_variant: bool = True, flag_values: flags.FlagValues = f
     flag_values=fv,
   )
   flags.DEFINE_integer("steps", 300, "Optimizer steps.", flag_values=fv)
+  flags.DEFINE_bool(
+    "pack",
+    False,
+    "Packed documents: attend only within a file of the byte stream (segment ids).",
+    flag_values=fv,
+  )
   flags.DEFINE_integer("d_model", 128, "Residual width.", flag_values=fv)
   flags.DEFINE_integer("num_layers", 4, "Transformer blocks.", flag_values=fv)
   flags.DEFINE_integer("num_heads", 4, "Attention heads per block.", flag_values=fv)
@@ -150,7 +156,11 @@ def config_from_flags(fl, *, variant: str | None = None, seed: int | None = None
   return TrainConfig(
     variant=variant if variant is not None else fl.variant,
     model=ModelConfig(
-      d_model=fl.d_model, num_layers=fl.num_layers, num_heads=fl.num_heads, max_len=fl.seq_len
+      d_model=fl.d_model,
+      num_layers=fl.num_layers,
+      num_heads=fl.num_heads,
+      max_len=fl.seq_len,
+      pack=fl.pack,
     ),
     sparse=AttentionSpec(
       "topk",

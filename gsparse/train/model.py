@@ -14,6 +14,7 @@ softmax of the layer's own logits and the top-k certificate, as
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections.abc import Callable, Sequence
 
 import flax.linen as nn
@@ -90,8 +91,17 @@ def _bool_mask(mask):
   return None if mask is None else jnp.asarray(mask).astype(bool)
 
 
-def _dense_fn(query, key, value, mask=None, dtype=None, precision=None, **kwargs):
-  del kwargs
+def _with_segments(mask, segment_ids):
+  """`mask` and'ed with the dense same-segment mask (flax's dense baseline
+  and the dense measurements hold `[B, N, T, T]` anyway)."""
+  if segment_ids is None:
+    return mask
+  return nn.combine_masks(mask, nn.make_attention_mask(segment_ids, segment_ids, jnp.equal))
+
+
+def _dense_fn(query, key, value, mask=None, dtype=None, precision=None, segment_ids=None, **kw):
+  del kw
+  mask = _with_segments(mask, segment_ids)
   return nn.dot_product_attention(query, key, value, mask=mask, dtype=dtype, precision=precision)
 
 
@@ -138,9 +148,10 @@ def measuring_attention_fn(spec: AttentionSpec, measure: MeasureSpec) -> Callabl
   """
   fn = make_attention_fn(spec)
 
-  def wrapped(query, key, value, mask=None, module=None, **kwargs):
+  def wrapped(query, key, value, mask=None, module=None, segment_ids=None, **kwargs):
     if module is None:
-      return fn(query, key, value, mask=mask, **kwargs)
+      return fn(query, key, value, mask=mask, segment_ids=segment_ids, **kwargs)
+    mask = _with_segments(mask, segment_ids)  # the measurements are dense anyway
     bmask = _bool_mask(mask)
     q, k, v = (jax.lax.stop_gradient(x) for x in (query, key, value))
     p = attention_weights(q, k, mask=bmask)  # [B, N, T, S]
@@ -184,6 +195,8 @@ class ModelConfig:
     num_heads: attention heads per block (`d_model % num_heads == 0`).
     mlp_ratio: MLP hidden width over `d_model`.
     max_len: longest sequence (learned positional embeddings).
+    pack: attend only within a document: each 0 byte (the file separator of
+      the byte stream) starts a new segment, passed as `segment_ids`.
   """
 
   vocab_size: int = 256
@@ -192,8 +205,11 @@ class ModelConfig:
   num_heads: int = 4
   mlp_ratio: int = 4
   max_len: int = 512
+  pack: bool = False
 
   def __post_init__(self):
+    if not isinstance(self.pack, bool):
+      raise TypeError(f"pack must be a bool, got {self.pack!r}")
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "mlp_ratio", "max_len"):
       v = getattr(self, name)
       if not isinstance(v, int) or v < 1:
@@ -209,13 +225,16 @@ class Block(nn.Module):
   attention_fn: Callable[..., jax.Array]
 
   @nn.compact
-  def __call__(self, x, mask, measure: bool = False):
+  def __call__(self, x, mask, measure: bool = False, segment_ids=None):
     cfg = self.config
     h = nn.LayerNorm(name="ln_attn")(x)
+    fn = self.attention_fn
+    if segment_ids is not None:  # flax's module passes no segment ids: bind them here
+      fn = functools.partial(fn, segment_ids=segment_ids)
     h = nn.MultiHeadDotProductAttention(
       num_heads=cfg.num_heads,
       qkv_features=cfg.d_model,
-      attention_fn=self.attention_fn,
+      attention_fn=fn,
       deterministic=True,
       name="attention",
     )(h, h, mask=mask, sow_weights=measure)
@@ -255,12 +274,15 @@ class TransformerLM(nn.Module):
     pos = self.param("pos_embed", nn.initializers.normal(0.02), (cfg.max_len, cfg.d_model))
     x = x + pos[:t]
     mask = nn.make_causal_mask(tokens)
+    # Packed documents: a segment starts at each 0 byte (the file separator of
+    # gsparse.train.data); top-k layers take the ids as index ranges, no T x T mask.
+    segment_ids = jnp.cumsum(tokens == 0, axis=-1, dtype=jnp.int32) if cfg.pack else None
     for i, spec in enumerate(self.attention):
       if self.measure is None:
         fn = make_attention_fn(spec)
       else:
         fn = measuring_attention_fn(spec, self.measure)
-      x = Block(cfg, fn, name=f"block_{i}")(x, mask, measure)
+      x = Block(cfg, fn, name=f"block_{i}")(x, mask, measure, segment_ids)
     x = nn.LayerNorm(name="ln_final")(x)
     return nn.Dense(cfg.vocab_size, name="head")(x)
 
