@@ -414,7 +414,7 @@ def _train_loop(config, state, log, rec, corpus, mesh, end, say) -> dict:
   while step < end:
     if select_at is not None and step == select_at and sparse_layers is None:
       norms = rank.attention_weight_norms(jax.device_get(state["params"]), num_layers)
-      sparse_layers = rank.rank_layers(norms, config.select_layers)
+      sparse_layers = rank.rank_layers(norms, config.select_layers, seq_len=config.seq_len)
       log["sparse_layers"] = sparse_layers
       log["select_norms"] = norms.tolist()
       rec.record("select", {"step": step, "sparse_layers": sparse_layers, "norms": norms.tolist()})
@@ -456,7 +456,9 @@ def _train_loop(config, state, log, rec, corpus, mesh, end, say) -> dict:
     return log
   if sparse_layers is None and config.variant == "select":  # select_step == steps
     norms = rank.attention_weight_norms(jax.device_get(state["params"]), num_layers)
-    log["sparse_layers"] = sparse_layers = rank.rank_layers(norms, config.select_layers)
+    log["sparse_layers"] = sparse_layers = rank.rank_layers(
+      norms, config.select_layers, seq_len=config.seq_len
+    )
   log["final"] = measures.final_entry(
     log,
     jax.device_get(state["params"]),
