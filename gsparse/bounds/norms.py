@@ -38,11 +38,20 @@ def interaction_norms(m: ArrayLike) -> InteractionNorms:
   Args:
     m: `[..., a, b]` floating array.
 
+  A concrete `m` is reduced in float64 NumPy (nothing compiles), a traced one
+  through jax; the outputs have `m`'s floating dtype (at least float32).
+
   Returns:
     `InteractionNorms` with fields of shape `[...]`.
   """
   m = _checks.check_float_array("m", m, min_ndim=2)
-  sv = jnp.linalg.svd(m.astype(jnp.promote_types(m.dtype, jnp.float32)), compute_uv=False)
+  dtype = jnp.promote_types(m.dtype, jnp.float32)
+  conc = _checks.concrete_or_none(m)
+  if conc is not None:
+    sv = np.linalg.svd(conc.astype(np.float64), compute_uv=False)
+    out = [np.asarray(x, dtype) for x in _norms_from_singular_values(sv)]
+    return InteractionNorms(*jax.device_put(out))  # cast on the host: nothing to compile
+  sv = jnp.linalg.svd(m.astype(dtype), compute_uv=False)
   return InteractionNorms(*_norms_from_singular_values(sv))
 
 
