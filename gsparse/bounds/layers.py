@@ -92,6 +92,23 @@ def rank_by_expected_tau(expected_tau, *, n):
   return order, support, layer_log
 
 
+def _stacked_weights(w_q, w_k) -> tuple[jax.Array, jax.Array]:
+  """`[L, d, heads, h]` query and key weights from stacked arrays or sequences of layers."""
+  if isinstance(w_q, (list, tuple)):
+    w_q = jnp.stack([jnp.asarray(w) for w in w_q])
+  if isinstance(w_k, (list, tuple)):
+    w_k = jnp.stack([jnp.asarray(w) for w in w_k])
+  w_q = _checks.check_float_array("w_q", w_q)
+  w_k = _checks.check_float_array("w_k", w_k)
+  if w_q.ndim != 4 or w_q.shape != w_k.shape:
+    raise ValueError(
+      f"w_q and w_k must both be [layers, d, heads, h], got {w_q.shape} and {w_k.shape}"
+    )
+  if w_q.shape[0] < 1:
+    raise ValueError(f"need at least one layer, got w_q.shape={w_q.shape}")
+  return w_q, w_k
+
+
 def rank_layers_by_sparsity(
   w_q: ArrayLike | Sequence[ArrayLike],
   w_k: ArrayLike | Sequence[ArrayLike],
@@ -127,18 +144,7 @@ def rank_layers_by_sparsity(
   Returns:
     `LayerRanking`.
   """
-  if isinstance(w_q, (list, tuple)):
-    w_q = jnp.stack([jnp.asarray(w) for w in w_q])
-  if isinstance(w_k, (list, tuple)):
-    w_k = jnp.stack([jnp.asarray(w) for w in w_k])
-  w_q = _checks.check_float_array("w_q", w_q)
-  w_k = _checks.check_float_array("w_k", w_k)
-  if w_q.ndim != 4 or w_q.shape != w_k.shape:
-    raise ValueError(
-      f"w_q and w_k must both be [layers, d, heads, h], got {w_q.shape} and {w_k.shape}"
-    )
-  if w_q.shape[0] < 1:
-    raise ValueError(f"need at least one layer, got w_q.shape={w_q.shape}")
+  w_q, w_k = _stacked_weights(w_q, w_k)
   _check("sigma", sigma, lo=0, lo_open=True)
   dt = _float_dtype()
   concrete = [_checks.concrete_or_none(v) for v in (w_q, w_k, n, sigma)]
