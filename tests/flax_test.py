@@ -523,10 +523,14 @@ class LayerSelectionTest(parameterized.TestCase):
   def test_predicted_support_is_monotone_and_clipped(self):
     s = np.array([[0.0], [0.5], [1.0], [3.0], [100.0]])
     p = gf.predicted_support(s, seq_len=50)
-    assert p[0] == 50 and p[-1] == 1
+    assert p[0] == pytest.approx(50, rel=1e-12) and p[-1] == 1  # exp(log 50)
     assert np.all(np.diff(p) <= 0)
-    # One singular value s: n / sqrt(1 + 2 s^2).
-    np.testing.assert_allclose(p[2], 50 / np.sqrt(3.0))
+    # One singular value s = tau (sigma = 1); a = sqrt(2 ln 50) = 2.797. Diffuse phase
+    # (s <= a/2): n e^{-s^2}; collapsed (s >= a): 1.
+    np.testing.assert_allclose(p[1:3], [50 * np.exp(-0.25), 50 * np.exp(-1.0)], rtol=1e-12)
+    assert p[3] == 1
+    # Several singular values enter through ||M||_F: (3, 4) acts as one value 5.
+    np.testing.assert_allclose(gf.predicted_support([[0.3, 0.4]], seq_len=50), 50 * np.exp(-0.25))
 
 
 # Training ----------------------------------------------------------------------------------------

@@ -144,11 +144,20 @@ def test_spearman_matches_scipy():
   assert math.isnan(rank.spearman([1.0, 1.0], [1.0, 2.0]))
 
 
-def test_rank_layers_picks_largest_norms():
+def test_rank_layers_picks_smallest_predicted_support():
+  # At n = 4096: ln n = 8.318, a = sqrt(2 ln n) = 4.079. Per head log support (theory.md §6):
+  # ln n - tau^2 for tau <= a/2, (a - tau)^2 up to a, 0 beyond. Layer means:
+  # 0: 7.318; 1: (0 + 1.163) / 2 = 0.58; 2: 8.068; 3: (4.318 + 2.493) / 2 = 3.41.
   norms = np.array([[1.0, 1.0], [5.0, 3.0], [0.5, 0.5], [2.0, 2.5]])
-  assert rank.rank_layers(norms, 2) == [1, 3]
+  assert rank.rank_layers(norms, 2, seq_len=4096) == [1, 3]
+  # One head per layer: the support falls with the norm, so the largest norms win.
+  assert rank.rank_layers(np.array([0.5, 3.0, 1.0, 2.0]), 2, seq_len=4096) == [1, 3]
+  # Where the mean norm and the support disagree, the support decides: layer 0 (4.5, 0.0) has
+  # the larger mean norm (2.25 > 2.2), but mean log supports (0 + 8.318) / 2 = 4.16 against
+  # (4.079 - 2.2)^2 = 3.53 for layer 1 (geometric-mean supports 64 and 34 keys).
+  assert rank.rank_layers(np.array([[4.5, 0.0], [2.2, 2.2]]), 1, seq_len=4096) == [1]
   with pytest.raises(ValueError, match="num_sparse=5"):
-    rank.rank_layers(norms, 5)
+    rank.rank_layers(norms, 5, seq_len=4096)
 
 
 def test_weight_norms_scale_with_projection_weights():

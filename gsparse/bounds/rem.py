@@ -9,6 +9,7 @@ import jax.numpy as jnp
 from jax.scipy.special import ndtr
 from jax.typing import ArrayLike
 
+from gsparse.bounds import _xp
 from gsparse.bounds._common import DEFAULT_DELTA, _check, _check_n, _float_dtype, _norm_isf
 from gsparse.bounds.error import ErrorBound, topk_error_bound
 from gsparse.bounds.norms import InteractionNorms
@@ -141,7 +142,12 @@ def predicted_effective_support(n: ArrayLike, tau: ArrayLike) -> jax.Array:
   _check("tau", tau, lo=0)
   dtype = _float_dtype()
   n, tau = (jnp.asarray(v, dtype) for v in (n, tau))
-  ln = jnp.log(n)
-  a = jnp.sqrt(2.0 * ln)
-  log_ess = jnp.where(tau <= 0.5 * a, ln - tau * tau, jnp.where(tau <= a, (a - tau) ** 2, 0.0))
-  return jnp.exp(log_ess)
+  return jnp.exp(_log_effective_support(n, tau))
+
+
+def _log_effective_support(n, tau):
+  """`log` of `predicted_effective_support`, unchecked, in the namespace of its arguments."""
+  xp = _xp.of(n, tau)
+  ln = xp.log(n)
+  a = xp.sqrt(2.0 * ln)
+  return xp.where(tau <= 0.5 * a, ln - tau * tau, xp.where(tau <= a, (a - tau) ** 2, 0.0))

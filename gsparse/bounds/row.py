@@ -25,7 +25,7 @@ from gsparse.bounds._common import (
   _on_flat,
   _valid,
 )
-from gsparse.bounds.sparsity import _sum_over_g_cells
+from gsparse.bounds.sparsity import _first_admissible_m, _sum_over_g_cells
 
 _NUM_G_CELLS = 256  # cells of the m-th order statistic G on [-3, sqrt(2 ln n) + 2]
 _NUM_QUAD = 64  # Riemann cells per truncated Laplace transform
@@ -81,13 +81,17 @@ def _chernoff_fail(nm1, m, parts):
   """
   theta, top, rest = parts
   xp = _xp.of(nm1, m, theta)
-  log_b = xp.exp(theta)[None, :] + (m - 1.0) * xp.minimum(top, 0.0)
-  log_b = log_b + (nm1 - m) * xp.minimum(rest, 0.0)
-  return xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [L]
+  mk = m[..., None, None]  # one m per [L, K] grid
+  log_b = xp.exp(theta)[None, :] + (mk - 1.0) * xp.minimum(top, 0.0)
+  log_b = log_b + (nm1 - mk) * xp.minimum(rest, 0.0)
+  return xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [..., L]
 
 
 def _row_fail_fn(n, tau, eps, log_drow):
-  """`fail(m)`: bound on `P(at least m off-diagonal entries > eps | tau_i = tau)`."""
+  """`fail(m)`: bound on `P(at least m off-diagonal entries > eps | tau_i = tau)`, per `m [...]`.
+
+  `fail(m, cells)` is the same as `[..., 1]`, one "cell", for `_first_admissible_m`.
+  """
   xp = _xp.of(n, tau, eps, log_drow)
   del log_drow  # the grid is fixed; only the comparison uses the level
   nm1 = xp.maximum(n - 1.0, 1.0)
@@ -95,10 +99,11 @@ def _row_fail_fn(n, tau, eps, log_drow):
   c = -3.0 + u * (xp.sqrt(2.0 * xp.log(nm1)) + 5.0)
   parts = _chernoff_parts(eps, tau, c)
 
-  def fail(m):
+  def fail(m, cells=None):
     mm = xp.clip(m, 1.0, nm1)
     new = _sum_over_g_cells(nm1, mm, c, _chernoff_fail(nm1, mm, parts))
-    return xp.where((eps * m >= 1.0) | (m > nm1), 0.0, new)
+    out = xp.where((eps * m >= 1.0) | (m > nm1), 0.0, new)
+    return out if cells is None else out[..., None]
 
   return fail
 
@@ -106,12 +111,9 @@ def _row_fail_fn(n, tau, eps, log_drow):
 def _row_scalar(n, tau, eps, delta):
   xp = _xp.of(n, tau, eps, delta)
   fail = _row_fail_fn(n, tau, eps, xp.log(delta))
-
-  def cond(m):  # first m with fail(m) <= delta; as in Theorem 1, no monotonicity assumed
-    return (m < n) & (fail(m) > delta)
-
-  m = xp.while_loop(cond, lambda m: m + 1.0, xp.ones_like(n))
-  k = xp.where(n <= 1.0, n, xp.minimum(m, n))
+  # The first m with fail(m) <= delta; as in Theorem 1, no monotonicity assumed.
+  m = _first_admissible_m(n, fail, delta, 0)
+  k = xp.where(n <= 1.0, n, m)
   ok = _valid(n >= 1, tau >= 0, eps > 0, eps < 1, delta > 0, delta < 1)
   return (xp.where(ok, k, xp.nan),)
 

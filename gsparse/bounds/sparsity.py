@@ -180,19 +180,21 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c, moments):
 
   Args:
     nm1: `n - 1`.
-    m: number of exceedances (>= 1).
+    m: `[...]` numbers of exceedances (>= 1), evaluated at once.
     eps: threshold.
     ta, tb: `[C]` tau cells.
     c: `[L + 1]` increasing grid of standardised levels.
-    moments: `_orderstat_moments(ta, tb, c)`.
+    moments: `_orderstat_moments(ta, tb, c)` (its `[C, L]` parts for these cells).
 
   Returns:
-    `[C]` probability bounds.
+    `[..., C]` probability bounds.
   """
   xp = _xp.of(nm1, m, eps, ta, tb, c)
   log_m1, log_m2, lphi, tail_cn = moments
-  slack = 1.0 - eps * m
-  cnt = nm1 - m
+  mc = m[..., None]  # [..., 1]: one m per cell row
+  ml = mc[..., None]  # [..., 1, 1]: one m per (cell, level)
+  slack = 1.0 - eps * ml
+  cnt = nm1 - ml
   cn = c[1:][None, :]  # cell tops c_l
   ta_, tb_ = ta[:, None], tb[:, None]
   log_cnt = xp.log(xp.maximum(cnt, 1.0))
@@ -208,11 +210,11 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c, moments):
   # The m - 1 scores above G: if the largest exceeds G by Delta, the m-th entry
   # cannot exceed eps. P(all below G + Delta | G = c) is largest at the cell top.
   ta_safe = xp.where(ta_ > 0, ta_, 1.0)
-  log_r = xp.log(xp.maximum(1.0 - eps * (m - 1.0), 1e-30)) - xp.log(eps)
+  log_r = xp.log(xp.maximum(1.0 - eps * (ml - 1.0), 1e-30)) - xp.log(eps)
   delta_c = xp.where(ta_ > 0, xp.maximum(log_r, 0.0) / ta_safe, xp.inf)
-  log_q = (m - 1.0) * _log1mexp(xp.minimum(xp.log_ndtr(-(cn + delta_c)) - tail_cn, 0.0))
-  b = b * xp.exp(xp.where(m > 1.0, log_q, 0.0))
-  return xp.where(slack <= 0, 0.0, _sum_over_g_cells(nm1, m, c, b))
+  log_q = (ml - 1.0) * _log1mexp(xp.minimum(xp.log_ndtr(-(cn + delta_c)) - tail_cn, 0.0))
+  b = b * xp.exp(xp.where(ml > 1.0, log_q, 0.0))
+  return xp.where(1.0 - eps * mc <= 0, 0.0, _sum_over_g_cells(nm1, mc, c, b))
 
 
 def _sum_over_g_cells(nm1, m, c, b):
@@ -221,15 +223,18 @@ def _sum_over_g_cells(nm1, m, c, b):
   `G` is the m-th largest of `nm1` standard normals, `b[..., l]` bounds the
   conditional failure probability on the cell `(c_l, c_{l+1}]` and `Bt` is its
   running maximum; Abel summation leaves only nonnegative coefficients of the
-  rounded-up binomial tails `T_l = P(G > c_l)`.
+  rounded-up binomial tails `T_l = P(G > c_l)`. `m` broadcasts against
+  `b[..., 0]` (one `m` per leading index of `b`).
   """
   xp = _xp.of(nm1, m, c, b)
   inv_safe = 1.0 / _safety(c.dtype)
   bt = xp.cummax(b, axis=-1)  # non-decreasing in l
-  t = xp.minimum(xp.betainc(m, xp.maximum(nm1 - m + 1.0, 1.0), xp.ndtr(-c)) * inv_safe, 1.0)
-  head = xp.minimum(xp.betainc(xp.maximum(nm1 - m + 1.0, 1.0), m, xp.ndtr(c[0])) * inv_safe, 1.0)
-  body = xp.sum(t[1:-1] * (bt[..., 1:] - bt[..., :-1]), axis=-1)
-  total = head + t[0] * bt[..., 0] + body + t[-1] * (1.0 - bt[..., -1])
+  rest = xp.maximum(nm1 - m + 1.0, 1.0)
+  t = xp.betainc(m[..., None], rest[..., None], xp.ndtr(-c))
+  t = xp.minimum(t * inv_safe, 1.0)
+  head = xp.minimum(xp.betainc(rest, m, xp.ndtr(c[0])) * inv_safe, 1.0)
+  body = xp.sum(t[..., 1:-1] * (bt[..., 1:] - bt[..., :-1]), axis=-1)
+  total = head + t[..., 0] * bt[..., 0] + body + t[..., -1] * (1.0 - bt[..., -1])
   return xp.minimum(total, 1.0)
 
 
@@ -246,11 +251,13 @@ def _row_parts(n, tau_lo, tau_hi, log_drow):
 
 
 def _fail_fn(n, parts, eps, log_drow):
-  """`(fail, p*)`: `fail(m)` bounds `P(at least m off-diagonal entries > eps)` for one row.
+  """`(cell_fail, p*)` of one row: `cell_fail(m)` bounds `P(at least m entries > eps)` per tau cell.
 
-  The better of the union bound and the order-statistic bound, per tau cell,
-  worst cell; `p*` is the union bound's exceedance probability. `parts` is
-  `_row_parts(n, tau_lo, tau_hi, log_drow)`.
+  Per cell the better of the union bound and the order-statistic bound; a
+  row's bound is the worst cell, `max(cell_fail(m), axis=-1)`. `m` is an
+  array (`[...]`, several m at once), `cells` an optional `[W]` index array
+  restricting the cells (`[..., W]` out, else `[..., C]`). `p*` is the union
+  bound's exceedance probability. `parts` is `_row_parts(n, tau_lo, tau_hi, log_drow)`.
   """
   xp = _xp.of(n, eps, log_drow)
   ta, tb, lz, c, moments = parts
@@ -260,29 +267,58 @@ def _fail_fn(n, parts, eps, log_drow):
   p_cell = xp.exp(_exceed_log_prob(theta, ta, tb))  # [C]
   inv_safe = 1.0 / _safety(ta.dtype)
 
-  def fail(m):  # bound on P(at least m off-diagonal entries > eps), max over cells
-    p1 = 0.5 * drow + xp.minimum(_binom_tail(n - 1.0, m - 1.0, p_cell) * inv_safe, 1.0)
-    p2 = _orderstat_fail(nm1, m, eps, ta, tb, c, moments)
-    return xp.max(xp.minimum(p1, p2))
+  def cell_fail(m, cells=None):
+    p, a, b, mom = p_cell, ta, tb, moments
+    if cells is not None:
+      p, a, b = p[cells], a[cells], b[cells]
+      mom = (mom[0][cells], mom[1][cells], *mom[2:])
+    p1 = 0.5 * drow + xp.minimum(_binom_tail(n - 1.0, m[..., None] - 1.0, p) * inv_safe, 1.0)
+    return xp.minimum(p1, _orderstat_fail(nm1, m, eps, a, b, c, mom))
 
-  return fail, xp.max(p_cell)
+  return cell_fail, xp.max(p_cell)
+
+
+# m values whose bound is checked at one cell per step of the Theorem-1 scan.
+_SCAN_CHUNK = 32
+
+
+def _first_admissible_m(n, cell_fail, drow, witness):
+  """The first `m` in `1, ..., n - 1` whose bound `max_cells cell_fail(m)` is `<= drow`, else `n`.
+
+  Every m is decided as by checking the bounds in order (`fail(m) > drow`
+  means "not admissible"), but cheaply: `fail(m) > drow` as soon as one cell
+  (the witness, the worst cell of the last rejected m) exceeds `drow`, so the
+  witness cell is evaluated at `_SCAN_CHUNK` m at once and all cells only at
+  the first m it does not reject (if that m is rejected, its worst cell
+  becomes the witness). A bisection would need the bound to be monotone in m,
+  which it need not be; the first hit makes k monotone in eps.
+  """
+  xp = _xp.of(n, drow)
+  steps = xp.arange(_SCAN_CHUNK, dtype=n.dtype)
+
+  def body(state):
+    m0, w, _ = state
+    ms = m0 + steps
+    ok_w = ~(cell_fail(ms, w[None])[..., 0] > drow) | (ms >= n)
+    m1 = xp.where(xp.any(ok_w), ms[xp.argmax(ok_w)], m0 + _SCAN_CHUNK)
+    full = cell_fail(m1)
+    done = (m1 >= n) | ~(xp.max(full) > drow)
+    return xp.where(done, m1, m1 + 1.0), xp.where(done, w, xp.argmax(full)), done
+
+  init = (xp.ones_like(n), xp.asarray(witness), xp.asarray(False))
+  m, _, _ = xp.while_loop(lambda state: ~state[2], body, init)
+  return xp.minimum(m, n)
 
 
 def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
   """Scalar core of Theorem 1 for a given tau interval: `(k_gauss, p*)`."""
   xp = _xp.of(n, tau_lo, tau_hi, eps, log_drow)
-  fail, p_star = _fail_fn(n, _row_parts(n, tau_lo, tau_hi, log_drow), eps, log_drow)
-  drow = xp.exp(log_drow)
-
-  # Linear scan from m = 1: the first m whose bound is <= drow. (A bisection
-  # would need the bound to be monotone in m, which it need not be; the first
-  # hit makes k monotone in eps.) The scan stops by m = ceil(1/eps), where the
-  # order-statistic bound is 0, and by m = n (only n - 1 off-diagonal entries).
-  def cond(m):
-    return (m < n) & (fail(m) > drow)
-
-  m = xp.while_loop(cond, lambda m: m + 1.0, xp.ones_like(n))
-  k = xp.minimum(m, n)  # m - 1 off-diagonal entries plus the diagonal
+  parts = _row_parts(n, tau_lo, tau_hi, log_drow)
+  cell_fail, p_star = _fail_fn(n, parts, eps, log_drow)
+  # The scan stops by m = ceil(1/eps), where the order-statistic bound is 0, and
+  # by m = n (only n - 1 off-diagonal entries); m - 1 entries plus the diagonal.
+  witness = xp.argmax(parts[0] * 0.0 + parts[1])  # first guess: the largest tau cell
+  k = _first_admissible_m(n, cell_fail, xp.exp(log_drow), witness)
   return xp.where(n <= 1.0, n, k), p_star
 
 
@@ -419,8 +455,8 @@ def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   def admissible(log_eps):
     # fail(k) <= drow implies the first admissible m of Theorem 1 is <= k, for
     # this eps and (fail being non-increasing in eps) every larger one.
-    fail, _ = _fail_fn(n, parts, xp.exp(log_eps), log_row)
-    return fail(kk) <= drow
+    cell_fail, _ = _fail_fn(n, parts, xp.exp(log_eps), log_row)
+    return xp.max(cell_fail(kk)) <= drow
 
   found = admissible(hi)
 

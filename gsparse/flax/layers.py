@@ -6,23 +6,13 @@ large `||W_Q W_K^T||` are the first to sparsify. This module walks a model's
 parameters (a linen params dict, an nnx Module or nnx State), finds every
 attention layer (a `query/kernel` with a sibling `key/kernel`, as in
 `flax.linen.MultiHeadDotProductAttention` and `flax.nnx.MultiHeadAttention`),
-computes per head the singular values of `M` and a predicted effective
-support, ranks the layers and returns a config that sparsifies the sparsest.
-
-The predictor is `predicted_support`, the only place where norms become a
-prediction (swap it for the certified bounds of `gsparse.bounds` when those
-are wanted). It uses the Gaussian-score picture: given a query `x_i`, the
-scores `s_ij = x_i^T M x_j` over keys are i.i.d. `N(0, tau_i^2)` with
-`tau_i^2 = sigma^2 ||M^T x_i||^2` and `E tau_i^2 = sigma^4 ||M||_F^2`; for
-i.i.d. Gaussian scores the effective support `1 / sum_j p_j^2` is about
-`n exp(-tau^2)` (second-moment estimate, accurate while `tau^2` is small
-against `log n`). Averaging `exp(-tau_i^2)` over `x_i ~ N(0, sigma^2 I)`
-gives, with `s_1, s_2, ...` the singular values of `M`,
-
-    predicted_support = max(1, n * prod_j (1 + 2 sigma^4 s_j^2)^(-1/2)).
-
-It is a heuristic prediction, not a bound: it ignores the diagonal score
-`s_ii` and non-Gaussian inputs. Only its ordering of layers is relied on.
+computes per head the singular values of `M`, and ranks the layers with the
+package's one layer ranking, `gsparse.bounds.layers.rank_by_expected_tau`:
+the random-energy-model effective support (`predicted_effective_support`,
+docs/theory.md section 6) at each head's `sqrt(E tau^2) = sigma^2 ||M||_F`,
+layers ordered by the mean log support of their heads. The support is a
+leading-order prediction, not a bound: it ignores the diagonal score `s_ii`
+and non-Gaussian inputs.
 """
 
 from __future__ import annotations
@@ -34,6 +24,9 @@ import jax
 import numpy as np
 
 from gsparse import _checks
+from gsparse.bounds.layers import rank_by_expected_tau
+from gsparse.bounds.norms import interaction_singular_values
+from gsparse.bounds.rem import _log_effective_support
 from gsparse.flax.attention import topk_attention_fn
 from gsparse.flax.policies import KPolicy, as_policy
 
@@ -49,8 +42,8 @@ class AttentionLayerReport(NamedTuple):
     fro_norm: `[heads]` `||M||_F`.
     op_norm: `[heads]` `||M||_2`.
     tau2: `[heads]` expected score variance `sigma^4 ||M||_F^2`.
-    predicted_support: `[heads]` predicted mean effective support (keys per
-      query) at sequence length `seq_len`.
+    predicted_support: `[heads]` predicted effective support (keys per query)
+      at sequence length `seq_len` (`predicted_support`).
     seq_len: the sequence length of the prediction.
   """
 
@@ -118,37 +111,11 @@ def find_attention_layers(params) -> dict[str, tuple[np.ndarray, np.ndarray]]:
   return layers
 
 
-def interaction_singular_values(
-  w_q: np.ndarray, w_k: np.ndarray, *, scale: float | None = None
-) -> np.ndarray:
-  """Singular values of `M_n = scale * W_Q[:, n] W_K[:, kv(n)]^T` per query head.
-
-  Computed from `h x h` factors (QR of each kernel), so the cost is
-  `O(d h^2)` per head, never `O(d^3)`.
-
-  Args:
-    w_q: `[d, N, h]` query kernel.
-    w_k: `[d, K, h]` key kernel, `N % K == 0` (grouped-query heads).
-    scale: logit scale; default `1 / sqrt(h)`.
-
-  Returns:
-    `[N, h]` singular values in decreasing order (float64).
-  """
-  w_q, w_k = np.asarray(w_q, np.float64), np.asarray(w_k, np.float64)
-  n, kh, h = w_q.shape[1], w_k.shape[1], w_q.shape[2]
-  if kh == 0 or n % kh:
-    raise ValueError(f"query heads {n} must be a multiple of key heads {kh}")
-  scale = 1.0 / np.sqrt(h) if scale is None else float(scale)
-  out = []
-  for head in range(n):
-    _, r_q = np.linalg.qr(w_q[:, head, :])
-    _, r_k = np.linalg.qr(w_k[:, head // (n // kh), :])
-    out.append(np.linalg.svd(scale * r_q @ r_k.T, compute_uv=False))
-  return np.stack(out)
-
-
 def predicted_support(singular_values, *, seq_len: int, sigma: float = 1.0) -> np.ndarray:
-  """Predicted mean effective support of attention rows (see the module docstring).
+  """Predicted effective support of attention rows per head, from the singular values of `M`.
+
+  `predicted_effective_support(seq_len, sigma^2 ||M||_F)` (docs/theory.md
+  section 6), the prediction `rank_attention_layers` ranks by.
 
   Args:
     singular_values: `[..., r]` singular values of `M`.
@@ -156,20 +123,19 @@ def predicted_support(singular_values, *, seq_len: int, sigma: float = 1.0) -> n
     sigma: input standard deviation per coordinate.
 
   Returns:
-    `[...]` `max(1, n * prod_j (1 + 2 sigma^4 s_j^2)^(-1/2))`, decreasing in
-    every singular value.
+    `[...]` supports in `[1, seq_len]`, non-increasing in every singular value.
   """
   _checks.check_int("seq_len", seq_len, minimum=1)
   _checks.check_float_scalar("sigma", sigma, positive=True, allow_traced=False)
-  s2 = np.square(np.asarray(singular_values, np.float64))
-  log_frac = -0.5 * np.sum(np.log1p(2.0 * sigma**4 * s2), axis=-1)
-  return np.clip(seq_len * np.exp(log_frac), 1.0, seq_len)
+  sv = np.asarray(singular_values, np.float64)
+  tau = float(sigma) ** 2 * np.sqrt(np.sum(sv * sv, axis=-1))
+  return np.exp(_log_effective_support(np.float64(seq_len), tau))
 
 
 def rank_attention_layers(
   params, *, seq_len: int, sigma: float = 1.0, scale: float | None = None
 ) -> list[AttentionLayerReport]:
-  """Reports for every attention layer, the sparsest (smallest predicted support) first.
+  """Reports for every attention layer, the sparsest first (`rank_by_expected_tau`).
 
   Args:
     params: linen variables or params, an nnx Module or State.
@@ -178,7 +144,8 @@ def rank_attention_layers(
     scale: logit scale; default `1 / sqrt(head_dim)` (flax's).
 
   Returns:
-    List of `AttentionLayerReport`, sorted by `layer_support` (ties: tree order).
+    List of `AttentionLayerReport`, sparsest first: by the mean over heads of
+    the log predicted support, ties by the larger mean tau, then tree order.
 
   Example:
     >>> import jax, jax.numpy as jnp
@@ -194,22 +161,27 @@ def rank_attention_layers(
     ['b', 'a']
   """
   _checks.check_int("seq_len", seq_len, minimum=1)
-  reports = []
-  for path, (w_q, w_k) in find_attention_layers(params).items():
-    sv = interaction_singular_values(w_q, w_k, scale=scale)
-    fro = np.sqrt(np.sum(sv**2, axis=-1))
-    reports.append(
-      AttentionLayerReport(
-        path=path,
-        singular_values=sv,
-        fro_norm=fro,
-        op_norm=sv[:, 0],
-        tau2=float(sigma) ** 4 * fro**2,
-        predicted_support=predicted_support(sv, seq_len=seq_len, sigma=sigma),
-        seq_len=seq_len,
-      )
+  _checks.check_float_scalar("sigma", sigma, positive=True, allow_traced=False)
+  layers = find_attention_layers(params)
+  svs = [interaction_singular_values(w_q, w_k, scale=scale) for w_q, w_k in layers.values()]
+  fros = [np.sqrt(np.sum(sv**2, axis=-1)) for sv in svs]
+  taus = [float(sigma) ** 2 * fro for fro in fros]
+  if not layers:
+    return []
+  order, supports, _ = rank_by_expected_tau(taus, n=seq_len)
+  reports = [
+    AttentionLayerReport(
+      path=path,
+      singular_values=sv,
+      fro_norm=fro,
+      op_norm=sv[:, 0],
+      tau2=tau**2,
+      predicted_support=support,
+      seq_len=seq_len,
     )
-  return sorted(reports, key=lambda r: r.layer_support)
+    for path, sv, fro, tau, support in zip(layers, svs, fros, taus, supports, strict=True)
+  ]
+  return [reports[i] for i in order]
 
 
 def select_sparse_layers(

@@ -450,7 +450,7 @@ def _train_loop(config, state, log, rec, corpus, mesh, end, say) -> dict:
 def _rank_layers(config, state):
   """The "select" variant's choice: weight norms per layer and the layers made sparse."""
   norms = rank.attention_weight_norms(jax.device_get(state["params"]), config.model.num_layers)
-  return norms, rank.rank_layers(norms, config.select_layers)
+  return norms, rank.rank_layers(norms, config.select_layers, seq_len=config.seq_len)
 
 
 def _train_step(config, state, log, rec, corpus, train_step, batch_sh, step):

@@ -5,7 +5,8 @@ spread tau grows with `||M||` for `M = scale * W_Q W_K^T`, so layers with a
 larger interaction matrix are sparser. In a pre-LayerNorm block the input to
 the projections is `gamma * normalised(x)`, so the LayerNorm scale `gamma` is
 folded into `W_Q` and `W_K` before taking the norm (projection biases are
-ignored).
+ignored). The ranking itself is the package's one layer ranking,
+`gsparse.bounds.layers.rank_by_expected_tau`.
 """
 
 from __future__ import annotations
@@ -14,7 +15,8 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 
-from gsparse.gaussian import interaction_matrix
+from gsparse.bounds.layers import rank_by_expected_tau
+from gsparse.bounds.norms import interaction_singular_values
 
 
 def attention_weight_norms(
@@ -40,19 +42,32 @@ def attention_weight_norms(
     if fold_layernorm:
       gamma = np.asarray(blk["ln_attn"]["scale"], np.float64)[:, None, None]
       wq, wk = gamma * wq, gamma * wk
-    m = np.asarray(interaction_matrix(wq, wk))  # [N, d, d]
-    out.append(np.sqrt(np.sum(m * m, axis=(-2, -1))))
+    sv = interaction_singular_values(wq, wk)  # [N, h]
+    out.append(np.sqrt(np.sum(sv * sv, axis=-1)))
   return np.stack(out)
 
 
-def rank_layers(norms: np.ndarray, num_sparse: int) -> list[int]:
-  """Indices of the `num_sparse` layers with the largest mean per-head norm."""
+def rank_layers(norms: np.ndarray, num_sparse: int, *, seq_len: int) -> list[int]:
+  """Indices (ascending) of the `num_sparse` layers predicted sparsest at `seq_len`.
+
+  `norms` are the per-head `||M||_F` of `attention_weight_norms`, i.e. the
+  typical row scale `tau` at unit input variance (the folded LayerNorm scale
+  sets the input scale); the order is `rank_by_expected_tau`'s.
+
+  Args:
+    norms: `[layers, heads]` (or `[layers]`, one head each) norms.
+    num_sparse: how many layers to pick, in `[0, layers]`.
+    seq_len: sequence length at which sparsity is predicted.
+
+  Returns:
+    Sorted list of layer indices.
+  """
   norms = np.asarray(norms, np.float64)
-  if norms.ndim == 2:
-    norms = norms.mean(axis=1)
+  if norms.ndim == 1:
+    norms = norms[:, None]
   if not 0 <= num_sparse <= norms.shape[0]:
     raise ValueError(f"num_sparse={num_sparse} must be in [0, {norms.shape[0]}]")
-  order = np.argsort(-norms, kind="stable")
+  order, _, _ = rank_by_expected_tau(norms, n=seq_len)
   return sorted(int(i) for i in order[:num_sparse])
 
 
