@@ -48,6 +48,15 @@ CASES = {
   "pos_inf_query": [("q", (2, 0, 1), PINF)],
   "pos_inf_bias": [("bias", (0, 3, 0), PINF)],
   "neg_inf_bias_half": [("bias", (0, slice(0, 2), slice(1, 4)), NINF)],
+  "pos_inf_value": [("v", (1, 0, 0), PINF)],
+  "mixed_inf_values": [("v", (1, 0, 0), PINF), ("v", (2, 0, 0), NINF), ("v", (3, 0, 1), NINF)],
+  # Row 0 may attend keys 0 and 2 only; each key block holds a NaN key (round 3 of issue 21).
+  "mask_hides_nan_key_blocks": [
+    ("k", (1, 0, 0), NAN),
+    ("k", (3, 0, 0), NAN),
+    ("mask", (0, 0, 1), False),
+    ("mask", (0, 0, 3), False),
+  ],
 }
 FINITE_CASES = ("clean", "neg_inf_bias_row", "neg_inf_bias_hides_nan_key", "mask_hides_nan_key")
 
