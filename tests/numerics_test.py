@@ -50,6 +50,7 @@ CASES = {
   "neg_inf_bias_half": [("bias", (0, slice(0, 2), slice(1, 4)), NINF)],
   "pos_inf_value": [("v", (1, 0, 0), PINF)],
   "mixed_inf_values": [("v", (1, 0, 0), PINF), ("v", (2, 0, 0), NINF), ("v", (3, 0, 1), NINF)],
+  "mask_hides_inf_value": [("v", (2, 0, 0), PINF), ("mask", (0, slice(0, 2), 2), False)],
   # Row 0 may attend keys 0 and 2 only; each key block holds a NaN key (round 3 of issue 21).
   "mask_hides_nan_key_blocks": [
     ("k", (1, 0, 0), NAN),
