@@ -304,3 +304,25 @@ def test_kept_set_tail_bound_lemma():
   np.testing.assert_array_equal(got[:3], [0.0, 1.0, 1.0])
   assert np.isnan(got[3]) and np.isnan(got[4]) and got[5] == 0.0 and np.isnan(got[6])
   np.testing.assert_allclose(float(kept_set_tail_bound(0.0, 0.0, 3)), 0.75, rtol=1e-6)
+
+
+def test_error_bound_nan_only_for_rows_that_may_attend_a_nonfinite_value():
+  """Issue 21 round 3: one `-inf` value used to make `error_bound` NaN for the
+  whole head; now only the rows that may attend it (GQA, causal, a per-head
+  mask hiding it from head 1) are NaN, the rest finite and valid (float64)."""
+  rng = np.random.default_rng(5)
+  q = rng.standard_normal((1, 6, 2, 4)).astype(np.float32)
+  k = rng.standard_normal((1, 6, 1, 4)).astype(np.float32)
+  v = rng.standard_normal((1, 6, 1, 3)).astype(np.float32)
+  v[0, 3, 0, 1] = NINF
+  mask = np.ones((1, 2, 6, 6), bool)
+  mask[0, 1, :, 3] = False
+  out, stats = gsparse.topk_attention(
+    q, k, v, mask=mask, k=2, scale=SCALE, is_causal=True, selection="exact", return_stats=True
+  )
+  ref.check_topk_route(
+    out, stats, q, k, v, topk=K, exact=True, scale=SCALE, mask=mask, is_causal=True
+  )
+  err = np.asarray(stats.error_bound)
+  np.testing.assert_array_equal(np.isnan(err[0, :, 0]), np.arange(6) >= 3)
+  assert np.isfinite(err[0, :, 1]).all()
