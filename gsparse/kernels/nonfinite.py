@@ -41,7 +41,7 @@ def nonfinite_indicator(x: jax.Array) -> jax.Array:
 
 def inf_sign(x: jax.Array) -> jax.Array:
   """float32 +1 where `x` is `+inf`, -1 where `-inf`, else 0 (NaN included)."""
-  return jnp.where(jnp.isinf(x), jnp.sign(x), 0.0).astype(jnp.float32)
+  return jnp.where(x == jnp.inf, 1.0, jnp.where(x == -jnp.inf, -1.0, 0.0)).astype(jnp.float32)
 
 
 def resolve_reads(out: jax.Array, reads: jax.Array, signs: jax.Array) -> jax.Array:
