@@ -326,3 +326,21 @@ def test_error_bound_nan_only_for_rows_that_may_attend_a_nonfinite_value():
   err = np.asarray(stats.error_bound)
   np.testing.assert_array_equal(np.isnan(err[0, :, 0]), np.arange(6) >= 3)
   assert np.isfinite(err[0, :, 1]).all()
+
+
+def test_exact_xla_empty_slot_does_not_read_value_row_zero():
+  """Found by the long fuzz profile (issue 21 round 3): on "exact" + xla an
+  empty slot (-1) of a row with fewer admissible keys than k read value row 0
+  with weight 0, so a NaN there made the row NaN (`0 * NaN`)."""
+  rng = np.random.default_rng(8)
+  q, k, v = (rng.standard_normal((4, 1, 3)).astype(np.float32) for _ in range(3))
+  v[0, 0, 1] = NAN
+  mask = np.ones((4, 4), bool)
+  mask[:, 0] = False  # no row may attend key 0; row 0 (causal) has no key at all
+  out, stats = gsparse.topk_attention(
+    q, k, v, mask=mask, k=2, is_causal=True, selection="exact", implementation="xla",
+    return_stats=True,
+  )  # fmt: skip
+  ref.check_topk_route(out, stats, q, k, v, topk=2, exact=True, mask=mask, is_causal=True)
+  np.testing.assert_array_equal(out[0], 0.0)
+  assert np.isfinite(np.asarray(out)).all()
