@@ -108,18 +108,17 @@ def block_sparse_gather_attention_xla(
   qb = q.reshape(*batch, tb, block_q, n, h)
   # Causal masking differs between the queries of a block, so a masked
   # non-finite entry cannot be zeroed per row: the products take the finite
-  # parts (gradients included) and mark the non-finite reads (gsparse.kernels.nonfinite).
-  logits = jnp.einsum(
-    "...tqnh,...tnmh->...tqnm",
-    nonfinite.finite_part(qb),
-    nonfinite.finite_part(kg),
-    precision=precision,
-    preferred_element_type=dtype,
-  ).astype(dtype)
-  logits = logits * jnp.asarray(scale, dtype)
+  # parts (gradients included), a non-finite query or key gets the IEEE logit
+  # (no gradient), and the non-finite value reads are counted
+  # (gsparse.kernels.nonfinite).
+  qk = functools.partial(
+    jnp.einsum, "...tqnh,...tnmh->...tqnm", precision=precision, preferred_element_type=dtype
+  )
+  logits = qk(nonfinite.finite_part(qb), nonfinite.finite_part(kg)).astype(dtype)
   q_bad = jnp.any(~jnp.isfinite(qb), axis=-1)[..., None]  # [..., Tb, bq, N, 1]
   k_bad = jnp.any(~jnp.isfinite(kg), axis=-1)[..., None, :, :]  # [..., Tb, 1, N, m]
-  logits = jnp.where(q_bad | k_bad, jnp.asarray(jnp.nan, dtype), logits)
+  logits = nonfinite.ieee_where_nonfinite(logits, lambda: qk(qb, kg).astype(dtype), q_bad | k_bad)
+  logits = logits * jnp.asarray(scale, dtype)
   valid = jnp.broadcast_to(slot_valid[..., :, None, :, :], logits.shape)
   qpos = jnp.arange(tp).reshape(tb, block_q)[:, :, None, None]
   if is_causal:
@@ -133,9 +132,12 @@ def block_sparse_gather_attention_xla(
   w, lse = masked_softmax_lse(logits, valid)
   pv = functools.partial(jnp.einsum, "...tqnm,...tnmv->...tqnv", precision=precision)
   out = pv(w, nonfinite.finite_part(vg).astype(dtype))
+  live = (valid & (logits != -jnp.inf)).astype(jnp.float32)
   out = jax.lax.cond(
     jnp.any(~jnp.isfinite(vg)),
-    lambda o: nonfinite.poison(o, pv(valid.astype(dtype), nonfinite.nonfinite_indicator(vg))),
+    lambda o: nonfinite.resolve_reads(
+      o, pv(live, nonfinite.nonfinite_indicator(vg)), pv(live, nonfinite.inf_sign(vg))
+    ),
     lambda o: o,
     out,
   )

@@ -33,6 +33,7 @@ from jax.typing import ArrayLike
 
 from gsparse import _checks
 from gsparse._numerics import safe_norm
+from gsparse.attention import combine_masks
 
 
 def kept_set_tail_bound(
@@ -119,42 +120,94 @@ def tail_mass_certificate(
 
 
 def value_center_and_radius(value: ArrayLike) -> tuple[jax.Array, jax.Array]:
-  """Centre (mean row) and radius `max_j ||v_j - c||` of the value rows.
+  """Centre (mean row) and radius `max_j ||v_j - c||` of the finite value rows.
+
+  A value row with a NaN or `+-inf` entry is left out: a row that may attend
+  it has no finite error, and `output_error_certificate` reports NaN there
+  (Lemma C5 in docs/theory.md), so the radius stays finite for the others.
 
   Args:
     value: `[batch..., S, K, Hv]`.
 
   Returns:
-    `(center [batch..., K, Hv], radius [batch..., K])` in at least float32.
-    All keys are used, so the radius is a valid bound for any mask.
+    `(center [batch..., K, Hv], radius [batch..., K])` in at least float32
+    (zeros for a head without a finite row). All finite rows are used, so the
+    radius is a valid bound for any mask.
 
   Example:
     >>> import jax.numpy as jnp
     >>> from gsparse import certificate
-    >>> value = jnp.array([[0.0, 0.0], [2.0, 0.0]])[:, None, :]  # S=2, K=1, Hv=2
+    >>> value = jnp.array([[0.0, 0.0], [2.0, 0.0], [jnp.inf, 0.0]])[:, None, :]  # S=3, K=1
     >>> c, r = certificate.value_center_and_radius(value)
     >>> c.tolist(), r.tolist()
     ([[1.0, 0.0]], [1.0])
   """
   value = _checks.check_float_array("value", value, min_ndim=3)
   value = value.astype(jnp.promote_types(value.dtype, jnp.float32))
-  center = jnp.mean(value, axis=-3)
-  radius = jnp.max(safe_norm(value - center[..., None, :, :]), axis=-2)
-  return center, radius
+  ok = jnp.all(jnp.isfinite(value), axis=-1, keepdims=True)  # [..., S, K, 1]
+  count = jnp.maximum(jnp.sum(ok, axis=-3), 1)
+  center = jnp.sum(jnp.where(ok, value, 0.0), axis=-3) / count
+  dist = safe_norm(jnp.where(ok, value - center[..., None, :, :], 0.0))
+  return center, jnp.max(dist, axis=-2)
+
+
+def nonfinite_value_reach(
+  value: jax.Array, mask: jax.Array | None, *, is_causal: bool, num_queries: int, num_heads: int
+) -> jax.Array:
+  """`[batch..., T, N]` True where a query may attend a value row with a NaN or `+-inf`.
+
+  Args:
+    value: `[batch..., S, K, Hv]`.
+    mask: admissibility broadcastable to `[batch..., N, T, S]` (a `-inf`
+      bias already folded in, `gsparse.attention.fold_neg_inf_bias`), or
+      None.
+    is_causal: also mask key position > query position (top-left aligned).
+    num_queries: `T`.
+    num_heads: `N`, a multiple of `K`.
+
+  The `[T, S]` contraction with the mask runs only when some value row is
+  not finite.
+  """
+  *batch, s, kh, _ = value.shape
+  t, n = num_queries, num_heads
+  bad = jnp.repeat(jnp.any(~jnp.isfinite(value), axis=-1), n // kh, axis=-1)  # [..., S, N]
+  mask = combine_masks(mask, is_causal, t, s)
+  if mask is None:
+    return jnp.broadcast_to(jnp.any(bad, axis=-2)[..., None, :], (*batch, t, n))
+  mask = jnp.broadcast_to(mask, (*batch, n, t, s))
+  badn = jnp.swapaxes(bad, -1, -2)  # [..., N, S]
+
+  def reach():
+    count = jnp.einsum("...nts,...ns->...tn", mask.astype(jnp.float32), badn.astype(jnp.float32))
+    return count > 0
+
+  return jax.lax.cond(jnp.any(bad), reach, lambda: jnp.zeros((*batch, t, n), bool))
 
 
 def output_error_certificate(
-  tail_bound: ArrayLike, topk_output: ArrayLike, value: ArrayLike
+  tail_bound: ArrayLike,
+  topk_output: ArrayLike,
+  value: ArrayLike,
+  *,
+  value_reach: ArrayLike | None = None,
 ) -> jax.Array:
   """Upper bound on `||o - o_k||_2` per query from the tail-mass bound.
+
+  Lemma C0 with the centre and radius of the finite value rows
+  (`value_center_and_radius`); a row that may attend a non-finite value row
+  gets NaN (Lemma C5 in docs/theory.md: its dense output is not finite).
 
   Args:
     tail_bound: `[batch..., T, N]` bound on the dropped mass `t`.
     topk_output: `[batch..., T, N, Hv]` the top-k output `o_k` (= mu_head).
     value: `[batch..., S, K, Hv]` all value rows, `N % K == 0`.
+    value_reach: `[batch..., T, N]` bool, True where the row may attend
+      (under its mask, causality and bias) a value row with a NaN or `+-inf`
+      entry (`nonfinite_value_reach`). None: every row of a head with such a
+      value row (valid for any mask).
 
   Returns:
-    `[batch..., T, N]` bound `t (||o_k - c|| + R)`.
+    `[batch..., T, N]` bound `t (||o_k - c|| + R)`, NaN where `value_reach`.
 
   Example:
     Values 0 and 2 (centre 1, radius 1), top-k output 0, tail bound 0.5:
@@ -184,7 +237,12 @@ def output_error_certificate(
       f"tail_bound.shape={tail_bound.shape}, topk_output.shape={topk_output.shape}, "
       f"value.shape={jnp.shape(value)}"
     )
+  if value_reach is None:
+    value_reach = nonfinite_value_reach(
+      jnp.asarray(value), None, is_causal=False, num_queries=tail_bound.shape[-2], num_heads=n
+    )
   center = jnp.repeat(center, n // kh, axis=-2)  # [..., N, Hv]
   radius = jnp.repeat(radius, n // kh, axis=-1)  # [..., N]
   dist = safe_norm(topk_output.astype(center.dtype) - center[..., None, :, :])
-  return tail_bound * (dist + radius[..., None, :])
+  bound = tail_bound * (dist + radius[..., None, :])
+  return jnp.where(value_reach, jnp.asarray(jnp.nan, bound.dtype), bound)

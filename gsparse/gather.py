@@ -46,6 +46,7 @@ from jax.typing import ArrayLike
 from gsparse import _checks, kernels
 from gsparse._layout import gather_kv
 from gsparse.attention import compute_dtype, masked_softmax_lse
+from gsparse.kernels import nonfinite
 
 Implementation = Literal["xla", "masked", "pallas"]
 # Every value `implementation=` takes, in gsparse.topk_attention, the gathers
@@ -178,9 +179,10 @@ def sparse_gather_attention_masked(
   """Dense logits masked to the listed keys; `indices` already de-duplicated.
 
   Unlisted keys must not leak into any result, not even through `0 * NaN`:
-  keys and values enter the matmuls with non-finite rows/entries zeroed, and
-  a listed non-finite key (value entry) then makes that row's logits (that
-  output entry) NaN, as in the gather, where the gather may give +-inf.
+  keys and values enter the matmuls with non-finite entries zeroed; a listed
+  non-finite key then gets its IEEE logit, and an output entry that reads
+  non-finite value entries with positive weight is `+-inf` or NaN as in the
+  gather (`gsparse.kernels.nonfinite.resolve_reads`).
   """
   dtype = compute_dtype(query.dtype, key.dtype, value.dtype)
   *batch, t, n, h = query.shape
@@ -198,23 +200,27 @@ def sparse_gather_attention_masked(
 
   key_ok = jnp.all(jnp.isfinite(key), axis=-1)  # [..., S, K]
   value_ok = jnp.isfinite(value)  # [..., S, K, Hv]
-  kt = jnp.swapaxes(jnp.where(key_ok[..., None], key, 0), -3, -2)  # [..., K, S, H]
+  kt = jnp.swapaxes(key, -3, -2)  # [..., K, S, H]
   vt = jnp.swapaxes(jnp.where(value_ok, value, 0), -3, -2).astype(dtype)
-  logits = jnp.einsum(
-    "...mh,...sh->...ms", rows(query), kt, precision=precision, preferred_element_type=dtype
-  ).astype(dtype) * jnp.asarray(scale, dtype)
+  qk = lambda kmat: jnp.einsum(
+    "...mh,...sh->...ms", rows(query), kmat, precision=precision, preferred_element_type=dtype
+  ).astype(dtype)
+  # A listed non-finite key gets the IEEE logit (no gradient), as the gather.
+  key_bad = jnp.swapaxes(~key_ok, -1, -2)[..., None, :]  # [..., K, 1, S]
+  logits = nonfinite.ieee_where_nonfinite(qk(nonfinite.finite_part(kt)), lambda: qk(kt), key_bad)
+  logits = logits * jnp.asarray(scale, dtype)
   idx = rows(indices)  # [..., K, G*T, k]
   listed = _scatter_rows(jnp.asarray(True), idx, s, False)  # [..., K, G*T, S]
   if bias is not None:
     logits = logits + _scatter_rows(rows(bias).astype(dtype), idx, s, 0.0)
-  # Unlisted logits are -inf (masked); a listed non-finite key gives NaN.
-  key_bad = jnp.swapaxes(~key_ok, -1, -2)[..., None, :]  # [..., K, 1, S]
-  logits = jnp.where(listed, jnp.where(key_bad, jnp.nan, logits), -jnp.inf)
+  logits = jnp.where(listed, logits, -jnp.inf)  # unlisted: masked
   w, lse = masked_softmax_lse(logits, None)
   out = jnp.einsum("...ms,...sv->...mv", w, vt, precision=precision)
 
   bad_values = jnp.swapaxes(~value_ok, -3, -2)  # [..., K, S, Hv]
-  out = jax.lax.cond(jnp.any(bad_values), _nan_where_read, _keep, out, listed, bad_values)
+  live = listed & (logits != -jnp.inf)  # positive weight
+  vraw = jnp.swapaxes(value, -3, -2)
+  out = jax.lax.cond(jnp.any(bad_values), _resolve_reads, _keep, out, live, vraw)
   valid = idx >= 0
   slot_w = jnp.where(valid, jnp.take_along_axis(w, jnp.where(valid, idx, 0), axis=-1), 0.0)
   return GatherResult(
@@ -222,15 +228,17 @@ def sparse_gather_attention_masked(
   )
 
 
-def _nan_where_read(out, listed, bad_values):
-  """NaN in the outputs whose weighted sum reads a non-finite value entry."""
+def _resolve_reads(out, live, vraw):
+  """`out` corrected for the non-finite value entries each row reads (+-inf or NaN)."""
   f32 = jnp.float32
-  reads = jnp.einsum("...ms,...sv->...mv", listed.astype(f32), bad_values.astype(f32))
-  return jnp.where(reads > 0, jnp.nan, out)
+  pv = lambda x: jnp.einsum("...ms,...sv->...mv", live.astype(f32), x)
+  return nonfinite.resolve_reads(
+    out, pv(nonfinite.nonfinite_indicator(vraw)), pv(nonfinite.inf_sign(vraw))
+  )
 
 
-def _keep(out, listed, bad_values):
-  del listed, bad_values
+def _keep(out, live, vraw):
+  del live, vraw
   return out
 
 

@@ -23,7 +23,11 @@ from gsparse._admissible import Admissible, SegmentIds
 from gsparse._numerics import finish_top_k
 from gsparse._numerics import top_k as _top_k
 from gsparse.attention import compute_logits, fold_neg_inf_bias
-from gsparse.certificate import kept_set_tail_bound, output_error_certificate
+from gsparse.certificate import (
+  kept_set_tail_bound,
+  nonfinite_value_reach,
+  output_error_certificate,
+)
 from gsparse.gather import Implementation, resolve_implementation, sparse_gather_attention
 from gsparse.selection import (
   NAMES,
@@ -296,7 +300,8 @@ def topk_attention(
   if not return_stats:
     return output
   # The certificate is about the renormalised top-k output (before any LSH correction).
-  return output, topk_stats(sel, lse_k, topk_out, value, k)
+  reach = _value_reach(query, key, value, bias, mask, is_causal)
+  return output, topk_stats(sel, lse_k, topk_out, value, k, value_reach=reach)
 
 
 def select_keys(
@@ -475,10 +480,27 @@ def selection_tail_bound(sel: SelectionResult, logsumexp: jax.Array) -> jax.Arra
   return kept_set_tail_bound(logsumexp, sel.next_logit, dropped)
 
 
+def _value_reach(query, key, value, bias, mask, is_causal) -> jax.Array:
+  """`[batch..., T, N]`: rows that may attend a non-finite value row (NaN error bound)."""
+  *batch, t, n, _ = query.shape
+  mask, bias = _checks.check_mask_and_bias(mask, bias, (*batch, n, t, key.shape[-3]))
+  mask, _ = fold_neg_inf_bias(mask, bias)
+  return nonfinite_value_reach(value, mask, is_causal=is_causal, num_queries=t, num_heads=n)
+
+
 def topk_stats(
-  sel: SelectionResult, logsumexp: jax.Array, output: jax.Array, value: jax.Array, k: int
+  sel: SelectionResult,
+  logsumexp: jax.Array,
+  output: jax.Array,
+  value: jax.Array,
+  k: int,
+  *,
+  value_reach: jax.Array | None = None,
 ) -> TopKStats:
-  """Builds `TopKStats` (certificate included) from a selection and its output."""
+  """Builds `TopKStats` (certificate included) from a selection and its output.
+
+  `value_reach`: see `gsparse.certificate.output_error_certificate`.
+  """
   tail = selection_tail_bound(sel, logsumexp)
-  err = output_error_certificate(tail, output, value)
+  err = output_error_certificate(tail, output, value, value_reach=value_reach)
   return TopKStats(sel.indices, logsumexp, tail, err)

@@ -20,6 +20,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 import gsparse
 from gsparse import kernels
+from tests import np_reference as ref
 
 SCALE = 0.37
 
@@ -123,3 +124,52 @@ def test_token_mosaic_interpret_masked_slot_hides_nan_value():
     return out
 
   _check_hidden(fn, q, k, v, 0, np.array([0, 2]))
+
+
+def _inf_inputs(seed, n):
+  """Causal inputs whose values hold +inf, -inf, both signs and NaN in different
+  columns at different positions, and a key with an infinite entry."""
+  q, k, v = _inputs(seed, n, n)
+  v = v.at[0, 2, 0, 0].set(jnp.inf).at[0, 5, 0, 0].set(jnp.inf)  # col 0: +inf only
+  v = v.at[0, 3, 0, 1].set(-jnp.inf).at[0, n - 2, 0, 1].set(jnp.inf)  # col 1: -inf then both
+  v = v.at[0, n - 1, 0, 2].set(jnp.nan)  # col 2: NaN in the last row only
+  k = k.at[0, 4, 0, 3].set(jnp.inf)  # an infinite logit (either sign) for rows >= 4
+  return q, k, v
+
+
+def _check_against_dense(out, q, k, v):
+  """The causal dense reference of np_reference (reads only keys with weight)."""
+  n = q.shape[1]
+  causal = np.tril(np.ones((n, n), bool))[None, None]  # [1, N, T, S]
+  want = ref.topk_reference(q, k, v, kept=causal, scale=SCALE, is_causal=True).output
+  out = np.asarray(out, np.float64)
+  np.testing.assert_array_equal(np.isnan(out), np.isnan(want))
+  np.testing.assert_array_equal(np.isposinf(out), np.isposinf(want))
+  np.testing.assert_array_equal(np.isneginf(out), np.isneginf(want))
+  assert np.isposinf(want).any() and np.isneginf(want).any() and np.isnan(want).any()
+  np.testing.assert_allclose(out, want, rtol=0, atol=2e-6 * 4)
+
+
+def test_block_xla_inf_values_follow_dense():
+  # Failed before: every +-inf read gave NaN, and the +inf key entry gave NaN logits.
+  q, k, v = _inf_inputs(4, 8)
+  _check_against_dense(_block_xla(q, k, v), q, k, v)
+
+
+def test_block_triton_interpret_inf_values_follow_dense():
+  q, k, v = _inf_inputs(4, 8)
+  _check_against_dense(_block_kernel("gpu", 4)(q, k, v), q, k, v)
+
+
+@pytest.mark.usefixtures("tpu_interpret")
+def test_block_mosaic_interpret_inf_values_follow_dense():
+  q, k, v = _inf_inputs(5, 16)
+  _check_against_dense(_block_kernel("tpu", 8)(q, k, v), q, k, v)
+
+
+def test_masked_inf_values_follow_dense():
+  q, k, v = _inf_inputs(4, 8)
+  n = q.shape[1]
+  idx = np.where(np.tril(np.ones((n, n), bool)), np.arange(n)[None], -1)[None, :, None]
+  out = gsparse.sparse_gather_attention(q, k, v, idx, scale=SCALE, implementation="masked")
+  _check_against_dense(out, q, k, v)

@@ -224,7 +224,7 @@ def check_topk_route(out, stats, q, k, v, *, topk, exact, logit_tol=0.0, out_tol
   certificate are checked for that subset. Returns the kept set and the
   reference. `out_tol` is the absolute tolerance per unit of max |value|.
   """
-  lg, live, _ = admissible_logits(q, k, **kw)
+  lg, live, adm = admissible_logits(q, k, **kw)
   s = lg.shape[-1]
   kept = kept_from_indices(stats.indices, s)
   assert not (kept & ~live).any(), "listed a masked, -inf-bias or -inf-logit key"
@@ -239,8 +239,10 @@ def check_topk_route(out, stats, q, k, v, *, topk, exact, logit_tol=0.0, out_tol
         assert row[kp].min() >= row[dropped].max() - logit_tol, (idx, row, kp)
   r = topk_reference(q, k, v, kept=kept, **kw)
   out = np.asarray(out, np.float64)
-  vmax = max(1.0, float(np.nanmax(np.abs(np.asarray(v, np.float64)), initial=0.0)))
+  av = np.abs(np.asarray(v, np.float64))
+  vmax = max(1.0, float(np.max(av[np.isfinite(av)], initial=0.0)))
   np.testing.assert_array_equal(np.isnan(out), np.isnan(r.output))
+  np.testing.assert_array_equal(np.isposinf(out), np.isposinf(r.output))
   np.testing.assert_allclose(out, r.output, rtol=0, atol=out_tol * vmax)
   tail = np.asarray(stats.tail_mass_bound, np.float64)
   lse = np.asarray(stats.logsumexp, np.float64)
@@ -252,6 +254,14 @@ def check_topk_route(out, stats, q, k, v, *, topk, exact, logit_tol=0.0, out_tol
   np.testing.assert_allclose(lse[ok], r.logsumexp[ok], rtol=0, atol=1e-5 + logit_tol)
   ok = ~r.nan_row & np.isfinite(r.tail)
   assert (tail[ok] >= r.tail[ok] - 1e-5 - 2 * logit_tol).all(), "tail bound violated"
+  # Error bound per row: NaN where the row may attend a non-finite value row
+  # (its dense output is not finite), finite elsewhere (Lemma C5, docs/theory.md).
+  vbad = ~np.isfinite(np.asarray(v, np.float64)).all(axis=-1)  # [..., S, K]
+  vbad = np.swapaxes(np.repeat(vbad, lg.shape[-3] // vbad.shape[-1], axis=-1), -1, -2)
+  reach = np.swapaxes((adm & vbad[..., None, :]).any(axis=-1), -1, -2)  # [..., T, N]
+  assert np.isnan(err[reach]).all(), "a row that may attend a non-finite value has a bound"
+  defined = ~reach & ~r.nan_row & np.isfinite(r.output).all(axis=-1)
+  assert np.isfinite(err[defined]).all(), "a row with finite values only has a NaN bound"
   dist = np.linalg.norm(r.dense - r.output, axis=-1)
   ok = ~r.nan_row & np.isfinite(dist) & np.isfinite(err)
   assert (err[ok] >= dist[ok] - out_tol * vmax * 4).all(), "error bound violated"

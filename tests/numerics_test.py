@@ -48,6 +48,16 @@ CASES = {
   "pos_inf_query": [("q", (2, 0, 1), PINF)],
   "pos_inf_bias": [("bias", (0, 3, 0), PINF)],
   "neg_inf_bias_half": [("bias", (0, slice(0, 2), slice(1, 4)), NINF)],
+  "pos_inf_value": [("v", (1, 0, 0), PINF)],
+  "mixed_inf_values": [("v", (1, 0, 0), PINF), ("v", (2, 0, 0), NINF), ("v", (3, 0, 1), NINF)],
+  "mask_hides_inf_value": [("v", (2, 0, 0), PINF), ("mask", (0, slice(0, 2), 2), False)],
+  # Row 0 may attend keys 0 and 2 only; each key block holds a NaN key (round 3 of issue 21).
+  "mask_hides_nan_key_blocks": [
+    ("k", (1, 0, 0), NAN),
+    ("k", (3, 0, 0), NAN),
+    ("mask", (0, 0, 1), False),
+    ("mask", (0, 0, 3), False),
+  ],
 }
 FINITE_CASES = ("clean", "neg_inf_bias_row", "neg_inf_bias_hides_nan_key", "mask_hides_nan_key")
 
@@ -294,3 +304,43 @@ def test_kept_set_tail_bound_lemma():
   np.testing.assert_array_equal(got[:3], [0.0, 1.0, 1.0])
   assert np.isnan(got[3]) and np.isnan(got[4]) and got[5] == 0.0 and np.isnan(got[6])
   np.testing.assert_allclose(float(kept_set_tail_bound(0.0, 0.0, 3)), 0.75, rtol=1e-6)
+
+
+def test_error_bound_nan_only_for_rows_that_may_attend_a_nonfinite_value():
+  """Issue 21 round 3: one `-inf` value used to make `error_bound` NaN for the
+  whole head; now only the rows that may attend it (GQA, causal, a per-head
+  mask hiding it from head 1) are NaN, the rest finite and valid (float64)."""
+  rng = np.random.default_rng(5)
+  q = rng.standard_normal((1, 6, 2, 4)).astype(np.float32)
+  k = rng.standard_normal((1, 6, 1, 4)).astype(np.float32)
+  v = rng.standard_normal((1, 6, 1, 3)).astype(np.float32)
+  v[0, 3, 0, 1] = NINF
+  mask = np.ones((1, 2, 6, 6), bool)
+  mask[0, 1, :, 3] = False
+  out, stats = gsparse.topk_attention(
+    q, k, v, mask=mask, k=2, scale=SCALE, is_causal=True, selection="exact", return_stats=True
+  )
+  ref.check_topk_route(
+    out, stats, q, k, v, topk=K, exact=True, scale=SCALE, mask=mask, is_causal=True
+  )
+  err = np.asarray(stats.error_bound)
+  np.testing.assert_array_equal(np.isnan(err[0, :, 0]), np.arange(6) >= 3)
+  assert np.isfinite(err[0, :, 1]).all()
+
+
+def test_exact_xla_empty_slot_does_not_read_value_row_zero():
+  """Found by the long fuzz profile (issue 21 round 3): on "exact" + xla an
+  empty slot (-1) of a row with fewer admissible keys than k read value row 0
+  with weight 0, so a NaN there made the row NaN (`0 * NaN`)."""
+  rng = np.random.default_rng(8)
+  q, k, v = (rng.standard_normal((4, 1, 3)).astype(np.float32) for _ in range(3))
+  v[0, 0, 1] = NAN
+  mask = np.ones((4, 4), bool)
+  mask[:, 0] = False  # no row may attend key 0; row 0 (causal) has no key at all
+  out, stats = gsparse.topk_attention(
+    q, k, v, mask=mask, k=2, is_causal=True, selection="exact", implementation="xla",
+    return_stats=True,
+  )  # fmt: skip
+  ref.check_topk_route(out, stats, q, k, v, topk=2, exact=True, mask=mask, is_causal=True)
+  np.testing.assert_array_equal(out[0], 0.0)
+  assert np.isfinite(np.asarray(out)).all()

@@ -16,7 +16,7 @@ Modules:
   * `backward`: `gather_backward_xla`, the XLA backward: the reference, and the
     default in interpret mode.
   * `reference`: pure-jnp dense-mask references of both.
-  * `nonfinite`: the finite-part / poison trick for masked non-finite rows.
+  * `nonfinite`: the finite-part trick and the signed read counts for masked non-finite rows.
 
 The kernels depend only on jax and the leaf `gsparse._layout`, never on the
 gathers that call them. See docs/kernels.md.

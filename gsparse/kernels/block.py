@@ -34,7 +34,7 @@ from gsparse.kernels._common import (
 )
 from gsparse.kernels.backward import gather_backward_xla, slot_positions
 from gsparse.kernels.block_bwd import block_backward_pallas
-from gsparse.kernels.nonfinite import finite_part, nonfinite_indicator, poison
+from gsparse.kernels.nonfinite import finite_part, inf_sign, nonfinite_indicator, resolve_reads
 
 
 def _block_kernel_gpu(
@@ -52,7 +52,7 @@ def _block_kernel_gpu(
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
 
   def body(j, state):
-    m, denom, acc, reads = state
+    m, denom, acc, reads, signs = state
     blk = bidx_ref[j]
     start = jnp.maximum(blk, 0) * block_k
     kb = key_ref[pl.ds(start, block_k), :]
@@ -70,19 +70,22 @@ def _block_kernel_gpu(
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
     alpha = jnp.exp(m - m_safe)
     p = jnp.exp(s - m_safe[:, None])
-    # Causal masking differs per query: p @ v over the finite part, plus a
-    # count of non-finite rows each query may read (gsparse.kernels.nonfinite).
+    # Causal masking differs per query: p @ v over the finite part, plus the
+    # count and the infinite signs of the non-finite entries each query reads
+    # with positive weight (gsparse.kernels.nonfinite).
     dot = functools.partial(jnp.dot, precision=DOT_PRECISION, preferred_element_type=f32)
     pv = dot(p.astype(vb.dtype), finite_part(vb))
-    reads = reads + dot(valid.astype(f32), nonfinite_indicator(vb))
-    return m_new, denom * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv, reads
+    live = (s != -jnp.inf).astype(f32)
+    reads = reads + dot(live, nonfinite_indicator(vb))
+    signs = signs + dot(live, inf_sign(vb))
+    return m_new, denom * alpha + jnp.sum(p, axis=1), acc * alpha[:, None] + pv, reads, signs
 
   zeros = jnp.zeros((bq, hv), f32)
-  init = (jnp.full((bq,), -jnp.inf, f32), jnp.zeros((bq,), f32), zeros, zeros)
-  m, denom, acc, reads = lax.fori_loop(0, nb, body, init)
+  init = (jnp.full((bq,), -jnp.inf, f32), jnp.zeros((bq,), f32), zeros, zeros, zeros)
+  m, denom, acc, reads, signs = lax.fori_loop(0, nb, body, init)
   ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
   l_safe = jnp.where(ok, denom, 1.0)
-  out = poison(jnp.where(ok[:, None], acc / l_safe[:, None], 0.0), reads)
+  out = resolve_reads(jnp.where(ok[:, None], acc / l_safe[:, None], 0.0), reads, signs)
   o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)
 
@@ -169,7 +172,7 @@ def _block_kernel_tpu(
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
 
   def body(j, state):
-    m, denom, acc, reads = state
+    m, denom, acc, reads, signs = state
     blk = bidx_smem[base + j]
     start = jnp.maximum(blk, 0) * block_k
     ck = pltpu.make_async_copy(key_hbm.at[b, kvh, pl.ds(start, block_k)], kbuf, sems.at[0])
@@ -190,15 +193,19 @@ def _block_kernel_tpu(
     cv.wait()
     vb = vbuf[...].astype(f32)  # finite part and non-finite reads: as the GPU kernel
     pv = jnp.dot(p, finite_part(vb))
-    reads = reads + jnp.dot(valid.astype(f32), nonfinite_indicator(vb))
-    return m_new, denom * alpha + jnp.sum(p, axis=1, keepdims=True), acc * alpha + pv, reads
+    live = (s != -jnp.inf).astype(f32)
+    reads = reads + jnp.dot(live, nonfinite_indicator(vb))
+    signs = signs + jnp.dot(live, inf_sign(vb))
+    denom = denom * alpha + jnp.sum(p, axis=1, keepdims=True)
+    return m_new, denom, acc * alpha + pv, reads, signs
 
   zeros = jnp.zeros((bq, o_ref.shape[-1]), f32)
-  init = (jnp.full((bq, 1), -jnp.inf, f32), jnp.zeros((bq, 1), f32), zeros, zeros)
-  m, denom, acc, reads = lax.fori_loop(0, num_blocks, body, init)
+  init = (jnp.full((bq, 1), -jnp.inf, f32), jnp.zeros((bq, 1), f32), zeros, zeros, zeros)
+  m, denom, acc, reads, signs = lax.fori_loop(0, num_blocks, body, init)
   ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
   l_safe = jnp.where(ok, denom, 1.0)
-  o_ref[...] = poison(jnp.where(ok, acc / l_safe, 0.0), reads).astype(o_ref.dtype)
+  out = resolve_reads(jnp.where(ok, acc / l_safe, 0.0), reads, signs)
+  o_ref[...] = out.astype(o_ref.dtype)
   lse_ref[...] = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)
 
 

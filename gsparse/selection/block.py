@@ -89,6 +89,7 @@ class _Blocks(NamedTuple):
   kmin: jax.Array  # [nb, H] per-channel minimum
   kabs: jax.Array  # [nb, H] per-channel maximum magnitude (rounding slack)
   kmean: jax.Array  # [nb, H] mean key
+  knan: jax.Array  # [nb, b] key with a NaN entry (left out of the summaries above)
   s: int  # keys before padding
 
 
@@ -96,13 +97,17 @@ def _summarise(kmat: jax.Array, b: int, dtype) -> _Blocks:
   s, h = kmat.shape
   nb = -(-s // b)
   kb = pad_axis(kmat, 0, nb * b, 0).astype(dtype).reshape(nb, b, h)
-  kvalid = (jnp.arange(nb * b) < s).reshape(nb, b, 1)
+  knan = jnp.any(jnp.isnan(kb), axis=-1)  # [nb, b]
+  # A NaN key bounds nothing: it is left out of the summaries and marks its
+  # block NaN only for the rows that may attend it (`_block_scores`).
+  kvalid = (jnp.arange(nb * b) < s).reshape(nb, b, 1) & ~knan[..., None]
   inf = jnp.asarray(jnp.inf, dtype)
-  kmax = jnp.max(jnp.where(kvalid, kb, -inf), axis=1)
-  kmin = jnp.min(jnp.where(kvalid, kb, inf), axis=1)
+  some = jnp.any(kvalid, axis=1)  # [nb, 1]: a block of NaN keys only gets zero summaries
+  kmax = jnp.where(some, jnp.max(jnp.where(kvalid, kb, -inf), axis=1), 0)
+  kmin = jnp.where(some, jnp.min(jnp.where(kvalid, kb, inf), axis=1), 0)
   kabs = jnp.maximum(jnp.abs(kmax), jnp.abs(kmin))
-  kmean = jnp.sum(jnp.where(kvalid, kb, 0), axis=1) / jnp.sum(kvalid, 1)
-  return _Blocks(kb, kmax, kmin, kabs, kmean, s)
+  kmean = jnp.sum(jnp.where(kvalid, kb, 0), axis=1) / jnp.maximum(jnp.sum(kvalid, 1), 1)
+  return _Blocks(kb, kmax, kmin, kabs, kmean, knan, s)
 
 
 def _admissible(mc, rows, blk: _Blocks, is_causal: bool):
@@ -138,13 +143,20 @@ def _block_scores(qs, bfull, valid_cols, block_ok, blk: _Blocks, summary: str):
     bvalid = bfull if valid_cols is None else jnp.where(valid_cols, bfull, neg)
     bmax = jnp.where(block_ok, jnp.max(bvalid.reshape(c, nb, b), axis=-1), 0)
     ub = ub + bmax
-  ub = jnp.where(block_ok, ub, neg)
+  # NaN (ranked first, no bound when dropped) only where the row may attend
+  # a NaN key of the block: the row is NaN then, as in dense attention.
+  if valid_cols is None:
+    nan = jnp.broadcast_to(jnp.any(blk.knan, axis=-1), (c, nb))
+  else:
+    nan = jnp.any((valid_cols & blk.knan.reshape(nb * b)).reshape(c, nb, b), axis=-1)
+  nan_or = lambda x: jnp.where(nan, jnp.asarray(jnp.nan, x.dtype), x)
+  ub = jnp.where(block_ok, nan_or(ub), neg)
   if summary != "mean":
     return ub, ub
   rank = jnp.dot(qs, blk.kmean.T, precision=hi)
   if bmax is not None:
     rank = rank + bmax
-  return ub, jnp.where(block_ok, rank, neg)
+  return ub, jnp.where(block_ok, nan_or(rank), neg)
 
 
 def _block_head(q, kmat, mask, bias, adm, *, k, scale, is_causal, cfg, precision):

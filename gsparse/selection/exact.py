@@ -291,7 +291,8 @@ def _attend_chunk(qc, kmat, vmat, bc, logits, idx, *, scale, dtype, precision):
   kept = jnp.take_along_axis(jax.lax.stop_gradient(logits), safe, axis=1)
   kept = kept + _kept_logit_grad_path(qc, kmat, bc, safe, ok, scale, dtype, precision)
   w, lse = masked_softmax_lse(kept, ok)
-  vg = jnp.take(vmat, safe, axis=0, mode="clip").astype(dtype)
+  # An empty slot reads a zero row, not value row 0 (0 * NaN would reach the row).
+  vg = jnp.where(ok[..., None], jnp.take(vmat, safe, axis=0, mode="clip"), 0).astype(dtype)
   return jnp.einsum("tk,tkv->tv", w, vg, precision=precision), lse
 
 
