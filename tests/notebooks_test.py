@@ -125,11 +125,12 @@ def test_notebook_uses_public_api_only(path):
   assert "gsparse" in source
 
 
-# Re-executing 02 (the report's pipeline at small parameters) and 04 (a
-# training run and the atlas) takes minutes on 2 cores: they run in CI's slow
-# step. By default report_test runs that report pipeline end to end, atlas_test
-# and docs/atlas.md the atlas, and 01 and 03 keep notebook execution itself.
-_SLOW_TO_RUN = {"02_bounds_vs_monte_carlo", "04_model_atlas"}
+# Re-executing 01 (sweeps at several n), 02 (the report's pipeline at small
+# parameters) and 04 (a training run and the atlas) takes minutes on 2 cores:
+# they run in CI's slow step. By default sparsity_test, sweep_test and topk_test
+# cover 01's API, report_test runs 02's pipeline end to end, atlas_test and
+# docs/atlas.md the atlas, and 03 (the cheapest) keeps notebook execution.
+_SLOW_TO_RUN = {"01_sparsity_explorer", "02_bounds_vs_monte_carlo", "04_model_atlas"}
 
 
 @pytest.mark.parametrize(
