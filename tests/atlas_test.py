@@ -155,6 +155,7 @@ def test_nnx_causal_and_configure_nnx():
   assert isinstance(model.first.attention_fn, gf.TopKAttentionFn)
 
 
+@pytest.mark.slow  # trains a model first; the linen and nnx runners are tested by default above
 def test_transformer_lm_after_training_matches_its_own_measurement():
   cfg = lm.ModelConfig(d_model=32, num_layers=2, num_heads=2, max_len=64)
   model = lm.TransformerLM(cfg, lm.layer_specs(lm.AttentionSpec("dense"), 2, []))
@@ -256,6 +257,7 @@ def test_stats_needed_k_sums_tail_from_the_small_end():
   assert int(atlas_stats.needed_k(p, 2.5e-9)[0]) == 2  # tail after 2 entries: 2e-9
 
 
+@pytest.mark.slow  # trains and checkpoints a model first; docs/atlas.md runs the atlas by default
 def test_cli_writes_report_from_training_checkpoint(tmp_path):
   import json
   import types

@@ -113,6 +113,7 @@ def _run_checks(*args):
   return lines
 
 
+@pytest.mark.slow  # a second process, 4 devices, every selection; docs/sharding.md runs shard_map on 4 devices by default
 def test_topk_attention_sharded_matches_unsharded():
   """shard_map (batch+heads, queries) and jit on NamedShardings, 4 devices: see multidevice_checks."""
   lines = _run_checks()
