@@ -46,7 +46,13 @@ from gsparse.gaussian import (
   sample_inputs,
   sample_weights,
 )
-from gsparse.selection import BlockSelection, ExactSelection, LSHSelection, selection_recall
+from gsparse.selection import (
+  BlockSelection,
+  ExactSelection,
+  FusedExactSelection,
+  LSHSelection,
+  selection_recall,
+)
 from gsparse.sparsity import (
   ErrorDecomposition,
   effective_support,
@@ -67,6 +73,7 @@ __all__ = [
   "BlockSelection",
   "ErrorDecomposition",
   "ExactSelection",
+  "FusedExactSelection",
   "GatherResult",
   "InteractionNorms",
   "LayerRanking",

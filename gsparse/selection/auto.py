@@ -24,15 +24,16 @@ from jax.lax import PrecisionLike
 
 from gsparse import _checks
 from gsparse._numerics import finish_top_k
+from gsparse.kernels.select import fused_topk_select
 from gsparse.selection._common import SelectionResult
 from gsparse.selection.exact import ExactSelection
 
 AUTO = "auto"
 
-# A chunk of `query_chunk * S` float32 logits of about 4 MiB: large enough for
+# A chunk of `query_chunk * S` float32 logits of about 2 MiB: large enough for
 # the matmul and the native top-k to run at full speed, small enough to stay
 # near the cache (measured: docs/results, "selection chunk").
-_CPU_CHUNK_ELEMENTS = 1 << 20
+_CPU_CHUNK_ELEMENTS = 1 << 19
 _KERNEL_DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -83,8 +84,6 @@ class FusedExactSelection:
     `scale` must be a Python float; `precision` is the kernel's own (the
     logits are accumulated in float32).
     """
-    from gsparse.kernels.select import fused_topk_select  # Pallas: imported on use
-
     del selection_key, precision
     kk = min(k + 1, key.shape[-3])  # the (k+1)-th logit bounds the dropped keys
     res = fused_topk_select(
