@@ -4,7 +4,9 @@
 selection (which keys each query keeps) and the sparse gather over the kept
 keys. The naive selection ("full") materialises the `[N, T, S]` logit matrix
 and calls `jax.lax.top_k` on it. The selections here never hold more than a
-chunk of it:
+chunk of it. The default, "auto", is the fastest exact one for the platform
+and shape (`auto_selection`: the chunked `ExactSelection` on CPU, the fused
+Pallas kernel `FusedExactSelection` on GPU/TPU), resolved once at trace time.
 
 * `ExactSelection` ("exact"): queries are processed in chunks of
   `query_chunk` rows (`jax.lax.map`). For each chunk the logits against all

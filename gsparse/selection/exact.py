@@ -49,10 +49,11 @@ class ExactSelection:
       avoids XLA's sort of the block maxima.
     candidate_blocks: candidate blocks per row for the threshold search, or
       None for `k + 33` (at least `k + 1` are used).
-    causal_groups: with `is_causal`, the query chunks are split into this
-      many consecutive groups and each group scores only the keys its rows
-      may see (a static key length per group): about `(G + 1) / (2 G)` of
-      the logits of the full square. 1 scores every key in every chunk.
+    causal_groups: with `is_causal`, the query chunks are split into up to
+      this many consecutive groups (of at least 2 chunks each) and each group
+      scores only the keys its rows may see (a static key length per group):
+      about `(G + 1) / (2 G)` of the logits of the full square. 1 scores
+      every key in every chunk.
   """
 
   query_chunk: int = 256
@@ -269,7 +270,9 @@ def _exact_head(q, kv, mask, bias, *, k, scale, is_causal, cfg, precision, row_l
     row_chunks(mask, t, tp, c, False),
     row_chunks(bias, t, tp, c, 0),
   )
-  groups = min(nc, cfg.causal_groups) if is_causal else 1
+  # At least 2 chunks per group: XLA inlines a loop of one step, and the
+  # inlined groups' logits are then all live at once (unbounded memory).
+  groups = max(1, min(nc // 2, cfg.causal_groups)) if is_causal else 1
   bounds = [round(nc * g / groups) for g in range(groups + 1)]
   common = dict(k=k, scale=scale, is_causal=is_causal, cfg=cfg, precision=precision)
   parts = []
