@@ -21,7 +21,7 @@ from gsparse.attention import attention_weights, compute_logits, dot_product_att
 from gsparse.block_gather import BlockGatherResult, block_sparse_gather_attention
 from gsparse.checking import checked
 from gsparse.gather import GatherResult, sparse_gather_attention
-from gsparse.selection import BlockSelection, ExactSelection, LSHSelection
+from gsparse.selection import BlockSelection, ExactSelection, FusedExactSelection, LSHSelection
 from gsparse.topk import TopKStats, topk_attention
 
 __version__ = "0.1.0"
@@ -30,6 +30,7 @@ __all__ = [
   "BlockGatherResult",
   "BlockSelection",
   "ExactSelection",
+  "FusedExactSelection",
   "GatherResult",
   "LSHSelection",
   "SegmentIds",

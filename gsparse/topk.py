@@ -30,19 +30,22 @@ from gsparse.certificate import (
 )
 from gsparse.gather import Implementation, resolve_implementation, sparse_gather_attention
 from gsparse.selection import (
+  AUTO,
   NAMES,
   ExactSelection,
   LSHSelection,
   SelectionConfig,
   SelectionResult,
+  auto_selection,
   gather_bias,
   resolve_selection,
   select,
   select_and_attend,
 )
+from gsparse.selection._common import row_logsumexp
 
 SELECTIONS = NAMES
-DEFAULT_SELECTION = "full"
+DEFAULT_SELECTION = AUTO  # resolved once, in `_plan`, by `gsparse.selection.auto_selection`
 
 
 class TopKStats(NamedTuple):
@@ -56,20 +59,29 @@ class TopKStats(NamedTuple):
       for a row whose output is NaN.
     error_bound: `[batch..., T, N]` certified upper bound on
       `||dense_output - topk_output||_2`.
+    tail_mass: `[batch..., T, N]` the exact softmax mass of the dropped keys,
+      `1 - exp(logsumexp - logsumexp_all)` (`exact_tail_mass`), from the
+      exact selections ("auto", "full", "exact"), which see every logit of
+      the row; None for "block" and "lsh", which do not. 0 for a row with
+      nothing dropped or nothing admissible, NaN for a NaN row.
   """
 
   indices: jax.Array
   logsumexp: jax.Array
   tail_mass_bound: jax.Array
   error_bound: jax.Array
+  tail_mass: jax.Array | None = None
 
 
-def select_topk_full(logits: jax.Array, valid: jax.Array | None, k: int) -> SelectionResult:
+def select_topk_full(
+  logits: jax.Array, valid: jax.Array | None, k: int, *, row_lse: bool = False
+) -> SelectionResult:
   """Exact top-k selection from a materialised `[batch..., N, T, S]` logit matrix.
 
   Returns indices laid out `[batch..., T, N, min(k, S)]`. Ties are broken
   towards the lower key index (as `jax.lax.top_k`); NaN logits rank first and
   `-inf` logits are never listed (`finish_top_k`, shared by every selection).
+  `row_lse` also returns the log-sum-exp of every row (`row_logsumexp`).
   """
   s = logits.shape[-1]
   k = min(k, s)
@@ -80,9 +92,14 @@ def select_topk_full(logits: jax.Array, valid: jax.Array | None, k: int) -> Sele
   else:
     num_keys = jnp.sum(valid, axis=-1, dtype=jnp.int32)
   idx, next_logit = finish_top_k(vals, idx, k)
+  lse = jnp.swapaxes(row_logsumexp(masked), -2, -1) if row_lse else None
   # [..., N, T, *] -> [..., T, N, *]
   return SelectionResult(
-    jnp.swapaxes(idx, -3, -2), jnp.swapaxes(next_logit, -2, -1), jnp.swapaxes(num_keys, -2, -1)
+    jnp.swapaxes(idx, -3, -2),
+    jnp.swapaxes(next_logit, -2, -1),
+    jnp.swapaxes(num_keys, -2, -1),
+    None,
+    lse,
   )
 
 
@@ -194,15 +211,20 @@ def topk_attention(
       above S are clipped to S (dense attention), however large.
     scale: logit scale; default `1 / sqrt(H)`.
     is_causal: top-left aligned causal mask.
-    selection: how keys are selected (static): "full" materialises the logit
-      matrix and calls `jax.lax.top_k`; "exact" gives the same indices with
-      O(chunk * S) memory; "block" and "lsh" are approximate and cheaper
-      (see `gsparse.selection`). A name uses the default config; pass an
-      `ExactSelection`, `BlockSelection` or `LSHSelection` to tune it.
+    selection: how keys are selected (static): "auto" (the default) is the
+      fastest exact route for the platform and shape
+      (`gsparse.selection.auto_selection`: the chunked "exact" on CPU, the
+      fused Pallas selection on GPU/TPU); "full" materialises the logit
+      matrix and calls `jax.lax.top_k` (the reference); "exact" gives the
+      same indices with O(chunk * S) memory; "block" and "lsh" are
+      approximate and cheaper (see `gsparse.selection`). A name uses the
+      default config; pass an `ExactSelection`, `BlockSelection`,
+      `LSHSelection` or `FusedExactSelection` to tune it.
     selection_key: PRNG key, required by "lsh" (random projections and, if
       enabled, the normaliser samples); results are deterministic given it.
     return_stats: also return a `TopKStats` with the certificate. For
-      "exact" and "full" the certificate uses the exact (k+1)-th logit; for
+      "auto", "exact" and "full" the certificate uses the exact (k+1)-th
+      logit, and `tail_mass` is the exact dropped mass; for
       "block" a certified bound on the dropped blocks; for "lsh" a
       Cauchy-Schwarz bound on the keys never scored (valid, usually loose).
     precision: einsum precision.
@@ -280,7 +302,9 @@ def topk_attention(
     implementation=implementation,
     ranges=ranges,
   )
-  run = dict(is_causal=is_causal, selection_key=selection_key, precision=precision)
+  run = dict(
+    is_causal=is_causal, selection_key=selection_key, precision=precision, row_lse=return_stats
+  )
   sel, topk_out, lse_k = _select_and_gather(
     plan, query, key, value, bias, scale=scale, implementation=implementation, **run
   )
@@ -322,14 +346,19 @@ def select_keys(
   key_value_seq_lengths: ArrayLike | None = None,
   local_window_size: int | tuple[int, int] | None = None,
   segment_ids: ArrayLike | SegmentIds | None = None,
+  row_logsumexp: bool = False,
 ) -> SelectionResult:
   """The keys `topk_attention` would keep, without attending over them.
 
   Same arguments as `topk_attention` (`value` is only checked against
   `key`). For callers that attend themselves, such as
   `gsparse.flax.sparse_attention`, which needs the kept weights of its own
-  gather pass for the certified choice of k.
+  gather pass for the certified choice of k. `row_logsumexp=True` also
+  returns the log-sum-exp of every row (`SelectionResult.row_logsumexp`)
+  from the exact selections, for `exact_tail_mass`; others give None.
   """
+  if not isinstance(row_logsumexp, bool):
+    raise TypeError(f"row_logsumexp must be a bool, got {row_logsumexp!r}")
   query, key, value = _checks.check_attention_inputs(query, key, value)
   plan = _plan(
     query,
@@ -350,17 +379,35 @@ def select_keys(
     ),
   )
   return _run(
-    plan, query, key, is_causal=is_causal, selection_key=selection_key, precision=precision
+    plan,
+    query,
+    key,
+    is_causal=is_causal,
+    selection_key=selection_key,
+    precision=precision,
+    row_lse=row_logsumexp,
   )
 
 
 def _select_and_gather(
-  plan, query, key, value, bias, *, scale, is_causal, selection_key, precision, implementation
+  plan,
+  query,
+  key,
+  value,
+  bias,
+  *,
+  scale,
+  is_causal,
+  selection_key,
+  precision,
+  implementation,
+  row_lse,
 ):
   """`(selection, top-k output in query.dtype, logsumexp)`: the route is chosen here, once.
 
   `implementation` is passed to the gather unresolved: its own automatic
-  choice for None is kept."""
+  choice for None is kept. `row_lse`: the selection also returns the
+  log-sum-exp of every row, where it can (exact selections)."""
   if isinstance(plan.config, ExactSelection) and plan.implementation == "xla":
     # "exact" on the XLA path attends in its own chunked pass, with the
     # logits it already has: no gather of the kept keys.
@@ -376,10 +423,17 @@ def _select_and_gather(
       is_causal=is_causal,
       precision=precision,
       adm=plan.adm,
+      row_lse=row_lse,
     )
     return sel, out.astype(query.dtype), lse
   sel = _run(
-    plan, query, key, is_causal=is_causal, selection_key=selection_key, precision=precision
+    plan,
+    query,
+    key,
+    is_causal=is_causal,
+    selection_key=selection_key,
+    precision=precision,
+    row_lse=row_lse,
   )
   res = sparse_gather_attention(
     query,
@@ -438,16 +492,20 @@ def _plan(
   mask, bias = _checks.check_mask_and_bias(mask, bias, (*batch, n, t, key.shape[-3]))
   mask, bias = fold_neg_inf_bias(mask, bias)
   scale = 1.0 / float(h) ** 0.5 if scale is None else scale
+  if config == AUTO:  # the one place the default is resolved
+    config = auto_selection(query, key, scale=scale)
   return _Plan(config, impl, k, scale, bias, mask, adm)
 
 
-def _run(plan: _Plan, query, key, *, is_causal, selection_key, precision) -> SelectionResult:
+def _run(
+  plan: _Plan, query, key, *, is_causal, selection_key, precision, row_lse=False
+) -> SelectionResult:
   """The selection of `plan` ("full": the logit matrix and `jax.lax.top_k`)."""
   if plan.config == "full":
     lg = compute_logits(
       query, key, plan.bias, plan.mask, scale=plan.scale, is_causal=is_causal, precision=precision
     )
-    return select_topk_full(lg.logits, lg.valid, plan.k)
+    return select_topk_full(lg.logits, lg.valid, plan.k, row_lse=row_lse)
   return select(
     plan.config,
     query,
@@ -460,6 +518,7 @@ def _run(plan: _Plan, query, key, *, is_causal, selection_key, precision) -> Sel
     selection_key=selection_key,
     precision=precision,
     adm=plan.adm,
+    row_lse=row_lse,
   )
 
 
@@ -488,6 +547,31 @@ def _value_reach(query, key, value, bias, mask, is_causal) -> jax.Array:
   return nonfinite_value_reach(value, mask, is_causal=is_causal, num_queries=t, num_heads=n)
 
 
+def exact_tail_mass(kept_lse: ArrayLike, row_lse: ArrayLike, num_dropped: ArrayLike) -> jax.Array:
+  """The softmax mass outside a kept set, exactly: `1 - exp(kept_lse - row_lse)`.
+
+  Args:
+    kept_lse: `[...]` log-sum-exp of the kept logits of each row.
+    row_lse: `[...]` log-sum-exp of every admissible logit of the row.
+    num_dropped: `[...]` admissible keys not kept.
+
+  Returns:
+    `[...]` in `[0, 1]` (at least float32): 0 where nothing is dropped or the
+    row has no mass (`row_lse == -inf`: fully masked); NaN where either
+    log-sum-exp is NaN or `+inf` (a NaN or a kept `+inf` logit: the output is
+    NaN). `expm1` keeps small tails accurate; rounding that puts `kept_lse`
+    above `row_lse` gives 0.
+  """
+  kept_lse = jnp.asarray(kept_lse)
+  dtype = jnp.promote_types(jnp.result_type(kept_lse, row_lse), jnp.float32)
+  kept_lse, row_lse = kept_lse.astype(dtype), jnp.asarray(row_lse, dtype)
+  nothing = (jnp.asarray(num_dropped) == 0) | (row_lse == -jnp.inf)
+  diff = jnp.where(nothing, 0.0, kept_lse - row_lse)
+  tail = -jnp.expm1(jnp.minimum(diff, 0.0))
+  undefined = jnp.isnan(kept_lse) | jnp.isnan(row_lse) | (kept_lse == jnp.inf)
+  return jnp.where(undefined | (row_lse == jnp.inf), jnp.nan, tail)
+
+
 def topk_stats(
   sel: SelectionResult,
   logsumexp: jax.Array,
@@ -497,10 +581,27 @@ def topk_stats(
   *,
   value_reach: jax.Array | None = None,
 ) -> TopKStats:
-  """Builds `TopKStats` (certificate included) from a selection and its output.
+  """Builds `TopKStats` (certificate included) from a selection and its output;
+  `tail_mass` where the selection carried its row log-sum-exp.
 
   `value_reach`: see `gsparse.certificate.output_error_certificate`.
   """
   tail = selection_tail_bound(sel, logsumexp)
   err = output_error_certificate(tail, output, value, value_reach=value_reach)
-  return TopKStats(sel.indices, logsumexp, tail, err)
+  return TopKStats(sel.indices, logsumexp, tail, err, selection_exact_tail(sel, logsumexp, tail))
+
+
+def selection_exact_tail(
+  sel: SelectionResult, logsumexp: jax.Array, bound: jax.Array
+) -> jax.Array | None:
+  """`exact_tail_mass` of `sel` where it carries its row log-sum-exp, else None.
+
+  Clipped to the certified `bound` (`selection_tail_bound`): the true tail is
+  below it, so the clip only removes rounding (the difference of two
+  log-sum-exps is accurate to about `eps * |logsumexp|`), and
+  `tail_mass <= tail_mass_bound` holds exactly.
+  """
+  if sel.row_logsumexp is None:
+    return None
+  exact = exact_tail_mass(logsumexp, sel.row_logsumexp, sel.num_keys - _num_kept(sel))
+  return jnp.minimum(exact, bound)

@@ -1250,6 +1250,33 @@ ROWS += [
     (),
     {"candidate_blocks": 0},
   ),
+  Row(
+    "ExactSelection",
+    "causal_groups",
+    "`causal_groups=0`",
+    ValueError,
+    "causal_groups=0 must be >= 1",
+    (),
+    {"causal_groups": 0},
+  ),
+  Row(
+    "FusedExactSelection",
+    "block_q",
+    "not a power of two",
+    ValueError,
+    "block_q=3 must be a power of two",
+    (),
+    {"block_q": 3},
+  ),
+  Row(
+    "FusedExactSelection",
+    "interpret",
+    "not a bool",
+    TypeError,
+    "interpret must be a bool or None, got 1",
+    (),
+    {"interpret": 1},
+  ),
 ]
 
 

@@ -38,7 +38,7 @@ import gsparse.topk as _topk
 from gsparse import _checks
 from gsparse.flax.policies import CertifiedK, KPolicy, as_policy
 from gsparse.gather import gather_kv, resolve_implementation, sparse_gather_attention
-from gsparse.selection import ExactSelection, gather_bias, resolve_selection
+from gsparse.selection import AUTO, EXACT_TYPES, gather_bias, resolve_selection
 
 
 class SparseAttentionResult(NamedTuple):
@@ -245,7 +245,7 @@ def sparse_attention(
   # Selection alone; the certificate comes from the logsumexp of a gather pass
   # below (the stop-gradient pre-pass when certified, else the final pass), so
   # no pass is spent on an output that would be thrown away.
-  sel = _topk.select_keys(query, key, value, bias, mask, k=k, **common)
+  sel = _topk.select_keys(query, key, value, bias, mask, k=k, row_logsumexp=certified, **common)
   indices = sel.indices
   num_batch = query.ndim - 3
 
@@ -265,6 +265,9 @@ def sparse_attention(
       precision=precision,
     )
     tail_k = _topk.selection_tail_bound(sel, pre.logsumexp)
+    # Exact selections see the whole row: their dropped mass is known exactly.
+    exact = _topk.selection_exact_tail(sel, pre.logsumexp, tail_k)
+    tail_k = tail_k if exact is None else exact
     # "full" and "exact" return the slots in decreasing logit order: keep the
     # first k slots, with no sort. Other selections: keep the k heaviest.
     in_order = _slots_in_logit_order(topk_kwargs.get("selection", _topk.DEFAULT_SELECTION))
@@ -312,7 +315,7 @@ def sparse_attention(
 def _slots_in_logit_order(selection) -> bool:
   """Whether `topk_attention`'s `selection` returns its slots in decreasing logit order."""
   cfg = resolve_selection(selection)
-  return cfg == "full" or isinstance(cfg, ExactSelection)
+  return cfg in ("full", AUTO) or isinstance(cfg, EXACT_TYPES)
 
 
 def _head_shares(weights: jax.Array, in_slot_order: bool) -> tuple[jax.Array, jax.Array]:

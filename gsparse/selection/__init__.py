@@ -4,7 +4,9 @@
 selection (which keys each query keeps) and the sparse gather over the kept
 keys. The naive selection ("full") materialises the `[N, T, S]` logit matrix
 and calls `jax.lax.top_k` on it. The selections here never hold more than a
-chunk of it:
+chunk of it. The default, "auto", is the fastest exact one for the platform
+and shape (`auto_selection`: the chunked `ExactSelection` on CPU, the fused
+Pallas kernel `FusedExactSelection` on GPU/TPU), resolved once at trace time.
 
 * `ExactSelection` ("exact"): queries are processed in chunks of
   `query_chunk` rows (`jax.lax.map`). For each chunk the logits against all
@@ -66,18 +68,23 @@ from jax.typing import ArrayLike
 
 from gsparse._admissible import Admissible
 from gsparse.selection._common import SelectionResult, auto_key_block, gather_bias
+from gsparse.selection.auto import AUTO, FusedExactSelection, auto_selection
 from gsparse.selection.block import BlockSelection
 from gsparse.selection.exact import ExactSelection, select_and_attend
 from gsparse.selection.lsh import LSHSelection
 
 __all__ = [
+  "AUTO",
+  "EXACT_TYPES",
   "NAMES",
   "BlockSelection",
   "ExactSelection",
+  "FusedExactSelection",
   "LSHSelection",
   "SelectionConfig",
   "SelectionResult",
   "auto_key_block",
+  "auto_selection",
   "gather_bias",
   "resolve_selection",
   "select",
@@ -85,13 +92,18 @@ __all__ = [
   "selection_recall",
 ]
 
-SelectionConfig = ExactSelection | BlockSelection | LSHSelection
+SelectionConfig = ExactSelection | BlockSelection | LSHSelection | FusedExactSelection
+_CONFIG_TYPES = (ExactSelection, BlockSelection, LSHSelection, FusedExactSelection)
 _CONFIGS = {"exact": ExactSelection, "block": BlockSelection, "lsh": LSHSelection}
-NAMES = ("full", *_CONFIGS)  # every name `selection=` accepts
+NAMES = (AUTO, "full", *_CONFIGS)  # every name `selection=` accepts
+EXACT_TYPES = (ExactSelection, FusedExactSelection)  # configs with "full"'s indices
 
 
 def resolve_selection(selection: Any) -> str | SelectionConfig:
-  """Maps a selection name or config to "full" or a config dataclass.
+  """Maps a selection name or config to "auto", "full" or a config dataclass.
+
+  "auto" stays a name here: its config depends on the platform and the
+  shapes, and `auto_selection` picks it once these are known.
 
   Raises:
     ValueError: unknown name. TypeError: neither a str nor a config.
@@ -101,16 +113,17 @@ def resolve_selection(selection: Any) -> str | SelectionConfig:
     >>> resolve_selection("block")
     BlockSelection(block_size=32, num_blocks=16, query_chunk=256, summary='minmax')
   """
-  if isinstance(selection, (ExactSelection, BlockSelection, LSHSelection)):
+  if isinstance(selection, _CONFIG_TYPES):
     return selection
   if isinstance(selection, str):
-    if selection == "full":
-      return "full"
+    if selection in (AUTO, "full"):
+      return selection
     if selection in _CONFIGS:
       return _CONFIGS[selection]()
     raise ValueError(f"selection={selection!r} must be one of {NAMES} or a selection config")
   raise TypeError(
-    f"selection must be a str or ExactSelection/BlockSelection/LSHSelection, got {selection!r}"
+    "selection must be a str or ExactSelection/BlockSelection/LSHSelection/"
+    f"FusedExactSelection, got {selection!r}"
   )
 
 
@@ -127,6 +140,7 @@ def select(
   selection_key: jax.Array | None = None,
   precision: PrecisionLike = None,
   adm: Admissible | None = None,
+  row_lse: bool = False,
 ) -> SelectionResult:
   """Runs a selection on checked inputs (see `gsparse.topk_attention`).
 
@@ -143,13 +157,17 @@ def select(
     precision: einsum precision.
     adm: index-range masks (lengths, window, segment ids) from
       `gsparse._admissible.build`, evaluated per chunk; None for none.
+    row_lse: also return the log-sum-exp of every row
+      (`SelectionResult.row_logsumexp`); the exact selections only, the
+      others ignore it (None).
 
   Returns:
     A `SelectionResult` in the `[batch..., T, N, *]` layout.
   """
-  if not isinstance(config, (ExactSelection, BlockSelection, LSHSelection)):
+  if not isinstance(config, _CONFIG_TYPES):
     raise TypeError(f"unknown selection config {config!r}")
   k = min(k, key.shape[-3])  # k > S keeps every key: no S-sized padding of a huge k
+  extra = dict(row_lse=row_lse) if isinstance(config, EXACT_TYPES) else {}
   return config.select(
     query,
     key,
@@ -161,6 +179,7 @@ def select(
     selection_key=selection_key,
     precision=precision,
     adm=adm,
+    **extra,
   )
 
 

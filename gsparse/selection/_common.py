@@ -27,12 +27,27 @@ class SelectionResult(NamedTuple):
     num_keys: `[batch..., T, N]` int32 number of admissible keys of the row.
     log_rest: `[batch..., T, N]` log of the extra normaliser mass (LSH with
       `normalizer_samples > 0`), else None.
+    row_logsumexp: `[batch..., T, N]` log-sum-exp of every admissible logit
+      of the row (`-inf` for a row with none, NaN if one is NaN), from the
+      exact selections ("full", "exact") when asked for (`row_logsumexp=True`),
+      else None. With the log-sum-exp over the kept keys it gives the exact
+      tail mass (`gsparse.topk.exact_tail_mass`).
   """
 
   indices: jax.Array
   next_logit: jax.Array
   num_keys: jax.Array
   log_rest: jax.Array | None = None
+  row_logsumexp: jax.Array | None = None
+
+
+def row_logsumexp(logits: jax.Array) -> jax.Array:
+  """Log-sum-exp over the last axis of logits with inadmissible keys at `-inf`.
+
+  A statistic, never differentiated (`stop_gradient`): the backward of top-k
+  attention must not touch the full logit row.
+  """
+  return jax.lax.stop_gradient(jax.nn.logsumexp(logits, axis=-1))
 
 
 def expand(x: jax.Array | None, batch: tuple[int, ...], n: int, t: int, s: int):

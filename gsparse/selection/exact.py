@@ -24,6 +24,7 @@ from gsparse.selection._common import (
   map_heads,
   pad_axis,
   row_chunks,
+  row_logsumexp,
   rows_logits,
 )
 
@@ -49,12 +50,18 @@ class ExactSelection:
       avoids XLA's sort of the block maxima.
     candidate_blocks: candidate blocks per row for the threshold search, or
       None for `k + 33` (at least `k + 1` are used).
+    causal_groups: with `is_causal`, the query chunks are split into up to
+      this many consecutive groups (of at least 2 chunks each) and each group
+      scores only the keys its rows may see (a static key length per group):
+      about `(G + 1) / (2 G)` of the logits of the full square. 1 scores
+      every key in every chunk.
   """
 
   query_chunk: int = 256
   key_block: int | None = None
   search_steps: int = 12
   candidate_blocks: int | None = None
+  causal_groups: int = 8
 
   def __post_init__(self):
     _checks.check_int("query_chunk", self.query_chunk, minimum=1)
@@ -63,6 +70,7 @@ class ExactSelection:
     _checks.check_int("search_steps", self.search_steps, minimum=0, maximum=64)
     if self.candidate_blocks is not None:
       _checks.check_int("candidate_blocks", self.candidate_blocks, minimum=1)
+    _checks.check_int("causal_groups", self.causal_groups, minimum=1)
 
   def select(
     self,
@@ -77,12 +85,20 @@ class ExactSelection:
     selection_key: jax.Array | None = None,
     precision: PrecisionLike = None,
     adm: Admissible | None = None,
+    row_lse: bool = False,
   ) -> SelectionResult:
-    """Exact top-k on checked inputs (see `gsparse.selection.select`); no key needed."""
+    """Exact top-k on checked inputs (see `gsparse.selection.select`); no key needed.
+
+    With `row_lse`, also the log-sum-exp of every row (`SelectionResult.row_logsumexp`).
+    """
     del selection_key  # deterministic
-    common = dict(k=k, scale=scale, is_causal=is_causal, cfg=self, precision=precision)
-    out = map_heads(lambda *a: _exact_head(*a, **common), query, key, mask, bias, adm=adm)
-    return SelectionResult(*out)
+    common = dict(
+      k=k, scale=scale, is_causal=is_causal, cfg=self, precision=precision, row_lse=row_lse
+    )
+    idx, nxt, num, *lse = map_heads(
+      lambda *a: _exact_head(*a, **common), query, key, mask, bias, adm=adm
+    )
+    return SelectionResult(idx, nxt, num, None, *lse)
 
 
 def select_and_attend(
@@ -98,25 +114,28 @@ def select_and_attend(
   is_causal: bool,
   precision: PrecisionLike = None,
   adm: Admissible | None = None,
+  row_lse: bool = False,
 ) -> tuple[SelectionResult, jax.Array, jax.Array]:
   """Exact selection that also attends over the kept keys in the same chunk loop.
 
   The logits each chunk already holds give the kept weights, so the kept keys
   are never gathered again; `topk_attention` takes this route for "exact" on
   the XLA gather path. Inputs as `ExactSelection.select`, plus `value`
-  `[batch..., S, K, Hv]`, and `adm`, the index-range masks
-  (`gsparse._admissible`).
+  `[batch..., S, K, Hv]`, `adm`, the index-range masks
+  (`gsparse._admissible`), and `row_lse` (also the log-sum-exp of every row).
 
   Returns:
     `(selection, output [batch..., T, N, Hv] in the compute dtype,
     logsumexp [batch..., T, N] over the kept keys)`.
   """
   k = min(k, key.shape[-3])
-  common = dict(k=k, scale=scale, is_causal=is_causal, cfg=config, precision=precision)
-  idx, nxt, num, out, lse = map_heads(
+  common = dict(
+    k=k, scale=scale, is_causal=is_causal, cfg=config, precision=precision, row_lse=row_lse
+  )
+  idx, nxt, num, *all_lse, out, lse = map_heads(
     lambda *a: _exact_head(*a, **common), query, key, mask, bias, value=value, adm=adm
   )
-  return SelectionResult(idx, nxt, num), out, lse
+  return SelectionResult(idx, nxt, num, None, *all_lse), out, lse
 
 
 def _prefix_count(flags: jax.Array, group: int = 16) -> jax.Array:
@@ -235,28 +254,59 @@ def _by_blocks(logits, sr: _Search):
   return _from_blocks(s3, bid, sr, count, lo)
 
 
-def _exact_head(q, kv, mask, bias, adm, *, k, scale, is_causal, cfg, precision):
+def _exact_head(q, kv, mask, bias, adm, *, k, scale, is_causal, cfg, precision, row_lse=False):
   """Exact top-k of one head; `kv` is the keys `[S, H]`, or `(keys, values [S, Hv])`
   to also attend over the kept keys with the logits already at hand (returns
   `(idx, nxt, num, out, lse)` then). `adm`: this batch element's index-range
-  masks, evaluated per chunk."""
+  masks, evaluated per chunk. `row_lse` inserts the log-sum-exp of the
+  whole row after `num`: the chunk holds the whole row, so it is exact.
+
+  Causal calls split the chunks into `cfg.causal_groups` groups; a group whose
+  last row is `r` scores keys `[0, r]` only. The keys it skips are
+  inadmissible to all its rows, so indices, tie order, counts and the row
+  log-sum-exp are those of the whole row."""
   kmat, vmat = kv if isinstance(kv, tuple) else (kv, None)
   t, h = q.shape
   s = kmat.shape[0]
-  dtype = compute_dtype(q.dtype, kmat.dtype, *(() if vmat is None else (vmat.dtype,)))
   c = min(cfg.query_chunk, t)
   nc = -(-t // c)
   tp = nc * c
-  sr = _search_for(cfg, s, k)
-  two_stage = sr.b > 1 and sr.nkb < sr.nb
-  sp = sr.nb * sr.b if two_stage else s
-  kpad = pad_axis(kmat, 0, sp, 0)
   xs = (
     pad_axis(q, 0, tp, 0).reshape(nc, c, h),
     jnp.arange(nc) * c,
     row_chunks(mask, t, tp, c, False),
     row_chunks(bias, t, tp, c, 0),
   )
+  # At least 2 chunks per group: XLA inlines a loop of one step, and the
+  # inlined groups' logits are then all live at once (unbounded memory).
+  groups = max(1, min(nc // 2, cfg.causal_groups)) if is_causal else 1
+  bounds = [round(nc * g / groups) for g in range(groups + 1)]
+  common = dict(k=k, scale=scale, is_causal=is_causal, cfg=cfg, precision=precision)
+  parts = []
+  for a, b in zip(bounds[:-1], bounds[1:], strict=True):
+    sg = min(s, t, b * c) if groups > 1 else s  # keys [0, last row] of the group
+    qg, rg = xs[0][a:b], xs[1][a:b]
+    xg = (qg, rg, *(None if x is None else _slice_group(x, a, b, sg) for x in xs[2:]))
+    kvg = (kmat[:sg], None if vmat is None else vmat[:sg])
+    parts.append(_exact_rows(xg, *kvg, adm=adm, row_lse=row_lse, **common))
+  outs = parts[0] if groups == 1 else [jnp.concatenate(o, axis=0) for o in zip(*parts, strict=True)]
+  return tuple(o.reshape(tp, *o.shape[2:])[:t] for o in outs)
+
+
+def _slice_group(x, a, b, sg):
+  """Chunks `[a, b)` of mask/bias row chunks `[nc, c or 1, S']`, keys `[0, sg)`."""
+  x = x[a:b]
+  return x[..., :sg] if x.shape[-1] > 1 else x
+
+
+def _exact_rows(xs, kmat, vmat, *, adm, k, scale, is_causal, cfg, precision, row_lse):
+  """`_exact_head` on the query chunks `xs` against the keys `kmat [S, H]` (all of them)."""
+  s = kmat.shape[0]
+  dtype = compute_dtype(xs[0].dtype, kmat.dtype, *(() if vmat is None else (vmat.dtype,)))
+  sr = _search_for(cfg, s, k)
+  two_stage = sr.b > 1 and sr.nkb < sr.nb
+  sp = sr.nb * sr.b if two_stage else s
+  kpad = pad_axis(kmat, 0, sp, 0)
   common = dict(scale=scale, dtype=dtype, precision=precision)
 
   def body(x):
@@ -271,12 +321,12 @@ def _exact_head(q, kv, mask, bias, adm, *, k, scale, is_causal, cfg, precision):
     else:
       vals, idx = _by_blocks(logits, sr)
     idx, nxt = finish_top_k(vals, idx, k)
+    sel = (idx, nxt, num, row_logsumexp(logits)) if row_lse else (idx, nxt, num)
     if vmat is None:
-      return idx, nxt, num
-    return idx, nxt, num, *_attend_chunk(qc, kmat, vmat, bc, logits, idx, **common)
+      return sel
+    return *sel, *_attend_chunk(qc, kmat, vmat, bc, logits, idx, **common)
 
-  outs = jax.lax.map(body, xs)
-  return tuple(o.reshape(tp, *o.shape[2:])[:t] for o in outs)
+  return jax.lax.map(body, xs)
 
 
 def _attend_chunk(qc, kmat, vmat, bc, logits, idx, *, scale, dtype, precision):
