@@ -50,7 +50,7 @@ def checked(fn: Callable[..., Any], *, allow_neg_inf: Collection[str] = ("bias",
 
   Every floating array among the arguments of a call (found through
   `inspect.signature(fn)`, including the leaves of pytree arguments such as
-  `gsparse.Weights`) is checked for NaN and Inf; arguments named in
+  `gsparse.gaussian.Weights`) is checked for NaN and Inf; arguments named in
   `allow_neg_inf` may hold `-inf` (the way a bias masks keys). Every floating
   leaf of the result is checked for NaN. Python scalars are checked at trace
   time by the function itself; masks and indices are not floating and are not

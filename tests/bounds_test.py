@@ -320,7 +320,7 @@ def test_rem_effective_support_against_simulation():
   n, tau = 4096, 1.0
   s = tau * jax.random.normal(jax.random.key(3), (64, n))
   p = jax.nn.softmax(s, axis=-1)
-  log_ess = np.median(np.asarray(jnp.log(gsparse.effective_support(p))))
+  log_ess = np.median(np.asarray(jnp.log(gsparse.sparsity.effective_support(p))))
   assert abs(log_ess - math.log(float(B.predicted_effective_support(n, tau)))) < 0.3
 
 
@@ -329,7 +329,7 @@ def test_rank_layers_by_sparsity():
   d, h = 32, 16
   layers = []
   for i, ws in enumerate([0.5, 2.0, 1.0]):
-    w = gsparse.sample_weights(
+    w = gsparse.gaussian.sample_weights(
       jax.random.fold_in(key, i), d=d, head_dim=h, heads=2, weight_scale=ws / math.sqrt(d)
     )
     layers.append(w)
@@ -397,8 +397,8 @@ def test_monte_carlo_no_violations():
   float32 rounding.
   """
   n, d, eps, delta = 256, 16, 0.01, 1e-6
-  w = gsparse.sample_weights(jax.random.key(8), d=d, head_dim=16)
-  m = gsparse.interaction_matrix(w.w_q, w.w_k)[0]
+  w = gsparse.gaussian.sample_weights(jax.random.key(8), d=d, head_dim=16)
+  m = gsparse.gaussian.interaction_matrix(w.w_q, w.w_k)[0]
   w_v = w.w_v[:, 0, :]
   norms = B.interaction_norms(m)
   vnorms = B.interaction_norms(w_v)
@@ -433,15 +433,15 @@ def test_monte_carlo_no_violations():
 def test_sparsity_bound_float64_agrees_with_float32():
   # The float32 path compares the binomial tail against delta/2 (float32 betainc is
   # ~1% off in the far tail), so it may only be more conservative than float64.
-  w = gsparse.sample_weights(jax.random.key(0), d=64, head_dim=64)
-  norms32 = gsparse.interaction_norms_from_weights(w.w_q, w.w_k)
-  k32 = gsparse.sparsity_bound(4096, 1.5, norms32, eps=0.01, delta=1e-4).k
+  w = gsparse.gaussian.sample_weights(jax.random.key(0), d=64, head_dim=64)
+  norms32 = gsparse.bounds.interaction_norms_from_weights(w.w_q, w.w_k)
+  k32 = gsparse.bounds.sparsity_bound(4096, 1.5, norms32, eps=0.01, delta=1e-4).k
   prev = jax.config.jax_enable_x64
   jax.config.update("jax_enable_x64", True)
   try:
     w64 = jax.tree.map(lambda a: jnp.asarray(a, jnp.float64), w)
-    norms64 = gsparse.interaction_norms_from_weights(w64.w_q, w64.w_k)
-    sb64 = gsparse.sparsity_bound(4096, 1.5, norms64, eps=0.01, delta=1e-4)
+    norms64 = gsparse.bounds.interaction_norms_from_weights(w64.w_q, w64.w_k)
+    sb64 = gsparse.bounds.sparsity_bound(4096, 1.5, norms64, eps=0.01, delta=1e-4)
     assert sb64.k.dtype == jnp.float64
     k64 = np.asarray(sb64.k)
   finally:

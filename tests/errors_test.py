@@ -44,8 +44,8 @@ p = jnp.full((2, 4), 0.25)
 pv = jnp.ones((2, 4, 3))
 x = jnp.ones((5, 6))
 key = jax.random.key(0)
-w = gsparse.Weights(jnp.ones((6, 2, 3)), jnp.ones((6, 2, 3)), jnp.ones((6, 2, 3)))
-w_bad_d = gsparse.Weights(jnp.ones((4, 2, 3)), jnp.ones((4, 2, 3)), jnp.ones((4, 2, 3)))
+w = gsparse.gaussian.Weights(jnp.ones((6, 2, 3)), jnp.ones((6, 2, 3)), jnp.ones((6, 2, 3)))
+w_bad_d = gsparse.gaussian.Weights(jnp.ones((4, 2, 3)), jnp.ones((4, 2, 3)), jnp.ones((4, 2, 3)))
 i32 = jnp.ones((3, 2, 4), jnp.int32)
 
 # Functions taking (query, key, value, ...) share the attention input checks.
@@ -743,7 +743,7 @@ ROWS += [
 ]
 
 # The bounds take Python scalars through the closure: a traced scalar is accepted unchecked.
-norms = gsparse.InteractionNorms(1.0, 1.0, 1.0)
+norms = gsparse.bounds.InteractionNorms(1.0, 1.0, 1.0)
 bq = jnp.ones((3, 2, 4))  # T=3, N=2; block_q=2 gives 2 query blocks
 bidx = jnp.zeros((2, 2, 1), jnp.int32)
 wl = jnp.ones((2, 6, 2, 3))  # [layers, d, heads, h]

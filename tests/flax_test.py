@@ -468,7 +468,7 @@ class LayerSelectionTest(parameterized.TestCase):
       lambda p, x: LinenStack().apply({"params": p}, x, sow_weights=True, mutable=["intermediates"])
     )(params, x)
     measured = {
-      name: float(gsparse.effective_support(v["attention_weights"][0]).mean())
+      name: float(gsparse.sparsity.effective_support(v["attention_weights"][0]).mean())
       for name, v in inter["intermediates"].items()
     }
     assert sorted(measured, key=measured.get) == [r.path for r in ranked]
@@ -502,7 +502,7 @@ class LayerSelectionTest(parameterized.TestCase):
     assert [r.path for r in ranked] == ["layers/2", "layers/0", "layers/3", "layers/1"]
     # The reported norms are those of M = W_Q W_K^T / sqrt(h), computed directly.
     w = model.layers[2]
-    m = gsparse.interaction_matrix(w.query.kernel.value, w.key.kernel.value)
+    m = gsparse.gaussian.interaction_matrix(w.query.kernel.value, w.key.kernel.value)
     np.testing.assert_allclose(
       ranked[0].fro_norm, jnp.sqrt(jnp.sum(m**2, axis=(-2, -1))), rtol=1e-4
     )

@@ -14,7 +14,7 @@ causal, fully masked rows, -inf bias) and score magnitudes up to 1e4:
     separated, so the selected set is unique);
   * the certificate holds: `tail_mass_bound >= true tail mass` and
     `error_bound >= ||dense - topk||`, both against a NumPy float64 reference;
-  * the error identity of `gsparse.topk_error_decomposition` holds.
+  * the error identity of `gsparse.sparsity.topk_error_decomposition` holds.
 
 Hypothesis is derandomized (fixed examples, no example database), so CI is
 deterministic. Each property runs `Impl.examples` examples per implementation:
@@ -553,7 +553,7 @@ def test_certificate_holds(impl, divisor):
   _run(impl, _certificate_holds, divisor)
 
 
-_decomposition = jax.jit(gsparse.topk_error_decomposition, static_argnames="k")
+_decomposition = jax.jit(gsparse.sparsity.topk_error_decomposition, static_argnames="k")
 
 
 @settings(max_examples=30, derandomize=True, database=None, deadline=None, print_blob=True)

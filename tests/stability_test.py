@@ -262,10 +262,12 @@ def test_checked_allows_neg_inf_bias_and_passes_clean_inputs():
 def test_checked_flags_nan_output_and_pytree_leaves():
   q, k, v = _inputs(13, 1e20, 1e20)
   _raises(gsparse.checked(gsparse.dot_product_attention), q, k, v, match="^output contains")
-  w = gsparse.sample_weights(jax.random.key(0), d=4, head_dim=2)
+  w = gsparse.gaussian.sample_weights(jax.random.key(0), d=4, head_dim=2)
   x = jnp.ones((3, 4))
   bad_w = w._replace(w_v=w.w_v.at[0, 0, 0].set(jnp.nan))
-  _raises(gsparse.checked(gsparse.gaussian_attention), x, bad_w, match=r"^weights\.w_v contains")
+  _raises(
+    gsparse.checked(gsparse.gaussian.gaussian_attention), x, bad_w, match=r"^weights\.w_v contains"
+  )
   _raises(
     gsparse.checked(gsparse.sparse_gather_attention),
     q,

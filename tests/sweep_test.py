@@ -15,17 +15,17 @@ _N, _D, _TRIALS, _ROWS = 32, 4, 2, 20
 
 def _direct(x, w, *, k, eps, rows):
   """Per-row measures of one draw, computed with the public per-matrix functions."""
-  q, kk, v = gsparse.project(x, w)
+  q, kk, v = gsparse.gaussian.project(x, w)
   p = gsparse.attention_weights(q, kk)[0][:rows]  # [rows, n], one head
   v0 = v[:, 0, :]
-  dec = gsparse.topk_error_decomposition(p, v0, k=k)
+  dec = gsparse.sparsity.topk_error_decomposition(p, v0, k=k)
   _, stats = gsparse.topk_attention(q, kk, v, k=k, return_stats=True)
-  m = gsparse.interaction_matrix(w.w_q, w.w_k)[0]
+  m = gsparse.gaussian.interaction_matrix(w.w_q, w.w_k)[0]
   return {
     "tau": np.asarray(jnp.linalg.norm(x[:rows] @ m, axis=-1)),
-    "min_k": np.asarray(gsparse.min_sparse_k(p, eps=eps)),
-    "support": np.asarray(gsparse.effective_support(p)),
-    "tail": np.asarray(gsparse.tail_mass(p, k=k)),
+    "min_k": np.asarray(gsparse.sparsity.min_sparse_k(p, eps=eps)),
+    "support": np.asarray(gsparse.sparsity.effective_support(p)),
+    "tail": np.asarray(gsparse.sparsity.tail_mass(p, k=k)),
     "error": np.asarray(dec.error),
     "cert_tail": np.asarray(stats.tail_mass_bound[:rows, 0]),
     "cert_error": np.asarray(stats.error_bound[:rows, 0]),
@@ -107,7 +107,7 @@ def test_sweep_matches_direct_computation(resample_weights, crn, ks):
     assert row["cert_tail_max"] >= row["tail_max"] * (1 - 1e-5)
     assert row["cert_error_mean"] >= row["error_mean"] * (1 - 1e-4)
     if not resample_weights:
-      m = np.asarray(gsparse.interaction_matrix(w.w_q, w.w_k)[0], np.float64)
+      m = np.asarray(gsparse.gaussian.interaction_matrix(w.w_q, w.w_k)[0], np.float64)
       np.testing.assert_allclose(row["m_fro"], np.linalg.norm(m), rtol=1e-4)
       np.testing.assert_allclose(row["m_op"], np.linalg.norm(m, 2), rtol=1e-4)
       np.testing.assert_allclose(row["mmt_fro"], np.linalg.norm(m @ m.T), rtol=1e-4)

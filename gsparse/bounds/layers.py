@@ -133,7 +133,7 @@ def rank_layers_by_sparsity(
 
   Args:
     w_q: `[L, d, heads, h]` stacked query weights, or a sequence of L
-      `[d, heads, h]` arrays (as in `gsparse.Weights.w_q`).
+      `[d, heads, h]` arrays (as in `gsparse.gaussian.Weights.w_q`).
     w_k: same layout as `w_q`.
     n: sequence length at which sparsity is predicted.
     eps: threshold of (eps, k)-sparsity for the returned `k`.

@@ -101,7 +101,7 @@ def interaction_norms_from_weights(
   """`interaction_norms` of `M = scale W_Q W_K^T` per head.
 
   Args:
-    w_q: `[d, heads, h]` (as in `gsparse.Weights`) or `[d, h]`.
+    w_q: `[d, heads, h]` (as in `gsparse.gaussian.Weights`) or `[d, h]`.
     w_k: same shape as `w_q`.
     scale: default `1/sqrt(h)`.
 
