@@ -76,6 +76,8 @@ def check_block_indices(
   return block_indices
 
 
+# Over 60 lines: one masked flash-style pass over the listed blocks whose
+# masking (causal, padding, index ranges, non-finite reads) must share its locals.
 def block_sparse_gather_attention_xla(
   query: jax.Array,
   key: jax.Array,

@@ -402,7 +402,7 @@ def test_certified_num_keys_heaviest_first_or_in_slot_order():
 
 
 def test_only_sorted_selections_keep_slots_in_order():
-  from gsparse.flax.attention import _slots_in_logit_order
+  from gsparse.flax.certified import _slots_in_logit_order
 
   assert _slots_in_logit_order("full") and _slots_in_logit_order("exact")
   assert _slots_in_logit_order(gsparse.ExactSelection(query_chunk=8))

@@ -36,9 +36,10 @@ from jax.typing import ArrayLike
 
 import gsparse.topk as _topk
 from gsparse import _checks
+from gsparse.flax.certified import certified_num_keys, certified_subset  # noqa: F401 (re-exported)
 from gsparse.flax.policies import CertifiedK, KPolicy, as_policy
 from gsparse.gather import gather_kv, resolve_implementation, sparse_gather_attention
-from gsparse.selection import AUTO, EXACT_TYPES, gather_bias, resolve_selection
+from gsparse.selection import gather_bias, resolve_selection
 
 
 class SparseAttentionResult(NamedTuple):
@@ -93,44 +94,24 @@ def _gather_kwargs(topk_kwargs: dict[str, Any]) -> dict[str, Any]:
   return {} if impl is None else {"implementation": impl}
 
 
-def certified_num_keys(
-  weights: jax.Array,
-  tail_max: jax.Array,
-  candidates: tuple[int, ...],
-  tol: float,
-  *,
-  in_slot_order: bool = False,
-) -> tuple[jax.Array, jax.Array]:
-  """Per query, the smallest candidate k whose certified tail mass is <= tol.
+def _topk_call_kwargs(common: dict[str, Any], topk_kwargs: dict[str, Any], **ranges) -> dict:
+  """`common` plus the index-range masks that are given (once: not also in `topk_kwargs`)."""
+  for name, val in ranges.items():
+    if val is not None:
+      if name in topk_kwargs:
+        raise ValueError(f"{name} is given both directly and in topk_kwargs")
+      common[name] = val
+  return common
 
-  Args:
-    weights: `[..., k_max]` softmax weights over the selected slots (sum 1, or
-      0 for an empty row).
-    tail_max: `[...]` certified bound on the mass outside the selection.
-    candidates: sorted static candidate counts, the last one `<= k_max`.
-    tol: tolerance.
-    in_slot_order: if True, `W_k` is the mass of the first k slots (the keys
-      kept are then the first k slots) instead of the k heaviest. The bound
-      holds for any kept subset (see `CertifiedK`); for the selections "full"
-      and "exact", whose slots are in decreasing logit order, the two agree
-      up to rounding, and no sort is needed (XLA:CPU sorts with a comparator
-      call per comparison).
 
-  Returns:
-    `(k [...] int32, bound [...])`: the chosen count and its certified bound
-    `1 - (W_k / W)(1 - tail_max)` (for an empty row: the chosen count is the
-    smallest candidate and the bound 0).
-  """
-  share, empty = _head_shares(weights, in_slot_order)
-  cand = jnp.asarray(candidates, jnp.int32)
-  head = jnp.take(share, cand - 1, axis=-1)  # [..., C]
-  bounds = jnp.clip(1.0 - head * (1.0 - tail_max[..., None]), 0.0, 1.0)
-  bounds = jnp.where(empty[..., None], 0.0, bounds)
-  ok = bounds <= tol
-  first = jnp.where(jnp.any(ok, axis=-1), jnp.argmax(ok, axis=-1), len(candidates) - 1)
-  chosen = cand[first]
-  bound = jnp.take_along_axis(bounds, first[..., None], axis=-1)[..., 0]
-  return chosen, bound
+def _dropout_output(rng, rate, broadcast, weights, value, indices, num_batch, *, precision, dtype):
+  """`(weights, output)` after flax-style dropout of the kept weights (see module docstring)."""
+  keep = _dropout_keep(rng, rate, broadcast, indices, num_batch, value.shape[-3])
+  weights = weights * keep.astype(weights.dtype) / jnp.asarray(1.0 - rate, weights.dtype)
+  safe = jnp.where(indices >= 0, indices, 0)
+  vg = gather_kv(value, safe).astype(weights.dtype)
+  output = jnp.einsum("...tnk,...tnkv->...tnv", weights, vg, precision=precision)
+  return weights, output.astype(dtype)
 
 
 def _dropout_keep(
@@ -148,6 +129,9 @@ def _dropout_keep(
   return jax.random.bernoulli(rng, keep_prob, indices.shape)
 
 
+# Over 60 lines: the signature mirrors flax's attention_fn keywords plus the
+# index-range masks; the body is select, certify (`certified_subset`), gather,
+# dropout (`_dropout_output`), each one call.
 def sparse_attention(
   query: ArrayLike,
   key: ArrayLike,
@@ -227,18 +211,14 @@ def sparse_attention(
   s = key.shape[-3]
   k = policy.num_keys(s)
   certified = isinstance(policy, CertifiedK)
-  ranges = dict(
+  common = _topk_call_kwargs(
+    dict(scale=scale, is_causal=is_causal, precision=precision, **topk_kwargs),
+    topk_kwargs,
     query_seq_lengths=query_seq_lengths,
     key_value_seq_lengths=key_value_seq_lengths,
     local_window_size=local_window_size,
     segment_ids=segment_ids,
   )
-  common = dict(scale=scale, is_causal=is_causal, precision=precision, **topk_kwargs)
-  for name, val in ranges.items():
-    if val is not None:
-      if name in topk_kwargs:
-        raise ValueError(f"{name} is given both directly and in topk_kwargs")
-      common[name] = val
   if not (use_dropout or certified or return_residuals):
     return _topk.topk_attention(query, key, value, bias, mask, k=k, **common)
 
@@ -252,38 +232,17 @@ def sparse_attention(
   num_kept = jnp.full(indices.shape[:-1], k, jnp.int32)
   tail = None
   if certified:
-    sg = jax.lax.stop_gradient
-    pre = sparse_gather_attention(
-      sg(query),
-      sg(key),
-      sg(value),
-      indices,
-      bias=sg(gather_bias(bias, indices, s)),
+    indices, num_kept, tail = certified_subset(
+      sel,
+      query,
+      key,
+      value,
+      bias,
+      policy=policy,
       scale=scale,
-      assume_unique=True,
-      return_residuals=True,
       precision=precision,
+      selection=topk_kwargs.get("selection", _topk.DEFAULT_SELECTION),
     )
-    tail_k = _topk.selection_tail_bound(sel, pre.logsumexp)
-    # Exact selections see the whole row: their dropped mass is known exactly.
-    exact = _topk.selection_exact_tail(sel, pre.logsumexp, tail_k)
-    tail_k = tail_k if exact is None else exact
-    # "full" and "exact" return the slots in decreasing logit order: keep the
-    # first k slots, with no sort. Other selections: keep the k heaviest.
-    in_order = _slots_in_logit_order(topk_kwargs.get("selection", _topk.DEFAULT_SELECTION))
-    num_kept, tail = certified_num_keys(
-      pre.weights, tail_k, policy.candidates(s), policy.tol, in_slot_order=in_order
-    )
-    if policy.granularity == "call":
-      num_kept = jnp.broadcast_to(jnp.max(num_kept), num_kept.shape)
-      tail = _bound_at(pre.weights, tail_k, num_kept, in_order)
-    # Rank of each slot (0 = kept first); drop ranks >= num_kept.
-    if in_order:
-      rank = jnp.arange(indices.shape[-1])
-    else:
-      order = jnp.argsort(-pre.weights, axis=-1, stable=True)
-      rank = jnp.argsort(order, axis=-1)
-    indices = jnp.where(rank < num_kept[..., None], indices, -1)
   res = sparse_gather_attention(
     query,
     key,
@@ -300,41 +259,20 @@ def sparse_attention(
     tail = _topk.selection_tail_bound(sel, res.logsumexp)
   weights, output = res.weights, res.output
   if use_dropout:
-    rate = float(dropout_rate)
-    keep = _dropout_keep(dropout_rng, rate, broadcast_dropout, indices, num_batch, s)
-    weights = weights * keep.astype(weights.dtype) / jnp.asarray(1.0 - dropout_rate, weights.dtype)
-    safe = jnp.where(indices >= 0, indices, 0)
-    vg = gather_kv(value, safe).astype(weights.dtype)
-    output = jnp.einsum("...tnk,...tnkv->...tnv", weights, vg, precision=precision)
-    output = output.astype(query.dtype)
+    weights, output = _dropout_output(
+      dropout_rng,
+      float(dropout_rate),
+      broadcast_dropout,
+      weights,
+      value,
+      indices,
+      num_batch,
+      precision=precision,
+      dtype=query.dtype,
+    )
   if not return_residuals:
     return output
   return SparseAttentionResult(output, indices, weights, num_kept, tail)
-
-
-def _slots_in_logit_order(selection) -> bool:
-  """Whether `topk_attention`'s `selection` returns its slots in decreasing logit order."""
-  cfg = resolve_selection(selection)
-  return cfg in ("full", AUTO) or isinstance(cfg, EXACT_TYPES)
-
-
-def _head_shares(weights: jax.Array, in_slot_order: bool) -> tuple[jax.Array, jax.Array]:
-  """`(W_k / W for k = 1..k_max [..., k_max], empty row [...])`, with `W_k` the
-  mass of the first k slots or (not `in_slot_order`) of the k heaviest."""
-  w = weights if in_slot_order else -jnp.sort(-weights, axis=-1)  # descending
-  share = jnp.cumsum(w, axis=-1)
-  total = share[..., -1:]
-  return share / jnp.where(total > 0, total, 1.0), total[..., 0] <= 0
-
-
-def _bound_at(
-  weights: jax.Array, tail_max: jax.Array, num_kept: jax.Array, in_slot_order: bool
-) -> jax.Array:
-  """Certified tail bound `1 - (W_k/W)(1 - tail_max)` at a traced per-query k."""
-  share, empty = _head_shares(weights, in_slot_order)
-  head = jnp.take_along_axis(share, (num_kept - 1)[..., None], axis=-1)[..., 0]
-  bound = jnp.clip(1.0 - head * (1.0 - tail_max), 0.0, 1.0)
-  return jnp.where(empty, 0.0, bound)
 
 
 def dense_weights(indices: jax.Array, weights: jax.Array, kv_len: int) -> jax.Array:
