@@ -9,6 +9,7 @@ dropped mass.
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import jax
@@ -69,6 +70,9 @@ def selection_tail_bound(sel: SelectionResult, logsumexp: jax.Array) -> jax.Arra
   return kept_set_tail_bound(logsumexp, sel.next_logit, dropped)
 
 
+# Jitted (is_causal static) so that an op-by-op call reuses the compiled
+# `lax.cond` of `nonfinite_value_reach` instead of compiling it per call.
+@functools.partial(jax.jit, static_argnames=("is_causal",))
 def _value_reach(query, key, value, bias, mask, is_causal) -> jax.Array:
   """`[batch..., T, N]`: rows that may attend a non-finite value row (NaN error bound)."""
   *batch, t, n, _ = query.shape

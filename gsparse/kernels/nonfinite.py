@@ -57,8 +57,9 @@ def resolve_reads(out: jax.Array, reads: jax.Array, signs: jax.Array) -> jax.Arr
     entry read was `+inf` (`-inf`); NaN where a NaN or both signs were read.
     A NaN already in `out` (a NaN logit) stays NaN.
   """
-  inf = jnp.asarray(jnp.inf, out.dtype)
-  fix = jnp.where(signs == reads, inf, jnp.where(signs == -reads, -inf, jnp.nan))
+  # Both constants are literals: Triton's lowering cannot negate a constant.
+  inf, neg_inf = jnp.asarray(jnp.inf, out.dtype), jnp.asarray(-jnp.inf, out.dtype)
+  fix = jnp.where(signs == reads, inf, jnp.where(signs == -reads, neg_inf, jnp.nan))
   return jnp.where((reads > 0) & ~jnp.isnan(out), fix.astype(out.dtype), out)
 
 

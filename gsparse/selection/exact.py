@@ -5,6 +5,7 @@ fused route `select_and_attend` that also attends inside the chunk loop."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import NamedTuple
 
 import jax
@@ -92,12 +93,8 @@ class ExactSelection:
     With `row_lse`, also the log-sum-exp of every row (`SelectionResult.row_logsumexp`).
     """
     del selection_key  # deterministic
-    common = dict(
-      k=k, scale=scale, is_causal=is_causal, cfg=self, precision=precision, row_lse=row_lse
-    )
-    idx, nxt, num, *lse = map_heads(
-      lambda *a: _exact_head(*a, **common), query, key, mask, bias, adm=adm
-    )
+    statics = dict(k=k, is_causal=is_causal, cfg=self, precision=precision, row_lse=row_lse)
+    idx, nxt, num, *lse = _exact_heads(query, key, None, mask, bias, adm, scale, **statics)
     return SelectionResult(idx, nxt, num, None, *lse)
 
 
@@ -129,13 +126,29 @@ def select_and_attend(
     logsumexp [batch..., T, N] over the kept keys)`.
   """
   k = min(k, key.shape[-3])
-  common = dict(
-    k=k, scale=scale, is_causal=is_causal, cfg=config, precision=precision, row_lse=row_lse
-  )
-  idx, nxt, num, *all_lse, out, lse = map_heads(
-    lambda *a: _exact_head(*a, **common), query, key, mask, bias, value=value, adm=adm
+  statics = dict(k=k, is_causal=is_causal, cfg=config, precision=precision, row_lse=row_lse)
+  idx, nxt, num, *all_lse, out, lse = _exact_heads(
+    query, key, value, mask, bias, adm, scale, **statics
   )
   return SelectionResult(idx, nxt, num, None, *all_lse), out, lse
+
+
+@functools.partial(jax.jit, static_argnames=("k", "is_causal", "cfg", "precision", "row_lse"))
+def _exact_heads(
+  query, key, value, mask, bias, adm, scale, *, k, is_causal, cfg, precision, row_lse
+):
+  """`_exact_head` over every batch element and head, as one jitted computation.
+
+  Jitted at module level (static: the config and flags; `scale` is traced) so
+  that an op-by-op call reuses its compiled program: an eager `lax.map` over a
+  fresh closure would be traced and compiled again on every call.
+  """
+  common = dict(
+    k=k, scale=scale, is_causal=is_causal, cfg=cfg, precision=precision, row_lse=row_lse
+  )
+  return map_heads(
+    lambda *a: _exact_head(*a, **common), query, key, mask, bias, value=value, adm=adm
+  )
 
 
 def _prefix_count(flags: jax.Array, group: int = 16) -> jax.Array:
