@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from jax.lax import PrecisionLike
 
-from gsparse import _checks
+from gsparse import _checks, _native
 from gsparse._admissible import Admissible
 from gsparse._numerics import finish_top_k
 from gsparse._numerics import sortable_int32 as _sortable
@@ -133,16 +133,26 @@ def select_and_attend(
   return SelectionResult(idx, nxt, num, None, *all_lse), out, lse
 
 
-@functools.partial(jax.jit, static_argnames=("k", "is_causal", "cfg", "precision", "row_lse"))
-def _exact_heads(
-  query, key, value, mask, bias, adm, scale, *, k, is_causal, cfg, precision, row_lse
-):
+def _exact_heads(query, key, value, mask, bias, adm, scale, **statics):
   """`_exact_head` over every batch element and head, as one jitted computation.
 
   Jitted at module level (static: the config and flags; `scale` is traced) so
   that an op-by-op call reuses its compiled program: an eager `lax.map` over a
-  fresh closure would be traced and compiled again on every call.
+  fresh closure would be traced and compiled again on every call. Whether the
+  native CPU top-k is on is part of the cache key, so switching it off
+  (`gsparse._native`) retraces instead of reusing a program that calls it.
   """
+  native = _native.available()
+  return _exact_heads_jit(query, key, value, mask, bias, adm, scale, native=native, **statics)
+
+
+@functools.partial(
+  jax.jit, static_argnames=("k", "is_causal", "cfg", "precision", "row_lse", "native")
+)
+def _exact_heads_jit(
+  query, key, value, mask, bias, adm, scale, *, k, is_causal, cfg, precision, row_lse, native
+):
+  del native  # a cache key only: `_top_k` reads the switch while tracing
   common = dict(
     k=k, scale=scale, is_causal=is_causal, cfg=cfg, precision=precision, row_lse=row_lse
   )
