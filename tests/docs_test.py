@@ -28,7 +28,9 @@ MAX_NOTEST = 2
 
 # Pages whose blocks compile the bound functions of gsparse.bounds (tens of
 # seconds of compilation on a 2-core CPU): marked slow, still run by CI.
-SLOW_PAGES = {"docs/bounds.md"}
+# docs/kernels.md: its blocks run the Pallas kernels in the interpreter (about a
+# minute of compiles on 2 cores); kernels_test.py covers them by default.
+SLOW_PAGES = {"docs/bounds.md", "docs/kernels.md"}
 
 # Pages whose blocks need several devices: run in a subprocess with this many
 # forced host CPU devices (XLA reads the flag when it starts).

@@ -79,7 +79,8 @@ def test_exact_matches_full_top_k(kind, causal, config):
   _check_matches_full(q, k, v, *_mb(kind, mask, bias), causal, config)
 
 
-@pytest.mark.parametrize("k", [52, 60])
+# k = 60 > S = 53 by default; k = 52, one below S, in the slow step of CI.
+@pytest.mark.parametrize("k", [pytest.param(52, marks=pytest.mark.slow), 60])
 def test_exact_k_near_and_above_num_keys(k):
   q, k_, v, mask, _ = _inputs(1)
   cfg = ExactSelection(query_chunk=16, key_block=8)
@@ -229,7 +230,9 @@ APPROX = [
     (APPROX[0], "mask+bias", True),
     (APPROX[1], "none", False),
     (APPROX[2], "mask+bias", True),
-    (APPROX[3], "bias", False),
+    # LSH with several hashes and no diagonal (slow step of CI; APPROX[2] is
+    # the LSH case of the default run).
+    pytest.param(APPROX[3], "bias", False, marks=pytest.mark.slow),
     # The same LSH config again, without mask and causality (slow step of CI).
     pytest.param(APPROX[2], "none", False, marks=pytest.mark.slow),
   ],
@@ -443,22 +446,27 @@ def test_select_and_attend_matches_full_selection_and_masked_gather():
   on the full row and attends as the materialised route + masked gather does."""
   q, k, v, mask, bias = _inputs(11, t=19, s=29)
   mask, bias = mask[..., :19, :29], bias[..., :29]
-  sel, out, lse = gsparse.selection.select_and_attend(
-    ExactSelection(query_chunk=8), q, k, v, bias, mask, k=5, scale=0.25, is_causal=True
-  )
-  ref_out, ref = gsparse.topk_attention(
-    q,
-    k,
-    v,
-    bias,
-    mask,
-    k=5,
-    scale=0.25,
-    is_causal=True,
-    selection="full",
-    implementation="masked",
-    return_stats=True,
-  )
+  # Under jit: one compile each instead of op-by-op dispatch of every chunk.
+  sel, out, lse = jax.jit(
+    lambda q, k, v, bias, mask: gsparse.selection.select_and_attend(
+      ExactSelection(query_chunk=8), q, k, v, bias, mask, k=5, scale=0.25, is_causal=True
+    )
+  )(q, k, v, bias, mask)
+  ref_out, ref = jax.jit(
+    lambda q, k, v, bias, mask: gsparse.topk_attention(
+      q,
+      k,
+      v,
+      bias,
+      mask,
+      k=5,
+      scale=0.25,
+      is_causal=True,
+      selection="full",
+      implementation="masked",
+      return_stats=True,
+    )  # fmt: skip
+  )(q, k, v, bias, mask)
   np.testing.assert_array_equal(sel.indices, ref.indices)
   np.testing.assert_allclose(out, ref_out, rtol=1e-5, atol=1e-6)
   np.testing.assert_allclose(lse, ref.logsumexp, rtol=1e-5, atol=1e-6)
