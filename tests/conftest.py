@@ -3,12 +3,15 @@
 import os
 
 # XLA's LLVM backend at -O0: the tests run small shapes, where compiling takes
-# most of the time and running almost none; unoptimised code compiles in about
-# 40 % less CPU time (measured on auto_selection_test.py + ranges_test.py).
-# XLA's numerics do not depend on the LLVM optimisation level (no fast-math
-# either way). Set the option in XLA_FLAGS yourself (e.g.
-# `--xla_backend_optimization_level=3`) to test the optimised build instead;
-# subprocesses started by the tests inherit it.
+# most of the time and running almost none. XLA's own (HLO) passes still run;
+# only LLVM's code optimisation is off, so the same programs compile in about
+# 40 % less CPU time (auto_selection_test.py + ranges_test.py: 76 s -> 46 s),
+# and the heaviest slow tests run faster too (three of them: 28 s -> 22 s).
+# Floating-point semantics do not change (no fast-math at either level); the
+# default step passed at both levels (2026-11-30).
+# To test the optimised build, set the option yourself, e.g.
+# XLA_FLAGS=--xla_backend_optimization_level=3; subprocesses started by the
+# tests inherit XLA_FLAGS.
 if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
   os.environ["XLA_FLAGS"] = (
     os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
