@@ -122,8 +122,9 @@ def tail_mass_exceeds_prob(
   the count above `q`, a lower bound on `Z` (truncated second moment, or the
   largest term) and Markov's inequality for `B_q` give the bound, minimised
   over a fixed grid of `q` and of the lower bound. Under `k = alpha n^C`
-  (`0 < C < 1`) and `tau = beta sqrt(ln n)` it tends to 0 iff... at least
-  whenever `beta^2 > 2 (1 - C)` (docs/theory.md, Corollary R4). For one
+  (`0 < C < 1`) and `tau = beta sqrt(ln n)` with `beta^2 > 2 (1 - C)` the
+  theorem's bound tends to 0 (docs/theory.md, Corollary R4); the bound is
+  loose at moderate `n` (first and second moments only). For one
   attention row pass the row's `tau_i` and the `n - 1` off-diagonal keys
   (Lemma G); the diagonal only adds mass to the head when it is kept.
 
