@@ -155,14 +155,22 @@ def test_collapsed_tail_mean_matches_poisson_dirichlet(x64):
   assert float(B.collapsed_tail_mean(1, 1.415)) > 0.95
 
 
-def test_jit_vmap_and_errors():
+def test_jit_vmap_grad_and_errors():
   taus = jnp.array([3.0, 4.0, 5.0])
   f = jax.jit(jax.vmap(lambda t: B.tail_mass_exceeds_prob(4096, t, k=128, eps=0.3)))
   want = [float(B.tail_mass_exceeds_prob(4096, float(t), k=128, eps=0.3)) for t in taus]
   np.testing.assert_allclose(np.asarray(f(taus)), want, rtol=1e-4, atol=1e-6)
-  g = jax.jit(jax.vmap(lambda b: B.collapsed_tail_mean(4, b)))
-  want = [float(B.collapsed_tail_mean(4, float(b))) for b in taus]
-  np.testing.assert_allclose(np.asarray(g(taus)), want, rtol=1e-4)
+  # Values and gradients of the collapsed-phase mean in one compiled call (compiles are slow).
+  val, grad = jax.jit(jax.vmap(jax.value_and_grad(lambda b: B.collapsed_tail_mean(2, b))))(taus)
+  want = [float(B.collapsed_tail_mean(2, float(b))) for b in taus]
+  np.testing.assert_allclose(np.asarray(val), want, rtol=1e-4)
+  h = 0.01  # grad against a central difference of the eager values
+  diff = [
+    (float(B.collapsed_tail_mean(2, b + h)) - float(B.collapsed_tail_mean(2, b - h))) / (2 * h)
+    for b in (3.0, 4.0, 5.0)
+  ]
+  np.testing.assert_allclose(np.asarray(grad), diff, rtol=1e-2)
+  assert np.all(np.asarray(grad) < 0)
   assert float(B.tail_mass_exceeds_prob(100, 1.0, k=100, eps=0.1)) == 0.0
   with pytest.raises(ValueError, match="eps"):
     B.tail_mass_exceeds_prob(100, 1.0, k=4, eps=0.0)
@@ -170,6 +178,8 @@ def test_jit_vmap_and_errors():
     jax.jit(lambda t: B.tail_mass_exceeds_prob(100, t, k=0, eps=0.5))(1.0)
   with pytest.raises(ValueError, match="beta"):
     B.collapsed_tail_mean(1, 1.0)
+  with pytest.raises(ValueError, match="k"):
+    B.collapsed_tail_mean(1.5, 2.0)
 
 
 @functools.partial(jax.jit, static_argnums=(2, 3))

@@ -131,7 +131,7 @@ def tail_mass_exceeds_prob(
   Args:
     n: number of scores (>= 1).
     tau: score standard deviation (>= 0).
-    k: kept scores (>= 1).
+    k: kept scores (integer-valued, >= 1).
     eps: tail-mass level in (0, 1).
 
   Returns:
@@ -140,16 +140,17 @@ def tail_mass_exceeds_prob(
   """
   _check_n(n)
   _check("tau", tau, lo=0)
-  _check("k", k, lo=1)
+  _check("k", k, lo=1, integer=True)
   _check("eps", eps, lo=0, hi=1, lo_open=True, hi_open=True)
   (out,) = _on_flat(_TAIL, (n, tau, k, eps))
   return out
 
 
-def _collapsed_point(k, m):
-  """`E T_k` for `PD(m, 0)`: one integral over `s` (docs/theory.md, Theorem R6)."""
-  xp = _xp.of(k, m)
+def _collapsed_point(k, beta):
+  """`E T_k` for `PD(m, 0)`, `m = sqrt(2) / beta`: one integral over `s` (Theorem R6)."""
+  xp = _xp.of(k, beta)
   sp = sps if xp is _xp.NP else jsp
+  m = xp.sqrt(2.0) / beta
   dtype = m.dtype
   u = xp.linspace(_LOG_S_RANGE[0], _LOG_S_RANGE[1], _NUM_S, dtype=dtype)
   s = xp.exp(u)
@@ -162,11 +163,13 @@ def _collapsed_point(k, m):
   phi = xp.maximum(s_m * lower + xp.expm1(-s), 0.0)  # int_0^1 (1 - e^{-s w}) m w^{-m-1} dw
   dphi = m * s_m / s * lower  # phi'(s)
   chi = xp.clip(xp.exp(-s) - s_m * upper, 0.0, 1.0)  # E e^{-s P}, P ~ Pareto(m) on (1, inf)
-  log_f = -s + (k - 1.0) * xp.log(chi) + xp.log(k * dphi) - (k + 1.0) * xp.log1p(phi) + u
-  f = xp.where(chi > 0, xp.exp(log_f), 0.0)
+  pos = chi > 0
+  safe = xp.where(pos, chi, 1.0)  # keeps 0 * log(0) out of the value and of the gradient
+  log_f = -s + (k - 1.0) * xp.log(safe) + xp.log(k * dphi) - (k + 1.0) * xp.log1p(phi) + u
+  f = xp.where(pos, xp.exp(log_f), 0.0)
   du = (_LOG_S_RANGE[1] - _LOG_S_RANGE[0]) / (_NUM_S - 1)
   total = du * (xp.sum(f) - 0.5 * (f[0] + f[-1]))  # trapezoid rule in u = log s
-  valid = _valid(k >= 1, m > 0, m < 1)
+  valid = _valid(k >= 1, beta > xp.sqrt(2.0))
   return (xp.where(valid, xp.clip(total, 0.0, 1.0), xp.nan),)
 
 
@@ -188,17 +191,15 @@ def collapsed_tail_mean(k: ArrayLike, beta: ArrayLike) -> jax.Array:
   (docs/theory.md); pass `beta = sqrt(2) / m_n` to use it.
 
   Args:
-    k: kept weights (>= 1).
+    k: kept weights (integer-valued, >= 1).
     beta: `tau / sqrt(ln n)`, > sqrt 2.
 
   Returns:
     `E T_k` in `(0, 1)`, broadcast over the arguments.
   """
-  _check("k", k, lo=1)
+  _check("k", k, lo=1, integer=True)
   _check("beta", beta, lo=float(np.sqrt(2.0)), lo_open=True)
-  conc = _xp.of(beta)
-  m = np.sqrt(2.0) / beta if conc is _xp.NP else jax.numpy.sqrt(2.0) / beta
-  (out,) = _on_flat(_COLLAPSED, (k, m))
+  (out,) = _on_flat(_COLLAPSED, (k, beta))
   return out
 
 
