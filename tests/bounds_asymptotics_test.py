@@ -210,5 +210,28 @@ def _convergence_table(rows=1024):
         )
 
 
+def _threshold_table(rows=256):
+  """Monte Carlo top-k tail at k = ceil(n^C), tau = beta sqrt(ln n), on both sides of beta_c."""
+  c = 0.5  # threshold beta_c = sqrt(2 (1 - C)) = 1
+  print(
+    "| n | beta | k | median tail | 90% quantile | R3 bound P(t > 0.5) | R1' bound P(1 - t > 0.5) |"
+  )
+  print("|---|---|---|---|---|---|---|")
+  for n in (2**10, 2**14, 2**18):
+    k = int(np.ceil(n**c))
+    chunk = 64 if n >= 2**16 else 256
+    for beta in (0.7, 1.3):
+      tau = beta * np.sqrt(np.log(n))
+      t = np.concatenate(
+        [np.asarray(_tails(jax.random.key(i), n, chunk, tau, k)) for i in range(rows // chunk)]
+      )
+      r3 = float(B.tail_mass_exceeds_prob(n, tau, k=k, eps=0.5))
+      r1 = float(B.head_mass_exceeds_prob(n, tau, k=k, eps=0.5))
+      med, q90 = np.quantile(t, [0.5, 0.9])
+      print(f"| 2^{int(np.log2(n))} | {beta} | {k} | {med:.4f} | {q90:.4f} | {r3:.3g} | {r1:.3g} |")
+
+
 if __name__ == "__main__":
   _convergence_table()
+  print()
+  _threshold_table()
