@@ -3,8 +3,8 @@
 Monte Carlo checks of validity state their sample size and false-failure
 rate; the limit checks evaluate the bounds far out in `n` (float64) and
 compare against closed forms computed here, not by the code under test.
-`python tests/bounds_asymptotics_test.py` prints the finite-n convergence
-table of docs/results/2026-11-30-collapsed-tail-cpu.md.
+`python tests/bounds_asymptotics_test.py` prints the two finite-n tables
+of docs/results/2026-11-30-collapsed-tail-cpu.md (threshold, collapsed phase).
 """
 
 from __future__ import annotations
