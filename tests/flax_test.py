@@ -242,6 +242,24 @@ class AttentionFnTest(parameterized.TestCase):
       jax.jit(gf.topk_attention_fn(k=3, selection_seed=1))(q, q, q)
     assert seen == [(2, "xla", "full", False)] * 2 + [(3, None, None, True)]
 
+  def test_certified_passes_implementation_to_both_gather_passes(self):
+    # The stop-gradient pre-pass of `CertifiedK` and the final pass both get
+    # the user's `implementation` (the pre-pass used to take the default).
+    seen = []
+    real = gsparse.flax.certified.sparse_gather_attention
+
+    def spy(*args, implementation="default", **kw):
+      seen.append(implementation)
+      return real(*args, implementation=implementation, **kw)
+
+    q = jax.random.normal(jax.random.key(16), (1, 6, 2, 4))
+    fn = gf.topk_attention_fn(k=gf.CertifiedK(ks=(2, 4), tol=0.5), implementation="masked")
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(gsparse.flax.certified, "sparse_gather_attention", spy)
+      mp.setattr(gsparse.flax.attention, "sparse_gather_attention", spy)
+      jax.jit(fn)(q, q, q)
+    assert seen == ["masked", "masked"]
+
 
 class DecodeTest(parameterized.TestCase):
   def test_linen_decode_matches_full_causal_forward(self, k=3):
