@@ -67,7 +67,9 @@ def _np_logsumexp(a, axis):
   """
   top = np.max(a, axis=axis, keepdims=True)
   top = np.where(np.isfinite(top), top, 0.0)
-  return np.squeeze(top, axis) + np.log(np.sum(np.exp(a - top), axis=axis))
+  shifted = np.subtract(a, top)
+  np.exp(shifted, out=shifted)  # in place: one large temporary, not two (same values)
+  return np.squeeze(top, axis) + np.log(np.sum(shifted, axis=axis))
 
 
 # Rows of `_np_betainc_rows` kept, per grid `x`; the cache is emptied when it grows past this.
