@@ -1,11 +1,10 @@
 """The NumPy evaluation of the bounds: no jax operation, and its shortcuts change no bit.
 
-On Python numbers the bounds run in NumPy (`gsparse/bounds/_xp.py`) with four
+On Python numbers the bounds run in NumPy (`gsparse/bounds/_xp.py`) with three
 shortcuts: cells checked worst-first (`_npsearch`), binomial-tail rows kept
-(`betainc_rows`), a memoised root (`memo_scalar`) and truncated moments on
-distinct grid columns only (`np_distinct_calls`). Here each is checked against
-the plain evaluation bit for bit, and the NumPy path against the jax one under
-jit (slow: it compiles the bounds).
+(`betainc_rows`) and a memoised root (`memo_scalar`). Here each is checked
+against the plain evaluation bit for bit, and the NumPy path against the jax
+one under jit (slow: it compiles the bounds).
 """
 
 from __future__ import annotations
@@ -20,7 +19,7 @@ import scipy.special as sps
 from jax._src import core
 
 import gsparse.bounds as B
-from gsparse.bounds import _common, _npsearch, _xp, error, row, sparsity, tau
+from gsparse.bounds import _npsearch, _xp, error, row, sparsity, tau
 
 _W = np.random.default_rng(1).standard_normal((2, 2, 8, 2, 4)).astype(np.float32)
 
@@ -88,17 +87,9 @@ def test_python_number_calls_run_no_jax_operation():
   assert set(binds.seen) <= {"stage"}, binds.seen
 
 
-def _joint_calls(fn, specs):
-  """`np_distinct_calls` without its shortcut: `fn` once on the joint broadcast of every spec."""
-  shape = np.broadcast_shapes(*(np.broadcast_shapes(*(np.shape(v) for v in s)) for s in specs))
-  stack = lambda i: np.stack([np.broadcast_to(np.asarray(s[i], np.float64), shape) for s in specs])
-  return list(fn(stack(0), stack(1), stack(2)))
-
-
 def _plain(monkeypatch):
-  """Turns the NumPy shortcuts off: every cell and grid point evaluated, nothing kept."""
+  """Turns the three NumPy shortcuts off: every cell evaluated, nothing kept."""
   monkeypatch.setattr(_npsearch, "_BATCH", 10**9)
-  monkeypatch.setattr(_xp, "np_distinct_calls", _joint_calls)
   monkeypatch.setattr(
     _xp.NP, "betainc_rows", lambda a, b, x: sps.betainc(a[..., None], b[..., None], x)
   )
@@ -135,25 +126,6 @@ def test_numpy_shortcuts_change_no_bit(monkeypatch):
       np.testing.assert_array_equal(a, b, err_msg=name)
   # The settings exercise the searches: Theorem-1 k moved past the first scan chunk somewhere.
   assert np.any(fast["sparsity"][0] > 32), fast["sparsity"][0]
-
-
-def test_distinct_calls_equal_the_joint_call_bit_for_bit():
-  rng = np.random.default_rng(3)
-  a = rng.standard_normal((5, 1))
-  c = np.sort(rng.standard_normal(9))
-  c[6:] = 0.0  # a run of equal columns, as where a grid is clipped
-  specs = [
-    (a, -np.inf, np.minimum(c, 0.0)[None]),
-    (a, 0.0, np.maximum(c, 0.0)[None]),
-    (2.0 * a, -np.inf, 0.0),
-    (a, -0.0, 1.0),
-  ]
-  with np.errstate(all="ignore"):
-    got = _xp.np_distinct_calls(_common._log_moment, specs)
-    want = _joint_calls(_common._log_moment, specs)
-  for g, w in zip(got, want, strict=True):
-    assert g.shape == w.shape == (5, 9)
-    np.testing.assert_array_equal(g, w)
 
 
 def test_betainc_rows_are_the_broadcast_betainc_and_the_store_stays_bounded(monkeypatch):

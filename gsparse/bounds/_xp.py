@@ -127,33 +127,6 @@ def memo_scalar(fn):
   return wrapped
 
 
-def np_distinct_calls(fn, specs):
-  """`[fn(*spec) broadcast together]` for NumPy specs and an elementwise `fn`, on distinct points.
-
-  Each spec is evaluated on its own broadcast shape (not the joint one), and
-  along its last axis only on the first of each run of bitwise-equal columns:
-  the grids of the bounds repeat a column wherever a truncation point is
-  clipped (`min(c, 0)` for every `c > 0`, say). One call of `fn` serves all
-  specs. Same values as `fn` on the joint broadcast, bit for bit.
-  """
-  parts, flat = [], []
-  for spec in specs:
-    arrs = np.broadcast_arrays(*(np.asarray(v, np.float64) for v in spec))
-    shape = arrs[0].shape
-    cols = np.stack(arrs).reshape(len(arrs), -1, shape[-1] if shape else 1)
-    bits = cols.view(np.int64)
-    keep = np.concatenate([[True], np.any(bits[:, :, 1:] != bits[:, :, :-1], axis=(0, 1))])
-    parts.append((shape, np.cumsum(keep) - 1, cols.shape[1]))
-    flat.append(cols[:, :, keep].reshape(len(arrs), -1))
-  sizes = [f.shape[1] for f in flat]
-  out = np.split(fn(*np.concatenate(flat, axis=1)), np.cumsum(sizes)[:-1])
-  joint = np.broadcast_shapes(*(shape for shape, _, _ in parts))
-  res = []
-  for o, (shape, inv, rows) in zip(out, parts, strict=True):
-    res.append(np.broadcast_to(o.reshape(rows, -1)[:, inv].reshape(shape), joint))
-  return res
-
-
 def _jnp_cummax(x, axis, reverse=False):
   return jax.lax.cummax(x, axis=axis % x.ndim, reverse=reverse)
 
