@@ -142,7 +142,7 @@ def test_betainc_rows_are_the_broadcast_betainc_and_the_store_stays_bounded(monk
   assert sum(len(r) for r in _xp._ROWS.values()) == 4
 
 
-@pytest.mark.slow  # one jit of four bounds: 2.5 min on a busy 2-core machine
+@pytest.mark.slow  # one jit of four bounds: 45 s to 2.5 min on the shared 2-core machine
 def test_numpy_path_matches_the_jitted_jax_path():
   n, sigma, eps, k, frob, op, gram, row_tau = _random_settings(jax.random.key(2), 8)
   norms = B.InteractionNorms(frob, op, gram)
