@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 from jax.typing import ArrayLike
 
-from gsparse.bounds import _xp
+from gsparse.bounds import _npsearch, _xp
 from gsparse.bounds._common import (
   _EPS_BISECTION_STEPS,
   _NUM_GRID,
@@ -230,7 +230,7 @@ def _sum_over_g_cells(nm1, m, c, b):
   inv_safe = 1.0 / _safety(c.dtype)
   bt = xp.cummax(b, axis=-1)  # non-decreasing in l
   rest = xp.maximum(nm1 - m + 1.0, 1.0)
-  t = xp.betainc(m[..., None], rest[..., None], xp.ndtr(-c))
+  t = xp.betainc_rows(m, rest, xp.ndtr(-c))  # [..., L + 1], depends on n and m only
   t = xp.minimum(t * inv_safe, 1.0)
   head = xp.minimum(xp.betainc(rest, m, xp.ndtr(c[0])) * inv_safe, 1.0)
   body = xp.sum(t[..., 1:-1] * (bt[..., 1:] - bt[..., :-1]), axis=-1)
@@ -294,6 +294,8 @@ def _first_admissible_m(n, cell_fail, drow, witness):
   which it need not be; the first hit makes k monotone in eps.
   """
   xp = _xp.of(n, drow)
+  if xp is _xp.NP:
+    return _npsearch.first_admissible_m(n, cell_fail, drow, witness, _SCAN_CHUNK)
   steps = xp.arange(_SCAN_CHUNK, dtype=n.dtype)
 
   def body(state):
@@ -452,10 +454,15 @@ def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   kk = xp.minimum(k, n)
   parts = _row_parts(n, tlo, thi, log_row)
 
+  cells = _npsearch.CellOrder()  # NumPy: the cells worst-first, to reject at the first batch
+
   def admissible(log_eps):
     # fail(k) <= drow implies the first admissible m of Theorem 1 is <= k, for
     # this eps and (fail being non-increasing in eps) every larger one.
     cell_fail, _ = _fail_fn(n, parts, xp.exp(log_eps), log_row)
+    if xp is _xp.NP:
+      fail = lambda idx: cell_fail(kk) if idx is None else cell_fail(kk, idx)
+      return not cells.exceeds(fail, drow, nan_exceeds=True)[0]
     return xp.max(cell_fail(kk)) <= drow
 
   found = admissible(hi)

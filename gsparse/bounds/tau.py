@@ -28,6 +28,7 @@ class TauRange(NamedTuple):
   hi: jax.Array
 
 
+@_xp.memo_scalar  # on Python numbers `c` depends on n, delta and the norms' ratio, not sigma
 def _solve_w_minus_log_w(c, upper):
   """Root `w` of `w - log w = c` (`c >= 1`) with `w <= 1` (`upper=False`) or `w >= 1`."""
   xp = _xp.of(c)
