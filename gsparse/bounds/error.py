@@ -24,6 +24,7 @@ from gsparse.bounds._common import (
   _valid,
 )
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
+from gsparse.bounds.row_tail import _row_tail_scalar
 from gsparse.bounds.tau import _cells, _quad_form_range, _tau_range_point
 
 
@@ -202,8 +203,11 @@ def _error_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, vn, *, given):
   dpart = delta / 4.0
   tlo, thi = _tau_range_point(n, sigma, frob, op, gram, dpart)
   log_row = xp.log(2.0 * dpart) - xp.log(n)
-  log_t = _tail_core(n, tlo, thi, k, log_row)
-  t = xp.where(k >= n, 0.0, xp.exp(log_t))
+  # Theorem 2: the better of Theorem 2R at tau_lo (the tail bound R of its proof is
+  # pathwise non-increasing in tau) and the cell-wise core; both fixed before the data.
+  (t_row,) = _row_tail_scalar(n, tlo, k, xp.exp(log_row))
+  t = xp.minimum(xp.exp(_tail_core(n, tlo, thi, k, log_row)), t_row)
+  t = xp.where(k >= n, 0.0, xp.minimum(t, 1.0 - xp.minimum(k, n) / n))  # top-k holds >= k/n
   if given:
     vmax = vn
   else:
