@@ -33,12 +33,14 @@ from gsparse.bounds._common import (
 from gsparse.bounds._gcells import _first_admissible_m
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
 from gsparse.bounds.row import _chernoff_fail, _chernoff_parts, _g_grid
-from gsparse.bounds.row_tail import _T0_STEPS, _tail_cell_bounds
-from gsparse.bounds.sparsity import _NUM_APRIORI_G_CELLS, _trivial_k
+from gsparse.bounds.row_tail import _tail_cell_bounds
+from gsparse.bounds.sparsity import _trivial_k
 from gsparse.bounds.tau import _cells, _tau_range_point
 
 _GROUP_SHARE = 6.0 / math.pi**2  # sum_i 1/i^2 = pi^2 / 6
-_NUM_TAIL_G_CELLS = 128  # cells of G between its two quantiles (causal Theorem 2)
+_T_STEPS = 14  # bisection steps on log(t0 / (1 - t0)) (resolution 42 / 2^14)
+_NUM_TAIL_G_CELLS = 48  # cells of G between its two quantiles (causal Theorem 2)
+_NUM_CAUSAL_G_CELLS = 32  # cells of G per group (causal Theorem 1; one group per octave of rows)
 
 
 class CausalBound(NamedTuple):
@@ -76,7 +78,8 @@ def _causal_k_scalar(n, sigma, eps, delta, frob, op, gram):
     # Half of delta_j for the row's tau (both sides), half for its count.
     tlo, thi = _tau_range_point(xp.ones_like(n), sigma, frob, op, gram, 0.5 * dj)
     ta, tb = _cells(tlo, thi)
-    c = _g_grid(hi, _NUM_APRIORI_G_CELLS, n.dtype)
+    ta, tb = ta[0::2], tb[1::2]  # pairs of adjacent cells merged: 32 cells still cover the range
+    c = _g_grid(hi, _NUM_CAUSAL_G_CELLS, n.dtype)
     parts = _chernoff_parts(eps, ta, tb, c)
 
     def fail(m, cells=None):
@@ -130,7 +133,7 @@ def _causal_tail_scalar(n, sigma, k, delta, frob, op, gram):
       return xp.where(good, a, mid), xp.where(good, mid, b)
 
     a0, b0 = xp.asarray(-30.0, n.dtype), xp.asarray(12.0, n.dtype)
-    _, b = xp.fori_loop(0, _T0_STEPS, bisect, (a0, b0))
+    _, b = xp.fori_loop(0, _T_STEPS, bisect, (a0, b0))
     tj = xp.where(ok(b), xp.sigmoid(b), 1.0)
     tj = xp.minimum(tj, 1.0 - k / (hi + 1.0))  # rows with hi + 1 keys: top-k holds >= k/(hi+1)
     tj = xp.where(hi + 1.0 <= k, 0.0, tj)  # at most k keys: nothing dropped
@@ -144,7 +147,7 @@ def _causal_tail_scalar(n, sigma, k, delta, frob, op, gram):
 
 
 _CAUSAL_K = PointFormula(_causal_k_scalar)
-_CAUSAL_TAIL = PointFormula(_causal_tail_scalar, eager=False)
+_CAUSAL_TAIL = PointFormula(_causal_tail_scalar)
 
 
 def causal_sparsity_bound(
