@@ -1,4 +1,4 @@
-"""Theorems 1 and 2 under a causal mask: row i attends to its first i keys (docs/theory.md, 3.2).
+"""Theorems 1 and 2 under a causal mask: row i attends to its first i keys (docs/theory.md, 3.1).
 
 Row `i` has `i` keys (itself and the `i - 1` earlier ones), and the failure
 budget is split as `delta_i = 6 delta / (pi^2 i^2)` (these sum to less than
@@ -162,7 +162,7 @@ def causal_sparsity_bound(
 
   Row `i` attends to keys `1..i`; the budget `delta_i = 6 delta / (pi^2 i^2)`
   is split per row, half for its `tau_i` and half for its count (docs/theory.md,
-  section 3.2). Same setting as `sparsity_bound` otherwise.
+  section 3.1). Same setting as `sparsity_bound` otherwise.
 
   Args:
     n: number of rows = keys (integer-valued, >= 1).

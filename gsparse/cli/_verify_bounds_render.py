@@ -119,6 +119,14 @@ def markdown(res: dict, before: dict | None = None) -> str:
   lines += _summary_table(summary_figures(res), summary_figures(before) if before else None)
   if before:
     lines += ["", f"Before: `{before['summary']['command']}` (an earlier commit)."]
+    nb, na = before["summary"]["total_matrices"], res["summary"]["total_matrices"]
+    if nb != na:
+      lines += [
+        "",
+        f"The two runs drew {nb} and {na} matrices: the worst observed k, tail and error",
+        "come from different sample sizes, so ratios to them (k ratio, error ratio, tail",
+        "factor) are not comparable one to one; the bounds themselves are.",
+      ]
   if res.get("fixed_tau"):
     lines += _fixed_tau_tables(res["fixed_tau"])
   lines += ["", "## Per setting", "", HEADER, "|" + "---|" * (HEADER.count("|") - 1)]
