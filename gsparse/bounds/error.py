@@ -158,8 +158,10 @@ def topk_error_bound(
   With `t_i` the softmax mass outside the k largest scores of row i,
   `||o_i - o_i^{(k)}|| = t_i ||mu_tail - mu_head|| <= 2 t_i max_j ||v_j||`
   (exact identity, docs/theory.md Lemma 1). The tail mass is bounded by
-  conditioning on the k-th largest off-diagonal score (docs/theory.md,
-  Theorem 2).
+  conditioning on the k-th largest off-diagonal score: the smaller of the
+  per-row bound (Theorem 2R) at the lower end of the tau range, which bounds
+  every larger tau too (Lemma M), a cell-wise bound over the range, and the
+  free `1 - k/n` (docs/theory.md, Theorem 2).
 
   Failure-probability split: `delta / 4` for the tau interval, `delta / 2` for
   the rows (`delta / (2 n)` each: half for where the k-th largest score lies,

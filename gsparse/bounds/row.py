@@ -1,12 +1,14 @@
-"""Per-row sparsity given the row's own scale tau_i (docs/theory.md, Theorem 1R).
+"""Per-row sparsity given the row's own scale tau_i (docs/theory.md, Theorem 1R and Lemma 6).
 
 `tau_i = sigma ||M^T x_i||` is computable from the query row, so a bound
 conditional on it avoids the worst case over the Laurent-Massart interval of
-Theorem 1. The core replaces Lemma 5's relaxation of the scores above the
-m-th largest by one Chernoff bound on `Z_top + Z_rest` given that order
-statistic, with the Laplace transforms of the truncated lognormal summands
-bounded by rigorous upper Riemann sums, and a grid for the order statistic
-whose cells shrink with `1/tau`.
+Theorem 1. The core (Lemma 6) replaces Lemma 5's relaxation of the scores above
+the m-th largest by one Chernoff bound on `Z_top + Z_rest` given that order
+statistic, divided by `e^{tau G}`, with the Laplace transforms of the truncated
+lognormal summands bounded by rigorous upper Riemann sums on nodes scaled with
+`1/tau`. It holds uniformly over a tau cell `[a, b]`, which is how Theorem 1
+(`sparsity.py`) and Theorem 1C (`causal.py`) use it; Theorem 1R is the cell
+`[tau, tau]`.
 """
 
 from __future__ import annotations

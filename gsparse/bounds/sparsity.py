@@ -297,10 +297,11 @@ def sparsity_bound(
   matrix has at most `k` entries larger than `eps`. The failure probability
   is split in two halves: `delta / 2` for the tau interval (`tau_range`) and
   `delta / 2` for the rows, `delta / (2 n)` each by a union bound. Per row,
-  given tau in a cell of the interval, the better of two bounds on
+  given tau in a cell of the interval, the best of three bounds on
   `P(at least m off-diagonal entries > eps)` is used: a union bound (half for a
-  lower bound on the normaliser, half for a binomial count of exceedances) and
-  an order-statistic bound (docs/theory.md, Theorem 1).
+  lower bound on the normaliser, half for a binomial count of exceedances), an
+  order-statistic bound, and one Chernoff bound on the sums above and below the
+  m-th largest score (docs/theory.md, Theorem 1, Lemmas 4-6).
 
   Everything is a jnp function of its arguments: jit and vmap over any of them.
 
