@@ -33,7 +33,7 @@ from gsparse.bounds._common import (
 from gsparse.bounds._gcells import _first_admissible_m
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
 from gsparse.bounds.row import _chernoff_fail, _chernoff_parts, _g_grid
-from gsparse.bounds.row_tail import _tail_cell_bounds
+from gsparse.bounds.row_tail import _tail_cell_bounds, _tail_rest
 from gsparse.bounds.sparsity import _trivial_k
 from gsparse.bounds.tau import _cells, _tau_range_point
 
@@ -98,20 +98,26 @@ def _causal_k_scalar(n, sigma, eps, delta, frob, op, gram):
   return xp.where(ok, k, xp.nan), arg
 
 
-def _causal_tail_fail(lo, hi, k, tau, t0, dside):
+def _causal_tail_fail(lo, hi, k, tau, t0, dside, c):
   """Bound on `P(t > t0)` for every row with `lo..hi` off-diagonal keys, given `tau_i >= tau`.
 
+  `c = (grid, _tail_rest(tau, grid))` with `grid = _causal_g_range(lo, hi, k, dside)`.
   `G` (the k-th largest) lies in `[c_lo, c_hi]` except w.p. `2 dside` for every such
   row (`G` is stochastically increasing in the number of keys); in between, the worst
   cell bound of Theorem 2R with the most summands below `G` (`hi - k`).
   """
   xp = _xp.of(lo, hi, k, tau, t0, dside)
+  b = _tail_cell_bounds(hi - k, k, tau, t0, c[0], c[1])
+  return xp.minimum(2.0 * dside + xp.max(b), 1.0)
+
+
+def _causal_g_range(lo, hi, k, dside):
+  """`[L + 1]` cells on `[c_lo, c_hi]`, the range of G for every row with `lo..hi` keys."""
+  xp = _xp.of(lo, hi, k, dside)
   c_hi = _norm_isf(_binom_max_p(hi, k, dside))
   c_lo = _norm_isf(_binom_min_p(xp.maximum(lo, k), k, dside))
-  u = xp.linspace(0.0, 1.0, _NUM_TAIL_G_CELLS + 1, dtype=tau.dtype)
-  c = c_lo + u * xp.maximum(c_hi - c_lo, 0.0)
-  b = _tail_cell_bounds(hi - k, k, tau, t0, c)
-  return xp.minimum(2.0 * dside + xp.max(b), 1.0)
+  u = xp.linspace(0.0, 1.0, _NUM_TAIL_G_CELLS + 1, dtype=lo.dtype)
+  return c_lo + u * xp.maximum(c_hi - c_lo, 0.0)
 
 
 def _causal_tail_scalar(n, sigma, k, delta, frob, op, gram):
@@ -122,9 +128,11 @@ def _causal_tail_scalar(n, sigma, k, delta, frob, op, gram):
     t, arg = state
     lo, hi, dj = _group(xp, n, j + 1, delta)
     tlo, _ = _tau_range_point(xp.ones_like(n), sigma, frob, op, gram, 0.5 * dj)
+    grid = _causal_g_range(lo, hi, kk, 0.125 * dj)
+    c = (grid, _tail_rest(tlo, grid))
 
-    def ok(z):  # z = log(t0 / (1 - t0)); a quarter of delta_j per side of G, a quarter inside
-      return _causal_tail_fail(lo, hi, kk, tlo, xp.sigmoid(z), 0.125 * dj) <= 0.5 * dj
+    def ok(z):  # z = log(t0 / (1 - t0)); an eighth of delta_j per side of G, a quarter inside
+      return _causal_tail_fail(lo, hi, kk, tlo, xp.sigmoid(z), 0.125 * dj, c) <= 0.5 * dj
 
     def bisect(_, st):
       a, b = st

@@ -35,7 +35,18 @@ from gsparse.bounds.row import (
 _T0_STEPS = 22  # bisection steps on log(t0 / (1 - t0))
 
 
-def _tail_cell_bounds(nrest, k, tau, t0, c):
+def _tail_rest(tau, c):
+  """`[L, K]` log MGF bounds of one summand below `G` at `c_l` (t0-free: computed once per row)."""
+  xp = _xp.of(tau, c)
+  c1 = c[:-1]
+  theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam (1 - t0))
+  ta = xp.broadcast_to(tau, c1.shape)
+  log_mu = xp.broadcast_to(theta, c1.shape + theta.shape)  # lam (1 - t0)
+  rest = _log_transform_nodes(log_mu, ta, _rest_nodes(c1, ta), c1, sign=1)
+  return rest - xp.log_ndtr(c1)[:, None]
+
+
+def _tail_cell_bounds(nrest, k, tau, t0, c, rest=None):
   """`[L]` bounds on `P(t > t0 | tau_i = tau, G in (c_l, c_{l+1}])` (Theorem 2R), `nrest` below G.
 
   Divided by `e^{tau G}`, `{t > t0}` needs `t0 sum_top e^{tau (g - G)} - (1 - t0)
@@ -52,19 +63,17 @@ def _tail_cell_bounds(nrest, k, tau, t0, c):
     log_lam + xp.log(t0), ta, _top_nodes(c2, ta), c2, sign=-1, tail_hi=True
   )
   top = top - xp.log_ndtr(-c2)[:, None]
-  log_mu = xp.broadcast_to(theta, log_lam.shape)  # lam (1 - t0)
-  rest = _log_transform_nodes(log_mu, ta, _rest_nodes(c1, ta), c1, sign=1)
-  rest = rest - xp.log_ndtr(c1)[:, None]
+  rest = _tail_rest(tau, c) if rest is None else rest  # `_tail_rest(tau, c)`
   log_b = xp.exp(theta)[None, :] + (k - 1.0) * xp.minimum(top, 0.0)
   log_b = log_b + nrest * xp.maximum(rest, 0.0)
   log_b = xp.where(xp.isnan(log_b), xp.inf, log_b)  # inf * 0 in an overflowed MGF: no bound
   return xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [L]
 
 
-def _tail_fail(nm1, k, tau, t0, c):
+def _tail_fail(nm1, k, tau, t0, c, rest=None):
   """Bound on `P(t > t0 | tau_i = tau)` (Theorem 2R), summed over the cells of G."""
   xp = _xp.of(nm1, k, tau, t0, c)
-  b = _tail_cell_bounds(nm1 - k, k, tau, t0, c)
+  b = _tail_cell_bounds(nm1 - k, k, tau, t0, c, rest)
   # sum_l P(G in cell l) b_l with bt = running max from the right (non-increasing) and
   # F_l = P(G <= c_l) rounded up: F_0 + T_L + F_L bt_{L-1} + sum_l F_l (bt_{l-1} - bt_l).
   inv_safe = 1.0 / _safety(c.dtype)
@@ -80,9 +89,10 @@ def _row_tail_scalar(n, tau, k, delta):
   nm1 = xp.maximum(n - 1.0, 1.0)
   kk = xp.clip(k, 2.0, nm1)
   c = _g_grid(nm1, _NUM_G_CELLS, tau.dtype)
+  rest = _tail_rest(tau, c)
 
   def ok(z):  # z = log(t0 / (1 - t0))
-    return _tail_fail(nm1, kk, tau, xp.sigmoid(z), c) <= delta
+    return _tail_fail(nm1, kk, tau, xp.sigmoid(z), c, rest) <= delta
 
   def body(_, state):
     lo, hi = state
