@@ -24,7 +24,6 @@ from gsparse.bounds._common import (
   _valid,
 )
 from gsparse.bounds.row import (
-  _NUM_G_CELLS,
   _NUM_LAMBDA,
   _g_grid,
   _log_transform_nodes,
@@ -32,7 +31,8 @@ from gsparse.bounds.row import (
   _top_nodes,
 )
 
-_T0_STEPS = 22  # bisection steps on log(t0 / (1 - t0))
+_T0_STEPS = 16  # bisection steps on log(t0 / (1 - t0)) (resolution 42 / 2^16)
+_NUM_TAIL_G_CELLS = 128  # cells of G on [-3, sqrt(2 ln n) + 2]
 
 
 def _tail_rest(tau, c):
@@ -88,7 +88,7 @@ def _row_tail_scalar(n, tau, k, delta):
   xp = _xp.of(n, tau, k, delta)
   nm1 = xp.maximum(n - 1.0, 1.0)
   kk = xp.clip(k, 2.0, nm1)
-  c = _g_grid(nm1, _NUM_G_CELLS, tau.dtype)
+  c = _g_grid(nm1, _NUM_TAIL_G_CELLS, tau.dtype)
   rest = _tail_rest(tau, c)
 
   def ok(z):  # z = log(t0 / (1 - t0))
