@@ -19,6 +19,8 @@ Public pieces (each proven in docs/theory.md):
   `row_sparsity_bound` (Theorem 1R), per row given its own tau_i.
 * `topk_error_bound` (Theorem 2) and `value_norm_bound`; `row_tail_bound`
   (Theorem 2R), the top-k tail mass per row given its own tau_i.
+* `causal_sparsity_bound`, `causal_tail_bound` (Theorems 1C, 2C): the same
+  under a causal mask (row i sees i keys).
 * `binomial_upper_quantile`: the exact binomial quantile through `betainc`.
 * The n^C view: `power_law_k`, `power_law_error_bound`,
   `predicted_tail_mass`, `predicted_effective_support`, `rem_boundaries`,
@@ -44,6 +46,7 @@ from __future__ import annotations
 
 from gsparse.bounds._common import DEFAULT_DELTA, binomial_upper_quantile
 from gsparse.bounds.asymptotics import collapsed_tail_mean, tail_mass_exceeds_prob
+from gsparse.bounds.causal import CausalBound, causal_sparsity_bound, causal_tail_bound
 from gsparse.bounds.certificates import (
   band_count_tail_bound,
   band_counts,
@@ -76,6 +79,7 @@ from gsparse.bounds.value import RowValueBound, row_value_error_bound, value_fac
 from gsparse.certificate import output_error_certificate, tail_mass_certificate
 
 __all__ = [
+  "CausalBound",
   "DEFAULT_DELTA",
   "ErrorBound",
   "InteractionNorms",
@@ -89,6 +93,8 @@ __all__ = [
   "band_counts",
   "binomial_upper_quantile",
   "collapsed_tail_mean",
+  "causal_sparsity_bound",
+  "causal_tail_bound",
   "dyadic_band_ranks",
   "head_mass_exceeds_prob",
   "interaction_norms",

@@ -84,8 +84,10 @@ def _np_betainc_rows(a, b, x):
   the values are identical; a row met again (the same `m` at the same `n`, in
   this call or a later one) is read back instead of recomputed.
   """
-  a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
   x = np.asarray(x, np.float64)
+  if x.ndim != 1:  # a grid per row (Lemma 6's 1/tau grids): nothing to share
+    return sps.betainc(np.asarray(a, np.float64)[..., None], np.asarray(b, np.float64)[..., None], x)
+  a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
   rows = _ROWS.setdefault(x.tobytes(), {})
   keys = list(zip(a.reshape(-1).tolist(), b.reshape(-1).tolist(), strict=True))
   missing = list(dict.fromkeys(k for k in keys if k not in rows))
