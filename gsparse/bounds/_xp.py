@@ -86,7 +86,9 @@ def _np_betainc_rows(a, b, x):
   """
   x = np.asarray(x, np.float64)
   if x.ndim != 1:  # a grid per row (Lemma 6's 1/tau grids): nothing to share
-    return sps.betainc(np.asarray(a, np.float64)[..., None], np.asarray(b, np.float64)[..., None], x)
+    return sps.betainc(
+      np.asarray(a, np.float64)[..., None], np.asarray(b, np.float64)[..., None], x
+    )
   a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
   rows = _ROWS.setdefault(x.tobytes(), {})
   keys = list(zip(a.reshape(-1).tolist(), b.reshape(-1).tolist(), strict=True))
