@@ -32,6 +32,7 @@ import jax.numpy as jnp
 from jax.typing import ArrayLike
 
 from gsparse import _checks
+from gsparse._admissible import Admissible, and_masks, dense_mask
 from gsparse._numerics import safe_norm
 from gsparse.attention import combine_masks
 
@@ -152,7 +153,13 @@ def value_center_and_radius(value: ArrayLike) -> tuple[jax.Array, jax.Array]:
 
 
 def nonfinite_value_reach(
-  value: jax.Array, mask: jax.Array | None, *, is_causal: bool, num_queries: int, num_heads: int
+  value: jax.Array,
+  mask: jax.Array | None,
+  *,
+  is_causal: bool,
+  num_queries: int,
+  num_heads: int,
+  adm: Admissible | None = None,
 ) -> jax.Array:
   """`[batch..., T, N]` True where a query may attend a value row with a NaN or `+-inf`.
 
@@ -164,21 +171,25 @@ def nonfinite_value_reach(
     is_causal: also mask key position > query position (top-left aligned).
     num_queries: `T`.
     num_heads: `N`, a multiple of `K`.
+    adm: index-range masks (lengths, window, segment ids;
+      `gsparse._admissible`), or None: a row never reaches a value row they
+      exclude (a NaN in padding past `key_value_seq_lengths` is harmless).
 
-  The `[T, S]` contraction with the mask runs only when some value row is
-  not finite.
+  The `[T, S]` contraction with the mask (and the dense form of `adm`) runs
+  only when some value row is not finite.
   """
   *batch, s, kh, _ = value.shape
   t, n = num_queries, num_heads
   bad = jnp.repeat(jnp.any(~jnp.isfinite(value), axis=-1), n // kh, axis=-1)  # [..., S, N]
   mask = combine_masks(mask, is_causal, t, s)
-  if mask is None:
+  if mask is None and adm is None:
     return jnp.broadcast_to(jnp.any(bad, axis=-2)[..., None, :], (*batch, t, n))
-  mask = jnp.broadcast_to(mask, (*batch, n, t, s))
   badn = jnp.swapaxes(bad, -1, -2)  # [..., N, S]
 
   def reach():
-    count = jnp.einsum("...nts,...ns->...tn", mask.astype(jnp.float32), badn.astype(jnp.float32))
+    full = mask if adm is None else and_masks(mask, dense_mask(adm, tuple(batch), t, s))
+    full = jnp.broadcast_to(full, (*batch, n, t, s)).astype(jnp.float32)
+    count = jnp.einsum("...nts,...ns->...tn", full, badn.astype(jnp.float32))
     return count > 0
 
   return jax.lax.cond(jnp.any(bad), reach, lambda: jnp.zeros((*batch, t, n), bool))

@@ -305,7 +305,8 @@ def topk_attention(
   if not return_stats:
     return output
   # The certificate is about the renormalised top-k output (before any LSH correction).
-  reach = _value_reach(query, key, value, bias, mask, is_causal)
+  *_, t, n, _ = query.shape
+  reach = _value_reach(value, plan.mask, plan.adm, is_causal=is_causal, num_queries=t, num_heads=n)
   return output, topk_stats(sel, lse_k, topk_out, value, k, value_reach=reach)
 
 
@@ -432,9 +433,9 @@ def _select_and_gather(
 
 
 class _Plan(NamedTuple):
-  """Checked selection arguments: `config` is "full" for the materialised route
-  (raw `bias`/`mask`, checked by `compute_logits`), else a config with the
-  checked, `-inf`-folded `bias`/`mask` and the resolved `scale`."""
+  """Checked selection arguments: the checked, `-inf`-folded `bias`/`mask`
+  (on "full", the materialised route, with the index ranges folded in too),
+  and `config`: "full", or a selection config with the resolved `scale`."""
 
   config: str | SelectionConfig
   implementation: str
@@ -448,7 +449,7 @@ class _Plan(NamedTuple):
 def _plan(
   query, key, bias, mask, *, k, scale, is_causal, selection, selection_key, implementation, ranges
 ):
-  """Checks the selection arguments once, for both routes (at trace time).
+  """Checks the selection arguments once, for every route (at trace time).
 
   `ranges`: the index-range keywords (lengths, window, segment ids) for
   `gsparse._admissible.build`; the "full" route folds them into `mask`."""
@@ -464,17 +465,19 @@ def _plan(
   _checks.check_prng_key("selection_key", selection_key)
   if isinstance(config, LSHSelection):
     config.require_key(selection_key)
+  # Every route gets the checked mask with any `-inf` bias folded in (the
+  # certificate's value reach reads the same one).
+  mask, bias = _checks.check_mask_and_bias(mask, bias, (*batch, n, t, s))
+  mask, bias = fold_neg_inf_bias(mask, bias)
   if config == "full" or query.size == 0:  # nothing to select in an empty query
     return _Plan("full", impl, k, scale, bias, mask)
   _checks.check_scale(scale)
   if not isinstance(is_causal, bool):
     raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-  *batch, t, n, h = query.shape
-  mask, bias = _checks.check_mask_and_bias(mask, bias, (*batch, n, t, key.shape[-3]))
-  mask, bias = fold_neg_inf_bias(mask, bias)
+  h = query.shape[-1]
   scale = 1.0 / float(h) ** 0.5 if scale is None else scale
   if config == AUTO:  # the one place the default is resolved
-    config = auto_selection(query, key, scale=scale)
+    config = auto_selection(query, key, scale=scale, ranges=adm is not None)
   return _Plan(config, impl, k, scale, bias, mask, adm)
 
 

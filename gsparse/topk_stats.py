@@ -16,8 +16,6 @@ import jax
 import jax.numpy as jnp
 from jax.typing import ArrayLike
 
-from gsparse import _checks
-from gsparse.attention import fold_neg_inf_bias
 from gsparse.certificate import (
   kept_set_tail_bound,
   nonfinite_value_reach,
@@ -70,15 +68,18 @@ def selection_tail_bound(sel: SelectionResult, logsumexp: jax.Array) -> jax.Arra
   return kept_set_tail_bound(logsumexp, sel.next_logit, dropped)
 
 
-# Jitted (is_causal static) so that an op-by-op call reuses the compiled
+# Jitted (the shapes static) so that an op-by-op call reuses the compiled
 # `lax.cond` of `nonfinite_value_reach` instead of compiling it per call.
-@functools.partial(jax.jit, static_argnames=("is_causal",))
-def _value_reach(query, key, value, bias, mask, is_causal) -> jax.Array:
-  """`[batch..., T, N]`: rows that may attend a non-finite value row (NaN error bound)."""
-  *batch, t, n, _ = query.shape
-  mask, bias = _checks.check_mask_and_bias(mask, bias, (*batch, n, t, key.shape[-3]))
-  mask, _ = fold_neg_inf_bias(mask, bias)
-  return nonfinite_value_reach(value, mask, is_causal=is_causal, num_queries=t, num_heads=n)
+@functools.partial(jax.jit, static_argnames=("is_causal", "num_queries", "num_heads"))
+def _value_reach(value, mask, adm, *, is_causal, num_queries, num_heads) -> jax.Array:
+  """`[batch..., T, N]`: rows that may attend a non-finite value row (NaN error bound).
+
+  `mask` is the selection plan's checked mask with any `-inf` bias folded in,
+  `adm` its index-range masks: every admissibility rule the selection used.
+  """
+  return nonfinite_value_reach(
+    value, mask, is_causal=is_causal, num_queries=num_queries, num_heads=num_heads, adm=adm
+  )
 
 
 def exact_tail_mass(kept_lse: ArrayLike, row_lse: ArrayLike, num_dropped: ArrayLike) -> jax.Array:

@@ -59,6 +59,9 @@ def test_auto_selection_by_platform():
   assert auto_selection(q, jnp.ones((1, 16, 1, 8)), scale=0.5, platform="cpu").query_chunk == 512
   for platform in ("gpu", "tpu"):
     assert isinstance(auto_selection(q, k, scale=0.5, platform=platform), FusedExactSelection)
+    # Index-range masks: the kernel takes none, so "auto" picks the chunked route itself.
+    ranged = auto_selection(q, k, scale=0.5, ranges=True, platform=platform)
+    assert isinstance(ranged, ExactSelection)
   # A traced scale: the fused kernel compiles its scale in, so the chunked route.
   traced = jax.jit(
     lambda s: jnp.int32(isinstance(auto_selection(q, k, scale=s, platform="gpu"), ExactSelection))

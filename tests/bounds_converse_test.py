@@ -45,7 +45,7 @@ def test_jit_vmap_and_errors():
   f = jax.jit(jax.vmap(lambda t: B.head_mass_exceeds_prob(1e6, t, k=32, eps=0.2)))
   out = np.asarray(f(jnp.array([0.1, 0.5, 1.0])))
   want = [float(B.head_mass_exceeds_prob(1e6, t, k=32, eps=0.2)) for t in (0.1, 0.5, 1.0)]
-  np.testing.assert_allclose(out, want, rtol=1e-6)
+  np.testing.assert_allclose(out, want, rtol=1e-4)
   with pytest.raises(ValueError, match="eps"):
     B.head_mass_exceeds_prob(100, 1.0, k=4, eps=1.0)
   with pytest.raises(ValueError, match="tau"):

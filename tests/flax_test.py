@@ -182,7 +182,7 @@ class AttentionFnTest(parameterized.TestCase):
       rngs=nnx.Rngs(0),
     )
     nnx.jit(lambda m, x: m(x, sow_weights=True))(m, x)
-    w = m.attention_weights.value[0]
+    w = m.attention_weights.get_value()[0]
     np.testing.assert_array_equal((w > 0).sum(-1), 3)
 
   def test_bad_arguments_raise_clear_errors(self):
@@ -241,6 +241,24 @@ class AttentionFnTest(parameterized.TestCase):
       jax.jit(lambda q: fn(q, q, q, dropout_rng=jax.random.key(0), dropout_rate=0.5))(q)
       jax.jit(gf.topk_attention_fn(k=3, selection_seed=1))(q, q, q)
     assert seen == [(2, "xla", "full", False)] * 2 + [(3, None, None, True)]
+
+  def test_certified_passes_implementation_to_both_gather_passes(self):
+    # The stop-gradient pre-pass of `CertifiedK` and the final pass both get
+    # the user's `implementation` (the pre-pass used to take the default).
+    seen = []
+    real = gsparse.flax.certified.sparse_gather_attention
+
+    def spy(*args, implementation="default", **kw):
+      seen.append(implementation)
+      return real(*args, implementation=implementation, **kw)
+
+    q = jax.random.normal(jax.random.key(16), (1, 6, 2, 4))
+    fn = gf.topk_attention_fn(k=gf.CertifiedK(ks=(2, 4), tol=0.5), implementation="masked")
+    with pytest.MonkeyPatch.context() as mp:
+      mp.setattr(gsparse.flax.certified, "sparse_gather_attention", spy)
+      mp.setattr(gsparse.flax.attention, "sparse_gather_attention", spy)
+      jax.jit(fn)(q, q, q)
+    assert seen == ["masked", "masked"]
 
 
 class DecodeTest(parameterized.TestCase):
@@ -489,8 +507,8 @@ class LayerSelectionTest(parameterized.TestCase):
           ]
         )
         for layer, c in zip(self.layers, LAYER_SCALES, strict=True):
-          layer.query.kernel.value = layer.query.kernel.value * c
-          layer.key.kernel.value = layer.key.kernel.value * c
+          layer.query.kernel[...] = layer.query.kernel[...] * c
+          layer.key.kernel[...] = layer.key.kernel[...] * c
 
       def __call__(self, x):
         for layer in self.layers:
@@ -502,7 +520,7 @@ class LayerSelectionTest(parameterized.TestCase):
     assert [r.path for r in ranked] == ["layers/2", "layers/0", "layers/3", "layers/1"]
     # The reported norms are those of M = W_Q W_K^T / sqrt(h), computed directly.
     w = model.layers[2]
-    m = gsparse.gaussian.interaction_matrix(w.query.kernel.value, w.key.kernel.value)
+    m = gsparse.gaussian.interaction_matrix(w.query.kernel[...], w.key.kernel[...])
     np.testing.assert_allclose(
       ranked[0].fro_norm, jnp.sqrt(jnp.sum(m**2, axis=(-2, -1))), rtol=1e-4
     )

@@ -335,3 +335,29 @@ def test_dense_dot_product_attention_takes_the_same_arguments():
   has = _np_mask(kw, True).any(-1)[:, 0][..., None, None]
   np.testing.assert_allclose(np.where(has, out, 0), np.where(has, ref, 0), atol=2e-6)
   assert np.all(np.where(has, 0, np.asarray(out)) == 0)
+
+
+@pytest.mark.parametrize("selection", ["full", "exact", "block", None])
+def test_nan_value_rows_past_the_key_length_leave_the_error_bound_finite(selection):
+  # Padding past `key_value_seq_lengths` is never attended, so a NaN there
+  # must not make any row's certificate NaN (Lemma C5: NaN only for rows that
+  # may attend a non-finite value row). A NaN inside the length still does,
+  # for exactly the rows whose admissible keys include it.
+  rng = np.random.default_rng(0)
+  q, kk, v = (
+    rng.standard_normal(shape, np.float32) for shape in ((B, T, N, H), (B, S, K, H), (B, S, K, H))
+  )
+  kw = dict(k=2, return_stats=True, key_value_seq_lengths=KV_LEN)
+  if selection is not None:
+    kw["selection"] = selection
+  pad = v.copy()
+  for b, n in enumerate(KV_LEN):
+    pad[b, n:] = np.nan
+  out, stats = gsparse.topk_attention(q, kk, pad, **kw)
+  assert np.isfinite(np.asarray(out)).all()
+  assert np.isfinite(np.asarray(stats.error_bound)).all()
+  inside = v.copy()
+  inside[0, 4] = np.nan  # admissible for every row of batch 0 (length 10), no row of batch 1
+  _, stats = gsparse.topk_attention(q, kk, inside, **kw)
+  eb = np.asarray(stats.error_bound)
+  assert np.isnan(eb[0]).all() and np.isfinite(eb[1]).all()

@@ -37,7 +37,15 @@ from gsparse.train.model import ModelConfig, TransformerLM
 from tests.train_test import tiny_config
 
 STEPS = 6
-TIMING = ("step_time_s", "step_cpu_s", "median_step_time_s", "median_step_cpu_s", "wall_time_s")
+TIMING = (
+  "step_time_s",
+  "step_cpu_s",
+  "load1",
+  "mean_load1",
+  "median_step_time_s",
+  "median_step_cpu_s",
+  "wall_time_s",
+)
 
 
 def config(**kw) -> TrainConfig:
@@ -228,6 +236,22 @@ def test_compare_reads_checkpoints(reference, partial, tmp_path):
   got = logs["dense"][0]
   assert got["final"]["val_bpb"] == log["eval"][1]["val_bpb"]  # step 4 of the same run
   assert np.all(np.isfinite(got["final"]["weight_norms"]))
+
+
+def test_interleaved_comparison_trains_the_uninterrupted_run(reference, tmp_path):
+  """`run_all(interleave_every=4)` stops the run at step 4, resumes it (also
+  with `restart=True`, which applies to the first turn only) and ends with the
+  reference's losses, evaluations and final figures."""
+  said = []
+  cfg = config(max_train_bytes=100_000, max_validation_bytes=10_000)  # the `corpus` fixture's
+  logs = compare.run_all(
+    cfg, ["dense"], [0], tmp_path, progress=said.append, restart=True, interleave_every=4
+  )
+  assert "== dense seed 0 (to step 4)" in said and any("resumed from" in s for s in said)
+  want, _ = reference
+  got = logs["dense"][0]
+  for part in ("train", "eval", "final"):
+    assert untimed(got[part]) == untimed(want[part])
 
 
 def damaged_copy(partial, tmp_path, damage) -> pathlib.Path:

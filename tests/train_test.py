@@ -222,6 +222,28 @@ def test_split_by_path_hash_and_batches_deterministic(tmp_path):
   assert v.shape == (2, 2, 17)
 
 
+def test_long_preset_fills_flags_not_given():
+  """`--preset=long` sets sequence length 2048 and its other values, a flag on
+  the command line wins, and the result is a valid `TrainConfig`."""
+  from absl import flags
+
+  from gsparse.train import cli
+
+  fv = flags.FlagValues()
+  cli.define_flags(flag_values=fv)
+  fv(["train", "--preset=long", "--steps=7", "--variant=topk"])
+  cli.apply_preset(fv)
+  cfg = cli.config_from_flags(fv)
+  assert (cfg.seq_len, cfg.model.max_len, cfg.batch_size, cfg.model.num_layers) == (
+    2048,
+    2048,
+    2,
+    2,
+  )
+  assert (cfg.steps, cfg.variant, cfg.eval_every) == (7, "topk", 20)
+  assert "interleave_every" not in fv  # train_compare's flag: skipped here
+
+
 def test_compare_summary_and_markdown(runs):
   from gsparse.train import compare
 

@@ -19,10 +19,14 @@ Public pieces (each proven in docs/theory.md):
   `row_sparsity_bound` (Theorem 1R), per row given its own tau_i.
 * `topk_error_bound` (Theorem 2) and `value_norm_bound`; `row_tail_bound`
   (Theorem 2R), the top-k tail mass per row given its own tau_i.
+* `causal_sparsity_bound`, `causal_tail_bound` (Theorems 1C, 2C): the same
+  under a causal mask (row i sees i keys).
 * `binomial_upper_quantile`: the exact binomial quantile through `betainc`.
 * The n^C view: `power_law_k`, `power_law_error_bound`,
   `predicted_tail_mass`, `predicted_effective_support`, `rem_boundaries`,
-  `rem_regime`, and the proven converse `head_mass_exceeds_prob` (Theorem R1).
+  `rem_regime`; the proven converse `head_mass_exceeds_prob` (Theorems R1, R1'),
+  the proven sufficiency `tail_mass_exceeds_prob` (Theorem R3) and the
+  collapsed-phase limit `collapsed_tail_mean` (Theorem R6).
 * `value_factor_bound` and `row_value_error_bound` (Lemma V): the value factor
   from isotropy, given the row's scores, replacing `2 max_j ||v_j||`.
 * `rank_layers_by_sparsity`: which layers are sparsest, from their weights.
@@ -41,6 +45,8 @@ out-of-range traced value gives NaN in the result.
 from __future__ import annotations
 
 from gsparse.bounds._common import DEFAULT_DELTA, binomial_upper_quantile
+from gsparse.bounds.asymptotics import collapsed_tail_mean, tail_mass_exceeds_prob
+from gsparse.bounds.causal import CausalBound, causal_sparsity_bound, causal_tail_bound
 from gsparse.bounds.certificates import (
   band_count_tail_bound,
   band_counts,
@@ -73,6 +79,7 @@ from gsparse.bounds.value import RowValueBound, row_value_error_bound, value_fac
 from gsparse.certificate import output_error_certificate, tail_mass_certificate
 
 __all__ = [
+  "CausalBound",
   "DEFAULT_DELTA",
   "ErrorBound",
   "InteractionNorms",
@@ -85,6 +92,9 @@ __all__ = [
   "band_count_tail_bound",
   "band_counts",
   "binomial_upper_quantile",
+  "collapsed_tail_mean",
+  "causal_sparsity_bound",
+  "causal_tail_bound",
   "dyadic_band_ranks",
   "head_mass_exceeds_prob",
   "interaction_norms",
@@ -104,6 +114,7 @@ __all__ = [
   "sparsity_bound",
   "sparsity_eps_bound",
   "tail_mass_certificate",
+  "tail_mass_exceeds_prob",
   "tau_range",
   "topk_error_bound",
   "value_factor_bound",

@@ -8,10 +8,17 @@ eagerly through NumPy and SciPy, with no compilation, which is what a call
 on Python numbers wants (`_common._on_flat` chooses). `of(*args)` picks the
 namespace from the arguments: jax as soon as one of them is a jax array or
 tracer.
+
+Two NumPy-only savings keep a call on Python numbers fast without changing a
+single bit of its result: `betainc_rows` keeps each row of binomial tails it
+computed (those rows depend on `n`, `m` and a fixed grid, not on the data),
+and `memo_scalar` remembers a function of a few NumPy scalars (a root found by
+bisection, say). Both compute exactly what the plain call computes, once.
 """
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -60,7 +67,68 @@ def _np_logsumexp(a, axis):
   """
   top = np.max(a, axis=axis, keepdims=True)
   top = np.where(np.isfinite(top), top, 0.0)
-  return np.squeeze(top, axis) + np.log(np.sum(np.exp(a - top), axis=axis))
+  shifted = np.subtract(a, top)
+  np.exp(shifted, out=shifted)  # in place: one large temporary, not two (same values)
+  return np.squeeze(top, axis) + np.log(np.sum(shifted, axis=axis))
+
+
+# Rows of `_np_betainc_rows` kept, per grid `x`; the cache is emptied when it grows past this.
+_MAX_ROWS = 4096
+_ROWS: dict[bytes, dict[tuple[float, float], np.ndarray]] = {}
+
+
+def _np_betainc_rows(a, b, x):
+  """`betainc(a[..., None], b[..., None], x)` for a 1-D `x`, each `(a, b, x)` row computed once.
+
+  A row's entries are the same ufunc evaluations as in the broadcast call, so
+  the values are identical; a row met again (the same `m` at the same `n`, in
+  this call or a later one) is read back instead of recomputed.
+  """
+  x = np.asarray(x, np.float64)
+  if x.ndim != 1:  # a grid per row (Lemma 6's 1/tau grids): nothing to share
+    return sps.betainc(
+      np.asarray(a, np.float64)[..., None], np.asarray(b, np.float64)[..., None], x
+    )
+  a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
+  rows = _ROWS.setdefault(x.tobytes(), {})
+  keys = list(zip(a.reshape(-1).tolist(), b.reshape(-1).tolist(), strict=True))
+  missing = list(dict.fromkeys(k for k in keys if k not in rows))
+  if missing:
+    if sum(len(r) for r in _ROWS.values()) + len(missing) > _MAX_ROWS:
+      _ROWS.clear()
+      rows = _ROWS.setdefault(x.tobytes(), {})
+    ma, mb = np.asarray(missing).T
+    for key, row in zip(missing, sps.betainc(ma[:, None], mb[:, None], x), strict=True):
+      rows[key] = row
+  out = np.stack([rows[k] for k in keys]) if keys else np.zeros((0, x.size))
+  return out.reshape(a.shape + x.shape)
+
+
+def _jnp_betainc_rows(a, b, x):
+  return jsp.betainc(jnp.asarray(a)[..., None], jnp.asarray(b)[..., None], x)
+
+
+def memo_scalar(fn):
+  """`fn` of NumPy scalars and Python bools, remembered per argument bits; jax calls pass through.
+
+  For pure functions of a few scalars that cost more than a lookup (a
+  bisection in Python). The key is each argument's dtype and bytes, so
+  `-0.0` and `0.0` (or two NaNs) are never confused.
+  """
+  cache: dict[tuple, Any] = {}
+
+  @functools.wraps(fn)
+  def wrapped(*args):
+    if of(*args) is not NP or any(np.ndim(a) for a in args):
+      return fn(*args)
+    key = tuple((np.asarray(a).dtype.str, np.asarray(a).tobytes()) for a in args)
+    if key not in cache:
+      if len(cache) >= _MAX_ROWS:
+        cache.clear()
+      cache[key] = fn(*args)
+    return cache[key]
+
+  return wrapped
 
 
 def _jnp_cummax(x, axis, reverse=False):
@@ -74,6 +142,7 @@ NP = _Namespace(
   ndtr=sps.ndtr,
   ndtri=sps.ndtri,
   logsumexp=_np_logsumexp,
+  betainc_rows=_np_betainc_rows,
   sigmoid=sps.expit,
   while_loop=_np_while_loop,
   fori_loop=_np_fori_loop,
@@ -87,6 +156,7 @@ JNP = _Namespace(
   ndtr=jsp.ndtr,
   ndtri=jsp.ndtri,
   logsumexp=jax.nn.logsumexp,
+  betainc_rows=_jnp_betainc_rows,
   sigmoid=jax.nn.sigmoid,
   while_loop=jax.lax.while_loop,
   fori_loop=jax.lax.fori_loop,

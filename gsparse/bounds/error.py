@@ -24,6 +24,7 @@ from gsparse.bounds._common import (
   _valid,
 )
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
+from gsparse.bounds.row_tail import _row_tail_scalar
 from gsparse.bounds.tau import _cells, _quad_form_range, _tau_range_point
 
 
@@ -157,8 +158,10 @@ def topk_error_bound(
   With `t_i` the softmax mass outside the k largest scores of row i,
   `||o_i - o_i^{(k)}|| = t_i ||mu_tail - mu_head|| <= 2 t_i max_j ||v_j||`
   (exact identity, docs/theory.md Lemma 1). The tail mass is bounded by
-  conditioning on the k-th largest off-diagonal score (docs/theory.md,
-  Theorem 2).
+  conditioning on the k-th largest off-diagonal score: the smaller of the
+  per-row bound (Theorem 2R) at the lower end of the tau range, which bounds
+  every larger tau too (Lemma M), a cell-wise bound over the range, and the
+  free `1 - k/n` (docs/theory.md, Theorem 2).
 
   Failure-probability split: `delta / 4` for the tau interval, `delta / 2` for
   the rows (`delta / (2 n)` each: half for where the k-th largest score lies,
@@ -202,8 +205,11 @@ def _error_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, vn, *, given):
   dpart = delta / 4.0
   tlo, thi = _tau_range_point(n, sigma, frob, op, gram, dpart)
   log_row = xp.log(2.0 * dpart) - xp.log(n)
-  log_t = _tail_core(n, tlo, thi, k, log_row)
-  t = xp.where(k >= n, 0.0, xp.exp(log_t))
+  # Theorem 2: the better of Theorem 2R at tau_lo (the tail bound R of its proof is
+  # pathwise non-increasing in tau) and the cell-wise core; both fixed before the data.
+  (t_row,) = _row_tail_scalar(n, tlo, k, xp.exp(log_row))
+  t = xp.minimum(xp.exp(_tail_core(n, tlo, thi, k, log_row)), t_row)
+  t = xp.where(k >= n, 0.0, xp.minimum(t, 1.0 - xp.minimum(k, n) / n))  # top-k holds >= k/n
   if given:
     vmax = vn
   else:

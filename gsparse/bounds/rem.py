@@ -74,8 +74,9 @@ def predicted_tail_mass(n: ArrayLike, tau: ArrayLike, *, k: ArrayLike) -> jax.Ar
   the level `g` by `e^{tau g}`, i.e. the tilted law `N(tau, 1)`, so the mass
   below `q` is `Phi(q - tau)`. Under `k = alpha n^C` and fixed tau it tends to
   1 as n grows (`q ~ sqrt(2 (1-C) ln n)`); it falls with n only when tau
-  grows at least like `sqrt(2 (1-C) ln n)` (docs/theory.md, section 6;
-  `head_mass_exceeds_prob`, Theorem R1, proves the failure side for small tau).
+  grows at least like `sqrt(2 (1-C) ln n)` (docs/theory.md, section 6:
+  Theorems R1' (`head_mass_exceeds_prob`) and R3 (`tail_mass_exceeds_prob`)
+  prove both sides of that threshold; this formula itself is a heuristic).
 
   Args:
     n: sequence length.
@@ -133,7 +134,9 @@ def predicted_effective_support(n: ArrayLike, tau: ArrayLike) -> jax.Array:
   exact at exponential scale only (sub-exponential factors are not modelled).
   The exponent `C = log ESS / ln n` is `1 - tau^2/ln n`, then
   `2 (1 - tau/a)^2`: n^C-sparsity with `C < 1` needs `tau^2` proportional
-  to `ln n`.
+  to `ln n`. Theorem R5 (docs/theory.md) proves that exponent, i.e.
+  `log ESS / ln n -> log(prediction) / ln n` in probability under
+  `tau = beta sqrt(ln n)`; the prefactors are not proven.
 
   Returns:
     The predicted effective support, in `[1, n]`.

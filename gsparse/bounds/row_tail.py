@@ -19,48 +19,61 @@ from gsparse.bounds._common import (
   _check,
   _check_delta,
   _check_n,
-  _log_phi_diff,
   _on_flat,
   _safety,
   _valid,
 )
-from gsparse.bounds.row import _FLOOR, _NUM_G_CELLS, _NUM_LAMBDA, _NUM_QUAD, _log_laplace_upper
+from gsparse.bounds.row import (
+  _NUM_LAMBDA,
+  _g_grid,
+  _log_transform_nodes,
+  _rest_nodes,
+  _top_nodes,
+)
 
-_T0_STEPS = 22  # bisection steps on log(t0 / (1 - t0))
+_T0_STEPS = 16  # bisection steps on log(t0 / (1 - t0)) (resolution 42 / 2^16)
+_NUM_TAIL_G_CELLS = 128  # cells of G on [-3, sqrt(2 ln n) + 2]
 
 
-def _log_mgf_upper(log_mu, tau, lo, hi):
-  """Upper bound on `log E[exp(mu e^{tau g}) 1{g <= hi}]`, `g ~ N(0, 1)`, `lo < hi` a floor.
+def _tail_rest(tau, c):
+  """`[L, K]` log MGF bounds of one summand below `G` at `c_l` (t0-free: computed once per row)."""
+  xp = _xp.of(tau, c)
+  c1 = c[:-1]
+  theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam (1 - t0))
+  ta = xp.broadcast_to(tau, c1.shape)
+  log_mu = xp.broadcast_to(theta, c1.shape + theta.shape)  # lam (1 - t0)
+  rest = _log_transform_nodes(log_mu, ta, _rest_nodes(c1, ta), c1, sign=1)
+  return rest - xp.log_ndtr(c1)[:, None]
 
-  The integrand is increasing in g: on `[g_q, g_{q+1}]` it is at most its
-  value at `g_{q+1}` times `phi`; below `lo` at most its value at `lo`.
-  Shapes: `log_mu [..., K]`, `lo, hi [...]`; returns `[..., K]`.
+
+def _tail_cell_bounds(nrest, k, tau, t0, c, rest=None):
+  """`[L]` bounds on `P(t > t0 | tau_i = tau, G in (c_l, c_{l+1}])` (Theorem 2R), `nrest` below G.
+
+  Divided by `e^{tau G}`, `{t > t0}` needs `t0 sum_top e^{tau (g - G)} - (1 - t0)
+  sum_rest e^{tau (g - G)} < 1 - t0`. For `G` in `(c_l, c_{l+1}]` the top residuals are
+  stochastically at least those at `c_{l+1}` and the rest's `G - g` at least those at
+  `c_l` (log-concavity), which fixes the laws of one Chernoff bound per cell.
   """
-  xp = _xp.of(log_mu, tau, lo, hi)
-  u = xp.linspace(0.0, 1.0, _NUM_QUAD + 1, dtype=hi.dtype)
-  g = lo[..., None] + (hi - lo)[..., None] * u
-  lw = _log_phi_diff(g[..., 1:], g[..., :-1])
-  expo = xp.exp(log_mu[..., :, None] + tau * g[..., None, 1:])
-  below = xp.exp(log_mu + tau * lo[..., None]) + xp.log_ndtr(lo)[..., None]
-  parts = xp.concatenate([expo + lw[..., None, :], below[..., None]], axis=-1)
-  return xp.logsumexp(parts, axis=-1)
+  xp = _xp.of(nrest, k, tau, t0, c)
+  c1, c2 = c[:-1], c[1:]
+  theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam (1 - t0))
+  log_lam = xp.broadcast_to(theta - xp.log1p(-t0), c1.shape + theta.shape)  # [L, K]
+  ta = xp.broadcast_to(tau, c1.shape)
+  top = _log_transform_nodes(
+    log_lam + xp.log(t0), ta, _top_nodes(c2, ta), c2, sign=-1, tail_hi=True
+  )
+  top = top - xp.log_ndtr(-c2)[:, None]
+  rest = _tail_rest(tau, c) if rest is None else rest  # `_tail_rest(tau, c)`
+  log_b = xp.exp(theta)[None, :] + (k - 1.0) * xp.minimum(top, 0.0)
+  log_b = log_b + nrest * xp.maximum(rest, 0.0)
+  log_b = xp.where(xp.isnan(log_b), xp.inf, log_b)  # inf * 0 in an overflowed MGF: no bound
+  return xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [L]
 
 
-def _tail_fail(nm1, k, tau, t0, c):
+def _tail_fail(nm1, k, tau, t0, c, rest=None):
   """Bound on `P(t > t0 | tau_i = tau)` (Theorem 2R), summed over the cells of G."""
   xp = _xp.of(nm1, k, tau, t0, c)
-  c1, c2 = c[:-1], c[1:]
-  log_thr = xp.log1p(-t0) + tau * c2  # (1 - t0) e^{tau c2}
-  theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)
-  log_lam = theta[None, :] - log_thr[:, None]  # [L, K]
-  top = _log_laplace_upper(log_lam + xp.log(t0), tau, c1, c1 + 10.0, True)
-  top = top - xp.log_ndtr(-c1)[:, None]
-  lo = xp.minimum(c2 - 1.0, _FLOOR)
-  rest = _log_mgf_upper(log_lam + xp.log1p(-t0), tau, lo, c2) - xp.log_ndtr(c2)[:, None]
-  log_b = xp.exp(theta)[None, :] + (k - 1.0) * xp.minimum(top, 0.0)
-  log_b = log_b + (nm1 - k) * xp.maximum(rest, 0.0)
-  log_b = xp.where(xp.isnan(log_b), xp.inf, log_b)  # inf * 0 in an overflowed MGF: no bound
-  b = xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [L]
+  b = _tail_cell_bounds(nm1 - k, k, tau, t0, c, rest)
   # sum_l P(G in cell l) b_l with bt = running max from the right (non-increasing) and
   # F_l = P(G <= c_l) rounded up: F_0 + T_L + F_L bt_{L-1} + sum_l F_l (bt_{l-1} - bt_l).
   inv_safe = 1.0 / _safety(c.dtype)
@@ -75,11 +88,11 @@ def _row_tail_scalar(n, tau, k, delta):
   xp = _xp.of(n, tau, k, delta)
   nm1 = xp.maximum(n - 1.0, 1.0)
   kk = xp.clip(k, 2.0, nm1)
-  u = xp.linspace(0.0, 1.0, _NUM_G_CELLS + 1, dtype=tau.dtype)
-  c = -3.0 + u * (xp.sqrt(2.0 * xp.log(nm1)) + 5.0)
+  c = _g_grid(nm1, _NUM_TAIL_G_CELLS, tau.dtype)
+  rest = _tail_rest(tau, c)
 
   def ok(z):  # z = log(t0 / (1 - t0))
-    return _tail_fail(nm1, kk, tau, xp.sigmoid(z), c) <= delta
+    return _tail_fail(nm1, kk, tau, xp.sigmoid(z), c, rest) <= delta
 
   def body(_, state):
     lo, hi = state

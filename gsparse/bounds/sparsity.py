@@ -8,7 +8,7 @@ from typing import NamedTuple
 import jax
 from jax.typing import ArrayLike
 
-from gsparse.bounds import _xp
+from gsparse.bounds import _npsearch, _xp
 from gsparse.bounds._common import (
   _EPS_BISECTION_STEPS,
   _NUM_GRID,
@@ -27,8 +27,12 @@ from gsparse.bounds._common import (
   _safety,
   _valid,
 )
+from gsparse.bounds._gcells import _first_admissible_m, _sum_over_g_cells
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
+from gsparse.bounds.row import _chernoff_fail, _chernoff_parts, _g_grid
 from gsparse.bounds.tau import _cells, _tau_range_point
+
+_NUM_APRIORI_G_CELLS = 64  # cells of G for Lemma 6, per tau cell (64 of them)
 
 
 def _log_z_lower(nm1, ta, tb, log_dz):
@@ -217,27 +221,6 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c, moments):
   return xp.where(1.0 - eps * mc <= 0, 0.0, _sum_over_g_cells(nm1, mc, c, b))
 
 
-def _sum_over_g_cells(nm1, m, c, b):
-  """`P(K >= m) <= P(G <= c_0) + sum_l P(G in (c_{l-1}, c_l]) Bt_l + P(G > c_L)` (Lemma 5).
-
-  `G` is the m-th largest of `nm1` standard normals, `b[..., l]` bounds the
-  conditional failure probability on the cell `(c_l, c_{l+1}]` and `Bt` is its
-  running maximum; Abel summation leaves only nonnegative coefficients of the
-  rounded-up binomial tails `T_l = P(G > c_l)`. `m` broadcasts against
-  `b[..., 0]` (one `m` per leading index of `b`).
-  """
-  xp = _xp.of(nm1, m, c, b)
-  inv_safe = 1.0 / _safety(c.dtype)
-  bt = xp.cummax(b, axis=-1)  # non-decreasing in l
-  rest = xp.maximum(nm1 - m + 1.0, 1.0)
-  t = xp.betainc(m[..., None], rest[..., None], xp.ndtr(-c))
-  t = xp.minimum(t * inv_safe, 1.0)
-  head = xp.minimum(xp.betainc(rest, m, xp.ndtr(c[0])) * inv_safe, 1.0)
-  body = xp.sum(t[..., 1:-1] * (bt[..., 1:] - bt[..., :-1]), axis=-1)
-  total = head + t[..., 0] * bt[..., 0] + body + t[..., -1] * (1.0 - bt[..., -1])
-  return xp.minimum(total, 1.0)
-
-
 def _row_parts(n, tau_lo, tau_hi, log_drow):
   """What `_fail_fn` needs that depends on neither `eps` nor `m`: computed once per row."""
   xp = _xp.of(n, tau_lo, tau_hi, log_drow)
@@ -250,14 +233,17 @@ def _row_parts(n, tau_lo, tau_hi, log_drow):
   return ta, tb, lz, c, _orderstat_moments(ta, tb, c)
 
 
-def _fail_fn(n, parts, eps, log_drow):
+def _fail_fn(n, parts, eps, log_drow, chernoff=None):
   """`(cell_fail, p*)` of one row: `cell_fail(m)` bounds `P(at least m entries > eps)` per tau cell.
 
-  Per cell the better of the union bound and the order-statistic bound; a
-  row's bound is the worst cell, `max(cell_fail(m), axis=-1)`. `m` is an
-  array (`[...]`, several m at once), `cells` an optional `[W]` index array
-  restricting the cells (`[..., W]` out, else `[..., C]`). `p*` is the union
-  bound's exceedance probability. `parts` is `_row_parts(n, tau_lo, tau_hi, log_drow)`.
+  Per cell the best of the union bound (Lemma 4), the order-statistic bound
+  (Lemma 5) and, when `chernoff = (c, _chernoff_parts(eps, ta, tb, c))` is given,
+  the Chernoff bound (Lemma 6): all three bound the same conditional probability,
+  so their minimum does. A row's bound is the worst cell,
+  `max(cell_fail(m), axis=-1)`. `m` is an array (`[...]`, several m at once),
+  `cells` an optional `[W]` index array restricting the cells (`[..., W]` out,
+  else `[..., C]`). `p*` is the union bound's exceedance probability. `parts` is
+  `_row_parts(n, tau_lo, tau_hi, log_drow)`.
   """
   xp = _xp.of(n, eps, log_drow)
   ta, tb, lz, c, moments = parts
@@ -273,48 +259,22 @@ def _fail_fn(n, parts, eps, log_drow):
       p, a, b = p[cells], a[cells], b[cells]
       mom = (mom[0][cells], mom[1][cells], *mom[2:])
     p1 = 0.5 * drow + xp.minimum(_binom_tail(n - 1.0, m[..., None] - 1.0, p) * inv_safe, 1.0)
-    return xp.minimum(p1, _orderstat_fail(nm1, m, eps, a, b, c, mom))
+    out = xp.minimum(p1, _orderstat_fail(nm1, m, eps, a, b, c, mom))
+    if chernoff is not None:
+      out = xp.minimum(out, _chernoff_fail(nm1, m, eps, chernoff[0], chernoff[1], cells))
+    return out
 
   return cell_fail, xp.max(p_cell)
-
-
-# m values whose bound is checked at one cell per step of the Theorem-1 scan.
-_SCAN_CHUNK = 32
-
-
-def _first_admissible_m(n, cell_fail, drow, witness):
-  """The first `m` in `1, ..., n - 1` whose bound `max_cells cell_fail(m)` is `<= drow`, else `n`.
-
-  Every m is decided as by checking the bounds in order (`fail(m) > drow`
-  means "not admissible"), but cheaply: `fail(m) > drow` as soon as one cell
-  (the witness, the worst cell of the last rejected m) exceeds `drow`, so the
-  witness cell is evaluated at `_SCAN_CHUNK` m at once and all cells only at
-  the first m it does not reject (if that m is rejected, its worst cell
-  becomes the witness). A bisection would need the bound to be monotone in m,
-  which it need not be; the first hit makes k monotone in eps.
-  """
-  xp = _xp.of(n, drow)
-  steps = xp.arange(_SCAN_CHUNK, dtype=n.dtype)
-
-  def body(state):
-    m0, w, _ = state
-    ms = m0 + steps
-    ok_w = ~(cell_fail(ms, w[None])[..., 0] > drow) | (ms >= n)
-    m1 = xp.where(xp.any(ok_w), ms[xp.argmax(ok_w)], m0 + _SCAN_CHUNK)
-    full = cell_fail(m1)
-    done = (m1 >= n) | ~(xp.max(full) > drow)
-    return xp.where(done, m1, m1 + 1.0), xp.where(done, w, xp.argmax(full)), done
-
-  init = (xp.ones_like(n), xp.asarray(witness), xp.asarray(False))
-  m, _, _ = xp.while_loop(lambda state: ~state[2], body, init)
-  return xp.minimum(m, n)
 
 
 def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
   """Scalar core of Theorem 1 for a given tau interval: `(k_gauss, p*)`."""
   xp = _xp.of(n, tau_lo, tau_hi, eps, log_drow)
   parts = _row_parts(n, tau_lo, tau_hi, log_drow)
-  cell_fail, p_star = _fail_fn(n, parts, eps, log_drow)
+  nm1 = xp.maximum(n - 1.0, 1.0)
+  c = _g_grid(nm1, _NUM_APRIORI_G_CELLS, tau_hi.dtype)
+  chernoff = (c, _chernoff_parts(eps, parts[0], parts[1], c))
+  cell_fail, p_star = _fail_fn(n, parts, eps, log_drow, chernoff)
   # The scan stops by m = ceil(1/eps), where the order-statistic bound is 0, and
   # by m = n (only n - 1 off-diagonal entries); m - 1 entries plus the diagonal.
   witness = xp.argmax(parts[0] * 0.0 + parts[1])  # first guess: the largest tau cell
@@ -337,10 +297,11 @@ def sparsity_bound(
   matrix has at most `k` entries larger than `eps`. The failure probability
   is split in two halves: `delta / 2` for the tau interval (`tau_range`) and
   `delta / 2` for the rows, `delta / (2 n)` each by a union bound. Per row,
-  given tau in a cell of the interval, the better of two bounds on
+  given tau in a cell of the interval, the best of three bounds on
   `P(at least m off-diagonal entries > eps)` is used: a union bound (half for a
-  lower bound on the normaliser, half for a binomial count of exceedances) and
-  an order-statistic bound (docs/theory.md, Theorem 1).
+  lower bound on the normaliser, half for a binomial count of exceedances), an
+  order-statistic bound, and one Chernoff bound on the sums above and below the
+  m-th largest score (docs/theory.md, Theorem 1, Lemmas 4-6).
 
   Everything is a jnp function of its arguments: jit and vmap over any of them.
 
@@ -452,10 +413,15 @@ def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   kk = xp.minimum(k, n)
   parts = _row_parts(n, tlo, thi, log_row)
 
+  cells = _npsearch.CellOrder()  # NumPy: the cells worst-first, to reject at the first batch
+
   def admissible(log_eps):
     # fail(k) <= drow implies the first admissible m of Theorem 1 is <= k, for
     # this eps and (fail being non-increasing in eps) every larger one.
     cell_fail, _ = _fail_fn(n, parts, xp.exp(log_eps), log_row)
+    if xp is _xp.NP:
+      fail = lambda idx: cell_fail(kk) if idx is None else cell_fail(kk, idx)
+      return not cells.exceeds(fail, drow, nan_exceeds=True)[0]
     return xp.max(cell_fail(kk)) <= drow
 
   found = admissible(hi)

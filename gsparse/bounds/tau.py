@@ -28,6 +28,7 @@ class TauRange(NamedTuple):
   hi: jax.Array
 
 
+@_xp.memo_scalar  # on Python numbers `c` depends on n, delta and the norms' ratio, not sigma
 def _solve_w_minus_log_w(c, upper):
   """Root `w` of `w - log w = c` (`c >= 1`) with `w <= 1` (`upper=False`) or `w >= 1`."""
   xp = _xp.of(c)
@@ -62,7 +63,10 @@ def _quad_form_range(sigma2, frob, op, gram, x):
   r = mean / xp.where(op2 > 0, op2, 1.0)
   c = 1.0 + 2.0 * x / xp.where(r > 0, r, 1.0)
   up_ch = mean * _solve_w_minus_log_w(c, True)
-  lo_ch = mean * _solve_w_minus_log_w(c, False)
+  # Lower side: the two-moment rank r2 = (tr A)^2 / ||A||_F^2 >= r (docs/theory.md, Lemma 2).
+  r2 = mean * mean / xp.where(gram > 0, gram * gram, 1.0)
+  c2 = 1.0 + 2.0 * x / xp.where(r2 > 0, xp.maximum(r2, r), 1.0)
+  lo_ch = mean * _solve_w_minus_log_w(c2, False)
   up = xp.where(op2 > 0, xp.minimum(up_lm, up_ch), 0.0)
   lo = xp.where(op2 > 0, xp.maximum(lo_lm, lo_ch), 0.0)
   return sigma2 * lo, sigma2 * up

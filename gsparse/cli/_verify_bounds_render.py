@@ -59,6 +59,8 @@ def summary_figures(res: dict) -> dict:
   er = [v for r in rows for v in r["error_ratio"]]
   pairs = [(r, i) for r in rows for i in range(len(r["ks"]))]
   tail_vs_trivial = [r["tail_bound"][i] >= 1 - r["ks"][i] / r["n"] for r, i in pairs]
+  low = lambda r, i: r["tail_empirical_max"][i] <= 0.5  # noqa: E731
+  tf = [r["tail_bound"][i] / max(r["tail_empirical_max"][i], 1e-30) for r, i in pairs]
   collapsed = [r for r in rows if r["tau_target"] >= math.sqrt(2 * math.log(r["n"]))]
   out = {
     "settings": len(rows),
@@ -71,7 +73,15 @@ def summary_figures(res: dict) -> dict:
     ),
     "tail bound (min/median/max)": _quantiles([r["tail_bound"][i] for r, i in pairs]),
     "tail bound >= trivial 1 - k/n": f"{sum(tail_vs_trivial)} of {len(pairs)} (setting, k) pairs",
+    "tail bound < 1 - k/n where the worst observed tail <= 0.5": (
+      f"{sum(not v for v, (r, i) in zip(tail_vs_trivial, pairs, strict=True) if low(r, i))}"
+      f" of {sum(low(r, i) for r, i in pairs)} (setting, k) pairs"
+    ),
     "error ratio (min/median/max)": _quantiles(er),
+    "tail factor: tail bound / worst observed tail (min/median/max)": _quantiles(tf),
+    "value factor: error ratio / tail factor (min/median/max)": _quantiles(
+      [e / t for e, t in zip(er, tf, strict=True)]
+    ),
     "value factor 2 V / observed max ||v|| (min/median/max)": _quantiles(
       [2 * r["value_norm_bound"] / r["value_norm_empirical_max"] for r in rows]
     ),
@@ -109,6 +119,14 @@ def markdown(res: dict, before: dict | None = None) -> str:
   lines += _summary_table(summary_figures(res), summary_figures(before) if before else None)
   if before:
     lines += ["", f"Before: `{before['summary']['command']}` (an earlier commit)."]
+    nb, na = before["summary"]["total_matrices"], res["summary"]["total_matrices"]
+    if nb != na:
+      lines += [
+        "",
+        f"The two runs drew {nb} and {na} matrices: the worst observed k, tail and error",
+        "come from different sample sizes, so ratios to them (k ratio, error ratio, tail",
+        "factor) are not comparable one to one; the bounds themselves are.",
+      ]
   if res.get("fixed_tau"):
     lines += _fixed_tau_tables(res["fixed_tau"])
   lines += ["", "## Per setting", "", HEADER, "|" + "---|" * (HEADER.count("|") - 1)]

@@ -6,6 +6,8 @@ JSON logs to <out_dir>/<variant>_seed<seed>/. Re-running resumes unfinished
 runs and reuses finished ones; --restart starts every run over.
 
   gsparse-train-compare --out_dir=results/train_compare
+  # sequence length 2048 (where top-k pays on CPU): dense, topk, certified
+  gsparse-train-compare --preset=long --out_dir=results/train_compare_T2048
 """
 
 import json
@@ -28,6 +30,12 @@ def _define_flags() -> None:
     "variants", list(VARIANTS), "Variants to run (dense first: ratios are vs dense)."
   )
   flags.DEFINE_list("seeds", ["0", "1"], "Seeds; the table reports means over them.")
+  flags.DEFINE_integer(
+    "interleave_every",
+    0,
+    "Steps each run trains before the next takes its turn (0: one run after the other). "
+    "Spreads a changing machine load evenly over the variants and seeds.",
+  )
   flags.DEFINE_string("out_dir", "results/train_compare", "Output directory.")
   flags.DEFINE_bool(
     "summarize_only",
@@ -45,6 +53,7 @@ def _define_flags() -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  cli.apply_preset(FLAGS)
   base = cli.config_from_flags(FLAGS, variant="dense", seed=0)
   out = pathlib.Path(FLAGS.out_dir)
   if FLAGS.summarize_only:
@@ -58,6 +67,7 @@ def main(argv):
       restart=FLAGS.restart,
       keep_checkpoints=FLAGS.keep_checkpoints,
       tensorboard=FLAGS.tensorboard,
+      interleave_every=FLAGS.interleave_every,
     )
   summary = compare.summarize(logs)
   summary["config"] = json.loads(json.dumps(base.to_dict()))

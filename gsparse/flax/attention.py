@@ -242,6 +242,7 @@ def sparse_attention(
       scale=scale,
       precision=precision,
       selection=topk_kwargs.get("selection", _topk.DEFAULT_SELECTION),
+      **_gather_kwargs(topk_kwargs),
     )
   res = sparse_gather_attention(
     query,
@@ -290,12 +291,28 @@ def dense_weights(indices: jax.Array, weights: jax.Array, kv_len: int) -> jax.Ar
 
 
 def _sow(module, weights: jax.Array) -> None:
+  """Stores `weights` as the module's "attention_weights", where flax's own attention does.
+
+  linen: the "intermediates" collection. nnx inside `nnx.capture(...,
+  nnx.Intermediate)`: the captured intermediates (`Module.sow`). nnx outside it:
+  the attribute `module.attention_weights`, an `nnx.Intermediate` tuple with one
+  entry per call, as `Module.sow` stored it before flax 0.12, which deprecates
+  sowing outside `nnx.capture`; it is written here directly, so no warning.
+  """
   from flax import nnx  # Imported lazily: only needed when weights are sown.
 
-  if isinstance(module, nnx.Module):
-    module.sow(nnx.Intermediate, "attention_weights", weights)
-  else:
+  if not isinstance(module, nnx.Module):
     module.sow("intermediates", "attention_weights", weights)
+  elif hasattr(module, "__captures__"):  # set by nnx.capture for the duration of the call
+    module.sow(nnx.Intermediate, "attention_weights", weights)
+  elif isinstance(held := getattr(module, "attention_weights", None), nnx.Intermediate):
+    held.set_value(held.get_value() + (weights,))
+  elif held is None:
+    module.attention_weights = nnx.Intermediate((weights,))
+  else:
+    raise ValueError(
+      f"module.attention_weights must be an nnx.Intermediate to sow into, got {type(held).__name__}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -69,12 +69,14 @@ def certified_subset(
   scale,
   precision,
   selection,
+  implementation: str | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """`(indices with the uncertified slots at -1, num_kept [...], tail bound [...])`.
 
   The certificate comes from the log-sum-exp of a stop-gradient gather pass
   over `sel.indices`; exact selections see the whole row, so their dropped
-  mass is known exactly and replaces the bound.
+  mass is known exactly and replaces the bound. `implementation` is the
+  gather's (`gsparse.gather.resolve_implementation`), as for the final pass.
   """
   indices = sel.indices
   s = key.shape[-3]
@@ -89,6 +91,7 @@ def certified_subset(
     assume_unique=True,
     return_residuals=True,
     precision=precision,
+    **({} if implementation is None else {"implementation": implementation}),
   )
   tail_k = _topk.selection_tail_bound(sel, pre.logsumexp)
   exact = _topk.selection_exact_tail(sel, pre.logsumexp, tail_k)

@@ -156,7 +156,7 @@ def rank_attention_layers(
     ...     kw = dict(num_heads=2, in_features=8, decode=False, rngs=rngs)
     ...     self.a = nnx.MultiHeadAttention(**kw)
     ...     self.b = nnx.MultiHeadAttention(**kw)
-    ...     self.b.query.kernel.value *= 3.0
+    ...     self.b.query.kernel[...] *= 3.0
     >>> [r.path for r in rank_attention_layers(Two(nnx.Rngs(0)), seq_len=64)]
     ['b', 'a']
   """

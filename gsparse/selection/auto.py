@@ -126,7 +126,12 @@ def _fused_serves(query: jax.Array, key: jax.Array, scale) -> bool:
 
 
 def auto_selection(
-  query: jax.Array, key: jax.Array, *, scale, platform: str | None = None
+  query: jax.Array,
+  key: jax.Array,
+  *,
+  scale,
+  ranges: bool = False,
+  platform: str | None = None,
 ) -> ExactSelection | FusedExactSelection:
   """The exact selection "auto" stands for, for these (checked) inputs.
 
@@ -134,13 +139,16 @@ def auto_selection(
     query: `[batch..., T, N, H]`.
     key: `[batch..., S, K, H]`.
     scale: the resolved logit scale (a Python float or a tracer).
+    ranges: index-range masks (lengths, window, segment ids) are given; the
+      fused kernel takes none yet, so the chunked route runs.
     platform: the backend; default `jax.default_backend()`.
 
   Returns:
     An `ExactSelection` or a `FusedExactSelection` (see the module docstring).
   """
   platform = jax.default_backend() if platform is None else platform
-  if platform in ("gpu", "cuda", "rocm", "tpu") and _fused_serves(query, key, scale):
+  accel = platform in ("gpu", "cuda", "rocm", "tpu")
+  if accel and not ranges and _fused_serves(query, key, scale):
     return FusedExactSelection()
   s = max(key.shape[-3], 1)
   chunk = max(16, min(512, _CPU_CHUNK_ELEMENTS // s))

@@ -10,11 +10,53 @@ from absl import flags
 from gsparse.train.experiment import VARIANTS, TrainConfig, run_training
 from gsparse.train.model import AttentionSpec, MeasureSpec, ModelConfig
 
+# Flag values of each `--preset`; a flag given on the command line wins. A
+# preset's flags that a script does not define (`interleave_every`,
+# `variants` outside train_compare) are skipped.
+PRESETS = {
+  # Sequence length 2048, where top-k selection is cheaper than the dense
+  # T x T softmax on CPU (docs/results/2026-11-30-training-cpu-T2048.md): a
+  # 2-layer model, batch 2 and 40 steps, so the three variants x two seeds fit
+  # in about 45 minutes on a loaded 2-core CPU; the runs take turns every 20
+  # steps.
+  "long": {
+    "seq_len": 2048,
+    "batch_size": 2,
+    "num_layers": 2,
+    "steps": 40,
+    "warmup_steps": 5,
+    "eval_every": 20,
+    "eval_batches": 4,
+    "checkpoint_every": 20,
+    "log_every": 10,
+    "variants": ["dense", "topk", "certified"],
+    "interleave_every": 20,
+  },
+}
+
+
+def apply_preset(fl) -> None:
+  """Sets `--preset`'s values on the flags of `fl` not given on the command line."""
+  if fl.preset == "none":
+    return
+  for name, value in PRESETS[fl.preset].items():
+    if name in fl and not fl[name].present:
+      fl[name].value = value
+
 
 # Long on purpose: a flat list of absl flag definitions, one per setting; splitting scatters them.
 def define_flags(*, with_variant: bool = True, flag_values: flags.FlagValues = flags.FLAGS) -> None:
   """Defines the training flags (`--variant` only when `with_variant`) in `flag_values`."""
   fv = flag_values
+  flags.DEFINE_enum(
+    "preset",
+    "none",
+    ["none", *PRESETS],
+    "Named flag values (a flag given explicitly wins): long = sequence length 2048, "
+    "2 layers, batch 2, 40 steps (train_compare: dense, topk, certified, taking turns "
+    "every 20 steps).",
+    flag_values=fv,
+  )
   if with_variant:
     flags.DEFINE_enum(
       "variant",
@@ -191,6 +233,7 @@ def config_from_flags(fl, *, variant: str | None = None, seed: int | None = None
 
 
 def train_main(fl) -> dict:
+  apply_preset(fl)
   config = config_from_flags(fl)
   log = run_training(
     config,

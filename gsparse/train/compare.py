@@ -12,6 +12,7 @@ import jax
 import numpy as np
 
 from gsparse.train import data as data_lib
+from gsparse.train import measures
 from gsparse.train.experiment import TrainConfig, run_training
 
 
@@ -25,6 +26,7 @@ def run_all(
   restart: bool = False,
   keep_checkpoints: int = 3,
   tensorboard: bool = True,
+  interleave_every: int = 0,
 ) -> dict[str, list[dict]]:
   """Trains each variant for each seed in `out_dir/<variant>_seed<seed>`.
 
@@ -32,39 +34,62 @@ def run_all(
   reused; interrupted ones resume from their checkpoint. `restart` starts
   every run over; `keep_checkpoints` and `tensorboard` go to `run_training`.
 
+  With `interleave_every` > 0 the runs take turns: each trains that many
+  steps (then checkpoints), the next one continues, round after round, so
+  that a change of machine load during the comparison falls on every
+  variant and seed alike. Resumption is exact, so the trained models are
+  those of uninterrupted runs; only the timings differ.
+
   Returns:
     `{variant: [log per seed]}`.
   """
+  if not isinstance(interleave_every, int) or interleave_every < 0:
+    raise ValueError(f"interleave_every={interleave_every!r} must be an int >= 0")
   out_dir = pathlib.Path(out_dir)
   corpus = data_lib.load_stdlib_corpus(
     max_train_bytes=base.max_train_bytes, max_validation_bytes=base.max_validation_bytes
   )
   say = progress or (lambda s: None)
-  logs: dict[str, list[dict]] = {}
-  for v in variants:
-    for seed in seeds:
-      cfg = dataclasses.replace(base, variant=v, seed=seed)
-      wd = out_dir / f"{v}_seed{seed}"
-      done = wd / "log.json"
-      want = json.loads(json.dumps(cfg.to_dict()))
-      if done.exists() and not restart:
-        log = json.loads(done.read_text())
-        if log.get("config") == want and "final" in log:
-          say(f"== {v} seed {seed}: reusing {done}")
-          logs.setdefault(v, []).append(log)
+  if interleave_every:
+    ends = [*range(interleave_every, base.steps, interleave_every), base.steps]
+  else:
+    ends = [base.steps]
+  logs: dict[tuple[str, int], dict] = {}
+  for round_, end in enumerate(ends):
+    for v in variants:
+      for seed in seeds:
+        cfg = dataclasses.replace(base, variant=v, seed=seed)
+        wd = out_dir / f"{v}_seed{seed}"
+        if round_ == 0 and not restart:
+          log = _finished_log(wd, cfg)
+          if log is not None:
+            say(f"== {v} seed {seed}: reusing {wd / 'log.json'}")
+            logs[v, seed] = log
+        if (v, seed) in logs and "final" in logs[v, seed]:
           continue
-      say(f"== {v} seed {seed}")
-      log = run_training(
-        cfg,
-        workdir=wd,
-        corpus=corpus,
-        progress=progress,
-        restart=restart,
-        keep_checkpoints=keep_checkpoints,
-        tensorboard=tensorboard,
-      )
-      logs.setdefault(v, []).append(log)
-  return logs
+        say(f"== {v} seed {seed}" + (f" (to step {end})" if end < base.steps else ""))
+        logs[v, seed] = run_training(
+          cfg,
+          workdir=wd,
+          corpus=corpus,
+          progress=progress,
+          restart=restart and round_ == 0,
+          keep_checkpoints=keep_checkpoints,
+          tensorboard=tensorboard,
+          stop_at_step=end,
+        )
+  return {v: [logs[v, seed] for seed in seeds] for v in variants}
+
+
+def _finished_log(wd: pathlib.Path, cfg: TrainConfig) -> dict | None:
+  """The finished run's log in `wd` when it is of `cfg` (else None)."""
+  done = wd / "log.json"
+  if not done.exists():
+    return None
+  log = json.loads(done.read_text())
+  if log.get("config") == json.loads(json.dumps(cfg.to_dict())) and "final" in log:
+    return log
+  return None
 
 
 def summarize(logs: dict[str, list[dict]]) -> dict:
@@ -73,6 +98,7 @@ def summarize(logs: dict[str, list[dict]]) -> dict:
   dense = logs.get("dense")
   dense_bpb = statistics.mean(lg["final"]["val_bpb"] for lg in dense) if dense else None
   dense_time = statistics.mean(lg["final"]["median_step_time_s"] for lg in dense) if dense else None
+  dense_cpu = _mean_cpu([lg["final"] for lg in dense]) if dense else None
   all_layer_norms, all_layer_eff = [], []
   for v, runs in logs.items():
     fins = [lg["final"] for lg in runs]
@@ -95,7 +121,8 @@ def summarize(logs: dict[str, list[dict]]) -> dict:
       "val_bpb_per_seed": bpbs,
       "val_bpb_std": statistics.stdev(bpbs) if len(bpbs) > 1 else 0.0,
       "step_time_s_mean": statistics.mean(times),
-      "step_cpu_s_mean": statistics.mean(f.get("median_step_cpu_s", float("nan")) for f in fins),
+      "step_cpu_s_mean": _mean_cpu(fins),
+      "load1_mean": statistics.mean(f.get("mean_load1", float("nan")) for f in fins),
       "layer_specs": fins[0]["layer_specs"],
       "sparse_layers_per_seed": [lg.get("sparse_layers") for lg in runs],
       # Per layer, mean over heads and seeds.
@@ -108,8 +135,13 @@ def summarize(logs: dict[str, list[dict]]) -> dict:
       row["val_bpb_minus_dense"] = row["val_bpb_mean"] - dense_bpb
       row["val_bpb_rel_dense"] = row["val_bpb_mean"] / dense_bpb - 1.0
       row["step_time_ratio_dense"] = row["step_time_s_mean"] / dense_time
+      row["step_cpu_ratio_dense"] = row["step_cpu_s_mean"] / dense_cpu
     out["variants"][v] = row
   return out
+
+
+def _mean_cpu(fins: list[dict]) -> float:
+  return statistics.mean(f.get("median_step_cpu_s", float("nan")) for f in fins)
 
 
 def _fmt_list(xs, fmt="{:.2f}") -> str:
@@ -137,8 +169,8 @@ def _quality_table(rows: dict) -> list[str]:
   """Validation bits per byte and step time per variant, against dense."""
   lines = [
     "| variant | attention per layer | val bits/byte (mean) | per seed | vs dense | "
-    "step time (s) | vs dense | CPU s/step |",
-    "|---|---|---|---|---|---|---|---|",
+    "step time (s) | vs dense | CPU s/step | vs dense | load |",
+    "|---|---|---|---|---|---|---|---|---|---|",
   ]
   for v, r in rows.items():
     delta = (
@@ -147,12 +179,14 @@ def _quality_table(rows: dict) -> list[str]:
       else "n/a"
     )
     tratio = f"{r['step_time_ratio_dense']:.2f}x" if "step_time_ratio_dense" in r else "n/a"
+    cratio = f"{r['step_cpu_ratio_dense']:.2f}x" if "step_cpu_ratio_dense" in r else "n/a"
     specs = ", ".join(sorted(set(r["layer_specs"])))
     if v == "select":
       specs = "sparse layers " + "; ".join(str(s) for s in r["sparse_layers_per_seed"])
     lines.append(
       f"| {v} | {specs} | {r['val_bpb_mean']:.4f} | {_fmt_list(r['val_bpb_per_seed'], '{:.4f}')} "
-      f"| {delta} | {r['step_time_s_mean']:.3f} | {tratio} | {r['step_cpu_s_mean']:.2f} |"
+      f"| {delta} | {r['step_time_s_mean']:.3f} | {tratio} | {r['step_cpu_s_mean']:.2f} "
+      f"| {cratio} | {r.get('load1_mean', float('nan')):.1f} |"
     )
   return lines
 
@@ -265,6 +299,7 @@ def logs_at_step(out_dir: str | pathlib.Path, step: int | None = None) -> tuple[
       "val_bpb": ev[0]["val_bpb"],
       "median_step_time_s": statistics.median(times) if times else nan,
       "median_step_cpu_s": statistics.median(cpus) if cpus else nan,
+      "mean_load1": measures.mean_load(lg["train"][1:step]),
       "layer_specs": [s.label() for s in layer_attention(cfg, lg.get("sparse_layers"))],
       "sparsity": ev[0]["sparsity"],
       "weight_norms": (np.full(eff.shape, nan) if norms is None else norms).tolist(),

@@ -341,7 +341,7 @@ def run_training(
 
   Returns:
     The log: {"config", "devices", "backend", "sparse_layers", "train":
-    [{step, loss, step_time_s, step_cpu_s}], "eval": [{step, val_bpb,
+    [{step, loss, step_time_s, step_cpu_s, load1}], "eval": [{step, val_bpb,
     sparsity}], "final": {...}}.
 
   Raises:
@@ -390,7 +390,7 @@ def _train_loop(config, state, log, rec, corpus, mesh, end, say) -> dict:
   """The steps of `run_training` from `state` to `end`, then the final entry."""
   batch_sh = NamedSharding(mesh, P("data"))
   num_layers = config.model.num_layers
-  step = int(jax.device_get(state["step"]))
+  step = start = int(jax.device_get(state["step"]))
   select_at = config.resolved_select_step if config.variant == "select" else None
   sparse_layers = log["sparse_layers"]
 
@@ -431,7 +431,8 @@ def _train_loop(config, state, log, rec, corpus, mesh, end, say) -> dict:
     if config.checkpoint_every and step % config.checkpoint_every == 0 and step < end:
       rec.checkpoint(step, state, log)
   if step < config.steps:  # stopped early (stop_at_step or non-finite loss)
-    rec.checkpoint(step, state, log)
+    if step > start:  # else the newest checkpoint already holds this step
+      rec.checkpoint(step, state, log)
     return log
   if sparse_layers is None and config.variant == "select":  # select_step == steps
     log["sparse_layers"] = sparse_layers = _rank_layers(config, state)[1]
@@ -466,7 +467,9 @@ def _train_step(config, state, log, rec, corpus, train_step, batch_sh, step):
   state, loss = train_step(state, jax.device_put(batch, batch_sh))
   loss = float(loss)
   dt, dc = time.perf_counter() - t0, time.process_time() - c0
-  entry = {"step": step, "loss": loss, "step_time_s": dt, "step_cpu_s": dc}
+  # The 1-minute load average: other processes on the machine slow the step.
+  load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+  entry = {"step": step, "loss": loss, "step_time_s": dt, "step_cpu_s": dc, "load1": load1}
   log["train"].append(entry)
   rec.record("train", entry, {"train/loss": loss, "train/step_time_s": dt})
   return state, loss

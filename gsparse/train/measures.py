@@ -83,6 +83,7 @@ def final_entry(
     "median_step_cpu_s": statistics.median(
       [r.get("step_cpu_s", float("nan")) for r in log["train"][1:]] or [float("nan")]
     ),
+    "mean_load1": mean_load(log["train"][1:]),
     "wall_time_s": wall_time_s,
     "layer_specs": layer_specs,
     "sparsity": measured,
@@ -92,3 +93,9 @@ def final_entry(
     "spearman_layer_norm_vs_neg_min_k": rank.spearman(norms.mean(1), -mink.mean(1)),
     "spearman_head_norm_vs_neg_effective_support": rank.spearman(norms.ravel(), -eff.ravel()),
   }
+
+
+def mean_load(train: list[dict]) -> float:
+  """Mean 1-minute load average over the `train` entries (NaN where none logged it)."""
+  loads = [r["load1"] for r in train if "load1" in r]
+  return statistics.mean(loads) if loads else float("nan")

@@ -99,6 +99,16 @@ def _with_segments(mask, segment_ids):
   return nn.combine_masks(mask, nn.make_attention_mask(segment_ids, segment_ids, jnp.equal))
 
 
+def _with_causal(mask, query, key, is_causal: bool):
+  """`mask` and'ed with the dense `[1, 1, T, S]` causal mask when `is_causal`
+  (top-left aligned, as `topk_attention(is_causal=True)`)."""
+  if not is_causal:
+    return mask
+  t, s = query.shape[-3], key.shape[-3]
+  causal = jnp.tril(jnp.ones((t, s), jnp.bool_))[None, None]
+  return causal if mask is None else nn.combine_masks(mask, causal)
+
+
 def _dense_fn(query, key, value, mask=None, dtype=None, precision=None, segment_ids=None, **kw):
   del kw
   mask = _with_segments(mask, segment_ids)
@@ -148,20 +158,34 @@ def measuring_attention_fn(spec: AttentionSpec, measure: MeasureSpec) -> Callabl
   """
   fn = make_attention_fn(spec)
 
-  def wrapped(query, key, value, mask=None, module=None, segment_ids=None, **kwargs):
+  def wrapped(
+    query, key, value, mask=None, module=None, segment_ids=None, is_causal=False, **kwargs
+  ):
+    if spec.kind != "dense":  # flax's dense attention has no is_causal argument
+      kwargs["is_causal"] = is_causal
     if module is None:
       return fn(query, key, value, mask=mask, segment_ids=segment_ids, **kwargs)
-    mask = _with_segments(mask, segment_ids)  # the measurements are dense anyway
-    bmask = _bool_mask(mask)
+    # The measurements are dense anyway: one [B, N, T, S] mask with the causal
+    # and segment masks folded in.
+    dmask = _with_segments(_with_causal(mask, query, key, is_causal), segment_ids)
+    bmask = _bool_mask(dmask)
     q, k, v = (jax.lax.stop_gradient(x) for x in (query, key, value))
     p = attention_weights(q, k, mask=bmask)  # [B, N, T, S]
     if spec.kind == "dense":
-      out = fn(query, key, value, mask=mask, **kwargs)
+      out = fn(query, key, value, mask=mask, segment_ids=segment_ids, **kwargs)
       kept = jnp.sum(p > 0, axis=-1).astype(jnp.float32)  # [B, N, T]
       own = jnp.zeros_like(kept)
     else:
       res = sparse_attention(
-        query, key, value, None, bmask, policy=spec.policy(), return_residuals=True
+        query,
+        key,
+        value,
+        None,
+        _bool_mask(mask),
+        policy=spec.policy(),
+        return_residuals=True,
+        is_causal=is_causal,
+        segment_ids=segment_ids,
       )
       out = res.output
       kept = jnp.swapaxes(res.num_kept.astype(jnp.float32), -2, -1)
@@ -273,6 +297,9 @@ class TransformerLM(nn.Module):
     x = nn.Embed(cfg.vocab_size, cfg.d_model, name="embed")(tokens)
     pos = self.param("pos_embed", nn.initializers.normal(0.02), (cfg.max_len, cfg.d_model))
     x = x + pos[:t]
+    # Dense layers get flax's [B, 1, T, T] causal mask (the baseline a user
+    # starts from); sparse layers get `is_causal=True`, an index range of the
+    # chunked selection, so no T x T array is built in their path.
     mask = nn.make_causal_mask(tokens)
     # Packed documents: a segment starts at each 0 byte (the file separator of
     # gsparse.train.data); top-k layers take the ids as index ranges, no T x T mask.
@@ -282,7 +309,11 @@ class TransformerLM(nn.Module):
         fn = make_attention_fn(spec)
       else:
         fn = measuring_attention_fn(spec, self.measure)
-      x = Block(cfg, fn, name=f"block_{i}")(x, mask, measure, segment_ids)
+      if spec.kind == "dense":
+        x = Block(cfg, fn, name=f"block_{i}")(x, mask, measure, segment_ids)
+      else:
+        fn = functools.partial(fn, is_causal=True)
+        x = Block(cfg, fn, name=f"block_{i}")(x, None, measure, segment_ids)
     x = nn.LayerNorm(name="ln_final")(x)
     return nn.Dense(cfg.vocab_size, name="head")(x)
 

@@ -1,0 +1,67 @@
+"""Sums over the cells of an order statistic and the scan over m (Theorems 1 and 1R).
+
+Shared by the order-statistic core (Lemma 5) and the Chernoff core (Lemma 6) of
+docs/theory.md, section 3.
+"""
+
+from __future__ import annotations
+
+from gsparse.bounds import _npsearch, _xp
+from gsparse.bounds._common import _safety
+
+
+def _sum_over_g_cells(nm1, m, c, b, head_nm1=None):
+  """`P(K >= m) <= P(G <= c_0) + sum_l P(G in (c_{l-1}, c_l]) Bt_l + P(G > c_L)` (Lemma 5).
+
+  `G` is the m-th largest of `nm1` standard normals, `b[..., l]` bounds the
+  conditional failure probability on the cell `(c_l, c_{l+1}]` and `Bt` is its
+  running maximum; Abel summation leaves only nonnegative coefficients of the
+  rounded-up binomial tails `T_l = P(G > c_l)`. `m` broadcasts against
+  `b[..., 0]` (one `m` per leading index of `b`). `head_nm1` (default `nm1`) is the
+  number of normals in `P(G <= c_0)` (Lemma 6's uniform-in-n form for causal rows).
+  """
+  xp = _xp.of(nm1, m, c, b)
+  inv_safe = 1.0 / _safety(c.dtype)
+  bt = xp.cummax(b, axis=-1)  # non-decreasing in l
+  rest = xp.maximum(nm1 - m + 1.0, 1.0)
+  t = xp.betainc_rows(m, rest, xp.ndtr(-c))  # [..., L + 1], depends on n and m only
+  t = xp.minimum(t * inv_safe, 1.0)
+  rest_h = rest if head_nm1 is None else xp.maximum(head_nm1 - m + 1.0, 1.0)
+  head = xp.minimum(xp.betainc(rest_h, m, xp.ndtr(c[0])) * inv_safe, 1.0)
+  body = xp.sum(t[..., 1:-1] * (bt[..., 1:] - bt[..., :-1]), axis=-1)
+  total = head + t[..., 0] * bt[..., 0] + body + t[..., -1] * (1.0 - bt[..., -1])
+  return xp.minimum(total, 1.0)
+
+
+# m values whose bound is checked at one cell per step of the Theorem-1 scan.
+_SCAN_CHUNK = 32
+
+
+def _first_admissible_m(n, cell_fail, drow, witness):
+  """The first `m` in `1, ..., n - 1` whose bound `max_cells cell_fail(m)` is `<= drow`, else `n`.
+
+  Every m is decided as by checking the bounds in order (`fail(m) > drow`
+  means "not admissible"), but cheaply: `fail(m) > drow` as soon as one cell
+  (the witness, the worst cell of the last rejected m) exceeds `drow`, so the
+  witness cell is evaluated at `_SCAN_CHUNK` m at once and all cells only at
+  the first m it does not reject (if that m is rejected, its worst cell
+  becomes the witness). A bisection would need the bound to be monotone in m,
+  which it need not be; the first hit makes k monotone in eps.
+  """
+  xp = _xp.of(n, drow)
+  if xp is _xp.NP:
+    return _npsearch.first_admissible_m(n, cell_fail, drow, witness, _SCAN_CHUNK)
+  steps = xp.arange(_SCAN_CHUNK, dtype=n.dtype)
+
+  def body(state):
+    m0, w, _ = state
+    ms = m0 + steps
+    ok_w = ~(cell_fail(ms, w[None])[..., 0] > drow) | (ms >= n)
+    m1 = xp.where(xp.any(ok_w), ms[xp.argmax(ok_w)], m0 + _SCAN_CHUNK)
+    full = cell_fail(m1)
+    done = (m1 >= n) | ~(xp.max(full) > drow)
+    return xp.where(done, m1, m1 + 1.0), xp.where(done, w, xp.argmax(full)), done
+
+  init = (xp.ones_like(n), xp.asarray(witness), xp.asarray(False))
+  m, _, _ = xp.while_loop(lambda state: ~state[2], body, init)
+  return xp.minimum(m, n)

@@ -1,0 +1,173 @@
+"""The NumPy evaluation of the bounds: no jax operation, and its shortcuts change no bit.
+
+On Python numbers the bounds run in NumPy (`gsparse/bounds/_xp.py`) with three
+shortcuts: cells checked worst-first (`_npsearch`), binomial-tail rows kept
+(`betainc_rows`) and a memoised root (`memo_scalar`). Here each is checked
+against the plain evaluation bit for bit, and the NumPy path against the jax
+one under jit (slow: it compiles the bounds).
+"""
+
+from __future__ import annotations
+
+import collections
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.special as sps
+from jax._src import core
+
+import gsparse.bounds as B
+from gsparse.bounds import _npsearch, _xp, error, row, sparsity, tau
+
+_W = np.random.default_rng(1).standard_normal((2, 2, 8, 2, 4)).astype(np.float32)
+
+
+def _random_settings(key, count):
+  """`count` rows of (n, sigma, eps, k, frob, op, gram, row tau), float64, seeded by `key`."""
+  u = np.asarray(jax.random.uniform(key, (count, 7)), np.float64)
+  n = np.round(2.0 ** (4 + 8 * u[:, 0]))  # 16 .. 4096
+  sigma = 0.5 + u[:, 1]
+  eps = 0.005 + 0.1 * u[:, 2]
+  k = np.round(1 + 40 * u[:, 3])
+  op = 0.5 + 2.0 * u[:, 4]
+  frob = op * (1.0 + 3.0 * u[:, 5])  # ||M||_F >= ||M||_op
+  gram = np.sqrt(op**2 * frob**2)  # between ||M||_op^2 and ||M||_F^2 (sum of s^4 <= op^2 sum s^2)
+  return n, sigma, eps, k, frob, op, gram, 3.0 * u[:, 6]
+
+
+class _Binds:
+  """Counts the jax primitives bound while active; under `disable_jit`, every jax operation."""
+
+  def __init__(self):
+    self.seen = collections.Counter()
+
+  def __enter__(self):
+    self._orig = core.Primitive.bind
+    seen, orig = self.seen, self._orig
+
+    def bind(prim, *args, **params):
+      seen[prim.name] += 1
+      return orig(prim, *args, **params)
+
+    core.Primitive.bind = bind
+    self._nojit = jax.disable_jit()
+    self._nojit.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    self._nojit.__exit__(*exc)
+    core.Primitive.bind = self._orig
+
+
+def test_python_number_calls_run_no_jax_operation():
+  norms = B.InteractionNorms(3.0, 1.2, 2.0)
+  jax.block_until_ready(B.rank_layers_by_sparsity(_W[0], _W[1], n=64, eps=0.1))  # stages weights
+  with _Binds() as binds:
+    jnp.add(1.0, 2.0)  # the counter sees a jax operation, so an empty count below means none ran
+    assert binds.seen["add"] >= 1
+    binds.seen.clear()
+    for i, sigma in enumerate((0.9, 1.1)):
+      jax.block_until_ready(
+        [
+          B.tau_range(512 + i, sigma, norms),
+          B.sparsity_bound(64 + i, sigma, norms, eps=0.05 + 0.01 * i),
+          B.sparsity_eps_bound(64, sigma, norms, k=4 + i),
+          B.topk_error_bound(64, sigma, norms, k=4 + i, value_norm=1.0),
+          B.value_norm_bound(64, sigma, norms, delta=1e-3),
+          B.row_sparsity_bound(16, 2.0 * sigma, eps=0.1, delta=1e-3),
+        ]
+      )
+    scalar_ops = dict(binds.seen)
+    r = B.rank_layers_by_sparsity(_W[0] * np.float32(1.1), _W[1], n=65, eps=0.1, sigma=0.9)
+    jax.block_until_ready(r)
+  assert scalar_ops == {}, scalar_ops
+  # The weights are staged on the device (`stage`, a transfer); nothing is computed there.
+  assert set(binds.seen) <= {"stage"}, binds.seen
+
+
+def _plain(monkeypatch):
+  """Turns the three NumPy shortcuts off: every cell evaluated, nothing kept."""
+  monkeypatch.setattr(_npsearch, "_BATCH", 10**9)
+  monkeypatch.setattr(
+    _xp.NP, "betainc_rows", lambda a, b, x: sps.betainc(a[..., None], b[..., None], x)
+  )
+  monkeypatch.setattr(tau, "_solve_w_minus_log_w", tau._solve_w_minus_log_w.__wrapped__)
+
+
+def test_numpy_shortcuts_change_no_bit(monkeypatch):
+  n, sigma, eps, k, frob, op, gram, row_tau = _random_settings(jax.random.key(0), 4)
+  evals = {
+    "sparsity": lambda f32: sparsity._SPARSITY.numpy(
+      [n, sigma, eps, 1e-4, frob, op, gram], np.float64, margin_dtype=f32
+    ),
+    "eps": lambda f32: sparsity._EPS.numpy(
+      [n, sigma, k, 1e-4, frob, op, gram], np.float64, margin_dtype=f32
+    ),
+    "row": lambda f32: row._ROW.numpy([n, row_tau, eps, 1e-4], np.float64, margin_dtype=f32),
+    "error": lambda f32: error._ERROR.numpy(
+      [n, sigma, k, 1e-4, frob, op, gram, 0.0, 0.0, 0.0, 1.0],
+      np.float64,
+      margin_dtype=f32,
+      given=True,
+    ),
+  }
+  fast = {}
+  for name, run in evals.items():
+    _xp._ROWS.clear()
+    fast[name] = run(np.float32)  # float32 margins, as in the default dtype
+    warm = run(np.float32)  # the kept rows and roots, read back
+    for a, b in zip(fast[name], warm, strict=True):
+      np.testing.assert_array_equal(a, b)
+  _plain(monkeypatch)
+  for name, got in fast.items():
+    for a, b in zip(got, evals[name](np.float32), strict=True):
+      np.testing.assert_array_equal(a, b, err_msg=name)
+  # The settings exercise the searches: Theorem-1 k moved past the first scan chunk somewhere.
+  assert np.any(fast["sparsity"][0] > 32), fast["sparsity"][0]
+
+
+def test_betainc_rows_are_the_broadcast_betainc_and_the_store_stays_bounded(monkeypatch):
+  x = np.linspace(0.0, 1.0, 17)
+  a = np.array([[1.0, 2.0, 3.0], [1.0, 5.0, 3.0]])
+  b = np.array([[10.0], [20.0]])
+  want = sps.betainc(a[..., None], b[..., None], x)
+  _xp._ROWS.clear()
+  np.testing.assert_array_equal(_xp.NP.betainc_rows(a, b, x), want)
+  np.testing.assert_array_equal(_xp.NP.betainc_rows(a, b, x), want)  # read back
+  assert sum(len(r) for r in _xp._ROWS.values()) == 6  # one row per distinct (a, b)
+  monkeypatch.setattr(_xp, "_MAX_ROWS", 6)
+  _xp.NP.betainc_rows(np.arange(4.0) + 10.0, 1.0, x)  # 6 + 4 > 6: emptied, then these 4 kept
+  assert sum(len(r) for r in _xp._ROWS.values()) == 4
+
+
+@pytest.mark.slow  # one jit of four bounds: 45 s to 2.5 min on the shared 2-core machine
+def test_numpy_path_matches_the_jitted_jax_path():
+  n, sigma, eps, k, frob, op, gram, row_tau = _random_settings(jax.random.key(2), 8)
+  norms = B.InteractionNorms(frob, op, gram)
+  f32 = lambda *xs: [jnp.asarray(x, jnp.float32) for x in xs]
+
+  @jax.jit
+  def traced(n, sigma, eps, k, frob, op, gram, row_tau):
+    nm = B.InteractionNorms(frob, op, gram)
+    return (
+      B.sparsity_bound(n, sigma, nm, eps=eps),
+      B.sparsity_eps_bound(n, sigma, nm, k=k),
+      B.row_sparsity_bound(n, row_tau, eps=eps, delta=1e-4),
+      B.tau_range(n, sigma, nm),
+    )
+
+  got = traced(*f32(n, sigma, eps, k, frob, op, gram, row_tau))
+  eager = (  # NumPy arrays: the NumPy path
+    B.sparsity_bound(n, sigma, norms, eps=eps),
+    B.sparsity_eps_bound(n, sigma, norms, k=k),
+    B.row_sparsity_bound(n, row_tau, eps=eps, delta=1e-4),
+    B.tau_range(n, sigma, norms),
+  )
+  for g, e in zip(jax.tree.leaves(got), jax.tree.leaves(eager), strict=True):
+    g, e = np.asarray(g), np.asarray(e)
+    if g.dtype == bool or np.all(np.round(e) == e):  # integer outputs: identical
+      np.testing.assert_array_equal(g, e)
+    else:  # float32 XLA against float64 NumPy rounded to float32
+      np.testing.assert_allclose(g, e, rtol=2e-5)
