@@ -55,8 +55,10 @@ def test_default_is_auto_and_gives_full_results():
 def test_auto_selection_by_platform():
   q, k = jnp.ones((2, 64, 4, 8)), jnp.ones((2, 4096, 4, 8))
   cpu = auto_selection(q, k, scale=0.5, platform="cpu")
-  assert isinstance(cpu, ExactSelection) and cpu.query_chunk == 128  # 2**19 // 4096
-  assert auto_selection(q, jnp.ones((1, 16, 1, 8)), scale=0.5, platform="cpu").query_chunk == 512
+  assert isinstance(cpu, ExactSelection) and cpu.query_chunk == 128  # at most 128 rows
+  for s, rows in ((16, 128), (1 << 16, 32)):  # 2**21 logits // S
+    chunk = auto_selection(q, jnp.ones((1, s, 1, 8)), scale=0.5, platform="cpu").query_chunk
+    assert chunk == rows
   for platform in ("gpu", "tpu"):
     assert isinstance(auto_selection(q, k, scale=0.5, platform=platform), FusedExactSelection)
     # Index-range masks: the kernel takes none, so "auto" picks the chunked route itself.

@@ -28,6 +28,7 @@ from gsparse.selection._common import (
   row_logsumexp,
   rows_logits,
 )
+from gsparse.selection._exact_grad import fused_attend
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,19 +117,25 @@ def select_and_attend(
   """Exact selection that also attends over the kept keys in the same chunk loop.
 
   The logits each chunk already holds give the kept weights, so the kept keys
-  are never gathered again; `topk_attention` takes this route for "exact" on
-  the XLA gather path. Inputs as `ExactSelection.select`, plus `value`
-  `[batch..., S, K, Hv]`, `adm`, the index-range masks
-  (`gsparse._admissible`), and `row_lse` (also the log-sum-exp of every row).
+  are never gathered in the forward; `topk_attention` takes this route for
+  "exact" (and "auto" on CPU) on the XLA gather path. Differentiable
+  (`gsparse.selection._exact_grad`): the backward re-gathers the kept keys
+  from O(T k) residuals, the selection gets no gradient. Inputs as
+  `ExactSelection.select`, plus `value` `[batch..., S, K, Hv]`, `adm`, the
+  index-range masks (`gsparse._admissible`), and `row_lse` (also the
+  log-sum-exp of every row).
 
   Returns:
     `(selection, output [batch..., T, N, Hv] in the compute dtype,
     logsumexp [batch..., T, N] over the kept keys)`.
   """
   k = min(k, key.shape[-3])
-  statics = dict(k=k, is_causal=is_causal, cfg=config, precision=precision, row_lse=row_lse)
-  idx, nxt, num, *all_lse, out, lse = _exact_heads(
-    query, key, value, mask, bias, adm, scale, **statics
+  statics = (
+    ("k", k), ("is_causal", is_causal), ("cfg", config), ("precision", precision),
+    ("row_lse", row_lse),
+  )  # fmt: skip
+  idx, nxt, num, *all_lse, out, lse = fused_attend(
+    _exact_heads, statics, query, key, value, bias, scale, mask, adm
   )
   return SelectionResult(idx, nxt, num, None, *all_lse), out, lse
 
@@ -347,43 +354,20 @@ def _exact_rows(xs, kmat, vmat, *, adm, k, scale, is_causal, cfg, precision, row
     sel = (idx, nxt, num, row_logsumexp(logits)) if row_lse else (idx, nxt, num)
     if vmat is None:
       return sel
-    return *sel, *_attend_chunk(qc, kmat, vmat, bc, logits, idx, **common)
+    return *sel, *_attend_chunk(vmat, logits, idx, dtype=dtype, precision=precision)
 
   return jax.lax.map(body, xs)
 
 
-def _attend_chunk(qc, kmat, vmat, bc, logits, idx, *, scale, dtype, precision):
+def _attend_chunk(vmat, logits, idx, *, dtype, precision):
   """`(output [c, Hv], logsumexp [c])` over the kept keys `idx` of a chunk.
 
-  The kept logits are read back from `logits` (their forward values are
-  top_k's); the gradient flows through the kept keys only
-  (`_kept_logit_grad_path`).
+  The kept logits are read back from `logits` (their values are top_k's).
+  Never differentiated: `gsparse.selection._exact_grad` gives the derivatives.
   """
   ok = idx >= 0
   safe = jnp.where(ok, idx, 0)
-  kept = jnp.take_along_axis(jax.lax.stop_gradient(logits), safe, axis=1)
-  kept = kept + _kept_logit_grad_path(qc, kmat, bc, safe, ok, scale, dtype, precision)
-  w, lse = masked_softmax_lse(kept, ok)
+  w, lse = masked_softmax_lse(jnp.take_along_axis(logits, safe, axis=1), ok)
   # An empty slot reads a zero row, not value row 0 (0 * NaN would reach the row).
   vg = jnp.where(ok[..., None], jnp.take(vmat, safe, axis=0, mode="clip"), 0).astype(dtype)
   return jnp.einsum("tk,tkv->tv", w, vg, precision=precision), lse
-
-
-def _kept_logit_grad_path(qc, kmat, bc, safe, ok, scale, dtype, precision):
-  """Zero in the forward; in the backward, the gradient of the kept logits.
-
-  The kept logits are recomputed from the `[c, k]` kept keys, `e`, and
-  `e - stop_gradient(e)` is added: its value is 0 (NaN only where the kept
-  logit is NaN or infinite, a row that is NaN anyway), its gradient that of
-  the kept logits. Differentiating the `[c, S]` logit matrix instead would
-  send `0 * k_j` into dq for every key, and a NaN key the row does not keep
-  (masked, `-inf` bias) would make dq NaN.
-  """
-  kg = jnp.where(ok[..., None], jnp.take(kmat, safe, axis=0), 0)  # [c, k, H]
-  e = jnp.einsum("th,tkh->tk", qc, kg, precision=precision, preferred_element_type=dtype)
-  e = e.astype(dtype) * jnp.asarray(scale, dtype)
-  if bc is not None:
-    bfull = jnp.broadcast_to(bc, (safe.shape[0], kmat.shape[0])).astype(dtype)
-    e = e + jnp.take_along_axis(bfull, safe, axis=1)
-  e = jnp.where(ok, e, 0)
-  return e - jax.lax.stop_gradient(e)
