@@ -342,6 +342,9 @@ _error_vmapped = jax.jit(jax.vmap(_error_of))
 _error_batch = jax.jit(_error_of)
 
 
+# Slow since the Chernoff core (a minute of jitted grids); the default step keeps
+# vmap of topk_error_bound in bounds_test.py::test_error_bound_vmaps_and_is_monotone_in_k.
+@pytest.mark.slow
 @_settings(10)
 @given(_sparsity_setting(B_SIZE), st.data())
 def test_topk_error_bound_vmap_equals_per_element(setting, data):

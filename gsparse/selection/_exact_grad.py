@@ -117,7 +117,28 @@ def kept_attention(idx, query, key, value, bias, scale, *, precision):
 
 
 def _zero_tangent(x: jax.Array):
-  """The zero tangent of an output without gradient (float0 for integers)."""
+  """The zero tangent of an output without gradient (float0 for integers).
+
+  Under `jax.shard_map` a tangent must vary over the same manual mesh axes as
+  its primal; `zeros_like` inherits them, a float0 constant is cast to them.
+  """
   if jnp.issubdtype(x.dtype, jnp.inexact):
     return jnp.zeros_like(x)
-  return np.zeros(x.shape, jax.dtypes.float0)
+  z = np.zeros(x.shape, jax.dtypes.float0)
+  vma = _varying_axes(x)
+  return _to_varying(z, vma) if vma else z
+
+
+def _varying_axes(x) -> tuple:
+  """The manual mesh axes `x` varies over (`aval.mat.varying`; `aval.vma` in older jax)."""
+  aval = jax.typeof(x)
+  mat = getattr(aval, "mat", None)
+  axes = getattr(mat, "varying", None) if mat is not None else getattr(aval, "vma", None)
+  return tuple(sorted(axes or ()))
+
+
+def _to_varying(z, axes):
+  """`z` marked as varying over the manual mesh `axes` (jax's pcast, or pvary before it)."""
+  if hasattr(jax.lax, "pcast"):
+    return jax.lax.pcast(z, axes, to="varying")
+  return jax.lax.pvary(z, axes)
