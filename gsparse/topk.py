@@ -453,12 +453,9 @@ def _plan(
 
   `ranges`: the index-range keywords (lengths, window, segment ids) for
   `gsparse._admissible.build`; the "full" route folds them into `mask`."""
-  *batch, t, n, _ = query.shape
+  *batch, t, n, h = query.shape
   s = key.shape[-3]
   adm = _admissible.build(tuple(batch), t, s, **ranges)
-  if adm is not None and (resolve_selection(selection) == "full" or query.size == 0):
-    mask, bias = _admissible.fold_into_mask(adm, mask, bias, tuple(batch), n, t, s)
-    adm = None  # the logit matrix exists anyway on this route: a dense mask costs no more
   k = min(_checks.check_int("k", k, minimum=1), key.shape[-3])  # k > S is dense: clip
   config = resolve_selection(selection)
   impl = resolve_implementation(implementation)
@@ -468,13 +465,15 @@ def _plan(
   # Every route gets the checked mask with any `-inf` bias folded in (the
   # certificate's value reach reads the same one).
   mask, bias = _checks.check_mask_and_bias(mask, bias, (*batch, n, t, s))
+  full = config == "full" or query.size == 0  # nothing to select in an empty query
+  if full and adm is not None:  # the logit matrix exists anyway: a dense mask costs no more
+    mask, adm = _admissible.and_masks(mask, _admissible.dense_mask(adm, tuple(batch), t, s)), None
   mask, bias = fold_neg_inf_bias(mask, bias)
-  if config == "full" or query.size == 0:  # nothing to select in an empty query
+  if full:
     return _Plan("full", impl, k, scale, bias, mask)
   _checks.check_scale(scale)
   if not isinstance(is_causal, bool):
     raise TypeError(f"is_causal must be a bool, got {is_causal!r}")
-  h = query.shape[-1]
   scale = 1.0 / float(h) ** 0.5 if scale is None else scale
   if config == AUTO:  # the one place the default is resolved
     config = auto_selection(query, key, scale=scale, ranges=adm is not None)
