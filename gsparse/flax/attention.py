@@ -242,7 +242,7 @@ def sparse_attention(
       scale=scale,
       precision=precision,
       selection=topk_kwargs.get("selection", _topk.DEFAULT_SELECTION),
-      **_gather_kwargs(topk_kwargs),
+      implementation=topk_kwargs.get("implementation"),
     )
   res = sparse_gather_attention(
     query,

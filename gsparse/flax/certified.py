@@ -91,7 +91,7 @@ def certified_subset(
     assume_unique=True,
     return_residuals=True,
     precision=precision,
-    **({} if implementation is None else {"implementation": implementation}),
+    implementation=implementation,
   )
   tail_k = _topk.selection_tail_bound(sel, pre.logsumexp)
   exact = _topk.selection_exact_tail(sel, pre.logsumexp, tail_k)
