@@ -99,16 +99,6 @@ def _with_segments(mask, segment_ids):
   return nn.combine_masks(mask, nn.make_attention_mask(segment_ids, segment_ids, jnp.equal))
 
 
-def _with_causal(mask, query, key, is_causal: bool):
-  """`mask` and'ed with the dense `[1, 1, T, S]` causal mask when `is_causal`
-  (top-left aligned, as `topk_attention(is_causal=True)`)."""
-  if not is_causal:
-    return mask
-  t, s = query.shape[-3], key.shape[-3]
-  causal = jnp.tril(jnp.ones((t, s), jnp.bool_))[None, None]
-  return causal if mask is None else nn.combine_masks(mask, causal)
-
-
 def _dense_fn(query, key, value, mask=None, dtype=None, precision=None, segment_ids=None, **kw):
   del kw
   mask = _with_segments(mask, segment_ids)
@@ -165,12 +155,11 @@ def measuring_attention_fn(spec: AttentionSpec, measure: MeasureSpec) -> Callabl
       kwargs["is_causal"] = is_causal
     if module is None:
       return fn(query, key, value, mask=mask, segment_ids=segment_ids, **kwargs)
-    # The measurements are dense anyway: one [B, N, T, S] mask with the causal
-    # and segment masks folded in.
-    dmask = _with_segments(_with_causal(mask, query, key, is_causal), segment_ids)
-    bmask = _bool_mask(dmask)
+    # The measurements are dense anyway: one [B, N, T, S] mask with the segment
+    # mask folded in, and the causal rule of the layer.
+    bmask = _bool_mask(_with_segments(mask, segment_ids))
     q, k, v = (jax.lax.stop_gradient(x) for x in (query, key, value))
-    p = attention_weights(q, k, mask=bmask)  # [B, N, T, S]
+    p = attention_weights(q, k, mask=bmask, is_causal=is_causal)  # [B, N, T, S]
     if spec.kind == "dense":
       out = fn(query, key, value, mask=mask, segment_ids=segment_ids, **kwargs)
       kept = jnp.sum(p > 0, axis=-1).astype(jnp.float32)  # [B, N, T]
@@ -190,7 +179,9 @@ def measuring_attention_fn(spec: AttentionSpec, measure: MeasureSpec) -> Callabl
       out = res.output
       kept = jnp.swapaxes(res.num_kept.astype(jnp.float32), -2, -1)
       own = jnp.swapaxes(res.tail_mass_bound, -2, -1)
-    _, stats = topk_attention(q, k, v, mask=bmask, k=measure.k, return_stats=True)
+    _, stats = topk_attention(
+      q, k, v, mask=bmask, k=measure.k, is_causal=is_causal, return_stats=True
+    )
     tb = jnp.swapaxes(stats.tail_mass_bound, -2, -1)
     per_head = {
       "min_k": min_sparse_k(p, eps=measure.eps).astype(jnp.float32),
