@@ -31,7 +31,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from gsparse._layout import pad_axis, round_up
-from gsparse.kernels._common import DOT_PRECISION, interpret_arg, next_pow2
+from gsparse.kernels._common import DOT_PRECISION, Ranges, interpret_arg, next_pow2, range_mask
 from gsparse.kernels.key_major import group_sum, key_major
 from gsparse.kernels.nonfinite import finite_part
 
@@ -54,16 +54,21 @@ def _tile(q, kb, vb, do, lse, delta, valid, scale):
   return p, jnp.where(ok, p * (dp - delta), 0.0)
 
 
-def _valid(qpos, kpos, *, num_keys, num_queries, is_causal):
+def _valid(qpos, kpos, rng, *, num_keys, num_queries, is_causal, window):
+  """The forward's mask of one tile; `rng`: None or `(q_len, kv_len, q_seg, kv_seg)`."""
   valid = (kpos < num_keys) & (qpos < num_queries)
+  if rng is not None:
+    valid = valid & range_mask(qpos, kpos, *rng, window)
   return valid & (kpos <= qpos) if is_causal else valid
 
 
 def _dq_kernel_gpu(
-  bidx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, dq_ref, *, scale, block_k, mask
+  bidx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, block_k, mask
 ):
   """Program `(query block, b, n)`. Refs: bidx `[nb]`, q `[bq, H]`, K `[Sp, H]`,
-  V `[Sp, Hv]`, dO `[bq, Hv]`, lse/delta `[bq]`, dq `[bq, H]` float32."""
+  V `[Sp, Hv]`, dO `[bq, Hv]`, lse/delta `[bq]`, with index ranges lengths `[2]`,
+  query ids `[bq]` and key ids `[Sp]` (as the forward), then dq `[bq, H]` float32."""
+  *ranges, dq_ref = refs
   bq = q_ref.shape[0]
   q, do = q_ref[...], do_ref[...]
   lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]
@@ -75,7 +80,11 @@ def _dq_kernel_gpu(
     start = jnp.maximum(blk, 0) * block_k
     kb = k_ref[pl.ds(start, block_k), :]
     vb = v_ref[pl.ds(start, block_k), :]
-    valid = (blk >= 0) & mask(qpos, start + kcol)
+    rng = None
+    if ranges:
+      lens, qseg, kvseg = ranges
+      rng = (lens[0], lens[1], qseg[...][:, None], kvseg[pl.ds(start, block_k)][None, :])
+    valid = (blk >= 0) & mask(qpos, start + kcol, rng)
     _, ds = _tile(q, kb, vb, do, lse, delta, valid, scale)
     return dq + _dot(ds.astype(kb.dtype), finite_part(kb))
 
@@ -92,16 +101,16 @@ def _dkdv_kernel_gpu(
   do_ref,
   lse_ref,
   delta_ref,
-  dk_ref,
-  dv_ref,
-  *,
+  *refs,
   scale,
   block_q,
   mask,
 ):
   """Program `(key block, b, n)`. Refs: bounds `[2]` (its entries of the sorted
   list), rows `[M]` query-block ids in key-major order, K `[bk, H]`, V `[bk, Hv]`,
-  Q `[Tp, H]`, dO `[Tp, Hv]`, lse/delta `[Tp]`, dk `[bk, H]`, dv `[bk, Hv]`."""
+  Q `[Tp, H]`, dO `[Tp, Hv]`, lse/delta `[Tp]`, with index ranges lengths `[2]`,
+  key ids `[bk]` and query ids `[Tp]`, then dk `[bk, H]`, dv `[bk, Hv]`."""
+  *ranges, dk_ref, dv_ref = refs
   bk = k_ref.shape[0]
   kb, vb = k_ref[...], v_ref[...]
   kpos = pl.program_id(0) * bk + lax.broadcasted_iota(jnp.int32, (block_q, bk), 1)
@@ -113,7 +122,11 @@ def _dkdv_kernel_gpu(
     sl = pl.ds(start, block_q)
     q, do = q_ref[sl, :], do_ref[sl, :]
     lse, delta = lse_ref[sl][:, None], delta_ref[sl][:, None]
-    p, ds = _tile(q, kb, vb, do, lse, delta, mask(start + qrow, kpos), scale)
+    rng = None
+    if ranges:
+      lens, kvseg, qseg = ranges
+      rng = (lens[0], lens[1], qseg[sl][:, None], kvseg[...][None, :])
+    p, ds = _tile(q, kb, vb, do, lse, delta, mask(start + qrow, kpos, rng), scale)
     dv = dv + _dot(p.astype(do.dtype), do, _TN)
     return dk + _dot(ds.astype(q.dtype), finite_part(q), _TN), dv
 
@@ -125,7 +138,21 @@ def _dkdv_kernel_gpu(
 
 # Over 60 lines: two pallas_calls over the same padded operands, one BlockSpec per line.
 def _backward_gpu(
-  query, key, value, bidx, do, lse, delta, rows, offsets, *, block_q, block_k, interpret, **kw
+  query,
+  key,
+  value,
+  bidx,
+  do,
+  lse,
+  delta,
+  rows,
+  offsets,
+  ranges,
+  *,
+  block_q,
+  block_k,
+  interpret,
+  **kw,
 ):
   """Both GPU kernels; dk and dv per query head `[B, S, N, H]` float32."""
   b, tp, n, h = query.shape
@@ -151,6 +178,24 @@ def _backward_gpu(
   row = lambda w: pl.BlockSpec((None, block_q, None, w), lambda i, bb, nn: (bb, i, nn, 0))
   vec = pl.BlockSpec((None, block_q, None), lambda i, bb, nn: (bb, i, nn))
   whole_kv = lambda w: pl.BlockSpec((None, sp, None, w), lambda i, bb, nn: (bb, 0, nn // g, 0))
+  # Index ranges (as the forward): lengths, then the ids of the program's own
+  # block and all ids of the other side, read per block in the loop.
+  specs, args, lens_spec = ([], []), ([], []), pl.BlockSpec((None, 2), lambda i, bb, nn: (bb, 0))
+  if ranges is not None:
+    qseg, kvseg = pad_axis(ranges.q_seg, 1, tp), pad_axis(ranges.kv_seg, 1, sp)
+    specs = (
+      [
+        lens_spec,
+        pl.BlockSpec((None, block_q), lambda i, bb, nn: (bb, i)),
+        pl.BlockSpec((None, sp), lambda i, bb, nn: (bb, 0)),
+      ],
+      [
+        lens_spec,
+        pl.BlockSpec((None, block_k), lambda j, bb, nn: (bb, j)),
+        pl.BlockSpec((None, tp), lambda j, bb, nn: (bb, 0)),
+      ],
+    )
+    args = ([ranges.lengths, qseg, kvseg], [ranges.lengths, kvseg, qseg])
   dq = call(
     functools.partial(_dq_kernel_gpu, block_k=block_k, **kw),
     grid=(tp // block_q, b, n),
@@ -162,11 +207,12 @@ def _backward_gpu(
       row(hvp),
       vec,
       vec,
+      *specs[0],
     ],
     out_specs=row(hp),
     out_shape=jax.ShapeDtypeStruct((b, tp, n, hp), jnp.float32),
     name="gsparse_block_bwd_dq_gpu",
-  )(bidx, query, key, value, do, lse, delta)
+  )(bidx, query, key, value, do, lse, delta, *args[0])
   kblk = lambda w: pl.BlockSpec((None, block_k, None, w), lambda j, bb, nn: (bb, j, nn // g, 0))
   oblk = lambda w: pl.BlockSpec((None, block_k, None, w), lambda j, bb, nn: (bb, j, nn, 0))
   whole_q = lambda w: pl.BlockSpec((None, tp, None, w), lambda j, bb, nn: (bb, 0, nn, 0))
@@ -183,6 +229,7 @@ def _backward_gpu(
       whole_q(hvp),
       whole_vec,
       whole_vec,
+      *specs[1],
     ],
     out_specs=[oblk(hp), oblk(hvp)],
     out_shape=[
@@ -190,32 +237,33 @@ def _backward_gpu(
       jax.ShapeDtypeStruct((b, sp, n, hvp), jnp.float32),
     ],
     name="gsparse_block_bwd_dkdv_gpu",
-  )(bounds, rows, key, value, query, do, lse, delta)
+  )(bounds, rows, key, value, query, do, lse, delta, *args[1])
   return dq[..., :h], dk[:, :s_len, :, :h], dv[:, :s_len, :, :hv]
 
 
 def _dq_kernel_tpu(
   bidx_smem,
-  q_ref,
-  do_ref,
-  lse_ref,
-  delta_ref,
-  k_hbm,
-  v_hbm,
-  dq_ref,
-  kbuf,
-  vbuf,
-  sems,
-  *,
+  *refs,
   scale,
   block_k,
   mask,
+  has_ranges,
   group,
   num_blocks,
 ):
   """Grid step `(b, n, query block)`: as `_dq_kernel_gpu`, with K/V blocks copied
-  from HBM `[B, K, Sp, H]` into VMEM (as the forward TPU kernel), lse/delta `[bq, 1]`."""
+  from HBM `[B, K, Sp, H]` into VMEM (as the forward TPU kernel), lse/delta `[bq, 1]`.
+  With index ranges: prefetched lengths `[B * 2]`, query ids `[bq, 1]`, key ids
+  `[Sp / block_k, 1, block_k]`, as the forward."""
   from jax.experimental.pallas import tpu as pltpu
+
+  lens_smem = None
+  if has_ranges:
+    lens_smem, *refs = refs
+  q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm, *refs = refs
+  if has_ranges:
+    qseg_ref, kvseg_ref, *refs = refs
+  dq_ref, kbuf, vbuf, sems = refs
 
   b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   base = ((b * pl.num_programs(1) + n) * pl.num_programs(2) + i) * num_blocks
@@ -236,7 +284,10 @@ def _dq_kernel_tpu(
     ck.wait()
     cv.wait()
     kb = kbuf[...].astype(f32)
-    valid = (blk >= 0) & mask(qpos, start + kcol)
+    rng = None
+    if has_ranges:
+      rng = (lens_smem[2 * b], lens_smem[2 * b + 1], qseg_ref[...], kvseg_ref[jnp.maximum(blk, 0)])
+    valid = (blk >= 0) & mask(qpos, start + kcol, rng)
     _, ds = _tile(q, kb, vbuf[...].astype(f32), do, lse_ref[...], delta_ref[...], valid, scale)
     return dq + _dot(ds, finite_part(kb))
 
@@ -247,28 +298,26 @@ def _dq_kernel_tpu(
 def _dkdv_kernel_tpu(
   rows_smem,
   offs_smem,
-  k_ref,
-  v_ref,
-  q_hbm,
-  do_hbm,
-  lse_hbm,
-  delta_hbm,
-  dk_ref,
-  dv_ref,
-  qbuf,
-  dobuf,
-  lbuf,
-  dbuf,
-  sems,
-  *,
+  *refs,
   scale,
   block_q,
   mask,
+  has_ranges,
   num_rows,
 ):
   """Grid step `(b, n, key block)`: as `_dkdv_kernel_gpu`; its query blocks are
-  copied from HBM `[B, N, Tp, .]` into VMEM; rows/offsets are prefetched scalars."""
+  copied from HBM `[B, N, Tp, .]` into VMEM; rows/offsets are prefetched scalars.
+  With index ranges: prefetched lengths `[B * 2]`, key ids `[1, bk]` of this
+  block and query ids `[Tp / block_q, block_q, 1]`."""
   from jax.experimental.pallas import tpu as pltpu
+
+  lens_smem = None
+  if has_ranges:
+    lens_smem, *refs = refs
+  k_ref, v_ref, q_hbm, do_hbm, lse_hbm, delta_hbm, *refs = refs
+  if has_ranges:
+    kvseg_ref, qseg_ref, *refs = refs
+  dk_ref, dv_ref, qbuf, dobuf, lbuf, dbuf, sems = refs
 
   b, n, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   head = b * pl.num_programs(1) + n
@@ -283,7 +332,8 @@ def _dkdv_kernel_tpu(
 
   def body(e, carry):
     dk, dv = carry
-    start = rows_smem[head * num_rows + e] * block_q
+    row = rows_smem[head * num_rows + e]
+    start = row * block_q
     copies = [
       pltpu.make_async_copy(src.at[b, n, pl.ds(start, block_q)], buf, sems.at[c])
       for c, (src, buf) in enumerate(zip(srcs, bufs, strict=True))
@@ -293,7 +343,10 @@ def _dkdv_kernel_tpu(
     for c in copies:
       c.wait()
     q, do = qbuf[...].astype(f32), dobuf[...].astype(f32)
-    p, ds = _tile(q, kb, vb, do, lbuf[...], dbuf[...], mask(start + qrow, kpos), scale)
+    rng = None
+    if has_ranges:
+      rng = (lens_smem[2 * b], lens_smem[2 * b + 1], qseg_ref[row], kvseg_ref[...])
+    p, ds = _tile(q, kb, vb, do, lbuf[...], dbuf[...], mask(start + qrow, kpos, rng), scale)
     return dk + _dot(ds, finite_part(q), _TN), dv + _dot(p, do, _TN)
 
   lo, hi = offs_smem[head * nseg + j], offs_smem[head * nseg + j + 1]
@@ -305,7 +358,21 @@ def _dkdv_kernel_tpu(
 
 # Over 60 lines: two pallas_calls over the same head-major operands, one spec per line.
 def _backward_tpu(
-  query, key, value, bidx, do, lse, delta, rows, offsets, *, block_q, block_k, interpret, **kw
+  query,
+  key,
+  value,
+  bidx,
+  do,
+  lse,
+  delta,
+  rows,
+  offsets,
+  ranges,
+  *,
+  block_q,
+  block_k,
+  interpret,
+  **kw,
 ):
   """Both TPU kernels; dk and dv per query head `[B, S, N, H]` float32."""
   from jax.experimental.pallas import tpu as pltpu
@@ -324,12 +391,24 @@ def _backward_tpu(
     pl.pallas_call, interpret=interpret_arg("tpu", interpret), compiler_params=params
   )
   blk = lambda w: pl.BlockSpec((None, None, block_q, w), lambda bb, nn, i, *_: (bb, nn, i, 0))
+  # Index ranges (as the forward): lengths prefetched, query ids `[Tb, bq, 1]`
+  # and key ids `[nkb, 1, bk]` per batch element, one block or all of them.
+  kw["has_ranges"] = ranges is not None
+  lens, specs, args = [], ([], []), ([], [])
+  if ranges is not None:
+    lens = [ranges.lengths.reshape(-1)]
+    qseg = pad_axis(ranges.q_seg, 1, tp).reshape(b, tp // block_q, block_q, 1)
+    kvseg = pad_axis(ranges.kv_seg, 1, sp).reshape(b, sp // block_k, 1, block_k)
+    whole = lambda x: pl.BlockSpec((None, *x.shape[1:]), lambda bb, *_: (bb, 0, 0, 0))
+    one = lambda x: pl.BlockSpec((None, None, *x.shape[2:]), lambda bb, nn, i, *_: (bb, i, 0, 0))
+    specs = ([one(qseg), whole(kvseg)], [one(kvseg), whole(qseg)])
+    args = ([qseg, kvseg], [kvseg, qseg])
   dq = call(
     functools.partial(_dq_kernel_tpu, block_k=block_k, group=g, num_blocks=nb, **kw),
     grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
+      num_scalar_prefetch=1 + len(lens),
       grid=(b, n, tp // block_q),
-      in_specs=[blk(h), blk(hv), blk(1), blk(1), any_spec, any_spec],
+      in_specs=[blk(h), blk(hv), blk(1), blk(1), any_spec, any_spec, *specs[0]],
       out_specs=blk(h),
       scratch_shapes=[
         pltpu.VMEM((block_k, h), key.dtype),
@@ -339,7 +418,7 @@ def _backward_tpu(
     ),
     out_shape=jax.ShapeDtypeStruct((b, n, tp, h), jnp.float32),
     name="gsparse_block_bwd_dq_tpu",
-  )(head_major(bidx).reshape(-1), qt, dot_, lse_t, delta_t, kt, vt)
+  )(head_major(bidx).reshape(-1), *lens, qt, dot_, lse_t, delta_t, kt, vt, *args[0])
   kblk = lambda w: pl.BlockSpec(
     (None, None, block_k, w), lambda bb, nn, j, *_: (bb, lax.div(nn, g), j, 0)
   )
@@ -347,9 +426,9 @@ def _backward_tpu(
   dk, dv = call(
     functools.partial(_dkdv_kernel_tpu, block_q=block_q, num_rows=rows.shape[-1], **kw),
     grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=2,
+      num_scalar_prefetch=2 + len(lens),
       grid=(b, n, sp // block_k),
-      in_specs=[kblk(h), kblk(hv), any_spec, any_spec, any_spec, any_spec],
+      in_specs=[kblk(h), kblk(hv), any_spec, any_spec, any_spec, any_spec, *specs[1]],
       out_specs=[oblk(h), oblk(hv)],
       scratch_shapes=[
         pltpu.VMEM((block_q, h), query.dtype),
@@ -364,7 +443,7 @@ def _backward_tpu(
       jax.ShapeDtypeStruct((b, n, sp, hv), jnp.float32),
     ],
     name="gsparse_block_bwd_dkdv_tpu",
-  )(rows.reshape(-1), offsets.reshape(-1), kt, vt, qt, dot_, lse_t, delta_t)
+  )(rows.reshape(-1), offsets.reshape(-1), *lens, kt, vt, qt, dot_, lse_t, delta_t, *args[1])
   return head_major(dq), head_major(dk)[:, :s_len], head_major(dv)[:, :s_len]
 
 
@@ -378,11 +457,13 @@ def block_backward_pallas(
   lse: jax.Array,
   do: jax.Array,
   dlse: jax.Array | None,
+  ranges: Ranges | None = None,
   *,
   block_q: int,
   block_k: int,
   scale: float,
   is_causal: bool,
+  window: tuple[int, int] | None = None,
   num_queries: int,
   variant: str,
   interpret: bool,
@@ -398,10 +479,12 @@ def block_backward_pallas(
     lse: the saved log-sum-exp `[B, Tb * block_q, N]` float32.
     do: cotangent of `out`.
     dlse: None or cotangent of `lse`.
+    ranges: None or the forward's index ranges (`gsparse.kernels._common.Ranges`).
     block_q: queries per block.
     block_k: keys per block.
     scale: logit scale.
     is_causal: key position > query position is masked.
+    window: the forward's static local window `(left, right)`, or None.
     num_queries: the real T; padded query rows take no part.
     variant: "gpu" (Triton) or "tpu" (Mosaic).
     interpret: run the kernels in the Pallas (or TPU) interpreter.
@@ -416,7 +499,9 @@ def block_backward_pallas(
     delta = delta - dlse.astype(f32)
   _, order, offsets = key_major(bidx, num_ids=-(-s_len // block_k), segment=1)
   rows = order // bidx.shape[-1]  # the query block of each (query block, slot) pair
-  mask = functools.partial(_valid, num_keys=s_len, num_queries=num_queries, is_causal=is_causal)
+  mask = functools.partial(
+    _valid, num_keys=s_len, num_queries=num_queries, is_causal=is_causal, window=window
+  )
   run = _backward_gpu if variant == "gpu" else _backward_tpu
   dq, dk, dv = run(
     query,
@@ -428,6 +513,7 @@ def block_backward_pallas(
     delta,
     rows,
     offsets,
+    ranges,
     block_q=block_q,
     block_k=block_k,
     scale=scale,
