@@ -13,6 +13,8 @@ device compiles or runs them (no GPU or TPU ran these tests).
 
 from __future__ import annotations
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -208,6 +210,33 @@ def test_public_route_under_vmap_runs_the_kernel_per_example():
   out = batched(*args)
   ref = jax.jit(jax.vmap(one("xla")))(*args)
   np.testing.assert_allclose(out, ref, **TOL)
+
+
+@pytest.mark.slow  # two compiles of the forward and both backward kernels per variant
+@pytest.mark.parametrize("variant", ["gpu", "tpu"])
+def test_pallas_backward_with_ranges_under_vmap(variant):
+  """vmap of jax.grad with per-example lengths and segment ids (batched side
+  inputs; scalar prefetch on TPU): the Pallas backward equals the XLA one."""
+  (q, k, v, bidx), (bq, bk), ranges = _case(variant, 8)
+  kw = ranges["all"]
+
+  def grads(backward):
+    def loss(q, k, v, bidx, ql, kl, qs, ks):
+      out = kernels.block_gather_attention(
+        q[None], k[None], v[None], bidx[None], block_q=bq, block_k=bk, scale=SCALE,
+        is_causal=True, variant=variant, interpret=variant == "gpu", backward=backward,
+        query_seq_lengths=ql[None], key_value_seq_lengths=kl[None],
+        segment_ids=(qs[None], ks[None]), local_window_size=kw["local_window_size"],
+      )[0]  # fmt: skip
+      return jnp.sum(out * jnp.sin(out))
+
+    lens = (kw["query_seq_lengths"], kw["key_value_seq_lengths"])
+    args = (q, k, v, bidx, *lens, *kw["segment_ids"])
+    return jax.jit(jax.vmap(jax.grad(loss, argnums=(0, 1, 2))))(*args)
+
+  with pltpu.force_tpu_interpret_mode() if variant == "tpu" else contextlib.nullcontext():
+    for name, g, w in zip(("dq", "dk", "dv"), grads("pallas"), grads("xla"), strict=True):
+      np.testing.assert_allclose(g, w, err_msg=name, atol=1e-5, rtol=1e-5)
 
 
 # Bad index-range arguments on the Pallas route: the same errors as the XLA

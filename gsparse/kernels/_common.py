@@ -202,7 +202,9 @@ def kernel_ranges(q_len, kv_len, segment_ids, window, *, batch: int, t: int, s: 
   """
   if window is not None:
     if not (
-      isinstance(window, tuple) and len(window) == 2 and all(isinstance(w, int) for w in window)
+      isinstance(window, tuple)
+      and len(window) == 2
+      and all(isinstance(w, int) and not isinstance(w, bool) for w in window)
     ):
       raise ValueError(f"local_window_size={window!r} must be None or a pair (left, right) of ints")
     if min(window) < 0:
