@@ -270,6 +270,7 @@ def _block_core_bwd(st: _Static, res, cts):
 _block_core.defvjp(_block_core_fwd, _block_core_bwd)
 
 
+# Over 60 lines through its signature and docstring; the body is checks then one call.
 @functools.partial(
   jax.jit,
   static_argnames=(

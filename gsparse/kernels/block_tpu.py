@@ -22,7 +22,8 @@ from gsparse.kernels._common import interpret_arg, range_mask
 from gsparse.kernels.nonfinite import finite_part, inf_sign, nonfinite_indicator, resolve_reads
 
 
-# Over 60 lines only through its one-per-line ref signature (ruff format).
+# Over 60 lines: the optional range refs are unpacked first, then one flash step per
+# listed block whose masks and non-finite reads share its locals (as the GPU kernel).
 def _block_kernel_tpu(
   bidx_smem,
   *refs,
