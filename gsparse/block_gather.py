@@ -12,7 +12,8 @@ additionally masks key position > query position (top-left aligned).
 `implementation=` is resolved by `gsparse.gather.resolve_implementation`:
 "xla" gathers one `[nb * block_k, H]` slab of keys per query block and head;
 "pallas" runs `gsparse.kernels.block_gather_attention`; "masked" is token
-level only.
+level only. Both take the `jax.nn` index ranges (sequence lengths, a local
+window, segment ids) and evaluate them inside the listed blocks only.
 """
 
 from __future__ import annotations
@@ -180,11 +181,18 @@ def _block_implementation(query, key, value, block_q, block_k, scale, implementa
 
 
 def _block_gather_pallas(
-  query, key, value, bidx, *, block_q, block_k, scale, is_causal
+  query, key, value, bidx, *, block_q, block_k, scale, is_causal, adm: Admissible | None
 ) -> BlockGatherResult:
-  """The block kernel on `[B, ...]`-flattened inputs, reshaped back to `batch...`."""
+  """The block kernel on `[B, ...]`-flattened inputs, reshaped back to `batch...`.
+
+  `adm` (already batch-flattened) goes in as the kernels' side inputs: `[B]`
+  lengths, `[B, T]`/`[B, S]` segment ids and the static window.
+  """
   variant, interpret = kernels.default_variant()
   batch = query.shape[:-3]
+  if adm is None:
+    adm = Admissible(None, None, None, None)
+  segments = None if adm.q_seg is None else (adm.q_seg, adm.kv_seg)
   out, lse = kernels.block_gather_attention(
     flatten_batch(query, 3),
     flatten_batch(key, 3),
@@ -196,6 +204,10 @@ def _block_gather_pallas(
     is_causal=is_causal,
     variant=variant,
     interpret=interpret,
+    query_seq_lengths=adm.q_len,
+    key_value_seq_lengths=adm.kv_len,
+    segment_ids=segments,
+    local_window_size=adm.window,
   )
   return BlockGatherResult(
     out.reshape(*batch, *out.shape[1:])[..., : value.shape[-1]],
@@ -246,9 +258,10 @@ def block_sparse_gather_attention(
     precision: einsum precision of the XLA path.
     query_seq_lengths, key_value_seq_lengths, local_window_size, segment_ids:
       index-range masks inside the listed blocks, as in
-      `gsparse.topk_attention`. With any of them the XLA path runs, also for
-      `implementation="pallas"`: the Pallas block kernels take no such side
-      inputs yet.
+      `gsparse.topk_attention`. Both implementations evaluate them per tile
+      from `[batch...]` lengths, `[batch..., T]`/`[batch..., S]` ids and the
+      static window, never as a `[T, S]` array; the Pallas kernels take them as
+      side inputs (scalar prefetch of the lengths on TPU).
 
   Returns:
     `[batch..., T, N, Hv]` output in `query.dtype`, or a `BlockGatherResult`
@@ -272,8 +285,6 @@ def block_sparse_gather_attention(
     local_window_size=local_window_size,
     segment_ids=segment_ids,
   )
-  if adm is not None:  # the Pallas block kernels take no index-range side inputs (yet)
-    implementation = "xla"
   scale = 1.0 / float(query.shape[-1]) ** 0.5 if scale is None else scale
   nkb = -(-key.shape[-3] // block_k)
   bidx = block_indices.astype(jnp.int32)
@@ -295,6 +306,14 @@ def block_sparse_gather_attention(
     )
   else:
     res = _block_gather_pallas(
-      query, key, value, bidx, block_q=block_q, block_k=block_k, scale=scale, is_causal=is_causal
+      query,
+      key,
+      value,
+      bidx,
+      block_q=block_q,
+      block_k=block_k,
+      scale=scale,
+      is_causal=is_causal,
+      adm=adm,
     )
   return res if return_residuals else res.output

@@ -381,6 +381,34 @@ class LoweringTest(parameterized.TestCase):
     for name in ("token_bwd_dq", "token_bwd_dkdv", "block_bwd_dq", "block_bwd_dkdv"):
       self.assertIn(f"gsparse_{name}_{variant}", text)
 
+  @parameterized.parameters(
+    ("gpu", "cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call")
+  )
+  def test_block_kernels_with_index_ranges_lower_for_device(self, variant, platform, marker):
+    """The block forward, dq and dk/dv kernels with all four index ranges as side inputs."""
+    b, t, s = 2, 32, 64
+    q = jnp.zeros((b, t, 4, 128), jnp.bfloat16)
+    k = jnp.zeros((b, s, 2, 128), jnp.bfloat16)
+    bidx = jnp.zeros((b, t // 16, 4, 2), jnp.int32)
+    ranges = dict(
+      query_seq_lengths=jnp.array([20, t], jnp.int32),
+      key_value_seq_lengths=jnp.array([s, 10], jnp.int32),
+      segment_ids=(jnp.zeros((b, t), jnp.int32), jnp.zeros((b, s), jnp.int32)),
+      local_window_size=(8, 0),
+    )
+
+    def loss(q, k, v):
+      out = kernels.block_gather_attention(
+        q, k, v, bidx, block_q=16, block_k=16, scale=0.1, is_causal=True, variant=variant, **ranges
+      )[0]
+      return jnp.sum(out.astype(jnp.float32))
+
+    grad = jax.grad(loss, argnums=(0, 1, 2))
+    text = jax.jit(grad).trace(q, k, k).lower(lowering_platforms=(platform,)).as_text()
+    self.assertEqual(text.count(marker), 3, f"expected three {marker} kernels")
+    for name in ("block_gather", "block_bwd_dq", "block_bwd_dkdv"):
+      self.assertIn(f"gsparse_{name}_{variant}", text)
+
 
 class PublicApiTest(parameterized.TestCase):
   """`implementation=` dispatch through the public functions (Pallas interpreter on CPU)."""

@@ -305,17 +305,20 @@ def test_exact_selection_holds_no_t_by_s_array():
 @pytest.mark.parametrize("implementation", ["xla", "pallas"])
 def test_block_gather_masks_inside_the_listed_blocks(implementation):
   """Blocks 0 and 2 of 4 keys listed for every query block: jax.nn with the
-  listed keys as a mask plus its own lengths and window ("pallas" takes the
-  XLA path with these arguments, as documented)."""
+  listed keys as a mask plus its own lengths and window ("pallas" runs the
+  block kernel with the ranges as side inputs: its jaxpr holds a pallas_call)."""
   q, k, v = _inputs(10)
   kw = CASES["all"]
   bidx = jnp.broadcast_to(jnp.array([0, 2], jnp.int32), (B, 3, N, 2))
   listed = np.isin(np.arange(S) // 4, [0, 2])
-  out = jax.jit(
+  f = jax.jit(
     lambda q, k, v, bi: gsparse.block_sparse_gather_attention(
       q, k, v, bi, block_q=4, block_k=4, is_causal=True, implementation=implementation, **kw
     )
-  )(q, k, v, bidx)
+  )
+  kernels_in_jaxpr = str(jax.make_jaxpr(f)(q, k, v, bidx)).count("pallas_call")
+  assert kernels_in_jaxpr == (implementation == "pallas")
+  out = f(q, k, v, bidx)
   nn_kw = {n: kw[n] for n in kw if n != "segment_ids"}
   seg = _np_mask({"segment_ids": kw["segment_ids"]}, False)
   ref = jax.nn.dot_product_attention(q, k, v, mask=seg & listed, is_causal=True, **nn_kw)

@@ -8,9 +8,11 @@ Modules:
     `default_variant`, and which block sizes the compiled kernels tile.
   * `token`: `token_gather_attention`, one list of `k` key positions per
     (query, head).
-  * `block`: `block_gather_attention`, one list of key blocks per (query
-    block, head).
-  * `token_bwd` / `token_bwd_tpu`, `block_bwd`: the Pallas backward of both
+  * `block` (+ `block_tpu`, its Mosaic kernel): `block_gather_attention`,
+    one list of key blocks per (query block, head), with optional index
+    ranges (sequence lengths, segment ids, a local window).
+  * `token_bwd` / `token_bwd_tpu`, `block_bwd` / `block_bwd_tpu` (+
+    `block_tile`, their shared tile): the Pallas backward of both
     custom VJPs (dq, dk, dv without atomics; `key_major` sorts the pairs by
     key), run where the forward compiles for a device (`backward=`).
   * `backward`: `gather_backward_xla`, the XLA backward: the reference, and the

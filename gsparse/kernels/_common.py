@@ -15,9 +15,10 @@ Variants (static `variant=`):
 from __future__ import annotations
 
 import dataclasses
-from typing import Literal
+from typing import Literal, NamedTuple
 
 import jax
+import jax.numpy as jnp
 from jax import lax
 
 Variant = Literal["gpu", "tpu"]
@@ -140,3 +141,91 @@ def resolve_backward(backward: str, *, interpret: bool) -> str:
   if backward == "auto":
     return "xla" if interpret else "pallas"
   return backward
+
+
+class Ranges(NamedTuple):
+  """Index-range side inputs of the block kernels (the `jax.nn` arguments).
+
+  The kernel form of `gsparse._admissible.Admissible`: every field is given
+  (an absent length is the full length, absent segment ids are zeros), so a
+  kernel has one signature with ranges and one without.
+
+  Attributes:
+    lengths: `[B, 2]` int32 query and key lengths, in [0, T] and [0, S].
+    q_seg: `[B, T]` int32 query segment ids.
+    kv_seg: `[B, S]` int32 key segment ids.
+  """
+
+  lengths: jax.Array
+  q_seg: jax.Array
+  kv_seg: jax.Array
+
+
+def range_mask(qpos, kpos, q_len, kv_len, q_seg, kv_seg, window):
+  """`[bq, bk]` admissibility of one tile, the rule of `gsparse._admissible.admits`.
+
+  Query `qpos` may attend key `kpos` iff `qpos < q_len`, `kpos < kv_len`,
+  `qpos - left <= kpos <= qpos + right` (`window = (left, right)`, static, or
+  None) and the segment ids agree. Shared by the Triton and Mosaic kernels.
+
+  Args:
+    qpos: `[bq, bk]` int32 query positions (an iota over the tile).
+    kpos: `[bq, bk]` int32 key positions.
+    q_len: scalar query length of this batch element.
+    kv_len: scalar key length.
+    q_seg: `[bq, 1]` segment ids of the tile's queries.
+    kv_seg: `[1, bk]` segment ids of the tile's keys.
+    window: static `(left, right)` or None.
+  """
+  ok = (qpos < q_len) & (kpos < kv_len) & (q_seg == kv_seg)
+  if window is not None:
+    left, right = window
+    ok = ok & (kpos >= qpos - left) & (kpos <= qpos + right)
+  return ok
+
+
+def kernel_ranges(q_len, kv_len, segment_ids, window, *, batch: int, t: int, s: int):
+  """Checks the kernels' index-range arguments: `(Ranges or None, window)`.
+
+  Args:
+    q_len: None or `[B]` integer query lengths (values are not checked: the
+      public functions check them, `gsparse._admissible.build`).
+    kv_len: None or `[B]` integer key lengths.
+    segment_ids: None or a pair `(q [B, T], kv [B, S])` of integer ids.
+    window: None or a static `(left, right)` pair of ints >= 0.
+    batch: B.
+    t: T (the default query length).
+    s: S (the default key length).
+
+  Raises:
+    ValueError: naming the argument, for a wrong shape, dtype or window.
+  """
+  if window is not None:
+    if not (
+      isinstance(window, tuple)
+      and len(window) == 2
+      and all(isinstance(w, int) and not isinstance(w, bool) for w in window)
+    ):
+      raise ValueError(f"local_window_size={window!r} must be None or a pair (left, right) of ints")
+    if min(window) < 0:
+      raise ValueError(f"local_window_size={window!r} must be >= 0 (left and right)")
+  q_seg = kv_seg = None
+  if segment_ids is not None:
+    q_seg, kv_seg = segment_ids
+  args = (
+    ("query_seq_lengths", q_len, (batch,), t),
+    ("key_value_seq_lengths", kv_len, (batch,), s),
+    ("segment_ids (q)", q_seg, (batch, t), 0),
+    ("segment_ids (kv)", kv_seg, (batch, s), 0),
+  )
+  if all(x is None for _, x, _, _ in args) and window is None:
+    return None, None
+  out = []
+  for name, x, shape, full in args:
+    if x is None:
+      x = jnp.full(shape, full, jnp.int32)
+    elif x.shape != shape or not jnp.issubdtype(x.dtype, jnp.integer):
+      raise ValueError(f"{name} must be an integer array of shape {shape}, got {x.shape} {x.dtype}")
+    out.append(x.astype(jnp.int32))
+  q_len, kv_len, q_seg, kv_seg = out
+  return Ranges(jnp.stack([q_len, kv_len], axis=-1), q_seg, kv_seg), window

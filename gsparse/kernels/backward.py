@@ -30,7 +30,9 @@ def slot_positions(block_indices: jax.Array, block_k: int, num_keys: int):
   return jnp.where(valid, pos, 0), valid
 
 
-def _slot_probabilities(qb, kg, pos, slot_valid, bias, lse, *, scale, is_causal, num_queries):
+def _slot_probabilities(
+  qb, kg, pos, slot_valid, bias, lse, *, scale, is_causal, num_queries, extra_valid
+):
   """`(p, valid)` `[B, Tb, bq, N, m]`: the recomputed softmax and the admissible slots."""
   b, tb, bq, n, _ = qb.shape
   m = pos.shape[3]
@@ -43,6 +45,8 @@ def _slot_probabilities(qb, kg, pos, slot_valid, bias, lse, *, scale, is_causal,
     valid = valid & (pos[:, :, None] <= qpos)
   if num_queries is not None:
     valid = valid & (qpos < num_queries)
+  if extra_valid is not None:
+    valid = valid & extra_valid
   lse_b = lse.reshape(b, tb, bq, n, 1)
   # A row with nothing kept (lse = -inf, e.g. all slots at -inf logits) has
   # p = 0, not exp(-inf - -inf) = NaN; a NaN lse still propagates.
@@ -79,6 +83,7 @@ def gather_backward_xla(
   scale: float,
   is_causal: bool,
   num_queries: int | None = None,
+  extra_valid: jax.Array | None = None,
 ):
   """Gradients of gather attention from the saved log-sum-exp (plain XLA).
 
@@ -100,6 +105,8 @@ def gather_backward_xla(
     is_causal: key position > query position is masked.
     num_queries: the real T where `query` is padded to whole query blocks:
       padded rows take no part (they may read a NaN key no real row can attend).
+    extra_valid: None or a bool mask broadcastable to `[B, Tb, block_q, N, m]`
+      (the block kernels' index ranges, per query and slot).
 
   Returns:
     `(dquery, dkey, dvalue, dbias)` with dbias None when bias is None.
@@ -113,7 +120,16 @@ def gather_backward_xla(
   vg = gather_kv(value, jnp.where(slot_valid, pos, -1))
   qb = query.reshape(b, tb, block_q, n, h)
   p, valid = _slot_probabilities(
-    qb, kg, pos, slot_valid, bias, lse, scale=scale, is_causal=is_causal, num_queries=num_queries
+    qb,
+    kg,
+    pos,
+    slot_valid,
+    bias,
+    lse,
+    scale=scale,
+    is_causal=is_causal,
+    num_queries=num_queries,
+    extra_valid=extra_valid,
   )
   dob = do.reshape(b, tb, block_q, n, -1)
   # A masked slot may still hold a non-finite row (causal masking inside a

@@ -4,17 +4,22 @@ Queries are cut into blocks of `block_q` and keys into blocks of `block_k`;
 every (query block, head) has a list of key-block ids, `block_indices`
 `[B, ceil(T / block_q), N, nb]`, `-1` = masked. Key positions past `S` in the
 last block are masked, and `is_causal` also masks key position > query
-position (top-left aligned). Each kernel runs a running (flash-style) softmax
-over the listed key blocks with two small matmuls per step; the TPU kernel
-takes the block ids through scalar prefetch (`pltpu.PrefetchScalarGridSpec`)
-and copies each key block from HBM into VMEM. Both return the output and the
-log-sum-exp (float32, `-inf` for a query with no key). The backward is
-`gsparse.kernels.block_bwd` (Pallas) or `gsparse.kernels.backward.gather_backward_xla`.
+position (top-left aligned). The `jax.nn` index ranges (`[B]` sequence
+lengths, `[B, T]`/`[B, S]` segment ids, a static local window) are optional
+side inputs, evaluated per tile with `range_mask` (never a `[T, S]` array).
+Each kernel runs a running (flash-style) softmax over the listed key blocks
+with two small matmuls per step. This module holds the Triton kernel; the
+Mosaic one (`block_tpu`) takes the block ids through scalar prefetch
+(`pltpu.PrefetchScalarGridSpec`) and copies each key block from HBM into VMEM.
+Both return the output and the log-sum-exp (float32, `-inf` for a query with
+no admissible key). The backward is `gsparse.kernels.block_bwd` (Pallas) or
+`gsparse.kernels.backward.gather_backward_xla`.
 """
 
 from __future__ import annotations
 
 import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,24 +30,30 @@ from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import (
   DOT_PRECISION,
   Backward,
+  Ranges,
   Variant,
   check_block_sizes,
   check_variant,
   interpret_arg,
+  kernel_ranges,
   next_pow2,
+  range_mask,
   resolve_backward,
 )
 from gsparse.kernels.backward import gather_backward_xla, slot_positions
 from gsparse.kernels.block_bwd import block_backward_pallas
+from gsparse.kernels.block_tpu import block_forward_tpu
 from gsparse.kernels.nonfinite import finite_part, inf_sign, nonfinite_indicator, resolve_reads
 
 
 def _block_kernel_gpu(
-  bidx_ref, query_ref, key_ref, value_ref, o_ref, lse_ref, *, scale, block_k, num_keys, is_causal
+  bidx_ref, query_ref, key_ref, value_ref, *refs, scale, block_k, num_keys, is_causal, window
 ):
   """One program: one query block of one head. Refs: bidx `[nb]`, query `[bq, H]`,
-  key `[Sp, H]`, value `[Sp, Hv]`, o `[bq, Hv]`, lse `[bq]`.
+  key `[Sp, H]`, value `[Sp, Hv]`, then with index ranges lengths `[2]`, query
+  segment ids `[bq]` and key segment ids `[Sp]`, then o `[bq, Hv]`, lse `[bq]`.
   """
+  *ranges, o_ref, lse_ref = refs
   bq = query_ref.shape[0]
   nb = bidx_ref.shape[0]
   hv = value_ref.shape[-1]
@@ -50,6 +61,9 @@ def _block_kernel_gpu(
   query = query_ref[...]
   qpos = pl.program_id(0) * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
+  if ranges:
+    lens_ref, qseg_ref, kvseg_ref = ranges
+    q_len, kv_len, qseg = lens_ref[0], lens_ref[1], qseg_ref[...][:, None]
 
   def body(j, state):
     m, denom, acc, reads, signs = state
@@ -65,6 +79,9 @@ def _block_kernel_gpu(
     valid = (blk >= 0) & (kpos < num_keys)
     if is_causal:
       valid = valid & (kpos <= qpos)
+    if ranges:
+      kvseg = kvseg_ref[pl.ds(start, block_k)][None, :]
+      valid = valid & range_mask(qpos, kpos, q_len, kv_len, qseg, kvseg, window)
     s = jnp.where(valid, s, -jnp.inf)
     m_new = jnp.maximum(m, jnp.max(s, axis=1))
     m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
@@ -90,7 +107,10 @@ def _block_kernel_gpu(
   lse_ref[...] = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)
 
 
-def _block_forward_gpu(query, key, value, bidx, *, block_q, block_k, scale, is_causal, interpret):
+# Over 60 lines: one pallas_call whose specs (one per line) follow the optional ranges.
+def _block_forward_gpu(
+  query, key, value, bidx, ranges, *, block_q, block_k, scale, is_causal, window, interpret
+):
   b, tp, n, h = query.shape
   s_len, kh, hv = key.shape[1], key.shape[2], value.shape[-1]
   g = n // kh
@@ -104,12 +124,25 @@ def _block_forward_gpu(query, key, value, bidx, *, block_q, block_k, scale, is_c
   value = pad_axis(pad_axis(value, 3, hvp), 1, sp)
   bidx = pad_axis(bidx, 3, nbp, -1)
   kernel = functools.partial(
-    _block_kernel_gpu, scale=scale, block_k=block_k, num_keys=s_len, is_causal=is_causal
+    _block_kernel_gpu,
+    scale=scale,
+    block_k=block_k,
+    num_keys=s_len,
+    is_causal=is_causal,
+    window=window,
   )
   row = lambda width: pl.BlockSpec((None, block_q, None, width), lambda i, bb, nn: (bb, i, nn, 0))
   kv_spec = lambda width: pl.BlockSpec(
     (None, sp, None, width), lambda i, bb, nn: (bb, 0, nn // g, 0)
   )
+  range_specs, range_args = [], []
+  if ranges is not None:  # lengths, query ids of the block, all key ids (read per key block)
+    range_specs = [
+      pl.BlockSpec((None, 2), lambda i, bb, nn: (bb, 0)),
+      pl.BlockSpec((None, block_q), lambda i, bb, nn: (bb, i)),
+      pl.BlockSpec((None, sp), lambda i, bb, nn: (bb, 0)),
+    ]
+    range_args = [ranges.lengths, pad_axis(ranges.q_seg, 1, tp), pad_axis(ranges.kv_seg, 1, sp)]
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as plgpu
@@ -123,6 +156,7 @@ def _block_forward_gpu(query, key, value, bidx, *, block_q, block_k, scale, is_c
       row(hp),
       kv_spec(hp),
       kv_spec(hvp),
+      *range_specs,
     ],
     out_specs=[row(hvp), pl.BlockSpec((None, block_q, None), lambda i, bb, nn: (bb, i, nn))],
     out_shape=[
@@ -132,171 +166,65 @@ def _block_forward_gpu(query, key, value, bidx, *, block_q, block_k, scale, is_c
     compiler_params=compiler_params,
     interpret=interpret_arg("gpu", interpret),
     name="gsparse_block_gather_gpu",
-  )(bidx, query, key, value)
+  )(bidx, query, key, value, *range_args)
   return out[..., :hv], lse
 
 
-# Over 60 lines only through its one-per-line ref signature (ruff format).
-def _block_kernel_tpu(
-  bidx_smem,
-  query_ref,
-  key_hbm,
-  value_hbm,
-  o_ref,
-  lse_ref,
-  kbuf,
-  vbuf,
-  sems,
-  *,
-  scale,
-  block_k,
-  num_keys,
-  is_causal,
-  group,
-  num_blocks,
-):
-  """Grid step `(b, n, query block)`. bidx_smem: flat prefetched block ids;
-  query `[bq, H]`, o `[bq, Hv]`, lse `[bq, 1]`; K/V in HBM `[B, K, Sp, H]`;
-  kbuf/vbuf VMEM `[block_k, H]`.
-  """
-  from jax.experimental.pallas import tpu as pltpu
+class _Static(NamedTuple):
+  """The static arguments of `_block_core` (one hashable, non-differentiable argument)."""
 
-  b, n, i = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-  nheads, nqb = pl.num_programs(1), pl.num_programs(2)
-  kvh = lax.div(n, group)
-  bq = query_ref.shape[0]
-  f32 = jnp.float32
-  base = ((b * nheads + n) * nqb + i) * num_blocks
-  query = query_ref[...].astype(f32)
-  qpos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
-  kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
-
-  def body(j, state):
-    m, denom, acc, reads, signs = state
-    blk = bidx_smem[base + j]
-    start = jnp.maximum(blk, 0) * block_k
-    ck = pltpu.make_async_copy(key_hbm.at[b, kvh, pl.ds(start, block_k)], kbuf, sems.at[0])
-    cv = pltpu.make_async_copy(value_hbm.at[b, kvh, pl.ds(start, block_k)], vbuf, sems.at[1])
-    ck.start()
-    cv.start()
-    ck.wait()
-    s = lax.dot_general(query, kbuf[...].astype(f32), (((1,), (1,)), ((), ()))) * scale
-    kpos = start + kcol
-    valid = (blk >= 0) & (kpos < num_keys)
-    if is_causal:
-      valid = valid & (kpos <= qpos)
-    s = jnp.where(valid, s, -jnp.inf)
-    m_new = jnp.maximum(m, jnp.max(s, axis=1, keepdims=True))
-    m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
-    alpha = jnp.exp(m - m_safe)
-    p = jnp.exp(s - m_safe)
-    cv.wait()
-    vb = vbuf[...].astype(f32)  # finite part and non-finite reads: as the GPU kernel
-    pv = jnp.dot(p, finite_part(vb))
-    live = (s != -jnp.inf).astype(f32)
-    reads = reads + jnp.dot(live, nonfinite_indicator(vb))
-    signs = signs + jnp.dot(live, inf_sign(vb))
-    denom = denom * alpha + jnp.sum(p, axis=1, keepdims=True)
-    return m_new, denom, acc * alpha + pv, reads, signs
-
-  zeros = jnp.zeros((bq, o_ref.shape[-1]), f32)
-  init = (jnp.full((bq, 1), -jnp.inf, f32), jnp.zeros((bq, 1), f32), zeros, zeros, zeros)
-  m, denom, acc, reads, signs = lax.fori_loop(0, num_blocks, body, init)
-  ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
-  l_safe = jnp.where(ok, denom, 1.0)
-  out = resolve_reads(jnp.where(ok, acc / l_safe, 0.0), reads, signs)
-  o_ref[...] = out.astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(ok, m + jnp.log(l_safe), -jnp.inf)
+  block_q: int
+  block_k: int
+  scale: float
+  is_causal: bool
+  window: tuple[int, int] | None
+  variant: str
+  interpret: bool
+  num_queries: int  # the real T: the query is padded to whole blocks
+  backward: str
 
 
-def _block_forward_tpu(query, key, value, bidx, *, block_q, block_k, scale, is_causal, interpret):
-  from jax.experimental.pallas import tpu as pltpu
-
-  b, tp, n, h = query.shape
-  s_len, kh, hv = key.shape[1], key.shape[2], value.shape[-1]
-  g = n // kh
-  nb = bidx.shape[-1]
-  sp = round_up(s_len, block_k)
-  qt = jnp.swapaxes(query, 1, 2)  # [B, N, Tp, H]
-  kt = jnp.swapaxes(pad_axis(key, 1, sp), 1, 2)  # [B, K, Sp, H]
-  vt = jnp.swapaxes(pad_axis(value, 1, sp), 1, 2)
-  flat = jnp.swapaxes(bidx, 1, 2).reshape(-1)  # [B * N * Tb * nb]
-  blk = lambda width: pl.BlockSpec(
-    (None, None, block_q, width), lambda bb, nn, i, _: (bb, nn, i, 0)
-  )
-  any_spec = pl.BlockSpec(memory_space=pl.ANY)
-  kernel = functools.partial(
-    _block_kernel_tpu,
-    scale=scale,
-    block_k=block_k,
-    num_keys=s_len,
-    is_causal=is_causal,
-    group=g,
-    num_blocks=nb,
-  )
-  out, lse = pl.pallas_call(
-    kernel,
-    grid_spec=pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=1,
-      grid=(b, n, tp // block_q),
-      in_specs=[blk(h), any_spec, any_spec],
-      out_specs=[blk(hv), blk(1)],
-      scratch_shapes=[
-        pltpu.VMEM((block_k, h), key.dtype),
-        pltpu.VMEM((block_k, hv), value.dtype),
-        pltpu.SemaphoreType.DMA((2,)),
-      ],
-    ),
-    out_shape=[
-      jax.ShapeDtypeStruct((b, n, tp, hv), query.dtype),
-      jax.ShapeDtypeStruct((b, n, tp, 1), jnp.float32),
-    ],
-    compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "arbitrary")),
-    interpret=interpret_arg("tpu", interpret),
-    name="gsparse_block_gather_tpu",
-  )(flat, qt, kt, vt)
-  return jnp.swapaxes(out, 1, 2), jnp.swapaxes(lse[..., 0], 1, 2)
-
-
-def _block_forward(query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret):
-  fwd = _block_forward_gpu if variant == "gpu" else _block_forward_tpu
+def _block_forward(query, key, value, bidx, ranges, st: _Static):
+  fwd = _block_forward_gpu if st.variant == "gpu" else block_forward_tpu
   return fwd(
     query,
     key,
     value,
     bidx,
-    block_q=block_q,
-    block_k=block_k,
-    scale=scale,
-    is_causal=is_causal,
-    interpret=interpret,
+    ranges,
+    block_q=st.block_q,
+    block_k=st.block_k,
+    scale=st.scale,
+    is_causal=st.is_causal,
+    window=st.window,
+    interpret=st.interpret,
   )
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5, 6, 7, 8, 9, 10, 11))
-def _block_core(
-  query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret, t, backward
-):
-  del t, backward  # the real T (query is padded to whole blocks) and the backward: for the VJP
-  return _block_forward(
-    query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret
-  )
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5,))
+def _block_core(query, key, value, bidx, ranges, st):
+  return _block_forward(query, key, value, bidx, ranges, st)
 
 
-def _block_core_fwd(
-  query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret, t, backward
-):
-  del t, backward
-  out, lse = _block_forward(
-    query, key, value, bidx, block_q, block_k, scale, is_causal, variant, interpret
-  )
-  return (out, lse), (query, key, value, bidx, out, lse)
+def _block_core_fwd(query, key, value, bidx, ranges, st):
+  out, lse = _block_forward(query, key, value, bidx, ranges, st)
+  return (out, lse), (query, key, value, bidx, ranges, out, lse)
 
 
-def _block_core_bwd(block_q, block_k, scale, is_causal, variant, interpret, t, backward, res, cts):
-  query, key, value, bidx, out, lse = res
+def _xla_range_mask(ranges: Ranges, pos, tb: int, st: _Static) -> jax.Array:
+  """`[B, Tb, bq, N, m]` admissibility of the gathered slots `pos` `[B, Tb, N, m]`."""
+  b, bq = pos.shape[0], st.block_q
+  qpos = jnp.arange(tb * bq).reshape(1, tb, bq, 1, 1)
+  qseg = pad_axis(ranges.q_seg, 1, tb * bq).reshape(b, tb, bq, 1, 1)
+  kvseg = jax.vmap(lambda ids, p: ids[p])(ranges.kv_seg, pos)[:, :, None]
+  q_len, kv_len = (ranges.lengths[:, c].reshape(b, 1, 1, 1, 1) for c in (0, 1))
+  return range_mask(qpos, pos[:, :, None], q_len, kv_len, qseg, kvseg, st.window)
+
+
+def _block_core_bwd(st: _Static, res, cts):
+  query, key, value, bidx, ranges, out, lse = res
   do, dlse = cts
-  if backward == "pallas":
+  if st.backward == "pallas":
     dq, dk, dv = block_backward_pallas(
       query,
       key,
@@ -306,16 +234,19 @@ def _block_core_bwd(block_q, block_k, scale, is_causal, variant, interpret, t, b
       lse,
       do,
       dlse,
-      block_q=block_q,
-      block_k=block_k,
-      scale=scale,
-      is_causal=is_causal,
-      num_queries=t,
-      variant=variant,
-      interpret=interpret,
+      ranges,
+      block_q=st.block_q,
+      block_k=st.block_k,
+      scale=st.scale,
+      is_causal=st.is_causal,
+      window=st.window,
+      num_queries=st.num_queries,
+      variant=st.variant,
+      interpret=st.interpret,
     )
-    return dq, dk, dv, None
-  pos, valid = slot_positions(bidx, block_k, key.shape[1])
+    return dq, dk, dv, None, None
+  pos, valid = slot_positions(bidx, st.block_k, key.shape[1])
+  extra = None if ranges is None else _xla_range_mask(ranges, pos, bidx.shape[1], st)
   dq, dk, dv, _ = gather_backward_xla(
     query,
     key,
@@ -327,20 +258,31 @@ def _block_core_bwd(block_q, block_k, scale, is_causal, variant, interpret, t, b
     do,
     dlse,
     None,
-    block_q=block_q,
-    scale=scale,
-    is_causal=is_causal,
-    num_queries=t,
+    block_q=st.block_q,
+    scale=st.scale,
+    is_causal=st.is_causal,
+    num_queries=st.num_queries,
+    extra_valid=extra,
   )
-  return dq, dk, dv, None
+  return dq, dk, dv, None, None
 
 
 _block_core.defvjp(_block_core_fwd, _block_core_bwd)
 
 
+# Over 60 lines through its signature and docstring; the body is checks then one call.
 @functools.partial(
   jax.jit,
-  static_argnames=("block_q", "block_k", "scale", "is_causal", "variant", "interpret", "backward"),
+  static_argnames=(
+    "block_q",
+    "block_k",
+    "scale",
+    "is_causal",
+    "local_window_size",
+    "variant",
+    "interpret",
+    "backward",
+  ),
 )
 def block_gather_attention(
   query: jax.Array,
@@ -355,6 +297,10 @@ def block_gather_attention(
   variant: Variant = "gpu",
   interpret: bool = False,
   backward: Backward = "auto",
+  query_seq_lengths: jax.Array | None = None,
+  key_value_seq_lengths: jax.Array | None = None,
+  segment_ids: tuple[jax.Array, jax.Array] | None = None,
+  local_window_size: tuple[int, int] | None = None,
 ) -> tuple[jax.Array, jax.Array]:
   """Block-level sparse-gather attention kernel (differentiable).
 
@@ -373,14 +319,36 @@ def block_gather_attention(
     backward: "pallas" (`gsparse.kernels.block_bwd`), "xla"
       (`gather_backward_xla`, the reference) or "auto" (Pallas unless
       `interpret`).
+    query_seq_lengths: None or `[B]` int query lengths in [0, T]; later
+      queries attend nothing.
+    key_value_seq_lengths: None or `[B]` int key lengths in [0, S].
+    segment_ids: None or a pair `(q [B, T], kv [B, S])` of int ids: a query
+      attends keys of its own segment only.
+    local_window_size: None or a static `(left, right)`: query `t` attends
+      keys `[t - left, t + right]`.
+
+  The four index-range arguments are the rule of `gsparse._admissible.admits`
+  (`range_mask`), evaluated per tile inside the kernels from `[B]` and
+  `[B, T]`/`[B, S]` side inputs, never as a `[T, S]` array. Their values are
+  not checked here; `gsparse.block_sparse_gather_attention` checks them.
 
   Returns:
-    `(output [B, T, N, Hv] in query.dtype, logsumexp [B, T, N] float32)`.
+    `(output [B, T, N, Hv] in query.dtype, logsumexp [B, T, N] float32)`; a
+    query with no admissible key gets zeros and a `-inf` log-sum-exp.
   """
   check_variant(variant)
   backward = resolve_backward(backward, interpret=interpret)
   check_block_sizes(block_q, block_k, variant=variant, interpret=interpret)
   t = query.shape[1]
+  ranges, window = kernel_ranges(
+    query_seq_lengths,
+    key_value_seq_lengths,
+    segment_ids,
+    local_window_size,
+    batch=query.shape[0],
+    t=t,
+    s=key.shape[1],
+  )
   nkb = -(-key.shape[1] // block_k)
   tb = -(-t // block_q)
   if block_indices.shape[1] != tb:
@@ -390,7 +358,6 @@ def block_gather_attention(
   bidx = block_indices.astype(jnp.int32)
   bidx = jnp.where((bidx >= 0) & (bidx < nkb), bidx, -1)
   qp = pad_axis(query, 1, tb * block_q)
-  out, lse = _block_core(
-    qp, key, value, bidx, block_q, block_k, float(scale), is_causal, variant, interpret, t, backward
-  )
+  st = _Static(block_q, block_k, float(scale), is_causal, window, variant, interpret, t, backward)
+  out, lse = _block_core(qp, key, value, bidx, ranges, st)
   return out[:, :t], lse[:, :t]
