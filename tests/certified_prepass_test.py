@@ -27,6 +27,7 @@ SELECTIONS = {
   "auto": "auto",
   "native": ExactSelection(query_chunk=8),  # key_block None: the native CPU top-k
   "blocks": ExactSelection(query_chunk=8, key_block=4, search_steps=3),  # two-stage search
+  "fused": FusedExactSelection(interpret=True),  # GPU/TPU "auto", Pallas interpreter here
 }
 
 
@@ -55,7 +56,8 @@ def _both(sel_cfg, q, k, v, bias, mask, *, is_causal):
 
 
 @pytest.mark.parametrize(
-  "name,causal", [("full", False), ("auto", True), ("native", False), ("blocks", True)]
+  "name,causal",
+  [("full", False), ("auto", True), ("native", False), ("blocks", True), ("fused", True)],
 )
 def test_certified_with_and_without_prepass_agree(name, causal):
   q, k, v, bias, mask = _inputs(0)
@@ -83,7 +85,7 @@ def test_kept_logits_equal_dense_reference_logits():
   k = k.at[1, 5, 0, 3].set(0.0)  # finite: compare values
   qn, kn, bn = (np.asarray(x, np.float64) for x in (q, k, bias))
   dense = np.einsum("btnh,bsnh->bnts", qn, np.repeat(kn, N // KH, axis=2)) / np.sqrt(H) + bn
-  for cfg in (*SELECTIONS.values(), FusedExactSelection(interpret=True)):
+  for cfg in SELECTIONS.values():
     sel = _topk.select_keys(
       q, k, v, bias, mask, k=16, selection=cfg, is_causal=True, kept_logits=True
     )
