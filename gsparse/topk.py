@@ -37,7 +37,7 @@ from gsparse.selection import (
   select,
   select_and_attend,
 )
-from gsparse.selection._common import row_logsumexp
+from gsparse.selection._common import kept_values, row_logsumexp
 from gsparse.topk_stats import (  # noqa: F401  (TopKStats and the stats helpers are re-exported)
   TopKStats,
   _num_kept,
@@ -53,14 +53,20 @@ DEFAULT_SELECTION = AUTO  # resolved once, in `_plan`, by `gsparse.selection.aut
 
 
 def select_topk_full(
-  logits: jax.Array, valid: jax.Array | None, k: int, *, row_lse: bool = False
+  logits: jax.Array,
+  valid: jax.Array | None,
+  k: int,
+  *,
+  row_lse: bool = False,
+  kept_logits: bool = False,
 ) -> SelectionResult:
   """Exact top-k selection from a materialised `[batch..., N, T, S]` logit matrix.
 
   Returns indices laid out `[batch..., T, N, min(k, S)]`. Ties are broken
   towards the lower key index (as `jax.lax.top_k`); NaN logits rank first and
   `-inf` logits are never listed (`finish_top_k`, shared by every selection).
-  `row_lse` also returns the log-sum-exp of every row (`row_logsumexp`).
+  `row_lse` also returns the log-sum-exp of every row (`row_logsumexp`),
+  `kept_logits` the kept slots' logits (`SelectionResult.kept_logits`).
   """
   s = logits.shape[-1]
   k = min(k, s)
@@ -72,6 +78,7 @@ def select_topk_full(
     num_keys = jnp.sum(valid, axis=-1, dtype=jnp.int32)
   idx, next_logit = finish_top_k(vals, idx, k)
   lse = jnp.swapaxes(row_logsumexp(masked), -2, -1) if row_lse else None
+  kept = jnp.swapaxes(kept_values(vals, idx), -3, -2) if kept_logits else None
   # [..., N, T, *] -> [..., T, N, *]
   return SelectionResult(
     jnp.swapaxes(idx, -3, -2),
@@ -79,6 +86,7 @@ def select_topk_full(
     jnp.swapaxes(num_keys, -2, -1),
     None,
     lse,
+    kept,
   )
 
 
@@ -329,6 +337,7 @@ def select_keys(
   local_window_size: int | tuple[int, int] | None = None,
   segment_ids: ArrayLike | SegmentIds | None = None,
   row_logsumexp: bool = False,
+  kept_logits: bool = False,
 ) -> SelectionResult:
   """The keys `topk_attention` would keep, without attending over them.
 
@@ -338,9 +347,13 @@ def select_keys(
   gather pass for the certified choice of k. `row_logsumexp=True` also
   returns the log-sum-exp of every row (`SelectionResult.row_logsumexp`)
   from the exact selections, for `exact_tail_mass`; others give None.
+  `kept_logits=True` likewise returns the kept slots' logits
+  (`SelectionResult.kept_logits`) from the exact selections, so that the
+  caller has the kept weights without a gather pass.
   """
-  if not isinstance(row_logsumexp, bool):
-    raise TypeError(f"row_logsumexp must be a bool, got {row_logsumexp!r}")
+  for name, flag in (("row_logsumexp", row_logsumexp), ("kept_logits", kept_logits)):
+    if not isinstance(flag, bool):
+      raise TypeError(f"{name} must be a bool, got {flag!r}")
   query, key, value = _checks.check_attention_inputs(query, key, value)
   plan = _plan(
     query,
@@ -368,6 +381,7 @@ def select_keys(
     selection_key=selection_key,
     precision=precision,
     row_lse=row_logsumexp,
+    kept_logits=kept_logits,
   )
 
 
@@ -481,14 +495,14 @@ def _plan(
 
 
 def _run(
-  plan: _Plan, query, key, *, is_causal, selection_key, precision, row_lse=False
+  plan: _Plan, query, key, *, is_causal, selection_key, precision, row_lse=False, kept_logits=False
 ) -> SelectionResult:
   """The selection of `plan` ("full": the logit matrix and `jax.lax.top_k`)."""
   if plan.config == "full":
     lg = compute_logits(
       query, key, plan.bias, plan.mask, scale=plan.scale, is_causal=is_causal, precision=precision
     )
-    return select_topk_full(lg.logits, lg.valid, plan.k, row_lse=row_lse)
+    return select_topk_full(lg.logits, lg.valid, plan.k, row_lse=row_lse, kept_logits=kept_logits)
   return select(
     plan.config,
     query,
@@ -502,4 +516,5 @@ def _run(
     precision=precision,
     adm=plan.adm,
     row_lse=row_lse,
+    kept_logits=kept_logits,
   )

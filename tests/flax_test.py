@@ -245,6 +245,7 @@ class AttentionFnTest(parameterized.TestCase):
   def test_certified_passes_implementation_to_both_gather_passes(self):
     # The stop-gradient pre-pass of `CertifiedK` and the final pass both get
     # the user's `implementation` (the pre-pass used to take the default).
+    # "block": the exact selections carry their kept logits and skip the pre-pass.
     seen = []
     real = gsparse.flax.certified.sparse_gather_attention
 
@@ -253,7 +254,9 @@ class AttentionFnTest(parameterized.TestCase):
       return real(*args, implementation=implementation, **kw)
 
     q = jax.random.normal(jax.random.key(16), (1, 6, 2, 4))
-    fn = gf.topk_attention_fn(k=gf.CertifiedK(ks=(2, 4), tol=0.5), implementation="masked")
+    fn = gf.topk_attention_fn(
+      k=gf.CertifiedK(ks=(2, 4), tol=0.5), implementation="masked", selection="block"
+    )
     with pytest.MonkeyPatch.context() as mp:
       mp.setattr(gsparse.flax.certified, "sparse_gather_attention", spy)
       mp.setattr(gsparse.flax.attention, "sparse_gather_attention", spy)

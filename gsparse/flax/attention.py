@@ -222,10 +222,12 @@ def sparse_attention(
   if not (use_dropout or certified or return_residuals):
     return _topk.topk_attention(query, key, value, bias, mask, k=k, **common)
 
-  # Selection alone; the certificate comes from the logsumexp of a gather pass
+  # Selection alone; the certificate comes from the kept logits the exact
+  # selections carry (certified), else from the logsumexp of a gather pass
   # below (the stop-gradient pre-pass when certified, else the final pass), so
   # no pass is spent on an output that would be thrown away.
-  sel = _topk.select_keys(query, key, value, bias, mask, k=k, row_logsumexp=certified, **common)
+  flags = dict(row_logsumexp=certified, kept_logits=certified)
+  sel = _topk.select_keys(query, key, value, bias, mask, k=k, **flags, **common)
   indices = sel.indices
   num_batch = query.ndim - 3
 

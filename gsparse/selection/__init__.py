@@ -141,6 +141,7 @@ def select(
   precision: PrecisionLike = None,
   adm: Admissible | None = None,
   row_lse: bool = False,
+  kept_logits: bool = False,
 ) -> SelectionResult:
   """Runs a selection on checked inputs (see `gsparse.topk_attention`).
 
@@ -160,6 +161,8 @@ def select(
     row_lse: also return the log-sum-exp of every row
       (`SelectionResult.row_logsumexp`); the exact selections only, the
       others ignore it (None).
+    kept_logits: also return the kept slots' logits
+      (`SelectionResult.kept_logits`); the exact selections only, as `row_lse`.
 
   Returns:
     A `SelectionResult` in the `[batch..., T, N, *]` layout.
@@ -167,7 +170,8 @@ def select(
   if not isinstance(config, _CONFIG_TYPES):
     raise TypeError(f"unknown selection config {config!r}")
   k = min(k, key.shape[-3])  # k > S keeps every key: no S-sized padding of a huge k
-  extra = dict(row_lse=row_lse) if isinstance(config, EXACT_TYPES) else {}
+  exact = isinstance(config, EXACT_TYPES)
+  extra = dict(row_lse=row_lse, kept_logits=kept_logits) if exact else {}
   return config.select(
     query,
     key,

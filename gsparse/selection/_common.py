@@ -32,6 +32,12 @@ class SelectionResult(NamedTuple):
       exact selections ("full", "exact") when asked for (`row_logsumexp=True`),
       else None. With the log-sum-exp over the kept keys it gives the exact
       tail mass (`gsparse.topk.exact_tail_mass`).
+    kept_logits: `[batch..., T, N, k]` the logits of the kept slots (scale
+      and bias applied, `-inf` on slots with index -1), from the exact
+      selections when asked for (`kept_logits=True`), else None. The values
+      the selection ranked (its own matmul), without gradient: a statistic,
+      so that a caller (`gsparse.flax.sparse_attention` with `CertifiedK`)
+      gets the kept weights without a gather pass of its own.
   """
 
   indices: jax.Array
@@ -39,6 +45,7 @@ class SelectionResult(NamedTuple):
   num_keys: jax.Array
   log_rest: jax.Array | None = None
   row_logsumexp: jax.Array | None = None
+  kept_logits: jax.Array | None = None
 
 
 def row_logsumexp(logits: jax.Array) -> jax.Array:
@@ -48,6 +55,18 @@ def row_logsumexp(logits: jax.Array) -> jax.Array:
   attention must not touch the full logit row.
   """
   return jax.lax.stop_gradient(jax.nn.logsumexp(logits, axis=-1))
+
+
+def kept_values(vals: jax.Array, idx: jax.Array) -> jax.Array:
+  """The kept slots' logits from a top-k's values: `[..., kk]` values and the
+  finished `[..., k]` indices (`gsparse._numerics.finish_top_k`) -> `[..., k]`.
+
+  Slots past `kk` (a row shorter than k) and slots with index -1 get `-inf`;
+  no gradient (a statistic, as `row_logsumexp`).
+  """
+  k = idx.shape[-1]
+  vals = pad_axis(vals[..., :k], vals.ndim - 1, k, -jnp.inf)
+  return jax.lax.stop_gradient(jnp.where(idx >= 0, vals, -jnp.inf))
 
 
 def expand(x: jax.Array | None, batch: tuple[int, ...], n: int, t: int, s: int):

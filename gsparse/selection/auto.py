@@ -26,7 +26,7 @@ from gsparse import _checks
 from gsparse._admissible import Admissible
 from gsparse._numerics import finish_top_k
 from gsparse.kernels.select import fused_topk_select
-from gsparse.selection._common import SelectionResult
+from gsparse.selection._common import SelectionResult, kept_values
 from gsparse.selection.exact import ExactSelection
 
 AUTO = "auto"
@@ -83,6 +83,7 @@ class FusedExactSelection:
     precision: PrecisionLike = None,
     adm: Admissible | None = None,
     row_lse: bool = False,
+    kept_logits: bool = False,
   ) -> SelectionResult:
     """Exact top-k on checked inputs (see `gsparse.selection.select`).
 
@@ -103,6 +104,7 @@ class FusedExactSelection:
         precision=precision,
         adm=adm,
         row_lse=row_lse,
+        kept_logits=kept_logits,
       )
     del selection_key, precision
     kk = min(k + 1, key.shape[-3])  # the (k+1)-th logit bounds the dropped keys
@@ -119,7 +121,8 @@ class FusedExactSelection:
       interpret=self.interpret,
     )
     idx, nxt = finish_top_k(res.logits, res.indices, k)
-    return SelectionResult(idx, nxt, res.num_keys, None, res.logsumexp if row_lse else None)
+    kept = kept_values(res.logits, idx) if kept_logits else None
+    return SelectionResult(idx, nxt, res.num_keys, None, res.logsumexp if row_lse else None, kept)
 
 
 def _fused_serves(query: jax.Array, key: jax.Array, scale) -> bool:

@@ -22,6 +22,7 @@ from gsparse.attention import compute_dtype, masked_softmax_lse
 from gsparse.selection._common import (
   SelectionResult,
   auto_key_block,
+  kept_values,
   map_heads,
   pad_axis,
   row_chunks,
@@ -88,15 +89,19 @@ class ExactSelection:
     precision: PrecisionLike = None,
     adm: Admissible | None = None,
     row_lse: bool = False,
+    kept_logits: bool = False,
   ) -> SelectionResult:
     """Exact top-k on checked inputs (see `gsparse.selection.select`); no key needed.
 
-    With `row_lse`, also the log-sum-exp of every row (`SelectionResult.row_logsumexp`).
+    With `row_lse`, also the log-sum-exp of every row (`SelectionResult.row_logsumexp`);
+    with `kept_logits`, also the kept slots' logits (`SelectionResult.kept_logits`).
     """
     del selection_key  # deterministic
     statics = dict(k=k, is_causal=is_causal, cfg=self, precision=precision, row_lse=row_lse)
-    idx, nxt, num, *lse = _exact_heads(query, key, None, mask, bias, adm, scale, **statics)
-    return SelectionResult(idx, nxt, num, None, *lse)
+    statics.update(kept_logits=kept_logits)
+    idx, nxt, num, *rest = _exact_heads(query, key, None, mask, bias, adm, scale, **statics)
+    lse = rest.pop(0) if row_lse else None
+    return SelectionResult(idx, nxt, num, None, lse, rest.pop(0) if kept_logits else None)
 
 
 def select_and_attend(
@@ -154,15 +159,12 @@ def _exact_heads(query, key, value, mask, bias, adm, scale, **statics):
 
 
 @functools.partial(
-  jax.jit, static_argnames=("k", "is_causal", "cfg", "precision", "row_lse", "native")
+  jax.jit,
+  static_argnames=("k", "is_causal", "cfg", "precision", "row_lse", "kept_logits", "native"),
 )
-def _exact_heads_jit(
-  query, key, value, mask, bias, adm, scale, *, k, is_causal, cfg, precision, row_lse, native
-):
+def _exact_heads_jit(query, key, value, mask, bias, adm, scale, *, native, **statics):
   del native  # a cache key only: `_top_k` reads the switch while tracing
-  common = dict(
-    k=k, scale=scale, is_causal=is_causal, cfg=cfg, precision=precision, row_lse=row_lse
-  )
+  common = dict(scale=scale, **statics)
   return map_heads(
     lambda *a: _exact_head(*a, **common), query, key, mask, bias, value=value, adm=adm
   )
@@ -284,12 +286,15 @@ def _by_blocks(logits, sr: _Search):
   return _from_blocks(s3, bid, sr, count, lo)
 
 
-def _exact_head(q, kv, mask, bias, adm, *, k, scale, is_causal, cfg, precision, row_lse=False):
+def _exact_head(
+  q, kv, mask, bias, adm, *, k, scale, is_causal, cfg, precision, row_lse=False, kept_logits=False
+):
   """Exact top-k of one head; `kv` is the keys `[S, H]`, or `(keys, values [S, Hv])`
   to also attend over the kept keys with the logits already at hand (returns
   `(idx, nxt, num, out, lse)` then). `adm`: this batch element's index-range
   masks, evaluated per chunk. `row_lse` inserts the log-sum-exp of the
-  whole row after `num`: the chunk holds the whole row, so it is exact.
+  whole row after `num`: the chunk holds the whole row, so it is exact;
+  `kept_logits` then inserts the kept slots' logits `[T, k]` (top_k's values).
 
   Causal calls split the chunks into `cfg.causal_groups` groups; a group whose
   last row is `r` scores keys `[0, r]` only. The keys it skips are
@@ -318,7 +323,8 @@ def _exact_head(q, kv, mask, bias, adm, *, k, scale, is_causal, cfg, precision, 
     qg, rg = xs[0][a:b], xs[1][a:b]
     xg = (qg, rg, *(None if x is None else _slice_group(x, a, b, sg) for x in xs[2:]))
     kvg = (kmat[:sg], None if vmat is None else vmat[:sg])
-    parts.append(_exact_rows(xg, *kvg, adm=adm, row_lse=row_lse, **common))
+    flags = dict(row_lse=row_lse, kept_logits=kept_logits)
+    parts.append(_exact_rows(xg, *kvg, adm=adm, **flags, **common))
   outs = parts[0] if groups == 1 else [jnp.concatenate(o, axis=0) for o in zip(*parts, strict=True)]
   return tuple(o.reshape(tp, *o.shape[2:])[:t] for o in outs)
 
@@ -329,7 +335,7 @@ def _slice_group(x, a, b, sg):
   return x[..., :sg] if x.shape[-1] > 1 else x
 
 
-def _exact_rows(xs, kmat, vmat, *, adm, k, scale, is_causal, cfg, precision, row_lse):
+def _exact_rows(xs, kmat, vmat, *, adm, k, scale, is_causal, cfg, precision, row_lse, kept_logits):
   """`_exact_head` on the query chunks `xs` against the keys `kmat [S, H]` (all of them)."""
   s = kmat.shape[0]
   dtype = compute_dtype(xs[0].dtype, kmat.dtype, *(() if vmat is None else (vmat.dtype,)))
@@ -352,6 +358,7 @@ def _exact_rows(xs, kmat, vmat, *, adm, k, scale, is_causal, cfg, precision, row
       vals, idx = _by_blocks(logits, sr)
     idx, nxt = finish_top_k(vals, idx, k)
     sel = (idx, nxt, num, row_logsumexp(logits)) if row_lse else (idx, nxt, num)
+    sel = (*sel, kept_values(vals, idx)) if kept_logits else sel
     if vmat is None:
       return sel
     return *sel, *_attend_chunk(vmat, logits, idx, dtype=dtype, precision=precision)
