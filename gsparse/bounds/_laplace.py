@@ -68,7 +68,7 @@ def _lower_tails(g):
 
 
 def _masses(g):
-  """`[..., N]` masses `Phi(g_{q+1}) - Phi(g_q)` of the cells of increasing nodes `g [..., N + 1]`."""
+  """`[..., N]` masses `Phi(g_{q+1}) - Phi(g_q)` between increasing nodes `g [..., N + 1]`."""
   xp = _xp.of(g)
   low, up = _lower_tails(g)
   lo, hi, ulo, uhi = low[..., :-1], low[..., 1:], up[..., :-1], up[..., 1:]
