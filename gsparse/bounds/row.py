@@ -40,22 +40,22 @@ def _g_grid(nm1, num, dtype):
 
 
 def _chernoff_parts(eps, ta, tb, c):
-  """`(theta, top, rest)`, the m-free parts of `_chernoff_fail` for tau cells `[ta, tb]` (`[C]`).
+  """`(lam A, top, rest)`, the m-free parts of `_chernoff_fail` for tau cells `[ta, tb]` (`[C]`).
 
   On `{K >= m}` with `G = c`: `sum_top e^{tau (g - c)} + sum_rest e^{tau (g - c)} <
   (1 - eps) / eps`, and for every `tau` in `[a, b]` each top summand is `>= e^{a (g - c)}`
   and each rest summand `>= e^{b (g - c)}`. For `c` in the G-cell `(c_l, c_{l+1}]` the
   residuals are stochastically bounded by those at `c_{l+1}` (log-concavity of `Phi`,
   `Phi_bar`), so `top` and `rest` (`[C, L, K]`) bound the log Laplace transforms of one
-  summand there, for each Chernoff parameter `theta = log(lam (1 - eps) / eps)` (`[K]`),
-  by upper Riemann sums (`_laplace`).
+  summand there (clipped at 0: a transform is at most 1), for each Chernoff parameter
+  `lam A = lam (1 - eps) / eps = e^theta` (`[K]`), by upper Riemann sums (`_laplace`).
   """
   xp = _xp.of(eps, ta, tb, c)
   theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)
   log_lam = theta - (xp.log1p(-eps) - xp.log(eps))
   top = _laplace._log_transform(_laplace._top_weights(ta, c[1:]), log_lam, -1)
   rest = _laplace._log_transform(_laplace._rest_weights(tb, c[1:]), log_lam, -1)
-  return theta, top, rest
+  return xp.exp(theta), xp.minimum(top, 0.0), xp.minimum(rest, 0.0)
 
 
 def _chernoff_fail(nm1, m, eps, c, parts, cells=None, nm1_hi=None):
@@ -67,14 +67,13 @@ def _chernoff_fail(nm1, m, eps, c, parts, cells=None, nm1_hi=None):
   (dropping summands only lowers `Z`) and the law of `G` at `nm1_hi` (stochastically
   the largest). Returns `[..., C]` (or `[..., W]`).
   """
-  theta, top, rest = parts
+  lam_a, top, rest = parts
   if cells is not None:
     top, rest = top[cells], rest[cells]
-  xp = _xp.of(nm1, m, theta)
+  xp = _xp.of(nm1, m, lam_a)
   hi = nm1 if nm1_hi is None else nm1_hi
   mk = m[..., None, None, None]  # one m per [C, L, K] grid
-  log_b = xp.exp(theta) + (mk - 1.0) * xp.minimum(top, 0.0)
-  log_b = log_b + xp.maximum(nm1 - mk, 0.0) * xp.minimum(rest, 0.0)
+  log_b = lam_a + (mk - 1.0) * top + xp.maximum(nm1 - mk, 0.0) * rest
   b = xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [..., C, L]
   mm = xp.clip(m, 1.0, hi)[..., None]
   out = _sum_over_g_cells(hi, mm, c, b, head_nm1=xp.maximum(nm1, mm))
