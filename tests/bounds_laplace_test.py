@@ -52,7 +52,7 @@ def _old_parts(eps, ta, tb, c):
   )
   rest = _old_transform(log_lam, b, g, cc, tail_hi=False)
   rest = np.logaddexp(rest, sps.log_ndtr(g[..., 0])[..., None]) - sps.log_ndtr(cc)[..., None]
-  return theta, top, rest
+  return np.exp(theta), np.minimum(top, 0.0), np.minimum(rest, 0.0)
 
 
 # ------------------------------------------------------------------------ validity
