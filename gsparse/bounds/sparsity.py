@@ -221,11 +221,8 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c, moments):
   return xp.where(1.0 - eps * mc <= 0, 0.0, _sum_over_g_cells(nm1, mc, c, b))
 
 
-def _row_parts(n, tau_lo, tau_hi, log_drow, *, orderstat=True):
-  """What `_fail_fn` needs that depends on neither `eps` nor `m`: computed once per row.
-
-  `orderstat=False` leaves out Lemma 5's moments (None), for a `_fail_fn` with Lemma 6.
-  """
+def _row_parts(n, tau_lo, tau_hi, log_drow):
+  """What `_fail_fn` needs that depends on neither `eps` nor `m`: computed once per row."""
   xp = _xp.of(n, tau_lo, tau_hi, log_drow)
   nm1 = xp.maximum(n - 1.0, 1.0)
   ta, tb = _cells(tau_lo, tau_hi)
@@ -233,18 +230,16 @@ def _row_parts(n, tau_lo, tau_hi, log_drow, *, orderstat=True):
   lz = _log_z_lower(nm1, ta, tb, log_drow - math.log(2.0))
   c = xp.linspace(-3.0, 1.0, _NUM_GRID + 1, dtype=ta.dtype)
   c = c + xp.where(c > 0, c * (xp.sqrt(2.0 * xp.log(nm1)) + 2.0) - c, 0.0)
-  return ta, tb, lz, c, _orderstat_moments(ta, tb, c) if orderstat else None
+  return ta, tb, lz, c, _orderstat_moments(ta, tb, c)
 
 
 def _fail_fn(n, parts, eps, log_drow, chernoff=None):
   """`(cell_fail, p*)` of one row: `cell_fail(m)` bounds `P(at least m entries > eps)` per tau cell.
 
-  Per cell the better of the union bound (Lemma 4) and either the Chernoff bound
-  (Lemma 6), when `chernoff = (c, _chernoff_parts(eps, ta, tb, c))` is given, or
-  else the order-statistic bound (Lemma 5): each bounds the same conditional
-  probability, so their minimum does. (With Lemma 6 at hand, Lemma 5 never
-  lowered Theorem 1's k on 120 settings, n = 64..16384, eps = 0.005..0.2, and
-  it costs about a third of the evaluation.) A row's bound is the worst cell,
+  Per cell the best of the union bound (Lemma 4), the order-statistic bound
+  (Lemma 5) and, when `chernoff = (c, _chernoff_parts(eps, ta, tb, c))` is given,
+  the Chernoff bound (Lemma 6): all three bound the same conditional probability,
+  so their minimum does. A row's bound is the worst cell,
   `max(cell_fail(m), axis=-1)`. `m` is an array (`[...]`, several m at once),
   `cells` an optional `[W]` index array restricting the cells (`[..., W]` out,
   else `[..., C]`). `p*` is the union bound's exceedance probability. `parts` is
@@ -262,12 +257,12 @@ def _fail_fn(n, parts, eps, log_drow, chernoff=None):
     p, a, b, mom = p_cell, ta, tb, moments
     if cells is not None:
       p, a, b = p[cells], a[cells], b[cells]
-    p1 = 0.5 * drow + xp.minimum(_binom_tail(n - 1.0, m[..., None] - 1.0, p) * inv_safe, 1.0)
-    if chernoff is not None:
-      return xp.minimum(p1, _chernoff_fail(nm1, m, eps, chernoff[0], chernoff[1], cells))
-    if cells is not None:
       mom = (mom[0][cells], mom[1][cells], *mom[2:])
-    return xp.minimum(p1, _orderstat_fail(nm1, m, eps, a, b, c, mom))
+    p1 = 0.5 * drow + xp.minimum(_binom_tail(n - 1.0, m[..., None] - 1.0, p) * inv_safe, 1.0)
+    out = xp.minimum(p1, _orderstat_fail(nm1, m, eps, a, b, c, mom))
+    if chernoff is not None:
+      out = xp.minimum(out, _chernoff_fail(nm1, m, eps, chernoff[0], chernoff[1], cells))
+    return out
 
   return cell_fail, xp.max(p_cell)
 
@@ -275,12 +270,12 @@ def _fail_fn(n, parts, eps, log_drow, chernoff=None):
 def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
   """Scalar core of Theorem 1 for a given tau interval: `(k_gauss, p*)`."""
   xp = _xp.of(n, tau_lo, tau_hi, eps, log_drow)
-  parts = _row_parts(n, tau_lo, tau_hi, log_drow, orderstat=False)
+  parts = _row_parts(n, tau_lo, tau_hi, log_drow)
   nm1 = xp.maximum(n - 1.0, 1.0)
   c = _g_grid(nm1, _NUM_APRIORI_G_CELLS, tau_hi.dtype)
   chernoff = (c, _chernoff_parts(eps, parts[0], parts[1], c))
   cell_fail, p_star = _fail_fn(n, parts, eps, log_drow, chernoff)
-  # The scan stops by m = ceil(1/eps), where the Chernoff bound is 0, and
+  # The scan stops by m = ceil(1/eps), where the order-statistic bound is 0, and
   # by m = n (only n - 1 off-diagonal entries); m - 1 entries plus the diagonal.
   witness = xp.argmax(parts[0] * 0.0 + parts[1])  # first guess: the largest tau cell
   k = _first_admissible_m(n, cell_fail, xp.exp(log_drow), witness)
@@ -302,11 +297,11 @@ def sparsity_bound(
   matrix has at most `k` entries larger than `eps`. The failure probability
   is split in two halves: `delta / 2` for the tau interval (`tau_range`) and
   `delta / 2` for the rows, `delta / (2 n)` each by a union bound. Per row,
-  given tau in a cell of the interval, the better of two bounds on
+  given tau in a cell of the interval, the best of three bounds on
   `P(at least m off-diagonal entries > eps)` is used: a union bound (half for a
-  lower bound on the normaliser, half for a binomial count of exceedances) and
-  one Chernoff bound on the sums above and below the m-th largest score
-  (docs/theory.md, Theorem 1, Lemmas 4 and 6).
+  lower bound on the normaliser, half for a binomial count of exceedances), an
+  order-statistic bound, and one Chernoff bound on the sums above and below the
+  m-th largest score (docs/theory.md, Theorem 1, Lemmas 4-6).
 
   Everything is a jnp function of its arguments: jit and vmap over any of them.
 
