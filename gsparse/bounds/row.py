@@ -6,9 +6,9 @@ Theorem 1. The core (Lemma 6) replaces Lemma 5's relaxation of the scores above
 the m-th largest by one Chernoff bound on `Z_top + Z_rest` given that order
 statistic, divided by `e^{tau G}`, with the Laplace transforms of the truncated
 lognormal summands bounded by rigorous upper Riemann sums on nodes scaled with
-`1/tau`. It holds uniformly over a tau cell `[a, b]`, which is how Theorem 1
-(`sparsity.py`) and Theorem 1C (`causal.py`) use it; Theorem 1R is the cell
-`[tau, tau]`.
+`1/tau` and computed as matrix products (`_laplace`). It holds uniformly over a
+tau cell `[a, b]`, which is how Theorem 1 (`sparsity.py`) and Theorem 1C
+(`causal.py`) use it; Theorem 1R is the cell `[tau, tau]`.
 """
 
 from __future__ import annotations
