@@ -140,7 +140,7 @@ def _on_flat(formula: PointFormula, values, **kwargs) -> list[jax.Array]:
     if 0 < size <= _NUMPY_MAX_POINTS:
       outs = formula.numpy(conc, np.float64, margin_dtype=dtype, **kwargs)
       # Cast on the host: `jnp.asarray(o, dtype)` would compile a conversion per shape.
-      return [jax.device_put(o.astype(dtype) if o.dtype.kind == "f" else o) for o in outs]
+      return jax.device_put([o.astype(dtype) if o.dtype.kind == "f" else o for o in outs])
   args = jnp.broadcast_arrays(*(jnp.asarray(v, dtype) for v in values))
   return _unpad(formula.flat(*_pad_flat(args), **kwargs), args[0].shape)
 

@@ -36,7 +36,9 @@ class _Namespace:
     self.__dict__.update(extras)
 
   def __getattr__(self, name: str) -> Any:
-    return getattr(self._module, name)
+    value = getattr(self._module, name)
+    self.__dict__[name] = value  # found directly from now on (the formulas look names up often)
+    return value
 
 
 def _np_while_loop(cond, body, init):

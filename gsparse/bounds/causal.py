@@ -33,7 +33,7 @@ from gsparse.bounds._common import (
 from gsparse.bounds._gcells import _first_admissible_m
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
 from gsparse.bounds.row import _chernoff_fail, _chernoff_parts, _g_grid
-from gsparse.bounds.row_tail import _tail_cell_bounds, _tail_rest
+from gsparse.bounds.row_tail import _tail_cell_bounds, _tail_parts
 from gsparse.bounds.sparsity import _trivial_k
 from gsparse.bounds.tau import _cells, _tau_range_point
 
@@ -101,7 +101,7 @@ def _causal_k_scalar(n, sigma, eps, delta, frob, op, gram):
 def _causal_tail_fail(lo, hi, k, tau, t0, dside, c):
   """Bound on `P(t > t0)` for every row with `lo..hi` off-diagonal keys, given `tau_i >= tau`.
 
-  `c = (grid, _tail_rest(tau, grid))` with `grid = _causal_g_range(lo, hi, k, dside)`.
+  `c = (grid, _tail_parts(tau, grid))` with `grid = _causal_g_range(lo, hi, k, dside)`.
   `G` (the k-th largest) lies in `[c_lo, c_hi]` except w.p. `2 dside` for every such
   row (`G` is stochastically increasing in the number of keys); in between, the worst
   cell bound of Theorem 2R with the most summands below `G` (`hi - k`).
@@ -129,7 +129,7 @@ def _causal_tail_scalar(n, sigma, k, delta, frob, op, gram):
     lo, hi, dj = _group(xp, n, j + 1, delta)
     tlo, _ = _tau_range_point(xp.ones_like(n), sigma, frob, op, gram, 0.5 * dj)
     grid = _causal_g_range(lo, hi, kk, 0.125 * dj)
-    c = (grid, _tail_rest(tlo, grid))
+    c = (grid, _tail_parts(tlo, grid))
 
     def ok(z):  # z = log(t0 / (1 - t0)); an eighth of delta_j per side of G, a quarter inside
       return _causal_tail_fail(lo, hi, kk, tlo, xp.sigmoid(z), 0.125 * dj, c) <= 0.5 * dj

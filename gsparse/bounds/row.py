@@ -6,9 +6,9 @@ Theorem 1. The core (Lemma 6) replaces Lemma 5's relaxation of the scores above
 the m-th largest by one Chernoff bound on `Z_top + Z_rest` given that order
 statistic, divided by `e^{tau G}`, with the Laplace transforms of the truncated
 lognormal summands bounded by rigorous upper Riemann sums on nodes scaled with
-`1/tau`. It holds uniformly over a tau cell `[a, b]`, which is how Theorem 1
-(`sparsity.py`) and Theorem 1C (`causal.py`) use it; Theorem 1R is the cell
-`[tau, tau]`.
+`1/tau` and computed as matrix products (`_laplace`). It holds uniformly over a
+tau cell `[a, b]`, which is how Theorem 1 (`sparsity.py`) and Theorem 1C
+(`causal.py`) use it; Theorem 1R is the cell `[tau, tau]`.
 """
 
 from __future__ import annotations
@@ -16,24 +16,20 @@ from __future__ import annotations
 import jax
 from jax.typing import ArrayLike
 
-from gsparse.bounds import _xp
+from gsparse.bounds import _laplace, _xp
 from gsparse.bounds._common import (
   PointFormula,
   _check,
   _check_delta,
   _check_eps,
   _check_n,
-  _log_phi_diff,
   _on_flat,
   _valid,
 )
 from gsparse.bounds._gcells import _first_admissible_m, _sum_over_g_cells
 
 _NUM_G_CELLS = 256  # cells of the m-th order statistic G on [-3, sqrt(2 ln n) + 2]
-_NUM_QUAD = 64  # Riemann cells per truncated Laplace transform
 _NUM_LAMBDA = 24  # Chernoff parameters tried (any one gives a valid bound)
-_FLOOR = -9.0  # below: the integrand is bounded by 1
-_SPAN = 14.0  # Riemann grids resolve g - c on the scale 1/tau: span _SPAN / tau (at most 10)
 
 
 def _g_grid(nm1, num, dtype):
@@ -43,74 +39,23 @@ def _g_grid(nm1, num, dtype):
   return -3.0 + u * (xp.sqrt(2.0 * xp.log(nm1)) + 5.0)
 
 
-def _log_transform_nodes(log_lam, tau, g, shift, *, sign, tail_hi=False):
-  """Upper bound on `log E[exp(sign lam e^{tau (g - shift)}) 1{g_0 < g <= g_Q}]`, `g ~ N(0, 1)`.
-
-  `sign = -1` (Laplace transform): the integrand times `phi` is decreasing in g
-  (`tau >= 0`), so on each Riemann cell `[g_q, g_{q+1}]` it is at most its value at
-  `g_q` times `phi`, which integrates to that value times `Phi(g_{q+1}) - Phi(g_q)`;
-  `tail_hi` adds the mass above `g_Q` at the value at `g_Q`. `sign = +1` (moment
-  generating function): increasing, so the value at `g_{q+1}`, and the mass below
-  `g_0` is added at the value at `g_0`. Shapes: `log_lam [..., K]`, `g [..., Q + 1]`,
-  `tau` and `shift` broadcasting against `g[..., 0]`; returns `[..., K]`.
-  """
-  xp = _xp.of(log_lam, tau, g, shift)
-  tau = xp.asarray(tau)[..., None]
-  x = tau * (g - xp.asarray(shift)[..., None])  # [..., Q + 1], <= 0 for the rest, >= 0 for the top
-  lw = _log_phi_diff(g[..., 1:], g[..., :-1])  # [..., Q]
-  at = x[..., :-1] if sign < 0 else x[..., 1:]
-  parts = [sign * xp.exp(log_lam[..., :, None] + at[..., None, :]) + lw[..., None, :]]
-  if sign < 0 and tail_hi:
-    parts.append((-xp.exp(log_lam + x[..., -1:]) + xp.log_ndtr(-g[..., -1:]))[..., None])
-  if sign > 0:
-    parts.append((xp.exp(log_lam + x[..., :1]) + xp.log_ndtr(g[..., :1]))[..., None])
-  return xp.logsumexp(xp.concatenate(parts, axis=-1), axis=-1)
-
-
-def _top_nodes(c, tau):
-  """Nodes above `c` for the summand `e^{tau (g - c)}`: `u^2`-spaced on `[c, c + span]`.
-
-  `span = min(10, _SPAN / tau)`: denser near `c`, where the truncated normal's mass is.
-  """
-  xp = _xp.of(c, tau)
-  u = xp.linspace(0.0, 1.0, _NUM_QUAD + 1, dtype=c.dtype)
-  span = xp.minimum(10.0, _SPAN / xp.maximum(tau, 1e-6))
-  return c[..., None] + span[..., None] * (u * u)
-
-
-def _rest_nodes(c, tau):
-  """Nodes below `c` for `e^{tau (g - c)}`: half on `[c - _SPAN / tau, c]`, half down to a floor."""
-  xp = _xp.of(c, tau)
-  lo = xp.minimum(c - 1.0, _FLOOR)
-  mid = xp.clip(c - _SPAN / xp.maximum(tau, 1e-6), lo, c)
-  u = xp.linspace(0.0, 1.0, _NUM_QUAD // 2 + 1, dtype=c.dtype)
-  coarse = lo[..., None] + (mid - lo)[..., None] * u[:-1]
-  fine = mid[..., None] + (c - mid)[..., None] * u
-  return xp.concatenate([coarse, fine], axis=-1)
-
-
 def _chernoff_parts(eps, ta, tb, c):
-  """`(theta, top, rest)`, the m-free parts of `_chernoff_fail` for tau cells `[ta, tb]` (`[C]`).
+  """`(lam A, top, rest)`, the m-free parts of `_chernoff_fail` for tau cells `[ta, tb]` (`[C]`).
 
   On `{K >= m}` with `G = c`: `sum_top e^{tau (g - c)} + sum_rest e^{tau (g - c)} <
   (1 - eps) / eps`, and for every `tau` in `[a, b]` each top summand is `>= e^{a (g - c)}`
   and each rest summand `>= e^{b (g - c)}`. For `c` in the G-cell `(c_l, c_{l+1}]` the
   residuals are stochastically bounded by those at `c_{l+1}` (log-concavity of `Phi`,
   `Phi_bar`), so `top` and `rest` (`[C, L, K]`) bound the log Laplace transforms of one
-  summand there, for each Chernoff parameter `theta = log(lam (1 - eps) / eps)` (`[K]`).
+  summand there (clipped at 0: a transform is at most 1), for each Chernoff parameter
+  `lam A = lam (1 - eps) / eps = e^theta` (`[K]`), by upper Riemann sums (`_laplace`).
   """
   xp = _xp.of(eps, ta, tb, c)
-  cc = xp.broadcast_to(c[1:], (ta.shape[0], c.shape[0] - 1))  # [C, L]
-  a = xp.broadcast_to(ta[:, None], cc.shape)
-  b = xp.broadcast_to(tb[:, None], cc.shape)
   theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)
-  log_lam = xp.broadcast_to(theta - (xp.log1p(-eps) - xp.log(eps)), cc.shape + theta.shape)
-  top = _log_transform_nodes(log_lam, a, _top_nodes(cc, a), cc, sign=-1, tail_hi=True)
-  top = top - xp.log_ndtr(-cc)[..., None]
-  g = _rest_nodes(cc, b)
-  rest = _log_transform_nodes(log_lam, b, g, cc, sign=-1)
-  rest = xp.logaddexp(rest, xp.log_ndtr(g[..., 0])[..., None]) - xp.log_ndtr(cc)[..., None]
-  return theta, top, rest
+  log_lam = theta - (xp.log1p(-eps) - xp.log(eps))
+  top = _laplace._log_transform(_laplace._top_weights(ta, c[1:]), log_lam, -1)
+  rest = _laplace._log_transform(_laplace._rest_weights(tb, c[1:]), log_lam, -1)
+  return xp.exp(theta), xp.minimum(top, 0.0), xp.minimum(rest, 0.0)
 
 
 def _chernoff_fail(nm1, m, eps, c, parts, cells=None, nm1_hi=None):
@@ -122,14 +67,13 @@ def _chernoff_fail(nm1, m, eps, c, parts, cells=None, nm1_hi=None):
   (dropping summands only lowers `Z`) and the law of `G` at `nm1_hi` (stochastically
   the largest). Returns `[..., C]` (or `[..., W]`).
   """
-  theta, top, rest = parts
+  lam_a, top, rest = parts
   if cells is not None:
     top, rest = top[cells], rest[cells]
-  xp = _xp.of(nm1, m, theta)
+  xp = _xp.of(nm1, m, lam_a)
   hi = nm1 if nm1_hi is None else nm1_hi
   mk = m[..., None, None, None]  # one m per [C, L, K] grid
-  log_b = xp.exp(theta) + (mk - 1.0) * xp.minimum(top, 0.0)
-  log_b = log_b + xp.maximum(nm1 - mk, 0.0) * xp.minimum(rest, 0.0)
+  log_b = lam_a + (mk - 1.0) * top + xp.maximum(nm1 - mk, 0.0) * rest
   b = xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [..., C, L]
   mm = xp.clip(m, 1.0, hi)[..., None]
   out = _sum_over_g_cells(hi, mm, c, b, head_nm1=xp.maximum(nm1, mm))

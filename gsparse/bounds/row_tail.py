@@ -13,7 +13,7 @@ from __future__ import annotations
 import jax
 from jax.typing import ArrayLike
 
-from gsparse.bounds import _xp
+from gsparse.bounds import _laplace, _xp
 from gsparse.bounds._common import (
   PointFormula,
   _check,
@@ -23,57 +23,49 @@ from gsparse.bounds._common import (
   _safety,
   _valid,
 )
-from gsparse.bounds.row import (
-  _NUM_LAMBDA,
-  _g_grid,
-  _log_transform_nodes,
-  _rest_nodes,
-  _top_nodes,
-)
+from gsparse.bounds.row import _NUM_LAMBDA, _g_grid
 
 _T0_STEPS = 16  # bisection steps on log(t0 / (1 - t0)) (resolution 42 / 2^16)
 _NUM_TAIL_G_CELLS = 128  # cells of G on [-3, sqrt(2 ln n) + 2]
 
 
-def _tail_rest(tau, c):
-  """`[L, K]` log MGF bounds of one summand below `G` at `c_l` (t0-free: computed once per row)."""
+def _tail_parts(tau, c):
+  """The t0-free parts of `_tail_cell_bounds`, computed once per row.
+
+  `(top, rest)`: the Riemann weights of the top transforms at the cell tops
+  `c_{l+1}` and the `[L, K]` log MGF bounds of one summand below `G` at `c_l`.
+  """
   xp = _xp.of(tau, c)
-  c1 = c[:-1]
+  t = xp.reshape(tau, (1,))
   theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam (1 - t0))
-  ta = xp.broadcast_to(tau, c1.shape)
-  log_mu = xp.broadcast_to(theta, c1.shape + theta.shape)  # lam (1 - t0)
-  rest = _log_transform_nodes(log_mu, ta, _rest_nodes(c1, ta), c1, sign=1)
-  return rest - xp.log_ndtr(c1)[:, None]
+  rest = _laplace._log_transform(_laplace._rest_weights(t, c[:-1], mgf=True), theta, 1)[0]
+  return _laplace._top_weights(t, c[1:]), rest
 
 
-def _tail_cell_bounds(nrest, k, tau, t0, c, rest=None):
+def _tail_cell_bounds(nrest, k, tau, t0, c, parts=None):
   """`[L]` bounds on `P(t > t0 | tau_i = tau, G in (c_l, c_{l+1}])` (Theorem 2R), `nrest` below G.
 
   Divided by `e^{tau G}`, `{t > t0}` needs `t0 sum_top e^{tau (g - G)} - (1 - t0)
   sum_rest e^{tau (g - G)} < 1 - t0`. For `G` in `(c_l, c_{l+1}]` the top residuals are
   stochastically at least those at `c_{l+1}` and the rest's `G - g` at least those at
   `c_l` (log-concavity), which fixes the laws of one Chernoff bound per cell.
+  `parts = _tail_parts(tau, c)` (computed here when not given).
   """
   xp = _xp.of(nrest, k, tau, t0, c)
-  c1, c2 = c[:-1], c[1:]
+  top_w, rest = _tail_parts(tau, c) if parts is None else parts
   theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam (1 - t0))
-  log_lam = xp.broadcast_to(theta - xp.log1p(-t0), c1.shape + theta.shape)  # [L, K]
-  ta = xp.broadcast_to(tau, c1.shape)
-  top = _log_transform_nodes(
-    log_lam + xp.log(t0), ta, _top_nodes(c2, ta), c2, sign=-1, tail_hi=True
-  )
-  top = top - xp.log_ndtr(-c2)[:, None]
-  rest = _tail_rest(tau, c) if rest is None else rest  # `_tail_rest(tau, c)`
+  log_lam = theta - xp.log1p(-t0) + xp.log(t0)  # lam t0, [K]
+  top = _laplace._log_transform(top_w, log_lam, -1)[0]  # [L, K]
   log_b = xp.exp(theta)[None, :] + (k - 1.0) * xp.minimum(top, 0.0)
   log_b = log_b + nrest * xp.maximum(rest, 0.0)
   log_b = xp.where(xp.isnan(log_b), xp.inf, log_b)  # inf * 0 in an overflowed MGF: no bound
   return xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [L]
 
 
-def _tail_fail(nm1, k, tau, t0, c, rest=None):
+def _tail_fail(nm1, k, tau, t0, c, parts=None):
   """Bound on `P(t > t0 | tau_i = tau)` (Theorem 2R), summed over the cells of G."""
   xp = _xp.of(nm1, k, tau, t0, c)
-  b = _tail_cell_bounds(nm1 - k, k, tau, t0, c, rest)
+  b = _tail_cell_bounds(nm1 - k, k, tau, t0, c, parts)
   # sum_l P(G in cell l) b_l with bt = running max from the right (non-increasing) and
   # F_l = P(G <= c_l) rounded up: F_0 + T_L + F_L bt_{L-1} + sum_l F_l (bt_{l-1} - bt_l).
   inv_safe = 1.0 / _safety(c.dtype)
@@ -89,10 +81,10 @@ def _row_tail_scalar(n, tau, k, delta):
   nm1 = xp.maximum(n - 1.0, 1.0)
   kk = xp.clip(k, 2.0, nm1)
   c = _g_grid(nm1, _NUM_TAIL_G_CELLS, tau.dtype)
-  rest = _tail_rest(tau, c)
+  parts = _tail_parts(tau, c)
 
   def ok(z):  # z = log(t0 / (1 - t0))
-    return _tail_fail(nm1, kk, tau, xp.sigmoid(z), c, rest) <= delta
+    return _tail_fail(nm1, kk, tau, xp.sigmoid(z), c, parts) <= delta
 
   def body(_, state):
     lo, hi = state
