@@ -81,7 +81,10 @@ def _run_in_subprocess(page: pathlib.Path, devices: int, tmp_path: pathlib.Path)
   script = "\n\n".join(src for _, src in _python_blocks(page))
   env = {
     **os.environ,
-    "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}",
+    # Keeps the test options of conftest.py (compile-time savings).
+    "XLA_FLAGS": (
+      os.environ.get("XLA_FLAGS", "") + f" --xla_force_host_platform_device_count={devices}"
+    ).strip(),
     "JAX_PLATFORMS": "cpu",
     "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", ""),
   }

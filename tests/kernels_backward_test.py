@@ -279,15 +279,27 @@ def pallas_backward_in_interpret(monkeypatch):
   """The public routes with the Pallas backward where the kernels run in interpret mode.
 
   `backward="auto"` picks the XLA backward in interpret mode (CPU); this makes
-  it pick the Pallas one, and clears the jit caches so that no earlier trace
-  with the XLA backward is reused.
+  it pick the Pallas one. The choice is made when the two jitted kernel entry
+  points trace, so their caches are cleared (not all of JAX's: that freed and
+  recompiled everything the file had compiled before), and the test fails
+  unless the patched choice was made again, i.e. no earlier trace with the
+  XLA backward was reused.
   """
-  force = lambda backward, *, interpret: "pallas"
+  calls = []
+
+  def force(backward, *, interpret):
+    calls.append(backward)
+    return "pallas"
+
+  entry_points = (kernels.token.token_gather_attention, kernels.block.block_gather_attention)
   for module in (kernels.token, kernels.block):
     monkeypatch.setattr(module, "resolve_backward", force)
-  jax.clear_caches()
+  for fn in entry_points:
+    fn.clear_cache()
   yield
-  jax.clear_caches()
+  for fn in entry_points:
+    fn.clear_cache()
+  assert calls, "the kernels did not trace again: an earlier trace may have been reused"
 
 
 @pytest.mark.usefixtures("pallas_backward_in_interpret")
