@@ -26,6 +26,7 @@ from gsparse.bounds._common import (
   _check,
   _check_delta,
   _check_n,
+  _log_phi_diff,
   _norm_isf,
   _on_flat,
   _valid,
@@ -36,6 +37,7 @@ from gsparse.bounds.tau import _quad_form_range, _tau_range_point
 
 _NUM_TAU_CELLS = 4  # geometric cells of the tau range, Theorem 2R at each left end
 _NUM_THETA_CELLS = 32  # cells of the diagonal's head share theta in [0, 1]
+_NUM_G1_CELLS = 16  # cells of the largest off-diagonal standardised score in [c_lo, g1_hi]
 
 
 class IsotropicErrorBound(NamedTuple):
@@ -135,6 +137,78 @@ def _max_abs_gap(et, eh, scale):
   return xp.maximum(xp.maximum(vals[0], vals[1]), xp.maximum(vals[2], vals[3]))
 
 
+def _log_tail_sum_hi(n, a, b, c_hi, d_sum):
+  """`[C]` log bound on a row's off-diagonal tail sum `T` for tau in `[a, b]` (fails w.p. `d_sum`).
+
+  Every tail member has `g <= c_hi` (the k-th largest), so `e^{tau g} <= W(g)`,
+  `W(g) = e^{a min(g, c_hi)}` for `g <= 0` and `e^{b min(g, c_hi)}` for `g > 0`, and
+  `T <= sum_j W(g_j)` over all `n - 1` off-diagonal scores: i.i.d., bounded by
+  `W(c_hi)`; Bernstein's inequality with the exact moments of `W`.
+  """
+  xp = _xp.of(n, a, b, c_hi, d_sum)
+  nm1 = xp.maximum(n - 1.0, 1.0)
+  c = c_hi
+  lcap = xp.where(c > 0, b * c, a * c)  # log W(c_hi)
+  ninf = xp.asarray(-xp.inf, a.dtype)
+
+  def log_moment(m):  # log E[W^m]
+    sa, sb = m * a, m * b
+    neg = 0.5 * sa * sa + xp.log_ndtr(xp.minimum(c, 0.0) - sa)
+    pos = xp.where(c > 0, 0.5 * sb * sb + _log_phi_diff(c - sb, -sb), ninf)
+    cap = m * lcap + xp.log_ndtr(-c)
+    return xp.logaddexp(xp.logaddexp(neg, pos), cap)
+
+  ell = -xp.log(d_sum)
+  terms = xp.stack(
+    [
+      xp.log(nm1) + log_moment(1.0),
+      0.5 * (xp.log(2.0 * ell * nm1) + log_moment(2.0)),
+      lcap + xp.log(ell / 3.0),
+    ]
+  )
+  return xp.logaddexp(xp.logaddexp(terms[0], terms[1]), terms[2])
+
+
+def _t_part(tm):
+  """`max t (1 - t)` over `t in [0, tm]`."""
+  xp = _xp.of(tm)
+  return xp.where(tm <= 0.5, tm * (1.0 - tm), 0.25)
+
+
+def _head_case(a, b, t_c, l_t, stats, kk, th1, th2, gam):
+  """Diagonal in the head with share `theta`: `(t bound, q bound, mean gap bound)`, `[C, L, G]`."""
+  xp = _xp.of(a, b, t_c, l_t, kk, th1, th2, gam)
+  g1_hi, c_lo, c_hi, et_lo = stats
+  g1, g2 = gam[..., :-1], gam[..., 1:]
+  ly1 = xp.minimum(a * g1, b * g1)  # the largest off-diagonal key, g_(1) in [g1, g2]
+  l_off = xp.logaddexp(ly1, xp.log(kk - 2.0) + xp.minimum(a * c_lo, b * c_lo))
+  t_abs = xp.exp(-xp.logaddexp(0.0, l_off - xp.log1p(-th1) - l_t))  # T <= e^{l_t}
+  t_rel = t_c * (1.0 - th1) / xp.maximum(t_c * (1.0 - th1) + 1.0 - t_c, 1e-30)
+  tm = xp.minimum(t_rel, t_abs)
+  f = 1.0 / (1.0 + (kk - 2.0) * xp.exp(-b * xp.maximum(g2 - c_lo, 0.0)))
+  q = _t_part(tm) * (1.0 - th1) / (kk - 1.0) + tm * tm * (1.0 - th1) ** 2 * f
+  et, eh = (et_lo, c_hi), (c_lo, g2)
+  gap = xp.maximum(_max_abs_gap(et, eh, 1.0 - th1), _max_abs_gap(et, eh, 1.0 - th2))
+  return tm, q, tm * gap
+
+
+def _tail_case(a, b, t_c, l_t, stats, kk, gam):
+  """Diagonal in the tail: `(bound on p_i, t bound, q bound, mean gap bound)`, `[C, 1, G]`."""
+  xp = _xp.of(a, b, t_c, l_t, kk, gam)
+  g1_hi, c_lo, c_hi, et_lo = stats
+  g1, g2 = gam[..., :-1], gam[..., 1:]
+  l_h = xp.logaddexp(xp.minimum(a * g1, b * g1), xp.log(kk - 1.0) + xp.minimum(a * c_lo, b * c_lo))
+  # t = (T + e^{s_ii}) / (T + e^{s_ii} + H) with e^{s_ii} <= H / k: at most this.
+  num = xp.logaddexp(l_t, l_h - xp.log(kk))
+  t = xp.minimum(t_c, xp.exp(num - xp.logaddexp(l_t, l_h + xp.log1p(1.0 / kk))))
+  pd = xp.minimum(t, 1.0 / (kk + 1.0))
+  f = 1.0 / (1.0 + (kk - 2.0) * xp.exp(-b * xp.maximum(g2 - c_lo, 0.0)))
+  q = _t_part(t) / kk + t * t * f
+  et, eh = (et_lo, c_hi), (c_lo, g2)
+  gap = t * _max_abs_gap(et, eh, 1.0) + pd * xp.maximum(xp.abs(et_lo), xp.abs(c_hi))
+  return pd, t, q, gap
+
+
 def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2):
   xp = _xp.of(n, sigma, k, delta, frob, op, gram, vf, vo, vg)
   dt = sigma.dtype
@@ -143,12 +217,12 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   s2 = sigma * sigma
   vmax = xp.sqrt(_quad_form_range(s2, vf, vo, vg, xp.log(n / dpart))[1])
   drow = 2.0 * dpart / n  # delta / (2 n) per row
-  d8 = drow / 8.0
-  u_gauss = xp.sqrt(_quad_form_range(s2, vf, vo, vg, -xp.log(0.5 * d8))[1])
-  cross = sigma * vo * _norm_isf(0.5 * d8)  # a . G <= ||a|| sqrt(q) cross
+  d8, d16 = drow / 8.0, drow / 16.0
+  u_gauss = xp.sqrt(_quad_form_range(s2, vf, vo, vg, -xp.log(d16))[1])
+  cross = sigma * vo * _norm_isf(d16)  # a . G <= ||a|| sqrt(q) cross
   kk = xp.clip(k, 2.0, xp.maximum(n - 1.0, 2.0))
-  g1_hi, c_lo, c_hi, et_lo = _order_stats(n, kk, d8, d8, d8)
-  et, eh = (et_lo, c_hi), (c_lo, g1_hi)
+  stats = _order_stats(n, kk, d8, d8, d16)
+  g1_hi, c_lo, c_hi, _ = stats
   # Tau cells [a, b]: Theorem 2R at a (Lemma M), head concentration at b.
   u = xp.linspace(0.0, 1.0, _NUM_TAU_CELLS + 1, dtype=dt)
   lo = xp.maximum(tlo, 1e-3 * thi)
@@ -156,48 +230,42 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   a = xp.concatenate([tlo[None], edges[1:-1]])
   b = edges[1:]
   t_row = jax.vmap(_row_tail_scalar, in_axes=(None, 0, None, None))(n, a, kk, 0.5 * drow)[0]
-  t_c = xp.minimum(t_row, 1.0 - xp.minimum(k, n) / n)[:, None]  # [C, 1]
-  spread = xp.maximum(g1_hi - c_lo, 0.0)
-  f_c = (1.0 / (1.0 + (kk - 2.0) * xp.exp(-b * spread)))[:, None]  # sum r'^2 <= r'_max
-  th = xp.linspace(0.0, 1.0, _NUM_THETA_CELLS + 1, dtype=dt)
-  th1, th2 = th[:-1][None, :], th[1:][None, :]  # [1, L]
-
-  def t_part(tm):  # max of t (1 - t) over t in [0, tm]
-    return xp.where(tm <= 0.5, tm * (1.0 - tm), 0.25)
-
-  # Diagonal in the head with share theta: t <= tm(theta) (off-diagonal tail share <= t_c).
-  tm = t_c * (1.0 - th1) / xp.maximum(t_c * (1.0 - th1) + 1.0 - t_c, 1e-30)
-  q_head = t_part(tm) * (1.0 - th1) / (kk - 1.0) + tm * tm * (1.0 - th1) ** 2 * f_c
-  gap_head = xp.maximum(_max_abs_gap(et, eh, 1.0 - th1), _max_abs_gap(et, eh, 1.0 - th2))
-  parts_head = (tm * th2 * vmax, sigma * vo * tm * gap_head, xp.sqrt(q_head) * u_gauss)
-  # Diagonal in the tail: p_i <= min(t, (1 - t) / k).
-  pd = xp.minimum(t_c, 1.0 / (kk + 1.0))
-  q_tail = t_part(t_c) / kk + t_c * t_c * f_c
-  gap_tail = t_c * _max_abs_gap(et, eh, 1.0) + pd * xp.maximum(xp.abs(et_lo), xp.abs(c_hi))
-  parts_tail = (pd * vmax, sigma * vo * gap_tail, xp.sqrt(q_tail) * u_gauss)
+  t_c = xp.minimum(t_row, 1.0 - xp.minimum(k, n) / n)[:, None, None]  # [C, 1, 1]
+  l_t = _log_tail_sum_hi(n, a, b, c_hi, d16)[:, None, None]
+  a, b = a[:, None, None], b[:, None, None]
+  th = xp.linspace(0.0, 1.0, _NUM_THETA_CELLS + 1, dtype=dt)[None, :, None]
+  gam = c_lo + xp.linspace(0.0, 1.0, _NUM_G1_CELLS + 1, dtype=dt) * xp.maximum(g1_hi - c_lo, 0.0)
+  gam = gam[None, None, :]
+  tm, q_h, gap_h = _head_case(a, b, t_c, l_t, stats, kk, th[:, :-1], th[:, 1:], gam)
+  head = (tm * th[:, 1:] * vmax, sigma * vo * gap_h, xp.sqrt(q_h) * u_gauss)
+  pd, _, q_t, gap_t = _tail_case(a, b, t_c, l_t, stats, kk, gam)
+  tail = (pd * vmax, sigma * vo * gap_t, xp.sqrt(q_t) * u_gauss)
   parts = [
-    xp.concatenate(xp.broadcast_arrays(ph, pt), axis=1)
-    for ph, pt in zip(parts_head, parts_tail, strict=True)
-  ]  # [C, L + 1]
+    xp.concatenate(xp.broadcast_arrays(ph, pt), axis=1) for ph, pt in zip(head, tail, strict=True)
+  ]  # [C, L + 1, G]
   fixed, gauss = parts[0] + parts[1], parts[2]  # ||a||, sqrt(q) U
   root = fixed * fixed + gauss * gauss + 2.0 * fixed * (gauss / u_gauss) * cross
   total = xp.minimum(fixed + gauss, xp.sqrt(xp.maximum(root, 0.0)))
-  cell = xp.max(total, axis=1)
+  cell = xp.max(total, axis=(1, 2))
   if with_theorem2:  # Theorem 2's 2 t V on the same events: kept where smaller
-    cell = xp.minimum(cell, 2.0 * t_c[:, 0] * vmax)
-  err = xp.max(cell)
+    cell = xp.minimum(cell, 2.0 * t_c[:, 0, 0] * vmax)
   flat = xp.argmax(total)  # the split of the isotropic bound's own worst case
   split = [p.reshape(-1)[flat] for p in parts]
-  t_bound = xp.max(t_c)
-  small_k = k < 2.0  # no head structure to use: Theorem 2's free bound
+  return _finish(n, k, xp.max(cell), xp.max(t_c), vmax, split, (delta, frob, op, gram, vf, vo, vg))
+
+
+def _finish(n, k, err, t_bound, vmax, split, rest):
+  """Special cases (`k >= n`: nothing dropped; `k = 1`: the free bound); NaN where invalid."""
+  xp = _xp.of(n, k, err, t_bound, vmax)
+  small_k = k < 2.0
   t_free = 1.0 - xp.minimum(k, n) / n
   err = xp.where(k >= n, 0.0, xp.where(small_k, 2.0 * t_free * vmax, err))
   t_bound = xp.where(k >= n, 0.0, xp.where(small_k, t_free, t_bound))
-  ok = _valid(n >= 1, sigma > 0, k >= 1, delta > 0, delta < 1, frob >= 0, op >= 0, gram >= 0)
-  ok = ok & (vf >= 0) & (vo >= 0) & (vg >= 0)
-  nan = xp.asarray(xp.nan, dt)
-  outs = (err, t_bound, vmax, *split)
-  return tuple(xp.where(ok, o, nan) for o in outs)
+  delta, frob, op, gram, vf, vo, vg = rest
+  ok = _valid(n >= 1, k >= 1, delta > 0, delta < 1, frob >= 0, op >= 0, gram >= 0)
+  ok = ok & (vf >= 0) & (vo >= 0) & (vg >= 0) & xp.isfinite(vmax)
+  nan = xp.asarray(xp.nan, err.dtype)
+  return tuple(xp.where(ok, o, nan) for o in (err, t_bound, vmax, *split))
 
 
 _ISO = PointFormula(_iso_scalar, static=("with_theorem2",), eager=False)
