@@ -36,6 +36,7 @@ from gsparse.bounds.row_tail import _row_tail_scalar
 from gsparse.bounds.tau import _quad_form_range, _tau_range_point
 
 _NUM_TAU_CELLS = 4  # geometric cells of the tau range, Theorem 2R at each left end
+_TAU_SUBCELLS = 8  # finer cells in each, for the head and the absolute tail sum
 _NUM_THETA_CELLS = 32  # cells of the diagonal's head share theta in [0, 1]
 _NUM_G1_CELLS = 16  # cells of the largest off-diagonal standardised score in [c_lo, g1_hi]
 
@@ -116,15 +117,20 @@ def _order_stats(n, k, d_one, d_k, d_sum):
   """Bounds on the standardised off-diagonal scores `g` of one row (each failing w.p. as given).
 
   Returns `(g1_hi, c_lo, c_hi, et_lo)`: `g_(1) <= g1_hi`; the k-th largest in
-  `[c_lo, c_hi]`; the plain mean of the scores outside the top `k - 1` (or `k`)
-  at least `et_lo` (the sum of all `n - 1` is at least `-sqrt(2 (n - 1) log(1/d_sum))`).
+  `[c_lo, c_hi]`; the plain mean of the scores outside the top `m` (`m = k - 1`
+  or `k`) at least `et_lo`. For that: the tail's sum is at least
+  `sum_j min(g_j, c_lo) - m c_lo` (every top score is `>= c_lo`), and
+  `sum_j min(g_j, c_lo)`, a sum of `n - 1` i.i.d. 1-Lipschitz images of
+  `N(0, 1)`, is at least its mean minus `sqrt(2 (n - 1) log(1/d_sum))`.
   """
   xp = _xp.of(n, k, d_one, d_k, d_sum)
   nm1 = xp.maximum(n - 1.0, 1.0)
   g1_hi = _norm_isf(d_one / nm1)
   c_lo = _norm_isf(_binom_min_p(nm1, k, 0.5 * d_k))
   c_hi = _norm_isf(_binom_max_p(nm1, k, 0.5 * d_k))
-  low = -xp.sqrt(2.0 * nm1 * xp.log(1.0 / d_sum)) - k * xp.maximum(g1_hi, 0.0)
+  mean_min = c_lo * xp.ndtr(-c_lo) - xp.exp(-0.5 * c_lo * c_lo) / xp.sqrt(2.0 * xp.pi)
+  low = nm1 * mean_min - xp.sqrt(2.0 * nm1 * xp.log(1.0 / d_sum))
+  low = xp.minimum(low - k * c_lo, low - (k - 1.0) * c_lo)
   cnt = xp.maximum(nm1 - k, 1.0)
   et_lo = xp.minimum(low / cnt, low / (cnt + 1.0))
   return g1_hi, c_lo, c_hi, et_lo
@@ -223,13 +229,17 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   kk = xp.clip(k, 2.0, xp.maximum(n - 1.0, 2.0))
   stats = _order_stats(n, kk, d8, d8, d16)
   g1_hi, c_lo, c_hi, _ = stats
-  # Tau cells [a, b]: Theorem 2R at a (Lemma M), head concentration at b.
-  u = xp.linspace(0.0, 1.0, _NUM_TAU_CELLS + 1, dtype=dt)
+  # Tau cells [a, b]: Theorem 2R at the left end of each coarse cell (Lemma M), shared by
+  # its finer sub-cells, where the head (at b) and the absolute tail sum (at a) are bounded.
+  fine = _NUM_TAU_CELLS * _TAU_SUBCELLS
+  u = xp.linspace(0.0, 1.0, fine + 1, dtype=dt)
   lo = xp.maximum(tlo, 1e-3 * thi)
   edges = lo * xp.exp(u * (xp.log(xp.maximum(thi, lo)) - xp.log(lo)))
   a = xp.concatenate([tlo[None], edges[1:-1]])
   b = edges[1:]
-  t_row = jax.vmap(_row_tail_scalar, in_axes=(None, 0, None, None))(n, a, kk, 0.5 * drow)[0]
+  a_coarse = a[::_TAU_SUBCELLS]
+  t_row = jax.vmap(_row_tail_scalar, in_axes=(None, 0, None, None))(n, a_coarse, kk, 0.5 * drow)[0]
+  t_row = xp.repeat(t_row, _TAU_SUBCELLS)
   t_c = xp.minimum(t_row, 1.0 - xp.minimum(k, n) / n)[:, None, None]  # [C, 1, 1]
   l_t = _log_tail_sum_hi(n, a, b, c_hi, d16)[:, None, None]
   a, b = a[:, None, None], b[:, None, None]
