@@ -116,7 +116,8 @@ def isotropic_error_bound(
 def _order_stats(n, k, d_one, d_k, d_sum):
   """Bounds on the standardised off-diagonal scores `g` of one row (each failing w.p. as given).
 
-  Returns `(g1_hi, c_lo, c_hi, et_lo)`: `g_(1) <= g1_hi`; the k-th largest in
+  Returns `(g1_hi, c_lo, c_hi, et_lo, g2_hi)`: `g_(1) <= g1_hi`, `g_(2) <= g2_hi` (half
+  of `d_one` each); the k-th largest in
   `[c_lo, c_hi]`; the plain mean of the scores outside the top `m` (`m = k - 1`
   or `k`) at least `et_lo`. For that: the tail's sum is at least
   `sum_j min(g_j, c_lo) - m c_lo` (every top score is `>= c_lo`), and
@@ -125,7 +126,8 @@ def _order_stats(n, k, d_one, d_k, d_sum):
   """
   xp = _xp.of(n, k, d_one, d_k, d_sum)
   nm1 = xp.maximum(n - 1.0, 1.0)
-  g1_hi = _norm_isf(d_one / nm1)
+  g1_hi = _norm_isf(0.5 * d_one / nm1)
+  g2_hi = _norm_isf(_binom_max_p(nm1, xp.minimum(2.0, nm1), 0.5 * d_one))
   c_lo = _norm_isf(_binom_min_p(nm1, k, 0.5 * d_k))
   c_hi = _norm_isf(_binom_max_p(nm1, k, 0.5 * d_k))
   mean_min = c_lo * xp.ndtr(-c_lo) - xp.exp(-0.5 * c_lo * c_lo) / xp.sqrt(2.0 * xp.pi)
@@ -133,7 +135,27 @@ def _order_stats(n, k, d_one, d_k, d_sum):
   low = xp.minimum(low - k * c_lo, low - (k - 1.0) * c_lo)
   cnt = xp.maximum(nm1 - k, 1.0)
   et_lo = xp.minimum(low / cnt, low / (cnt + 1.0))
-  return g1_hi, c_lo, c_hi, et_lo
+  return g1_hi, c_lo, c_hi, et_lo, g2_hi
+
+
+def _head_shape(a, b, stats, kk, g2):
+  """Bounds on `sum r_j^2` and the head's tilted mean `E_h` for `g_(1) <= g2` (`[C, 1, G]`).
+
+  The largest off-diagonal key holds a share `phi <= e^{b g2} / (e^{b g2} + H2_lo)` of
+  the off-diagonal head (`H2_lo = (k - 2) e^{tau c_lo}`: the other head keys); the
+  others lie in `[c_lo, e2]`, `e2 = min(g2, g2_hi)`. So `E_h <= phi g2 + (1 - phi) e2`
+  and `sum r_j^2 <= phi^2 + (1 - phi)^2 F2` (convex in `phi`: worst at an end),
+  `F2` the same spread bound as `F` for the others; also `<= F` itself.
+  """
+  xp = _xp.of(a, b, kk, g2)
+  _, c_lo, _, _, g2_hi = stats
+  lh2 = xp.log(kk - 2.0) + xp.minimum(a * c_lo, b * c_lo)
+  phi = 1.0 / (1.0 + xp.exp(lh2 - xp.maximum(a * g2, b * g2)))
+  e2 = xp.minimum(g2, g2_hi)
+  f1 = 1.0 / (1.0 + (kk - 2.0) * xp.exp(-b * xp.maximum(g2 - c_lo, 0.0)))
+  f2 = 1.0 / (1.0 + xp.maximum(kk - 3.0, 0.0) * xp.exp(-b * xp.maximum(e2 - c_lo, 0.0)))
+  f = xp.minimum(f1, xp.maximum(f2, phi * phi + (1.0 - phi) ** 2 * f2))
+  return f, phi * g2 + (1.0 - phi) * e2
 
 
 def _max_abs_gap(et, eh, scale):
@@ -184,16 +206,16 @@ def _t_part(tm):
 def _head_case(a, b, t_c, l_t, stats, kk, th1, th2, gam):
   """Diagonal in the head with share `theta`: `(t bound, q bound, mean gap bound)`, `[C, L, G]`."""
   xp = _xp.of(a, b, t_c, l_t, kk, th1, th2, gam)
-  g1_hi, c_lo, c_hi, et_lo = stats
+  _, c_lo, c_hi, et_lo, _ = stats
   g1, g2 = gam[..., :-1], gam[..., 1:]
   ly1 = xp.minimum(a * g1, b * g1)  # the largest off-diagonal key, g_(1) in [g1, g2]
   l_off = xp.logaddexp(ly1, xp.log(kk - 2.0) + xp.minimum(a * c_lo, b * c_lo))
   t_abs = xp.exp(-xp.logaddexp(0.0, l_off - xp.log1p(-th1) - l_t))  # T <= e^{l_t}
   t_rel = t_c * (1.0 - th1) / xp.maximum(t_c * (1.0 - th1) + 1.0 - t_c, 1e-30)
   tm = xp.minimum(t_rel, t_abs)
-  f = 1.0 / (1.0 + (kk - 2.0) * xp.exp(-b * xp.maximum(g2 - c_lo, 0.0)))
+  f, eh_hi = _head_shape(a, b, stats, kk, g2)
   q = _t_part(tm) * (1.0 - th1) / (kk - 1.0) + tm * tm * (1.0 - th1) ** 2 * f
-  et, eh = (et_lo, c_hi), (c_lo, g2)
+  et, eh = (et_lo, c_hi), (c_lo, eh_hi)
   gap = xp.maximum(_max_abs_gap(et, eh, 1.0 - th1), _max_abs_gap(et, eh, 1.0 - th2))
   return tm, q, tm * gap
 
@@ -201,16 +223,16 @@ def _head_case(a, b, t_c, l_t, stats, kk, th1, th2, gam):
 def _tail_case(a, b, t_c, l_t, stats, kk, gam):
   """Diagonal in the tail: `(bound on p_i, t bound, q bound, mean gap bound)`, `[C, 1, G]`."""
   xp = _xp.of(a, b, t_c, l_t, kk, gam)
-  g1_hi, c_lo, c_hi, et_lo = stats
+  _, c_lo, c_hi, et_lo, _ = stats
   g1, g2 = gam[..., :-1], gam[..., 1:]
   l_h = xp.logaddexp(xp.minimum(a * g1, b * g1), xp.log(kk - 1.0) + xp.minimum(a * c_lo, b * c_lo))
   # t = (T + e^{s_ii}) / (T + e^{s_ii} + H) with e^{s_ii} <= H / k: at most this.
   num = xp.logaddexp(l_t, l_h - xp.log(kk))
   t = xp.minimum(t_c, xp.exp(num - xp.logaddexp(l_t, l_h + xp.log1p(1.0 / kk))))
   pd = xp.minimum(t, 1.0 / (kk + 1.0))
-  f = 1.0 / (1.0 + (kk - 2.0) * xp.exp(-b * xp.maximum(g2 - c_lo, 0.0)))
+  f, eh_hi = _head_shape(a, b, stats, kk, g2)
   q = _t_part(t) / kk + t * t * f
-  et, eh = (et_lo, c_hi), (c_lo, g2)
+  et, eh = (et_lo, c_hi), (c_lo, eh_hi)
   gap = t * _max_abs_gap(et, eh, 1.0) + pd * xp.maximum(xp.abs(et_lo), xp.abs(c_hi))
   return pd, t, q, gap
 
@@ -228,7 +250,7 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   cross = sigma * vo * _norm_isf(d16)  # a . G <= ||a|| sqrt(q) cross
   kk = xp.clip(k, 2.0, xp.maximum(n - 1.0, 2.0))
   stats = _order_stats(n, kk, d8, d8, d16)
-  g1_hi, c_lo, c_hi, _ = stats
+  g1_hi, c_lo, c_hi, _, _ = stats
   # Tau cells [a, b]: Theorem 2R at the left end of each coarse cell (Lemma M), shared by
   # its finer sub-cells, where the head (at b) and the absolute tail sum (at a) are bounded.
   fine = _NUM_TAU_CELLS * _TAU_SUBCELLS
