@@ -65,7 +65,7 @@ def main():
           b = bounds.isotropic_error_bound(n, sigma, nm, vn, k=k, delta=delta)
           old = float(bounds.topk_error_bound(n, sigma, nm, k=k, value_norms=vn, delta=delta).error)
           dr = delta / (2 * n) / 8
-          g1, _, _, et_lo = _order_stats(np.float64(n), np.float64(k), dr, dr, dr / 2)
+          g1, _, _, et_lo, _ = _order_stats(np.float64(n), np.float64(k), dr, dr, dr / 2)
           split = "/".join(f"{float(x):.3g}" for x in (b.diag_part, b.mean_part, b.gauss_part))
           print(
             f"| {d} | {n} | {tau:g} | {k} | {e:.3g} | {t:.3f} | {gap:.2f} | {sq:.3f} | {share:.2f} "
