@@ -36,9 +36,9 @@ from gsparse.bounds.row_tail import _row_tail_scalar
 from gsparse.bounds.tau import _quad_form_range, _tau_range_point
 
 _NUM_TAU_CELLS = 4  # geometric cells of the tau range, Theorem 2R at each left end
-_TAU_SUBCELLS = 8  # finer cells in each, for the head and the absolute tail sum
-_NUM_THETA_CELLS = 32  # cells of the diagonal's head share theta in [0, 1]
-_NUM_G1_CELLS = 16  # cells of the largest off-diagonal standardised score in [c_lo, g1_hi]
+_TAU_SUBCELLS = 24  # finer cells in each, for the head and the absolute tail sum
+_NUM_THETA_CELLS = 64  # cells of the diagonal's head share theta in [0, 1]
+_NUM_G1_CELLS = 48  # cells of the largest off-diagonal standardised score in [c_lo, g1_hi]
 
 
 class IsotropicErrorBound(NamedTuple):
