@@ -28,7 +28,8 @@ Public pieces (each proven in docs/theory.md):
   the proven sufficiency `tail_mass_exceeds_prob` (Theorem R3) and the
   collapsed-phase limit `collapsed_tail_mean` (Theorem R6).
 * `value_factor_bound` and `row_value_error_bound` (Lemma V): the value factor
-  from isotropy, given the row's scores, replacing `2 max_j ||v_j||`.
+  from isotropy, given the row's scores, replacing `2 max_j ||v_j||`;
+  `isotropic_error_bound` (Theorem 2V): Lemma V's split made a-priori.
 * `rank_layers_by_sparsity`: which layers are sparsest, from their weights.
 
 The deterministic certificate (fact 4) lives in `gsparse.certificate` and is
@@ -76,6 +77,7 @@ from gsparse.bounds.sparsity import (
 )
 from gsparse.bounds.tau import TauRange, tau_range
 from gsparse.bounds.value import RowValueBound, row_value_error_bound, value_factor_bound
+from gsparse.bounds.value_apriori import IsotropicErrorBound, isotropic_error_bound
 from gsparse.certificate import output_error_certificate, tail_mass_certificate
 
 __all__ = [
@@ -83,6 +85,7 @@ __all__ = [
   "DEFAULT_DELTA",
   "ErrorBound",
   "InteractionNorms",
+  "IsotropicErrorBound",
   "LayerRanking",
   "RemBoundaries",
   "RowValueBound",
@@ -99,6 +102,7 @@ __all__ = [
   "head_mass_exceeds_prob",
   "interaction_norms",
   "interaction_norms_from_weights",
+  "isotropic_error_bound",
   "multi_gap_tail_bound",
   "output_error_certificate",
   "power_law_error_bound",

@@ -9,8 +9,8 @@ import numpy as np
 
 HEADER = (
   "| d | n | tau | rows | k bound | k emp | k ratio | viol k | "
-  "err bound (k=8/32) | err emp | err ratio | tail bound / 1-k/n | slack single/multi/band | "
-  "viol err | cert viol | logESS emp/pred |"
+  "err bound (k=8/32) | err emp | err ratio | 2V bound | 2V ratio | tail bound / 1-k/n | "
+  "slack single/multi/band | viol err / 2V | cert viol | logESS emp/pred |"
 )
 
 
@@ -18,6 +18,9 @@ def fmt_row(r: dict) -> str:
   eb = "/".join(f"{v:.3g}" for v in r["error_bound"])
   ee = "/".join(f"{v:.3g}" for v in r["error_empirical_max"])
   er = "/".join(f"{v:.3g}" for v in r["error_ratio"])
+  eb2 = "/".join(f"{v:.3g}" for v in r.get("error_bound_2v", [])) or "-"
+  er2 = "/".join(f"{v:.3g}" for v in r.get("error_ratio_2v", [])) or "-"
+  v2 = sum(r.get("violations_error_2v", [0]))
   k_b = f"{r['k_bound']:.0f}" + ("" if r["informative"] else "*")
   tb = "/".join(
     f"{b:.3g}/{1 - k / r['n']:.3g}" for b, k in zip(r["tail_bound"], r["ks"], strict=True)
@@ -29,8 +32,8 @@ def fmt_row(r: dict) -> str:
   return (
     f"| {r['d']} | {r['n']} | {r['tau_target']:g} | {r['rows']} | {k_b} | "
     f"{r['k_empirical_max']} | {r['k_ratio']:.2f} | {r['violations_k']} | {eb} | {ee} | {er} | "
-    f"{tb} | {sl} | "
-    f"{sum(r['violations_error'])} | {r['cert_violations']} | "
+    f"{eb2} | {er2} | {tb} | {sl} | "
+    f"{sum(r['violations_error'])} / {v2} | {r['cert_violations']} | "
     f"{r['median_log_ess']:.2f}/{r['predicted_log_ess_at_median_tau']:.2f} |"
   )
 
@@ -96,6 +99,7 @@ def summary_figures(res: dict) -> dict:
       f"{max(r['tau_row_max'] / r['tau_target'] for r in rows):.3g}"
     ),
   }
+  out.update(_isotropic_figures(rows, er, tf))
   for label, column in _CERTIFICATES:
     if all(column in r for r in rows):
       out[f"{label} certificate slack, max per setting (min/median/max)"] = _quantiles(
@@ -110,7 +114,30 @@ def summary_figures(res: dict) -> dict:
     f"{s['violations_k']} / {s['violations_error']} / {s['violations_tail']} / "
     f"{s['cert_violations'] + s.get('multi_violations', 0)}"
   )
+  if "violations_error_2v" in s:
+    out["violations, Theorem 2V error"] = str(s["violations_error_2v"])
   return out
+
+
+def _isotropic_figures(rows: list[dict], er: list[float], tf: list[float]) -> dict:
+  """Theorem 2V against Theorem 2 and the observed error, and where its factor sits."""
+  if not all("error_ratio_2v" in r for r in rows):
+    return {}
+  er2 = [v for r in rows for v in r["error_ratio_2v"]]
+  split = [s for r in rows for s in r["split_2v"]]
+  share = lambda j: [s[j] / max(sum(s), 1e-30) for s in split]  # noqa: E731
+  return {
+    "Theorem 2V error ratio (min/median/max)": _quantiles(er2),
+    "Theorem 2 / Theorem 2V (min/median/max)": _quantiles(
+      [a / b for a, b in zip(er, er2, strict=True)]
+    ),
+    "Theorem 2V value factor: 2V ratio / tail factor (min/median/max)": _quantiles(
+      [e / t for e, t in zip(er2, tf, strict=True)]
+    ),
+    "Theorem 2V split, share of diagonal term (min/median/max)": _quantiles(share(0)),
+    "Theorem 2V split, share of along-u mean term (min/median/max)": _quantiles(share(1)),
+    "Theorem 2V split, share of Gaussian term (min/median/max)": _quantiles(share(2)),
+  }
 
 
 def markdown(res: dict, before: dict | None = None) -> str:
@@ -151,14 +178,16 @@ def _markdown_intro(res: dict) -> list[str]:
     "one matrix (all its rows); expected failures allowed by delta over all matrices: "
     f"{s['expected_violations_allowed']:.3f}.",
     f"- Theorem 1 violations: {s['violations_k']}; Theorem 2 error violations: "
-    f"{s['violations_error']} (tail-mass: {s['violations_tail']}); certificate "
+    f"{s['violations_error']} (tail-mass: {s['violations_tail']}; Theorem 2V: "
+    f"{s.get('violations_error_2v', 'not run')}); certificate "
     f"violations beyond float32 rounding: {s['cert_violations']} (multi-gap: "
     f"{s.get('multi_violations', 'not run')}).",
     f"- Theorem 1 beat the trivial ceil(1/eps) - 1 in {s['informative_settings']} of "
     f"{s['settings']} settings (`*` marks the others: the bound returned the trivial k).",
     "- k ratio = Theorem-1 k / worst observed minimal k; err ratio = Theorem-2 error / worst",
     "  observed error; slack = certificate / true tail, the worst row; collapsed settings are",
-    "  those with tau >= sqrt(2 ln n).",
+    "  those with tau >= sqrt(2 ln n); 2V = Theorem 2V (`isotropic_error_bound`, docs/theory.md",
+    "  4.2), its split = diagonal / along-u mean / Gaussian terms at its own worst case.",
     "",
   ]
 

@@ -152,7 +152,7 @@ def _setting(key, head, *, d, n, r, tau, ks, eps, delta) -> dict:
   )
   st = jax.tree.map(np.asarray, st)
   mc_s = time.time() - t0
-  sb, eb, vmax_bound = _bounds_at(n, sigma, norms, vnorms, ks_n, eps=eps, delta=delta)
+  sb, eb, vmax_bound, iso = _bounds_at(n, sigma, norms, vnorms, ks_n, eps=eps, delta=delta)
   pred_ess = float(bounds.predicted_effective_support(n, float(np.median(st.median_tau))))
   k_bound = float(sb.k)
   ks_i = range(len(ks_n))
@@ -186,6 +186,7 @@ def _setting(key, head, *, d, n, r, tau, ks, eps, delta) -> dict:
     violations_error=[int(np.sum(st.max_error[:, i] > float(eb.error[i]))) for i in ks_i],
     violations_tail=[int(np.sum(st.max_tail[:, i] > float(eb.tail_mass[i]))) for i in ks_i],
     value_norm_bound=vmax_bound,
+    **_isotropic_fields(st, iso, ks_i),
     value_norm_empirical_max=float(st.max_value_norm.max()),
     **_certificate_fields(st, n),
     median_log_ess=float(np.median(st.median_log_ess)),
@@ -195,12 +196,25 @@ def _setting(key, head, *, d, n, r, tau, ks, eps, delta) -> dict:
 
 
 def _bounds_at(n, sigma, norms, vnorms, ks_n, *, eps, delta):
-  """Theorem 1, Theorem 2 at each k of `ks_n`, and the value-norm bound (at delta / 4)."""
+  """Theorems 1, 2 and 2V at each k of `ks_n`, and the value-norm bound (at delta / 4)."""
   sb = bounds.sparsity_bound(n, sigma, norms, eps=eps, delta=delta)
-  eb = bounds.topk_error_bound(
-    n, sigma, norms, k=jnp.asarray(ks_n, jnp.float32), value_norms=vnorms, delta=delta
+  ks = jnp.asarray(ks_n, jnp.float32)
+  eb = bounds.topk_error_bound(n, sigma, norms, k=ks, value_norms=vnorms, delta=delta)
+  iso = bounds.isotropic_error_bound(n, sigma, norms, vnorms, k=ks, delta=delta)
+  return sb, eb, float(bounds.value_norm_bound(n, sigma, vnorms, delta=delta / 4)), iso
+
+
+def _isotropic_fields(st, iso, ks_i) -> dict:
+  """Theorem 2V (docs/theory.md 4.2) per k: the bound, its ratio, violations, its split."""
+  obs = [max(float(st.max_error[:, i].max()), 1e-30) for i in ks_i]
+  return dict(
+    error_bound_2v=[float(iso.error[i]) for i in ks_i],
+    error_ratio_2v=[float(iso.error[i]) / obs[i] for i in ks_i],
+    violations_error_2v=[int(np.sum(st.max_error[:, i] > float(iso.error[i]))) for i in ks_i],
+    split_2v=[
+      [float(iso.diag_part[i]), float(iso.mean_part[i]), float(iso.gauss_part[i])] for i in ks_i
+    ],
   )
-  return sb, eb, float(bounds.value_norm_bound(n, sigma, vnorms, delta=delta / 4))
 
 
 def _certificate_fields(st, n: int) -> dict:
@@ -233,6 +247,7 @@ def _summary(rows: list[dict], argv_str: str, delta: float, seconds: float) -> d
     violations_k=sum(r["violations_k"] for r in rows),
     violations_error=sum(sum(r["violations_error"]) for r in rows),
     violations_tail=sum(sum(r["violations_tail"]) for r in rows),
+    violations_error_2v=sum(sum(r.get("violations_error_2v", [0])) for r in rows),
     cert_violations=sum(r["cert_violations"] for r in rows),
     multi_violations=sum(r.get("multi_violations", 0) for r in rows),
     informative_settings=sum(r["informative"] for r in rows),

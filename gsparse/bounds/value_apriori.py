@@ -1,0 +1,303 @@
+"""Theorem 2V: an a-priori top-k error bound, value factor from isotropy (docs/theory.md, 4.2).
+
+Theorem 2 bounds every row's error by `2 t_bar max_j ||v_j||`. Here the error
+`sum_j omega_j v_j` (`omega = t w`, Lemma V's signed weights times the tail
+mass) is split, given `x_i` and the standardised scores `g`, into the
+diagonal's own value, a part along `W_V^T u` and a Gaussian part independent of
+the scores (Lemma V), and each factor is bounded before any score or value is
+seen: the tail mass by Theorem 2R on cells of the tau range, the head's
+concentration and the tilted score means by order statistics of `g`, and the
+diagonal jointly with the tail through its head share `theta`.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+from jax.typing import ArrayLike
+
+from gsparse.bounds import _xp
+from gsparse.bounds._common import (
+  DEFAULT_DELTA,
+  PointFormula,
+  _binom_max_p,
+  _binom_min_p,
+  _check,
+  _check_delta,
+  _check_n,
+  _log_phi_diff,
+  _norm_isf,
+  _on_flat,
+  _valid,
+)
+from gsparse.bounds.norms import InteractionNorms, _norm_fields
+from gsparse.bounds.row_tail import _row_tail_scalar
+from gsparse.bounds.tau import _quad_form_range, _tau_range_point
+
+_NUM_TAU_CELLS = 4  # geometric cells of the tau range, Theorem 2R at each left end
+_TAU_SUBCELLS = 24  # finer cells in each, for the head and the absolute tail sum
+_NUM_THETA_CELLS = 64  # cells of the diagonal's head share theta in [0, 1]
+_NUM_G1_CELLS = 48  # cells of the largest off-diagonal standardised score in [c_lo, g1_hi]
+
+
+class IsotropicErrorBound(NamedTuple):
+  """Result of `isotropic_error_bound` (all broadcast over the arguments).
+
+  Attributes:
+    error: with probability `>= 1 - delta`, every row's `||o_i - o_i^{(k)}||_2 <= error`.
+    tail_mass: the bound on every row's tail mass (Theorem 2R at the lower end of the
+      tau range, at most `1 - k/n`).
+    value_norm: the bound `V` on `max_j ||v_j||` (it bounds the diagonal's own value).
+    diag_part: at the worst (tau cell, diagonal case) of the isotropic sum (before
+      the minimum with Theorem 2's `2 t V`), the diagonal's term `|omega_i| V`.
+    mean_part: there, the along-`W_V^T u` term `sigma |sum_j omega_j g_j| ||W_V||_op`.
+    gauss_part: there, the Gaussian term `sqrt(sum_{j != i} omega_j^2) U`.
+  """
+
+  error: jax.Array
+  tail_mass: jax.Array
+  value_norm: jax.Array
+  diag_part: jax.Array
+  mean_part: jax.Array
+  gauss_part: jax.Array
+
+
+def isotropic_error_bound(
+  n: ArrayLike,
+  sigma: ArrayLike,
+  norms: InteractionNorms,
+  value_norms: InteractionNorms,
+  *,
+  k: ArrayLike,
+  delta: ArrayLike = DEFAULT_DELTA,
+  with_theorem2: bool = True,
+) -> IsotropicErrorBound:
+  """Theorem 2V: with prob `>= 1 - delta`, every row's top-k error, a-priori.
+
+  Same statement and inputs as `topk_error_bound` with `value_norms`, but the
+  value factor `2 max_j ||v_j||` is replaced by Lemma V's split, each factor
+  bounded before any score or value is seen (docs/theory.md, section 4.2);
+  never larger than Theorem 2 at the same tail bound (its `2 t V` is kept per
+  tau cell as a fallback on the same event).
+
+  Failure-probability split: `delta / 4` for the tau range, `delta / 4` for
+  `max_j ||v_j|| <= V`, and `delta / (2 n)` per row: half for the tail mass
+  (Theorem 2R), an eighth each for the largest standardised score, the k-th
+  largest (both sides), the sum of all scores, and the Gaussian part (a
+  sixteenth for its norm, a sixteenth for its projection on the fixed part).
+
+  Args:
+    n: sequence length (integer-valued, >= 1).
+    sigma: input standard deviation (> 0).
+    norms: `interaction_norms(M)`.
+    value_norms: `interaction_norms(W_V)` for one head's `W_V` `[d, h_v]`.
+    k: kept keys per row (integer-valued, >= 1).
+    delta: failure probability in (0, 1).
+    with_theorem2: keep Theorem 2's `2 t V` per tau cell where it is smaller
+      (both hold on the same event). False returns the isotropic sum alone,
+      which is what the Monte Carlo tests check.
+
+  Returns:
+    `IsotropicErrorBound(error, tail_mass, value_norm, diag_part, mean_part, gauss_part)`.
+  """
+  _check_n(n)
+  _check("sigma", sigma, lo=0, lo_open=True)
+  _check("k", k, lo=1, integer=True)
+  _check_delta(delta)
+  frob, op, gram = _norm_fields(norms)
+  vf, vo, vg = _norm_fields(value_norms)
+  if not isinstance(with_theorem2, bool):
+    raise TypeError(f"with_theorem2 must be a bool, got {with_theorem2!r}")
+  values = (n, sigma, k, delta, frob, op, gram, vf, vo, vg)
+  return IsotropicErrorBound(*_on_flat(_ISO, values, with_theorem2=with_theorem2))
+
+
+def _order_stats(n, k, d_one, d_k, d_sum):
+  """Bounds on the standardised off-diagonal scores `g` of one row (each failing w.p. as given).
+
+  Returns `(g1_hi, c_lo, c_hi, et_lo, g2_hi)`: `g_(1) <= g1_hi`, `g_(2) <= g2_hi` (half
+  of `d_one` each); the k-th largest in
+  `[c_lo, c_hi]`; the plain mean of the scores outside the top `m` (`m = k - 1`
+  or `k`) at least `et_lo`. For that: the tail's sum is at least
+  `sum_j min(g_j, c_lo) - m c_lo` (every top score is `>= c_lo`), and
+  `sum_j min(g_j, c_lo)`, a sum of `n - 1` i.i.d. 1-Lipschitz images of
+  `N(0, 1)`, is at least its mean minus `sqrt(2 (n - 1) log(1/d_sum))`.
+  """
+  xp = _xp.of(n, k, d_one, d_k, d_sum)
+  nm1 = xp.maximum(n - 1.0, 1.0)
+  g1_hi = _norm_isf(0.5 * d_one / nm1)
+  g2_hi = _norm_isf(_binom_max_p(nm1, xp.minimum(2.0, nm1), 0.5 * d_one))
+  c_lo = _norm_isf(_binom_min_p(nm1, k, 0.5 * d_k))
+  c_hi = _norm_isf(_binom_max_p(nm1, k, 0.5 * d_k))
+  mean_min = c_lo * xp.ndtr(-c_lo) - xp.exp(-0.5 * c_lo * c_lo) / xp.sqrt(2.0 * xp.pi)
+  low = nm1 * mean_min - xp.sqrt(2.0 * nm1 * xp.log(1.0 / d_sum))
+  low = xp.minimum(low - k * c_lo, low - (k - 1.0) * c_lo)
+  cnt = xp.maximum(nm1 - k, 1.0)
+  et_lo = xp.minimum(low / cnt, low / (cnt + 1.0))
+  return g1_hi, c_lo, c_hi, et_lo, g2_hi
+
+
+def _head_shape(a, b, stats, kk, g2):
+  """Bounds on `sum r_j^2` and the head's tilted mean `E_h` for `g_(1) <= g2` (`[C, 1, G]`).
+
+  The largest off-diagonal key holds a share `phi <= e^{b g2} / (e^{b g2} + H2_lo)` of
+  the off-diagonal head (`H2_lo = (k - 2) e^{tau c_lo}`: the other head keys); the
+  others lie in `[c_lo, e2]`, `e2 = min(g2, g2_hi)`. So `E_h <= phi g2 + (1 - phi) e2`
+  and `sum r_j^2 <= phi^2 + (1 - phi)^2 F2` (convex in `phi`: worst at an end),
+  `F2` the same spread bound as `F` for the others; also `<= F` itself.
+  """
+  xp = _xp.of(a, b, kk, g2)
+  _, c_lo, _, _, g2_hi = stats
+  lh2 = xp.log(kk - 2.0) + xp.minimum(a * c_lo, b * c_lo)
+  phi = 1.0 / (1.0 + xp.exp(lh2 - xp.maximum(a * g2, b * g2)))
+  e2 = xp.minimum(g2, g2_hi)
+  f1 = 1.0 / (1.0 + (kk - 2.0) * xp.exp(-b * xp.maximum(g2 - c_lo, 0.0)))
+  f2 = 1.0 / (1.0 + xp.maximum(kk - 3.0, 0.0) * xp.exp(-b * xp.maximum(e2 - c_lo, 0.0)))
+  f = xp.minimum(f1, xp.maximum(f2, phi * phi + (1.0 - phi) ** 2 * f2))
+  return f, phi * g2 + (1.0 - phi) * e2
+
+
+def _max_abs_gap(et, eh, scale):
+  """`max |e_t - scale e_h|` over the vertices `et = (lo, hi)`, `eh = (lo, hi)`, `scale` `[...]`."""
+  xp = _xp.of(*et, *eh, scale)
+  vals = [xp.abs(a - scale * b) for a in et for b in eh]
+  return xp.maximum(xp.maximum(vals[0], vals[1]), xp.maximum(vals[2], vals[3]))
+
+
+def _log_tail_sum_hi(n, a, b, c_hi, d_sum):
+  """`[C]` log bound on a row's off-diagonal tail sum `T` for tau in `[a, b]` (fails w.p. `d_sum`).
+
+  Every tail member has `g <= c_hi` (the k-th largest), so `e^{tau g} <= W(g)`,
+  `W(g) = e^{a min(g, c_hi)}` for `g <= 0` and `e^{b min(g, c_hi)}` for `g > 0`, and
+  `T <= sum_j W(g_j)` over all `n - 1` off-diagonal scores: i.i.d., bounded by
+  `W(c_hi)`; Bernstein's inequality with the exact moments of `W`.
+  """
+  xp = _xp.of(n, a, b, c_hi, d_sum)
+  nm1 = xp.maximum(n - 1.0, 1.0)
+  c = c_hi
+  lcap = xp.where(c > 0, b * c, a * c)  # log W(c_hi)
+  ninf = xp.asarray(-xp.inf, a.dtype)
+
+  def log_moment(m):  # log E[W^m]
+    sa, sb = m * a, m * b
+    neg = 0.5 * sa * sa + xp.log_ndtr(xp.minimum(c, 0.0) - sa)
+    pos = xp.where(c > 0, 0.5 * sb * sb + _log_phi_diff(c - sb, -sb), ninf)
+    cap = m * lcap + xp.log_ndtr(-c)
+    return xp.logaddexp(xp.logaddexp(neg, pos), cap)
+
+  ell = -xp.log(d_sum)
+  terms = xp.stack(
+    [
+      xp.log(nm1) + log_moment(1.0),
+      0.5 * (xp.log(2.0 * ell * nm1) + log_moment(2.0)),
+      lcap + xp.log(ell / 3.0),
+    ]
+  )
+  return xp.logaddexp(xp.logaddexp(terms[0], terms[1]), terms[2])
+
+
+def _t_part(tm):
+  """`max t (1 - t)` over `t in [0, tm]`."""
+  xp = _xp.of(tm)
+  return xp.where(tm <= 0.5, tm * (1.0 - tm), 0.25)
+
+
+def _head_case(a, b, t_c, l_t, stats, kk, th1, th2, gam):
+  """Diagonal in the head with share `theta`: `(t bound, q bound, mean gap bound)`, `[C, L, G]`."""
+  xp = _xp.of(a, b, t_c, l_t, kk, th1, th2, gam)
+  _, c_lo, c_hi, et_lo, _ = stats
+  g1, g2 = gam[..., :-1], gam[..., 1:]
+  ly1 = xp.minimum(a * g1, b * g1)  # the largest off-diagonal key, g_(1) in [g1, g2]
+  l_off = xp.logaddexp(ly1, xp.log(kk - 2.0) + xp.minimum(a * c_lo, b * c_lo))
+  t_abs = xp.exp(-xp.logaddexp(0.0, l_off - xp.log1p(-th1) - l_t))  # T <= e^{l_t}
+  t_rel = t_c * (1.0 - th1) / xp.maximum(t_c * (1.0 - th1) + 1.0 - t_c, 1e-30)
+  tm = xp.minimum(t_rel, t_abs)
+  f, eh_hi = _head_shape(a, b, stats, kk, g2)
+  q = _t_part(tm) * (1.0 - th1) / (kk - 1.0) + tm * tm * (1.0 - th1) ** 2 * f
+  et, eh = (et_lo, c_hi), (c_lo, eh_hi)
+  gap = xp.maximum(_max_abs_gap(et, eh, 1.0 - th1), _max_abs_gap(et, eh, 1.0 - th2))
+  return tm, q, tm * gap
+
+
+def _tail_case(a, b, t_c, l_t, stats, kk, gam):
+  """Diagonal in the tail: `(bound on p_i, t bound, q bound, mean gap bound)`, `[C, 1, G]`."""
+  xp = _xp.of(a, b, t_c, l_t, kk, gam)
+  _, c_lo, c_hi, et_lo, _ = stats
+  g1, g2 = gam[..., :-1], gam[..., 1:]
+  l_h = xp.logaddexp(xp.minimum(a * g1, b * g1), xp.log(kk - 1.0) + xp.minimum(a * c_lo, b * c_lo))
+  # t = (T + e^{s_ii}) / (T + e^{s_ii} + H) with e^{s_ii} <= H / k: at most this.
+  num = xp.logaddexp(l_t, l_h - xp.log(kk))
+  t = xp.minimum(t_c, xp.exp(num - xp.logaddexp(l_t, l_h + xp.log1p(1.0 / kk))))
+  pd = xp.minimum(t, 1.0 / (kk + 1.0))
+  f, eh_hi = _head_shape(a, b, stats, kk, g2)
+  q = _t_part(t) / kk + t * t * f
+  et, eh = (et_lo, c_hi), (c_lo, eh_hi)
+  gap = t * _max_abs_gap(et, eh, 1.0) + pd * xp.maximum(xp.abs(et_lo), xp.abs(c_hi))
+  return pd, t, q, gap
+
+
+def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2):
+  xp = _xp.of(n, sigma, k, delta, frob, op, gram, vf, vo, vg)
+  dt = sigma.dtype
+  dpart = 0.25 * delta
+  tlo, thi = _tau_range_point(n, sigma, frob, op, gram, dpart)
+  s2 = sigma * sigma
+  vmax = xp.sqrt(_quad_form_range(s2, vf, vo, vg, xp.log(n / dpart))[1])
+  drow = 2.0 * dpart / n  # delta / (2 n) per row
+  d8, d16 = drow / 8.0, drow / 16.0
+  u_gauss = xp.sqrt(_quad_form_range(s2, vf, vo, vg, -xp.log(d16))[1])
+  cross = sigma * vo * _norm_isf(d16)  # a . G <= ||a|| sqrt(q) cross
+  kk = xp.clip(k, 2.0, xp.maximum(n - 1.0, 2.0))
+  stats = _order_stats(n, kk, d8, d8, d16)
+  g1_hi, c_lo, c_hi, _, _ = stats
+  # Tau cells [a, b]: Theorem 2R at the left end of each coarse cell (Lemma M), shared by
+  # its finer sub-cells, where the head (at b) and the absolute tail sum (at a) are bounded.
+  fine = _NUM_TAU_CELLS * _TAU_SUBCELLS
+  u = xp.linspace(0.0, 1.0, fine + 1, dtype=dt)
+  lo = xp.maximum(tlo, 1e-3 * thi)
+  edges = lo * xp.exp(u * (xp.log(xp.maximum(thi, lo)) - xp.log(lo)))
+  a = xp.concatenate([tlo[None], edges[1:-1]])
+  b = edges[1:]
+  a_coarse = a[::_TAU_SUBCELLS]
+  t_row = jax.vmap(_row_tail_scalar, in_axes=(None, 0, None, None))(n, a_coarse, kk, 0.5 * drow)[0]
+  t_row = xp.repeat(t_row, _TAU_SUBCELLS)
+  t_c = xp.minimum(t_row, 1.0 - xp.minimum(k, n) / n)[:, None, None]  # [C, 1, 1]
+  l_t = _log_tail_sum_hi(n, a, b, c_hi, d16)[:, None, None]
+  a, b = a[:, None, None], b[:, None, None]
+  th = xp.linspace(0.0, 1.0, _NUM_THETA_CELLS + 1, dtype=dt)[None, :, None]
+  gam = c_lo + xp.linspace(0.0, 1.0, _NUM_G1_CELLS + 1, dtype=dt) * xp.maximum(g1_hi - c_lo, 0.0)
+  gam = gam[None, None, :]
+  tm, q_h, gap_h = _head_case(a, b, t_c, l_t, stats, kk, th[:, :-1], th[:, 1:], gam)
+  head = (tm * th[:, 1:] * vmax, sigma * vo * gap_h, xp.sqrt(q_h) * u_gauss)
+  pd, _, q_t, gap_t = _tail_case(a, b, t_c, l_t, stats, kk, gam)
+  tail = (pd * vmax, sigma * vo * gap_t, xp.sqrt(q_t) * u_gauss)
+  parts = [
+    xp.concatenate(xp.broadcast_arrays(ph, pt), axis=1) for ph, pt in zip(head, tail, strict=True)
+  ]  # [C, L + 1, G]
+  fixed, gauss = parts[0] + parts[1], parts[2]  # ||a||, sqrt(q) U
+  root = fixed * fixed + gauss * gauss + 2.0 * fixed * (gauss / u_gauss) * cross
+  total = xp.minimum(fixed + gauss, xp.sqrt(xp.maximum(root, 0.0)))
+  cell = xp.max(total, axis=(1, 2))
+  if with_theorem2:  # Theorem 2's 2 t V on the same events: kept where smaller
+    cell = xp.minimum(cell, 2.0 * t_c[:, 0, 0] * vmax)
+  flat = xp.argmax(total)  # the split of the isotropic bound's own worst case
+  split = [p.reshape(-1)[flat] for p in parts]
+  return _finish(n, k, xp.max(cell), xp.max(t_c), vmax, split, (delta, frob, op, gram, vf, vo, vg))
+
+
+def _finish(n, k, err, t_bound, vmax, split, rest):
+  """Special cases (`k >= n`: nothing dropped; `k = 1`: the free bound); NaN where invalid."""
+  xp = _xp.of(n, k, err, t_bound, vmax)
+  small_k = k < 2.0
+  t_free = 1.0 - xp.minimum(k, n) / n
+  err = xp.where(k >= n, 0.0, xp.where(small_k, 2.0 * t_free * vmax, err))
+  t_bound = xp.where(k >= n, 0.0, xp.where(small_k, t_free, t_bound))
+  delta, frob, op, gram, vf, vo, vg = rest
+  ok = _valid(n >= 1, k >= 1, delta > 0, delta < 1, frob >= 0, op >= 0, gram >= 0)
+  ok = ok & (vf >= 0) & (vo >= 0) & (vg >= 0) & xp.isfinite(vmax)
+  nan = xp.asarray(xp.nan, err.dtype)
+  return tuple(xp.where(ok, o, nan) for o in (err, t_bound, vmax, *split))
+
+
+_ISO = PointFormula(_iso_scalar, static=("with_theorem2",), eager=False)

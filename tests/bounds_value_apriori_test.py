@@ -1,0 +1,111 @@
+"""Theorem 2V (gsparse.bounds.isotropic_error_bound): validity at high delta, API checks.
+
+Validity. Each setting draws R = 256 independent matrices `X` `[n, d]` (one
+trial = one whole matrix: the theorem is about every row) and counts the
+matrices whose worst row's top-k error exceeds the bound. A valid bound's count
+is stochastically below Binomial(R, delta); the test fails when a count exceeds
+the (1 - 1e-4) quantile of that binomial (scipy), so a correct bound fails one
+setting with probability <= 1e-4 and the whole test (16 settings) with
+probability <= 1.6e-3 (union bound; the seed is fixed, so the outcome is
+reproducible). delta in {0.1, 0.3}, where a wrong constant shows up as
+violations, across positive-definite, rank-1, negative-definite and generic M.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from gsparse import bounds as B
+from tests import mc_settings
+
+_R = 256  # matrices per setting
+_ALPHA = 1e-4  # false-failure probability per setting
+_D = 16
+_HV = 64
+_K = 4
+
+
+@functools.partial(jax.jit, static_argnames=("n",))
+def _worst_errors(key, m, w_v, sigma, *, n):
+  """`[R]` the largest top-k error over the rows of each of R matrices."""
+  x = sigma * jax.random.normal(key, (_R, n, _D))
+  s = jnp.einsum("rid,de,rje->rij", x, m, x)
+  v = x @ w_v
+  p = jax.nn.softmax(s, axis=-1)
+  _, top = jax.lax.top_k(s, _K)
+  head = jnp.sum(jax.nn.one_hot(top, n, dtype=p.dtype), axis=-2) > 0
+  ph = jnp.where(head, p, 0.0)
+  o = p @ v
+  ok = (ph / jnp.sum(ph, axis=-1, keepdims=True)) @ v
+  return jnp.max(jnp.linalg.norm(o - ok, axis=-1), axis=-1)
+
+
+def test_isotropic_error_bound_holds_at_high_delta():
+  key = jax.random.key(192)
+  settings = []
+  for ki, kind in enumerate(("pd", "rank1", "nd", "generic")):
+    m = mc_settings.interaction(kind, jax.random.fold_in(key, ki), _D)
+    w_v = jax.random.normal(jax.random.fold_in(key, 10 + ki), (_D, _HV)) / math.sqrt(_D)
+    fro = float(B.interaction_norms(m).frobenius)
+    for n in (64, 256):
+      for tau, delta in ((0.5, 0.3), (3.0, 0.1)):
+        settings.append((kind, n, tau, delta, math.sqrt(tau / fro), m, w_v))
+  n, delta, sigma = (np.array([s[i] for s in settings], np.float32) for i in (1, 3, 4))
+  norms = jax.vmap(B.interaction_norms)(jnp.stack([s[5] for s in settings]))
+  vnorms = jax.vmap(B.interaction_norms)(jnp.stack([s[6] for s in settings]))
+  # The isotropic sum alone (without Theorem 2's fallback), the new claim.
+  iso = B.isotropic_error_bound(n, sigma, norms, vnorms, k=_K, delta=delta, with_theorem2=False)
+  bound = np.asarray(iso.error)
+  report = []
+  for i, (kind, n_i, tau, d_i, s_i, m, w_v) in enumerate(settings):
+    worst = np.asarray(_worst_errors(jax.random.fold_in(key, 100 + i), m, w_v, s_i, n=n_i))
+    viol = int(np.sum(worst > bound[i]))
+    allowed = mc_settings.allowed_violations(d_i, _R, _ALPHA)
+    report.append((kind, n_i, tau, d_i, viol, allowed, bound[i], worst.max()))
+    assert viol <= allowed, report[-1]
+
+
+@pytest.mark.slow  # three compilations of Theorem 2R's bisection (about a minute)
+def test_isotropic_error_bound_shapes_jit_and_vmap():
+  norms = B.InteractionNorms(2.0, 1.0, 1.5)
+  vnorms = B.InteractionNorms(4.0, 1.0, 2.0)
+  eager = B.isotropic_error_bound(256, 0.7, norms, vnorms, k=jnp.asarray([8.0, 32.0]), delta=1e-3)
+  assert eager.error.shape == (2,)
+  jitted = jax.jit(lambda s: B.isotropic_error_bound(256, s, norms, vnorms, k=8, delta=1e-3).error)
+  np.testing.assert_allclose(jitted(0.7), eager.error[0], rtol=1e-5)
+  vm = jax.vmap(lambda s: B.isotropic_error_bound(256, s, norms, vnorms, k=8, delta=1e-3).error)
+  np.testing.assert_allclose(vm(jnp.asarray([0.7, 0.7]))[1], eager.error[0], rtol=1e-5)
+  # Parts add up to at least the reported isotropic sum's root form, and k >= n drops nothing.
+  parts = eager.diag_part + eager.mean_part + eager.gauss_part
+  assert np.all(np.asarray(eager.error) <= np.asarray(parts) * (1 + 1e-5))
+  assert float(B.isotropic_error_bound(16, 0.7, norms, vnorms, k=16, delta=1e-3).error) == 0.0
+
+
+@pytest.mark.parametrize(
+  "kwargs, name",
+  [
+    ({"k": 0}, "k"),
+    ({"k": 2.5}, "k"),
+    ({"k": 4, "delta": 1.0}, "delta"),
+    ({"k": 4, "sigma": 0.0}, "sigma"),
+    ({"k": 4, "n": 0}, "n"),
+  ],
+)
+def test_isotropic_error_bound_bad_input(kwargs, name):
+  args = {"n": 64, "sigma": 1.0, "delta": 0.1, **kwargs}
+  kw = {key: v for key, v in args.items() if key not in ("n", "sigma")}
+  norms = B.InteractionNorms(2.0, 1.0, 1.5)
+  with pytest.raises(ValueError, match=name):
+    B.isotropic_error_bound(args["n"], args["sigma"], norms, norms, **kw)
+  with pytest.raises(ValueError, match=name):  # at trace time under jit too
+    jax.jit(lambda: B.isotropic_error_bound(args["n"], args["sigma"], norms, norms, **kw))()
+  with pytest.raises(TypeError, match="norms"):
+    B.isotropic_error_bound(64, 1.0, norms, None, k=4)
+  with pytest.raises(TypeError, match="with_theorem2"):
+    B.isotropic_error_bound(64, 1.0, norms, norms, k=4, with_theorem2=1)
