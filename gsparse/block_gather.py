@@ -291,29 +291,9 @@ def block_sparse_gather_attention(
   bidx = jnp.where((bidx >= 0) & (bidx < nkb), bidx, -1)
   if not assume_unique:
     bidx = dedup_indices(bidx, nkb)
+  common = dict(block_q=block_q, block_k=block_k, scale=scale, is_causal=is_causal, adm=adm)
   if implementation == "xla":
-    res = block_sparse_gather_attention_xla(
-      query,
-      key,
-      value,
-      bidx,
-      block_q=block_q,
-      block_k=block_k,
-      scale=scale,
-      is_causal=is_causal,
-      precision=precision,
-      adm=adm,
-    )
+    res = block_sparse_gather_attention_xla(query, key, value, bidx, precision=precision, **common)
   else:
-    res = _block_gather_pallas(
-      query,
-      key,
-      value,
-      bidx,
-      block_q=block_q,
-      block_k=block_k,
-      scale=scale,
-      is_causal=is_causal,
-      adm=adm,
-    )
+    res = _block_gather_pallas(query, key, value, bidx, **common)
   return res if return_residuals else res.output
