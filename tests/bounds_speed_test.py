@@ -88,8 +88,9 @@ def test_python_number_calls_run_no_jax_operation():
 
 
 def _plain(monkeypatch):
-  """Turns the three NumPy shortcuts off: every cell evaluated, nothing kept."""
+  """Turns the NumPy shortcuts off: every cell and bound evaluated, nothing kept."""
   monkeypatch.setattr(_npsearch, "_BATCH", 10**9)
+  monkeypatch.setattr(_npsearch, "_LAZY", False)
   monkeypatch.setattr(
     _xp.NP, "betainc_rows", lambda a, b, x: sps.betainc(a[..., None], b[..., None], x)
   )

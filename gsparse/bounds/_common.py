@@ -185,13 +185,39 @@ def _log_moment(a, lo, hi):
 
 
 def _log_moments(specs):
-  """`_log_moment` of several `(a, lo, hi)` triples with one special-function call."""
+  """`_log_moment` of several `(a, lo, hi)` triples with one special-function call.
+
+  In NumPy each triple is evaluated on its own instead (`_np_log_moment`: no
+  call of the jax version's fusion to save, and repeated values computed once).
+  """
   xp = _xp.of(*(v for spec in specs for v in spec))
+  if xp is _xp.NP:
+    outs = [_np_log_moment(*spec) for spec in specs]
+    shape = np.broadcast_shapes(*(o.shape for o in outs))
+    return [np.broadcast_to(o, shape) for o in outs]
   arrs = [xp.broadcast_arrays(*(xp.asarray(v) for v in spec)) for spec in specs]
   shape = xp.broadcast_shapes(*(x[0].shape for x in arrs))
   stack = lambda i: xp.stack([xp.broadcast_to(x[i], shape) for x in arrs])
   out = _log_moment(stack(0), stack(1), stack(2))
   return [out[i] for i in range(len(specs))]
+
+
+def _np_log_moment(a, lo, hi):
+  """`_log_moment(a, lo, hi)` in NumPy at the triple's own broadcast shape, each value once.
+
+  When `a` is a column (`[C, 1]`) and `lo`, `hi` rows (`[1, L]` or scalars), the
+  distinct `(lo, hi)` columns are evaluated once each (truncation levels that
+  clip to the same value, say) and spread back: the same elementwise values.
+  """
+  a, lo, hi = (np.asarray(v) for v in (a, lo, hi))
+  row = lambda v: v.ndim <= 2 and (v.ndim < 2 or v.shape[0] == 1)
+  if a.ndim == 2 and a.shape[1] == 1 and row(lo) and row(hi):
+    width = np.broadcast_shapes(lo.shape, hi.shape, (1,))[-1]
+    pairs = np.stack([np.broadcast_to(lo, (1, width))[0], np.broadcast_to(hi, (1, width))[0]])
+    uniq, inv = np.unique(pairs, axis=1, return_inverse=True)
+    if uniq.shape[1] < width:
+      return _log_moment(a, uniq[0][None, :], uniq[1][None, :])[:, inv.reshape(-1)]
+  return _log_moment(*np.broadcast_arrays(a, lo, hi))
 
 
 def _norm_isf(p):

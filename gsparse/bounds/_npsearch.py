@@ -7,8 +7,17 @@ of the inverse rejects an `eps` likewise. The jax evaluator computes every cell
 in small batches (the order of the last complete evaluation) and stop at the
 first batch that settles the comparison. Each cell's value is the same
 elementwise computation either way, so every decision, and every result, is
-the one of the complete evaluation (for the scan, as long as no cell is NaN;
-valid inputs give none).
+the one of the complete evaluation (as long as no cell is NaN; valid inputs
+give none).
+
+Theorem 1's cell value is the minimum of three bounds (Lemmas 4, 5 and 6),
+compared with a level: `min_bounds(...)` evaluates them one after the other,
+each only where the ones before leave the value above the level, and
+`PerCell` computes a cell's parts (Lemma 5's moments, Lemma 6's transforms)
+the first time that cell is asked. A value at or below the level may then be
+a larger bound that is still at or below it; every comparison with the level,
+and every cell found above it (with its value), is that of the complete
+evaluation. `_LAZY = False` evaluates everything (the tests compare the two).
 """
 
 from __future__ import annotations
@@ -17,6 +26,75 @@ import numpy as np
 
 # Cells per batch: enough that the worst cells of the last evaluation usually settle a rejection.
 _BATCH = 8
+# Whether bounds and parts are evaluated only where a comparison needs them (False: everywhere).
+_LAZY = True
+
+
+class PerCell:
+  """Per-cell parts of a bound, computed for a cell the first time it is asked, kept for the call.
+
+  `compute(idx)` returns a tuple of arrays whose leading axis runs over the
+  cells `idx`, each cell's rows the same whatever else is in `idx`. Cells are
+  computed in aligned groups of `group` (the shared-offset bands of Lemma 6's
+  transforms, so that a cell's parts are those of the complete evaluation).
+  """
+
+  def __init__(self, count: int, compute, group: int = 1):
+    self._count, self._compute = count, compute
+    self._group = group if count % group == 0 else count
+    self._done = np.zeros(count, bool)
+    self._store: list[np.ndarray] | None = None
+
+  def get(self, idx=None) -> tuple[np.ndarray, ...]:
+    """The parts of the cells `idx` (`[W]` integer array; None: every cell)."""
+    want = np.arange(self._count) if idx is None or not _LAZY else np.asarray(idx)
+    missing = np.unique(want[~self._done[want]])
+    if missing.size:
+      groups = np.unique(missing // self._group)
+      missing = (groups[:, None] * self._group + np.arange(self._group)).reshape(-1)
+      vals = self._compute(missing)
+      if self._store is None:
+        self._store = [np.empty((self._count, *v.shape[1:]), v.dtype) for v in vals]
+      for store, v in zip(self._store, vals, strict=True):
+        store[missing] = v
+      self._done[missing] = True
+    if idx is None or (len(idx) == self._count and np.array_equal(idx, np.arange(self._count))):
+      return tuple(self._store)  # every cell in order: the stores themselves, not copies
+    return tuple(store[idx] for store in self._store)
+
+
+def min_bounds(first, bounds, level):
+  """`min(first, *(b(cols) for b in bounds))` where it matters for a comparison with `level`.
+
+  `first` is a `[..., W]` array of values; each `bound(cols)` gives `[..., len(cols)]`
+  values for the columns `cols` (cells). A later bound is evaluated only on
+  the columns where some entry is still above `level` (or NaN); with `level`
+  None or `_LAZY` off, on every column. Entries `<= level` stay `<= level`, the
+  others get the exact minimum, except that for `[W]` values (one comparison
+  of their maximum) the last bound goes to the `_BATCH` worst open columns
+  first and to the others only if those all end `<= level`; otherwise the
+  maximum is then above `level` as in the complete evaluation, and the columns
+  not reached keep values above `level` (upper bounds of the exact ones).
+  """
+  out = np.array(first, dtype=np.float64)
+  for i, bound in enumerate(bounds):
+    if level is None or not _LAZY:
+      out[..., :] = np.minimum(out, bound(np.arange(out.shape[-1])))
+      continue
+    open_ = ~(out <= level)
+    cols = np.nonzero(open_.reshape(-1, out.shape[-1]).any(axis=0))[0]
+    if cols.size == 0:
+      break
+    if out.ndim != 1 or i < len(bounds) - 1:
+      out[..., cols] = np.minimum(out[..., cols], bound(cols))
+      continue
+    cols = cols[np.argsort(-out[cols], kind="stable")]  # NaN last: still reached
+    for batch in (cols[:_BATCH], cols[_BATCH:]):  # the worst first, then all the others
+      if batch.size:
+        out[batch] = np.minimum(out[batch], bound(batch))
+      if not (out[batch] <= level).all():
+        break
+  return out
 
 
 class CellOrder:
