@@ -98,10 +98,18 @@ def min_bounds(first, bounds, level):
 
 
 class CellOrder:
-  """The cells sorted worst-first at the last complete evaluation (None before the first)."""
+  """The cells sorted worst-first at the last complete evaluation (None before the first).
 
-  def __init__(self):
+  With `count`, before the first complete evaluation the cells are tried
+  `_BATCH` evenly spread ones first (a first rejection then needs no complete
+  evaluation).
+  """
+
+  def __init__(self, count: int | None = None):
     self.order: np.ndarray | None = None
+    if count is not None and count > _BATCH:
+      head = np.unique(np.round(np.linspace(0, count - 1, _BATCH)).astype(np.int64))
+      self.order = np.concatenate([head, np.setdiff1d(np.arange(count), head)])
 
   def exceeds(self, fail, level, *, nan_exceeds: bool) -> tuple[bool, int]:
     """`(max over cells of fail > level, the worst cell seen)`, trying the worst cells first.
@@ -127,14 +135,15 @@ class CellOrder:
     return verdict(rest_vals), int(cells[np.argmax(vals)])
 
 
-def first_admissible_m(n, cell_fail, drow, witness, chunk):
+def first_admissible_m(n, cell_fail, drow, witness, chunk, count=None):
   """`_first_admissible_m` for NumPy scalars: the same first `m`, fewer cells evaluated.
 
   The witness cell is checked at `chunk` values of m at once, as in the jax
   scan; at the first m it does not reject, the cells are checked worst-first
-  (`CellOrder`) instead of all at once.
+  (`CellOrder`, spread over the `count` cells before the first complete
+  evaluation) instead of all at once.
   """
-  m, w, cells = np.float64(1.0), int(witness), CellOrder()
+  m, w, cells = np.float64(1.0), int(witness), CellOrder(count)
   steps = np.arange(chunk, dtype=np.float64)
   while True:
     ms = m + steps

@@ -333,7 +333,7 @@ def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
   # The scan stops by m = ceil(1/eps), where the order-statistic bound is 0, and
   # by m = n (only n - 1 off-diagonal entries); m - 1 entries plus the diagonal.
   witness = xp.argmax(parts[0] * 0.0 + parts[1])  # first guess: the largest tau cell
-  k = _first_admissible_m(n, cell_fail, drow, witness)
+  k = _first_admissible_m(n, cell_fail, drow, witness, parts[0].shape[0])
   return xp.where(n <= 1.0, n, k), p_star
 
 
