@@ -159,6 +159,12 @@ def _log1mexp(x):
   """`log(1 - exp(x))` for `x <= 0`, accurate at both ends."""
   xp = _xp.of(x)
   x = xp.minimum(x, 0.0)
+  if xp is _xp.NP:  # each branch only where it is taken (the same values)
+    near = x > -math.log(2.0)
+    out = np.empty_like(x)
+    out[near] = np.log(-np.expm1(x[near]))
+    out[~near] = np.log1p(-np.exp(x[~near]))
+    return out
   return xp.where(
     x > -math.log(2.0),
     xp.log(-xp.expm1(x)),

@@ -148,8 +148,9 @@ def _log_transform(weights, log_lam, sign):
   if sign < 0:  # a smaller lam e^x only raises the value: still an upper bound
     e = xp.minimum(e, 1e30, **into)
   ref = xp.max(e, axis=1) if sign > 0 else xp.min(e, axis=1)  # [C, K]: the largest value's
-  v = xp.subtract(e, ref[:, None, :], **into)
-  v = xp.exp(v if sign > 0 else xp.negative(v, **into), **into)  # [C, N, K], each <= 1
+  # sign (e - ref), as `ref - e` when sign < 0 (the same value: rounding is symmetric)
+  v = xp.subtract(*((e, ref[:, None, :]) if sign > 0 else (ref[:, None, :], e)), **into)
+  v = xp.exp(v, **into)  # [C, N, K], each <= 1
   bands, num_l, num_n = p.shape
   v = v.reshape(bands, -1, num_n, v.shape[-1])
   s = xp.matmul(p[:, None], v).reshape(-1, num_l, v.shape[-1])  # [C, L, K]

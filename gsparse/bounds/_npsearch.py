@@ -139,7 +139,8 @@ def first_admissible_m(n, cell_fail, drow, witness, chunk, count=None):
   """`_first_admissible_m` for NumPy scalars: the same first `m`, fewer cells evaluated.
 
   The witness cell is checked at `chunk` values of m at once, as in the jax
-  scan; at the first m it does not reject, the cells are checked worst-first
+  scan (a quarter of that after the first rejected check of all cells); at the
+  first m it does not reject, the cells are checked worst-first
   (`CellOrder`, spread over the `count` cells before the first complete
   evaluation) instead of all at once.
   """
@@ -149,7 +150,7 @@ def first_admissible_m(n, cell_fail, drow, witness, chunk, count=None):
     ms = m + steps
     ok = ~(cell_fail(ms, np.asarray([w]))[..., 0] > drow) | (ms >= n)
     if not ok.any():
-      m = m + chunk
+      m = m + steps.size
       continue
     m = ms[np.argmax(ok)]
     if m >= n:
@@ -158,4 +159,5 @@ def first_admissible_m(n, cell_fail, drow, witness, chunk, count=None):
     rejected, worst = cells.exceeds(fail, drow, nan_exceeds=False)
     if not rejected:
       return m
-    w, m = worst, m + 1.0
+    # The next admissible m tends to be near: a quarter chunk per witness check from now on.
+    w, m, steps = worst, m + 1.0, steps[: max(chunk // 4, 1)]
