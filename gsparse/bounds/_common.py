@@ -211,18 +211,22 @@ def _log_moments(specs):
 def _np_log_moment(a, lo, hi):
   """`_log_moment(a, lo, hi)` in NumPy at the triple's own broadcast shape, each value once.
 
-  When `a` is a column (`[C, 1]`) and `lo`, `hi` rows (`[1, L]` or scalars), the
-  distinct `(lo, hi)` columns are evaluated once each (truncation levels that
-  clip to the same value, say) and spread back: the same elementwise values.
+  When `a` is a column (`[C, 1]`) and `lo`, `hi` rows (`[1, L]` or scalars), a
+  run of equal `(lo, hi)` columns (truncation levels that clip to the same
+  value, say) is evaluated once and spread back: the same elementwise values.
   """
   a, lo, hi = (np.asarray(v) for v in (a, lo, hi))
   row = lambda v: v.ndim <= 2 and (v.ndim < 2 or v.shape[0] == 1)
   if a.ndim == 2 and a.shape[1] == 1 and row(lo) and row(hi):
     width = np.broadcast_shapes(lo.shape, hi.shape, (1,))[-1]
-    pairs = np.stack([np.broadcast_to(lo, (1, width))[0], np.broadcast_to(hi, (1, width))[0]])
-    uniq, inv = np.unique(pairs, axis=1, return_inverse=True)
-    if uniq.shape[1] < width:
-      return _log_moment(a, uniq[0][None, :], uniq[1][None, :])[:, inv.reshape(-1)]
+    lo_r, hi_r = np.broadcast_to(lo, (1, width))[0], np.broadcast_to(hi, (1, width))[0]
+    # A new column wherever (lo, hi) changes: the levels come in runs (clipped at 0).
+    new = np.ones(width, bool)
+    new[1:] = (lo_r[1:] != lo_r[:-1]) | (hi_r[1:] != hi_r[:-1])
+    if not new.all():
+      first = np.flatnonzero(new)
+      inv = np.cumsum(new) - 1
+      return _log_moment(a, lo_r[first][None, :], hi_r[first][None, :])[:, inv]
   return _log_moment(*np.broadcast_arrays(a, lo, hi))
 
 

@@ -58,8 +58,11 @@ class PerCell:
       for store, v in zip(self._store, vals, strict=True):
         store[missing] = v
       self._done[missing] = True
-    if idx is None or (len(idx) == self._count and np.array_equal(idx, np.arange(self._count))):
-      return tuple(self._store)  # every cell in order: the stores themselves, not copies
+    if idx is None:
+      return tuple(self._store)
+    idx = np.asarray(idx)
+    if idx.size and idx[-1] - idx[0] + 1 == idx.size and np.all(np.diff(idx) == 1):
+      return tuple(store[idx[0] : idx[-1] + 1] for store in self._store)  # a run: views, no copies
     return tuple(store[idx] for store in self._store)
 
 
