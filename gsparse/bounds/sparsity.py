@@ -250,7 +250,7 @@ def _fail_fn(n, parts, eps, log_drow, chernoff=None, level=None):
   `max(cell_fail(m), axis=-1)`. `m` is an array (`[...]`, several m at once),
   `cells` an optional `[W]` index array restricting the cells (`[..., W]` out,
   else `[..., C]`). `p*` is the union bound's exceedance probability. `parts` is
-  `_row_parts(n, tau_lo, tau_hi, log_drow)`. In NumPy, `chernoff[1]` may be a
+  `_row_parts(n, tau_lo, tau_hi, log_drow)`. In NumPy, `chernoff[1]` is a
   `_npsearch.PerCell` of `_chernoff_parts`, and with a `level` the bounds are
   evaluated in the order 4, 6, 5, each only where the value is still above the
   level (`_npsearch.min_bounds`: a value `<= level` may be a larger bound, still
@@ -287,27 +287,18 @@ def _union_fail(n, m, p, drow):
 
 def _np_cell_fail(n, nm1, eps, drow, p_cell, parts, chernoff, level):
   """`_fail_fn`'s `cell_fail` in NumPy: Lemma 4, then 6, then 5, each where still needed."""
-  ta, tb, _, c, moments = parts
-  c6, per_cell = (None, None) if chernoff is None else chernoff
+  ta, tb, _, c, moments = parts  # `moments` and `chernoff[1]`: `_npsearch.PerCell`s
 
-  def lemma6_lazy(m, sub):
-    lam_a, top, rest = per_cell.get(sub)
-    return _chernoff_fail(nm1, m, eps, c6, (lam_a[0], top, rest))
+  def lemma6(m, sub):
+    lam_a, top, rest = chernoff[1].get(sub)
+    return _chernoff_fail(nm1, m, eps, chernoff[0], (lam_a[0], top, rest))
 
   def cell_fail(m, cells=None):
     idx = _xp.NP.arange(ta.shape[0]) if cells is None else _xp.NP.asarray(cells)
-    p1 = _union_fail(n, m, p_cell[idx], drow)
-    lemma5 = lambda cols: _orderstat_fail(
-      nm1, m, eps, ta[idx[cols]], tb[idx[cols]], c, moments.get(idx[cols])
-    )
-    bounds = [lemma5]
-    if chernoff is not None:
-      if isinstance(per_cell, _npsearch.PerCell):
-        lemma6 = lambda cols: lemma6_lazy(m, idx[cols])
-      else:
-        lemma6 = lambda cols: _chernoff_fail(nm1, m, eps, c6, per_cell, idx[cols])
-      bounds.insert(0, lemma6)
-    return _npsearch.min_bounds(p1, bounds, level)
+    sub = lambda f: lambda cols: f(m, idx[cols])
+    lemma5 = lambda m, i: _orderstat_fail(nm1, m, eps, ta[i], tb[i], c, moments.get(i))
+    bounds = [sub(lemma5)] if chernoff is None else [sub(lemma6), sub(lemma5)]
+    return _npsearch.min_bounds(_union_fail(n, m, p_cell[idx], drow), bounds, level)
 
   return cell_fail
 
