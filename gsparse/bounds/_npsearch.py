@@ -110,6 +110,7 @@ class CellOrder:
 
   def __init__(self, count: int | None = None):
     self.order: np.ndarray | None = None
+    self.complete = False  # whether `order` comes from a complete evaluation
     if count is not None and count > _BATCH:
       head = np.unique(np.round(np.linspace(0, count - 1, _BATCH)).astype(np.int64))
       self.order = np.concatenate([head, np.setdiff1d(np.arange(count), head)])
@@ -126,7 +127,7 @@ class CellOrder:
 
     if self.order is None or self.order.size <= _BATCH:
       vals = np.atleast_1d(fail(None))
-      self.order = np.argsort(-vals, kind="stable")
+      self.order, self.complete = np.argsort(-vals, kind="stable"), True
       return verdict(vals), int(np.argmax(vals))
     head, rest = self.order[:_BATCH], self.order[_BATCH:]
     vals = fail(head)
@@ -134,8 +135,14 @@ class CellOrder:
       return verdict(vals), int(head[np.argmax(vals)])
     rest_vals = fail(rest)
     vals, cells = np.concatenate([vals, rest_vals]), np.concatenate([head, rest])
-    self.order = cells[np.argsort(-vals, kind="stable")]
+    self.order, self.complete = cells[np.argsort(-vals, kind="stable")], True
     return verdict(rest_vals), int(cells[np.argmax(vals)])
+
+  def promote(self, cells) -> None:
+    """Puts `cells` first (a guess at the worst ones, before any complete evaluation)."""
+    if self.order is not None and not self.complete:
+      cells = np.asarray(cells)
+      self.order = np.concatenate([cells, self.order[~np.isin(self.order, cells)]])
 
 
 def first_admissible_m(n, cell_fail, drow, witness, chunk, count=None):
@@ -164,3 +171,5 @@ def first_admissible_m(n, cell_fail, drow, witness, chunk, count=None):
       return m
     # The next admissible m tends to be near: a quarter chunk per witness check from now on.
     w, m, steps = worst, m + 1.0, steps[: max(chunk // 4, 1)]
+    if count is not None:  # the worst cell's neighbours are the likeliest to reject next
+      cells.promote(np.arange(max(w - _BATCH // 2, 0), min(w + _BATCH // 2, count)))
