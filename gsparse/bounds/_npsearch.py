@@ -53,10 +53,13 @@ class PerCell:
       groups = np.unique(missing // self._group)
       missing = (groups[:, None] * self._group + np.arange(self._group)).reshape(-1)
       vals = self._compute(missing)
-      if self._store is None:
-        self._store = [np.empty((self._count, *v.shape[1:]), v.dtype) for v in vals]
-      for store, v in zip(self._store, vals, strict=True):
-        store[missing] = v
+      if self._store is None and missing.size == self._count:  # all at once: kept as they are
+        self._store = [np.asarray(v) for v in vals]
+      else:
+        if self._store is None:
+          self._store = [np.empty((self._count, *v.shape[1:]), v.dtype) for v in vals]
+        for store, v in zip(self._store, vals, strict=True):
+          store[missing] = v
       self._done[missing] = True
     if idx is None:
       return tuple(self._store)

@@ -310,14 +310,15 @@ def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
   nm1 = xp.maximum(n - 1.0, 1.0)
   c = _g_grid(nm1, _NUM_APRIORI_G_CELLS, tau_hi.dtype)
   drow = xp.exp(log_drow)
-  if xp is _xp.NP:  # per band of tau cells, when first asked
+  if xp is _xp.NP:  # per two bands of tau cells, when first asked
     ta, tb = parts[0], parts[1]
 
     def lemma6(idx):  # lam A is the same for every cell: kept as a row per cell
       lam_a, top, rest = _chernoff_parts(eps, ta[idx], tb[idx], c)
       return xp.broadcast_to(lam_a, (idx.shape[0], lam_a.shape[0])), top, rest
 
-    chernoff = (c, _npsearch.PerCell(ta.shape[0], lemma6, _laplace._BAND))
+    # Two bands of shared offsets at a time: fewer pieces to copy together than one band.
+    chernoff = (c, _npsearch.PerCell(ta.shape[0], lemma6, 2 * _laplace._BAND))
   else:
     chernoff = (c, _chernoff_parts(eps, parts[0], parts[1], c))
   cell_fail, p_star = _fail_fn(n, parts, eps, log_drow, chernoff, level=drow)
