@@ -11,6 +11,7 @@ from jax.typing import ArrayLike
 from gsparse.bounds import _laplace, _npsearch, _xp
 from gsparse.bounds._common import (
   _EPS_BISECTION_STEPS,
+  _NUM_CELLS,
   _NUM_GRID,
   _NUM_LEVELS,
   DEFAULT_DELTA,
@@ -221,8 +222,11 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c, moments):
   return xp.where(1.0 - eps * mc <= 0, 0.0, _sum_over_g_cells(nm1, mc, c, b))
 
 
-def _row_parts(n, tau_lo, tau_hi, log_drow):
-  """What `_fail_fn` needs that depends on neither `eps` nor `m`: computed once per row."""
+def _row_parts(n, tau_lo, tau_hi, log_drow, *, group=1):
+  """What `_fail_fn` needs that depends on neither `eps` nor `m`: computed once per row.
+
+  In NumPy, Lemma 5's moments are computed for `group` cells at a time when first asked.
+  """
   xp = _xp.of(n, tau_lo, tau_hi, log_drow)
   nm1 = xp.maximum(n - 1.0, 1.0)
   ta, tb = _cells(tau_lo, tau_hi)
@@ -236,7 +240,7 @@ def _row_parts(n, tau_lo, tau_hi, log_drow):
       m1, m2, lphi, tail = _orderstat_moments(ta[idx], tb[idx], c)
       return m1, m2, *(xp.broadcast_to(x, m1.shape) for x in (lphi, tail))
 
-    return ta, tb, lz, c, _npsearch.PerCell(ta.shape[0], moments)
+    return ta, tb, lz, c, _npsearch.PerCell(ta.shape[0], moments, group)
   return ta, tb, lz, c, _orderstat_moments(ta, tb, c)
 
 
@@ -458,7 +462,8 @@ def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   hi = xp.log(triv)
   drow = xp.exp(log_row)
   kk = xp.minimum(k, n)
-  parts = _row_parts(n, tlo, thi, log_row)
+  # Every bisection step that accepts needs Lemma 5 on most cells: its moments at once.
+  parts = _row_parts(n, tlo, thi, log_row, group=_NUM_CELLS)
 
   cells = _npsearch.CellOrder()  # NumPy: the cells worst-first, to reject at the first batch
 
