@@ -1,7 +1,8 @@
 """The NumPy evaluation of the bounds: no jax operation, and its shortcuts change no bit.
 
 On Python numbers the bounds run in NumPy (`gsparse/bounds/_xp.py`) with three
-shortcuts: cells checked worst-first (`_npsearch`), binomial-tail rows kept
+shortcuts: cells, bounds and per-cell parts evaluated worst-first and only
+where a comparison needs them (`_npsearch`), binomial-tail rows kept
 (`betainc_rows`) and a memoised root (`memo_scalar`). Here each is checked
 against the plain evaluation bit for bit, and the NumPy path against the jax
 one under jit (slow: it compiles the bounds).
@@ -88,8 +89,9 @@ def test_python_number_calls_run_no_jax_operation():
 
 
 def _plain(monkeypatch):
-  """Turns the three NumPy shortcuts off: every cell evaluated, nothing kept."""
+  """Turns the NumPy shortcuts off: every cell and bound evaluated, nothing kept."""
   monkeypatch.setattr(_npsearch, "_BATCH", 10**9)
+  monkeypatch.setattr(_npsearch, "_LAZY", False)
   monkeypatch.setattr(
     _xp.NP, "betainc_rows", lambda a, b, x: sps.betainc(a[..., None], b[..., None], x)
   )
@@ -174,3 +176,37 @@ def test_numpy_path_matches_the_jitted_jax_path():
       np.testing.assert_array_equal(g, e)
     else:  # float32 XLA against float64 NumPy rounded to float32
       np.testing.assert_allclose(g, e, rtol=2e-5)
+
+
+def test_per_cell_parts_come_in_aligned_groups_and_lazy_minimum_decides_as_the_full_one():
+  asked = []
+
+  def compute(idx):
+    asked.append(idx.tolist())
+    return (idx[:, None] * np.arange(3.0),)
+
+  parts = _npsearch.PerCell(8, compute, group=4)
+  np.testing.assert_array_equal(parts.get(np.array([5]))[0], [[0.0, 5.0, 10.0]])
+  np.testing.assert_array_equal(parts.get(np.array([6, 1]))[0][:, 1], [6.0, 1.0])
+  np.testing.assert_array_equal(parts.get()[0][:, 2], 2.0 * np.arange(8))
+  assert asked == [[4, 5, 6, 7], [0, 1, 2, 3]]  # each aligned group once, on first use
+
+  rng = np.random.default_rng(0)  # one seeded generator: values around the level 0.5
+  first, second, third = rng.uniform(0.0, 1.0, (3, 2, 16))
+  seen = []
+
+  def bound(vals):
+    def f(cols):
+      seen.append(cols.size)
+      return vals[..., cols]
+
+    return f
+
+  full = np.minimum(np.minimum(first, second), third)
+  lazy = _npsearch.min_bounds(first, [bound(second), bound(third)], 0.5)
+  np.testing.assert_array_equal(lazy > 0.5, full > 0.5)  # every comparison, and the values above
+  np.testing.assert_array_equal(lazy[full > 0.5], full[full > 0.5])
+  assert seen[0] < 16 and seen[1] <= seen[0]  # later bounds only where still above the level
+  seen.clear()
+  one = _npsearch.min_bounds(first[0], [bound(second[0]), bound(third[0])], 0.5)
+  assert (np.max(one) > 0.5) == (np.max(full[0]) > 0.5)

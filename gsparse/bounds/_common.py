@@ -159,6 +159,12 @@ def _log1mexp(x):
   """`log(1 - exp(x))` for `x <= 0`, accurate at both ends."""
   xp = _xp.of(x)
   x = xp.minimum(x, 0.0)
+  if xp is _xp.NP:  # each branch only where it is taken (the same values)
+    near = x > -math.log(2.0)
+    out = np.empty_like(x)
+    out[near] = np.log(-np.expm1(x[near]))
+    out[~near] = np.log1p(-np.exp(x[~near]))
+    return out
   return xp.where(
     x > -math.log(2.0),
     xp.log(-xp.expm1(x)),
@@ -185,13 +191,43 @@ def _log_moment(a, lo, hi):
 
 
 def _log_moments(specs):
-  """`_log_moment` of several `(a, lo, hi)` triples with one special-function call."""
+  """`_log_moment` of several `(a, lo, hi)` triples with one special-function call.
+
+  In NumPy each triple is evaluated on its own instead (`_np_log_moment`: no
+  call of the jax version's fusion to save, and repeated values computed once).
+  """
   xp = _xp.of(*(v for spec in specs for v in spec))
+  if xp is _xp.NP:
+    outs = [_np_log_moment(*spec) for spec in specs]
+    shape = np.broadcast_shapes(*(o.shape for o in outs))
+    return [np.broadcast_to(o, shape) for o in outs]
   arrs = [xp.broadcast_arrays(*(xp.asarray(v) for v in spec)) for spec in specs]
   shape = xp.broadcast_shapes(*(x[0].shape for x in arrs))
   stack = lambda i: xp.stack([xp.broadcast_to(x[i], shape) for x in arrs])
   out = _log_moment(stack(0), stack(1), stack(2))
   return [out[i] for i in range(len(specs))]
+
+
+def _np_log_moment(a, lo, hi):
+  """`_log_moment(a, lo, hi)` in NumPy at the triple's own broadcast shape, each value once.
+
+  When `a` is a column (`[C, 1]`) and `lo`, `hi` rows (`[1, L]` or scalars), a
+  run of equal `(lo, hi)` columns (truncation levels that clip to the same
+  value, say) is evaluated once and spread back: the same elementwise values.
+  """
+  a, lo, hi = (np.asarray(v) for v in (a, lo, hi))
+  row = lambda v: v.ndim <= 2 and (v.ndim < 2 or v.shape[0] == 1)
+  if a.ndim == 2 and a.shape[1] == 1 and row(lo) and row(hi):
+    width = np.broadcast_shapes(lo.shape, hi.shape, (1,))[-1]
+    lo_r, hi_r = np.broadcast_to(lo, (1, width))[0], np.broadcast_to(hi, (1, width))[0]
+    # A new column wherever (lo, hi) changes: the levels come in runs (clipped at 0).
+    new = np.ones(width, bool)
+    new[1:] = (lo_r[1:] != lo_r[:-1]) | (hi_r[1:] != hi_r[:-1])
+    if not new.all():
+      first = np.flatnonzero(new)
+      inv = np.cumsum(new) - 1
+      return _log_moment(a, lo_r[first][None, :], hi_r[first][None, :])[:, inv]
+  return _log_moment(*np.broadcast_arrays(a, lo, hi))
 
 
 def _norm_isf(p):

@@ -37,7 +37,7 @@ def _sum_over_g_cells(nm1, m, c, b, head_nm1=None):
 _SCAN_CHUNK = 32
 
 
-def _first_admissible_m(n, cell_fail, drow, witness):
+def _first_admissible_m(n, cell_fail, drow, witness, count=None):
   """The first `m` in `1, ..., n - 1` whose bound `max_cells cell_fail(m)` is `<= drow`, else `n`.
 
   Every m is decided as by checking the bounds in order (`fail(m) > drow`
@@ -46,11 +46,13 @@ def _first_admissible_m(n, cell_fail, drow, witness):
   witness cell is evaluated at `_SCAN_CHUNK` m at once and all cells only at
   the first m it does not reject (if that m is rejected, its worst cell
   becomes the witness). A bisection would need the bound to be monotone in m,
-  which it need not be; the first hit makes k monotone in eps.
+  which it need not be; the first hit makes k monotone in eps. `count` (the
+  number of cells, NumPy only) lets the first check of all cells start with a
+  few spread ones (`_npsearch.CellOrder`).
   """
   xp = _xp.of(n, drow)
   if xp is _xp.NP:
-    return _npsearch.first_admissible_m(n, cell_fail, drow, witness, _SCAN_CHUNK)
+    return _npsearch.first_admissible_m(n, cell_fail, drow, witness, _SCAN_CHUNK, count)
   steps = xp.arange(_SCAN_CHUNK, dtype=n.dtype)
 
   def body(state):

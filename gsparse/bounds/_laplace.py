@@ -140,12 +140,20 @@ def _log_transform(weights, log_lam, sign):
   """
   x, p, floor = weights
   xp = _xp.of(x, p, log_lam)
+  # NumPy writes each step into the array it came from: the same values, without
+  # allocating (and faulting in) a fresh [C, N, K] array per step.
+  numpy = xp is _xp.NP
   e = xp.exp(x)[..., None] * xp.exp(log_lam)  # [C, N, K]: lam e^x
+  into = {"out": e} if numpy else {}
   if sign < 0:  # a smaller lam e^x only raises the value: still an upper bound
-    e = xp.minimum(e, 1e30)
+    e = xp.minimum(e, 1e30, **into)
   ref = xp.max(e, axis=1) if sign > 0 else xp.min(e, axis=1)  # [C, K]: the largest value's
-  v = xp.exp(sign * (e - ref[:, None, :]))  # [C, N, K], each <= 1
+  # sign (e - ref), as `ref - e` when sign < 0 (the same value: rounding is symmetric)
+  v = xp.subtract(*((e, ref[:, None, :]) if sign > 0 else (ref[:, None, :], e)), **into)
+  v = xp.exp(v, **into)  # [C, N, K], each <= 1
   bands, num_l, num_n = p.shape
   v = v.reshape(bands, -1, num_n, v.shape[-1])
   s = xp.matmul(p[:, None], v).reshape(-1, num_l, v.shape[-1])  # [C, L, K]
-  return xp.log(s + floor[None, :, None]) + sign * ref[:, None, :]
+  into = {"out": s} if numpy else {}
+  s = xp.log(xp.add(s, floor[None, :, None], **into), **into)
+  return xp.add(s, (sign * ref)[:, None, :], **into)

@@ -14,6 +14,8 @@ single bit of its result: `betainc_rows` keeps each row of binomial tails it
 computed (those rows depend on `n`, `m` and a fixed grid, not on the data),
 and `memo_scalar` remembers a function of a few NumPy scalars (a root found by
 bisection, say). Both compute exactly what the plain call computes, once.
+The searches of Theorem 1 and its inverse also evaluate only the cells, bounds
+and per-cell parts that their comparisons need (`_npsearch`).
 """
 
 from __future__ import annotations

@@ -73,7 +73,10 @@ def _chernoff_fail(nm1, m, eps, c, parts, cells=None, nm1_hi=None):
   xp = _xp.of(nm1, m, lam_a)
   hi = nm1 if nm1_hi is None else nm1_hi
   mk = m[..., None, None, None]  # one m per [C, L, K] grid
-  log_b = lam_a + (mk - 1.0) * top + xp.maximum(nm1 - mk, 0.0) * rest
+  log_b = (mk - 1.0) * top
+  into = {"out": log_b} if xp is _xp.NP else {}  # NumPy: no fresh [..., C, L, K] array per sum
+  log_b = xp.add(log_b, lam_a, **into)
+  log_b = xp.add(log_b, xp.maximum(nm1 - mk, 0.0) * rest, **into)
   b = xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [..., C, L]
   mm = xp.clip(m, 1.0, hi)[..., None]
   out = _sum_over_g_cells(hi, mm, c, b, head_nm1=xp.maximum(nm1, mm))

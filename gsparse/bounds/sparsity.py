@@ -8,9 +8,10 @@ from typing import NamedTuple
 import jax
 from jax.typing import ArrayLike
 
-from gsparse.bounds import _npsearch, _xp
+from gsparse.bounds import _laplace, _npsearch, _xp
 from gsparse.bounds._common import (
   _EPS_BISECTION_STEPS,
+  _NUM_CELLS,
   _NUM_GRID,
   _NUM_LEVELS,
   DEFAULT_DELTA,
@@ -221,8 +222,11 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c, moments):
   return xp.where(1.0 - eps * mc <= 0, 0.0, _sum_over_g_cells(nm1, mc, c, b))
 
 
-def _row_parts(n, tau_lo, tau_hi, log_drow):
-  """What `_fail_fn` needs that depends on neither `eps` nor `m`: computed once per row."""
+def _row_parts(n, tau_lo, tau_hi, log_drow, *, group=1):
+  """What `_fail_fn` needs that depends on neither `eps` nor `m`: computed once per row.
+
+  In NumPy, Lemma 5's moments are computed for `group` cells at a time when first asked.
+  """
   xp = _xp.of(n, tau_lo, tau_hi, log_drow)
   nm1 = xp.maximum(n - 1.0, 1.0)
   ta, tb = _cells(tau_lo, tau_hi)
@@ -230,10 +234,17 @@ def _row_parts(n, tau_lo, tau_hi, log_drow):
   lz = _log_z_lower(nm1, ta, tb, log_drow - math.log(2.0))
   c = xp.linspace(-3.0, 1.0, _NUM_GRID + 1, dtype=ta.dtype)
   c = c + xp.where(c > 0, c * (xp.sqrt(2.0 * xp.log(nm1)) + 2.0) - c, 0.0)
+  if xp is _xp.NP:  # per cell, when first asked (`_fail_fn` asks Lemma 5 last)
+
+    def moments(idx):
+      m1, m2, lphi, tail = _orderstat_moments(ta[idx], tb[idx], c)
+      return m1, m2, *(xp.broadcast_to(x, m1.shape) for x in (lphi, tail))
+
+    return ta, tb, lz, c, _npsearch.PerCell(ta.shape[0], moments, group)
   return ta, tb, lz, c, _orderstat_moments(ta, tb, c)
 
 
-def _fail_fn(n, parts, eps, log_drow, chernoff=None):
+def _fail_fn(n, parts, eps, log_drow, chernoff=None, level=None):
   """`(cell_fail, p*)` of one row: `cell_fail(m)` bounds `P(at least m entries > eps)` per tau cell.
 
   Per cell the best of the union bound (Lemma 4), the order-statistic bound
@@ -243,7 +254,11 @@ def _fail_fn(n, parts, eps, log_drow, chernoff=None):
   `max(cell_fail(m), axis=-1)`. `m` is an array (`[...]`, several m at once),
   `cells` an optional `[W]` index array restricting the cells (`[..., W]` out,
   else `[..., C]`). `p*` is the union bound's exceedance probability. `parts` is
-  `_row_parts(n, tau_lo, tau_hi, log_drow)`.
+  `_row_parts(n, tau_lo, tau_hi, log_drow)`. In NumPy, `chernoff[1]` is a
+  `_npsearch.PerCell` of `_chernoff_parts`, and with a `level` the bounds are
+  evaluated in the order 4, 6, 5, each only where the value is still above the
+  level (`_npsearch.min_bounds`: a value `<= level` may be a larger bound, still
+  `<= level`).
   """
   xp = _xp.of(n, eps, log_drow)
   ta, tb, lz, c, moments = parts
@@ -251,20 +266,45 @@ def _fail_fn(n, parts, eps, log_drow, chernoff=None):
   drow = xp.exp(log_drow)
   theta = xp.log(eps) + lz
   p_cell = xp.exp(_exceed_log_prob(theta, ta, tb))  # [C]
-  inv_safe = 1.0 / _safety(ta.dtype)
+  if xp is _xp.NP:
+    return _np_cell_fail(n, nm1, eps, drow, p_cell, parts, chernoff, level), xp.max(p_cell)
 
   def cell_fail(m, cells=None):
     p, a, b, mom = p_cell, ta, tb, moments
     if cells is not None:
       p, a, b = p[cells], a[cells], b[cells]
       mom = (mom[0][cells], mom[1][cells], *mom[2:])
-    p1 = 0.5 * drow + xp.minimum(_binom_tail(n - 1.0, m[..., None] - 1.0, p) * inv_safe, 1.0)
-    out = xp.minimum(p1, _orderstat_fail(nm1, m, eps, a, b, c, mom))
+    out = xp.minimum(_union_fail(n, m, p, drow), _orderstat_fail(nm1, m, eps, a, b, c, mom))
     if chernoff is not None:
       out = xp.minimum(out, _chernoff_fail(nm1, m, eps, chernoff[0], chernoff[1], cells))
     return out
 
   return cell_fail, xp.max(p_cell)
+
+
+def _union_fail(n, m, p, drow):
+  """Lemma 4 per cell: `drow / 2` for `Z < Z_lower`, plus `P(Bin(n - 1, p) >= m)` (`[..., C]`)."""
+  xp = _xp.of(n, m, p, drow)
+  inv_safe = 1.0 / _safety(p.dtype)
+  return 0.5 * drow + xp.minimum(_binom_tail(n - 1.0, m[..., None] - 1.0, p) * inv_safe, 1.0)
+
+
+def _np_cell_fail(n, nm1, eps, drow, p_cell, parts, chernoff, level):
+  """`_fail_fn`'s `cell_fail` in NumPy: Lemma 4, then 6, then 5, each where still needed."""
+  ta, tb, _, c, moments = parts  # `moments` and `chernoff[1]`: `_npsearch.PerCell`s
+
+  def lemma6(m, sub):
+    lam_a, top, rest = chernoff[1].get(sub)
+    return _chernoff_fail(nm1, m, eps, chernoff[0], (lam_a[0], top, rest))
+
+  def cell_fail(m, cells=None):
+    idx = _xp.NP.arange(ta.shape[0]) if cells is None else _xp.NP.asarray(cells)
+    sub = lambda f: lambda cols: f(m, idx[cols])
+    lemma5 = lambda m, i: _orderstat_fail(nm1, m, eps, ta[i], tb[i], c, moments.get(i))
+    bounds = [sub(lemma5)] if chernoff is None else [sub(lemma6), sub(lemma5)]
+    return _npsearch.min_bounds(_union_fail(n, m, p_cell[idx], drow), bounds, level)
+
+  return cell_fail
 
 
 def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
@@ -273,12 +313,23 @@ def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
   parts = _row_parts(n, tau_lo, tau_hi, log_drow)
   nm1 = xp.maximum(n - 1.0, 1.0)
   c = _g_grid(nm1, _NUM_APRIORI_G_CELLS, tau_hi.dtype)
-  chernoff = (c, _chernoff_parts(eps, parts[0], parts[1], c))
-  cell_fail, p_star = _fail_fn(n, parts, eps, log_drow, chernoff)
+  drow = xp.exp(log_drow)
+  if xp is _xp.NP:  # per two bands of tau cells, when first asked
+    ta, tb = parts[0], parts[1]
+
+    def lemma6(idx):  # lam A is the same for every cell: kept as a row per cell
+      lam_a, top, rest = _chernoff_parts(eps, ta[idx], tb[idx], c)
+      return xp.broadcast_to(lam_a, (idx.shape[0], lam_a.shape[0])), top, rest
+
+    # Two bands of shared offsets at a time: fewer pieces to copy together than one band.
+    chernoff = (c, _npsearch.PerCell(ta.shape[0], lemma6, 2 * _laplace._BAND))
+  else:
+    chernoff = (c, _chernoff_parts(eps, parts[0], parts[1], c))
+  cell_fail, p_star = _fail_fn(n, parts, eps, log_drow, chernoff, level=drow)
   # The scan stops by m = ceil(1/eps), where the order-statistic bound is 0, and
   # by m = n (only n - 1 off-diagonal entries); m - 1 entries plus the diagonal.
   witness = xp.argmax(parts[0] * 0.0 + parts[1])  # first guess: the largest tau cell
-  k = _first_admissible_m(n, cell_fail, xp.exp(log_drow), witness)
+  k = _first_admissible_m(n, cell_fail, drow, witness, parts[0].shape[0])
   return xp.where(n <= 1.0, n, k), p_star
 
 
@@ -411,14 +462,15 @@ def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   hi = xp.log(triv)
   drow = xp.exp(log_row)
   kk = xp.minimum(k, n)
-  parts = _row_parts(n, tlo, thi, log_row)
+  # Every bisection step that accepts needs Lemma 5 on most cells: its moments at once.
+  parts = _row_parts(n, tlo, thi, log_row, group=_NUM_CELLS)
 
   cells = _npsearch.CellOrder()  # NumPy: the cells worst-first, to reject at the first batch
 
   def admissible(log_eps):
     # fail(k) <= drow implies the first admissible m of Theorem 1 is <= k, for
     # this eps and (fail being non-increasing in eps) every larger one.
-    cell_fail, _ = _fail_fn(n, parts, xp.exp(log_eps), log_row)
+    cell_fail, _ = _fail_fn(n, parts, xp.exp(log_eps), log_row, level=drow)
     if xp is _xp.NP:
       fail = lambda idx: cell_fail(kk) if idx is None else cell_fail(kk, idx)
       return not cells.exceeds(fail, drow, nan_exceeds=True)[0]
