@@ -67,8 +67,8 @@ def isotropic_error_bound(
   n: ArrayLike,
   sigma: ArrayLike,
   norms: InteractionNorms,
-  value_norms: InteractionNorms,
   *,
+  value_norms: InteractionNorms,
   k: ArrayLike,
   delta: ArrayLike = DEFAULT_DELTA,
   with_theorem2: bool = True,
@@ -197,6 +197,16 @@ def _log_tail_sum_hi(n, a, b, c_hi, d_sum):
   return xp.logaddexp(xp.logaddexp(terms[0], terms[1]), terms[2])
 
 
+def _row_tails(n, taus, k, delta):
+  """Theorem 2R at each of the 1-D `taus` (the coarse cells' left ends): `[C]`.
+
+  jax maps the one formula with `vmap`; NumPy (which has no `vmap`) calls it once per tau.
+  """
+  if _xp.of(n, taus, k, delta) is _xp.NP:
+    return _xp.NP.stack([_row_tail_scalar(n, t, k, delta)[0] for t in taus])
+  return jax.vmap(_row_tail_scalar, in_axes=(None, 0, None, None))(n, taus, k, delta)[0]
+
+
 def _t_part(tm):
   """`max t (1 - t)` over `t in [0, tm]`."""
   xp = _xp.of(tm)
@@ -260,7 +270,7 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   a = xp.concatenate([tlo[None], edges[1:-1]])
   b = edges[1:]
   a_coarse = a[::_TAU_SUBCELLS]
-  t_row = jax.vmap(_row_tail_scalar, in_axes=(None, 0, None, None))(n, a_coarse, kk, 0.5 * drow)[0]
+  t_row = _row_tails(n, a_coarse, kk, 0.5 * drow)
   t_row = xp.repeat(t_row, _TAU_SUBCELLS)
   t_c = xp.minimum(t_row, 1.0 - xp.minimum(k, n) / n)[:, None, None]  # [C, 1, 1]
   l_t = _log_tail_sum_hi(n, a, b, c_hi, d16)[:, None, None]
@@ -300,4 +310,4 @@ def _finish(n, k, err, t_bound, vmax, split, rest):
   return tuple(xp.where(ok, o, nan) for o in (err, t_bound, vmax, *split))
 
 
-_ISO = PointFormula(_iso_scalar, static=("with_theorem2",), eager=False)
+_ISO = PointFormula(_iso_scalar, static=("with_theorem2",))
