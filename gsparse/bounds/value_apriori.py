@@ -213,20 +213,26 @@ def _t_part(tm):
   return xp.where(tm <= 0.5, tm * (1.0 - tm), 0.25)
 
 
-def _head_case(a, b, t_c, l_t, stats, kk, th1, th2, gam):
-  """Diagonal in the head with share `theta`: `(t bound, q bound, mean gap bound)`, `[C, L, G]`."""
-  xp = _xp.of(a, b, t_c, l_t, kk, th1, th2, gam)
+def _head_case(a, b, t_c, l_t, stats, kk, th, gam):
+  """Diagonal in the head with share `theta`: `(t bound, q bound, mean gap bound)`, `[C, L, G]`.
+
+  `th` `[1, L + 1, 1]`: the edges of the theta cells.
+  """
+  xp = _xp.of(a, b, t_c, l_t, kk, th, gam)
+  th1 = th[:, :-1]
   _, c_lo, c_hi, et_lo, _ = stats
   g1, g2 = gam[..., :-1], gam[..., 1:]
   ly1 = xp.minimum(a * g1, b * g1)  # the largest off-diagonal key, g_(1) in [g1, g2]
   l_off = xp.logaddexp(ly1, xp.log(kk - 2.0) + xp.minimum(a * c_lo, b * c_lo))
-  t_abs = xp.exp(-xp.logaddexp(0.0, l_off - xp.log1p(-th1) - l_t))  # T <= e^{l_t}
+  # T <= e^{l_t}: 1 / (1 + e^{l_off} / ((1 - theta) e^{l_t})) (sigmoid: no log on the grid)
+  t_abs = xp.sigmoid(l_t + xp.log1p(-th1) - l_off)
   t_rel = t_c * (1.0 - th1) / xp.maximum(t_c * (1.0 - th1) + 1.0 - t_c, 1e-30)
   tm = xp.minimum(t_rel, t_abs)
   f, eh_hi = _head_shape(a, b, stats, kk, g2)
   q = _t_part(tm) * (1.0 - th1) / (kk - 1.0) + tm * tm * (1.0 - th1) ** 2 * f
   et, eh = (et_lo, c_hi), (c_lo, eh_hi)
-  gap = xp.maximum(_max_abs_gap(et, eh, 1.0 - th1), _max_abs_gap(et, eh, 1.0 - th2))
+  gap = _max_abs_gap(et, eh, 1.0 - th)  # at every edge once, then each cell's two ends
+  gap = xp.maximum(gap[:, :-1], gap[:, 1:])
   return tm, q, tm * gap
 
 
@@ -278,22 +284,44 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   th = xp.linspace(0.0, 1.0, _NUM_THETA_CELLS + 1, dtype=dt)[None, :, None]
   gam = c_lo + xp.linspace(0.0, 1.0, _NUM_G1_CELLS + 1, dtype=dt) * xp.maximum(g1_hi - c_lo, 0.0)
   gam = gam[None, None, :]
-  tm, q_h, gap_h = _head_case(a, b, t_c, l_t, stats, kk, th[:, :-1], th[:, 1:], gam)
+  tm, q_h, gap_h = _head_case(a, b, t_c, l_t, stats, kk, th, gam)
   head = (tm * th[:, 1:] * vmax, sigma * vo * gap_h, xp.sqrt(q_h) * u_gauss)
   pd, _, q_t, gap_t = _tail_case(a, b, t_c, l_t, stats, kk, gam)
   tail = (pd * vmax, sigma * vo * gap_t, xp.sqrt(q_t) * u_gauss)
-  parts = [
-    xp.concatenate(xp.broadcast_arrays(ph, pt), axis=1) for ph, pt in zip(head, tail, strict=True)
-  ]  # [C, L + 1, G]
-  fixed, gauss = parts[0] + parts[1], parts[2]  # ||a||, sqrt(q) U
-  root = fixed * fixed + gauss * gauss + 2.0 * fixed * (gauss / u_gauss) * cross
-  total = xp.minimum(fixed + gauss, xp.sqrt(xp.maximum(root, 0.0)))
+  # The worst (tau cell, diagonal case): the head's L theta cells, then the tail case.
+  total_h = _combine(head, u_gauss, cross)  # [C, L, G]
+  total_t = _combine(tail, u_gauss, cross)
+  total_t = xp.broadcast_to(total_t, (total_h.shape[0], 1, total_h.shape[2]))
+  total = xp.concatenate([total_h, total_t], axis=1)  # [C, L + 1, G]
   cell = xp.max(total, axis=(1, 2))
   if with_theorem2:  # Theorem 2's 2 t V on the same events: kept where smaller
     cell = xp.minimum(cell, 2.0 * t_c[:, 0, 0] * vmax)
-  flat = xp.argmax(total)  # the split of the isotropic bound's own worst case
-  split = [p.reshape(-1)[flat] for p in parts]
+  # The split of the isotropic bound's own worst case (the first maximum in [C, L + 1, G]).
+  c, row, g = xp.unravel_index(xp.argmax(total), total.shape)
+  nh = total.shape[1] - 1
+  split = [
+    xp.where(row < nh, _at(ph, c, xp.minimum(row, nh - 1), g, nh), _at(pt, c, 0, g, 1))
+    for ph, pt in zip(head, tail, strict=True)
+  ]
   return _finish(n, k, xp.max(cell), xp.max(t_c), vmax, split, (delta, frob, op, gram, vf, vo, vg))
+
+
+def _combine(parts, u_gauss, cross):
+  """Lemma V's value factor from its `(diagonal, mean, Gaussian)` parts, elementwise.
+
+  `||a + G|| <= min(||a|| + ||G||, sqrt(||a||^2 + ||G||^2 + 2 ||a|| sqrt(q) cross))` with
+  `||a|| <= diagonal + mean` and `||G|| <= Gaussian = sqrt(q) U`.
+  """
+  xp = _xp.of(*parts, u_gauss, cross)
+  fixed, gauss = parts[0] + parts[1], parts[2]
+  root = fixed * fixed + gauss * gauss + 2.0 * fixed * (gauss / u_gauss) * cross
+  return xp.minimum(fixed + gauss, xp.sqrt(xp.maximum(root, 0.0)))
+
+
+def _at(part, c, row, g, rows):
+  """`part[c, row, g]` of a part broadcast to `[C, rows, G]`."""
+  xp = _xp.of(part, c, row, g)
+  return xp.broadcast_to(part, (part.shape[0], rows, part.shape[2]))[c, row, g]
 
 
 def _finish(n, k, err, t_bound, vmax, split, rest):
