@@ -39,6 +39,7 @@ _NUM_TAU_CELLS = 4  # geometric cells of the tau range, Theorem 2R at each left 
 _TAU_SUBCELLS = 24  # finer cells in each, for the head and the absolute tail sum
 _NUM_THETA_CELLS = 64  # cells of the diagonal's head share theta in [0, 1]
 _NUM_G1_CELLS = 48  # cells of the largest off-diagonal standardised score in [c_lo, g1_hi]
+_NP_CHUNK = 4  # tau cells per NumPy step (a [4, L + 1, G] float64 temporary is 100 KB)
 
 
 class IsotropicErrorBound(NamedTuple):
@@ -284,26 +285,45 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   th = xp.linspace(0.0, 1.0, _NUM_THETA_CELLS + 1, dtype=dt)[None, :, None]
   gam = c_lo + xp.linspace(0.0, 1.0, _NUM_G1_CELLS + 1, dtype=dt) * xp.maximum(g1_hi - c_lo, 0.0)
   gam = gam[None, None, :]
+  scal = (sigma * vo, vmax, u_gauss, cross)
+  # NumPy: a few tau cells at a time, so its temporaries stay small (cached by the allocator,
+  # not fresh pages each call); every entry is the same, and so are the maximum and its split.
+  step = _NP_CHUNK if xp is _xp.NP else fine
+  outs = [
+    _worst(*(x[i : i + step] for x in (a, b, t_c, l_t)), stats, kk, th, gam, scal)
+    for i in range(0, fine, step)
+  ]
+  cell = xp.concatenate([o[0] for o in outs])
+  if with_theorem2:  # Theorem 2's 2 t V on the same events: kept where smaller
+    cell = xp.minimum(cell, 2.0 * t_c[:, 0, 0] * vmax)
+  pick = xp.argmax(xp.stack([o[1] for o in outs]))  # the first chunk with the maximum
+  split = [xp.stack([o[2][j] for o in outs])[pick] for j in range(3)]
+  return _finish(n, k, xp.max(cell), xp.max(t_c), vmax, split, (delta, frob, op, gram, vf, vo, vg))
+
+
+def _worst(a, b, t_c, l_t, stats, kk, th, gam, scal):
+  """The isotropic sum on `[C, L + 1, G]` cells: `([C] cell maxima, maximum, split there)`.
+
+  Rows `0..L-1`: the diagonal in the head, theta cell `l`; row `L`: the diagonal in the
+  tail. The split is read at the first maximum in that order.
+  """
+  xp = _xp.of(a, b, t_c, l_t, kk, th, gam, *scal)
+  svo, vmax, u_gauss, cross = scal
   tm, q_h, gap_h = _head_case(a, b, t_c, l_t, stats, kk, th, gam)
-  head = (tm * th[:, 1:] * vmax, sigma * vo * gap_h, xp.sqrt(q_h) * u_gauss)
+  head = (tm * th[:, 1:] * vmax, svo * gap_h, xp.sqrt(q_h) * u_gauss)
   pd, _, q_t, gap_t = _tail_case(a, b, t_c, l_t, stats, kk, gam)
-  tail = (pd * vmax, sigma * vo * gap_t, xp.sqrt(q_t) * u_gauss)
-  # The worst (tau cell, diagonal case): the head's L theta cells, then the tail case.
+  tail = (pd * vmax, svo * gap_t, xp.sqrt(q_t) * u_gauss)
   total_h = _combine(head, u_gauss, cross)  # [C, L, G]
   total_t = _combine(tail, u_gauss, cross)
   total_t = xp.broadcast_to(total_t, (total_h.shape[0], 1, total_h.shape[2]))
   total = xp.concatenate([total_h, total_t], axis=1)  # [C, L + 1, G]
-  cell = xp.max(total, axis=(1, 2))
-  if with_theorem2:  # Theorem 2's 2 t V on the same events: kept where smaller
-    cell = xp.minimum(cell, 2.0 * t_c[:, 0, 0] * vmax)
-  # The split of the isotropic bound's own worst case (the first maximum in [C, L + 1, G]).
   c, row, g = xp.unravel_index(xp.argmax(total), total.shape)
   nh = total.shape[1] - 1
   split = [
     xp.where(row < nh, _at(ph, c, xp.minimum(row, nh - 1), g, nh), _at(pt, c, 0, g, 1))
     for ph, pt in zip(head, tail, strict=True)
   ]
-  return _finish(n, k, xp.max(cell), xp.max(t_c), vmax, split, (delta, frob, op, gram, vf, vo, vg))
+  return xp.max(total, axis=(1, 2)), total[c, row, g], split
 
 
 def _combine(parts, u_gauss, cross):
