@@ -13,7 +13,8 @@ Settings (those of docs/results/2026-11-30-bounds-scan-cpu.md):
 `norms = InteractionNorms(3.0, 1.2, 2.0)`, n = 1024, eps = 0.01, k = 32,
 delta = 1e-4, `value_norm = 1.0`, `row_sparsity_bound` at tau = 2 sigma,
 `rank_layers_by_sparsity` on float32 `[3, 64, 2, 32]` normal weights / 8
-(query weights times sigma), n = 512.
+(query weights times sigma), n = 512; `isotropic_error_bound` with
+`value_norms = InteractionNorms(8.0, 1.5, 4.0)`, k = 32.
 
   PYTHONPATH=. python scripts/bench_bounds.py [--calls 25] [--vary_n] [FUNCTION ...]
 """
@@ -35,6 +36,7 @@ FUNCTIONS = (
   "sparsity_eps_bound",
   "row_sparsity_bound",
   "rank_layers_by_sparsity",
+  "isotropic_error_bound",
 )
 
 
@@ -59,6 +61,9 @@ def _call(name: str, i: int, vary_n: bool = False):
   if name == "rank_layers_by_sparsity":
     w = np.random.default_rng(0).standard_normal((2, 3, 64, 2, 32)).astype(np.float32) / 8
     return B.rank_layers_by_sparsity(w[0] * np.float32(sigma), w[1], n=512, eps=0.01)
+  if name == "isotropic_error_bound":
+    vnorms = B.InteractionNorms(8.0, 1.5, 4.0)
+    return B.isotropic_error_bound(n, sigma, norms, value_norms=vnorms, k=32)
   raise ValueError(f"unknown function {name!r}")
 
 

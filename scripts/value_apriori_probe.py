@@ -62,7 +62,7 @@ def main():
         sigma = math.sqrt(tau / float(nm.frobenius))
         for k in (8, 32):
           e, t, gap, sq, share, om_i = _worst_row(rng, m, w_v, sigma, n, k, 16 if n == 256 else 4)
-          b = bounds.isotropic_error_bound(n, sigma, nm, vn, k=k, delta=delta)
+          b = bounds.isotropic_error_bound(n, sigma, nm, value_norms=vn, k=k, delta=delta)
           old = float(bounds.topk_error_bound(n, sigma, nm, k=k, value_norms=vn, delta=delta).error)
           dr = delta / (2 * n) / 8
           g1, _, _, et_lo, _ = _order_stats(np.float64(n), np.float64(k), dr, dr, dr / 2)

@@ -88,6 +88,19 @@ def test_python_number_calls_run_no_jax_operation():
   assert set(binds.seen) <= {"stage"}, binds.seen
 
 
+def test_isotropic_error_bound_on_python_numbers_runs_no_jax_operation():
+  norms, vnorms = B.InteractionNorms(3.0, 1.2, 2.0), B.InteractionNorms(8.0, 1.5, 4.0)
+  with _Binds() as binds:
+    jnp.add(1.0, 2.0)  # the counter sees a jax operation, so an empty count below means none ran
+    assert binds.seen["add"] >= 1
+    binds.seen.clear()
+    for sigma in (0.9, 1.1):
+      out = B.isotropic_error_bound(256, sigma, norms, value_norms=vnorms, k=8, delta=1e-3)
+      jax.block_until_ready(out)
+  assert dict(binds.seen) == {}, binds.seen
+  assert 0.0 < float(out.error) < float(2.0 * out.value_norm)  # a real bound came back
+
+
 def _plain(monkeypatch):
   """Turns the NumPy shortcuts off: every cell and bound evaluated, nothing kept."""
   monkeypatch.setattr(_npsearch, "_BATCH", 10**9)

@@ -9,6 +9,8 @@ setting with probability <= 1e-4 and the whole test (16 settings) with
 probability <= 1.6e-3 (union bound; the seed is fixed, so the outcome is
 reproducible). delta in {0.1, 0.3}, where a wrong constant shows up as
 violations, across positive-definite, rank-1, negative-definite and generic M.
+The 16 bounds are evaluated on concrete values, so on the NumPy path (no
+compilation); the slow tests check that path against the jitted one.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import numpy as np
 import pytest
 
 from gsparse import bounds as B
+from gsparse.bounds import value_apriori
 from tests import mc_settings
 
 _R = 256  # matrices per setting
@@ -60,7 +63,9 @@ def test_isotropic_error_bound_holds_at_high_delta():
   norms = jax.vmap(B.interaction_norms)(jnp.stack([s[5] for s in settings]))
   vnorms = jax.vmap(B.interaction_norms)(jnp.stack([s[6] for s in settings]))
   # The isotropic sum alone (without Theorem 2's fallback), the new claim.
-  iso = B.isotropic_error_bound(n, sigma, norms, vnorms, k=_K, delta=delta, with_theorem2=False)
+  iso = B.isotropic_error_bound(
+    n, sigma, norms, value_norms=vnorms, k=_K, delta=delta, with_theorem2=False
+  )
   bound = np.asarray(iso.error)
   report = []
   for i, (kind, n_i, tau, d_i, s_i, m, w_v) in enumerate(settings):
@@ -75,16 +80,41 @@ def test_isotropic_error_bound_holds_at_high_delta():
 def test_isotropic_error_bound_shapes_jit_and_vmap():
   norms = B.InteractionNorms(2.0, 1.0, 1.5)
   vnorms = B.InteractionNorms(4.0, 1.0, 2.0)
-  eager = B.isotropic_error_bound(256, 0.7, norms, vnorms, k=jnp.asarray([8.0, 32.0]), delta=1e-3)
+  bound = lambda s, k: B.isotropic_error_bound(256, s, norms, value_norms=vnorms, k=k, delta=1e-3)
+  eager = bound(0.7, jnp.asarray([8.0, 32.0]))  # concrete: the NumPy path
   assert eager.error.shape == (2,)
-  jitted = jax.jit(lambda s: B.isotropic_error_bound(256, s, norms, vnorms, k=8, delta=1e-3).error)
-  np.testing.assert_allclose(jitted(0.7), eager.error[0], rtol=1e-5)
-  vm = jax.vmap(lambda s: B.isotropic_error_bound(256, s, norms, vnorms, k=8, delta=1e-3).error)
+  # float32 XLA against float64 NumPy (float32 margins) rounded to float32.
+  np.testing.assert_allclose(jax.jit(bound)(0.7, 8.0).error, eager.error[0], rtol=1e-5)
+  vm = jax.vmap(lambda s: bound(s, 8.0).error)
   np.testing.assert_allclose(vm(jnp.asarray([0.7, 0.7]))[1], eager.error[0], rtol=1e-5)
   # Parts add up to at least the reported isotropic sum's root form, and k >= n drops nothing.
   parts = eager.diag_part + eager.mean_part + eager.gauss_part
   assert np.all(np.asarray(eager.error) <= np.asarray(parts) * (1 + 1e-5))
-  assert float(B.isotropic_error_bound(16, 0.7, norms, vnorms, k=16, delta=1e-3).error) == 0.0
+  zero = B.isotropic_error_bound(16, 0.7, norms, value_norms=vnorms, k=16, delta=1e-3)
+  assert float(zero.error) == 0.0
+
+
+@pytest.mark.slow  # one float64 compilation of the formula (20-40 s)
+def test_numpy_path_matches_the_jitted_jax_path_in_float64():
+  # (n, sigma, k, delta, frob, op, gram, vf, vo, vg): small and large n, k = 2 (the smallest
+  # grid case), k near n, and the value norms of docs/results' speed page.
+  settings = np.array(
+    [
+      (1024, 1.0, 32, 1e-4, 3.0, 1.2, 2.0, 8.0, 1.5, 4.0),
+      (64, 0.6, 2, 0.1, 2.0, 1.0, 1.5, 4.0, 1.0, 2.0),
+      (256, 1.3, 200, 1e-3, 5.0, 0.8, 2.5, 3.0, 2.0, 2.5),
+      (4096, 0.4, 7, 0.3, 1.5, 1.5, 2.25, 6.0, 1.2, 3.0),
+    ]
+  )
+  with jax.enable_x64(True):
+    for theorem2 in (True, False):
+      got = value_apriori._ISO.flat(*jnp.asarray(settings.T), with_theorem2=theorem2)
+      want = value_apriori._ISO.numpy(
+        list(settings.T), np.float64, margin_dtype=np.float64, with_theorem2=theorem2
+      )
+      for g, w in zip(got, want, strict=True):
+        np.testing.assert_allclose(np.asarray(g), w, rtol=1e-12, atol=0)
+  assert np.all(want[0] > 0)  # the settings are not the trivial k >= n case
 
 
 @pytest.mark.parametrize(
@@ -102,10 +132,12 @@ def test_isotropic_error_bound_bad_input(kwargs, name):
   kw = {key: v for key, v in args.items() if key not in ("n", "sigma")}
   norms = B.InteractionNorms(2.0, 1.0, 1.5)
   with pytest.raises(ValueError, match=name):
-    B.isotropic_error_bound(args["n"], args["sigma"], norms, norms, **kw)
+    B.isotropic_error_bound(args["n"], args["sigma"], norms, value_norms=norms, **kw)
   with pytest.raises(ValueError, match=name):  # at trace time under jit too
-    jax.jit(lambda: B.isotropic_error_bound(args["n"], args["sigma"], norms, norms, **kw))()
+    jax.jit(
+      lambda: B.isotropic_error_bound(args["n"], args["sigma"], norms, value_norms=norms, **kw)
+    )()
   with pytest.raises(TypeError, match="norms"):
-    B.isotropic_error_bound(64, 1.0, norms, None, k=4)
+    B.isotropic_error_bound(64, 1.0, norms, value_norms=None, k=4)
   with pytest.raises(TypeError, match="with_theorem2"):
-    B.isotropic_error_bound(64, 1.0, norms, norms, k=4, with_theorem2=1)
+    B.isotropic_error_bound(64, 1.0, norms, value_norms=norms, k=4, with_theorem2=1)

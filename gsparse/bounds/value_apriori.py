@@ -39,6 +39,7 @@ _NUM_TAU_CELLS = 4  # geometric cells of the tau range, Theorem 2R at each left 
 _TAU_SUBCELLS = 24  # finer cells in each, for the head and the absolute tail sum
 _NUM_THETA_CELLS = 64  # cells of the diagonal's head share theta in [0, 1]
 _NUM_G1_CELLS = 48  # cells of the largest off-diagonal standardised score in [c_lo, g1_hi]
+_NP_CHUNK = 4  # tau cells per NumPy step (a [4, L + 1, G] float64 temporary is 100 KB)
 
 
 class IsotropicErrorBound(NamedTuple):
@@ -67,8 +68,8 @@ def isotropic_error_bound(
   n: ArrayLike,
   sigma: ArrayLike,
   norms: InteractionNorms,
-  value_norms: InteractionNorms,
   *,
+  value_norms: InteractionNorms,
   k: ArrayLike,
   delta: ArrayLike = DEFAULT_DELTA,
   with_theorem2: bool = True,
@@ -197,26 +198,42 @@ def _log_tail_sum_hi(n, a, b, c_hi, d_sum):
   return xp.logaddexp(xp.logaddexp(terms[0], terms[1]), terms[2])
 
 
+def _row_tails(n, taus, k, delta):
+  """Theorem 2R at each of the 1-D `taus` (the coarse cells' left ends): `[C]`.
+
+  jax maps the one formula with `vmap`; NumPy (which has no `vmap`) calls it once per tau.
+  """
+  if _xp.of(n, taus, k, delta) is _xp.NP:
+    return _xp.NP.stack([_row_tail_scalar(n, t, k, delta)[0] for t in taus])
+  return jax.vmap(_row_tail_scalar, in_axes=(None, 0, None, None))(n, taus, k, delta)[0]
+
+
 def _t_part(tm):
   """`max t (1 - t)` over `t in [0, tm]`."""
   xp = _xp.of(tm)
   return xp.where(tm <= 0.5, tm * (1.0 - tm), 0.25)
 
 
-def _head_case(a, b, t_c, l_t, stats, kk, th1, th2, gam):
-  """Diagonal in the head with share `theta`: `(t bound, q bound, mean gap bound)`, `[C, L, G]`."""
-  xp = _xp.of(a, b, t_c, l_t, kk, th1, th2, gam)
+def _head_case(a, b, t_c, l_t, stats, kk, th, gam):
+  """Diagonal in the head with share `theta`: `(t bound, q bound, mean gap bound)`, `[C, L, G]`.
+
+  `th` `[1, L + 1, 1]`: the edges of the theta cells.
+  """
+  xp = _xp.of(a, b, t_c, l_t, kk, th, gam)
+  th1 = th[:, :-1]
   _, c_lo, c_hi, et_lo, _ = stats
   g1, g2 = gam[..., :-1], gam[..., 1:]
   ly1 = xp.minimum(a * g1, b * g1)  # the largest off-diagonal key, g_(1) in [g1, g2]
   l_off = xp.logaddexp(ly1, xp.log(kk - 2.0) + xp.minimum(a * c_lo, b * c_lo))
-  t_abs = xp.exp(-xp.logaddexp(0.0, l_off - xp.log1p(-th1) - l_t))  # T <= e^{l_t}
+  # T <= e^{l_t}: 1 / (1 + e^{l_off} / ((1 - theta) e^{l_t})) (sigmoid: no log on the grid)
+  t_abs = xp.sigmoid(l_t + xp.log1p(-th1) - l_off)
   t_rel = t_c * (1.0 - th1) / xp.maximum(t_c * (1.0 - th1) + 1.0 - t_c, 1e-30)
   tm = xp.minimum(t_rel, t_abs)
   f, eh_hi = _head_shape(a, b, stats, kk, g2)
   q = _t_part(tm) * (1.0 - th1) / (kk - 1.0) + tm * tm * (1.0 - th1) ** 2 * f
   et, eh = (et_lo, c_hi), (c_lo, eh_hi)
-  gap = xp.maximum(_max_abs_gap(et, eh, 1.0 - th1), _max_abs_gap(et, eh, 1.0 - th2))
+  gap = _max_abs_gap(et, eh, 1.0 - th)  # at every edge once, then each cell's two ends
+  gap = xp.maximum(gap[:, :-1], gap[:, 1:])
   return tm, q, tm * gap
 
 
@@ -260,7 +277,7 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   a = xp.concatenate([tlo[None], edges[1:-1]])
   b = edges[1:]
   a_coarse = a[::_TAU_SUBCELLS]
-  t_row = jax.vmap(_row_tail_scalar, in_axes=(None, 0, None, None))(n, a_coarse, kk, 0.5 * drow)[0]
+  t_row = _row_tails(n, a_coarse, kk, 0.5 * drow)
   t_row = xp.repeat(t_row, _TAU_SUBCELLS)
   t_c = xp.minimum(t_row, 1.0 - xp.minimum(k, n) / n)[:, None, None]  # [C, 1, 1]
   l_t = _log_tail_sum_hi(n, a, b, c_hi, d16)[:, None, None]
@@ -268,22 +285,63 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   th = xp.linspace(0.0, 1.0, _NUM_THETA_CELLS + 1, dtype=dt)[None, :, None]
   gam = c_lo + xp.linspace(0.0, 1.0, _NUM_G1_CELLS + 1, dtype=dt) * xp.maximum(g1_hi - c_lo, 0.0)
   gam = gam[None, None, :]
-  tm, q_h, gap_h = _head_case(a, b, t_c, l_t, stats, kk, th[:, :-1], th[:, 1:], gam)
-  head = (tm * th[:, 1:] * vmax, sigma * vo * gap_h, xp.sqrt(q_h) * u_gauss)
-  pd, _, q_t, gap_t = _tail_case(a, b, t_c, l_t, stats, kk, gam)
-  tail = (pd * vmax, sigma * vo * gap_t, xp.sqrt(q_t) * u_gauss)
-  parts = [
-    xp.concatenate(xp.broadcast_arrays(ph, pt), axis=1) for ph, pt in zip(head, tail, strict=True)
-  ]  # [C, L + 1, G]
-  fixed, gauss = parts[0] + parts[1], parts[2]  # ||a||, sqrt(q) U
-  root = fixed * fixed + gauss * gauss + 2.0 * fixed * (gauss / u_gauss) * cross
-  total = xp.minimum(fixed + gauss, xp.sqrt(xp.maximum(root, 0.0)))
-  cell = xp.max(total, axis=(1, 2))
+  scal = (sigma * vo, vmax, u_gauss, cross)
+  # NumPy: a few tau cells at a time, so its temporaries stay small (cached by the allocator,
+  # not fresh pages each call); every entry is the same, and so are the maximum and its split.
+  step = _NP_CHUNK if xp is _xp.NP else fine
+  outs = [
+    _worst(*(x[i : i + step] for x in (a, b, t_c, l_t)), stats, kk, th, gam, scal)
+    for i in range(0, fine, step)
+  ]
+  cell = xp.concatenate([o[0] for o in outs])
   if with_theorem2:  # Theorem 2's 2 t V on the same events: kept where smaller
     cell = xp.minimum(cell, 2.0 * t_c[:, 0, 0] * vmax)
-  flat = xp.argmax(total)  # the split of the isotropic bound's own worst case
-  split = [p.reshape(-1)[flat] for p in parts]
+  pick = xp.argmax(xp.stack([o[1] for o in outs]))  # the first chunk with the maximum
+  split = [xp.stack([o[2][j] for o in outs])[pick] for j in range(3)]
   return _finish(n, k, xp.max(cell), xp.max(t_c), vmax, split, (delta, frob, op, gram, vf, vo, vg))
+
+
+def _worst(a, b, t_c, l_t, stats, kk, th, gam, scal):
+  """The isotropic sum on `[C, L + 1, G]` cells: `([C] cell maxima, maximum, split there)`.
+
+  Rows `0..L-1`: the diagonal in the head, theta cell `l`; row `L`: the diagonal in the
+  tail. The split is read at the first maximum in that order.
+  """
+  xp = _xp.of(a, b, t_c, l_t, kk, th, gam, *scal)
+  svo, vmax, u_gauss, cross = scal
+  tm, q_h, gap_h = _head_case(a, b, t_c, l_t, stats, kk, th, gam)
+  head = (tm * th[:, 1:] * vmax, svo * gap_h, xp.sqrt(q_h) * u_gauss)
+  pd, _, q_t, gap_t = _tail_case(a, b, t_c, l_t, stats, kk, gam)
+  tail = (pd * vmax, svo * gap_t, xp.sqrt(q_t) * u_gauss)
+  total_h = _combine(head, u_gauss, cross)  # [C, L, G]
+  total_t = _combine(tail, u_gauss, cross)
+  total_t = xp.broadcast_to(total_t, (total_h.shape[0], 1, total_h.shape[2]))
+  total = xp.concatenate([total_h, total_t], axis=1)  # [C, L + 1, G]
+  c, row, g = xp.unravel_index(xp.argmax(total), total.shape)
+  nh = total.shape[1] - 1
+  split = [
+    xp.where(row < nh, _at(ph, c, xp.minimum(row, nh - 1), g, nh), _at(pt, c, 0, g, 1))
+    for ph, pt in zip(head, tail, strict=True)
+  ]
+  return xp.max(total, axis=(1, 2)), total[c, row, g], split
+
+
+def _combine(parts, u_gauss, cross):
+  """Lemma V's value factor from its `(diagonal, mean, Gaussian)` parts, elementwise.
+
+  `||a + G|| <= min(||a|| + ||G||, sqrt(||a||^2 + ||G||^2 + 2 ||a|| sqrt(q) cross))` with
+  `||a|| <= diagonal + mean` and `||G|| <= Gaussian = sqrt(q) U`.
+  """
+  xp = _xp.of(*parts, u_gauss, cross)
+  fixed, gauss = parts[0] + parts[1], parts[2]
+  root = fixed * fixed + gauss * gauss + 2.0 * fixed * (gauss / u_gauss) * cross
+  return xp.minimum(fixed + gauss, xp.sqrt(xp.maximum(root, 0.0)))
+
+
+def _at(part, c, row, g, rows):
+  """`part[c, row, g]` of a part broadcast to `[C, rows, G]`."""
+  xp = _xp.of(part, c, row, g)
+  return xp.broadcast_to(part, (part.shape[0], rows, part.shape[2]))[c, row, g]
 
 
 def _finish(n, k, err, t_bound, vmax, split, rest):
@@ -300,4 +358,4 @@ def _finish(n, k, err, t_bound, vmax, split, rest):
   return tuple(xp.where(ok, o, nan) for o in (err, t_bound, vmax, *split))
 
 
-_ISO = PointFormula(_iso_scalar, static=("with_theorem2",), eager=False)
+_ISO = PointFormula(_iso_scalar, static=("with_theorem2",))

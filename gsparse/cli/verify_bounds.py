@@ -200,7 +200,7 @@ def _bounds_at(n, sigma, norms, vnorms, ks_n, *, eps, delta):
   sb = bounds.sparsity_bound(n, sigma, norms, eps=eps, delta=delta)
   ks = jnp.asarray(ks_n, jnp.float32)
   eb = bounds.topk_error_bound(n, sigma, norms, k=ks, value_norms=vnorms, delta=delta)
-  iso = bounds.isotropic_error_bound(n, sigma, norms, vnorms, k=ks, delta=delta)
+  iso = bounds.isotropic_error_bound(n, sigma, norms, value_norms=vnorms, k=ks, delta=delta)
   return sb, eb, float(bounds.value_norm_bound(n, sigma, vnorms, delta=delta / 4)), iso
 
 
