@@ -109,6 +109,19 @@ def _plain(monkeypatch):
     _xp.NP, "betainc_rows", lambda a, b, x: sps.betainc(a[..., None], b[..., None], x)
   )
   monkeypatch.setattr(tau, "_solve_w_minus_log_w", tau._solve_w_minus_log_w.__wrapped__)
+  row_parts = sparsity._row_parts  # Lemma 5's m-parts at each use, not once per fixed m
+  monkeypatch.setattr(sparsity, "_row_parts", lambda *a, m=None, **kw: row_parts(*a, **kw))
+
+
+def test_scalar_root_loop_is_the_broadcast_one_bit_for_bit():
+  rng = np.random.default_rng(3)  # one seeded generator: 64 roots per dtype and side
+  for dtype in (np.float64, np.float32):
+    c = np.concatenate([1.0 + rng.exponential(5.0, 60), [0.5, 1.0, 80.0, 3.0]]).astype(dtype)
+    for upper in (True, False):
+      batch = tau._solve_w_minus_log_w.__wrapped__(c, upper)  # `[64]`: the broadcast loop
+      one = [tau._solve_w_minus_log_w.__wrapped__(x, upper) for x in c]  # 0-d: Python loop
+      assert all(np.asarray(o).dtype == dtype for o in one)
+      np.testing.assert_array_equal(np.stack(one), batch)
 
 
 def test_numpy_shortcuts_change_no_bit(monkeypatch):
