@@ -251,8 +251,10 @@ def _np_log_moment(a, lo, hi):
     if not new.all():
       first = np.flatnonzero(new)
       inv = np.cumsum(new) - 1
-      return _log_moment(a, lo_r[first][None, :], hi_r[first][None, :])[:, inv]
-  return _log_moment(*np.broadcast_arrays(a, lo, hi))
+      lo, hi = (v if v.ndim == 0 else v_r[first][None, :] for v, v_r in ((lo, lo_r), (hi, hi_r)))
+      return np.broadcast_to(_log_moment(a, lo, hi), (a.shape[0], first.size))[:, inv]
+  # Unbroadcast: `_np_log_phi_diff` evaluates a column or scalar operand at its own shape.
+  return np.broadcast_to(_log_moment(a, lo, hi), np.broadcast_shapes(a.shape, lo.shape, hi.shape))
 
 
 def _norm_isf(p):
