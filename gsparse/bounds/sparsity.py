@@ -175,11 +175,7 @@ def _orderstat_moments(ta, tb, c):
 
 
 def _orderstat_m_parts(nm1, m, moments):
-  """`(log mu, log v)` of `_orderstat_fail`: the mean and second moment of the sum below `G`.
-
-  They depend on `m` but not on `eps`, so a search over `eps` at a fixed `m`
-  (`sparsity_eps_bound`) computes them once per cell (appended to `moments`).
-  """
+  """`(log mu, log v)` of `_orderstat_fail` (sum below `G`): free of `eps`, kept per fixed `m`."""
   xp = _xp.of(nm1, m)
   log_m1, log_m2, lphi = moments[:3]
   log_cnt = xp.log(xp.maximum(nm1 - m[..., None, None], 1.0))
