@@ -20,7 +20,7 @@ import scipy.special as sps
 from jax._src import core
 
 import gsparse.bounds as B
-from gsparse.bounds import _npsearch, _xp, error, row, sparsity, tau
+from gsparse.bounds import _common, _npsearch, _xp, error, row, sparsity, tau
 
 _W = np.random.default_rng(1).standard_normal((2, 2, 8, 2, 4)).astype(np.float32)
 
@@ -109,6 +109,19 @@ def _plain(monkeypatch):
     _xp.NP, "betainc_rows", lambda a, b, x: sps.betainc(a[..., None], b[..., None], x)
   )
   monkeypatch.setattr(tau, "_solve_w_minus_log_w", tau._solve_w_minus_log_w.__wrapped__)
+  row_parts = sparsity._row_parts  # Lemma 5's m-parts at each use, not once per fixed m
+  monkeypatch.setattr(sparsity, "_row_parts", lambda *a, m=None, **kw: row_parts(*a, **kw))
+
+
+def test_scalar_root_loop_is_the_broadcast_one_bit_for_bit():
+  rng = np.random.default_rng(3)  # one seeded generator: 64 roots per dtype and side
+  for dtype in (np.float64, np.float32):
+    c = np.concatenate([1.0 + rng.exponential(5.0, 60), [0.5, 1.0, 80.0, 3.0]]).astype(dtype)
+    for upper in (True, False):
+      batch = tau._solve_w_minus_log_w.__wrapped__(c, upper)  # `[64]`: the broadcast loop
+      one = [tau._solve_w_minus_log_w.__wrapped__(x, upper) for x in c]  # 0-d: Python loop
+      assert all(np.asarray(o).dtype == dtype for o in one)
+      np.testing.assert_array_equal(np.stack(one), batch)
 
 
 def test_numpy_shortcuts_change_no_bit(monkeypatch):
@@ -144,6 +157,23 @@ def test_numpy_shortcuts_change_no_bit(monkeypatch):
       np.testing.assert_array_equal(a, b, err_msg=name)
   # The settings exercise the searches: Theorem-1 k moved past the first scan chunk somewhere.
   assert np.any(fast["sparsity"][0] > 32), fast["sparsity"][0]
+
+
+def test_log_phi_diff_per_shape_is_the_broadcast_one_bit_for_bit():
+  rng = np.random.default_rng(4)  # one seeded generator: 3 sign patterns x 2 dtypes
+  col = rng.uniform(0.1, 3.0, (16, 1))
+  row = rng.uniform(0.1, 6.0, (1, 40))
+  for dtype in (np.float64, np.float32):
+    for a in (col, -col, col * rng.choice([-1.0, 1.0], (16, 1))):  # a > 0 all, none, mixed
+      a, b = a.astype(dtype), (row + a).astype(dtype)  # b above a: a real difference
+      a_b, b_b = np.broadcast_arrays(a, b)
+      sym = a_b > 0  # the jax formula's stacked evaluation, in NumPy
+      hi = sps.log_ndtr(np.where(sym, -a_b, b_b))
+      lo = sps.log_ndtr(np.where(sym, -b_b, a_b))
+      want = np.where(b_b > a_b, hi + _common._log1mexp(lo - hi), -np.inf)
+      got = _common._log_phi_diff(b, a)
+      assert got.dtype == want.dtype == dtype
+      np.testing.assert_array_equal(got, want)
 
 
 def test_betainc_rows_are_the_broadcast_betainc_and_the_store_stays_bounded(monkeypatch):

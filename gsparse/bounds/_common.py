@@ -177,12 +177,37 @@ def _log_phi_diff(b, a):
   # Work in the lower tail, where log_ndtr is accurate. One log_ndtr call on a
   # stacked array keeps the compiled graph small.
   xp = _xp.of(a, b)
+  if xp is _xp.NP:
+    return _np_log_phi_diff(b, a)
   a, b = xp.broadcast_arrays(a, b)
   sym = a > 0
   both = xp.log_ndtr(xp.stack([xp.where(sym, -a, b), xp.where(sym, -b, a)]))
   hi, lo = both[0], both[1]
   out = hi + _log1mexp(lo - hi)
   return xp.where(b > a, out, -xp.inf)
+
+
+def _np_log_phi_diff(b, a):
+  """`_log_phi_diff` in NumPy; where `a > 0` is all true or all false, `log_ndtr` at each own shape.
+
+  (`a [C, 1]` against `b [C, L]`: `C` evaluations for `a`, not `C L`; the same values.)
+  """
+  dtype = np.result_type(a, b)
+  a, b = np.asarray(a, dtype), np.asarray(b, dtype)
+  shape = np.broadcast_shapes(a.shape, b.shape)
+  log_ndtr = _xp.NP.log_ndtr
+  sym = a > 0
+  if not sym.any():
+    hi, lo = log_ndtr(b), log_ndtr(a)
+  elif sym.all():
+    hi, lo = log_ndtr(-a), log_ndtr(-b)
+  else:
+    a, b = np.broadcast_arrays(a, b)
+    sym = a > 0
+    hi, lo = log_ndtr(np.where(sym, -a, b)), log_ndtr(np.where(sym, -b, a))
+  hi, lo = np.broadcast_to(hi, shape), np.broadcast_to(lo, shape)
+  out = hi + _log1mexp(lo - hi)
+  return np.where(b > a, out, -np.inf)
 
 
 def _log_moment(a, lo, hi):
@@ -226,8 +251,10 @@ def _np_log_moment(a, lo, hi):
     if not new.all():
       first = np.flatnonzero(new)
       inv = np.cumsum(new) - 1
-      return _log_moment(a, lo_r[first][None, :], hi_r[first][None, :])[:, inv]
-  return _log_moment(*np.broadcast_arrays(a, lo, hi))
+      lo, hi = (v if v.ndim == 0 else v_r[first][None, :] for v, v_r in ((lo, lo_r), (hi, hi_r)))
+      return np.broadcast_to(_log_moment(a, lo, hi), (a.shape[0], first.size))[:, inv]
+  # Unbroadcast: `_np_log_phi_diff` evaluates a column or scalar operand at its own shape.
+  return np.broadcast_to(_log_moment(a, lo, hi), np.broadcast_shapes(a.shape, lo.shape, hi.shape))
 
 
 def _norm_isf(p):

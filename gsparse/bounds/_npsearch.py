@@ -48,7 +48,7 @@ class PerCell:
   def get(self, idx=None) -> tuple[np.ndarray, ...]:
     """The parts of the cells `idx` (`[W]` integer array; None: every cell)."""
     want = np.arange(self._count) if idx is None or not _LAZY else np.asarray(idx)
-    missing = np.unique(want[~self._done[want]])
+    missing = want[~self._done[want]]
     if missing.size:
       groups = np.unique(missing // self._group)
       missing = (groups[:, None] * self._group + np.arange(self._group)).reshape(-1)

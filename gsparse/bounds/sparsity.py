@@ -174,6 +174,14 @@ def _orderstat_moments(ta, tb, c):
   )
 
 
+def _orderstat_m_parts(nm1, m, moments):
+  """`(log mu, log v)` of `_orderstat_fail` (sum below `G`): free of `eps`, kept per fixed `m`."""
+  xp = _xp.of(nm1, m)
+  log_m1, log_m2, lphi = moments[:3]
+  log_cnt = xp.log(xp.maximum(nm1 - m[..., None, None], 1.0))
+  return log_cnt + log_m1 - lphi, log_cnt + log_m2 - lphi
+
+
 def _orderstat_fail(nm1, m, eps, ta, tb, c, moments):
   """Bound on `P(at least m off-diagonal p_ij > eps)` per tau cell, by the m-th order statistic.
 
@@ -189,22 +197,21 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c, moments):
     eps: threshold.
     ta, tb: `[C]` tau cells.
     c: `[L + 1]` increasing grid of standardised levels.
-    moments: `_orderstat_moments(ta, tb, c)` (its `[C, L]` parts for these cells).
+    moments: `_orderstat_moments(ta, tb, c)` (its `[C, L]` parts for these cells),
+      optionally followed by `_orderstat_m_parts(nm1, m, moments)` for this `m`.
 
   Returns:
     `[..., C]` probability bounds.
   """
   xp = _xp.of(nm1, m, eps, ta, tb, c)
-  log_m1, log_m2, lphi, tail_cn = moments
   mc = m[..., None]  # [..., 1]: one m per cell row
   ml = mc[..., None]  # [..., 1, 1]: one m per (cell, level)
   slack = 1.0 - eps * ml
   cnt = nm1 - ml
   cn = c[1:][None, :]  # cell tops c_l
   ta_, tb_ = ta[:, None], tb[:, None]
-  log_cnt = xp.log(xp.maximum(cnt, 1.0))
-  log_mu = log_cnt + log_m1 - lphi
-  log_v = log_cnt + log_m2 - lphi
+  tail_cn = moments[3]
+  log_mu, log_v = moments[4:] if len(moments) == 6 else _orderstat_m_parts(nm1, m, moments)
   log_lam = xp.log(xp.maximum(slack, 1e-30)) - xp.log(eps) + xp.maximum(ta_ * cn, tb_ * cn)
   gap = _log1mexp(xp.minimum(log_lam - log_mu, 0.0))
   b = xp.where(
@@ -222,10 +229,11 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c, moments):
   return xp.where(1.0 - eps * mc <= 0, 0.0, _sum_over_g_cells(nm1, mc, c, b))
 
 
-def _row_parts(n, tau_lo, tau_hi, log_drow, *, group=1):
+def _row_parts(n, tau_lo, tau_hi, log_drow, *, group=1, m=None):
   """What `_fail_fn` needs that depends on neither `eps` nor `m`: computed once per row.
 
-  In NumPy, Lemma 5's moments are computed for `group` cells at a time when first asked.
+  In NumPy, Lemma 5's moments are computed for `group` cells at a time when first
+  asked, with their `m`-dependent parts for `m` when it is given (one fixed `m`).
   """
   xp = _xp.of(n, tau_lo, tau_hi, log_drow)
   nm1 = xp.maximum(n - 1.0, 1.0)
@@ -238,7 +246,8 @@ def _row_parts(n, tau_lo, tau_hi, log_drow, *, group=1):
 
     def moments(idx):
       m1, m2, lphi, tail = _orderstat_moments(ta[idx], tb[idx], c)
-      return m1, m2, *(xp.broadcast_to(x, m1.shape) for x in (lphi, tail))
+      out = (m1, m2, *(xp.broadcast_to(x, m1.shape) for x in (lphi, tail)))
+      return out if m is None else (*out, *_orderstat_m_parts(nm1, m, out))
 
     return ta, tb, lz, c, _npsearch.PerCell(ta.shape[0], moments, group)
   return ta, tb, lz, c, _orderstat_moments(ta, tb, c)
@@ -463,7 +472,7 @@ def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   drow = xp.exp(log_row)
   kk = xp.minimum(k, n)
   # Every bisection step that accepts needs Lemma 5 on most cells: its moments at once.
-  parts = _row_parts(n, tlo, thi, log_row, group=_NUM_CELLS)
+  parts = _row_parts(n, tlo, thi, log_row, group=_NUM_CELLS, m=kk)  # NumPy: m = k throughout
 
   cells = _npsearch.CellOrder()  # NumPy: the cells worst-first, to reject at the first batch
 

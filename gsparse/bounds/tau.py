@@ -35,6 +35,8 @@ def _solve_w_minus_log_w(c, upper):
   c = xp.maximum(c, 1.0)
   lo = xp.where(upper, xp.zeros_like(c), -c - 1.0)
   hi = xp.where(upper, c + 1.0, xp.zeros_like(c))
+  if xp is _xp.NP and lo.ndim == 0 and _xp.NP.ndim(upper) == 0:
+    return _np_solve_scalar(c, bool(upper), lo[()], hi[()])
 
   def body(_, state):
     lo, hi = state
@@ -46,6 +48,18 @@ def _solve_w_minus_log_w(c, upper):
   lo, hi = xp.fori_loop(0, 64, body, (lo, hi))
   # Round outwards: the lower root down, the upper root up.
   return xp.exp(xp.where(upper, hi, lo))
+
+
+def _np_solve_scalar(c, upper, lo, hi):
+  """`_solve_w_minus_log_w` at one NumPy point: the same 64 steps on scalars, in Python."""
+  for _ in range(64):
+    mid = 0.5 * (lo + hi)
+    f = _xp.NP.exp(mid) - mid - c
+    if (f < 0) if upper else (f > 0):
+      lo = mid
+    else:
+      hi = mid
+  return _xp.NP.exp(hi if upper else lo)
 
 
 def _quad_form_range(sigma2, frob, op, gram, x):
