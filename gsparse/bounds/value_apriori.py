@@ -32,7 +32,7 @@ from gsparse.bounds._common import (
   _valid,
 )
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
-from gsparse.bounds.row_tail import _row_tail_scalar
+from gsparse.bounds.row_tail import _row_tails
 from gsparse.bounds.tau import _quad_form_range, _tau_range_point
 
 _NUM_TAU_CELLS = 4  # geometric cells of the tau range, Theorem 2R at each left end
@@ -196,16 +196,6 @@ def _log_tail_sum_hi(n, a, b, c_hi, d_sum):
     ]
   )
   return xp.logaddexp(xp.logaddexp(terms[0], terms[1]), terms[2])
-
-
-def _row_tails(n, taus, k, delta):
-  """Theorem 2R at each of the 1-D `taus` (the coarse cells' left ends): `[C]`.
-
-  jax maps the one formula with `vmap`; NumPy (which has no `vmap`) calls it once per tau.
-  """
-  if _xp.of(n, taus, k, delta) is _xp.NP:
-    return _xp.NP.stack([_row_tail_scalar(n, t, k, delta)[0] for t in taus])
-  return jax.vmap(_row_tail_scalar, in_axes=(None, 0, None, None))(n, taus, k, delta)[0]
 
 
 def _t_part(tm):
