@@ -204,40 +204,51 @@ def _t_part(tm):
   return xp.where(tm <= 0.5, tm * (1.0 - tm), 0.25)
 
 
-def _head_case(a, b, t_c, l_t, stats, kk, th, gam):
+def _head_gap(et_lo, c_hi, c_lo, eh_hi, scale):
+  """`max |e_t - s e_h|` over `e_t in {et_lo, c_hi}`, `e_h in {c_lo, eh_hi}`, `s` at a cell's ends.
+
+  `scale [1, L + 1, 1]`: `s` at the edges, so `[C, L, G]`. The same value as the
+  maximum of the eight absolute differences: `|x - y| = max(x - y, y - x)` and a
+  rounded difference is monotone in each argument, so the maximum is
+  `max(y_hi - x_lo, x_hi - y_lo)` over the extreme `x` and the extreme products `y`.
+  """
+  xp = _xp.of(et_lo, c_hi, c_lo, eh_hi, scale)
+  y, yc = scale * eh_hi, scale * c_lo  # [C, L + 1, G], [1, L + 1, 1]
+  y_lo = xp.minimum(xp.minimum(y[:, :-1], y[:, 1:]), xp.minimum(yc[:, :-1], yc[:, 1:]))
+  y_hi = xp.maximum(xp.maximum(y[:, :-1], y[:, 1:]), xp.maximum(yc[:, :-1], yc[:, 1:]))
+  x_lo, x_hi = xp.minimum(et_lo, c_hi), xp.maximum(et_lo, c_hi)
+  return xp.maximum(y_hi - x_lo, x_hi - y_lo)
+
+
+def _head_case(t_c, l_t, l_off, shape, stats, kk, th):
   """Diagonal in the head with share `theta`: `(t bound, q bound, mean gap bound)`, `[C, L, G]`.
 
-  `th` `[1, L + 1, 1]`: the edges of the theta cells.
+  `th` `[1, L + 1, 1]`: the edges of the theta cells; `l_off` `[C, 1, G]`: log bound on
+  the off-diagonal head; `shape = _head_shape(...)` (`[C, 1, G]` each).
   """
-  xp = _xp.of(a, b, t_c, l_t, kk, th, gam)
+  xp = _xp.of(t_c, l_t, l_off, kk, th)
   th1 = th[:, :-1]
   _, c_lo, c_hi, et_lo, _ = stats
-  g1, g2 = gam[..., :-1], gam[..., 1:]
-  ly1 = xp.minimum(a * g1, b * g1)  # the largest off-diagonal key, g_(1) in [g1, g2]
-  l_off = xp.logaddexp(ly1, xp.log(kk - 2.0) + xp.minimum(a * c_lo, b * c_lo))
   # T <= e^{l_t}: 1 / (1 + e^{l_off} / ((1 - theta) e^{l_t})) (sigmoid: no log on the grid)
   t_abs = xp.sigmoid(l_t + xp.log1p(-th1) - l_off)
   t_rel = t_c * (1.0 - th1) / xp.maximum(t_c * (1.0 - th1) + 1.0 - t_c, 1e-30)
   tm = xp.minimum(t_rel, t_abs)
-  f, eh_hi = _head_shape(a, b, stats, kk, g2)
+  f, eh_hi = shape
   q = _t_part(tm) * (1.0 - th1) / (kk - 1.0) + tm * tm * (1.0 - th1) ** 2 * f
-  et, eh = (et_lo, c_hi), (c_lo, eh_hi)
-  gap = _max_abs_gap(et, eh, 1.0 - th)  # at every edge once, then each cell's two ends
-  gap = xp.maximum(gap[:, :-1], gap[:, 1:])
-  return tm, q, tm * gap
+  return tm, q, tm * _head_gap(et_lo, c_hi, c_lo, eh_hi, 1.0 - th)
 
 
-def _tail_case(a, b, t_c, l_t, stats, kk, gam):
+def _tail_case(a, b, t_c, l_t, stats, kk, gam, shape):
   """Diagonal in the tail: `(bound on p_i, t bound, q bound, mean gap bound)`, `[C, 1, G]`."""
   xp = _xp.of(a, b, t_c, l_t, kk, gam)
   _, c_lo, c_hi, et_lo, _ = stats
-  g1, g2 = gam[..., :-1], gam[..., 1:]
+  g1 = gam[..., :-1]
   l_h = xp.logaddexp(xp.minimum(a * g1, b * g1), xp.log(kk - 1.0) + xp.minimum(a * c_lo, b * c_lo))
   # t = (T + e^{s_ii}) / (T + e^{s_ii} + H) with e^{s_ii} <= H / k: at most this.
   num = xp.logaddexp(l_t, l_h - xp.log(kk))
   t = xp.minimum(t_c, xp.exp(num - xp.logaddexp(l_t, l_h + xp.log1p(1.0 / kk))))
   pd = xp.minimum(t, 1.0 / (kk + 1.0))
-  f, eh_hi = _head_shape(a, b, stats, kk, g2)
+  f, eh_hi = shape
   q = _t_part(t) / kk + t * t * f
   et, eh = (et_lo, c_hi), (c_lo, eh_hi)
   gap = t * _max_abs_gap(et, eh, 1.0) + pd * xp.maximum(xp.abs(et_lo), xp.abs(c_hi))
@@ -278,10 +289,10 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   scal = (sigma * vo, vmax, u_gauss, cross)
   # NumPy: a few tau cells at a time, so its temporaries stay small (cached by the allocator,
   # not fresh pages each call); every entry is the same, and so are the maximum and its split.
+  cells = _cell_parts(a, b, t_c, l_t, stats, kk, gam, scal)
   step = _NP_CHUNK if xp is _xp.NP else fine
   outs = [
-    _worst(*(x[i : i + step] for x in (a, b, t_c, l_t)), stats, kk, th, gam, scal)
-    for i in range(0, fine, step)
+    _worst([x[i : i + step] for x in cells], stats, kk, th, scal) for i in range(0, fine, step)
   ]
   cell = xp.concatenate([o[0] for o in outs])
   if with_theorem2:  # Theorem 2's 2 t V on the same events: kept where smaller
@@ -291,29 +302,49 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   return _finish(n, k, xp.max(cell), xp.max(t_c), vmax, split, (delta, frob, op, gram, vf, vo, vg))
 
 
-def _worst(a, b, t_c, l_t, stats, kk, th, gam, scal):
+def _cell_parts(a, b, t_c, l_t, stats, kk, gam, scal):
+  """The theta-free parts of every tau cell, once: `[C, 1, G]` arrays for `_worst`.
+
+  `(t_c, l_t, l_off, f, eh_hi, tail total, tail diagonal, tail mean, tail Gaussian)`:
+  the off-diagonal head's log bound and the head shape for the head case, and the
+  whole tail case (the diagonal in the tail, Lemma V's sum and its three parts).
+  """
+  xp = _xp.of(a, b, t_c, l_t, kk, gam, *scal)
+  svo, vmax, u_gauss, cross = scal
+  c_lo = stats[1]
+  g1, g2 = gam[..., :-1], gam[..., 1:]
+  ly1 = xp.minimum(a * g1, b * g1)  # the largest off-diagonal key, g_(1) in [g1, g2]
+  l_off = xp.logaddexp(ly1, xp.log(kk - 2.0) + xp.minimum(a * c_lo, b * c_lo))
+  shape = _head_shape(a, b, stats, kk, g2)
+  pd, _, q_t, gap_t = _tail_case(a, b, t_c, l_t, stats, kk, gam, shape)
+  tail = (pd * vmax, svo * gap_t, xp.sqrt(q_t) * u_gauss)
+  full = (t_c.shape[0], 1, g1.shape[-1])
+  tail = [xp.broadcast_to(x, full) for x in (_combine(tail, u_gauss, cross), *tail)]
+  return (t_c, l_t, l_off, *shape, *tail)
+
+
+def _worst(cells, stats, kk, th, scal):
   """The isotropic sum on `[C, L + 1, G]` cells: `([C] cell maxima, maximum, split there)`.
 
   Rows `0..L-1`: the diagonal in the head, theta cell `l`; row `L`: the diagonal in the
-  tail. The split is read at the first maximum in that order.
+  tail (`cells` from `_cell_parts`). The split is read at the first maximum in that order.
   """
-  xp = _xp.of(a, b, t_c, l_t, kk, th, gam, *scal)
+  t_c, l_t, l_off, f, eh_hi, total_t, *tail = cells
+  xp = _xp.of(t_c, l_t, l_off, f, eh_hi, total_t, kk, th, *scal)
   svo, vmax, u_gauss, cross = scal
-  tm, q_h, gap_h = _head_case(a, b, t_c, l_t, stats, kk, th, gam)
+  tm, q_h, gap_h = _head_case(t_c, l_t, l_off, (f, eh_hi), stats, kk, th)
   head = (tm * th[:, 1:] * vmax, svo * gap_h, xp.sqrt(q_h) * u_gauss)
-  pd, _, q_t, gap_t = _tail_case(a, b, t_c, l_t, stats, kk, gam)
-  tail = (pd * vmax, svo * gap_t, xp.sqrt(q_t) * u_gauss)
   total_h = _combine(head, u_gauss, cross)  # [C, L, G]
-  total_t = _combine(tail, u_gauss, cross)
-  total_t = xp.broadcast_to(total_t, (total_h.shape[0], 1, total_h.shape[2]))
-  total = xp.concatenate([total_h, total_t], axis=1)  # [C, L + 1, G]
-  c, row, g = xp.unravel_index(xp.argmax(total), total.shape)
-  nh = total.shape[1] - 1
+  h_max, t_max = xp.max(total_h, axis=(1, 2)), xp.max(total_t, axis=(1, 2))
+  cell = xp.maximum(h_max, t_max)
+  c = xp.argmax(cell)  # the first tau cell with the maximum; in it the head rows come first
+  row, g = xp.unravel_index(xp.argmax(total_h[c]), total_h.shape[1:])
+  g_t = xp.argmax(total_t[c, 0])
+  in_head = h_max[c] >= t_max[c]
   split = [
-    xp.where(row < nh, _at(ph, c, xp.minimum(row, nh - 1), g, nh), _at(pt, c, 0, g, 1))
-    for ph, pt in zip(head, tail, strict=True)
+    xp.where(in_head, _at(ph, c, row, g), pt[c, 0, g_t]) for ph, pt in zip(head, tail, strict=True)
   ]
-  return xp.max(total, axis=(1, 2)), total[c, row, g], split
+  return cell, cell[c], split
 
 
 def _combine(parts, u_gauss, cross):
@@ -328,10 +359,11 @@ def _combine(parts, u_gauss, cross):
   return xp.minimum(fixed + gauss, xp.sqrt(xp.maximum(root, 0.0)))
 
 
-def _at(part, c, row, g, rows):
-  """`part[c, row, g]` of a part broadcast to `[C, rows, G]`."""
+def _at(part, c, row, g):
+  """`part[c, row, g]` of a part broadcast to `[C, L, G]`."""
   xp = _xp.of(part, c, row, g)
-  return xp.broadcast_to(part, (part.shape[0], rows, part.shape[2]))[c, row, g]
+  full = (part.shape[0], _NUM_THETA_CELLS, part.shape[2])
+  return xp.broadcast_to(part, full)[c, row, g]
 
 
 def _finish(n, k, err, t_bound, vmax, split, rest):
