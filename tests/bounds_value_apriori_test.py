@@ -135,6 +135,35 @@ def test_numpy_values_unchanged_by_the_batched_theorem_2r_and_the_leaner_grid():
     np.testing.assert_allclose(np.array(got, np.float64), want, rtol=1e-14, atol=0)
 
 
+def test_skipped_tau_chunks_cannot_hold_the_maximum(monkeypatch):
+  # NumPy skips chunks of tau cells whose upper bound (`_cell_upper`) is below what it has
+  # seen. The bound must hold on every cell of the full grid, and the skipping change no
+  # output bit (against every chunk evaluated: the bound replaced by +inf).
+  upper, full = [], []
+  cell_upper, worst = value_apriori._cell_upper, value_apriori._worst
+
+  def check(cells, stats, kk, th, scal):
+    upper.append(cell_upper(cells, stats, kk, th, scal))
+    full.append(worst(cells, stats, kk, th, scal)[0])
+    return np.full_like(upper[-1], np.inf)  # nothing skipped
+
+  settings = [
+    (1024, 1.0, 32, 1e-4, 3.0, 1.2, 2.0, 8.0, 1.5, 4.0),
+    (100000, 1.1, 200, 1e-6, 3.0, 1.2, 2.0, 8.0, 1.5, 4.0),
+    (64, 0.6, 2, 0.1, 2.0, 1.0, 1.5, 4.0, 1.0, 2.0),
+    (4096, 0.4, 7, 0.3, 1.5, 1.5, 2.25, 6.0, 1.2, 3.0),
+  ]
+  run = functools.partial(value_apriori._ISO.numpy, dtype=np.float64, margin_dtype=np.float64)
+  skipping = [run(list(v), with_theorem2=t) for v in settings for t in (True, False)]
+  monkeypatch.setattr(value_apriori, "_cell_upper", check)
+  every = [run(list(v), with_theorem2=t) for v in settings for t in (True, False)]
+  for got, want in zip(skipping, every, strict=True):
+    np.testing.assert_array_equal(np.array(got, np.float64), np.array(want, np.float64))
+  for u, f in zip(upper, full, strict=True):
+    assert np.all(u >= f), (u, f)
+    assert np.median(u / f) < 1.5  # tight enough to skip something
+
+
 @pytest.mark.parametrize(
   "kwargs, name",
   [

@@ -290,16 +290,74 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   # NumPy: a few tau cells at a time, so its temporaries stay small (cached by the allocator,
   # not fresh pages each call); every entry is the same, and so are the maximum and its split.
   cells = _cell_parts(a, b, t_c, l_t, stats, kk, gam, scal)
-  step = _NP_CHUNK if xp is _xp.NP else fine
-  outs = [
-    _worst([x[i : i + step] for x in cells], stats, kk, th, scal) for i in range(0, fine, step)
-  ]
+  cap = 2.0 * t_c[:, 0, 0] * vmax  # Theorem 2's 2 t V on the same events: kept where smaller
+  if xp is _xp.NP:
+    outs = _np_chunks(cells, stats, kk, th, scal, cap if with_theorem2 else None)
+  else:
+    outs = [_worst(cells, stats, kk, th, scal)]
   cell = xp.concatenate([o[0] for o in outs])
-  if with_theorem2:  # Theorem 2's 2 t V on the same events: kept where smaller
-    cell = xp.minimum(cell, 2.0 * t_c[:, 0, 0] * vmax)
+  if with_theorem2:
+    cell = xp.minimum(cell, cap)
   pick = xp.argmax(xp.stack([o[1] for o in outs]))  # the first chunk with the maximum
   split = [xp.stack([o[2][j] for o in outs])[pick] for j in range(3)]
   return _finish(n, k, xp.max(cell), xp.max(t_c), vmax, split, (delta, frob, op, gram, vf, vo, vg))
+
+
+def _np_chunks(cells, stats, kk, th, scal, cap):
+  """`_worst` on chunks of `_NP_CHUNK` tau cells (NumPy), skipping those that cannot matter.
+
+  A chunk is evaluated unless every cell's `_cell_upper` is below the largest sum seen
+  and (with Theorem 2's `cap`) its capped upper bound at most the largest capped maximum
+  seen; chunks go in decreasing order of their upper bounds. A skipped chunk holds
+  neither the maximum nor the largest capped value, so the result and its split are
+  the full evaluation's; it is returned as `-inf` maxima (NaN split).
+  """
+  np = _xp.NP
+  upper = _cell_upper(cells, stats, kk, th, scal)
+  capped = upper if cap is None else np.minimum(upper, cap)
+  starts = range(0, upper.shape[0], _NP_CHUNK)
+  order = sorted(starts, key=lambda i: -np.max(upper[i : i + _NP_CHUNK]))
+  outs, best, best_cap = {}, -np.inf, -np.inf
+  for i in order:
+    part = slice(i, i + _NP_CHUNK)
+    if np.max(upper[part]) < best and np.max(capped[part]) <= best_cap:
+      outs[i] = (np.full(upper[part].shape, -np.inf), -np.inf, [np.nan] * 3)
+      continue
+    outs[i] = _worst([x[part] for x in cells], stats, kk, th, scal)
+    best = np.maximum(best, outs[i][1])
+    best_cap = np.maximum(
+      best_cap, np.max(outs[i][0] if cap is None else np.minimum(outs[i][0], cap[part]))
+    )
+  return [outs[i] for i in starts]
+
+
+def _cell_upper(cells, stats, kk, th, scal):
+  """`[C]` upper bounds on each tau cell's largest isotropic sum (head rows and tail row).
+
+  Per theta row, every head part at its largest over the largest scores: `tm` at the
+  smallest off-diagonal head (`t_abs` decreases in `l_off`), the mean gap at the
+  extreme products `s e_h` and `q` at that `tm` and the largest `f`; `_combine` is
+  increasing in each part (`cross >= 0`), and the bound is raised by `1e-9` relative
+  so the grid's rounding cannot exceed it. The tail row's maximum is exact.
+  """
+  xp = _xp.of(*cells, kk, th, *scal)
+  t_c, l_t, l_off, f, eh_hi, total_t = cells[:6]
+  svo, vmax, u_gauss, cross = scal
+  _, c_lo, c_hi, et_lo, _ = stats
+  th1 = th[:, :-1]
+  t_abs = xp.sigmoid(l_t + xp.log1p(-th1) - xp.min(l_off, axis=-1, keepdims=True))
+  t_rel = t_c * (1.0 - th1) / xp.maximum(t_c * (1.0 - th1) + 1.0 - t_c, 1e-30)
+  tm = xp.minimum(t_rel, t_abs)  # [C, L, 1]
+  e_hi = xp.maximum(xp.max(eh_hi, axis=-1, keepdims=True), c_lo)
+  e_lo = xp.minimum(xp.min(eh_hi, axis=-1, keepdims=True), c_lo)
+  s_lo, s_hi = 1.0 - th[:, 1:], 1.0 - th1
+  y_hi = xp.maximum(s_hi * e_hi, s_lo * e_hi)
+  y_lo = xp.minimum(s_hi * e_lo, s_lo * e_lo)
+  gap = xp.maximum(y_hi - xp.minimum(et_lo, c_hi), xp.maximum(et_lo, c_hi) - y_lo)
+  q = _t_part(tm) * s_hi / (kk - 1.0) + tm * tm * s_hi**2 * xp.max(f, axis=-1, keepdims=True)
+  head = (tm * th[:, 1:] * vmax, svo * tm * gap, xp.sqrt(q) * u_gauss)
+  head = _combine(head, u_gauss, cross) * (1.0 + 1e-9)
+  return xp.maximum(xp.max(head, axis=(1, 2)), xp.max(total_t, axis=(1, 2)))
 
 
 def _cell_parts(a, b, t_c, l_t, stats, kk, gam, scal):
