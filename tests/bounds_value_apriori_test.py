@@ -131,8 +131,11 @@ def test_numpy_values_unchanged_by_the_batched_theorem_2r_and_the_leaner_grid():
   }  # fmt: skip
   for (n, sigma, k, delta), want in before.items():
     values = [n, sigma, k, delta, 3.0, 1.2, 2.0, 8.0, 1.5, 4.0]
-    got = value_apriori._ISO.numpy(values, np.float64, margin_dtype=np.float64, with_theorem2=True)
-    np.testing.assert_allclose(np.array(got, np.float64), want, rtol=1e-14, atol=0)
+    for _ in range(2):  # the second call reads the memoised order statistics back
+      got = value_apriori._ISO.numpy(
+        values, np.float64, margin_dtype=np.float64, with_theorem2=True
+      )
+      np.testing.assert_allclose(np.array(got, np.float64), want, rtol=1e-14, atol=0)
 
 
 def test_skipped_tau_chunks_cannot_hold_the_maximum(monkeypatch):

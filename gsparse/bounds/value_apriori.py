@@ -114,6 +114,7 @@ def isotropic_error_bound(
   return IsotropicErrorBound(*_on_flat(_ISO, values, with_theorem2=with_theorem2))
 
 
+@_xp.memo_scalar  # on Python numbers: depends on n, k and delta, not on sigma or the norms
 def _order_stats(n, k, d_one, d_k, d_sum):
   """Bounds on the standardised off-diagonal scores `g` of one row (each failing w.p. as given).
 
