@@ -39,7 +39,7 @@ _NUM_TAU_CELLS = 4  # geometric cells of the tau range, Theorem 2R at each left 
 _TAU_SUBCELLS = 24  # finer cells in each, for the head and the absolute tail sum
 _NUM_THETA_CELLS = 64  # cells of the diagonal's head share theta in [0, 1]
 _NUM_G1_CELLS = 48  # cells of the largest off-diagonal standardised score in [c_lo, g1_hi]
-_NP_CHUNK = 4  # tau cells per NumPy step (a [4, L + 1, G] float64 temporary is 100 KB)
+_NP_ROWS = 256  # (tau cell, theta cell) rows per NumPy step (a [256, 1, G] temporary is 100 KB)
 
 
 class IsotropicErrorBound(NamedTuple):
@@ -205,38 +205,42 @@ def _t_part(tm):
   return xp.where(tm <= 0.5, tm * (1.0 - tm), 0.25)
 
 
-def _head_gap(et_lo, c_hi, c_lo, eh_hi, scale):
-  """`max |e_t - s e_h|` over `e_t in {et_lo, c_hi}`, `e_h in {c_lo, eh_hi}`, `s` at a cell's ends.
+def _head_gap(et_lo, c_hi, c_lo, eh_hi, s0, s1):
+  """`max |e_t - s e_h|` over `e_t in {et_lo, c_hi}`, `e_h in {c_lo, eh_hi}`, `s in {s0, s1}`.
 
-  `scale [1, L + 1, 1]`: `s` at the edges, so `[C, L, G]`. The same value as the
+  `s0, s1`: `1 - theta` at a theta cell's two ends. The same value as the
   maximum of the eight absolute differences: `|x - y| = max(x - y, y - x)` and a
   rounded difference is monotone in each argument, so the maximum is
   `max(y_hi - x_lo, x_hi - y_lo)` over the extreme `x` and the extreme products `y`.
   """
-  xp = _xp.of(et_lo, c_hi, c_lo, eh_hi, scale)
-  y, yc = scale * eh_hi, scale * c_lo  # [C, L + 1, G], [1, L + 1, 1]
-  y_lo = xp.minimum(xp.minimum(y[:, :-1], y[:, 1:]), xp.minimum(yc[:, :-1], yc[:, 1:]))
-  y_hi = xp.maximum(xp.maximum(y[:, :-1], y[:, 1:]), xp.maximum(yc[:, :-1], yc[:, 1:]))
+  xp = _xp.of(et_lo, c_hi, c_lo, eh_hi, s0, s1)
+  y0, y1 = s0 * eh_hi, s1 * eh_hi
+  yc0, yc1 = s0 * c_lo, s1 * c_lo
+  y_lo = xp.minimum(xp.minimum(y0, y1), xp.minimum(yc0, yc1))
+  y_hi = xp.maximum(xp.maximum(y0, y1), xp.maximum(yc0, yc1))
   x_lo, x_hi = xp.minimum(et_lo, c_hi), xp.maximum(et_lo, c_hi)
   return xp.maximum(y_hi - x_lo, x_hi - y_lo)
 
 
-def _head_case(t_c, l_t, l_off, shape, stats, kk, th):
-  """Diagonal in the head with share `theta`: `(t bound, q bound, mean gap bound)`, `[C, L, G]`.
+def _head_sum(t_c, l_t, l_off, shape, stats, kk, th0, th1, scal):
+  """Diagonal in the head, share `theta in [th0, th1]`: `(isotropic sum, its three parts)`.
 
-  `th` `[1, L + 1, 1]`: the edges of the theta cells; `l_off` `[C, 1, G]`: log bound on
-  the off-diagonal head; `shape = _head_shape(...)` (`[C, 1, G]` each).
+  All arguments broadcast: `[C, L, G]` on the full grid (`th0, th1` `[1, L, 1]`), or
+  `[R, 1, G]` on chosen (tau cell, theta cell) rows. `l_off`: log bound on the
+  off-diagonal head; `shape = _head_shape(...)`.
   """
-  xp = _xp.of(t_c, l_t, l_off, kk, th)
-  th1 = th[:, :-1]
+  xp = _xp.of(t_c, l_t, l_off, kk, th0, th1)
   _, c_lo, c_hi, et_lo, _ = stats
+  svo, vmax, u_gauss, cross = scal
   # T <= e^{l_t}: 1 / (1 + e^{l_off} / ((1 - theta) e^{l_t})) (sigmoid: no log on the grid)
-  t_abs = xp.sigmoid(l_t + xp.log1p(-th1) - l_off)
-  t_rel = t_c * (1.0 - th1) / xp.maximum(t_c * (1.0 - th1) + 1.0 - t_c, 1e-30)
+  t_abs = xp.sigmoid(l_t + xp.log1p(-th0) - l_off)
+  t_rel = t_c * (1.0 - th0) / xp.maximum(t_c * (1.0 - th0) + 1.0 - t_c, 1e-30)
   tm = xp.minimum(t_rel, t_abs)
   f, eh_hi = shape
-  q = _t_part(tm) * (1.0 - th1) / (kk - 1.0) + tm * tm * (1.0 - th1) ** 2 * f
-  return tm, q, tm * _head_gap(et_lo, c_hi, c_lo, eh_hi, 1.0 - th)
+  q = _t_part(tm) * (1.0 - th0) / (kk - 1.0) + tm * tm * (1.0 - th0) ** 2 * f
+  gap = tm * _head_gap(et_lo, c_hi, c_lo, eh_hi, 1.0 - th0, 1.0 - th1)
+  head = (tm * th1 * vmax, svo * gap, xp.sqrt(q) * u_gauss)
+  return _combine(head, u_gauss, cross), head
 
 
 def _tail_case(a, b, t_c, l_t, stats, kk, gam, shape):
@@ -293,7 +297,7 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   cells = _cell_parts(a, b, t_c, l_t, stats, kk, gam, scal)
   cap = 2.0 * t_c[:, 0, 0] * vmax  # Theorem 2's 2 t V on the same events: kept where smaller
   if xp is _xp.NP:
-    outs = _np_chunks(cells, stats, kk, th, scal, cap if with_theorem2 else None)
+    outs = [_np_rows(cells, stats, kk, th, scal, cap if with_theorem2 else None)]
   else:
     outs = [_worst(cells, stats, kk, th, scal)]
   cell = xp.concatenate([o[0] for o in outs])
@@ -304,36 +308,51 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   return _finish(n, k, xp.max(cell), xp.max(t_c), vmax, split, (delta, frob, op, gram, vf, vo, vg))
 
 
-def _np_chunks(cells, stats, kk, th, scal, cap):
-  """`_worst` on chunks of `_NP_CHUNK` tau cells (NumPy), skipping those that cannot matter.
+def _np_rows(cells, stats, kk, th, scal, cap):
+  """`_worst`'s result in NumPy, evaluating only the (tau cell, theta cell) rows that can matter.
 
-  A chunk is evaluated unless every cell's `_cell_upper` is below the largest sum seen
-  and (with Theorem 2's `cap`) its capped upper bound at most the largest capped maximum
-  seen; chunks go in decreasing order of their upper bounds. A skipped chunk holds
-  neither the maximum nor the largest capped value, so the result and its split are
-  the full evaluation's; it is returned as `-inf` maxima (NaN split).
+  Rows go in decreasing order of their upper bounds (`_cell_upper`), `_NP_ROWS` at a time;
+  a row is skipped when its bound is below the largest sum seen and (with Theorem 2's
+  `cap`) its capped bound at most the largest capped maximum seen. A skipped row holds
+  neither the maximum nor the largest capped value, so the error, the maximum and its
+  split (the first maximum in `_worst`'s order) are the full grid's; `cell` holds each
+  tau cell's maximum over the rows evaluated (its capped maximum is unchanged).
   """
   np = _xp.NP
-  upper = _cell_upper(cells, stats, kk, th, scal)
-  capped = upper if cap is None else np.minimum(upper, cap)
-  starts = range(0, upper.shape[0], _NP_CHUNK)
-  order = sorted(starts, key=lambda i: -np.max(upper[i : i + _NP_CHUNK]))
-  outs, best, best_cap = {}, -np.inf, -np.inf
-  for i in order:
-    part = slice(i, i + _NP_CHUNK)
-    if np.max(upper[part]) < best and np.max(capped[part]) <= best_cap:
-      outs[i] = (np.full(upper[part].shape, -np.inf), -np.inf, [np.nan] * 3)
+  t_c, l_t, l_off, f, eh_hi, total_t, *tail = cells
+  rows_hi, cell = _cell_upper(cells, stats, kk, th, scal)  # [C, L], [C]: the tail rows exact
+  capped = rows_hi if cap is None else np.minimum(rows_hi, cap[:, None])
+  capped_max = (lambda x: np.max(x)) if cap is None else (lambda x: np.max(np.minimum(x, cap)))
+  best, best_cap, found = np.max(cell), capped_max(cell), []
+  order = np.argsort(-rows_hi, axis=None, kind="stable")
+  for i in range(0, order.size, _NP_ROWS):
+    idx = order[i : i + _NP_ROWS]
+    idx = idx[~((rows_hi.flat[idx] < best) & (capped.flat[idx] <= best_cap))]
+    if idx.size == 0:
       continue
-    outs[i] = _worst([x[part] for x in cells], stats, kk, th, scal)
-    best = np.maximum(best, outs[i][1])
-    best_cap = np.maximum(
-      best_cap, np.max(outs[i][0] if cap is None else np.minimum(outs[i][0], cap[part]))
-    )
-  return [outs[i] for i in starts]
+    c, row = np.divmod(idx, rows_hi.shape[1])
+    th0, th1 = th[0, row, 0][:, None, None], th[0, row + 1, 0][:, None, None]
+    at = (t_c[c], l_t[c], l_off[c], (f[c], eh_hi[c]))
+    total, head = _head_sum(*at, stats, kk, th0, th1, scal)  # [R, 1, G]
+    np.maximum.at(cell, c, np.max(total, axis=(1, 2)))
+    found.append((c, row, total[:, 0], [np.broadcast_to(h, total.shape)[:, 0] for h in head]))
+    best, best_cap = np.max(cell), capped_max(cell)
+  c = np.argmax(cell)  # the first tau cell with the maximum; in it the head rows come first
+  rows = [
+    (rs[j], tot[j], [h[j] for h in hd])
+    for cs, rs, tot, hd in found
+    for j in np.flatnonzero(cs == c)
+  ]
+  rows = sorted((r for r in rows if np.max(r[1]) == cell[c]), key=lambda r: r[0])
+  if rows:
+    g = np.argmax(rows[0][1])
+    return cell, cell[c], [h[g] for h in rows[0][2]]
+  g = np.argmax(total_t[c, 0])
+  return cell, cell[c], [pt[c, 0, g] for pt in tail]
 
 
 def _cell_upper(cells, stats, kk, th, scal):
-  """`[C]` upper bounds on each tau cell's largest isotropic sum (head rows and tail row).
+  """`([C, L], [C])`: upper bounds on the isotropic sum per head row, the tail row's maximum.
 
   Per theta row, every head part at its largest over the largest scores: `tm` at the
   smallest off-diagonal head (`t_abs` decreases in `l_off`), the mean gap at the
@@ -358,7 +377,7 @@ def _cell_upper(cells, stats, kk, th, scal):
   q = _t_part(tm) * s_hi / (kk - 1.0) + tm * tm * s_hi**2 * xp.max(f, axis=-1, keepdims=True)
   head = (tm * th[:, 1:] * vmax, svo * tm * gap, xp.sqrt(q) * u_gauss)
   head = _combine(head, u_gauss, cross) * (1.0 + 1e-9)
-  return xp.maximum(xp.max(head, axis=(1, 2)), xp.max(total_t, axis=(1, 2)))
+  return head[..., 0], xp.max(total_t, axis=(1, 2))
 
 
 def _cell_parts(a, b, t_c, l_t, stats, kk, gam, scal):
@@ -390,10 +409,7 @@ def _worst(cells, stats, kk, th, scal):
   """
   t_c, l_t, l_off, f, eh_hi, total_t, *tail = cells
   xp = _xp.of(t_c, l_t, l_off, f, eh_hi, total_t, kk, th, *scal)
-  svo, vmax, u_gauss, cross = scal
-  tm, q_h, gap_h = _head_case(t_c, l_t, l_off, (f, eh_hi), stats, kk, th)
-  head = (tm * th[:, 1:] * vmax, svo * gap_h, xp.sqrt(q_h) * u_gauss)
-  total_h = _combine(head, u_gauss, cross)  # [C, L, G]
+  total_h, head = _head_sum(t_c, l_t, l_off, (f, eh_hi), stats, kk, th[:, :-1], th[:, 1:], scal)
   h_max, t_max = xp.max(total_h, axis=(1, 2)), xp.max(total_t, axis=(1, 2))
   cell = xp.maximum(h_max, t_max)
   c = xp.argmax(cell)  # the first tau cell with the maximum; in it the head rows come first
