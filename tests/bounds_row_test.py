@@ -83,3 +83,7 @@ def test_batched_theorem_2r_takes_each_cells_own_decisions():
   alone = [row_tail._row_tail_scalar(n, t, k, delta)[0] for t in taus]
   np.testing.assert_array_equal(batched, alone)
   assert len(set(batched.tolist())) == len(taus)  # five different results: no shared decision
+  # No bisection step accepted (the final check runs): each cell still as its own call.
+  n, k, delta, taus = np.float64(16.0), np.float64(2.0), np.float64(1e-12), np.array([0.0, 50.0])
+  want = [row_tail._row_tail_scalar(n, t, k, delta)[0] for t in taus]
+  np.testing.assert_array_equal(row_tail._row_tails(n, taus, k, delta), want)

@@ -109,15 +109,19 @@ def _row_tails(n, taus, k, delta):
     return _tail_fail(nm1, kk, taus, xp.sigmoid(z), c, parts, weights) <= delta
 
   def body(_, state):
-    lo, hi = state
+    lo, hi, moved = state
     mid = 0.5 * (lo + hi)
     good = ok(mid)
-    return xp.where(good, lo, mid), xp.where(good, mid, hi)
+    return xp.where(good, lo, mid), xp.where(good, mid, hi), moved | good
 
   lo0 = xp.full(taus.shape, -30.0, taus.dtype)
   hi0 = xp.full(taus.shape, 12.0, taus.dtype)
-  _, hi = xp.fori_loop(0, _T0_STEPS, body, (lo0, hi0))
-  t = xp.where(ok(hi), xp.sigmoid(hi), 1.0)  # only a checked value is returned
+  _, hi, moved = xp.fori_loop(0, _T0_STEPS, body, (lo0, hi0, xp.zeros(taus.shape, bool)))
+  # Only a checked value is returned: `hi` moved only to a midpoint found good, so only
+  # cells where it never moved need the check (NumPy skips it when there are none).
+  if xp is not _xp.NP or not xp.all(moved):
+    moved = moved | ok(hi)
+  t = xp.where(moved, xp.sigmoid(hi), 1.0)
   t = xp.where(k >= n, 0.0, xp.where(k < 2.0, 1.0, t))
   valid = _valid(n >= 1, taus >= 0, k >= 1, delta > 0, delta < 1)
   return xp.where(valid, t, xp.nan)
