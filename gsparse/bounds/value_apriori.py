@@ -296,15 +296,12 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   # not fresh pages each call); every entry is the same, and so are the maximum and its split.
   cells = _cell_parts(a, b, t_c, l_t, stats, kk, gam, scal)
   cap = 2.0 * t_c[:, 0, 0] * vmax  # Theorem 2's 2 t V on the same events: kept where smaller
-  if xp is _xp.NP:
-    outs = [_np_rows(cells, stats, kk, th, scal, cap if with_theorem2 else None)]
+  if xp is _xp.NP:  # only the grid rows that can matter (the same result)
+    cell, _, split = _np_rows(cells, stats, kk, th, scal, cap if with_theorem2 else None)
   else:
-    outs = [_worst(cells, stats, kk, th, scal)]
-  cell = xp.concatenate([o[0] for o in outs])
+    cell, _, split = _worst(cells, stats, kk, th, scal)
   if with_theorem2:
     cell = xp.minimum(cell, cap)
-  pick = xp.argmax(xp.stack([o[1] for o in outs]))  # the first chunk with the maximum
-  split = [xp.stack([o[2][j] for o in outs])[pick] for j in range(3)]
   return _finish(n, k, xp.max(cell), xp.max(t_c), vmax, split, (delta, frob, op, gram, vf, vo, vg))
 
 
