@@ -9,6 +9,7 @@ import pytest
 import scipy.stats
 
 from gsparse import bounds as B
+from gsparse.bounds import row_tail
 
 _N, _EPS = 256, 0.01
 _TAUS = np.array([1.0, 2.0, 4.0, 8.0], np.float32)
@@ -71,3 +72,18 @@ def test_row_tail_bound_valid_at_high_delta_and_beats_theorem_2_core():
   np.testing.assert_array_equal(
     np.asarray(B.row_tail_bound(8, 1.0, k=np.array([1, 8]), delta=0.1)), [1.0, 0.0]
   )
+
+
+def test_batched_theorem_2r_takes_each_cells_own_decisions():
+  # One bisection for several tau (as Theorem 2V runs it) against one call per tau, float64
+  # NumPy; tau = 0 and a large tau included, and delta small enough that the bisection moves.
+  taus = np.array([0.0, 0.35, 1.2, 2.9, 7.5])
+  n, k, delta = np.float64(1000.0), np.float64(12.0), np.float64(1e-7)
+  batched = row_tail._row_tails(n, taus, k, delta)
+  alone = [row_tail._row_tail_scalar(n, t, k, delta)[0] for t in taus]
+  np.testing.assert_array_equal(batched, alone)
+  assert len(set(batched.tolist())) == len(taus)  # five different results: no shared decision
+  # No bisection step accepted (the final check runs): each cell still as its own call.
+  n, k, delta, taus = np.float64(16.0), np.float64(2.0), np.float64(1e-12), np.array([0.0, 50.0])
+  want = [row_tail._row_tail_scalar(n, t, k, delta)[0] for t in taus]
+  np.testing.assert_array_equal(row_tail._row_tails(n, taus, k, delta), want)

@@ -117,6 +117,60 @@ def test_numpy_path_matches_the_jitted_jax_path_in_float64():
   assert np.all(want[0] > 0)  # the settings are not the trivial k >= n case
 
 
+def test_numpy_values_unchanged_by_the_batched_theorem_2r_and_the_leaner_grid():
+  # Float64 NumPy outputs (error, tail_mass, value_norm, diag, mean, gauss) recorded at
+  # 23a06e3, before Theorem 2R ran as one bisection for the four tau cells and the grid
+  # was trimmed; those rewrites keep every value (here bit for bit, required within 1e-14).
+  before = {
+    (1024, 1.0, 32, 1e-4): (16.406361106909547, 0.9150339174164698, 13.280427127716058,
+                            0.4024371856883654, 8.62672557592903, 9.107339377277045),
+    (4096, 1.3, 5, 1e-2): (25.690001143046228, 0.9852070331664613, 16.374508811626164,
+                           2.729084801937694, 10.30838288161934, 15.623074163695582),
+    (64, 0.6, 3, 0.1): (11.345659292070959, 0.951207416040738, 6.619770878598893,
+                        1.6549427196497233, 5.1489149433625085, 6.271118670260671),
+  }  # fmt: skip
+  for (n, sigma, k, delta), want in before.items():
+    values = [n, sigma, k, delta, 3.0, 1.2, 2.0, 8.0, 1.5, 4.0]
+    for _ in range(2):  # the second call reads the memoised order statistics back
+      got = value_apriori._ISO.numpy(
+        values, np.float64, margin_dtype=np.float64, with_theorem2=True
+      )
+      np.testing.assert_allclose(np.array(got, np.float64), want, rtol=1e-14, atol=0)
+
+
+def test_skipped_grid_rows_cannot_hold_the_maximum(monkeypatch):
+  # NumPy skips (tau cell, theta cell) rows whose upper bound (`_cell_upper`) is below what
+  # it has seen. The bound must hold on every row of the full grid, and the skipping change
+  # no output bit (against every row evaluated: the bounds replaced by +inf).
+  ratios = []
+  cell_upper = value_apriori._cell_upper
+
+  def check(cells, stats, kk, th, scal):
+    rows_hi, tail_max = cell_upper(cells, stats, kk, th, scal)
+    t_c, l_t, l_off, f, eh_hi = cells[:5]
+    sums = value_apriori._head_sum(
+      t_c, l_t, l_off, (f, eh_hi), stats, kk, th[:, :-1], th[:, 1:], scal
+    )
+    row_max = np.max(sums[0], axis=-1)  # [C, L]
+    assert np.all(rows_hi >= row_max), np.min(rows_hi - row_max)
+    ratios.append(np.median(rows_hi / row_max))
+    return np.full_like(rows_hi, np.inf), tail_max  # nothing skipped
+
+  settings = [
+    (1024, 1.0, 32, 1e-4, 3.0, 1.2, 2.0, 8.0, 1.5, 4.0),
+    (100000, 1.1, 200, 1e-6, 3.0, 1.2, 2.0, 8.0, 1.5, 4.0),
+    (64, 0.6, 2, 0.1, 2.0, 1.0, 1.5, 4.0, 1.0, 2.0),
+    (4096, 0.4, 7, 0.3, 1.5, 1.5, 2.25, 6.0, 1.2, 3.0),
+  ]
+  run = functools.partial(value_apriori._ISO.numpy, dtype=np.float64, margin_dtype=np.float64)
+  skipping = [run(list(v), with_theorem2=t) for v in settings for t in (True, False)]
+  monkeypatch.setattr(value_apriori, "_cell_upper", check)
+  every = [run(list(v), with_theorem2=t) for v in settings for t in (True, False)]
+  for got, want in zip(skipping, every, strict=True):
+    np.testing.assert_array_equal(np.array(got, np.float64), np.array(want, np.float64))
+  assert len(ratios) == 2 * len(settings) and max(ratios) < 1.5  # tight enough to skip rows
+
+
 @pytest.mark.parametrize(
   "kwargs, name",
   [

@@ -33,72 +33,103 @@ def _tail_parts(tau, c):
   """The t0-free parts of `_tail_cell_bounds`, computed once per row.
 
   `(top, rest)`: the Riemann weights of the top transforms at the cell tops
-  `c_{l+1}` and the `[L, K]` log MGF bounds of one summand below `G` at `c_l`.
+  `c_{l+1}` and the `[L, K]` log MGF bounds of one summand below `G` at `c_l`
+  (`[C, L, K]` for a 1-D `tau [C]`: one band per cell, as in the scalar call).
   """
   xp = _xp.of(tau, c)
-  t = xp.reshape(tau, (1,))
+  t = xp.reshape(tau, (-1,))
   theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam (1 - t0))
-  rest = _laplace._log_transform(_laplace._rest_weights(t, c[:-1], mgf=True), theta, 1)[0]
-  return _laplace._top_weights(t, c[1:]), rest
+  rest = _laplace._log_transform(_laplace._rest_weights(t, c[:-1], mgf=True), theta, 1)
+  return _laplace._top_weights(t, c[1:]), rest if xp.ndim(tau) else rest[0]
 
 
 def _tail_cell_bounds(nrest, k, tau, t0, c, parts=None):
-  """`[L]` bounds on `P(t > t0 | tau_i = tau, G in (c_l, c_{l+1}])` (Theorem 2R), `nrest` below G.
+  """`[L]` (`[C, L]`) bounds on `P(t > t0 | tau_i = tau, G in (c_l, c_{l+1}])` (Theorem 2R).
 
   Divided by `e^{tau G}`, `{t > t0}` needs `t0 sum_top e^{tau (g - G)} - (1 - t0)
   sum_rest e^{tau (g - G)} < 1 - t0`. For `G` in `(c_l, c_{l+1}]` the top residuals are
   stochastically at least those at `c_{l+1}` and the rest's `G - g` at least those at
   `c_l` (log-concavity), which fixes the laws of one Chernoff bound per cell.
-  `parts = _tail_parts(tau, c)` (computed here when not given).
+  `nrest` summands lie below G; `parts = _tail_parts(tau, c)` (computed here when
+  not given). A 1-D `tau [C]` (its `parts`) with `t0 [C]` gives `[C, L]`, each row
+  as the scalar call at that `(tau, t0)`.
   """
   xp = _xp.of(nrest, k, tau, t0, c)
   top_w, rest = _tail_parts(tau, c) if parts is None else parts
   theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam (1 - t0))
-  log_lam = theta - xp.log1p(-t0) + xp.log(t0)  # lam t0, [K]
-  top = _laplace._log_transform(top_w, log_lam, -1)[0]  # [L, K]
-  log_b = xp.exp(theta)[None, :] + (k - 1.0) * xp.minimum(top, 0.0)
+  t0 = xp.reshape(t0, (-1, 1, 1))  # one Chernoff parameter row per tau cell
+  log_lam = theta - xp.log1p(-t0) + xp.log(t0)  # lam t0, [C, 1, K]
+  top = _laplace._log_transform(top_w, log_lam, -1)  # [C, L, K]
+  log_b = xp.exp(theta) + (k - 1.0) * xp.minimum(top, 0.0)
   log_b = log_b + nrest * xp.maximum(rest, 0.0)
   log_b = xp.where(xp.isnan(log_b), xp.inf, log_b)  # inf * 0 in an overflowed MGF: no bound
-  return xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [L]
+  b = xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [C, L]
+  return b if xp.ndim(tau) else b[0]
 
 
-def _tail_fail(nm1, k, tau, t0, c, parts=None):
-  """Bound on `P(t > t0 | tau_i = tau)` (Theorem 2R), summed over the cells of G."""
+def _tail_weights(nm1, k, c):
+  """`(f, t_top)`, the t0- and tau-free G-cell probabilities of `_tail_fail` (`F_l` rounded up)."""
+  xp = _xp.of(nm1, k, c)
+  inv_safe = 1.0 / _safety(c.dtype)
+  f = xp.minimum(xp.betainc(xp.maximum(nm1 - k + 1.0, 1.0), k, xp.ndtr(c)) * inv_safe, 1.0)
+  t_top = xp.minimum(xp.betainc(k, xp.maximum(nm1 - k + 1.0, 1.0), xp.ndtr(-c[-1])) * inv_safe, 1.0)
+  return f, t_top
+
+
+def _tail_fail(nm1, k, tau, t0, c, parts=None, weights=None):
+  """Bound on `P(t > t0 | tau_i = tau)` (Theorem 2R), summed over the cells of G.
+
+  `[C]` for a 1-D `tau [C]` and `t0 [C]`; `weights = _tail_weights(nm1, k, c)`.
+  """
   xp = _xp.of(nm1, k, tau, t0, c)
   b = _tail_cell_bounds(nm1 - k, k, tau, t0, c, parts)
   # sum_l P(G in cell l) b_l with bt = running max from the right (non-increasing) and
   # F_l = P(G <= c_l) rounded up: F_0 + T_L + F_L bt_{L-1} + sum_l F_l (bt_{l-1} - bt_l).
-  inv_safe = 1.0 / _safety(c.dtype)
-  bt = xp.cummax(b, axis=0, reverse=True)
-  f = xp.minimum(xp.betainc(xp.maximum(nm1 - k + 1.0, 1.0), k, xp.ndtr(c)) * inv_safe, 1.0)
-  t_top = xp.minimum(xp.betainc(k, xp.maximum(nm1 - k + 1.0, 1.0), xp.ndtr(-c[-1])) * inv_safe, 1.0)
-  body = xp.sum(f[1:-1] * (bt[:-1] - bt[1:]))
-  return xp.minimum(f[0] + t_top + f[-1] * bt[-1] + body, 1.0)
+  f, t_top = _tail_weights(nm1, k, c) if weights is None else weights
+  bt = xp.cummax(b, axis=-1, reverse=True)
+  body = xp.sum(f[1:-1] * (bt[..., :-1] - bt[..., 1:]), axis=-1)
+  return xp.minimum(f[0] + t_top + f[-1] * bt[..., -1] + body, 1.0)
+
+
+def _row_tails(n, taus, k, delta):
+  """Theorem 2R at each of the 1-D `taus` (`[C]`), one bisection for all of them.
+
+  Every cell takes the same decisions as its own scalar call: the bisection
+  state, the Chernoff parameters and the bounds are per cell, and only the
+  G grid and its cell probabilities (free of tau) are shared.
+  """
+  xp = _xp.of(n, taus, k, delta)
+  nm1 = xp.maximum(n - 1.0, 1.0)
+  kk = xp.clip(k, 2.0, nm1)
+  c = _g_grid(nm1, _NUM_TAIL_G_CELLS, taus.dtype)
+  parts = _tail_parts(taus, c)
+  weights = _tail_weights(nm1, kk, c)
+
+  def ok(z):  # z = log(t0 / (1 - t0)), [C]
+    return _tail_fail(nm1, kk, taus, xp.sigmoid(z), c, parts, weights) <= delta
+
+  def body(_, state):
+    lo, hi, moved = state
+    mid = 0.5 * (lo + hi)
+    good = ok(mid)
+    return xp.where(good, lo, mid), xp.where(good, mid, hi), moved | good
+
+  lo0 = xp.full(taus.shape, -30.0, taus.dtype)
+  hi0 = xp.full(taus.shape, 12.0, taus.dtype)
+  _, hi, moved = xp.fori_loop(0, _T0_STEPS, body, (lo0, hi0, xp.zeros(taus.shape, bool)))
+  # Only a checked value is returned: `hi` moved only to a midpoint found good, so only
+  # cells where it never moved need the check (NumPy skips it when there are none).
+  if xp is not _xp.NP or not xp.all(moved):
+    moved = moved | ok(hi)
+  t = xp.where(moved, xp.sigmoid(hi), 1.0)
+  t = xp.where(k >= n, 0.0, xp.where(k < 2.0, 1.0, t))
+  valid = _valid(n >= 1, taus >= 0, k >= 1, delta > 0, delta < 1)
+  return xp.where(valid, t, xp.nan)
 
 
 def _row_tail_scalar(n, tau, k, delta):
   xp = _xp.of(n, tau, k, delta)
-  nm1 = xp.maximum(n - 1.0, 1.0)
-  kk = xp.clip(k, 2.0, nm1)
-  c = _g_grid(nm1, _NUM_TAIL_G_CELLS, tau.dtype)
-  parts = _tail_parts(tau, c)
-
-  def ok(z):  # z = log(t0 / (1 - t0))
-    return _tail_fail(nm1, kk, tau, xp.sigmoid(z), c, parts) <= delta
-
-  def body(_, state):
-    lo, hi = state
-    mid = 0.5 * (lo + hi)
-    good = ok(mid)
-    return xp.where(good, lo, mid), xp.where(good, mid, hi)
-
-  lo0 = xp.asarray(-30.0, tau.dtype)
-  hi0 = xp.asarray(12.0, tau.dtype)
-  _, hi = xp.fori_loop(0, _T0_STEPS, body, (lo0, hi0))
-  t = xp.where(ok(hi), xp.sigmoid(hi), 1.0)  # only a checked value is returned
-  t = xp.where(k >= n, 0.0, xp.where(k < 2.0, 1.0, t))
-  valid = _valid(n >= 1, tau >= 0, k >= 1, delta > 0, delta < 1)
-  return (xp.where(valid, t, xp.nan),)
+  return (_row_tails(n, xp.reshape(tau, (1,)), k, delta)[0],)
 
 
 _ROW_TAIL = PointFormula(_row_tail_scalar, eager=False)

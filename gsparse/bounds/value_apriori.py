@@ -32,14 +32,14 @@ from gsparse.bounds._common import (
   _valid,
 )
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
-from gsparse.bounds.row_tail import _row_tail_scalar
+from gsparse.bounds.row_tail import _row_tails
 from gsparse.bounds.tau import _quad_form_range, _tau_range_point
 
 _NUM_TAU_CELLS = 4  # geometric cells of the tau range, Theorem 2R at each left end
 _TAU_SUBCELLS = 24  # finer cells in each, for the head and the absolute tail sum
 _NUM_THETA_CELLS = 64  # cells of the diagonal's head share theta in [0, 1]
 _NUM_G1_CELLS = 48  # cells of the largest off-diagonal standardised score in [c_lo, g1_hi]
-_NP_CHUNK = 4  # tau cells per NumPy step (a [4, L + 1, G] float64 temporary is 100 KB)
+_NP_ROWS = 256  # (tau cell, theta cell) rows per NumPy step (a [256, 1, G] temporary is 100 KB)
 
 
 class IsotropicErrorBound(NamedTuple):
@@ -114,6 +114,7 @@ def isotropic_error_bound(
   return IsotropicErrorBound(*_on_flat(_ISO, values, with_theorem2=with_theorem2))
 
 
+@_xp.memo_scalar  # on Python numbers: depends on n, k and delta, not on sigma or the norms
 def _order_stats(n, k, d_one, d_k, d_sum):
   """Bounds on the standardised off-diagonal scores `g` of one row (each failing w.p. as given).
 
@@ -198,56 +199,61 @@ def _log_tail_sum_hi(n, a, b, c_hi, d_sum):
   return xp.logaddexp(xp.logaddexp(terms[0], terms[1]), terms[2])
 
 
-def _row_tails(n, taus, k, delta):
-  """Theorem 2R at each of the 1-D `taus` (the coarse cells' left ends): `[C]`.
-
-  jax maps the one formula with `vmap`; NumPy (which has no `vmap`) calls it once per tau.
-  """
-  if _xp.of(n, taus, k, delta) is _xp.NP:
-    return _xp.NP.stack([_row_tail_scalar(n, t, k, delta)[0] for t in taus])
-  return jax.vmap(_row_tail_scalar, in_axes=(None, 0, None, None))(n, taus, k, delta)[0]
-
-
 def _t_part(tm):
   """`max t (1 - t)` over `t in [0, tm]`."""
   xp = _xp.of(tm)
   return xp.where(tm <= 0.5, tm * (1.0 - tm), 0.25)
 
 
-def _head_case(a, b, t_c, l_t, stats, kk, th, gam):
-  """Diagonal in the head with share `theta`: `(t bound, q bound, mean gap bound)`, `[C, L, G]`.
+def _head_gap(et_lo, c_hi, c_lo, eh_hi, s0, s1):
+  """`max |e_t - s e_h|` over `e_t in {et_lo, c_hi}`, `e_h in {c_lo, eh_hi}`, `s in {s0, s1}`.
 
-  `th` `[1, L + 1, 1]`: the edges of the theta cells.
+  `s0, s1`: `1 - theta` at a theta cell's two ends. The same value as the
+  maximum of the eight absolute differences: `|x - y| = max(x - y, y - x)` and a
+  rounded difference is monotone in each argument, so the maximum is
+  `max(y_hi - x_lo, x_hi - y_lo)` over the extreme `x` and the extreme products `y`.
   """
-  xp = _xp.of(a, b, t_c, l_t, kk, th, gam)
-  th1 = th[:, :-1]
+  xp = _xp.of(et_lo, c_hi, c_lo, eh_hi, s0, s1)
+  y0, y1 = s0 * eh_hi, s1 * eh_hi
+  yc0, yc1 = s0 * c_lo, s1 * c_lo
+  y_lo = xp.minimum(xp.minimum(y0, y1), xp.minimum(yc0, yc1))
+  y_hi = xp.maximum(xp.maximum(y0, y1), xp.maximum(yc0, yc1))
+  x_lo, x_hi = xp.minimum(et_lo, c_hi), xp.maximum(et_lo, c_hi)
+  return xp.maximum(y_hi - x_lo, x_hi - y_lo)
+
+
+def _head_sum(t_c, l_t, l_off, shape, stats, kk, th0, th1, scal):
+  """Diagonal in the head, share `theta in [th0, th1]`: `(isotropic sum, its three parts)`.
+
+  All arguments broadcast: `[C, L, G]` on the full grid (`th0, th1` `[1, L, 1]`), or
+  `[R, 1, G]` on chosen (tau cell, theta cell) rows. `l_off`: log bound on the
+  off-diagonal head; `shape = _head_shape(...)`.
+  """
+  xp = _xp.of(t_c, l_t, l_off, kk, th0, th1)
   _, c_lo, c_hi, et_lo, _ = stats
-  g1, g2 = gam[..., :-1], gam[..., 1:]
-  ly1 = xp.minimum(a * g1, b * g1)  # the largest off-diagonal key, g_(1) in [g1, g2]
-  l_off = xp.logaddexp(ly1, xp.log(kk - 2.0) + xp.minimum(a * c_lo, b * c_lo))
+  svo, vmax, u_gauss, cross = scal
   # T <= e^{l_t}: 1 / (1 + e^{l_off} / ((1 - theta) e^{l_t})) (sigmoid: no log on the grid)
-  t_abs = xp.sigmoid(l_t + xp.log1p(-th1) - l_off)
-  t_rel = t_c * (1.0 - th1) / xp.maximum(t_c * (1.0 - th1) + 1.0 - t_c, 1e-30)
+  t_abs = xp.sigmoid(l_t + xp.log1p(-th0) - l_off)
+  t_rel = t_c * (1.0 - th0) / xp.maximum(t_c * (1.0 - th0) + 1.0 - t_c, 1e-30)
   tm = xp.minimum(t_rel, t_abs)
-  f, eh_hi = _head_shape(a, b, stats, kk, g2)
-  q = _t_part(tm) * (1.0 - th1) / (kk - 1.0) + tm * tm * (1.0 - th1) ** 2 * f
-  et, eh = (et_lo, c_hi), (c_lo, eh_hi)
-  gap = _max_abs_gap(et, eh, 1.0 - th)  # at every edge once, then each cell's two ends
-  gap = xp.maximum(gap[:, :-1], gap[:, 1:])
-  return tm, q, tm * gap
+  f, eh_hi = shape
+  q = _t_part(tm) * (1.0 - th0) / (kk - 1.0) + tm * tm * (1.0 - th0) ** 2 * f
+  gap = tm * _head_gap(et_lo, c_hi, c_lo, eh_hi, 1.0 - th0, 1.0 - th1)
+  head = (tm * th1 * vmax, svo * gap, xp.sqrt(q) * u_gauss)
+  return _combine(head, u_gauss, cross), head
 
 
-def _tail_case(a, b, t_c, l_t, stats, kk, gam):
+def _tail_case(a, b, t_c, l_t, stats, kk, gam, shape):
   """Diagonal in the tail: `(bound on p_i, t bound, q bound, mean gap bound)`, `[C, 1, G]`."""
   xp = _xp.of(a, b, t_c, l_t, kk, gam)
   _, c_lo, c_hi, et_lo, _ = stats
-  g1, g2 = gam[..., :-1], gam[..., 1:]
+  g1 = gam[..., :-1]
   l_h = xp.logaddexp(xp.minimum(a * g1, b * g1), xp.log(kk - 1.0) + xp.minimum(a * c_lo, b * c_lo))
   # t = (T + e^{s_ii}) / (T + e^{s_ii} + H) with e^{s_ii} <= H / k: at most this.
   num = xp.logaddexp(l_t, l_h - xp.log(kk))
   t = xp.minimum(t_c, xp.exp(num - xp.logaddexp(l_t, l_h + xp.log1p(1.0 / kk))))
   pd = xp.minimum(t, 1.0 / (kk + 1.0))
-  f, eh_hi = _head_shape(a, b, stats, kk, g2)
+  f, eh_hi = shape
   q = _t_part(t) / kk + t * t * f
   et, eh = (et_lo, c_hi), (c_lo, eh_hi)
   gap = t * _max_abs_gap(et, eh, 1.0) + pd * xp.maximum(xp.abs(et_lo), xp.abs(c_hi))
@@ -288,42 +294,129 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   scal = (sigma * vo, vmax, u_gauss, cross)
   # NumPy: a few tau cells at a time, so its temporaries stay small (cached by the allocator,
   # not fresh pages each call); every entry is the same, and so are the maximum and its split.
-  step = _NP_CHUNK if xp is _xp.NP else fine
-  outs = [
-    _worst(*(x[i : i + step] for x in (a, b, t_c, l_t)), stats, kk, th, gam, scal)
-    for i in range(0, fine, step)
-  ]
-  cell = xp.concatenate([o[0] for o in outs])
-  if with_theorem2:  # Theorem 2's 2 t V on the same events: kept where smaller
-    cell = xp.minimum(cell, 2.0 * t_c[:, 0, 0] * vmax)
-  pick = xp.argmax(xp.stack([o[1] for o in outs]))  # the first chunk with the maximum
-  split = [xp.stack([o[2][j] for o in outs])[pick] for j in range(3)]
+  cells = _cell_parts(a, b, t_c, l_t, stats, kk, gam, scal)
+  cap = 2.0 * t_c[:, 0, 0] * vmax  # Theorem 2's 2 t V on the same events: kept where smaller
+  if xp is _xp.NP:  # only the grid rows that can matter (the same result)
+    cell, _, split = _np_rows(cells, stats, kk, th, scal, cap if with_theorem2 else None)
+  else:
+    cell, _, split = _worst(cells, stats, kk, th, scal)
+  if with_theorem2:
+    cell = xp.minimum(cell, cap)
   return _finish(n, k, xp.max(cell), xp.max(t_c), vmax, split, (delta, frob, op, gram, vf, vo, vg))
 
 
-def _worst(a, b, t_c, l_t, stats, kk, th, gam, scal):
+def _np_rows(cells, stats, kk, th, scal, cap):
+  """`_worst`'s result in NumPy, evaluating only the (tau cell, theta cell) rows that can matter.
+
+  Rows go in decreasing order of their upper bounds (`_cell_upper`), `_NP_ROWS` at a time;
+  a row is skipped when its bound is below the largest sum seen and (with Theorem 2's
+  `cap`) its capped bound at most the largest capped maximum seen. A skipped row holds
+  neither the maximum nor the largest capped value, so the error, the maximum and its
+  split (the first maximum in `_worst`'s order) are the full grid's; `cell` holds each
+  tau cell's maximum over the rows evaluated (its capped maximum is unchanged).
+  """
+  np = _xp.NP
+  t_c, l_t, l_off, f, eh_hi, total_t, *tail = cells
+  rows_hi, cell = _cell_upper(cells, stats, kk, th, scal)  # [C, L], [C]: the tail rows exact
+  capped = rows_hi if cap is None else np.minimum(rows_hi, cap[:, None])
+  capped_max = (lambda x: np.max(x)) if cap is None else (lambda x: np.max(np.minimum(x, cap)))
+  best, best_cap, found = np.max(cell), capped_max(cell), []
+  order = np.argsort(-rows_hi, axis=None, kind="stable")
+  for i in range(0, order.size, _NP_ROWS):
+    idx = order[i : i + _NP_ROWS]
+    idx = idx[~((rows_hi.flat[idx] < best) & (capped.flat[idx] <= best_cap))]
+    if idx.size == 0:
+      continue
+    c, row = np.divmod(idx, rows_hi.shape[1])
+    th0, th1 = th[0, row, 0][:, None, None], th[0, row + 1, 0][:, None, None]
+    at = (t_c[c], l_t[c], l_off[c], (f[c], eh_hi[c]))
+    total, head = _head_sum(*at, stats, kk, th0, th1, scal)  # [R, 1, G]
+    np.maximum.at(cell, c, np.max(total, axis=(1, 2)))
+    found.append((c, row, total[:, 0], [np.broadcast_to(h, total.shape)[:, 0] for h in head]))
+    best, best_cap = np.max(cell), capped_max(cell)
+  c = np.argmax(cell)  # the first tau cell with the maximum; in it the head rows come first
+  rows = [
+    (rs[j], tot[j], [h[j] for h in hd])
+    for cs, rs, tot, hd in found
+    for j in np.flatnonzero(cs == c)
+  ]
+  rows = sorted((r for r in rows if np.max(r[1]) == cell[c]), key=lambda r: r[0])
+  if rows:
+    g = np.argmax(rows[0][1])
+    return cell, cell[c], [h[g] for h in rows[0][2]]
+  g = np.argmax(total_t[c, 0])
+  return cell, cell[c], [pt[c, 0, g] for pt in tail]
+
+
+def _cell_upper(cells, stats, kk, th, scal):
+  """`([C, L], [C])`: upper bounds on the isotropic sum per head row, the tail row's maximum.
+
+  Per theta row, every head part at its largest over the largest scores: `tm` at the
+  smallest off-diagonal head (`t_abs` decreases in `l_off`), the mean gap at the
+  extreme products `s e_h` and `q` at that `tm` and the largest `f`; `_combine` is
+  increasing in each part (`cross >= 0`), and the bound is raised by `1e-9` relative
+  so the grid's rounding cannot exceed it. The tail row's maximum is exact.
+  """
+  xp = _xp.of(*cells, kk, th, *scal)
+  t_c, l_t, l_off, f, eh_hi, total_t = cells[:6]
+  svo, vmax, u_gauss, cross = scal
+  _, c_lo, c_hi, et_lo, _ = stats
+  th1 = th[:, :-1]
+  t_abs = xp.sigmoid(l_t + xp.log1p(-th1) - xp.min(l_off, axis=-1, keepdims=True))
+  t_rel = t_c * (1.0 - th1) / xp.maximum(t_c * (1.0 - th1) + 1.0 - t_c, 1e-30)
+  tm = xp.minimum(t_rel, t_abs)  # [C, L, 1]
+  e_hi = xp.maximum(xp.max(eh_hi, axis=-1, keepdims=True), c_lo)
+  e_lo = xp.minimum(xp.min(eh_hi, axis=-1, keepdims=True), c_lo)
+  s_lo, s_hi = 1.0 - th[:, 1:], 1.0 - th1
+  y_hi = xp.maximum(s_hi * e_hi, s_lo * e_hi)
+  y_lo = xp.minimum(s_hi * e_lo, s_lo * e_lo)
+  gap = xp.maximum(y_hi - xp.minimum(et_lo, c_hi), xp.maximum(et_lo, c_hi) - y_lo)
+  q = _t_part(tm) * s_hi / (kk - 1.0) + tm * tm * s_hi**2 * xp.max(f, axis=-1, keepdims=True)
+  head = (tm * th[:, 1:] * vmax, svo * tm * gap, xp.sqrt(q) * u_gauss)
+  head = _combine(head, u_gauss, cross) * (1.0 + 1e-9)
+  return head[..., 0], xp.max(total_t, axis=(1, 2))
+
+
+def _cell_parts(a, b, t_c, l_t, stats, kk, gam, scal):
+  """The theta-free parts of every tau cell, once: `[C, 1, G]` arrays for `_worst`.
+
+  `(t_c, l_t, l_off, f, eh_hi, tail total, tail diagonal, tail mean, tail Gaussian)`:
+  the off-diagonal head's log bound and the head shape for the head case, and the
+  whole tail case (the diagonal in the tail, Lemma V's sum and its three parts).
+  """
+  xp = _xp.of(a, b, t_c, l_t, kk, gam, *scal)
+  svo, vmax, u_gauss, cross = scal
+  c_lo = stats[1]
+  g1, g2 = gam[..., :-1], gam[..., 1:]
+  ly1 = xp.minimum(a * g1, b * g1)  # the largest off-diagonal key, g_(1) in [g1, g2]
+  l_off = xp.logaddexp(ly1, xp.log(kk - 2.0) + xp.minimum(a * c_lo, b * c_lo))
+  shape = _head_shape(a, b, stats, kk, g2)
+  pd, _, q_t, gap_t = _tail_case(a, b, t_c, l_t, stats, kk, gam, shape)
+  tail = (pd * vmax, svo * gap_t, xp.sqrt(q_t) * u_gauss)
+  full = (t_c.shape[0], 1, g1.shape[-1])
+  tail = [xp.broadcast_to(x, full) for x in (_combine(tail, u_gauss, cross), *tail)]
+  return (t_c, l_t, l_off, *shape, *tail)
+
+
+def _worst(cells, stats, kk, th, scal):
   """The isotropic sum on `[C, L + 1, G]` cells: `([C] cell maxima, maximum, split there)`.
 
   Rows `0..L-1`: the diagonal in the head, theta cell `l`; row `L`: the diagonal in the
-  tail. The split is read at the first maximum in that order.
+  tail (`cells` from `_cell_parts`). The split is read at the first maximum in that order.
   """
-  xp = _xp.of(a, b, t_c, l_t, kk, th, gam, *scal)
-  svo, vmax, u_gauss, cross = scal
-  tm, q_h, gap_h = _head_case(a, b, t_c, l_t, stats, kk, th, gam)
-  head = (tm * th[:, 1:] * vmax, svo * gap_h, xp.sqrt(q_h) * u_gauss)
-  pd, _, q_t, gap_t = _tail_case(a, b, t_c, l_t, stats, kk, gam)
-  tail = (pd * vmax, svo * gap_t, xp.sqrt(q_t) * u_gauss)
-  total_h = _combine(head, u_gauss, cross)  # [C, L, G]
-  total_t = _combine(tail, u_gauss, cross)
-  total_t = xp.broadcast_to(total_t, (total_h.shape[0], 1, total_h.shape[2]))
-  total = xp.concatenate([total_h, total_t], axis=1)  # [C, L + 1, G]
-  c, row, g = xp.unravel_index(xp.argmax(total), total.shape)
-  nh = total.shape[1] - 1
+  t_c, l_t, l_off, f, eh_hi, total_t, *tail = cells
+  xp = _xp.of(t_c, l_t, l_off, f, eh_hi, total_t, kk, th, *scal)
+  total_h, head = _head_sum(t_c, l_t, l_off, (f, eh_hi), stats, kk, th[:, :-1], th[:, 1:], scal)
+  h_max, t_max = xp.max(total_h, axis=(1, 2)), xp.max(total_t, axis=(1, 2))
+  cell = xp.maximum(h_max, t_max)
+  c = xp.argmax(cell)  # the first tau cell with the maximum; in it the head rows come first
+  row, g = xp.unravel_index(xp.argmax(total_h[c]), total_h.shape[1:])
+  g_t = xp.argmax(total_t[c, 0])
+  in_head = h_max[c] >= t_max[c]
   split = [
-    xp.where(row < nh, _at(ph, c, xp.minimum(row, nh - 1), g, nh), _at(pt, c, 0, g, 1))
-    for ph, pt in zip(head, tail, strict=True)
+    xp.where(in_head, _at(ph, c, row, g), pt[c, 0, g_t]) for ph, pt in zip(head, tail, strict=True)
   ]
-  return xp.max(total, axis=(1, 2)), total[c, row, g], split
+  return cell, cell[c], split
 
 
 def _combine(parts, u_gauss, cross):
@@ -338,10 +431,11 @@ def _combine(parts, u_gauss, cross):
   return xp.minimum(fixed + gauss, xp.sqrt(xp.maximum(root, 0.0)))
 
 
-def _at(part, c, row, g, rows):
-  """`part[c, row, g]` of a part broadcast to `[C, rows, G]`."""
+def _at(part, c, row, g):
+  """`part[c, row, g]` of a part broadcast to `[C, L, G]`."""
   xp = _xp.of(part, c, row, g)
-  return xp.broadcast_to(part, (part.shape[0], rows, part.shape[2]))[c, row, g]
+  full = (part.shape[0], _NUM_THETA_CELLS, part.shape[2])
+  return xp.broadcast_to(part, full)[c, row, g]
 
 
 def _finish(n, k, err, t_bound, vmax, split, rest):
