@@ -11,6 +11,7 @@ one under jit (slow: it compiles the bounds).
 from __future__ import annotations
 
 import collections
+import itertools
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +21,7 @@ import scipy.special as sps
 from jax._src import core
 
 import gsparse.bounds as B
-from gsparse.bounds import _common, _npsearch, _xp, error, row, sparsity, tau
+from gsparse.bounds import _common, _laplace, _npsearch, _xp, error, row, sparsity, tau
 
 _W = np.random.default_rng(1).standard_normal((2, 2, 8, 2, 4)).astype(np.float32)
 
@@ -188,6 +189,24 @@ def test_betainc_rows_are_the_broadcast_betainc_and_the_store_stays_bounded(monk
   monkeypatch.setattr(_xp, "_MAX_ROWS", 6)
   _xp.NP.betainc_rows(np.arange(4.0) + 10.0, 1.0, x)  # 6 + 4 > 6: emptied, then these 4 kept
   assert sum(len(r) for r in _xp._ROWS.values()) == 4
+
+
+def test_log_transform_reference_from_the_extreme_node_is_the_full_reduction_bit_for_bit():
+  rng = np.random.default_rng(5)  # one seeded generator: 16 tau cells, 12 levels, 24 lambdas
+  t = np.sort(rng.uniform(0.05, 6.0, 16))
+  c = np.sort(rng.uniform(-3.0, 4.0, 12))
+  theta = np.linspace(-3.0, 9.0, 24)
+  lams = (theta - 4.6, theta + rng.uniform(-5.0, 1.0, (16, 1, 1)))  # [K], and [C, 1, K] per cell
+  for weights in (_laplace._top_weights(t, c), _laplace._rest_weights(t, c)):
+    x, p, floor = weights  # the rest's first column is -inf: e^x = 0 there
+    for sign, log_lam in itertools.product((1.0, -1.0), lams):
+      e = np.exp(x)[..., None] * np.exp(log_lam)  # the reduction over every node, as jax does
+      e = np.minimum(e, 1e30) if sign < 0 else e
+      ref = np.max(e, axis=1) if sign > 0 else np.min(e, axis=1)
+      v = np.exp(sign * (e - ref[:, None, :])).reshape(p.shape[0], -1, *e.shape[1:])
+      s = np.matmul(p[:, None], v).reshape(-1, p.shape[1], e.shape[-1])
+      want = np.log(s + floor[None, :, None]) + (sign * ref)[:, None, :]
+      np.testing.assert_array_equal(_laplace._log_transform(weights, log_lam, sign), want)
 
 
 @pytest.mark.slow  # one jit of four bounds: 45 s to 2.5 min on the shared 2-core machine

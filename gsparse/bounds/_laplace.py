@@ -145,11 +145,17 @@ def _log_transform(weights, log_lam, sign):
   # NumPy writes each step into the array it came from: the same values, without
   # allocating (and faulting in) a fresh [C, N, K] array per step.
   numpy = xp is _xp.NP
-  e = xp.exp(x)[..., None] * xp.exp(log_lam)  # [C, N, K]: lam e^x
+  ex, lam = xp.exp(x), xp.exp(log_lam)
+  e = ex[..., None] * lam  # [C, N, K]: lam e^x
   into = {"out": e} if numpy else {}
   if sign < 0:  # a smaller lam e^x only raises the value: still an upper bound
     e = xp.minimum(e, 1e30, **into)
-  ref = xp.max(e, axis=1) if sign > 0 else xp.min(e, axis=1)  # [C, K]: the largest value's
+  if numpy:  # rounding is monotone: the extreme of lam e^x is lam times the extreme e^x
+    ext = xp.max(ex, axis=1, keepdims=True) if sign > 0 else xp.min(ex, axis=1, keepdims=True)
+    ref = (ext[..., None] * lam)[:, 0]  # [C, K] (`lam` may be `[K]` or `[C, 1, K]`)
+    ref = xp.minimum(ref, 1e30) if sign < 0 else ref
+  else:
+    ref = xp.max(e, axis=1) if sign > 0 else xp.min(e, axis=1)  # [C, K]: the largest value's
   # sign (e - ref), as `ref - e` when sign < 0 (the same value: rounding is symmetric)
   v = xp.subtract(*((e, ref[:, None, :]) if sign > 0 else (ref[:, None, :], e)), **into)
   v = xp.exp(v, **into)  # [C, N, K], each <= 1
