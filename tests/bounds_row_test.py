@@ -87,3 +87,25 @@ def test_batched_theorem_2r_takes_each_cells_own_decisions():
   n, k, delta, taus = np.float64(16.0), np.float64(2.0), np.float64(1e-12), np.array([0.0, 50.0])
   want = [row_tail._row_tail_scalar(n, t, k, delta)[0] for t in taus]
   np.testing.assert_array_equal(row_tail._row_tails(n, taus, k, delta), want)
+
+
+def test_numpy_theorem_2r_fail_is_the_plain_one_bit_for_bit():
+  # The NumPy bisection's fail function (only the G cells with F_l > 0 or next to one,
+  # t0-free parts once, temporaries in place) against the plain `_tail_fail` on the full
+  # grid, at 24 random (tau, t0) per setting; the last setting has no cell with F_l = 0.
+  rng = np.random.default_rng(18)
+  skipped = []
+  for n, k in [(1024.0, 32.0), (100000.0, 200.0), (4096.0, 2.0), (64.0, 3.0)]:
+    nm1, k = np.float64(n - 1.0), np.float64(k)
+    c = row_tail._g_grid(nm1, row_tail._NUM_TAIL_G_CELLS, np.float64)
+    weights = row_tail._tail_weights(nm1, k, c)
+    taus = np.sort(rng.uniform(0.0, 6.0, 6))
+    taus[0] = 0.0
+    fail = row_tail._np_tail_fail_fn(nm1, k, taus, c, weights)
+    parts = row_tail._tail_parts(taus, c)
+    for _ in range(4):
+      t0 = rng.uniform(0.0, 1.0, taus.shape) ** 4
+      want = row_tail._tail_fail(nm1, k, taus, t0, c, parts, weights)
+      np.testing.assert_array_equal(fail(t0), want, err_msg=str((n, k, t0)))
+    skipped.append(int(np.sum(weights[0][1:-1] == 0.0)))
+  assert skipped[0] > 30 and skipped[1] > 30 and skipped[-1] == 0, skipped

@@ -10,6 +10,8 @@ rest, both bounded by upper Riemann sums.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 from jax.typing import ArrayLike
 
@@ -81,14 +83,87 @@ def _tail_fail(nm1, k, tau, t0, c, parts=None, weights=None):
 
   `[C]` for a 1-D `tau [C]` and `t0 [C]`; `weights = _tail_weights(nm1, k, c)`.
   """
-  xp = _xp.of(nm1, k, tau, t0, c)
   b = _tail_cell_bounds(nm1 - k, k, tau, t0, c, parts)
-  # sum_l P(G in cell l) b_l with bt = running max from the right (non-increasing) and
-  # F_l = P(G <= c_l) rounded up: F_0 + T_L + F_L bt_{L-1} + sum_l F_l (bt_{l-1} - bt_l).
-  f, t_top = _tail_weights(nm1, k, c) if weights is None else weights
+  return _tail_sum(b, _tail_weights(nm1, k, c) if weights is None else weights)
+
+
+def _tail_sum(b, weights):
+  """`sum_l P(G in cell l) b_l` for cell bounds `b [..., L]`, `weights = (f [L + 1], t_top)`."""
+  xp = _xp.of(b, *weights)
+  # With bt = running max from the right (non-increasing) and F_l = P(G <= c_l) rounded
+  # up: F_0 + T_L + F_L bt_{L-1} + sum_l F_l (bt_{l-1} - bt_l).
+  f, t_top = weights
   bt = xp.cummax(b, axis=-1, reverse=True)
   body = xp.sum(f[1:-1] * (bt[..., :-1] - bt[..., 1:]), axis=-1)
   return xp.minimum(f[0] + t_top + f[-1] * bt[..., -1] + body, 1.0)
+
+
+def _np_tail_fail_fn(nm1, k, taus, c, weights):
+  """`t0 [C] -> _tail_fail(nm1, k, taus, t0, c, weights=weights)` in NumPy: the same bits, cheaper.
+
+  Three savings. (1) Only the G cells `l >= s` are evaluated, `s + 1` the first
+  `l >= 1` with `F_l > 0`: a cell below enters `_tail_sum` only through the terms
+  `F_j (bt_{j-1} - bt_j)` with `j <= s`, and `bt_{j-1} - bt_j` is finite (every
+  `b_l` is in `[0, 1]`), so with `F_j = 0` each is `+0.0` whatever the `b_l`
+  below `s`; they are set to `b_s`, which keeps `bt_s` and every term the same
+  (and the sum's order: the full `[C, L]` array is summed). Each cell's bound is
+  computed from its own row of the weights (elementwise operations and one row of
+  a matrix product), so the rows kept are the full call's bit for bit. (2) The
+  t0-free parts (`e^x` of the top nodes, the rest's `nrest max(rest, 0)`,
+  `e^theta`) once, not per bisection step. (3) Temporaries written in place.
+  """
+  np = _xp.NP
+  f = weights[0]
+  num_l = c.shape[0] - 1
+  pos = np.flatnonzero(f[1:-1] > 0)
+  s = int(pos[0]) if pos.size else num_l - 1
+  theta = np.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam (1 - t0))
+  x, p, floor = _laplace._top_weights(taus, c[1:][s:])
+  rest = _laplace._rest_weights(taus, c[:-1][s:], mgf=True)
+  rest = (nm1 - k) * np.maximum(_laplace._log_transform(rest, theta, 1), 0.0)
+  e_x, e_theta, km1 = np.exp(x)[..., None], np.exp(theta), k - 1.0
+  # Each cell's smallest node value is its first (see `_np_top_transform`) when the
+  # finite `e^x` do not decrease from it (the nodes `t d_q` start at 0 and increase).
+  first = bool(np.all((e_x >= e_x[:, :1]) & (e_x < np.inf)))
+  b = np.empty((taus.shape[0], num_l), c.dtype)
+
+  def fail(t0):
+    t0 = np.reshape(t0, (-1, 1, 1))  # one Chernoff parameter row per tau cell
+    top = _np_top_transform(e_x, p, floor, theta - np.log1p(-t0) + np.log(t0), first)
+    log_b = np.add(e_theta, np.multiply(km1, np.minimum(top, 0.0, out=top), out=top), out=top)
+    log_b = np.add(log_b, rest, out=log_b)
+    log_b[np.isnan(log_b)] = np.inf  # inf * 0 in an overflowed MGF: no bound
+    # The minimum over the Chernoff parameters, with them on the middle axis (a faster
+    # reduction): the same set, no NaN, so the same minimum but for the sign of a zero,
+    # which `exp(min(., 0))` does not see.
+    low = np.minimum.reduce(log_b.transpose(0, 2, 1).copy(), axis=1)
+    b[:, s:] = np.exp(np.minimum(low, 0.0, out=low), out=low)
+    b[:, :s] = b[:, s : s + 1]
+    return _tail_sum(b, weights)
+
+  return fail
+
+
+def _np_top_transform(e_x, p, floor, log_lam, first=False):
+  """`_laplace._log_transform((x, p, floor), log_lam, -1)` in NumPy, given `e_x = e^x [C, N, 1]`.
+
+  The same operations in the same order on the same values (so the same bits),
+  `e^x` computed once by the caller instead of at every bisection step. `first`:
+  the caller checked that every `e_x` is finite and at least its cell's first;
+  then the first node value is the smallest (the rounded product `e_x lam`,
+  `lam >= 0`, and `min(., 1e30)` are non-decreasing in `e_x`), which is read
+  instead of reduced.
+  """
+  np = _xp.NP
+  e = np.multiply(e_x, np.exp(log_lam))  # [C, N, K]: lam e^x
+  e = np.minimum(e, 1e30, out=e)  # a smaller lam e^x only raises the value
+  ref = e[:, 0, :].copy() if first else np.min(e, axis=1)  # [C, K]
+  v = np.exp(np.subtract(ref[:, None, :], e, out=e), out=e)  # [C, N, K], each <= 1
+  bands, num_l, num_n = p.shape
+  v = v.reshape(bands, -1, num_n, v.shape[-1])
+  s = np.matmul(p[:, None], v).reshape(-1, num_l, v.shape[-1])  # [C, L, K]
+  s = np.log(np.add(s, floor[None, :, None], out=s), out=s)
+  return np.add(s, -ref[:, None, :], out=s)  # + sign ref, sign = -1
 
 
 def _row_tails(n, taus, k, delta):
@@ -102,11 +177,15 @@ def _row_tails(n, taus, k, delta):
   nm1 = xp.maximum(n - 1.0, 1.0)
   kk = xp.clip(k, 2.0, nm1)
   c = _g_grid(nm1, _NUM_TAIL_G_CELLS, taus.dtype)
-  parts = _tail_parts(taus, c)
   weights = _tail_weights(nm1, kk, c)
+  if xp is _xp.NP:
+    fail = _np_tail_fail_fn(nm1, kk, taus, c, weights)
+  else:
+    parts = _tail_parts(taus, c)
+    fail = functools.partial(_tail_fail, nm1, kk, taus, c=c, parts=parts, weights=weights)
 
   def ok(z):  # z = log(t0 / (1 - t0)), [C]
-    return _tail_fail(nm1, kk, taus, xp.sigmoid(z), c, parts, weights) <= delta
+    return fail(xp.sigmoid(z)) <= delta
 
   def body(_, state):
     lo, hi, moved = state
