@@ -231,11 +231,11 @@ def _head_sum(t_c, l_t, l_off, shape, stats, kk, th0, th1, scal):
   """
   xp = _xp.of(t_c, l_t, l_off, kk, th0, th1)
   _, c_lo, c_hi, et_lo, _ = stats
-  svo, vmax, u_gauss, cross = scal
+  svo, vmax, u_gauss, cross, t_free = scal
   # T <= e^{l_t}: 1 / (1 + e^{l_off} / ((1 - theta) e^{l_t})) (sigmoid: no log on the grid)
   t_abs = xp.sigmoid(l_t + xp.log1p(-th0) - l_off)
   t_rel = t_c * (1.0 - th0) / xp.maximum(t_c * (1.0 - th0) + 1.0 - t_c, 1e-30)
-  tm = xp.minimum(t_rel, t_abs)
+  tm = xp.minimum(xp.minimum(t_rel, t_abs), t_free)  # t_c bounds R; t <= 1 - k/n too
   f, eh_hi = shape
   q = _t_part(tm) * (1.0 - th0) / (kk - 1.0) + tm * tm * (1.0 - th0) ** 2 * f
   gap = tm * _head_gap(et_lo, c_hi, c_lo, eh_hi, 1.0 - th0, 1.0 - th1)
@@ -281,28 +281,44 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   lo = xp.maximum(tlo, 1e-3 * thi)
   edges = lo * xp.exp(u * (xp.log(xp.maximum(thi, lo)) - xp.log(lo)))
   a = xp.concatenate([tlo[None], edges[1:-1]])
-  b = edges[1:]
+  # The last edge is thi itself: exp(log(thi) - log(lo)) * lo may round below it.
+  b = xp.concatenate([edges[1:-1], xp.maximum(thi, lo)[None]])
   a_coarse = a[::_TAU_SUBCELLS]
   t_row = _row_tails(n, a_coarse, kk, 0.5 * drow)
   t_row = xp.repeat(t_row, _TAU_SUBCELLS)
-  t_c = xp.minimum(t_row, 1.0 - xp.minimum(k, n) / n)[:, None, None]  # [C, 1, 1]
+  # t_c bounds R (the share of the n - k smallest of n - 1 off-diagonal terms, at most
+  # (n - k)/(n - 1)); the tail mass t is also at most 1 - k/n (docs/theory.md 4.2, event (i)).
+  kn = xp.minimum(k, n)
+  t_c = xp.minimum(t_row, (n - kn) / xp.maximum(n - 1.0, 1.0))[:, None, None]  # [C, 1, 1]
+  t_free = 1.0 - kn / n
   l_t = _log_tail_sum_hi(n, a, b, c_hi, d16)[:, None, None]
   a, b = a[:, None, None], b[:, None, None]
   th = xp.linspace(0.0, 1.0, _NUM_THETA_CELLS + 1, dtype=dt)[None, :, None]
   gam = c_lo + xp.linspace(0.0, 1.0, _NUM_G1_CELLS + 1, dtype=dt) * xp.maximum(g1_hi - c_lo, 0.0)
+  gam = xp.concatenate([gam[:-1], xp.maximum(g1_hi, c_lo)[None]])  # the last edge is g1_hi
   gam = gam[None, None, :]
-  scal = (sigma * vo, vmax, u_gauss, cross)
+  scal = (sigma * vo, vmax, u_gauss, cross, t_free)
   # NumPy: a few tau cells at a time, so its temporaries stay small (cached by the allocator,
   # not fresh pages each call); every entry is the same, and so are the maximum and its split.
   cells = _cell_parts(a, b, t_c, l_t, stats, kk, gam, scal)
-  cap = 2.0 * t_c[:, 0, 0] * vmax  # Theorem 2's 2 t V on the same events: kept where smaller
+  cap = (
+    2.0 * xp.minimum(t_c[:, 0, 0], t_free) * vmax
+  )  # Theorem 2's 2 t V on the same events: kept where smaller
   if xp is _xp.NP:  # only the grid rows that can matter (the same result)
     cell, _, split = _np_rows(cells, stats, kk, th, scal, cap if with_theorem2 else None)
   else:
     cell, _, split = _worst(cells, stats, kk, th, scal)
   if with_theorem2:
     cell = xp.minimum(cell, cap)
-  return _finish(n, k, xp.max(cell), xp.max(t_c), vmax, split, (delta, frob, op, gram, vf, vo, vg))
+  return _finish(
+    n,
+    k,
+    xp.max(cell),
+    xp.minimum(xp.max(t_c), t_free),
+    vmax,
+    split,
+    (delta, frob, op, gram, vf, vo, vg),
+  )
 
 
 def _np_rows(cells, stats, kk, th, scal, cap):
@@ -359,12 +375,12 @@ def _cell_upper(cells, stats, kk, th, scal):
   """
   xp = _xp.of(*cells, kk, th, *scal)
   t_c, l_t, l_off, f, eh_hi, total_t = cells[:6]
-  svo, vmax, u_gauss, cross = scal
+  svo, vmax, u_gauss, cross, t_free = scal
   _, c_lo, c_hi, et_lo, _ = stats
   th1 = th[:, :-1]
   t_abs = xp.sigmoid(l_t + xp.log1p(-th1) - xp.min(l_off, axis=-1, keepdims=True))
   t_rel = t_c * (1.0 - th1) / xp.maximum(t_c * (1.0 - th1) + 1.0 - t_c, 1e-30)
-  tm = xp.minimum(t_rel, t_abs)  # [C, L, 1]
+  tm = xp.minimum(xp.minimum(t_rel, t_abs), t_free)  # [C, L, 1]
   e_hi = xp.maximum(xp.max(eh_hi, axis=-1, keepdims=True), c_lo)
   e_lo = xp.minimum(xp.min(eh_hi, axis=-1, keepdims=True), c_lo)
   s_lo, s_hi = 1.0 - th[:, 1:], 1.0 - th1
@@ -385,13 +401,13 @@ def _cell_parts(a, b, t_c, l_t, stats, kk, gam, scal):
   whole tail case (the diagonal in the tail, Lemma V's sum and its three parts).
   """
   xp = _xp.of(a, b, t_c, l_t, kk, gam, *scal)
-  svo, vmax, u_gauss, cross = scal
+  svo, vmax, u_gauss, cross, t_free = scal
   c_lo = stats[1]
   g1, g2 = gam[..., :-1], gam[..., 1:]
   ly1 = xp.minimum(a * g1, b * g1)  # the largest off-diagonal key, g_(1) in [g1, g2]
   l_off = xp.logaddexp(ly1, xp.log(kk - 2.0) + xp.minimum(a * c_lo, b * c_lo))
   shape = _head_shape(a, b, stats, kk, g2)
-  pd, _, q_t, gap_t = _tail_case(a, b, t_c, l_t, stats, kk, gam, shape)
+  pd, _, q_t, gap_t = _tail_case(a, b, xp.minimum(t_c, t_free), l_t, stats, kk, gam, shape)
   tail = (pd * vmax, svo * gap_t, xp.sqrt(q_t) * u_gauss)
   full = (t_c.shape[0], 1, g1.shape[-1])
   tail = [xp.broadcast_to(x, full) for x in (_combine(tail, u_gauss, cross), *tail)]
