@@ -232,3 +232,15 @@ def test_case_h_tail_step_caps_r_by_its_own_bound_not_by_one_minus_k_over_n():
     held += 1
     old_fails += t > t_m(min(r, 1 - k / n)) + 1e-12
   assert held > 500 and old_fails > 0
+
+
+def test_zero_value_weights_give_a_zero_bound_not_nan():
+  """W_V = 0: every value is 0, so is every error; the bound is 0 on the NumPy and the jax
+  path (it was NaN: 0/0 in the Gaussian cross term, found in review, 2026-12-01)."""
+  norms = B.InteractionNorms(3.0, 1.2, 2.0)
+  zero = B.InteractionNorms(0.0, 0.0, 0.0)
+  eager = B.isotropic_error_bound(256, 1.0, norms, value_norms=zero, k=8)
+  traced = jax.jit(lambda s: B.isotropic_error_bound(256, s, norms, value_norms=zero, k=8))(1.0)
+  for r in (eager, traced):
+    assert float(r.error) == 0.0
+    assert 0.0 < float(r.tail_mass) < 1.0

@@ -443,7 +443,10 @@ def _combine(parts, u_gauss, cross):
   """
   xp = _xp.of(*parts, u_gauss, cross)
   fixed, gauss = parts[0] + parts[1], parts[2]
-  root = fixed * fixed + gauss * gauss + 2.0 * fixed * (gauss / u_gauss) * cross
+  # sqrt(q) = gauss / u_gauss; with W_V = 0 both are 0 (and so is `cross`): the term is 0.
+  ok = u_gauss > 0
+  sqrt_q = xp.where(ok, gauss / xp.where(ok, u_gauss, 1.0), 0.0)
+  root = fixed * fixed + gauss * gauss + 2.0 * fixed * sqrt_q * cross
   return xp.minimum(fixed + gauss, xp.sqrt(xp.maximum(root, 0.0)))
 
 
