@@ -132,10 +132,12 @@ def _floor(norm, count):
   return count * xp.finfo(norm.dtype).tiny / norm
 
 
-def _log_transform(weights, log_lam, sign):
+def _log_transform(weights, log_lam, sign, ex=None):
   """`[C, L, K]` upper bounds on `log E[exp(sign lam e^{t (g - c)}) | g in the side]`.
 
-  `weights = (x, p, floor)` from `_top_weights` / `_rest_weights`, `log_lam [K]`.
+  `weights = (x, p, floor)` from `_top_weights` / `_rest_weights`, `log_lam [K]`
+  (or `[C, 1, K]`, one row per cell); `ex`: `e^x`, when the caller evaluates the
+  same nodes at many `log_lam` (Theorem 2R's bisection) and keeps it.
   Per `(cell, lam)` the largest node value `exp(sign lam e^{x_ref})` is factored
   out; the rest is `p @ exp(sign lam (e^x - e^{x_ref}))`, one batched matrix
   product per band, plus the underflow floor.
@@ -145,7 +147,7 @@ def _log_transform(weights, log_lam, sign):
   # NumPy writes each step into the array it came from: the same values, without
   # allocating (and faulting in) a fresh [C, N, K] array per step.
   numpy = xp is _xp.NP
-  ex, lam = xp.exp(x), xp.exp(log_lam)
+  ex, lam = (xp.exp(x) if ex is None else ex), xp.exp(log_lam)
   e = ex[..., None] * lam  # [C, N, K]: lam e^x
   into = {"out": e} if numpy else {}
   if sign < 0:  # a smaller lam e^x only raises the value: still an upper bound

@@ -109,8 +109,9 @@ def _np_tail_fail_fn(nm1, k, taus, c, weights):
   (and the sum's order: the full `[C, L]` array is summed). Each cell's bound is
   computed from its own row of the weights (elementwise operations and one row of
   a matrix product), so the rows kept are the full call's bit for bit. (2) The
-  t0-free parts (`e^x` of the top nodes, the rest's `nrest max(rest, 0)`,
-  `e^theta`) once, not per bisection step. (3) Temporaries written in place.
+  t0-free parts (`e^x` of the top nodes, passed to `_laplace._log_transform`, the
+  rest's `nrest max(rest, 0)`, `e^theta`) once, not per bisection step.
+  (3) Temporaries written in place.
   """
   np = _xp.NP
   f = weights[0]
@@ -121,15 +122,13 @@ def _np_tail_fail_fn(nm1, k, taus, c, weights):
   x, p, floor = _laplace._top_weights(taus, c[1:][s:])
   rest = _laplace._rest_weights(taus, c[:-1][s:], mgf=True)
   rest = (nm1 - k) * np.maximum(_laplace._log_transform(rest, theta, 1), 0.0)
-  e_x, e_theta, km1 = np.exp(x)[..., None], np.exp(theta), k - 1.0
-  # Each cell's smallest node value is its first (see `_np_top_transform`) when the
-  # finite `e^x` do not decrease from it (the nodes `t d_q` start at 0 and increase).
-  first = bool(np.all((e_x >= e_x[:, :1]) & (e_x < np.inf)))
+  e_x, e_theta, km1 = np.exp(x), np.exp(theta), k - 1.0
   b = np.empty((taus.shape[0], num_l), c.dtype)
 
   def fail(t0):
     t0 = np.reshape(t0, (-1, 1, 1))  # one Chernoff parameter row per tau cell
-    top = _np_top_transform(e_x, p, floor, theta - np.log1p(-t0) + np.log(t0), first)
+    log_lam = theta - np.log1p(-t0) + np.log(t0)
+    top = _laplace._log_transform((x, p, floor), log_lam, -1, ex=e_x)
     log_b = np.add(e_theta, np.multiply(km1, np.minimum(top, 0.0, out=top), out=top), out=top)
     log_b = np.add(log_b, rest, out=log_b)
     log_b[np.isnan(log_b)] = np.inf  # inf * 0 in an overflowed MGF: no bound
@@ -142,28 +141,6 @@ def _np_tail_fail_fn(nm1, k, taus, c, weights):
     return _tail_sum(b, weights)
 
   return fail
-
-
-def _np_top_transform(e_x, p, floor, log_lam, first=False):
-  """`_laplace._log_transform((x, p, floor), log_lam, -1)` in NumPy, given `e_x = e^x [C, N, 1]`.
-
-  The same operations in the same order on the same values (so the same bits),
-  `e^x` computed once by the caller instead of at every bisection step. `first`:
-  the caller checked that every `e_x` is finite and at least its cell's first;
-  then the first node value is the smallest (the rounded product `e_x lam`,
-  `lam >= 0`, and `min(., 1e30)` are non-decreasing in `e_x`), which is read
-  instead of reduced.
-  """
-  np = _xp.NP
-  e = np.multiply(e_x, np.exp(log_lam))  # [C, N, K]: lam e^x
-  e = np.minimum(e, 1e30, out=e)  # a smaller lam e^x only raises the value
-  ref = e[:, 0, :].copy() if first else np.min(e, axis=1)  # [C, K]
-  v = np.exp(np.subtract(ref[:, None, :], e, out=e), out=e)  # [C, N, K], each <= 1
-  bands, num_l, num_n = p.shape
-  v = v.reshape(bands, -1, num_n, v.shape[-1])
-  s = np.matmul(p[:, None], v).reshape(-1, num_l, v.shape[-1])  # [C, L, K]
-  s = np.log(np.add(s, floor[None, :, None], out=s), out=s)
-  return np.add(s, -ref[:, None, :], out=s)  # + sign ref, sign = -1
 
 
 def _row_tails(n, taus, k, delta):
