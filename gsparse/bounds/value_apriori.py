@@ -31,6 +31,7 @@ from gsparse.bounds._common import (
   _on_flat,
   _valid,
 )
+from gsparse.bounds._tilted_mean import tail_mean_floor
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
 from gsparse.bounds.row_tail import _row_tails
 from gsparse.bounds.tau import _quad_form_range, _tau_range_point
@@ -85,7 +86,8 @@ def isotropic_error_bound(
   Failure-probability split: `delta / 4` for the tau range, `delta / 4` for
   `max_j ||v_j|| <= V`, and `delta / (2 n)` per row: half for the tail mass
   (Theorem 2R), an eighth each for the largest standardised score, the k-th
-  largest (both sides), the sum of all scores, and the Gaussian part (a
+  largest (both sides), the tail's score sums (a sixteenth for the floor on its
+  tilted mean, a sixteenth for its absolute sum), and the Gaussian part (a
   sixteenth for its norm, a sixteenth for its projection on the fixed part).
 
   Args:
@@ -292,6 +294,9 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   t_c = xp.minimum(t_row, (n - kn) / xp.maximum(n - 1.0, 1.0))[:, None, None]  # [C, 1, 1]
   t_free = 1.0 - kn / n
   l_t = _log_tail_sum_hi(n, a, b, c_hi, d16)[:, None, None]
+  # The tilted tail mean's floor per tau cell (event (iii): one of two kinds, fixed by the cell).
+  et = tail_mean_floor(n, kk, a, c_lo, c_hi, stats[3], d16)[:, None, None]
+  stats = (*stats[:3], et, stats[4])
   a, b = a[:, None, None], b[:, None, None]
   th = xp.linspace(0.0, 1.0, _NUM_THETA_CELLS + 1, dtype=dt)[None, :, None]
   gam = c_lo + xp.linspace(0.0, 1.0, _NUM_G1_CELLS + 1, dtype=dt) * xp.maximum(g1_hi - c_lo, 0.0)
@@ -346,7 +351,8 @@ def _np_rows(cells, stats, kk, th, scal, cap):
     c, row = np.divmod(idx, rows_hi.shape[1])
     th0, th1 = th[0, row, 0][:, None, None], th[0, row + 1, 0][:, None, None]
     at = (t_c[c], l_t[c], l_off[c], (f[c], eh_hi[c]))
-    total, head = _head_sum(*at, stats, kk, th0, th1, scal)  # [R, 1, G]
+    st = (*stats[:3], stats[3][c], stats[4])  # the tail mean's floor of each row's tau cell
+    total, head = _head_sum(*at, st, kk, th0, th1, scal)  # [R, 1, G]
     np.maximum.at(cell, c, np.max(total, axis=(1, 2)))
     found.append((c, row, total[:, 0], [np.broadcast_to(h, total.shape)[:, 0] for h in head]))
     best, best_cap = np.max(cell), capped_max(cell)
