@@ -300,3 +300,35 @@ def test_tilted_tail_mean_floor_numpy_and_jax_agree():
   got = _tilted_mean.tail_mean_floor(*(jnp.asarray(x, jnp.float32) for x in args))
   np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
   assert np.all(np.diff(want) >= 0)  # the best left end a' <= a: nondecreasing
+
+
+def test_float32_outputs_round_up_not_to_nearest(monkeypatch):
+  """The NumPy path evaluates in float64 and returns float32: each bound (error, tail mass,
+  value norm) must be at or above its float64 value (it was cast to nearest, so below it
+  in about half the cases; the 12 settings below include such cases)."""
+  norms, vnorms = (3.0, 1.2, 2.0), (8.0, 1.5, 4.0)
+  raw = functools.partial(value_apriori._ISO.numpy, dtype=np.float64, margin_dtype=np.float32)
+  with monkeypatch.context() as patch:  # the float64 values themselves, before any rounding
+    patch.setattr(value_apriori, "_round_up", lambda x: x, raising=False)
+    exact = {
+      (n, k, s): raw([n, s, k, 1e-3, *norms, *vnorms], with_theorem2=True)
+      for n in (64, 256, 1024)
+      for k in (4, 16)
+      for s in (0.6, 1.1)
+    }
+  below = 0
+  for n in (64, 256, 1024):
+    for k in (4, 16):
+      for sigma in (0.6, 1.1):
+        got = B.isotropic_error_bound(
+          n,
+          sigma,
+          B.InteractionNorms(*norms),
+          value_norms=B.InteractionNorms(*vnorms),
+          k=k,
+          delta=1e-3,
+        )
+        for g, e in zip(got[:3], exact[(n, k, sigma)][:3], strict=True):
+          assert np.float64(np.asarray(g)) >= float(e), (n, k, sigma, float(g), float(e))
+          below += float(np.float32(e)) < float(e)  # where rounding to nearest goes down
+  assert below > 0

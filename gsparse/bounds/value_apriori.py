@@ -19,6 +19,7 @@ from jax.typing import ArrayLike
 
 from gsparse.bounds import _xp
 from gsparse.bounds._common import (
+  _MARGIN_DTYPE,
   DEFAULT_DELTA,
   PointFormula,
   _binom_max_p,
@@ -173,7 +174,8 @@ def _log_tail_sum_hi(n, a, b, c_hi, d_sum):
   """`[C]` log bound on a row's off-diagonal tail sum `T` for tau in `[a, b]` (fails w.p. `d_sum`).
 
   Every tail member has `g <= c_hi` (the k-th largest), so `e^{tau g} <= W(g)`,
-  `W(g) = e^{a min(g, c_hi)}` for `g <= 0` and `e^{b min(g, c_hi)}` for `g > 0`, and
+  `W(g) = e^{a min(g, c_hi)}` for `g <= 0` and `e^{b min(g, c_hi)}` for `g > 0` (for
+  every `g` `e^{a min(g, c_hi)}` when `c_hi <= 0`: the cap `W(c_hi)` is `e^{a c_hi}`), and
   `T <= sum_j W(g_j)` over all `n - 1` off-diagonal scores: i.i.d., bounded by
   `W(c_hi)`; Bernstein's inequality with the exact moments of `W`.
   """
@@ -474,7 +476,24 @@ def _finish(n, k, err, t_bound, vmax, split, rest):
   ok = _valid(n >= 1, k >= 1, delta > 0, delta < 1, frob >= 0, op >= 0, gram >= 0)
   ok = ok & (vf >= 0) & (vo >= 0) & (vg >= 0) & xp.isfinite(vmax)
   nan = xp.asarray(xp.nan, err.dtype)
-  return tuple(xp.where(ok, o, nan) for o in (err, t_bound, vmax, *split))
+  bounds = tuple(_round_up(xp.where(ok, o, nan)) for o in (err, t_bound, vmax))
+  return (*bounds, *(xp.where(ok, o, nan) for o in split))
+
+
+def _round_up(x):
+  """`x` on the grid of the output dtype, rounded toward `+inf` (a bound must not round down).
+
+  NumPy evaluates in float64 and `_on_flat` casts to the default dtype (float32 unless
+  x64), which rounds to nearest: here the float32 neighbour at or above `x` is chosen
+  first, so that cast is exact. The jax path computes in the output dtype: no cast, no-op.
+  """
+  xp = _xp.of(x)
+  target = _MARGIN_DTYPE.get() if xp is _xp.NP else None
+  if target is None or xp.dtype(target) == x.dtype:
+    return x
+  y = x.astype(target)
+  y = xp.where(y.astype(x.dtype) < x, xp.nextafter(y, xp.asarray(xp.inf, target)), y)
+  return y.astype(x.dtype)
 
 
 _ISO = PointFormula(_iso_scalar, static=("with_theorem2",))
