@@ -32,7 +32,7 @@ from gsparse.bounds._common import (
   _on_flat,
   _valid,
 )
-from gsparse.bounds._tilted_mean import tail_mean_floor
+from gsparse.bounds._iso_events import peeled_levels, tail_mean_floor
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
 from gsparse.bounds.row_tail import _row_tails
 from gsparse.bounds.tau import _quad_form_range, _tau_range_point
@@ -89,7 +89,8 @@ def isotropic_error_bound(
   (Theorem 2R), an eighth each for the largest standardised score, the k-th
   largest (both sides), the tail's score sums (a sixteenth for the floor on its
   tilted mean, a sixteenth for its absolute sum), and the Gaussian part (a
-  sixteenth for its norm, a sixteenth for its projection on the fixed part).
+  sixteenth for its norm, a sixteenth for its projection on the fixed part,
+  each spread over the cells of the largest score: independent of the scores).
 
   Args:
     n: sequence length (integer-valued, >= 1).
@@ -273,8 +274,6 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   vmax = xp.sqrt(_quad_form_range(s2, vf, vo, vg, xp.log(n / dpart))[1])
   drow = 2.0 * dpart / n  # delta / (2 n) per row
   d8, d16 = drow / 8.0, drow / 16.0
-  u_gauss = xp.sqrt(_quad_form_range(s2, vf, vo, vg, -xp.log(d16))[1])
-  cross = sigma * vo * _norm_isf(d16)  # a . G <= ||a|| sqrt(q) cross
   kk = xp.clip(k, 2.0, xp.maximum(n - 1.0, 2.0))
   stats = _order_stats(n, kk, d8, d8, d16)
   g1_hi, c_lo, c_hi, _, _ = stats
@@ -304,6 +303,10 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   gam = c_lo + xp.linspace(0.0, 1.0, _NUM_G1_CELLS + 1, dtype=dt) * xp.maximum(g1_hi - c_lo, 0.0)
   gam = xp.concatenate([gam[:-1], xp.maximum(g1_hi, c_lo)[None]])  # the last edge is g1_hi
   gam = gam[None, None, :]
+  # (v), (vi) at a level per cell of g_(1) (the Gaussian part is independent of g given x_i).
+  lvl = peeled_levels(n, gam[..., :-1], d16)
+  u_gauss = xp.sqrt(_quad_form_range(s2, vf, vo, vg, -xp.log(lvl))[1])
+  cross = sigma * vo * _norm_isf(xp.minimum(lvl, 0.5))  # a . G <= ||a|| sqrt(q) cross (z >= 0)
   scal = (sigma * vo, vmax, u_gauss, cross, t_free)
   # NumPy: a few tau cells at a time, so its temporaries stay small (cached by the allocator,
   # not fresh pages each call); every entry is the same, and so are the maximum and its split.
@@ -396,6 +399,7 @@ def _cell_upper(cells, stats, kk, th, scal):
   y_lo = xp.minimum(s_hi * e_lo, s_lo * e_lo)
   gap = xp.maximum(y_hi - xp.minimum(et_lo, c_hi), xp.maximum(et_lo, c_hi) - y_lo)
   q = _t_part(tm) * s_hi / (kk - 1.0) + tm * tm * s_hi**2 * xp.max(f, axis=-1, keepdims=True)
+  u_gauss, cross = xp.max(u_gauss), xp.max(cross)  # `_combine` increases in both
   head = (tm * th[:, 1:] * vmax, svo * tm * gap, xp.sqrt(q) * u_gauss)
   head = _combine(head, u_gauss, cross) * (1.0 + 1e-9)
   return head[..., 0], xp.max(total_t, axis=(1, 2))

@@ -1,4 +1,6 @@
-"""Theorem 2V's floor on a row's tilted tail mean `E_t` (docs/theory.md 4.2, event (iii)).
+"""Two of Theorem 2V's per-row events (docs/theory.md 4.2): (iii) and the levels of (v), (vi).
+
+The floor on a row's tilted tail mean `E_t` (event (iii)):
 
 `E_t(tau) = d/dtau log T_S(tau)`, `T_S(tau) = sum_{j in S} e^{tau g_j}` over the
 off-diagonal tail `S` (`|S| = N_S = n - 1 - m`, `m = k - 1` or `k` keys kept).
@@ -10,6 +12,10 @@ off-diagonal tail `S` (`|S| = N_S = n - 1 - m`, `m = k - 1` or `k` keys kept).
 terms). Per tau cell, one event is used: the one, among the plain-mean event of
 `_order_stats` and this one at the cells' left ends `a' <= a`, that gives the
 largest floor (a choice fixed by the cell, so it costs one event's probability).
+
+The Gaussian part's events (v), (vi) are independent of the scores given `x_i`, so
+their level can depend on the cell of the largest score `g_(1)`: a cell reached
+only w.p. `P_j` affords a level about `1 / P_j` times larger (`peeled_levels`).
 """
 
 from __future__ import annotations
@@ -58,3 +64,16 @@ def tail_mean_floor(n, kk, a, c_lo, c_hi, et_plain, d_ev):
     floor = f_m if floor is None else xp.minimum(floor, f_m)
   floor = xp.cummax(floor, axis=0)  # the best left end a' <= a
   return xp.minimum(xp.maximum(floor, et_plain), c_hi)
+
+
+def peeled_levels(n, g1, d_ev):
+  """`[1, 1, G]` failure levels of the Gaussian events in the cells `[g1_j, g1_{j+1}]` of `g_(1)`.
+
+  Cell `j` is reached w.p. `<= P_j = min(1, (n - 1) Phi_bar(g1_j))` (`P(g_(1) >= g1_j)`);
+  its level is `min(1, d_ev / (G P_j))`, so the events fail w.p.
+  `<= sum_j P(cell j) d_ev / (G P_j) <= d_ev` in all (docs/theory.md 4.2). Equal shares
+  `1 / G` did better than shares growing or falling with `P_j` (powers -0.5 to 1 tried).
+  """
+  xp = _xp.of(n, g1, d_ev)
+  log_p = xp.minimum(xp.log(xp.maximum(n - 1.0, 1.0)) + xp.log_ndtr(-g1), 0.0)
+  return xp.exp(xp.minimum(xp.log(d_ev / g1.shape[-1]) - log_p, 0.0))
