@@ -20,8 +20,11 @@ only w.p. `P_j` affords a level about `1 / P_j` times larger (`peeled_levels`).
 
 from __future__ import annotations
 
+import numpy as np
+
 from gsparse.bounds import _xp
 from gsparse.bounds._common import _log1mexp
+from gsparse.bounds.tau import _quad_form_range
 
 
 def _log_min_moment(s, c):
@@ -77,3 +80,25 @@ def peeled_levels(n, g1, d_ev):
   xp = _xp.of(n, g1, d_ev)
   log_p = xp.minimum(xp.log(xp.maximum(n - 1.0, 1.0)) + xp.log_ndtr(-g1), 0.0)
   return xp.exp(xp.minimum(xp.log(d_ev / g1.shape[-1]) - log_p, 0.0))
+
+
+_QUAD_HI: dict[bytes, np.ndarray] = {}  # NumPy: `quad_form_hi` per argument bits
+_QUAD_HI_MAX = 256
+
+
+def quad_form_hi(frob, op, gram, x):
+  """`_quad_form_range(1, frob, op, gram, x)[1]` for an array `x` (the per-cell levels).
+
+  In NumPy remembered per argument bits: it depends on `n`, `k`, `delta` and the
+  value norms, not on `sigma`, and its root search costs more than the rest of a
+  later call's Gaussian levels. The same values as the plain call.
+  """
+  if _xp.of(frob, op, gram, x) is not _xp.NP:
+    return _quad_form_range(1.0, frob, op, gram, x)[1]
+  arrays = [np.asarray(v) for v in (frob, op, gram, x)]
+  key = b"".join(a.tobytes() + a.dtype.str.encode() + str(a.shape).encode() for a in arrays)
+  if key not in _QUAD_HI:
+    if len(_QUAD_HI) >= _QUAD_HI_MAX:
+      _QUAD_HI.clear()
+    _QUAD_HI[key] = _quad_form_range(np.ones_like(x), frob, op, gram, x)[1]
+  return _QUAD_HI[key]

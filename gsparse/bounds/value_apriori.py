@@ -32,7 +32,7 @@ from gsparse.bounds._common import (
   _on_flat,
   _valid,
 )
-from gsparse.bounds._iso_events import peeled_levels, tail_mean_floor
+from gsparse.bounds._iso_events import peeled_levels, quad_form_hi, tail_mean_floor
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
 from gsparse.bounds.row_tail import _row_tails
 from gsparse.bounds.tau import _quad_form_range, _tau_range_point
@@ -305,7 +305,7 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   gam = gam[None, None, :]
   # (v), (vi) at a level per cell of g_(1) (the Gaussian part is independent of g given x_i).
   lvl = peeled_levels(n, gam[..., :-1], d16)
-  u_gauss = xp.sqrt(_quad_form_range(s2, vf, vo, vg, -xp.log(lvl))[1])
+  u_gauss = xp.sqrt(s2 * quad_form_hi(vf, vo, vg, -xp.log(lvl)))
   cross = sigma * vo * _norm_isf(xp.minimum(lvl, 0.5))  # a . G <= ||a|| sqrt(q) cross (z >= 0)
   scal = (sigma * vo, vmax, u_gauss, cross, t_free)
   # NumPy: a few tau cells at a time, so its temporaries stay small (cached by the allocator,
