@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from gsparse import bounds as B
-from gsparse.bounds import value_apriori
+from gsparse.bounds import _iso_events, value_apriori
 from tests import mc_settings
 
 _R = 256  # matrices per setting
@@ -117,10 +117,12 @@ def test_numpy_path_matches_the_jitted_jax_path_in_float64():
   assert np.all(want[0] > 0)  # the settings are not the trivial k >= n case
 
 
-def test_numpy_values_unchanged_by_the_batched_theorem_2r_and_the_leaner_grid():
-  # Float64 NumPy outputs (error, tail_mass, value_norm, diag, mean, gauss) recorded at
-  # 23a06e3, before Theorem 2R ran as one bisection for the four tau cells and the grid
-  # was trimmed; those rewrites keep every value (here bit for bit, required within 1e-14).
+def test_numpy_values_recorded_and_below_those_before_the_sharper_events():
+  # Float64 NumPy outputs (error, tail_mass, value_norm, diag, mean, gauss). `before`:
+  # recorded at 23a06e3 (kept bit for bit by the later rewrites up to dfc7710), with the
+  # plain-mean floor `et_lo` on the tilted tail mean. `now`: with the floor of
+  # `_iso_events` (never below `et_lo`, and every term is nonincreasing in the floor, so
+  # the error can only fall; the mean term is the only part that moves).
   before = {
     (1024, 1.0, 32, 1e-4): (16.406361106909547, 0.9150339174164698, 13.280427127716058,
                             0.4024371856883654, 8.62672557592903, 9.107339377277045),
@@ -129,13 +131,24 @@ def test_numpy_values_unchanged_by_the_batched_theorem_2r_and_the_leaner_grid():
     (64, 0.6, 3, 0.1): (11.345659292070959, 0.951207416040738, 6.619770878598893,
                         1.6549427196497233, 5.1489149433625085, 6.271118670260671),
   }  # fmt: skip
-  for (n, sigma, k, delta), want in before.items():
+  now = {
+    (1024, 1.0, 32, 1e-4): (14.499148756059617, 0.9150339174164698, 13.280427127716058,
+                            0.4024371856883654, 6.676900279453443, 9.164964672177609),
+    (4096, 1.3, 5, 1e-2): (24.295417333230734, 0.9852070331664613, 16.374508811626164,
+                           2.729084801937694, 8.697119008849821, 15.647130900569712),
+    (64, 0.6, 3, 0.1): (10.54166405745233, 0.951207416040738, 6.619770878598893,
+                        1.6549427196497233, 3.3450981512771656, 6.940255371299217),
+  }  # fmt: skip
+  for (n, sigma, k, delta), want in now.items():
     values = [n, sigma, k, delta, 3.0, 1.2, 2.0, 8.0, 1.5, 4.0]
     for _ in range(2):  # the second call reads the memoised order statistics back
       got = value_apriori._ISO.numpy(
         values, np.float64, margin_dtype=np.float64, with_theorem2=True
       )
       np.testing.assert_allclose(np.array(got, np.float64), want, rtol=1e-14, atol=0)
+    old = before[(n, sigma, k, delta)]
+    assert got[0] < old[0]
+    np.testing.assert_array_equal(np.array(got, np.float64)[[1, 2]], np.array(old)[[1, 2]])
 
 
 def test_skipped_grid_rows_cannot_hold_the_maximum(monkeypatch):
@@ -244,3 +257,91 @@ def test_zero_value_weights_give_a_zero_bound_not_nan():
   for r in (eager, traced):
     assert float(r.error) == 0.0
     assert 0.0 < float(r.tail_mass) < 1.0
+
+
+def test_tilted_tail_mean_floor_holds_at_high_delta():
+  """Event (iii) of Theorem 2V (docs/theory.md 4.2): given a tau cell `[a, b]`, the tilted
+  tail mean `E_t(tau)` of the off-diagonal scores outside the top `m` (`m = k - 1` or `k`)
+  is at least `tail_mean_floor(...)` except w.p. `<= d_ev` plus the failure of
+  `g_(k) >= c_lo` (`d_k / 2`). `E_t` increases in tau, so tau = a is each cell's hardest
+  point. 4000 draws of the `n - 1` scores per (setting, cell); a count above the
+  (1 - 1e-4) binomial quantile at level `d_ev + d_k / 2` fails: false-failure probability
+  <= 1e-4 per (setting, cell, m), <= 4e-3 over the 40 checks."""
+  rng = np.random.default_rng(19)
+  reps, checks = 4000, 0
+  for n, k in ((64, 4), (256, 8)):
+    d_ev = d_k = 0.2
+    g1, c_lo, c_hi, et_plain, _ = value_apriori._order_stats(
+      np.float64(n), np.float64(k), 0.1, d_k, d_ev
+    )
+    a = np.array([0.05, 0.3, 0.8, 1.5, 2.5, 4.0, 6.0, 9.0, 13.0, 20.0])
+    floor = _iso_events.tail_mean_floor(np.float64(n), np.float64(k), a, c_lo, c_hi, et_plain, d_ev)
+    assert np.all(floor >= et_plain) and np.any(floor > et_plain + 0.2)  # it gains somewhere
+    g = -np.sort(-rng.standard_normal((reps, n - 1)), axis=1)
+    allowed = mc_settings.allowed_violations(d_ev + 0.5 * d_k, reps, 1e-4)
+    for m in (k - 1, k):
+      tail = g[:, m:]
+      for j, a_j in enumerate(a):
+        w = np.exp(a_j * (tail - tail[:, :1]))
+        e_t = np.sum(w * tail, axis=1) / np.sum(w, axis=1)
+        assert int(np.sum(e_t < floor[j])) <= allowed, (n, k, m, a_j, floor[j])
+        checks += 1
+  assert checks == 40
+
+
+def test_tilted_tail_mean_floor_numpy_and_jax_agree():
+  a = np.geomspace(0.01, 30.0, 24)
+  args = (np.float64(512), np.float64(16), a, 1.2, 2.6, -0.4, 1e-6)
+  want = _iso_events.tail_mean_floor(*args)
+  got = _iso_events.tail_mean_floor(*(jnp.asarray(x, jnp.float32) for x in args))
+  np.testing.assert_allclose(np.asarray(got), want, rtol=2e-4, atol=2e-4)
+  assert np.all(np.diff(want) >= 0)  # the best left end a' <= a: nondecreasing
+
+
+def test_float32_outputs_round_up_not_to_nearest(monkeypatch):
+  """The NumPy path evaluates in float64 and returns float32: each bound (error, tail mass,
+  value norm) must be at or above its float64 value (it was cast to nearest, so below it
+  in about half the cases; the 12 settings below include such cases)."""
+  norms, vnorms = (3.0, 1.2, 2.0), (8.0, 1.5, 4.0)
+  raw = functools.partial(value_apriori._ISO.numpy, dtype=np.float64, margin_dtype=np.float32)
+  with monkeypatch.context() as patch:  # the float64 values themselves, before any rounding
+    patch.setattr(value_apriori, "_round_up", lambda x: x, raising=False)
+    exact = {
+      (n, k, s): raw([n, s, k, 1e-3, *norms, *vnorms], with_theorem2=True)
+      for n in (64, 256, 1024)
+      for k in (4, 16)
+      for s in (0.6, 1.1)
+    }
+  below = 0
+  for n in (64, 256, 1024):
+    for k in (4, 16):
+      for sigma in (0.6, 1.1):
+        got = B.isotropic_error_bound(
+          n,
+          sigma,
+          B.InteractionNorms(*norms),
+          value_norms=B.InteractionNorms(*vnorms),
+          k=k,
+          delta=1e-3,
+        )
+        for g, e in zip(got[:3], exact[(n, k, sigma)][:3], strict=True):
+          assert np.float64(np.asarray(g)) >= float(e), (n, k, sigma, float(g), float(e))
+          below += float(np.float32(e)) < float(e)  # where rounding to nearest goes down
+  assert below > 0
+
+
+def test_gaussian_levels_per_g1_cell_spend_at_most_their_budget():
+  """Events (v), (vi) at a level per cell of the largest score g_(1) (docs/theory.md 4.2):
+  `sum_j P(g_(1) in cell j) level_j <= d_ev`, with the exact cell probabilities
+  `Phi(g_{j+1})^{n-1} - Phi(g_j)^{n-1}` (float64, computed here independently), and the
+  top cells get a level far above `d_ev` (that is the gain). Deterministic."""
+  from scipy.stats import norm
+
+  for n, d_ev in ((64, 1e-3), (1024, 1e-7), (8192, 1e-9)):
+    g1_hi = norm.isf(d_ev / (n - 1))
+    edges = np.linspace(0.8, g1_hi, 49)
+    lvl = np.asarray(_iso_events.peeled_levels(np.float64(n), edges[:-1][None, None], d_ev))
+    cdf = norm.cdf(edges) ** (n - 1)
+    spent = float(np.sum(np.diff(cdf) * lvl[0, 0]))
+    assert spent <= d_ev, (n, spent, d_ev)
+    assert lvl[0, 0, -1] > 10 * d_ev and lvl[0, 0, 0] >= d_ev / 48 * (1 - 1e-12)

@@ -19,6 +19,7 @@ from jax.typing import ArrayLike
 
 from gsparse.bounds import _xp
 from gsparse.bounds._common import (
+  _MARGIN_DTYPE,
   DEFAULT_DELTA,
   PointFormula,
   _binom_max_p,
@@ -31,6 +32,7 @@ from gsparse.bounds._common import (
   _on_flat,
   _valid,
 )
+from gsparse.bounds._iso_events import peeled_levels, quad_form_hi, tail_mean_floor
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
 from gsparse.bounds.row_tail import _row_tails
 from gsparse.bounds.tau import _quad_form_range, _tau_range_point
@@ -85,8 +87,10 @@ def isotropic_error_bound(
   Failure-probability split: `delta / 4` for the tau range, `delta / 4` for
   `max_j ||v_j|| <= V`, and `delta / (2 n)` per row: half for the tail mass
   (Theorem 2R), an eighth each for the largest standardised score, the k-th
-  largest (both sides), the sum of all scores, and the Gaussian part (a
-  sixteenth for its norm, a sixteenth for its projection on the fixed part).
+  largest (both sides), the tail's score sums (a sixteenth for the floor on its
+  tilted mean, a sixteenth for its absolute sum), and the Gaussian part (a
+  sixteenth for its norm, a sixteenth for its projection on the fixed part,
+  each spread over the cells of the largest score: independent of the scores).
 
   Args:
     n: sequence length (integer-valued, >= 1).
@@ -171,7 +175,8 @@ def _log_tail_sum_hi(n, a, b, c_hi, d_sum):
   """`[C]` log bound on a row's off-diagonal tail sum `T` for tau in `[a, b]` (fails w.p. `d_sum`).
 
   Every tail member has `g <= c_hi` (the k-th largest), so `e^{tau g} <= W(g)`,
-  `W(g) = e^{a min(g, c_hi)}` for `g <= 0` and `e^{b min(g, c_hi)}` for `g > 0`, and
+  `W(g) = e^{a min(g, c_hi)}` for `g <= 0` and `e^{b min(g, c_hi)}` for `g > 0` (for
+  every `g` `e^{a min(g, c_hi)}` when `c_hi <= 0`: the cap `W(c_hi)` is `e^{a c_hi}`), and
   `T <= sum_j W(g_j)` over all `n - 1` off-diagonal scores: i.i.d., bounded by
   `W(c_hi)`; Bernstein's inequality with the exact moments of `W`.
   """
@@ -269,8 +274,6 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   vmax = xp.sqrt(_quad_form_range(s2, vf, vo, vg, xp.log(n / dpart))[1])
   drow = 2.0 * dpart / n  # delta / (2 n) per row
   d8, d16 = drow / 8.0, drow / 16.0
-  u_gauss = xp.sqrt(_quad_form_range(s2, vf, vo, vg, -xp.log(d16))[1])
-  cross = sigma * vo * _norm_isf(d16)  # a . G <= ||a|| sqrt(q) cross
   kk = xp.clip(k, 2.0, xp.maximum(n - 1.0, 2.0))
   stats = _order_stats(n, kk, d8, d8, d16)
   g1_hi, c_lo, c_hi, _, _ = stats
@@ -292,11 +295,18 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   t_c = xp.minimum(t_row, (n - kn) / xp.maximum(n - 1.0, 1.0))[:, None, None]  # [C, 1, 1]
   t_free = 1.0 - kn / n
   l_t = _log_tail_sum_hi(n, a, b, c_hi, d16)[:, None, None]
+  # The tilted tail mean's floor per tau cell (event (iii): one of two kinds, fixed by the cell).
+  et = tail_mean_floor(n, kk, a, c_lo, c_hi, stats[3], d16)[:, None, None]
+  stats = (*stats[:3], et, stats[4])
   a, b = a[:, None, None], b[:, None, None]
   th = xp.linspace(0.0, 1.0, _NUM_THETA_CELLS + 1, dtype=dt)[None, :, None]
   gam = c_lo + xp.linspace(0.0, 1.0, _NUM_G1_CELLS + 1, dtype=dt) * xp.maximum(g1_hi - c_lo, 0.0)
   gam = xp.concatenate([gam[:-1], xp.maximum(g1_hi, c_lo)[None]])  # the last edge is g1_hi
   gam = gam[None, None, :]
+  # (v), (vi) at a level per cell of g_(1) (the Gaussian part is independent of g given x_i).
+  lvl = peeled_levels(n, gam[..., :-1], d16)
+  u_gauss = xp.sqrt(s2 * quad_form_hi(vf, vo, vg, -xp.log(lvl)))
+  cross = sigma * vo * _norm_isf(xp.minimum(lvl, 0.5))  # a . G <= ||a|| sqrt(q) cross (z >= 0)
   scal = (sigma * vo, vmax, u_gauss, cross, t_free)
   # NumPy: a few tau cells at a time, so its temporaries stay small (cached by the allocator,
   # not fresh pages each call); every entry is the same, and so are the maximum and its split.
@@ -346,7 +356,8 @@ def _np_rows(cells, stats, kk, th, scal, cap):
     c, row = np.divmod(idx, rows_hi.shape[1])
     th0, th1 = th[0, row, 0][:, None, None], th[0, row + 1, 0][:, None, None]
     at = (t_c[c], l_t[c], l_off[c], (f[c], eh_hi[c]))
-    total, head = _head_sum(*at, stats, kk, th0, th1, scal)  # [R, 1, G]
+    st = (*stats[:3], stats[3][c], stats[4])  # the tail mean's floor of each row's tau cell
+    total, head = _head_sum(*at, st, kk, th0, th1, scal)  # [R, 1, G]
     np.maximum.at(cell, c, np.max(total, axis=(1, 2)))
     found.append((c, row, total[:, 0], [np.broadcast_to(h, total.shape)[:, 0] for h in head]))
     best, best_cap = np.max(cell), capped_max(cell)
@@ -388,6 +399,7 @@ def _cell_upper(cells, stats, kk, th, scal):
   y_lo = xp.minimum(s_hi * e_lo, s_lo * e_lo)
   gap = xp.maximum(y_hi - xp.minimum(et_lo, c_hi), xp.maximum(et_lo, c_hi) - y_lo)
   q = _t_part(tm) * s_hi / (kk - 1.0) + tm * tm * s_hi**2 * xp.max(f, axis=-1, keepdims=True)
+  u_gauss, cross = xp.max(u_gauss), xp.max(cross)  # `_combine` increases in both
   head = (tm * th[:, 1:] * vmax, svo * tm * gap, xp.sqrt(q) * u_gauss)
   head = _combine(head, u_gauss, cross) * (1.0 + 1e-9)
   return head[..., 0], xp.max(total_t, axis=(1, 2))
@@ -468,7 +480,24 @@ def _finish(n, k, err, t_bound, vmax, split, rest):
   ok = _valid(n >= 1, k >= 1, delta > 0, delta < 1, frob >= 0, op >= 0, gram >= 0)
   ok = ok & (vf >= 0) & (vo >= 0) & (vg >= 0) & xp.isfinite(vmax)
   nan = xp.asarray(xp.nan, err.dtype)
-  return tuple(xp.where(ok, o, nan) for o in (err, t_bound, vmax, *split))
+  bounds = tuple(_round_up(xp.where(ok, o, nan)) for o in (err, t_bound, vmax))
+  return (*bounds, *(xp.where(ok, o, nan) for o in split))
+
+
+def _round_up(x):
+  """`x` on the grid of the output dtype, rounded toward `+inf` (a bound must not round down).
+
+  NumPy evaluates in float64 and `_on_flat` casts to the default dtype (float32 unless
+  x64), which rounds to nearest: here the float32 neighbour at or above `x` is chosen
+  first, so that cast is exact. The jax path computes in the output dtype: no cast, no-op.
+  """
+  xp = _xp.of(x)
+  target = _MARGIN_DTYPE.get() if xp is _xp.NP else None
+  if target is None or xp.dtype(target) == x.dtype:
+    return x
+  y = x.astype(target)
+  y = xp.where(y.astype(x.dtype) < x, xp.nextafter(y, xp.asarray(xp.inf, target)), y)
+  return y.astype(x.dtype)
 
 
 _ISO = PointFormula(_iso_scalar, static=("with_theorem2",))
