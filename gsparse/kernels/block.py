@@ -42,10 +42,13 @@ from gsparse.kernels._common import (
 )
 from gsparse.kernels.backward import gather_backward_xla, slot_positions
 from gsparse.kernels.block_bwd import block_backward_pallas
+from gsparse.kernels.block_skip import run_if_live, tile_live
 from gsparse.kernels.block_tpu import block_forward_tpu
 from gsparse.kernels.nonfinite import finite_part, inf_sign, nonfinite_indicator, resolve_reads
 
 
+# Over 60 lines: the optional range refs, then one flash step per live listed block
+# whose masks and non-finite reads share its locals (as the Mosaic kernel).
 def _block_kernel_gpu(
   bidx_ref, query_ref, key_ref, value_ref, *refs, scale, block_k, num_keys, is_causal, window
 ):
@@ -61,13 +64,23 @@ def _block_kernel_gpu(
   query = query_ref[...]
   qpos = pl.program_id(0) * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
+  lens = None
   if ranges:
     lens_ref, qseg_ref, kvseg_ref = ranges
     q_len, kv_len, qseg = lens_ref[0], lens_ref[1], qseg_ref[...][:, None]
+    lens = (q_len, kv_len)
+  live = functools.partial(
+    tile_live, block_q=bq, block_k=block_k, is_causal=is_causal, window=window
+  )
+
+  q0 = pl.program_id(0) * bq
 
   def body(j, state):
+    blk = bidx_ref[j]  # a dead tile (gsparse.kernels.block_skip) is not loaded
+    return run_if_live(live(q0, blk * block_k, lens), functools.partial(step, blk), state)
+
+  def step(blk, state):
     m, denom, acc, reads, signs = state
-    blk = bidx_ref[j]
     start = jnp.maximum(blk, 0) * block_k
     kb = key_ref[pl.ds(start, block_k), :]
     vb = value_ref[pl.ds(start, block_k), :]

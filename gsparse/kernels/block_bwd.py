@@ -35,13 +35,14 @@ from jax.experimental import pallas as pl
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import Ranges, interpret_arg, next_pow2
 from gsparse.kernels.block_bwd_tpu import block_backward_tpu
+from gsparse.kernels.block_skip import run_if_live, tile_live
 from gsparse.kernels.block_tile import TN, dot32, tile_grads, tile_valid
 from gsparse.kernels.key_major import group_sum, key_major
 from gsparse.kernels.nonfinite import finite_part
 
 
 def _dq_kernel_gpu(
-  bidx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, block_k, mask
+  bidx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, block_k, mask, live
 ):
   """Program `(query block, b, n)`. Refs: bidx `[nb]`, q `[bq, H]`, K `[Sp, H]`,
   V `[Sp, Hv]`, dO `[bq, Hv]`, lse/delta `[bq]`, with index ranges lengths `[2]`,
@@ -53,15 +54,22 @@ def _dq_kernel_gpu(
   qpos = pl.program_id(0) * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
 
+  lens = (ranges[0][0], ranges[0][1]) if ranges else None
+  q0 = pl.program_id(0) * bq
+
   def body(j, dq):
-    blk = bidx_ref[j]
+    blk = bidx_ref[j]  # a dead tile (gsparse.kernels.block_skip) is not loaded
+    tile = live(q0, blk * block_k, lens)
+    return run_if_live(tile, functools.partial(step, blk), dq)
+
+  def step(blk, dq):
     start = jnp.maximum(blk, 0) * block_k
     kb = k_ref[pl.ds(start, block_k), :]
     vb = v_ref[pl.ds(start, block_k), :]
     rng = None
     if ranges:
-      lens, qseg, kvseg = ranges
-      rng = (lens[0], lens[1], qseg[...][:, None], kvseg[pl.ds(start, block_k)][None, :])
+      _, qseg, kvseg = ranges
+      rng = (*lens, qseg[...][:, None], kvseg[pl.ds(start, block_k)][None, :])
     valid = (blk >= 0) & mask(qpos, start + kcol, rng)
     _, ds = tile_grads(q, kb, vb, do, lse, delta, valid, scale)
     return dq + dot32(ds.astype(kb.dtype), finite_part(kb))
@@ -83,6 +91,7 @@ def _dkdv_kernel_gpu(
   scale,
   block_q,
   mask,
+  live,
 ):
   """Program `(key block, b, n)`. Refs: bounds `[2]` (its entries of the sorted
   list), rows `[M]` query-block ids in key-major order, K `[bk, H]`, V `[bk, Hv]`,
@@ -94,16 +103,23 @@ def _dkdv_kernel_gpu(
   kpos = pl.program_id(0) * bk + lax.broadcasted_iota(jnp.int32, (block_q, bk), 1)
   qrow = lax.broadcasted_iota(jnp.int32, (block_q, bk), 0)
 
+  lens = (ranges[0][0], ranges[0][1]) if ranges else None
+  k0 = pl.program_id(0) * bk
+
   def body(e, carry):
+    start = rows_ref[e] * block_q  # a dead tile (gsparse.kernels.block_skip) is not loaded
+    tile = live(start, k0, lens)
+    return run_if_live(tile, functools.partial(step, start), carry)
+
+  def step(start, carry):
     dk, dv = carry
-    start = rows_ref[e] * block_q
     sl = pl.ds(start, block_q)
     q, do = q_ref[sl, :], do_ref[sl, :]
     lse, delta = lse_ref[sl][:, None], delta_ref[sl][:, None]
     rng = None
     if ranges:
-      lens, kvseg, qseg = ranges
-      rng = (lens[0], lens[1], qseg[sl][:, None], kvseg[...][None, :])
+      _, kvseg, qseg = ranges
+      rng = (*lens, qseg[sl][:, None], kvseg[...][None, :])
     p, ds = tile_grads(q, kb, vb, do, lse, delta, mask(start + qrow, kpos, rng), scale)
     dv = dv + dot32(p.astype(do.dtype), do, TN)
     return dk + dot32(ds.astype(q.dtype), finite_part(q), TN), dv
@@ -274,6 +290,9 @@ def block_backward_pallas(
   mask = functools.partial(
     tile_valid, num_keys=s_len, num_queries=num_queries, is_causal=is_causal, window=window
   )
+  live = functools.partial(
+    tile_live, block_q=block_q, block_k=block_k, is_causal=is_causal, window=window
+  )
   run = _backward_gpu if variant == "gpu" else block_backward_tpu
   dq, dk, dv = run(
     query,
@@ -290,6 +309,7 @@ def block_backward_pallas(
     block_k=block_k,
     scale=scale,
     mask=mask,
+    live=live,
     interpret=interpret,
   )
   return (

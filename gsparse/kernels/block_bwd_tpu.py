@@ -18,6 +18,7 @@ from jax.experimental import pallas as pl
 
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import interpret_arg
+from gsparse.kernels.block_skip import run_if_live
 from gsparse.kernels.block_tile import TN, dot32, tile_grads
 from gsparse.kernels.nonfinite import finite_part
 
@@ -28,6 +29,7 @@ def _dq_kernel_tpu(
   scale,
   block_k,
   mask,
+  live,
   has_ranges,
   group,
   num_blocks,
@@ -55,8 +57,13 @@ def _dq_kernel_tpu(
   qpos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
 
+  lens = (lens_smem[2 * b], lens_smem[2 * b + 1]) if has_ranges else None
+
   def body(j, dq):
-    blk = bidx_smem[base + j]
+    blk = bidx_smem[base + j]  # a dead tile (gsparse.kernels.block_skip) is not copied
+    return run_if_live(live(i * bq, blk * block_k, lens), functools.partial(step, blk), dq)
+
+  def step(blk, dq):
     start = jnp.maximum(blk, 0) * block_k
     ck = pltpu.make_async_copy(k_hbm.at[b, kvh, pl.ds(start, block_k)], kbuf, sems.at[0])
     cv = pltpu.make_async_copy(v_hbm.at[b, kvh, pl.ds(start, block_k)], vbuf, sems.at[1])
@@ -67,7 +74,7 @@ def _dq_kernel_tpu(
     kb = kbuf[...].astype(f32)
     rng = None
     if has_ranges:
-      rng = (lens_smem[2 * b], lens_smem[2 * b + 1], qseg_ref[...], kvseg_ref[jnp.maximum(blk, 0)])
+      rng = (*lens, qseg_ref[...], kvseg_ref[jnp.maximum(blk, 0)])
     valid = (blk >= 0) & mask(qpos, start + kcol, rng)
     _, ds = tile_grads(q, kb, vbuf[...].astype(f32), do, lse_ref[...], delta_ref[...], valid, scale)
     return dq + dot32(ds, finite_part(kb))
@@ -83,6 +90,7 @@ def _dkdv_kernel_tpu(
   scale,
   block_q,
   mask,
+  live,
   has_ranges,
   num_rows,
 ):
@@ -111,9 +119,14 @@ def _dkdv_kernel_tpu(
   srcs = (q_hbm, do_hbm, lse_hbm, delta_hbm)
   bufs = (qbuf, dobuf, lbuf, dbuf)
 
+  lens = (lens_smem[2 * b], lens_smem[2 * b + 1]) if has_ranges else None
+
   def body(e, carry):
+    row = rows_smem[head * num_rows + e]  # a dead tile (block_skip) is not copied
+    return run_if_live(live(row * block_q, j * bk, lens), functools.partial(step, row), carry)
+
+  def step(row, carry):
     dk, dv = carry
-    row = rows_smem[head * num_rows + e]
     start = row * block_q
     copies = [
       pltpu.make_async_copy(src.at[b, n, pl.ds(start, block_q)], buf, sems.at[c])
@@ -126,7 +139,7 @@ def _dkdv_kernel_tpu(
     q, do = qbuf[...].astype(f32), dobuf[...].astype(f32)
     rng = None
     if has_ranges:
-      rng = (lens_smem[2 * b], lens_smem[2 * b + 1], qseg_ref[row], kvseg_ref[...])
+      rng = (*lens, qseg_ref[row], kvseg_ref[...])
     p, ds = tile_grads(q, kb, vb, do, lbuf[...], dbuf[...], mask(start + qrow, kpos, rng), scale)
     return dk + dot32(ds, finite_part(q), TN), dv + dot32(p, do, TN)
 

@@ -19,11 +19,12 @@ from jax.experimental import pallas as pl
 
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import interpret_arg, range_mask
+from gsparse.kernels.block_skip import run_if_live, tile_live
 from gsparse.kernels.nonfinite import finite_part, inf_sign, nonfinite_indicator, resolve_reads
 
 
 # Over 60 lines: the optional range refs are unpacked first, then one flash step per
-# listed block whose masks and non-finite reads share its locals (as the GPU kernel).
+# live listed block whose masks and non-finite reads share its locals (as the GPU kernel).
 def _block_kernel_tpu(
   bidx_smem,
   *refs,
@@ -59,12 +60,20 @@ def _block_kernel_tpu(
   query = query_ref[...].astype(f32)
   qpos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
+  lens = None
   if has_ranges:
     q_len, kv_len, qseg = lens_smem[2 * b], lens_smem[2 * b + 1], qseg_ref[...]
+    lens = (q_len, kv_len)
 
   def body(j, state):
+    blk = bidx_smem[base + j]  # a dead tile (gsparse.kernels.block_skip) is not copied
+    live = tile_live(
+      i * bq, blk * block_k, lens, block_q=bq, block_k=block_k, is_causal=is_causal, window=window
+    )
+    return run_if_live(live, functools.partial(step, blk), state)
+
+  def step(blk, state):
     m, denom, acc, reads, signs = state
-    blk = bidx_smem[base + j]
     start = jnp.maximum(blk, 0) * block_k
     ck = pltpu.make_async_copy(key_hbm.at[b, kvh, pl.ds(start, block_k)], kbuf, sems.at[0])
     cv = pltpu.make_async_copy(value_hbm.at[b, kvh, pl.ds(start, block_k)], vbuf, sems.at[1])
