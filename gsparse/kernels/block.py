@@ -42,7 +42,7 @@ from gsparse.kernels._common import (
 )
 from gsparse.kernels.backward import gather_backward_xla, slot_positions
 from gsparse.kernels.block_bwd import block_backward_pallas
-from gsparse.kernels.block_skip import run_if_live, tile_live
+from gsparse.kernels.block_skip import bounds_at, run_if_live, segment_bounds, tile_live
 from gsparse.kernels.block_tpu import block_forward_tpu
 from gsparse.kernels.nonfinite import finite_part, inf_sign, nonfinite_indicator, resolve_reads
 
@@ -54,7 +54,8 @@ def _block_kernel_gpu(
 ):
   """One program: one query block of one head. Refs: bidx `[nb]`, query `[bq, H]`,
   key `[Sp, H]`, value `[Sp, Hv]`, then with index ranges lengths `[2]`, query
-  segment ids `[bq]` and key segment ids `[Sp]`, then o `[bq, Hv]`, lse `[bq]`.
+  segment ids `[bq]`, key segment ids `[Sp]` and the query and key blocks' id
+  ranges (`block_skip.segment_bounds`), then o `[bq, Hv]`, lse `[bq]`.
   """
   *ranges, o_ref, lse_ref = refs
   bq = query_ref.shape[0]
@@ -66,18 +67,22 @@ def _block_kernel_gpu(
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
   lens = None
   if ranges:
-    lens_ref, qseg_ref, kvseg_ref = ranges
+    lens_ref, qseg_ref, kvseg_ref, qb_ref, kvb_ref = ranges
     q_len, kv_len, qseg = lens_ref[0], lens_ref[1], qseg_ref[...][:, None]
     lens = (q_len, kv_len)
+    q_ids = bounds_at(qb_ref, pl.program_id(0), qb_ref.shape[0] // 2)
   live = functools.partial(
     tile_live, block_q=bq, block_k=block_k, is_causal=is_causal, window=window
   )
-
   q0 = pl.program_id(0) * bq
 
   def body(j, state):
     blk = bidx_ref[j]  # a dead tile (gsparse.kernels.block_skip) is not loaded
-    return run_if_live(live(q0, blk * block_k, lens), functools.partial(step, blk), state)
+    seg = None
+    if ranges:
+      seg = (*q_ids, *bounds_at(kvb_ref, jnp.maximum(blk, 0), kvb_ref.shape[0] // 2))
+    tile = live(q0, blk * block_k, lens, seg=seg)
+    return run_if_live(tile, functools.partial(step, blk), state)
 
   def step(blk, state):
     m, denom, acc, reads, signs = state
@@ -150,12 +155,22 @@ def _block_forward_gpu(
   )
   range_specs, range_args = [], []
   if ranges is not None:  # lengths, query ids of the block, all key ids (read per key block)
+    bounds = (  # the id range of every query and key block, for block skipping
+      segment_bounds(ranges.q_seg, block_q, next_pow2(tp // block_q)),
+      segment_bounds(ranges.kv_seg, block_k, next_pow2(sp // block_k)),
+    )
     range_specs = [
       pl.BlockSpec((None, 2), lambda i, bb, nn: (bb, 0)),
       pl.BlockSpec((None, block_q), lambda i, bb, nn: (bb, i)),
       pl.BlockSpec((None, sp), lambda i, bb, nn: (bb, 0)),
+      *(pl.BlockSpec((None, x.shape[1]), lambda i, bb, nn: (bb, 0)) for x in bounds),
     ]
-    range_args = [ranges.lengths, pad_axis(ranges.q_seg, 1, tp), pad_axis(ranges.kv_seg, 1, sp)]
+    range_args = [
+      ranges.lengths,
+      pad_axis(ranges.q_seg, 1, tp),
+      pad_axis(ranges.kv_seg, 1, sp),
+      *bounds,
+    ]
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as plgpu

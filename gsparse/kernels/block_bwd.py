@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import Ranges, interpret_arg, next_pow2
 from gsparse.kernels.block_bwd_tpu import block_backward_tpu
-from gsparse.kernels.block_skip import run_if_live, tile_live
+from gsparse.kernels.block_skip import bounds_at, run_if_live, segment_bounds, tile_live
 from gsparse.kernels.block_tile import TN, dot32, tile_grads, tile_valid
 from gsparse.kernels.key_major import group_sum, key_major
 from gsparse.kernels.nonfinite import finite_part
@@ -46,7 +46,8 @@ def _dq_kernel_gpu(
 ):
   """Program `(query block, b, n)`. Refs: bidx `[nb]`, q `[bq, H]`, K `[Sp, H]`,
   V `[Sp, Hv]`, dO `[bq, Hv]`, lse/delta `[bq]`, with index ranges lengths `[2]`,
-  query ids `[bq]` and key ids `[Sp]` (as the forward), then dq `[bq, H]` float32."""
+  query ids `[bq]`, key ids `[Sp]` and the blocks' id ranges (as the forward),
+  then dq `[bq, H]` float32."""
   *ranges, dq_ref = refs
   bq = q_ref.shape[0]
   q, do = q_ref[...], do_ref[...]
@@ -54,12 +55,19 @@ def _dq_kernel_gpu(
   qpos = pl.program_id(0) * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
 
-  lens = (ranges[0][0], ranges[0][1]) if ranges else None
+  lens = None
+  if ranges:
+    lens_ref, qseg, kvseg, qb, kvb = ranges
+    lens = (lens_ref[0], lens_ref[1])
+    q_ids = bounds_at(qb, pl.program_id(0), qb.shape[0] // 2)
   q0 = pl.program_id(0) * bq
 
   def body(j, dq):
     blk = bidx_ref[j]  # a dead tile (gsparse.kernels.block_skip) is not loaded
-    tile = live(q0, blk * block_k, lens)
+    seg = None
+    if ranges:
+      seg = (*q_ids, *bounds_at(kvb, jnp.maximum(blk, 0), kvb.shape[0] // 2))
+    tile = live(q0, blk * block_k, lens, seg=seg)
     return run_if_live(tile, functools.partial(step, blk), dq)
 
   def step(blk, dq):
@@ -68,7 +76,6 @@ def _dq_kernel_gpu(
     vb = v_ref[pl.ds(start, block_k), :]
     rng = None
     if ranges:
-      _, qseg, kvseg = ranges
       rng = (*lens, qseg[...][:, None], kvseg[pl.ds(start, block_k)][None, :])
     valid = (blk >= 0) & mask(qpos, start + kcol, rng)
     _, ds = tile_grads(q, kb, vb, do, lse, delta, valid, scale)
@@ -96,20 +103,26 @@ def _dkdv_kernel_gpu(
   """Program `(key block, b, n)`. Refs: bounds `[2]` (its entries of the sorted
   list), rows `[M]` query-block ids in key-major order, K `[bk, H]`, V `[bk, Hv]`,
   Q `[Tp, H]`, dO `[Tp, Hv]`, lse/delta `[Tp]`, with index ranges lengths `[2]`,
-  key ids `[bk]` and query ids `[Tp]`, then dk `[bk, H]`, dv `[bk, Hv]`."""
+  key ids `[bk]`, query ids `[Tp]` and the query and key blocks' id ranges
+  (`block_skip.segment_bounds`), then dk `[bk, H]`, dv `[bk, Hv]`."""
   *ranges, dk_ref, dv_ref = refs
   bk = k_ref.shape[0]
   kb, vb = k_ref[...], v_ref[...]
   kpos = pl.program_id(0) * bk + lax.broadcasted_iota(jnp.int32, (block_q, bk), 1)
   qrow = lax.broadcasted_iota(jnp.int32, (block_q, bk), 0)
 
-  lens = (ranges[0][0], ranges[0][1]) if ranges else None
+  lens = None
+  if ranges:
+    lens_ref, kvseg, qseg, qb, kvb = ranges
+    lens = (lens_ref[0], lens_ref[1])
+    k_ids = bounds_at(kvb, pl.program_id(0), kvb.shape[0] // 2)
   k0 = pl.program_id(0) * bk
 
   def body(e, carry):
-    start = rows_ref[e] * block_q  # a dead tile (gsparse.kernels.block_skip) is not loaded
-    tile = live(start, k0, lens)
-    return run_if_live(tile, functools.partial(step, start), carry)
+    row = rows_ref[e]  # a dead tile (gsparse.kernels.block_skip) is not loaded
+    seg = (*bounds_at(qb, row, qb.shape[0] // 2), *k_ids) if ranges else None
+    tile = live(row * block_q, k0, lens, seg=seg)
+    return run_if_live(tile, functools.partial(step, row * block_q), carry)
 
   def step(start, carry):
     dk, dv = carry
@@ -118,7 +131,6 @@ def _dkdv_kernel_gpu(
     lse, delta = lse_ref[sl][:, None], delta_ref[sl][:, None]
     rng = None
     if ranges:
-      _, kvseg, qseg = ranges
       rng = (*lens, qseg[sl][:, None], kvseg[...][None, :])
     p, ds = tile_grads(q, kb, vb, do, lse, delta, mask(start + qrow, kpos, rng), scale)
     dv = dv + dot32(p.astype(do.dtype), do, TN)
@@ -177,19 +189,29 @@ def _backward_gpu(
   specs, args, lens_spec = ([], []), ([], []), pl.BlockSpec((None, 2), lambda i, bb, nn: (bb, 0))
   if ranges is not None:
     qseg, kvseg = pad_axis(ranges.q_seg, 1, tp), pad_axis(ranges.kv_seg, 1, sp)
+    seg_bounds = [  # the id range of every query and key block, for block skipping
+      segment_bounds(ranges.q_seg, block_q, next_pow2(tp // block_q)),
+      segment_bounds(ranges.kv_seg, block_k, next_pow2(sp // block_k)),
+    ]
+    bounds_specs = [pl.BlockSpec((None, x.shape[1]), lambda i, bb, nn: (bb, 0)) for x in seg_bounds]
     specs = (
       [
         lens_spec,
         pl.BlockSpec((None, block_q), lambda i, bb, nn: (bb, i)),
         pl.BlockSpec((None, sp), lambda i, bb, nn: (bb, 0)),
+        *bounds_specs,
       ],
       [
         lens_spec,
         pl.BlockSpec((None, block_k), lambda j, bb, nn: (bb, j)),
         pl.BlockSpec((None, tp), lambda j, bb, nn: (bb, 0)),
+        *bounds_specs,
       ],
     )
-    args = ([ranges.lengths, qseg, kvseg], [ranges.lengths, kvseg, qseg])
+    args = (
+      [ranges.lengths, qseg, kvseg, *seg_bounds],
+      [ranges.lengths, kvseg, qseg, *seg_bounds],
+    )
   dq = call(
     functools.partial(_dq_kernel_gpu, block_k=block_k, **kw),
     grid=(tp // block_q, b, n),

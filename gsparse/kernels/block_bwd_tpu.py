@@ -3,8 +3,10 @@
 The same two kernels as the Triton variant. dq copies each listed K/V block
 from HBM into VMEM, as the forward does; dk/dv copies the query, dO, lse and
 delta rows of each selecting query block. Block ids, the key-major rows and
-offsets, and (with index ranges) the `[B * 2]` lengths arrive by scalar
-prefetch; segment ids come as VMEM blocks, as in `gsparse.kernels.block_tpu`.
+offsets, and (with index ranges) the `[B * 2]` lengths and the id range of
+every query and key block arrive by scalar prefetch; segment ids come as VMEM
+blocks, as in `gsparse.kernels.block_tpu`. Dead tiles are skipped
+(`gsparse.kernels.block_skip`).
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from jax.experimental import pallas as pl
 
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import interpret_arg
-from gsparse.kernels.block_skip import run_if_live
+from gsparse.kernels.block_skip import bounds_at, num_bounds, run_if_live, segment_bounds
 from gsparse.kernels.block_tile import TN, dot32, tile_grads
 from gsparse.kernels.nonfinite import finite_part
 
@@ -36,13 +38,13 @@ def _dq_kernel_tpu(
 ):
   """Grid step `(b, n, query block)`: as `_dq_kernel_gpu`, with K/V blocks copied
   from HBM `[B, K, Sp, H]` into VMEM (as the forward TPU kernel), lse/delta `[bq, 1]`.
-  With index ranges: prefetched lengths `[B * 2]`, query ids `[bq, 1]`, key ids
+  With index ranges: prefetched lengths `[B * 2]` and block id ranges (as the
+  forward), query ids `[bq, 1]`, key ids
   `[Sp / block_k, 1, block_k]`, as the forward."""
   from jax.experimental.pallas import tpu as pltpu
 
-  lens_smem = None
   if has_ranges:
-    lens_smem, *refs = refs
+    lens_smem, qb_smem, kvb_smem, *refs = refs
   q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm, *refs = refs
   if has_ranges:
     qseg_ref, kvseg_ref, *refs = refs
@@ -57,11 +59,19 @@ def _dq_kernel_tpu(
   qpos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
 
-  lens = (lens_smem[2 * b], lens_smem[2 * b + 1]) if has_ranges else None
+  lens = None
+  if has_ranges:
+    lens = (lens_smem[2 * b], lens_smem[2 * b + 1])
+    nq, nk = num_bounds(lens_smem, qb_smem), num_bounds(lens_smem, kvb_smem)
+    q_ids = bounds_at(qb_smem, i, nq, base=b * 2 * nq)
 
   def body(j, dq):
     blk = bidx_smem[base + j]  # a dead tile (gsparse.kernels.block_skip) is not copied
-    return run_if_live(live(i * bq, blk * block_k, lens), functools.partial(step, blk), dq)
+    seg = None
+    if has_ranges:
+      seg = (*q_ids, *bounds_at(kvb_smem, jnp.maximum(blk, 0), nk, base=b * 2 * nk))
+    tile = live(i * bq, blk * block_k, lens, seg=seg)
+    return run_if_live(tile, functools.partial(step, blk), dq)
 
   def step(blk, dq):
     start = jnp.maximum(blk, 0) * block_k
@@ -96,13 +106,12 @@ def _dkdv_kernel_tpu(
 ):
   """Grid step `(b, n, key block)`: as `_dkdv_kernel_gpu`; its query blocks are
   copied from HBM `[B, N, Tp, .]` into VMEM; rows/offsets are prefetched scalars.
-  With index ranges: prefetched lengths `[B * 2]`, key ids `[1, bk]` of this
+  With index ranges: prefetched lengths `[B * 2]` and block id ranges, key ids `[1, bk]` of this
   block and query ids `[Tp / block_q, block_q, 1]`."""
   from jax.experimental.pallas import tpu as pltpu
 
-  lens_smem = None
   if has_ranges:
-    lens_smem, *refs = refs
+    lens_smem, qb_smem, kvb_smem, *refs = refs
   k_ref, v_ref, q_hbm, do_hbm, lse_hbm, delta_hbm, *refs = refs
   if has_ranges:
     kvseg_ref, qseg_ref, *refs = refs
@@ -119,11 +128,17 @@ def _dkdv_kernel_tpu(
   srcs = (q_hbm, do_hbm, lse_hbm, delta_hbm)
   bufs = (qbuf, dobuf, lbuf, dbuf)
 
-  lens = (lens_smem[2 * b], lens_smem[2 * b + 1]) if has_ranges else None
+  lens = None
+  if has_ranges:
+    lens = (lens_smem[2 * b], lens_smem[2 * b + 1])
+    nq, nk = num_bounds(lens_smem, qb_smem), num_bounds(lens_smem, kvb_smem)
+    k_ids = bounds_at(kvb_smem, j, nk, base=b * 2 * nk)
 
   def body(e, carry):
     row = rows_smem[head * num_rows + e]  # a dead tile (block_skip) is not copied
-    return run_if_live(live(row * block_q, j * bk, lens), functools.partial(step, row), carry)
+    seg = (*bounds_at(qb_smem, row, nq, base=b * 2 * nq), *k_ids) if has_ranges else None
+    tile = live(row * block_q, j * bk, lens, seg=seg)
+    return run_if_live(tile, functools.partial(step, row), carry)
 
   def step(row, carry):
     dk, dv = carry
@@ -189,8 +204,12 @@ def block_backward_tpu(
   # and key ids `[nkb, 1, bk]` per batch element, one block or all of them.
   kw["has_ranges"] = ranges is not None
   lens, specs, args = [], ([], []), ([], [])
-  if ranges is not None:
-    lens = [ranges.lengths.reshape(-1)]
+  if ranges is not None:  # lengths and the id range of every query and key block
+    lens = [
+      ranges.lengths.reshape(-1),
+      segment_bounds(ranges.q_seg, block_q, tp // block_q).reshape(-1),
+      segment_bounds(ranges.kv_seg, block_k, sp // block_k).reshape(-1),
+    ]
     qseg = pad_axis(ranges.q_seg, 1, tp).reshape(b, tp // block_q, block_q, 1)
     kvseg = pad_axis(ranges.kv_seg, 1, sp).reshape(b, sp // block_k, 1, block_k)
     whole = lambda x: pl.BlockSpec((None, *x.shape[1:]), lambda bb, *_: (bb, 0, 0, 0))

@@ -2,8 +2,10 @@
 
 The same running softmax as the Triton variant. The block ids arrive by
 scalar prefetch (`pltpu.PrefetchScalarGridSpec`), and every listed key block
-is copied from HBM into VMEM with `make_async_copy` (not double-buffered).
-With index ranges the `[B * 2]` lengths are prefetched too, the query segment
+that is live (`gsparse.kernels.block_skip`) is copied from HBM into VMEM with
+`make_async_copy` (not double-buffered). With index ranges the `[B * 2]`
+lengths and the id range of every query and key block (`segment_bounds`) are
+prefetched too, the query segment
 ids come as a `[block_q, 1]` block and the key segment ids as one
 `[S / block_k, 1, block_k]` block per batch element, indexed by block id.
 """
@@ -19,7 +21,7 @@ from jax.experimental import pallas as pl
 
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import interpret_arg, range_mask
-from gsparse.kernels.block_skip import run_if_live, tile_live
+from gsparse.kernels.block_skip import bounds_at, num_bounds, run_if_live, segment_bounds, tile_live
 from gsparse.kernels.nonfinite import finite_part, inf_sign, nonfinite_indicator, resolve_reads
 
 
@@ -38,7 +40,9 @@ def _block_kernel_tpu(
   num_blocks,
 ):
   """Grid step `(b, n, query block)`. bidx_smem: flat prefetched block ids;
-  with index ranges, lens_smem: flat prefetched `[B * 2]` lengths. Then query
+  with index ranges, lens_smem: flat prefetched `[B * 2]` lengths and the
+  flat id ranges of the query and key blocks (`block_skip.segment_bounds`,
+  `[B * 2 * Tb]`, `[B * 2 * Sp / block_k]`). Then query
   `[bq, H]`, K/V in HBM `[B, K, Sp, H]`, with index ranges query segment ids
   `[bq, 1]` and key segment ids `[Sp / block_k, 1, block_k]`, then o `[bq, Hv]`,
   lse `[bq, 1]`, kbuf/vbuf VMEM `[block_k, H]`.
@@ -46,7 +50,7 @@ def _block_kernel_tpu(
   from jax.experimental.pallas import tpu as pltpu
 
   if has_ranges:
-    lens_smem, query_ref, key_hbm, value_hbm, qseg_ref, kvseg_ref, *refs = refs
+    lens_smem, qb_smem, kvb_smem, query_ref, key_hbm, value_hbm, qseg_ref, kvseg_ref, *refs = refs
   else:
     query_ref, key_hbm, value_hbm, *refs = refs
   o_ref, lse_ref, kbuf, vbuf, sems = refs
@@ -64,12 +68,18 @@ def _block_kernel_tpu(
   if has_ranges:
     q_len, kv_len, qseg = lens_smem[2 * b], lens_smem[2 * b + 1], qseg_ref[...]
     lens = (q_len, kv_len)
+    nq, nk = num_bounds(lens_smem, qb_smem), num_bounds(lens_smem, kvb_smem)
+    q_ids = bounds_at(qb_smem, i, nq, base=b * 2 * nq)
 
   def body(j, state):
     blk = bidx_smem[base + j]  # a dead tile (gsparse.kernels.block_skip) is not copied
+    seg = None
+    if has_ranges:
+      seg = (*q_ids, *bounds_at(kvb_smem, jnp.maximum(blk, 0), nk, base=b * 2 * nk))
     live = tile_live(
-      i * bq, blk * block_k, lens, block_q=bq, block_k=block_k, is_causal=is_causal, window=window
-    )
+      i * bq, blk * block_k, lens, block_q=bq, block_k=block_k, is_causal=is_causal, window=window,
+      seg=seg,
+    )  # fmt: skip
     return run_if_live(live, functools.partial(step, blk), state)
 
   def step(blk, state):
@@ -144,7 +154,11 @@ def block_forward_tpu(
   )
   prefetch, range_specs, range_args = [flat], [], []
   if ranges is not None:  # lengths prefetched; query ids per block, key ids per key block
-    prefetch.append(ranges.lengths.reshape(-1))
+    prefetch += [  # lengths and the id range of every query and key block
+      ranges.lengths.reshape(-1),
+      segment_bounds(ranges.q_seg, block_q, tp // block_q).reshape(-1),
+      segment_bounds(ranges.kv_seg, block_k, sp // block_k).reshape(-1),
+    ]
     range_specs = [
       pl.BlockSpec((None, block_q, 1), lambda bb, nn, i, *_: (bb, i, 0)),
       pl.BlockSpec((None, sp // block_k, 1, block_k), lambda bb, nn, i, *_: (bb, 0, 0, 0)),
