@@ -42,7 +42,7 @@ from gsparse.kernels._common import (
 )
 from gsparse.kernels.backward import gather_backward_xla, slot_positions
 from gsparse.kernels.block_bwd import block_backward_pallas
-from gsparse.kernels.block_skip import bounds_at, run_if_live, segment_bounds, tile_live
+from gsparse.kernels.block_skip import block_bounds, segment_bounds, skipping_body, tile_live
 from gsparse.kernels.block_tpu import block_forward_tpu
 from gsparse.kernels.nonfinite import finite_part, inf_sign, nonfinite_indicator, resolve_reads
 
@@ -65,26 +65,13 @@ def _block_kernel_gpu(
   query = query_ref[...]
   qpos = pl.program_id(0) * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
-  lens = None
+  lens = bounds = None
   if ranges:
     lens_ref, qseg_ref, kvseg_ref, qb_ref, kvb_ref = ranges
     q_len, kv_len, qseg = lens_ref[0], lens_ref[1], qseg_ref[...][:, None]
-    lens = (q_len, kv_len)
-    q_ids = bounds_at(qb_ref, pl.program_id(0), qb_ref.shape[0] // 2)
-  live = functools.partial(
-    tile_live, block_q=bq, block_k=block_k, is_causal=is_causal, window=window
-  )
-  q0 = pl.program_id(0) * bq
+    lens, bounds = (q_len, kv_len), (block_bounds(qb_ref), block_bounds(kvb_ref))
 
-  def body(j, state):
-    blk = bidx_ref[j]  # a dead tile (gsparse.kernels.block_skip) is not loaded
-    seg = None
-    if ranges:
-      seg = (*q_ids, *bounds_at(kvb_ref, jnp.maximum(blk, 0), kvb_ref.shape[0] // 2))
-    tile = live(q0, blk * block_k, lens, seg=seg)
-    return run_if_live(tile, functools.partial(step, blk), state)
-
-  def step(blk, state):
+  def step(blk, state):  # a live tile only (gsparse.kernels.block_skip)
     m, denom, acc, reads, signs = state
     start = jnp.maximum(blk, 0) * block_k
     kb = key_ref[pl.ds(start, block_k), :]
@@ -117,6 +104,13 @@ def _block_kernel_gpu(
 
   zeros = jnp.zeros((bq, hv), f32)
   init = (jnp.full((bq,), -jnp.inf, f32), jnp.zeros((bq,), f32), zeros, zeros, zeros)
+  live = functools.partial(
+    tile_live, block_q=bq, block_k=block_k, is_causal=is_causal, window=window
+  )
+  body = skipping_body(
+    lambda j: bidx_ref[j], step, live, own=(pl.program_id(0), bq), other_block=block_k,
+    lens=lens, bounds=bounds,
+  )  # fmt: skip
   m, denom, acc, reads, signs = lax.fori_loop(0, nb, body, init)
   ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
   l_safe = jnp.where(ok, denom, 1.0)

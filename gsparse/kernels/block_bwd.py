@@ -35,7 +35,7 @@ from jax.experimental import pallas as pl
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import Ranges, interpret_arg, next_pow2
 from gsparse.kernels.block_bwd_tpu import block_backward_tpu
-from gsparse.kernels.block_skip import bounds_at, run_if_live, segment_bounds, tile_live
+from gsparse.kernels.block_skip import block_bounds, segment_bounds, skipping_body, tile_live
 from gsparse.kernels.block_tile import TN, dot32, tile_grads, tile_valid
 from gsparse.kernels.key_major import group_sum, key_major
 from gsparse.kernels.nonfinite import finite_part
@@ -55,22 +55,12 @@ def _dq_kernel_gpu(
   qpos = pl.program_id(0) * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
 
-  lens = None
+  lens = bounds = None
   if ranges:
     lens_ref, qseg, kvseg, qb, kvb = ranges
-    lens = (lens_ref[0], lens_ref[1])
-    q_ids = bounds_at(qb, pl.program_id(0), qb.shape[0] // 2)
-  q0 = pl.program_id(0) * bq
+    lens, bounds = (lens_ref[0], lens_ref[1]), (block_bounds(qb), block_bounds(kvb))
 
-  def body(j, dq):
-    blk = bidx_ref[j]  # a dead tile (gsparse.kernels.block_skip) is not loaded
-    seg = None
-    if ranges:
-      seg = (*q_ids, *bounds_at(kvb, jnp.maximum(blk, 0), kvb.shape[0] // 2))
-    tile = live(q0, blk * block_k, lens, seg=seg)
-    return run_if_live(tile, functools.partial(step, blk), dq)
-
-  def step(blk, dq):
+  def step(blk, dq):  # a live tile only (gsparse.kernels.block_skip)
     start = jnp.maximum(blk, 0) * block_k
     kb = k_ref[pl.ds(start, block_k), :]
     vb = v_ref[pl.ds(start, block_k), :]
@@ -81,6 +71,10 @@ def _dq_kernel_gpu(
     _, ds = tile_grads(q, kb, vb, do, lse, delta, valid, scale)
     return dq + dot32(ds.astype(kb.dtype), finite_part(kb))
 
+  body = skipping_body(
+    lambda j: bidx_ref[j], step, live, own=(pl.program_id(0), bq), other_block=block_k,
+    lens=lens, bounds=bounds,
+  )  # fmt: skip
   dq = lax.fori_loop(0, bidx_ref.shape[0], body, jnp.zeros(dq_ref.shape, jnp.float32))
   dq_ref[...] = dq * scale
 
@@ -111,21 +105,14 @@ def _dkdv_kernel_gpu(
   kpos = pl.program_id(0) * bk + lax.broadcasted_iota(jnp.int32, (block_q, bk), 1)
   qrow = lax.broadcasted_iota(jnp.int32, (block_q, bk), 0)
 
-  lens = None
-  if ranges:
+  lens = bounds = None
+  if ranges:  # as the dq kernel's, with the key and query ids swapped
     lens_ref, kvseg, qseg, qb, kvb = ranges
-    lens = (lens_ref[0], lens_ref[1])
-    k_ids = bounds_at(kvb, pl.program_id(0), kvb.shape[0] // 2)
-  k0 = pl.program_id(0) * bk
+    lens, bounds = (lens_ref[0], lens_ref[1]), (block_bounds(qb), block_bounds(kvb))
 
-  def body(e, carry):
-    row = rows_ref[e]  # a dead tile (gsparse.kernels.block_skip) is not loaded
-    seg = (*bounds_at(qb, row, qb.shape[0] // 2), *k_ids) if ranges else None
-    tile = live(row * block_q, k0, lens, seg=seg)
-    return run_if_live(tile, functools.partial(step, row * block_q), carry)
-
-  def step(start, carry):
+  def step(row, carry):  # a live tile only (gsparse.kernels.block_skip)
     dk, dv = carry
+    start = row * block_q
     sl = pl.ds(start, block_q)
     q, do = q_ref[sl, :], do_ref[sl, :]
     lse, delta = lse_ref[sl][:, None], delta_ref[sl][:, None]
@@ -136,6 +123,10 @@ def _dkdv_kernel_gpu(
     dv = dv + dot32(p.astype(do.dtype), do, TN)
     return dk + dot32(ds.astype(q.dtype), finite_part(q), TN), dv
 
+  body = skipping_body(
+    lambda e: rows_ref[e], step, live, own=(pl.program_id(0), bk), other_block=block_q,
+    lens=lens, bounds=bounds, keys=False,
+  )  # fmt: skip
   init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
   dk, dv = lax.fori_loop(bounds_ref[0], bounds_ref[1], body, init)
   dk_ref[...] = dk * scale

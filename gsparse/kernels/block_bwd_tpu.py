@@ -20,11 +20,12 @@ from jax.experimental import pallas as pl
 
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import interpret_arg
-from gsparse.kernels.block_skip import bounds_at, num_bounds, run_if_live, segment_bounds
+from gsparse.kernels.block_skip import prefetched_bounds, segment_bounds, skipping_body
 from gsparse.kernels.block_tile import TN, dot32, tile_grads
 from gsparse.kernels.nonfinite import finite_part
 
 
+# Over 60 lines through its signature (one keyword per line) and the optional range refs.
 def _dq_kernel_tpu(
   bidx_smem,
   *refs,
@@ -59,21 +60,12 @@ def _dq_kernel_tpu(
   qpos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
 
-  lens = None
+  lens = bounds = None
   if has_ranges:
     lens = (lens_smem[2 * b], lens_smem[2 * b + 1])
-    nq, nk = num_bounds(lens_smem, qb_smem), num_bounds(lens_smem, kvb_smem)
-    q_ids = bounds_at(qb_smem, i, nq, base=b * 2 * nq)
+    bounds = prefetched_bounds(lens_smem, b, qb_smem, kvb_smem)
 
-  def body(j, dq):
-    blk = bidx_smem[base + j]  # a dead tile (gsparse.kernels.block_skip) is not copied
-    seg = None
-    if has_ranges:
-      seg = (*q_ids, *bounds_at(kvb_smem, jnp.maximum(blk, 0), nk, base=b * 2 * nk))
-    tile = live(i * bq, blk * block_k, lens, seg=seg)
-    return run_if_live(tile, functools.partial(step, blk), dq)
-
-  def step(blk, dq):
+  def step(blk, dq):  # a live tile only (gsparse.kernels.block_skip)
     start = jnp.maximum(blk, 0) * block_k
     ck = pltpu.make_async_copy(k_hbm.at[b, kvh, pl.ds(start, block_k)], kbuf, sems.at[0])
     cv = pltpu.make_async_copy(v_hbm.at[b, kvh, pl.ds(start, block_k)], vbuf, sems.at[1])
@@ -89,10 +81,16 @@ def _dq_kernel_tpu(
     _, ds = tile_grads(q, kb, vbuf[...].astype(f32), do, lse_ref[...], delta_ref[...], valid, scale)
     return dq + dot32(ds, finite_part(kb))
 
+  body = skipping_body(
+    lambda j: bidx_smem[base + j], step, live, own=(i, bq), other_block=block_k, lens=lens,
+    bounds=bounds,
+  )  # fmt: skip
   dq = lax.fori_loop(0, num_blocks, body, jnp.zeros(dq_ref.shape, f32))
   dq_ref[...] = dq * scale
 
 
+# Over 60 lines through its signature and the optional range refs; the body is the
+# skipping walk (gsparse.kernels.block_skip) and one tile step.
 def _dkdv_kernel_tpu(
   rows_smem,
   offs_smem,
@@ -128,19 +126,12 @@ def _dkdv_kernel_tpu(
   srcs = (q_hbm, do_hbm, lse_hbm, delta_hbm)
   bufs = (qbuf, dobuf, lbuf, dbuf)
 
-  lens = None
-  if has_ranges:
+  lens = bounds = None
+  if has_ranges:  # as the dq kernel's
     lens = (lens_smem[2 * b], lens_smem[2 * b + 1])
-    nq, nk = num_bounds(lens_smem, qb_smem), num_bounds(lens_smem, kvb_smem)
-    k_ids = bounds_at(kvb_smem, j, nk, base=b * 2 * nk)
+    bounds = prefetched_bounds(lens_smem, b, qb_smem, kvb_smem)
 
-  def body(e, carry):
-    row = rows_smem[head * num_rows + e]  # a dead tile (block_skip) is not copied
-    seg = (*bounds_at(qb_smem, row, nq, base=b * 2 * nq), *k_ids) if has_ranges else None
-    tile = live(row * block_q, j * bk, lens, seg=seg)
-    return run_if_live(tile, functools.partial(step, row), carry)
-
-  def step(row, carry):
+  def step(row, carry):  # a live tile only (gsparse.kernels.block_skip)
     dk, dv = carry
     start = row * block_q
     copies = [
@@ -158,6 +149,10 @@ def _dkdv_kernel_tpu(
     p, ds = tile_grads(q, kb, vb, do, lbuf[...], dbuf[...], mask(start + qrow, kpos, rng), scale)
     return dk + dot32(ds, finite_part(q), TN), dv + dot32(p, do, TN)
 
+  body = skipping_body(
+    lambda e: rows_smem[head * num_rows + e], step, live, own=(j, bk), other_block=block_q,
+    lens=lens, bounds=bounds, keys=False,
+  )  # fmt: skip
   lo, hi = offs_smem[head * nseg + j], offs_smem[head * nseg + j + 1]
   init = (jnp.zeros(dk_ref.shape, f32), jnp.zeros(dv_ref.shape, f32))
   dk, dv = lax.fori_loop(lo, hi, body, init)

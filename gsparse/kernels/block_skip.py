@@ -21,6 +21,7 @@ element (`range_mask`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -87,17 +88,56 @@ def segment_bounds(seg: jax.Array, block: int, num: int) -> jax.Array:
   return jnp.concatenate([tiles.min(-1), tiles.max(-1)], axis=1)
 
 
-def num_bounds(lens_ref, bounds_ref) -> int:
-  """Blocks per batch element of a flat `[B * 2 * num]` `segment_bounds` (static),
-  from the flat `[B * 2]` lengths next to it (the Mosaic kernels' prefetch)."""
-  return bounds_ref.shape[0] // lens_ref.shape[0]
+def block_bounds(ref, num: int | None = None, base=0) -> Callable[[Any], tuple[Any, Any]]:
+  """`i -> (lo, hi)`, block `i`'s id range from a `segment_bounds` row held in
+  a ref: a `[2 * num]` block (Triton) or a flat prefetch from `base` (Mosaic)."""
+  num = ref.shape[0] // 2 if num is None else num
+  return lambda i: (ref[base + i], ref[base + num + i])
 
 
-def bounds_at(ref, i, num: int, base=0):
-  """`(lo, hi)` of block `i` from a `segment_bounds` row (a ref, flat from `base`)."""
-  return ref[base + i], ref[base + num + i]
+def prefetched_bounds(lens_smem, b, *bounds_smem) -> tuple[Callable, ...]:
+  """`block_bounds` of batch element `b` for each flat `[B * 2 * num]` prefetched
+  `segment_bounds` (Mosaic), `num` read from the flat `[B * 2]` lengths."""
+  nums = [ref.shape[0] // lens_smem.shape[0] for ref in bounds_smem]
+  return tuple(block_bounds(r, k, base=b * 2 * k) for r, k in zip(bounds_smem, nums, strict=True))
 
 
 def run_if_live(live: jax.Array, step: Callable[[Any], Any], state: Any) -> Any:
   """`step(state)` where `live`, else `state` unchanged (the skipped tile's step)."""
   return lax.cond(live, step, lambda s: s, state)
+
+
+def skipping_body(read_id, step, live, *, own, other_block, lens, bounds=None, keys=True):
+  """The `fori_loop` body of a block kernel: walk listed blocks, skip dead tiles.
+
+  A program owns one block (a query block in the forward and dq kernels, a key
+  block in dk/dv) and walks other blocks: step `e` reads the id `i =
+  read_id(e)` and, with segment ids, that block's id range, and runs
+  `step(i, state)` only where `live` says the tile may admit a key.
+
+  Args:
+    read_id: `e -> i`, the id of the walked block (a scalar read; `-1` = none).
+    step: `(i, state) -> state`, the tile's loads, matmuls and updates.
+    live: `tile_live` with its static arguments bound.
+    own: `(index, block)`: the owned block's id and its size.
+    other_block: positions per walked block.
+    lens: None or `(q_len, kv_len)`.
+    bounds: None or `(query, key)` `block_bounds`, the blocks' id ranges.
+    keys: whether the walked blocks are key blocks (forward, dq).
+  """
+  own_index, own_block = own
+  own_start = own_index * own_block
+  if bounds is not None:
+    own_at, other_at = bounds if keys else bounds[::-1]
+    own_ids = own_at(own_index)
+
+  def body(e, state):
+    i = read_id(e)
+    seg = None
+    if bounds is not None:
+      ids = other_at(jnp.maximum(i, 0))
+      seg = (*own_ids, *ids) if keys else (*ids, *own_ids)
+    starts = (own_start, i * other_block) if keys else (i * other_block, own_start)
+    return run_if_live(live(*starts, lens, seg=seg), functools.partial(step, i), state)
+
+  return body

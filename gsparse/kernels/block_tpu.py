@@ -21,7 +21,7 @@ from jax.experimental import pallas as pl
 
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import interpret_arg, range_mask
-from gsparse.kernels.block_skip import bounds_at, num_bounds, run_if_live, segment_bounds, tile_live
+from gsparse.kernels.block_skip import prefetched_bounds, segment_bounds, skipping_body, tile_live
 from gsparse.kernels.nonfinite import finite_part, inf_sign, nonfinite_indicator, resolve_reads
 
 
@@ -64,25 +64,12 @@ def _block_kernel_tpu(
   query = query_ref[...].astype(f32)
   qpos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
-  lens = None
+  lens = bounds = None
   if has_ranges:
     q_len, kv_len, qseg = lens_smem[2 * b], lens_smem[2 * b + 1], qseg_ref[...]
-    lens = (q_len, kv_len)
-    nq, nk = num_bounds(lens_smem, qb_smem), num_bounds(lens_smem, kvb_smem)
-    q_ids = bounds_at(qb_smem, i, nq, base=b * 2 * nq)
+    lens, bounds = (q_len, kv_len), prefetched_bounds(lens_smem, b, qb_smem, kvb_smem)
 
-  def body(j, state):
-    blk = bidx_smem[base + j]  # a dead tile (gsparse.kernels.block_skip) is not copied
-    seg = None
-    if has_ranges:
-      seg = (*q_ids, *bounds_at(kvb_smem, jnp.maximum(blk, 0), nk, base=b * 2 * nk))
-    live = tile_live(
-      i * bq, blk * block_k, lens, block_q=bq, block_k=block_k, is_causal=is_causal, window=window,
-      seg=seg,
-    )  # fmt: skip
-    return run_if_live(live, functools.partial(step, blk), state)
-
-  def step(blk, state):
+  def step(blk, state):  # a live tile only (gsparse.kernels.block_skip)
     m, denom, acc, reads, signs = state
     start = jnp.maximum(blk, 0) * block_k
     ck = pltpu.make_async_copy(key_hbm.at[b, kvh, pl.ds(start, block_k)], kbuf, sems.at[0])
@@ -114,6 +101,13 @@ def _block_kernel_tpu(
 
   zeros = jnp.zeros((bq, o_ref.shape[-1]), f32)
   init = (jnp.full((bq, 1), -jnp.inf, f32), jnp.zeros((bq, 1), f32), zeros, zeros, zeros)
+  live = functools.partial(
+    tile_live, block_q=bq, block_k=block_k, is_causal=is_causal, window=window
+  )
+  body = skipping_body(
+    lambda j: bidx_smem[base + j], step, live, own=(i, bq), other_block=block_k, lens=lens,
+    bounds=bounds,
+  )  # fmt: skip
   m, denom, acc, reads, signs = lax.fori_loop(0, num_blocks, body, init)
   ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
   l_safe = jnp.where(ok, denom, 1.0)
