@@ -13,9 +13,10 @@ or gradients.
 Skipping is exact: a dead tile's step leaves the state unchanged in exact and
 in float arithmetic (its probabilities are 0, its rescale factor
 `exp(m - m) = 1`), so outputs and gradients equal those of the unskipped
-kernels. The segment test is exact for packed ids (consecutive integers in
-position order, as `gsparse.SegmentIds` from packing gives); for other ids a
-tile whose ranges overlap but whose ids never match is visited and masked per
+kernels (up to the sign of an exact zero). The segment test is exact for
+packed ids (consecutive integers in position order, as the training script's
+packing gives: a cumulative sum of document starts); for other ids a tile
+whose ranges overlap but whose ids never match is visited and masked per
 element (`range_mask`).
 """
 
