@@ -139,7 +139,7 @@ def _prims(jaxpr):
 
 
 @pytest.mark.parametrize("variant", ["gpu", "tpu"])
-def test_kernel_loops_read_only_the_block_id_before_the_liveness_test(variant):
+def test_kernel_loops_read_only_scalars_before_the_liveness_test(variant):
   """Traced (not run) forward, dq and dk/dv kernels: each loop step's top level
   reads three scalars (the block or query-block id and that block's segment id
   range), does no matmul and no DMA, and ends in one `cond` whose live branch
