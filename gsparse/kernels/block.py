@@ -42,16 +42,20 @@ from gsparse.kernels._common import (
 )
 from gsparse.kernels.backward import gather_backward_xla, slot_positions
 from gsparse.kernels.block_bwd import block_backward_pallas
+from gsparse.kernels.block_skip import block_bounds, segment_bounds, skipping_body, tile_live
 from gsparse.kernels.block_tpu import block_forward_tpu
 from gsparse.kernels.nonfinite import finite_part, inf_sign, nonfinite_indicator, resolve_reads
 
 
+# Over 60 lines: the optional range refs, then one flash step per live listed block
+# whose masks and non-finite reads share its locals (as the Mosaic kernel).
 def _block_kernel_gpu(
   bidx_ref, query_ref, key_ref, value_ref, *refs, scale, block_k, num_keys, is_causal, window
 ):
   """One program: one query block of one head. Refs: bidx `[nb]`, query `[bq, H]`,
   key `[Sp, H]`, value `[Sp, Hv]`, then with index ranges lengths `[2]`, query
-  segment ids `[bq]` and key segment ids `[Sp]`, then o `[bq, Hv]`, lse `[bq]`.
+  segment ids `[bq]`, key segment ids `[Sp]` and the query and key blocks' id
+  ranges (`block_skip.segment_bounds`), then o `[bq, Hv]`, lse `[bq]`.
   """
   *ranges, o_ref, lse_ref = refs
   bq = query_ref.shape[0]
@@ -61,13 +65,14 @@ def _block_kernel_gpu(
   query = query_ref[...]
   qpos = pl.program_id(0) * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
+  lens = bounds = None
   if ranges:
-    lens_ref, qseg_ref, kvseg_ref = ranges
+    lens_ref, qseg_ref, kvseg_ref, qb_ref, kvb_ref = ranges
     q_len, kv_len, qseg = lens_ref[0], lens_ref[1], qseg_ref[...][:, None]
+    lens, bounds = (q_len, kv_len), (block_bounds(qb_ref), block_bounds(kvb_ref))
 
-  def body(j, state):
+  def step(blk, state):  # a live tile only (gsparse.kernels.block_skip)
     m, denom, acc, reads, signs = state
-    blk = bidx_ref[j]
     start = jnp.maximum(blk, 0) * block_k
     kb = key_ref[pl.ds(start, block_k), :]
     vb = value_ref[pl.ds(start, block_k), :]
@@ -99,6 +104,13 @@ def _block_kernel_gpu(
 
   zeros = jnp.zeros((bq, hv), f32)
   init = (jnp.full((bq,), -jnp.inf, f32), jnp.zeros((bq,), f32), zeros, zeros, zeros)
+  live = functools.partial(
+    tile_live, block_q=bq, block_k=block_k, is_causal=is_causal, window=window
+  )
+  body = skipping_body(
+    lambda j: bidx_ref[j], step, live, own=(pl.program_id(0), bq), other_block=block_k,
+    lens=lens, bounds=bounds,
+  )  # fmt: skip
   m, denom, acc, reads, signs = lax.fori_loop(0, nb, body, init)
   ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
   l_safe = jnp.where(ok, denom, 1.0)
@@ -137,12 +149,22 @@ def _block_forward_gpu(
   )
   range_specs, range_args = [], []
   if ranges is not None:  # lengths, query ids of the block, all key ids (read per key block)
+    bounds = (  # the id range of every query and key block, for block skipping
+      segment_bounds(ranges.q_seg, block_q, next_pow2(tp // block_q)),
+      segment_bounds(ranges.kv_seg, block_k, next_pow2(sp // block_k)),
+    )
     range_specs = [
       pl.BlockSpec((None, 2), lambda i, bb, nn: (bb, 0)),
       pl.BlockSpec((None, block_q), lambda i, bb, nn: (bb, i)),
       pl.BlockSpec((None, sp), lambda i, bb, nn: (bb, 0)),
+      *(pl.BlockSpec((None, x.shape[1]), lambda i, bb, nn: (bb, 0)) for x in bounds),
     ]
-    range_args = [ranges.lengths, pad_axis(ranges.q_seg, 1, tp), pad_axis(ranges.kv_seg, 1, sp)]
+    range_args = [
+      ranges.lengths,
+      pad_axis(ranges.q_seg, 1, tp),
+      pad_axis(ranges.kv_seg, 1, sp),
+      *bounds,
+    ]
   compiler_params = None
   if not interpret:
     from jax.experimental.pallas import triton as plgpu

@@ -35,17 +35,19 @@ from jax.experimental import pallas as pl
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import Ranges, interpret_arg, next_pow2
 from gsparse.kernels.block_bwd_tpu import block_backward_tpu
+from gsparse.kernels.block_skip import block_bounds, segment_bounds, skipping_body, tile_live
 from gsparse.kernels.block_tile import TN, dot32, tile_grads, tile_valid
 from gsparse.kernels.key_major import group_sum, key_major
 from gsparse.kernels.nonfinite import finite_part
 
 
 def _dq_kernel_gpu(
-  bidx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, block_k, mask
+  bidx_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, delta_ref, *refs, scale, block_k, mask, live
 ):
   """Program `(query block, b, n)`. Refs: bidx `[nb]`, q `[bq, H]`, K `[Sp, H]`,
   V `[Sp, Hv]`, dO `[bq, Hv]`, lse/delta `[bq]`, with index ranges lengths `[2]`,
-  query ids `[bq]` and key ids `[Sp]` (as the forward), then dq `[bq, H]` float32."""
+  query ids `[bq]`, key ids `[Sp]` and the blocks' id ranges (as the forward),
+  then dq `[bq, H]` float32."""
   *ranges, dq_ref = refs
   bq = q_ref.shape[0]
   q, do = q_ref[...], do_ref[...]
@@ -53,19 +55,26 @@ def _dq_kernel_gpu(
   qpos = pl.program_id(0) * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
 
-  def body(j, dq):
-    blk = bidx_ref[j]
+  lens = bounds = None
+  if ranges:
+    lens_ref, qseg, kvseg, qb, kvb = ranges
+    lens, bounds = (lens_ref[0], lens_ref[1]), (block_bounds(qb), block_bounds(kvb))
+
+  def step(blk, dq):  # a live tile only (gsparse.kernels.block_skip)
     start = jnp.maximum(blk, 0) * block_k
     kb = k_ref[pl.ds(start, block_k), :]
     vb = v_ref[pl.ds(start, block_k), :]
     rng = None
     if ranges:
-      lens, qseg, kvseg = ranges
-      rng = (lens[0], lens[1], qseg[...][:, None], kvseg[pl.ds(start, block_k)][None, :])
+      rng = (*lens, qseg[...][:, None], kvseg[pl.ds(start, block_k)][None, :])
     valid = (blk >= 0) & mask(qpos, start + kcol, rng)
     _, ds = tile_grads(q, kb, vb, do, lse, delta, valid, scale)
     return dq + dot32(ds.astype(kb.dtype), finite_part(kb))
 
+  body = skipping_body(
+    lambda j: bidx_ref[j], step, live, own=(pl.program_id(0), bq), other_block=block_k,
+    lens=lens, bounds=bounds,
+  )  # fmt: skip
   dq = lax.fori_loop(0, bidx_ref.shape[0], body, jnp.zeros(dq_ref.shape, jnp.float32))
   dq_ref[...] = dq * scale
 
@@ -83,31 +92,41 @@ def _dkdv_kernel_gpu(
   scale,
   block_q,
   mask,
+  live,
 ):
   """Program `(key block, b, n)`. Refs: bounds `[2]` (its entries of the sorted
   list), rows `[M]` query-block ids in key-major order, K `[bk, H]`, V `[bk, Hv]`,
   Q `[Tp, H]`, dO `[Tp, Hv]`, lse/delta `[Tp]`, with index ranges lengths `[2]`,
-  key ids `[bk]` and query ids `[Tp]`, then dk `[bk, H]`, dv `[bk, Hv]`."""
+  key ids `[bk]`, query ids `[Tp]` and the query and key blocks' id ranges
+  (`block_skip.segment_bounds`), then dk `[bk, H]`, dv `[bk, Hv]`."""
   *ranges, dk_ref, dv_ref = refs
   bk = k_ref.shape[0]
   kb, vb = k_ref[...], v_ref[...]
   kpos = pl.program_id(0) * bk + lax.broadcasted_iota(jnp.int32, (block_q, bk), 1)
   qrow = lax.broadcasted_iota(jnp.int32, (block_q, bk), 0)
 
-  def body(e, carry):
+  lens = bounds = None
+  if ranges:  # as the dq kernel's, with the key and query ids swapped
+    lens_ref, kvseg, qseg, qb, kvb = ranges
+    lens, bounds = (lens_ref[0], lens_ref[1]), (block_bounds(qb), block_bounds(kvb))
+
+  def step(row, carry):  # a live tile only (gsparse.kernels.block_skip)
     dk, dv = carry
-    start = rows_ref[e] * block_q
+    start = row * block_q
     sl = pl.ds(start, block_q)
     q, do = q_ref[sl, :], do_ref[sl, :]
     lse, delta = lse_ref[sl][:, None], delta_ref[sl][:, None]
     rng = None
     if ranges:
-      lens, kvseg, qseg = ranges
-      rng = (lens[0], lens[1], qseg[sl][:, None], kvseg[...][None, :])
+      rng = (*lens, qseg[sl][:, None], kvseg[...][None, :])
     p, ds = tile_grads(q, kb, vb, do, lse, delta, mask(start + qrow, kpos, rng), scale)
     dv = dv + dot32(p.astype(do.dtype), do, TN)
     return dk + dot32(ds.astype(q.dtype), finite_part(q), TN), dv
 
+  body = skipping_body(
+    lambda e: rows_ref[e], step, live, own=(pl.program_id(0), bk), other_block=block_q,
+    lens=lens, bounds=bounds, keys=False,
+  )  # fmt: skip
   init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
   dk, dv = lax.fori_loop(bounds_ref[0], bounds_ref[1], body, init)
   dk_ref[...] = dk * scale
@@ -161,19 +180,29 @@ def _backward_gpu(
   specs, args, lens_spec = ([], []), ([], []), pl.BlockSpec((None, 2), lambda i, bb, nn: (bb, 0))
   if ranges is not None:
     qseg, kvseg = pad_axis(ranges.q_seg, 1, tp), pad_axis(ranges.kv_seg, 1, sp)
+    seg_bounds = [  # the id range of every query and key block, for block skipping
+      segment_bounds(ranges.q_seg, block_q, next_pow2(tp // block_q)),
+      segment_bounds(ranges.kv_seg, block_k, next_pow2(sp // block_k)),
+    ]
+    bounds_specs = [pl.BlockSpec((None, x.shape[1]), lambda i, bb, nn: (bb, 0)) for x in seg_bounds]
     specs = (
       [
         lens_spec,
         pl.BlockSpec((None, block_q), lambda i, bb, nn: (bb, i)),
         pl.BlockSpec((None, sp), lambda i, bb, nn: (bb, 0)),
+        *bounds_specs,
       ],
       [
         lens_spec,
         pl.BlockSpec((None, block_k), lambda j, bb, nn: (bb, j)),
         pl.BlockSpec((None, tp), lambda j, bb, nn: (bb, 0)),
+        *bounds_specs,
       ],
     )
-    args = ([ranges.lengths, qseg, kvseg], [ranges.lengths, kvseg, qseg])
+    args = (
+      [ranges.lengths, qseg, kvseg, *seg_bounds],
+      [ranges.lengths, kvseg, qseg, *seg_bounds],
+    )
   dq = call(
     functools.partial(_dq_kernel_gpu, block_k=block_k, **kw),
     grid=(tp // block_q, b, n),
@@ -274,6 +303,9 @@ def block_backward_pallas(
   mask = functools.partial(
     tile_valid, num_keys=s_len, num_queries=num_queries, is_causal=is_causal, window=window
   )
+  live = functools.partial(
+    tile_live, block_q=block_q, block_k=block_k, is_causal=is_causal, window=window
+  )
   run = _backward_gpu if variant == "gpu" else block_backward_tpu
   dq, dk, dv = run(
     query,
@@ -290,6 +322,7 @@ def block_backward_pallas(
     block_k=block_k,
     scale=scale,
     mask=mask,
+    live=live,
     interpret=interpret,
   )
   return (

@@ -3,8 +3,10 @@
 The same two kernels as the Triton variant. dq copies each listed K/V block
 from HBM into VMEM, as the forward does; dk/dv copies the query, dO, lse and
 delta rows of each selecting query block. Block ids, the key-major rows and
-offsets, and (with index ranges) the `[B * 2]` lengths arrive by scalar
-prefetch; segment ids come as VMEM blocks, as in `gsparse.kernels.block_tpu`.
+offsets, and (with index ranges) the `[B * 2]` lengths and the id range of
+every query and key block arrive by scalar prefetch; segment ids come as VMEM
+blocks, as in `gsparse.kernels.block_tpu`. Dead tiles are skipped
+(`gsparse.kernels.block_skip`).
 """
 
 from __future__ import annotations
@@ -18,29 +20,32 @@ from jax.experimental import pallas as pl
 
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import interpret_arg
+from gsparse.kernels.block_skip import prefetched_bounds, segment_bounds, skipping_body
 from gsparse.kernels.block_tile import TN, dot32, tile_grads
 from gsparse.kernels.nonfinite import finite_part
 
 
+# Over 60 lines through its signature (one keyword per line) and the optional range refs.
 def _dq_kernel_tpu(
   bidx_smem,
   *refs,
   scale,
   block_k,
   mask,
+  live,
   has_ranges,
   group,
   num_blocks,
 ):
   """Grid step `(b, n, query block)`: as `_dq_kernel_gpu`, with K/V blocks copied
   from HBM `[B, K, Sp, H]` into VMEM (as the forward TPU kernel), lse/delta `[bq, 1]`.
-  With index ranges: prefetched lengths `[B * 2]`, query ids `[bq, 1]`, key ids
+  With index ranges: prefetched lengths `[B * 2]` and block id ranges (as the
+  forward), query ids `[bq, 1]`, key ids
   `[Sp / block_k, 1, block_k]`, as the forward."""
   from jax.experimental.pallas import tpu as pltpu
 
-  lens_smem = None
   if has_ranges:
-    lens_smem, *refs = refs
+    lens_smem, qb_smem, kvb_smem, *refs = refs
   q_ref, do_ref, lse_ref, delta_ref, k_hbm, v_hbm, *refs = refs
   if has_ranges:
     qseg_ref, kvseg_ref, *refs = refs
@@ -55,8 +60,12 @@ def _dq_kernel_tpu(
   qpos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
 
-  def body(j, dq):
-    blk = bidx_smem[base + j]
+  lens = bounds = None
+  if has_ranges:
+    lens = (lens_smem[2 * b], lens_smem[2 * b + 1])
+    bounds = prefetched_bounds(lens_smem, b, qb_smem, kvb_smem)
+
+  def step(blk, dq):  # a live tile only (gsparse.kernels.block_skip)
     start = jnp.maximum(blk, 0) * block_k
     ck = pltpu.make_async_copy(k_hbm.at[b, kvh, pl.ds(start, block_k)], kbuf, sems.at[0])
     cv = pltpu.make_async_copy(v_hbm.at[b, kvh, pl.ds(start, block_k)], vbuf, sems.at[1])
@@ -67,15 +76,21 @@ def _dq_kernel_tpu(
     kb = kbuf[...].astype(f32)
     rng = None
     if has_ranges:
-      rng = (lens_smem[2 * b], lens_smem[2 * b + 1], qseg_ref[...], kvseg_ref[jnp.maximum(blk, 0)])
+      rng = (*lens, qseg_ref[...], kvseg_ref[jnp.maximum(blk, 0)])
     valid = (blk >= 0) & mask(qpos, start + kcol, rng)
     _, ds = tile_grads(q, kb, vbuf[...].astype(f32), do, lse_ref[...], delta_ref[...], valid, scale)
     return dq + dot32(ds, finite_part(kb))
 
+  body = skipping_body(
+    lambda j: bidx_smem[base + j], step, live, own=(i, bq), other_block=block_k, lens=lens,
+    bounds=bounds,
+  )  # fmt: skip
   dq = lax.fori_loop(0, num_blocks, body, jnp.zeros(dq_ref.shape, f32))
   dq_ref[...] = dq * scale
 
 
+# Over 60 lines through its signature and the optional range refs; the body is the
+# skipping walk (gsparse.kernels.block_skip) and one tile step.
 def _dkdv_kernel_tpu(
   rows_smem,
   offs_smem,
@@ -83,18 +98,18 @@ def _dkdv_kernel_tpu(
   scale,
   block_q,
   mask,
+  live,
   has_ranges,
   num_rows,
 ):
   """Grid step `(b, n, key block)`: as `_dkdv_kernel_gpu`; its query blocks are
   copied from HBM `[B, N, Tp, .]` into VMEM; rows/offsets are prefetched scalars.
-  With index ranges: prefetched lengths `[B * 2]`, key ids `[1, bk]` of this
+  With index ranges: prefetched lengths `[B * 2]` and block id ranges, key ids `[1, bk]` of this
   block and query ids `[Tp / block_q, block_q, 1]`."""
   from jax.experimental.pallas import tpu as pltpu
 
-  lens_smem = None
   if has_ranges:
-    lens_smem, *refs = refs
+    lens_smem, qb_smem, kvb_smem, *refs = refs
   k_ref, v_ref, q_hbm, do_hbm, lse_hbm, delta_hbm, *refs = refs
   if has_ranges:
     kvseg_ref, qseg_ref, *refs = refs
@@ -111,9 +126,13 @@ def _dkdv_kernel_tpu(
   srcs = (q_hbm, do_hbm, lse_hbm, delta_hbm)
   bufs = (qbuf, dobuf, lbuf, dbuf)
 
-  def body(e, carry):
+  lens = bounds = None
+  if has_ranges:  # as the dq kernel's
+    lens = (lens_smem[2 * b], lens_smem[2 * b + 1])
+    bounds = prefetched_bounds(lens_smem, b, qb_smem, kvb_smem)
+
+  def step(row, carry):  # a live tile only (gsparse.kernels.block_skip)
     dk, dv = carry
-    row = rows_smem[head * num_rows + e]
     start = row * block_q
     copies = [
       pltpu.make_async_copy(src.at[b, n, pl.ds(start, block_q)], buf, sems.at[c])
@@ -126,10 +145,14 @@ def _dkdv_kernel_tpu(
     q, do = qbuf[...].astype(f32), dobuf[...].astype(f32)
     rng = None
     if has_ranges:
-      rng = (lens_smem[2 * b], lens_smem[2 * b + 1], qseg_ref[row], kvseg_ref[...])
+      rng = (*lens, qseg_ref[row], kvseg_ref[...])
     p, ds = tile_grads(q, kb, vb, do, lbuf[...], dbuf[...], mask(start + qrow, kpos, rng), scale)
     return dk + dot32(ds, finite_part(q), TN), dv + dot32(p, do, TN)
 
+  body = skipping_body(
+    lambda e: rows_smem[head * num_rows + e], step, live, own=(j, bk), other_block=block_q,
+    lens=lens, bounds=bounds, keys=False,
+  )  # fmt: skip
   lo, hi = offs_smem[head * nseg + j], offs_smem[head * nseg + j + 1]
   init = (jnp.zeros(dk_ref.shape, f32), jnp.zeros(dv_ref.shape, f32))
   dk, dv = lax.fori_loop(lo, hi, body, init)
@@ -176,8 +199,12 @@ def block_backward_tpu(
   # and key ids `[nkb, 1, bk]` per batch element, one block or all of them.
   kw["has_ranges"] = ranges is not None
   lens, specs, args = [], ([], []), ([], [])
-  if ranges is not None:
-    lens = [ranges.lengths.reshape(-1)]
+  if ranges is not None:  # lengths and the id range of every query and key block
+    lens = [
+      ranges.lengths.reshape(-1),
+      segment_bounds(ranges.q_seg, block_q, tp // block_q).reshape(-1),
+      segment_bounds(ranges.kv_seg, block_k, sp // block_k).reshape(-1),
+    ]
     qseg = pad_axis(ranges.q_seg, 1, tp).reshape(b, tp // block_q, block_q, 1)
     kvseg = pad_axis(ranges.kv_seg, 1, sp).reshape(b, sp // block_k, 1, block_k)
     whole = lambda x: pl.BlockSpec((None, *x.shape[1:]), lambda bb, *_: (bb, 0, 0, 0))

@@ -2,8 +2,10 @@
 
 The same running softmax as the Triton variant. The block ids arrive by
 scalar prefetch (`pltpu.PrefetchScalarGridSpec`), and every listed key block
-is copied from HBM into VMEM with `make_async_copy` (not double-buffered).
-With index ranges the `[B * 2]` lengths are prefetched too, the query segment
+that is live (`gsparse.kernels.block_skip`) is copied from HBM into VMEM with
+`make_async_copy` (not double-buffered). With index ranges the `[B * 2]`
+lengths and the id range of every query and key block (`segment_bounds`) are
+prefetched too, the query segment
 ids come as a `[block_q, 1]` block and the key segment ids as one
 `[S / block_k, 1, block_k]` block per batch element, indexed by block id.
 """
@@ -19,11 +21,12 @@ from jax.experimental import pallas as pl
 
 from gsparse._layout import pad_axis, round_up
 from gsparse.kernels._common import interpret_arg, range_mask
+from gsparse.kernels.block_skip import prefetched_bounds, segment_bounds, skipping_body, tile_live
 from gsparse.kernels.nonfinite import finite_part, inf_sign, nonfinite_indicator, resolve_reads
 
 
 # Over 60 lines: the optional range refs are unpacked first, then one flash step per
-# listed block whose masks and non-finite reads share its locals (as the GPU kernel).
+# live listed block whose masks and non-finite reads share its locals (as the GPU kernel).
 def _block_kernel_tpu(
   bidx_smem,
   *refs,
@@ -37,7 +40,9 @@ def _block_kernel_tpu(
   num_blocks,
 ):
   """Grid step `(b, n, query block)`. bidx_smem: flat prefetched block ids;
-  with index ranges, lens_smem: flat prefetched `[B * 2]` lengths. Then query
+  with index ranges, lens_smem: flat prefetched `[B * 2]` lengths and the
+  flat id ranges of the query and key blocks (`block_skip.segment_bounds`,
+  `[B * 2 * Tb]`, `[B * 2 * Sp / block_k]`). Then query
   `[bq, H]`, K/V in HBM `[B, K, Sp, H]`, with index ranges query segment ids
   `[bq, 1]` and key segment ids `[Sp / block_k, 1, block_k]`, then o `[bq, Hv]`,
   lse `[bq, 1]`, kbuf/vbuf VMEM `[block_k, H]`.
@@ -45,7 +50,7 @@ def _block_kernel_tpu(
   from jax.experimental.pallas import tpu as pltpu
 
   if has_ranges:
-    lens_smem, query_ref, key_hbm, value_hbm, qseg_ref, kvseg_ref, *refs = refs
+    lens_smem, qb_smem, kvb_smem, query_ref, key_hbm, value_hbm, qseg_ref, kvseg_ref, *refs = refs
   else:
     query_ref, key_hbm, value_hbm, *refs = refs
   o_ref, lse_ref, kbuf, vbuf, sems = refs
@@ -59,12 +64,13 @@ def _block_kernel_tpu(
   query = query_ref[...].astype(f32)
   qpos = i * bq + lax.broadcasted_iota(jnp.int32, (bq, block_k), 0)
   kcol = lax.broadcasted_iota(jnp.int32, (bq, block_k), 1)
+  lens = bounds = None
   if has_ranges:
     q_len, kv_len, qseg = lens_smem[2 * b], lens_smem[2 * b + 1], qseg_ref[...]
+    lens, bounds = (q_len, kv_len), prefetched_bounds(lens_smem, b, qb_smem, kvb_smem)
 
-  def body(j, state):
+  def step(blk, state):  # a live tile only (gsparse.kernels.block_skip)
     m, denom, acc, reads, signs = state
-    blk = bidx_smem[base + j]
     start = jnp.maximum(blk, 0) * block_k
     ck = pltpu.make_async_copy(key_hbm.at[b, kvh, pl.ds(start, block_k)], kbuf, sems.at[0])
     cv = pltpu.make_async_copy(value_hbm.at[b, kvh, pl.ds(start, block_k)], vbuf, sems.at[1])
@@ -95,6 +101,13 @@ def _block_kernel_tpu(
 
   zeros = jnp.zeros((bq, o_ref.shape[-1]), f32)
   init = (jnp.full((bq, 1), -jnp.inf, f32), jnp.zeros((bq, 1), f32), zeros, zeros, zeros)
+  live = functools.partial(
+    tile_live, block_q=bq, block_k=block_k, is_causal=is_causal, window=window
+  )
+  body = skipping_body(
+    lambda j: bidx_smem[base + j], step, live, own=(i, bq), other_block=block_k, lens=lens,
+    bounds=bounds,
+  )  # fmt: skip
   m, denom, acc, reads, signs = lax.fori_loop(0, num_blocks, body, init)
   ok = denom != 0  # nothing kept; a NaN (NaN or +inf logit) propagates
   l_safe = jnp.where(ok, denom, 1.0)
@@ -135,7 +148,11 @@ def block_forward_tpu(
   )
   prefetch, range_specs, range_args = [flat], [], []
   if ranges is not None:  # lengths prefetched; query ids per block, key ids per key block
-    prefetch.append(ranges.lengths.reshape(-1))
+    prefetch += [  # lengths and the id range of every query and key block
+      ranges.lengths.reshape(-1),
+      segment_bounds(ranges.q_seg, block_q, tp // block_q).reshape(-1),
+      segment_bounds(ranges.kv_seg, block_k, sp // block_k).reshape(-1),
+    ]
     range_specs = [
       pl.BlockSpec((None, block_q, 1), lambda bb, nn, i, *_: (bb, i, 0)),
       pl.BlockSpec((None, sp // block_k, 1, block_k), lambda bb, nn, i, *_: (bb, 0, 0, 0)),
