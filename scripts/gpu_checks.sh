@@ -1,15 +1,18 @@
 #!/usr/bin/env bash
-# The prepared device check (issues 4 and 16): fits in 8 minutes on one GPU.
+# The prepared device check (issues 4, 16 and 18): fits in 9 minutes on one GPU.
 # Run from the repository root on a machine with a GPU and jax installed:
 #   OUT=results_dir bash scripts/gpu_checks.sh [python]
 # Steps (each under its own time limit, each logged, a failing step does not
 # stop the next):
 # 1. environment: GPU, driver, jax and jaxlib versions (20 s);
-# 2. tests/kernels_test.py, tests/kernels_backward_test.py and
-#    tests/kernels_select_test.py on the real backend (GpuKernelTest runs the
+# 2. tests/kernels_test.py, tests/kernels_backward_test.py,
+#    tests/kernels_select_test.py, tests/kernels_ranges_test.py and
+#    tests/kernels_skip_test.py on the real backend (GpuKernelTest runs the
 #    Triton gather, GpuBackwardTest its Pallas backward against the XLA one,
-#    GpuSelectTest the fused selection, PublicApiTest the public dispatch; the
-#    interpreter and TPU classes are left out) (170 s);
+#    GpuSelectTest the fused selection, PublicApiTest the public dispatch, the
+#    "gpu" cases of the ranges and skip tests the block kernels with index
+#    ranges and tile skipping, compiled by Triton; the interpreter and TPU
+#    cases are left out) (200 s);
 # 3. the end-to-end benchmark, scripts/bench_attention.py --preset=gpu
 #    (bf16, H = 128, d = 64; dense = cuDNN): n = 16384, 65536, then 4096 (the
 #    target sizes first), k = 64, 256, causal, forward and forward+backward,
@@ -43,8 +46,9 @@ step() {  # step NAME SECONDS COMMAND...: runs COMMAND, logs to $OUT/NAME.log
   tail -n 40 "$OUT/$name.log"
 }
 step env 20 bash -c "nvidia-smi; $PY -c 'import jax, jaxlib; print(jax.__version__, jaxlib.__version__, jax.devices())'"
-step kernel_tests 170 env XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
+step kernel_tests 200 env XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_DEFAULT_MATMUL_PRECISION=highest \
   "$PY" -m pytest tests/kernels_test.py tests/kernels_backward_test.py tests/kernels_select_test.py \
+  tests/kernels_ranges_test.py tests/kernels_skip_test.py \
   -v -rs -p no:cacheprovider -k "not Interpret and not Tpu"
 # shellcheck disable=SC2086  # BENCH_ARGS is a list of flags
 step bench_attention 300 env XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_PYTHON_CLIENT_MEM_FRACTION=0.9 \
