@@ -21,7 +21,7 @@ import scipy.special as sps
 from jax._src import core
 
 import gsparse.bounds as B
-from gsparse.bounds import _common, _laplace, _npsearch, _xp, error, row, sparsity, tau
+from gsparse.bounds import _common, _gcells, _laplace, _npsearch, _xp, error, row, sparsity, tau
 
 _W = np.random.default_rng(1).standard_normal((2, 2, 8, 2, 4)).astype(np.float32)
 
@@ -272,3 +272,31 @@ def test_per_cell_parts_come_in_aligned_groups_and_lazy_minimum_decides_as_the_f
   seen.clear()
   one = _npsearch.min_bounds(first[0], [bound(second[0]), bound(third[0])], 0.5)
   assert (np.max(one) > 0.5) == (np.max(full[0]) > 0.5)
+
+
+def test_a_nan_bound_is_never_admissible_in_the_m_scan():
+  # A cell bound that is NaN for m < 40 (one cell of 16 in the NumPy path, every cell in
+  # the jax one) must not certify those m; the old scans took m = 1 (NaN > level is False).
+  def np_fail(m, cells=None):
+    m = np.asarray(m, np.float64)[..., None]
+    vals = np.where((m < 40.0) & (np.arange(16) == 11), np.nan, 0.0) + 0.0 * m
+    return vals if cells is None else vals[..., cells]
+
+  got = _gcells._first_admissible_m(np.float64(1000.0), np_fail, np.float64(0.1), 0, count=16)
+  assert got == 40.0
+
+  def jax_fail(m, cells=None):
+    return jnp.where(m < 40.0, jnp.nan, 0.0)[..., None]
+
+  scan = jax.jit(lambda n, level: _gcells._first_admissible_m(n, jax_fail, level, 0))
+  assert float(scan(jnp.float32(1000.0), jnp.float32(0.1))) == 40.0
+  # The trivial k where every m is NaN.
+  assert float(scan(jnp.float32(30.0), jnp.float32(0.1))) == 30.0
+
+
+def test_g_cell_probabilities_outside_0_1_count_as_1():
+  # jax's float32 betainc returns -inf / inf / NaN at n = 1e8, m = 200 (seen on this jax);
+  # such a value says nothing, so the G-cell sum must use 1 there.
+  p = np.asarray([-np.inf, -0.5, np.nan, np.inf, 2.0, 0.25, 0.0])
+  np.testing.assert_array_equal(_gcells._prob_up(p), [1.0, 1.0, 1.0, 1.0, 1.0, 0.25, 0.0])
+  np.testing.assert_array_equal(np.asarray(_gcells._prob_up(jnp.asarray(p))), _gcells._prob_up(p))

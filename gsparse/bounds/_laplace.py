@@ -144,6 +144,8 @@ def _log_transform(weights, log_lam, sign, ex=None):
   """
   x, p, floor = weights
   xp = _xp.of(x, p, log_lam)
+  if xp.finfo(p.dtype).eps > _DEFICIT_EPS:
+    return _log_transform_deficit(weights, log_lam, sign, ex)
   # NumPy writes each step into the array it came from: the same values, without
   # allocating (and faulting in) a fresh [C, N, K] array per step.
   numpy = xp is _xp.NP
@@ -167,3 +169,61 @@ def _log_transform(weights, log_lam, sign, ex=None):
   into = {"out": s} if numpy else {}
   s = xp.log(xp.add(s, floor[None, :, None], **into), **into)
   return xp.add(s, (sign * ref)[:, None, :], **into)
+
+
+# Machine epsilons above this (float32, bfloat16) take the deficit form below; float64 keeps
+# the log of the sum, whose absolute rounding (a few 1e-16, times n - m) is relative rounding.
+_DEFICIT_EPS = 1e-10
+# Relative rounding allowance, in units of the dtype's unit roundoff u (float32: 2.4e-4).
+# It covers the relative error of the sums below: the N + 1 products and their summation
+# (about 2 (N + 1) u), the node values' arguments (`t (c + d) - t c`, up to about t (|c| +
+# span) u <= 600 u for t <= 30, |c| <= 9), and the cell masses (`ndtr` differences whose
+# cancellation costs at most the Mills ratio over the cell width, about 100 u at the finest
+# cells of the rest; the top's first cells are finer, but there the node values are all
+# within a few u of the reference value, so their errors move the deficit by as little).
+_KAPPA = 4096.0
+
+
+def _log_transform_deficit(weights, log_lam, sign, ex=None):
+  """`_log_transform` for low-precision dtypes: rounding can only raise the result.
+
+  With the reference value `ref` factored out, each node value is `v_q = exp(-|e_q -
+  ref|) <= 1` and the masses sum to exactly 1, so the transform is `sign ref + log(1 -
+  D)`, `D = sum_q p_q (1 - v_q)`. Its logarithm near 0 is where `log(sum_q p_q v_q)` loses
+  everything: a sum within a few ulp of 1 whose rounding (about `u`, absolute) Lemma 6
+  multiplies by `n - m`. So: where `D <= 1/2`, `log1p(-D (1 - kappa u))`, with `1 - v_q =
+  -expm1(.)` summed directly (terms that underflow only lower `D`); where `D > 1/2`, the
+  log of the sum `log(S (1 + kappa u) + floor)`, whose relative rounding is now relative
+  to a result below `log 2`. The moment generating function (`sign > 0`, results `>= 0`)
+  uses `log1p(E (1 + kappa u) + floor)`, `E = sum_q p_q expm1(e_q)` unfactored, wherever
+  no `e_q` can overflow; above that the factored form plus `kappa u |ref|` (there the
+  result is at least `ref + log(mass of the last cell)`, far from 0). Every branch rounds
+  upward by a relative `kappa u` of the result, so the float32 value is at least the
+  exact Riemann sum (`tests/bounds_laplace_test.py`).
+  """
+  x, p, floor = weights
+  xp = _xp.of(x, p, log_lam)
+  tol = _KAPPA * 0.5 * xp.finfo(p.dtype).eps
+  ex, lam = (xp.exp(x) if ex is None else ex), xp.exp(log_lam)
+  e = ex[..., None] * lam  # [C, N, K]
+  if sign < 0:
+    e = xp.minimum(e, 1e30)
+  ref = xp.max(e, axis=1) if sign > 0 else xp.min(e, axis=1)  # [C, K]
+  arg = -xp.abs(e - ref[:, None, :])  # <= 0
+
+  def matmul(v):  # [C, N, K] node values times the band's [B, L, N] masses: [C, L, K]
+    bands, num_l, num_n = p.shape
+    v = v.reshape(bands, -1, num_n, v.shape[-1])
+    return xp.matmul(p[:, None], v).reshape(-1, num_l, v.shape[-1])
+
+  fl = floor[None, :, None]
+  big = xp.log(xp.finfo(p.dtype).max) - 8.0  # e_q below this: expm1 and the sum stay finite
+  log_sum = xp.log(matmul(xp.exp(arg)) * (1.0 + tol) + fl)  # <= 0
+  if sign > 0:
+    small = ref <= big
+    total = matmul(xp.expm1(xp.where(small[:, None, :], e, 0.0)))
+    out = xp.log1p(total * (1.0 + tol) + fl)
+    return xp.where(small[:, None, :], out, (ref + tol * xp.abs(ref))[:, None, :] + log_sum)
+  deficit = matmul(-xp.expm1(arg)) * (1.0 - tol)
+  out = xp.where(deficit <= 0.5, xp.log1p(-xp.minimum(deficit, 0.5)), log_sum)
+  return out - (ref - tol * ref)[:, None, :]
