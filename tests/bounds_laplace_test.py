@@ -35,7 +35,7 @@ def _old_transform(log_lam, tau, g, shift, *, tail_hi):
   return sps.logsumexp(np.concatenate(parts, axis=-1), axis=-1)
 
 
-def _old_parts(eps, ta, tb, c):
+def _old_parts(eps, ta, tb, c, **_):
   """The former `_chernoff_parts`: nodes per (cell, level), `[C, L, K, Q]` exponentials."""
   cc = np.broadcast_to(c[1:], (ta.shape[0], c.shape[0] - 1))
   a, b = np.broadcast_to(ta[:, None], cc.shape), np.broadcast_to(tb[:, None], cc.shape)

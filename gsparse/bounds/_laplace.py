@@ -25,18 +25,25 @@ _NUM_QUAD = 64  # Riemann cells per truncated transform
 _FLOOR = -9.0  # the rest's nodes reach below min(c - 1, _FLOOR); below, the integrand is <= 1
 _SPAN = 14.0  # nodes resolve g - c on the scale 1/t: span _SPAN / t (at most 10 above c)
 _BAND = 8  # tau cells per band of shared offsets (where the number of cells divides)
+_LADDER = 8  # steps per octave of the band scales' ladder (`_band_scales(ladder=True)`)
 
 
-def _band_scales(t):
+def _band_scales(t, ladder=False):
   """`[B]` reference scale of each band of consecutive (increasing) tau cells: `sqrt(first last)`.
 
   A cell with scale `t` then reads its band's nodes at `e^{t d_q}`, `t / t_ref`
-  within the band's ratio either way; any offsets give a valid sum.
+  within the band's ratio either way; any offsets give a valid sum. With
+  `ladder`, the scale is rounded to the nearest `2^{j / _LADDER}` (a factor
+  within `2^{1 / (2 _LADDER)}`), so that the bands of nearby calls share their
+  nodes and masses (`_band_masses` keeps them on the NumPy path).
   """
   xp = _xp.of(t)
   size = _BAND if t.shape[0] % _BAND == 0 else 1
   bands = t.reshape(-1, size)
-  return xp.sqrt(bands[:, 0] * bands[:, -1])
+  ref = xp.sqrt(bands[:, 0] * bands[:, -1])
+  if not ladder:
+    return ref
+  return xp.exp2(xp.round(_LADDER * xp.log2(xp.maximum(ref, 1e-30))) / _LADDER)
 
 
 def _top_offsets(t_ref):
@@ -88,42 +95,86 @@ def _tail_mass(g, upper):
   return xp.where(up == upper, low, 1.0 - low)
 
 
-def _top_weights(t, c):
+def _top_mass(d, c):
+  """`[B, L, Q + 1]` masses of `g | g > c` on `[c + d_q, c + d_{q+1}]` and above the last node."""
+  xp = _xp.of(d, c)
+  g = c[None, :, None] + d[:, None, :]  # [B, L, Q + 1]
+  mass = xp.concatenate([_masses(g), _tail_mass(g[..., -1:], True)], axis=-1)
+  return mass / _tail_mass(c, True)[:, None]
+
+
+def _rest_mass(d, c):
+  """`[B, L, Q + 1]` masses of `g | g < c` below the first node and on `[c + d_q, c + d_{q+1}]`."""
+  xp = _xp.of(d, c)
+  g = c[None, :, None] + d[:, None, :]
+  mass = xp.concatenate([_tail_mass(g[..., :1], False), _masses(g)], axis=-1)
+  return mass / _tail_mass(c, False)[:, None]
+
+
+# Band masses kept on the NumPy path (ladder scales only), per (kind, scale, levels); emptied past
+# _MAX_KEPT bands (each about 33 KB at 64 levels).
+_MAX_KEPT = 2048
+_KEPT: dict[tuple, object] = {}
+
+
+def _band_masses(mass_fn, t_ref, d, c, ladder):
+  """`mass_fn(d, c)`, band by band: on the NumPy path with ladder scales, each band computed once.
+
+  Each band's rows are the same elementwise computation whether computed alone
+  or with others, so a kept band is the one a full evaluation would give.
+  """
+  xp = _xp.of(t_ref, d, c)
+  if xp is not _xp.NP or not ladder:
+    return mass_fn(d, c)
+  level_key = (mass_fn.__name__, c.dtype.str, c.tobytes())
+  keys = [(level_key, float(r)) for r in t_ref.tolist()]
+  missing = [i for i, k in enumerate(keys) if k not in _KEPT]
+  if missing:
+    if len(_KEPT) + len(missing) > _MAX_KEPT:
+      _KEPT.clear()
+      missing = list(range(len(keys)))
+    for i, row in zip(missing, mass_fn(d[missing], c), strict=True):
+      _KEPT[keys[i]] = row
+  return xp.stack([_KEPT[k] for k in keys])
+
+
+def _top_weights(t, c, *, ladder=False):
   """`(x, p, floor)` of the top transforms for tau cells `t [C]` at levels `c [L]`.
 
   `x [C, Q + 1]` are the node exponents `t d_q`, `p [B, L, Q + 1]` the masses of
   `g | g > c` on the cells `[c + d_q, c + d_{q+1}]` and above the last node
-  (read at the left end: the integrand decreases in `g`).
+  (read at the left end: the integrand decreases in `g`). `ladder`: band
+  scales on a fixed ladder (`_band_scales`), masses kept between calls.
   """
   xp = _xp.of(t, c)
-  d = _top_offsets(_band_scales(t))  # [B, Q + 1]
-  g = c[None, :, None] + d[:, None, :]  # [B, L, Q + 1]
+  t_ref = _band_scales(t, ladder)
+  d = _top_offsets(t_ref)  # [B, Q + 1]
   norm = _tail_mass(c, True)  # [L]
-  mass = xp.concatenate([_masses(g), _tail_mass(g[..., -1:], True)], axis=-1)
+  mass = _band_masses(_top_mass, t_ref, d, c, ladder)
   x = t[:, None] * xp.repeat(d, t.shape[0] // d.shape[0], axis=0)
-  return x, mass / norm[:, None], _floor(norm, d.shape[-1])
+  return x, mass, _floor(norm, d.shape[-1])
 
 
-def _rest_weights(t, c, *, mgf=False):
+def _rest_weights(t, c, *, mgf=False, ladder=False):
   """`(x, p, floor)` of the rest transforms (`g | g < c`) for tau cells `t [C]`, levels `c [L]`.
 
   Laplace transform (`mgf=False`, integrand decreasing): the left end of each
   cell, and the mass below the first node at value 1 (`x = -inf`). Moment
   generating function (`mgf=True`, increasing): the right end, and the mass
-  below the first node at its value there.
+  below the first node at its value there. `ladder` as in `_top_weights`.
   """
   xp = _xp.of(t, c)
   depth = xp.maximum(xp.max(c) - _FLOOR, 1.0)  # the first node c - depth <= min(c - 1, _FLOOR)
-  d = _rest_offsets(_band_scales(t), depth)  # [B, Q + 1]
-  g = c[None, :, None] + d[:, None, :]
+  t_ref = _band_scales(t, ladder)
+  d = _rest_offsets(t_ref, depth)  # [B, Q + 1]
   norm = _tail_mass(c, False)
-  mass = xp.concatenate([_tail_mass(g[..., :1], False), _masses(g)], axis=-1)
+  mass = _band_masses(_rest_mass, t_ref, d, c, ladder)
   dd = xp.repeat(d, t.shape[0] // d.shape[0], axis=0)
   if mgf:  # columns: below the first node (value at it), then each cell's right end
     x = t[:, None] * dd
   else:
     x = xp.concatenate([xp.full_like(dd[:, :1], -xp.inf), t[:, None] * dd[:, :-1]], axis=-1)
-  return x, mass / norm[:, None], _floor(norm, d.shape[-1])
+  return x, mass, _floor(norm, d.shape[-1])
 
 
 def _floor(norm, count):

@@ -39,7 +39,7 @@ def _g_grid(nm1, num, dtype):
   return -3.0 + u * (xp.sqrt(2.0 * xp.log(nm1)) + 5.0)
 
 
-def _chernoff_parts(eps, ta, tb, c):
+def _chernoff_parts(eps, ta, tb, c, *, ladder=False, num_lambda=_NUM_LAMBDA):
   """`(lam A, top, rest)`, the m-free parts of `_chernoff_fail` for tau cells `[ta, tb]` (`[C]`).
 
   On `{K >= m}` with `G = c`: `sum_top e^{tau (g - c)} + sum_rest e^{tau (g - c)} <
@@ -48,13 +48,16 @@ def _chernoff_parts(eps, ta, tb, c):
   residuals are stochastically bounded by those at `c_{l+1}` (log-concavity of `Phi`,
   `Phi_bar`), so `top` and `rest` (`[C, L, K]`) bound the log Laplace transforms of one
   summand there (clipped at 0: a transform is at most 1), for each Chernoff parameter
-  `lam A = lam (1 - eps) / eps = e^theta` (`[K]`), by upper Riemann sums (`_laplace`).
+  `lam A = lam (1 - eps) / eps = e^theta` (`[K]`, `K = num_lambda` values of theta
+  spread over `[-3, 9]`: Markov's inequality holds at each, so any set gives a valid
+  bound), by upper Riemann sums (`_laplace`; `ladder`: band scales on `_laplace`'s
+  ladder, any offsets being valid).
   """
   xp = _xp.of(eps, ta, tb, c)
-  theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)
+  theta = xp.linspace(-3.0, 9.0, num_lambda, dtype=c.dtype)
   log_lam = theta - (xp.log1p(-eps) - xp.log(eps))
-  top = _laplace._log_transform(_laplace._top_weights(ta, c[1:]), log_lam, -1)
-  rest = _laplace._log_transform(_laplace._rest_weights(tb, c[1:]), log_lam, -1)
+  top = _laplace._log_transform(_laplace._top_weights(ta, c[1:], ladder=ladder), log_lam, -1)
+  rest = _laplace._log_transform(_laplace._rest_weights(tb, c[1:], ladder=ladder), log_lam, -1)
   return xp.exp(theta), xp.minimum(top, 0.0), xp.minimum(rest, 0.0)
 
 
