@@ -300,3 +300,32 @@ def test_g_cell_probabilities_outside_0_1_count_as_1():
   p = np.asarray([-np.inf, -0.5, np.nan, np.inf, 2.0, 0.25, 0.0])
   np.testing.assert_array_equal(_gcells._prob_up(p), [1.0, 1.0, 1.0, 1.0, 1.0, 0.25, 0.0])
   np.testing.assert_array_equal(np.asarray(_gcells._prob_up(jnp.asarray(p))), _gcells._prob_up(p))
+
+
+def test_ladder_band_masses_kept_between_calls_are_the_computed_ones_bit_for_bit():
+  # Theorem 1's Lemma 6 rounds each band's reference scale to 2^(j/8) and keeps the band's
+  # masses (NumPy); a kept band must be exactly what a fresh evaluation of all bands gives.
+  rng = np.random.default_rng(7)
+  c = row._g_grid(np.float64(1023.0), 64, np.float64)[1:]
+  for lo in (0.3, 1.7):
+    t = np.sort(lo * np.exp(rng.uniform(0.0, 1.2, 32)))
+    ref = _laplace._band_scales(t, ladder=True)
+    raw = _laplace._band_scales(t)
+    assert np.all(np.abs(np.log2(ref / raw)) <= 1 / 16 + 1e-12)  # within half a ladder step
+    np.testing.assert_allclose(np.log2(ref) * 8, np.round(np.log2(ref) * 8), atol=1e-9)
+    jref = np.asarray(_laplace._band_scales(jnp.asarray(t, jnp.float32), ladder=True))
+    np.testing.assert_allclose(jref, ref, rtol=1e-6)  # the jax path picks the same rungs
+    for weights in (_laplace._top_weights, _laplace._rest_weights):
+      _laplace._KEPT.clear()
+      first = weights(t[8:24], c, ladder=True)  # two bands computed and kept
+      full = weights(t, c, ladder=True)  # two read back, two computed
+      mass_fn = _laplace._top_mass if weights is _laplace._top_weights else _laplace._rest_mass
+      _laplace._KEPT.clear()
+      d = (
+        _laplace._top_offsets(ref)
+        if mass_fn is _laplace._top_mass
+        else _laplace._rest_offsets(ref, np.maximum(np.max(c) - _laplace._FLOOR, 1.0))
+      )
+      np.testing.assert_array_equal(full[1], mass_fn(d, c))
+      np.testing.assert_array_equal(first[1], full[1][1:3])
+      np.testing.assert_array_equal(full[0], weights(t, c, ladder=True)[0])
