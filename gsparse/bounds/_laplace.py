@@ -112,8 +112,8 @@ def _rest_mass(d, c):
 
 
 # Band masses kept on the NumPy path (ladder scales only), per (kind, scale, levels); emptied past
-# _MAX_KEPT bands (each about 33 KB at 64 levels).
-_MAX_KEPT = 2048
+# _MAX_KEPT bands (each about 33 KB at 64 levels: at most about 8.5 MB).
+_MAX_KEPT = 256
 _KEPT: dict[tuple, object] = {}
 
 
