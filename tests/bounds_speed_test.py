@@ -329,3 +329,16 @@ def test_ladder_band_masses_kept_between_calls_are_the_computed_ones_bit_for_bit
       np.testing.assert_array_equal(full[1], mass_fn(d, c))
       np.testing.assert_array_equal(first[1], full[1][1:3])
       np.testing.assert_array_equal(full[0], weights(t, c, ladder=True)[0])
+
+
+def test_chernoff_fail_with_the_lambdas_on_the_middle_axis_is_the_same_bit_for_bit():
+  # The NumPy search keeps Lemma 6's parts as [C, K, L] (a faster minimum over K).
+  nm1 = np.float64(1023.0)
+  c = row._g_grid(nm1, 64, np.float64)
+  ta = np.linspace(0.5, 3.0, 16)
+  lam_a, top, rest = row._chernoff_parts(np.float64(0.01), ta, ta * 1.02, c, num_lambda=16)
+  flip = tuple(np.ascontiguousarray(v.transpose(0, 2, 1)) for v in (top, rest))
+  for m, cells in ((np.arange(1.0, 33.0), np.asarray([5])), (np.float64(40.0), None)):
+    want = row._chernoff_fail(nm1, m, np.float64(0.01), c, (lam_a, top, rest), cells)
+    got = row._chernoff_fail(nm1, m, np.float64(0.01), c, (lam_a, *flip), cells, k_axis=-2)
+    np.testing.assert_array_equal(got, want)

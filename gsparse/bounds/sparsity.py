@@ -307,7 +307,7 @@ def _np_cell_fail(n, nm1, eps, drow, p_cell, parts, chernoff, level):
 
   def lemma6(m, sub):
     lam_a, top, rest = chernoff[1].get(sub)
-    return _chernoff_fail(nm1, m, eps, chernoff[0], (lam_a[0], top, rest))
+    return _chernoff_fail(nm1, m, eps, chernoff[0], (lam_a[0], top, rest), k_axis=-2)
 
   def cell_fail(m, cells=None):
     idx = _xp.NP.arange(ta.shape[0]) if cells is None else _xp.NP.asarray(cells)
@@ -331,6 +331,7 @@ def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
 
     def lemma6(idx):  # lam A is the same for every cell: kept as a row per cell
       lam_a, top, rest = _chernoff_parts(eps, ta[idx], tb[idx], c, **_LEMMA6)
+      top, rest = (xp.ascontiguousarray(v.transpose(0, 2, 1)) for v in (top, rest))  # [W, K, L]
       return xp.broadcast_to(lam_a, (idx.shape[0], lam_a.shape[0])), top, rest
 
     # Two bands of shared offsets at a time: fewer pieces to copy together than one band.
