@@ -12,6 +12,7 @@ reference), on a grid of settings.
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import scipy.special as sps
@@ -34,7 +35,7 @@ def _old_transform(log_lam, tau, g, shift, *, tail_hi):
   return sps.logsumexp(np.concatenate(parts, axis=-1), axis=-1)
 
 
-def _old_parts(eps, ta, tb, c):
+def _old_parts(eps, ta, tb, c, **_):
   """The former `_chernoff_parts`: nodes per (cell, level), `[C, L, K, Q]` exponentials."""
   cc = np.broadcast_to(c[1:], (ta.shape[0], c.shape[0] - 1))
   a, b = np.broadcast_to(ta[:, None], cc.shape), np.broadcast_to(tb[:, None], cc.shape)
@@ -133,3 +134,32 @@ def test_apriori_k_within_two_of_the_direct_evaluation(monkeypatch):
   direct = [float(B.sparsity_bound(n, s, norms, eps=e).k) for n, s, e in settings]
   diffs = np.asarray(fast) - np.asarray(direct)
   assert diffs.min() >= -2 and diffs.max() <= 1, list(zip(settings, direct, fast, strict=True))
+
+
+# ------------------------------------------------------------- float32 rounding
+
+
+def _cell_log_bounds(nm1, m, eps, tau, c):
+  """`[C, L]` log of Lemma 6's cell bounds before the clip at 0: `min_lam log B_l(lam)`."""
+  xp = jnp if isinstance(c, jax.Array) else np
+  lam_a, top, rest = row._chernoff_parts(eps, tau, tau, c)
+  return xp.min(lam_a + (m - 1.0) * top + (nm1 - m) * rest, axis=-1)
+
+
+def test_float32_cell_bounds_are_at_least_the_float64_ones_up_to_n_1e8():
+  # Lemma 6's rest transform is a log of a sum near 1 that the bound multiplies by n - m:
+  # float32 rounding there lowered a cell bound by up to e^-660 at n = 1e8 (now the deficit
+  # form with an upward allowance, `_laplace._log_transform_deficit`). Every input is a
+  # float32 number, so both evaluations see the same cells; float32 may only be higher, up
+  # to the relative rounding of the final sum of three terms (1e-5 of its size).
+  f32 = jax.jit(_cell_log_bounds)
+  taus = np.float32([0.5, 2.0, 4.0, 8.0])
+  for nm1 in (1e3, 1e5, 1e6, 1e8):
+    c = np.asarray(row._g_grid(np.float32(nm1), row._NUM_G_CELLS, np.float32))
+    for m, eps in ((2.0, 0.3), (20.0, 0.01), (200.0, 0.001)):
+      args32 = (np.float32(nm1), np.float32(m), np.float32(eps), taus, c)
+      got = np.asarray(f32(*(jnp.asarray(a) for a in args32)), np.float64)
+      with np.errstate(all="ignore"):
+        want = _cell_log_bounds(*(np.asarray(a, np.float64) for a in args32))
+      slack = got - want + 1e-5 * (1.0 + np.abs(want))
+      assert slack.min() >= 0.0, (nm1, m, eps, (got - want).min())

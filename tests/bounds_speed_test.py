@@ -21,7 +21,7 @@ import scipy.special as sps
 from jax._src import core
 
 import gsparse.bounds as B
-from gsparse.bounds import _common, _laplace, _npsearch, _xp, error, row, sparsity, tau
+from gsparse.bounds import _common, _gcells, _laplace, _npsearch, _xp, error, row, sparsity, tau
 
 _W = np.random.default_rng(1).standard_normal((2, 2, 8, 2, 4)).astype(np.float32)
 
@@ -272,3 +272,73 @@ def test_per_cell_parts_come_in_aligned_groups_and_lazy_minimum_decides_as_the_f
   seen.clear()
   one = _npsearch.min_bounds(first[0], [bound(second[0]), bound(third[0])], 0.5)
   assert (np.max(one) > 0.5) == (np.max(full[0]) > 0.5)
+
+
+def test_a_nan_bound_is_never_admissible_in_the_m_scan():
+  # A cell bound that is NaN for m < 40 (one cell of 16 in the NumPy path, every cell in
+  # the jax one) must not certify those m; the old scans took m = 1 (NaN > level is False).
+  def np_fail(m, cells=None):
+    m = np.asarray(m, np.float64)[..., None]
+    vals = np.where((m < 40.0) & (np.arange(16) == 11), np.nan, 0.0) + 0.0 * m
+    return vals if cells is None else vals[..., cells]
+
+  got = _gcells._first_admissible_m(np.float64(1000.0), np_fail, np.float64(0.1), 0, count=16)
+  assert got == 40.0
+
+  def jax_fail(m, cells=None):
+    return jnp.where(m < 40.0, jnp.nan, 0.0)[..., None]
+
+  scan = jax.jit(lambda n, level: _gcells._first_admissible_m(n, jax_fail, level, 0))
+  assert float(scan(jnp.float32(1000.0), jnp.float32(0.1))) == 40.0
+  # The trivial k where every m is NaN.
+  assert float(scan(jnp.float32(30.0), jnp.float32(0.1))) == 30.0
+
+
+def test_g_cell_probabilities_outside_0_1_count_as_1():
+  # jax's float32 betainc returns -inf / inf / NaN at n = 1e8, m = 200 (seen on this jax);
+  # such a value says nothing, so the G-cell sum must use 1 there.
+  p = np.asarray([-np.inf, -0.5, np.nan, np.inf, 2.0, 0.25, 0.0])
+  np.testing.assert_array_equal(_gcells._prob_up(p), [1.0, 1.0, 1.0, 1.0, 1.0, 0.25, 0.0])
+  np.testing.assert_array_equal(np.asarray(_gcells._prob_up(jnp.asarray(p))), _gcells._prob_up(p))
+
+
+def test_ladder_band_masses_kept_between_calls_are_the_computed_ones_bit_for_bit():
+  # Theorem 1's Lemma 6 rounds each band's reference scale to 2^(j/8) and keeps the band's
+  # masses (NumPy); a kept band must be exactly what a fresh evaluation of all bands gives.
+  rng = np.random.default_rng(7)
+  c = row._g_grid(np.float64(1023.0), 64, np.float64)[1:]
+  for lo in (0.3, 1.7):
+    t = np.sort(lo * np.exp(rng.uniform(0.0, 1.2, 32)))
+    ref = _laplace._band_scales(t, ladder=True)
+    raw = _laplace._band_scales(t)
+    assert np.all(np.abs(np.log2(ref / raw)) <= 1 / 16 + 1e-12)  # within half a ladder step
+    np.testing.assert_allclose(np.log2(ref) * 8, np.round(np.log2(ref) * 8), atol=1e-9)
+    jref = np.asarray(_laplace._band_scales(jnp.asarray(t, jnp.float32), ladder=True))
+    np.testing.assert_allclose(jref, ref, rtol=1e-6)  # the jax path picks the same rungs
+    for weights in (_laplace._top_weights, _laplace._rest_weights):
+      _laplace._KEPT.clear()
+      first = weights(t[8:24], c, ladder=True)  # two bands computed and kept
+      full = weights(t, c, ladder=True)  # two read back, two computed
+      mass_fn = _laplace._top_mass if weights is _laplace._top_weights else _laplace._rest_mass
+      _laplace._KEPT.clear()
+      d = (
+        _laplace._top_offsets(ref)
+        if mass_fn is _laplace._top_mass
+        else _laplace._rest_offsets(ref, np.maximum(np.max(c) - _laplace._FLOOR, 1.0))
+      )
+      np.testing.assert_array_equal(full[1], mass_fn(d, c))
+      np.testing.assert_array_equal(first[1], full[1][1:3])
+      np.testing.assert_array_equal(full[0], weights(t, c, ladder=True)[0])
+
+
+def test_chernoff_fail_with_the_lambdas_on_the_middle_axis_is_the_same_bit_for_bit():
+  # The NumPy search keeps Lemma 6's parts as [C, K, L] (a faster minimum over K).
+  nm1 = np.float64(1023.0)
+  c = row._g_grid(nm1, 64, np.float64)
+  ta = np.linspace(0.5, 3.0, 16)
+  lam_a, top, rest = row._chernoff_parts(np.float64(0.01), ta, ta * 1.02, c, num_lambda=16)
+  flip = tuple(np.ascontiguousarray(v.transpose(0, 2, 1)) for v in (top, rest))
+  for m, cells in ((np.arange(1.0, 33.0), np.asarray([5])), (np.float64(40.0), None)):
+    want = row._chernoff_fail(nm1, m, np.float64(0.01), c, (lam_a, top, rest), cells)
+    got = row._chernoff_fail(nm1, m, np.float64(0.01), c, (lam_a, *flip), cells, k_axis=-2)
+    np.testing.assert_array_equal(got, want)

@@ -25,12 +25,22 @@ def _sum_over_g_cells(nm1, m, c, b, head_nm1=None):
   bt = xp.cummax(b, axis=-1)  # non-decreasing in l
   rest = xp.maximum(nm1 - m + 1.0, 1.0)
   t = xp.betainc_rows(m, rest, xp.ndtr(-c))  # [..., L + 1], depends on n and m only
-  t = xp.minimum(t * inv_safe, 1.0)
+  t = _prob_up(t * inv_safe)
   rest_h = rest if head_nm1 is None else xp.maximum(head_nm1 - m + 1.0, 1.0)
-  head = xp.minimum(xp.betainc(rest_h, m, xp.ndtr(c[0])) * inv_safe, 1.0)
+  head = _prob_up(xp.betainc(rest_h, m, xp.ndtr(c[0])) * inv_safe)
   body = xp.sum(t[..., 1:-1] * (bt[..., 1:] - bt[..., :-1]), axis=-1)
   total = head + t[..., 0] * bt[..., 0] + body + t[..., -1] * (1.0 - bt[..., -1])
   return xp.minimum(total, 1.0)
+
+
+def _prob_up(p):
+  """`min(p, 1)` for a probability rounded up; 1 where `p` is NaN or negative.
+
+  jax's float32 `betainc` returns `-inf`, `inf` or NaN at large `b` (`n = 1e8`, `m =
+  200`); any value outside `[0, 1]` says nothing, and 1 is the bound that always holds.
+  """
+  xp = _xp.of(p)
+  return xp.where(p >= 0.0, xp.minimum(p, 1.0), 1.0)
 
 
 # m values whose bound is checked at one cell per step of the Theorem-1 scan.
@@ -46,7 +56,8 @@ def _first_admissible_m(n, cell_fail, drow, witness, count=None):
   witness cell is evaluated at `_SCAN_CHUNK` m at once and all cells only at
   the first m it does not reject (if that m is rejected, its worst cell
   becomes the witness). A bisection would need the bound to be monotone in m,
-  which it need not be; the first hit makes k monotone in eps. `count` (the
+  which it need not be; the first hit makes k monotone in eps. A NaN bound is
+  never admissible (it certifies nothing; `n`, the trivial k, remains). `count` (the
   number of cells, NumPy only) lets the first check of all cells start with a
   few spread ones (`_npsearch.CellOrder`).
   """
@@ -58,10 +69,10 @@ def _first_admissible_m(n, cell_fail, drow, witness, count=None):
   def body(state):
     m0, w, _ = state
     ms = m0 + steps
-    ok_w = ~(cell_fail(ms, w[None])[..., 0] > drow) | (ms >= n)
+    ok_w = (cell_fail(ms, w[None])[..., 0] <= drow) | (ms >= n)  # NaN: not admissible
     m1 = xp.where(xp.any(ok_w), ms[xp.argmax(ok_w)], m0 + _SCAN_CHUNK)
     full = cell_fail(m1)
-    done = (m1 >= n) | ~(xp.max(full) > drow)
+    done = (m1 >= n) | (xp.max(full) <= drow)
     return xp.where(done, m1, m1 + 1.0), xp.where(done, w, xp.argmax(full)), done
 
   init = (xp.ones_like(n), xp.asarray(witness), xp.asarray(False))

@@ -25,18 +25,25 @@ _NUM_QUAD = 64  # Riemann cells per truncated transform
 _FLOOR = -9.0  # the rest's nodes reach below min(c - 1, _FLOOR); below, the integrand is <= 1
 _SPAN = 14.0  # nodes resolve g - c on the scale 1/t: span _SPAN / t (at most 10 above c)
 _BAND = 8  # tau cells per band of shared offsets (where the number of cells divides)
+_LADDER = 8  # steps per octave of the band scales' ladder (`_band_scales(ladder=True)`)
 
 
-def _band_scales(t):
+def _band_scales(t, ladder=False):
   """`[B]` reference scale of each band of consecutive (increasing) tau cells: `sqrt(first last)`.
 
   A cell with scale `t` then reads its band's nodes at `e^{t d_q}`, `t / t_ref`
-  within the band's ratio either way; any offsets give a valid sum.
+  within the band's ratio either way; any offsets give a valid sum. With
+  `ladder`, the scale is rounded to the nearest `2^{j / _LADDER}` (a factor
+  within `2^{1 / (2 _LADDER)}`), so that the bands of nearby calls share their
+  nodes and masses (`_band_masses` keeps them on the NumPy path).
   """
   xp = _xp.of(t)
   size = _BAND if t.shape[0] % _BAND == 0 else 1
   bands = t.reshape(-1, size)
-  return xp.sqrt(bands[:, 0] * bands[:, -1])
+  ref = xp.sqrt(bands[:, 0] * bands[:, -1])
+  if not ladder:
+    return ref
+  return xp.exp2(xp.round(_LADDER * xp.log2(xp.maximum(ref, 1e-30))) / _LADDER)
 
 
 def _top_offsets(t_ref):
@@ -88,42 +95,86 @@ def _tail_mass(g, upper):
   return xp.where(up == upper, low, 1.0 - low)
 
 
-def _top_weights(t, c):
+def _top_mass(d, c):
+  """`[B, L, Q + 1]` masses of `g | g > c` on `[c + d_q, c + d_{q+1}]` and above the last node."""
+  xp = _xp.of(d, c)
+  g = c[None, :, None] + d[:, None, :]  # [B, L, Q + 1]
+  mass = xp.concatenate([_masses(g), _tail_mass(g[..., -1:], True)], axis=-1)
+  return mass / _tail_mass(c, True)[:, None]
+
+
+def _rest_mass(d, c):
+  """`[B, L, Q + 1]` masses of `g | g < c` below the first node and on `[c + d_q, c + d_{q+1}]`."""
+  xp = _xp.of(d, c)
+  g = c[None, :, None] + d[:, None, :]
+  mass = xp.concatenate([_tail_mass(g[..., :1], False), _masses(g)], axis=-1)
+  return mass / _tail_mass(c, False)[:, None]
+
+
+# Band masses kept on the NumPy path (ladder scales only), per (kind, scale, levels); emptied past
+# _MAX_KEPT bands (each about 33 KB at 64 levels: at most about 8.5 MB).
+_MAX_KEPT = 256
+_KEPT: dict[tuple, object] = {}
+
+
+def _band_masses(mass_fn, t_ref, d, c, ladder):
+  """`mass_fn(d, c)`, band by band: on the NumPy path with ladder scales, each band computed once.
+
+  Each band's rows are the same elementwise computation whether computed alone
+  or with others, so a kept band is the one a full evaluation would give.
+  """
+  xp = _xp.of(t_ref, d, c)
+  if xp is not _xp.NP or not ladder:
+    return mass_fn(d, c)
+  level_key = (mass_fn.__name__, c.dtype.str, c.tobytes())
+  keys = [(level_key, float(r)) for r in t_ref.tolist()]
+  missing = [i for i, k in enumerate(keys) if k not in _KEPT]
+  if missing:
+    if len(_KEPT) + len(missing) > _MAX_KEPT:
+      _KEPT.clear()
+      missing = list(range(len(keys)))
+    for i, row in zip(missing, mass_fn(d[missing], c), strict=True):
+      _KEPT[keys[i]] = row
+  return xp.stack([_KEPT[k] for k in keys])
+
+
+def _top_weights(t, c, *, ladder=False):
   """`(x, p, floor)` of the top transforms for tau cells `t [C]` at levels `c [L]`.
 
   `x [C, Q + 1]` are the node exponents `t d_q`, `p [B, L, Q + 1]` the masses of
   `g | g > c` on the cells `[c + d_q, c + d_{q+1}]` and above the last node
-  (read at the left end: the integrand decreases in `g`).
+  (read at the left end: the integrand decreases in `g`). `ladder`: band
+  scales on a fixed ladder (`_band_scales`), masses kept between calls.
   """
   xp = _xp.of(t, c)
-  d = _top_offsets(_band_scales(t))  # [B, Q + 1]
-  g = c[None, :, None] + d[:, None, :]  # [B, L, Q + 1]
+  t_ref = _band_scales(t, ladder)
+  d = _top_offsets(t_ref)  # [B, Q + 1]
   norm = _tail_mass(c, True)  # [L]
-  mass = xp.concatenate([_masses(g), _tail_mass(g[..., -1:], True)], axis=-1)
+  mass = _band_masses(_top_mass, t_ref, d, c, ladder)
   x = t[:, None] * xp.repeat(d, t.shape[0] // d.shape[0], axis=0)
-  return x, mass / norm[:, None], _floor(norm, d.shape[-1])
+  return x, mass, _floor(norm, d.shape[-1])
 
 
-def _rest_weights(t, c, *, mgf=False):
+def _rest_weights(t, c, *, mgf=False, ladder=False):
   """`(x, p, floor)` of the rest transforms (`g | g < c`) for tau cells `t [C]`, levels `c [L]`.
 
   Laplace transform (`mgf=False`, integrand decreasing): the left end of each
   cell, and the mass below the first node at value 1 (`x = -inf`). Moment
   generating function (`mgf=True`, increasing): the right end, and the mass
-  below the first node at its value there.
+  below the first node at its value there. `ladder` as in `_top_weights`.
   """
   xp = _xp.of(t, c)
   depth = xp.maximum(xp.max(c) - _FLOOR, 1.0)  # the first node c - depth <= min(c - 1, _FLOOR)
-  d = _rest_offsets(_band_scales(t), depth)  # [B, Q + 1]
-  g = c[None, :, None] + d[:, None, :]
+  t_ref = _band_scales(t, ladder)
+  d = _rest_offsets(t_ref, depth)  # [B, Q + 1]
   norm = _tail_mass(c, False)
-  mass = xp.concatenate([_tail_mass(g[..., :1], False), _masses(g)], axis=-1)
+  mass = _band_masses(_rest_mass, t_ref, d, c, ladder)
   dd = xp.repeat(d, t.shape[0] // d.shape[0], axis=0)
   if mgf:  # columns: below the first node (value at it), then each cell's right end
     x = t[:, None] * dd
   else:
     x = xp.concatenate([xp.full_like(dd[:, :1], -xp.inf), t[:, None] * dd[:, :-1]], axis=-1)
-  return x, mass / norm[:, None], _floor(norm, d.shape[-1])
+  return x, mass, _floor(norm, d.shape[-1])
 
 
 def _floor(norm, count):
@@ -144,6 +195,8 @@ def _log_transform(weights, log_lam, sign, ex=None):
   """
   x, p, floor = weights
   xp = _xp.of(x, p, log_lam)
+  if xp.finfo(p.dtype).eps > _DEFICIT_EPS:
+    return _log_transform_deficit(weights, log_lam, sign, ex)
   # NumPy writes each step into the array it came from: the same values, without
   # allocating (and faulting in) a fresh [C, N, K] array per step.
   numpy = xp is _xp.NP
@@ -167,3 +220,61 @@ def _log_transform(weights, log_lam, sign, ex=None):
   into = {"out": s} if numpy else {}
   s = xp.log(xp.add(s, floor[None, :, None], **into), **into)
   return xp.add(s, (sign * ref)[:, None, :], **into)
+
+
+# Machine epsilons above this (float32, bfloat16) take the deficit form below; float64 keeps
+# the log of the sum, whose absolute rounding (a few 1e-16, times n - m) is relative rounding.
+_DEFICIT_EPS = 1e-10
+# Relative rounding allowance, in units of the dtype's unit roundoff u (float32: 2.4e-4).
+# It covers the relative error of the sums below: the N + 1 products and their summation
+# (about 2 (N + 1) u), the node values' arguments (`t (c + d) - t c`, up to about t (|c| +
+# span) u <= 600 u for t <= 30, |c| <= 9), and the cell masses (`ndtr` differences whose
+# cancellation costs at most the Mills ratio over the cell width, about 100 u at the finest
+# cells of the rest; the top's first cells are finer, but there the node values are all
+# within a few u of the reference value, so their errors move the deficit by as little).
+_KAPPA = 4096.0
+
+
+def _log_transform_deficit(weights, log_lam, sign, ex=None):
+  """`_log_transform` for low-precision dtypes: rounding can only raise the result.
+
+  With the reference value `ref` factored out, each node value is `v_q = exp(-|e_q -
+  ref|) <= 1` and the masses sum to exactly 1, so the transform is `sign ref + log(1 -
+  D)`, `D = sum_q p_q (1 - v_q)`. Its logarithm near 0 is where `log(sum_q p_q v_q)` loses
+  everything: a sum within a few ulp of 1 whose rounding (about `u`, absolute) Lemma 6
+  multiplies by `n - m`. So: where `D <= 1/2`, `log1p(-D (1 - kappa u))`, with `1 - v_q =
+  -expm1(.)` summed directly (terms that underflow only lower `D`); where `D > 1/2`, the
+  log of the sum `log(S (1 + kappa u) + floor)`, whose relative rounding is now relative
+  to a result below `log 2`. The moment generating function (`sign > 0`, results `>= 0`)
+  uses `log1p(E (1 + kappa u) + floor)`, `E = sum_q p_q expm1(e_q)` unfactored, wherever
+  no `e_q` can overflow; above that the factored form plus `kappa u |ref|` (there the
+  result is at least `ref + log(mass of the last cell)`, far from 0). Every branch rounds
+  upward by a relative `kappa u` of the result, so the float32 value is at least the
+  exact Riemann sum (`tests/bounds_laplace_test.py`).
+  """
+  x, p, floor = weights
+  xp = _xp.of(x, p, log_lam)
+  tol = _KAPPA * 0.5 * xp.finfo(p.dtype).eps
+  ex, lam = (xp.exp(x) if ex is None else ex), xp.exp(log_lam)
+  e = ex[..., None] * lam  # [C, N, K]
+  if sign < 0:
+    e = xp.minimum(e, 1e30)
+  ref = xp.max(e, axis=1) if sign > 0 else xp.min(e, axis=1)  # [C, K]
+  arg = -xp.abs(e - ref[:, None, :])  # <= 0
+
+  def matmul(v):  # [C, N, K] node values times the band's [B, L, N] masses: [C, L, K]
+    bands, num_l, num_n = p.shape
+    v = v.reshape(bands, -1, num_n, v.shape[-1])
+    return xp.matmul(p[:, None], v).reshape(-1, num_l, v.shape[-1])
+
+  fl = floor[None, :, None]
+  big = xp.log(xp.finfo(p.dtype).max) - 8.0  # e_q below this: expm1 and the sum stay finite
+  log_sum = xp.log(matmul(xp.exp(arg)) * (1.0 + tol) + fl)  # <= 0
+  if sign > 0:
+    small = ref <= big
+    total = matmul(xp.expm1(xp.where(small[:, None, :], e, 0.0)))
+    out = xp.log1p(total * (1.0 + tol) + fl)
+    return xp.where(small[:, None, :], out, (ref + tol * xp.abs(ref))[:, None, :] + log_sum)
+  deficit = matmul(-xp.expm1(arg)) * (1.0 - tol)
+  out = xp.where(deficit <= 0.5, xp.log1p(-xp.minimum(deficit, 0.5)), log_sum)
+  return out - (ref - tol * ref)[:, None, :]

@@ -161,7 +161,7 @@ def first_admissible_m(n, cell_fail, drow, witness, chunk, count=None):
   steps = np.arange(chunk, dtype=np.float64)
   while True:
     ms = m + steps
-    ok = ~(cell_fail(ms, np.asarray([w]))[..., 0] > drow) | (ms >= n)
+    ok = (cell_fail(ms, np.asarray([w]))[..., 0] <= drow) | (ms >= n)  # NaN: not admissible
     if not ok.any():
       m = m + steps.size
       continue
@@ -169,7 +169,7 @@ def first_admissible_m(n, cell_fail, drow, witness, chunk, count=None):
     if m >= n:
       return np.minimum(m, n)
     fail = lambda idx, m=m: cell_fail(m) if idx is None else cell_fail(m, idx)
-    rejected, worst = cells.exceeds(fail, drow, nan_exceeds=False)
+    rejected, worst = cells.exceeds(fail, drow, nan_exceeds=True)  # a NaN certifies nothing
     if not rejected:
       return m
     # The next admissible m tends to be near: a quarter chunk per witness check from now on.

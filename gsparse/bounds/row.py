@@ -39,7 +39,7 @@ def _g_grid(nm1, num, dtype):
   return -3.0 + u * (xp.sqrt(2.0 * xp.log(nm1)) + 5.0)
 
 
-def _chernoff_parts(eps, ta, tb, c):
+def _chernoff_parts(eps, ta, tb, c, *, ladder=False, num_lambda=_NUM_LAMBDA):
   """`(lam A, top, rest)`, the m-free parts of `_chernoff_fail` for tau cells `[ta, tb]` (`[C]`).
 
   On `{K >= m}` with `G = c`: `sum_top e^{tau (g - c)} + sum_rest e^{tau (g - c)} <
@@ -48,24 +48,29 @@ def _chernoff_parts(eps, ta, tb, c):
   residuals are stochastically bounded by those at `c_{l+1}` (log-concavity of `Phi`,
   `Phi_bar`), so `top` and `rest` (`[C, L, K]`) bound the log Laplace transforms of one
   summand there (clipped at 0: a transform is at most 1), for each Chernoff parameter
-  `lam A = lam (1 - eps) / eps = e^theta` (`[K]`), by upper Riemann sums (`_laplace`).
+  `lam A = lam (1 - eps) / eps = e^theta` (`[K]`, `K = num_lambda` values of theta
+  spread over `[-3, 9]`: Markov's inequality holds at each, so any set gives a valid
+  bound), by upper Riemann sums (`_laplace`; `ladder`: band scales on `_laplace`'s
+  ladder, any offsets being valid).
   """
   xp = _xp.of(eps, ta, tb, c)
-  theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)
+  theta = xp.linspace(-3.0, 9.0, num_lambda, dtype=c.dtype)
   log_lam = theta - (xp.log1p(-eps) - xp.log(eps))
-  top = _laplace._log_transform(_laplace._top_weights(ta, c[1:]), log_lam, -1)
-  rest = _laplace._log_transform(_laplace._rest_weights(tb, c[1:]), log_lam, -1)
+  top = _laplace._log_transform(_laplace._top_weights(ta, c[1:], ladder=ladder), log_lam, -1)
+  rest = _laplace._log_transform(_laplace._rest_weights(tb, c[1:], ladder=ladder), log_lam, -1)
   return xp.exp(theta), xp.minimum(top, 0.0), xp.minimum(rest, 0.0)
 
 
-def _chernoff_fail(nm1, m, eps, c, parts, cells=None, nm1_hi=None):
+def _chernoff_fail(nm1, m, eps, c, parts, cells=None, nm1_hi=None, k_axis=-1):
   """Lemma 6: bound on `P(at least m off-diagonal entries > eps | tau_i in [a, b])`, per tau cell.
 
   `parts = _chernoff_parts(eps, ta, tb, c)`; `m [...]`; `cells` an optional `[W]`
   index array of tau cells. With `nm1_hi`, the bound holds for every number of
   off-diagonal keys in `[nm1, nm1_hi]` (causal rows): `nm1 - m` summands below `G`
   (dropping summands only lowers `Z`) and the law of `G` at `nm1_hi` (stochastically
-  the largest). Returns `[..., C]` (or `[..., W]`).
+  the largest). Returns `[..., C]` (or `[..., W]`). `k_axis=-2`: `top` and `rest` are
+  `[C, K, L]` (the NumPy search keeps them so: the minimum over the Chernoff parameters,
+  on the middle axis, is a faster reduction; the same values).
   """
   lam_a, top, rest = parts
   if cells is not None:
@@ -75,9 +80,9 @@ def _chernoff_fail(nm1, m, eps, c, parts, cells=None, nm1_hi=None):
   mk = m[..., None, None, None]  # one m per [C, L, K] grid
   log_b = (mk - 1.0) * top
   into = {"out": log_b} if xp is _xp.NP else {}  # NumPy: no fresh [..., C, L, K] array per sum
-  log_b = xp.add(log_b, lam_a, **into)
+  log_b = xp.add(log_b, lam_a if k_axis == -1 else lam_a[:, None], **into)
   log_b = xp.add(log_b, xp.maximum(nm1 - mk, 0.0) * rest, **into)
-  b = xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [..., C, L]
+  b = xp.exp(xp.minimum(xp.min(log_b, axis=k_axis), 0.0))  # [..., C, L]
   mm = xp.clip(m, 1.0, hi)[..., None]
   out = _sum_over_g_cells(hi, mm, c, b, head_nm1=xp.maximum(nm1, mm))
   return xp.where(((eps * m >= 1.0) | (m > hi))[..., None], 0.0, out)

@@ -36,7 +36,10 @@ def _tail_parts(tau, c):
 
   `(top, rest)`: the Riemann weights of the top transforms at the cell tops
   `c_{l+1}` and the `[L, K]` log MGF bounds of one summand below `G` at `c_l`
-  (`[C, L, K]` for a 1-D `tau [C]`: one band per cell, as in the scalar call).
+  (`[C, L, K]` for a 1-D `tau [C]`). The cells share Riemann offsets in bands as in
+  `_laplace`: one band per cell (each as its scalar call) unless `C % 8 == 0`, when
+  bands of 8 consecutive cells share their band's offsets (still valid sums, but not
+  bit for bit the scalar calls').
   """
   xp = _xp.of(tau, c)
   t = xp.reshape(tau, (-1,))
@@ -54,7 +57,7 @@ def _tail_cell_bounds(nrest, k, tau, t0, c, parts=None):
   `c_l` (log-concavity), which fixes the laws of one Chernoff bound per cell.
   `nrest` summands lie below G; `parts = _tail_parts(tau, c)` (computed here when
   not given). A 1-D `tau [C]` (its `parts`) with `t0 [C]` gives `[C, L]`, each row
-  as the scalar call at that `(tau, t0)`.
+  a bound at that `(tau, t0)` (the scalar call's when `C % 8 != 0`; see `_tail_parts`).
   """
   xp = _xp.of(nrest, k, tau, t0, c)
   top_w, rest = _tail_parts(tau, c) if parts is None else parts
@@ -146,9 +149,11 @@ def _np_tail_fail_fn(nm1, k, taus, c, weights):
 def _row_tails(n, taus, k, delta):
   """Theorem 2R at each of the 1-D `taus` (`[C]`), one bisection for all of them.
 
-  Every cell takes the same decisions as its own scalar call: the bisection
-  state, the Chernoff parameters and the bounds are per cell, and only the
-  G grid and its cell probabilities (free of tau) are shared.
+  The bisection state, the Chernoff parameters and the bounds are per cell, and
+  only the G grid and its cell probabilities (free of tau) are shared; so each cell
+  takes the decisions of its own scalar call when `C % 8 != 0` (one Riemann band per
+  cell; Theorem 2V's 4 coarse cells). With `C % 8 == 0` bands of 8 cells share their
+  Riemann offsets (`_tail_parts`): valid bounds, not bit for bit the scalar calls'.
   """
   xp = _xp.of(n, taus, k, delta)
   nm1 = xp.maximum(n - 1.0, 1.0)

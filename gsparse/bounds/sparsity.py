@@ -34,6 +34,9 @@ from gsparse.bounds.row import _chernoff_fail, _chernoff_parts, _g_grid
 from gsparse.bounds.tau import _cells, _tau_range_point
 
 _NUM_APRIORI_G_CELLS = 64  # cells of G for Lemma 6, per tau cell (64 of them)
+# Lemma 6 in Theorem 1: 16 Chernoff parameters (any set is valid; 24 changed k by -2..+1 on
+# 36 settings, for about 1.5 ms of a call), band scales on a ladder (masses kept between calls).
+_LEMMA6 = {"ladder": True, "num_lambda": 16}
 
 
 def _log_z_lower(nm1, ta, tb, log_dz):
@@ -304,7 +307,7 @@ def _np_cell_fail(n, nm1, eps, drow, p_cell, parts, chernoff, level):
 
   def lemma6(m, sub):
     lam_a, top, rest = chernoff[1].get(sub)
-    return _chernoff_fail(nm1, m, eps, chernoff[0], (lam_a[0], top, rest))
+    return _chernoff_fail(nm1, m, eps, chernoff[0], (lam_a[0], top, rest), k_axis=-2)
 
   def cell_fail(m, cells=None):
     idx = _xp.NP.arange(ta.shape[0]) if cells is None else _xp.NP.asarray(cells)
@@ -327,13 +330,14 @@ def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
     ta, tb = parts[0], parts[1]
 
     def lemma6(idx):  # lam A is the same for every cell: kept as a row per cell
-      lam_a, top, rest = _chernoff_parts(eps, ta[idx], tb[idx], c)
+      lam_a, top, rest = _chernoff_parts(eps, ta[idx], tb[idx], c, **_LEMMA6)
+      top, rest = (xp.ascontiguousarray(v.transpose(0, 2, 1)) for v in (top, rest))  # [W, K, L]
       return xp.broadcast_to(lam_a, (idx.shape[0], lam_a.shape[0])), top, rest
 
     # Two bands of shared offsets at a time: fewer pieces to copy together than one band.
     chernoff = (c, _npsearch.PerCell(ta.shape[0], lemma6, 2 * _laplace._BAND))
   else:
-    chernoff = (c, _chernoff_parts(eps, parts[0], parts[1], c))
+    chernoff = (c, _chernoff_parts(eps, parts[0], parts[1], c, **_LEMMA6))
   cell_fail, p_star = _fail_fn(n, parts, eps, log_drow, chernoff, level=drow)
   # The scan stops by m = ceil(1/eps), where the order-statistic bound is 0, and
   # by m = n (only n - 1 off-diagonal entries); m - 1 entries plus the diagonal.
