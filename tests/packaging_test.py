@@ -138,4 +138,5 @@ def test_cli_modules_import_together_without_defining_flags():
     env={**os.environ, "PYTHONPATH": str(_ROOT), "JAX_PLATFORMS": "cpu"},
   )
   assert proc.returncode == 0, proc.stderr
-  assert int(proc.stdout.strip()) == len(_PROJECT["scripts"])  # every command, private helpers aside
+  # every command, private helpers aside
+  assert int(proc.stdout.strip()) == len(_PROJECT["scripts"])
