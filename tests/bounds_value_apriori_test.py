@@ -83,10 +83,17 @@ def test_isotropic_error_bound_shapes_jit_and_vmap():
   bound = lambda s, k: B.isotropic_error_bound(256, s, norms, value_norms=vnorms, k=k, delta=1e-3)
   eager = bound(0.7, jnp.asarray([8.0, 32.0]))  # concrete: the NumPy path
   assert eager.error.shape == (2,)
-  # float32 XLA against float64 NumPy (float32 margins) rounded to float32.
-  np.testing.assert_allclose(jax.jit(bound)(0.7, 8.0).error, eager.error[0], rtol=1e-5)
+
+  # float32 XLA against float64 NumPy (float32 margins) rounded to float32: since Lemma 6's
+  # float32 transforms round upward (2.4e-4 relative, docs/theory.md section 7), the traced
+  # float32 bound is at least the float64 one and within 5e-4 of it.
+  def close_above(got):
+    got, want = float(got), float(eager.error[0])
+    assert want * (1 - 1e-6) <= got <= want * (1 + 5e-4), (got, want)
+
+  close_above(jax.jit(bound)(0.7, 8.0).error)
   vm = jax.vmap(lambda s: bound(s, 8.0).error)
-  np.testing.assert_allclose(vm(jnp.asarray([0.7, 0.7]))[1], eager.error[0], rtol=1e-5)
+  close_above(vm(jnp.asarray([0.7, 0.7]))[1])
   # Parts add up to at least the reported isotropic sum's root form, and k >= n drops nothing.
   parts = eager.diag_part + eager.mean_part + eager.gauss_part
   assert np.all(np.asarray(eager.error) <= np.asarray(parts) * (1 + 1e-5))
