@@ -375,7 +375,8 @@ def test_per_cell_gaussian_levels_never_above_the_single_level():
       settings.append((n, sigma, k, delta, 3.0, 1.2, 2.0, 5.5, 2.4, 9.2))
   new = [run(list(v), with_theorem2=False)[0] for v in settings]
   with pytest.MonkeyPatch.context() as patch:  # every cell at the single level d_ev
-    patch.setattr(value_apriori, "peeled_levels", lambda n, g, d: np.full(g.shape[:-1] + (1,), d))
+    cells = (1, 1, value_apriori._NUM_G1_CELLS)
+    patch.setattr(value_apriori, "peeled_levels", lambda n, g, d: np.full(cells, d))
     single = [run(list(v), with_theorem2=False)[0] for v in settings]
   ratio = np.array(new) / np.array(single)
   assert np.all(ratio <= 1.0), (ratio.max(), settings[int(np.argmax(ratio))])

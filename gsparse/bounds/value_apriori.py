@@ -289,8 +289,12 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   scal = (sigma, s2, vf, vo, vg, vmax, t_free)
   # (v), (vi) at a level per cell of g_(1) (the Gaussian part is independent of g given x_i)
   # or at the single level d16: the smaller bound is kept (a choice fixed by the arguments).
-  err, split = _grid_error(grid, scal, peeled_levels(n, gam, d16), None)
-  err_1, split_1 = _grid_error(grid, scal, xp.full_like(gam[..., :-1], d16), err)
+  lvl = peeled_levels(n, gam, d16)
+  err, split, g_at = _grid_error(grid, scal, lvl, None)
+  if g_at is not None and lvl[0, 0, g_at] >= d16:
+    err_1, split_1 = xp.inf, split  # NumPy: the single level cannot give less (`_grid_error`)
+  else:
+    err_1, split_1, _ = _grid_error(grid, scal, xp.full_like(lvl, d16), err)
   keep = err <= err_1
   split = [xp.where(keep, p, p_1) for p, p_1 in zip(split, split_1, strict=True)]
   return _finish(
@@ -309,6 +313,11 @@ def _grid_error(grid, scal, lvl, stop):
 
   NumPy with `stop` (an error already found): once this grid's error is known to be
   above `stop`, the search ends and returns `(inf, NaN split)` (it loses the comparison).
+  The third output (NumPy, else None): the `g_(1)` cell `g` of the maximum, where the
+  tau cell `c` of the uncapped maximum also holds the capped one. Then a grid whose
+  levels are nowhere below `lvl[g]` has a maximum (capped or not) at least this
+  grid's: its sum at the same (c, row, g) is at least as large (`_combine` increases
+  in the Gaussian parts, the rest is level-free).
   """
   base, stats, kk, th, cap = grid
   sigma, s2, vf, vo, vg, vmax, t_free = scal
@@ -320,18 +329,21 @@ def _grid_error(grid, scal, lvl, stop):
   # not fresh pages each call); every entry is the same, and so are the maximum and its split.
   cells = _cell_parts(base, scal)
   if xp is _xp.NP:  # only the grid rows that can matter (the same result)
-    cell, _, split = _np_rows(cells, stats, kk, th, scal, cap, stop)
+    cell, at, split = _np_rows(cells, stats, kk, th, scal, cap, stop)
     if cell is None:
-      return xp.inf, split
+      return xp.inf, split, None
   else:
-    cell, _, split = _worst(cells, stats, kk, th, scal)
+    cell, at, split = _worst(cells, stats, kk, th, scal)
   if cap is not None:
     cell = xp.minimum(cell, cap)
-  return xp.max(cell), split
+  g_at = at[1] if xp is _xp.NP and at[0] == xp.argmax(cell) else None
+  return xp.max(cell), split, g_at
 
 
 def _np_rows(cells, stats, kk, th, scal, cap, stop=None):
   """`_worst`'s result in NumPy, evaluating only the (tau cell, theta cell) rows that can matter.
+
+  Returns `(cell, (c, g), split)`: `g` the `g_(1)` cell of the maximum, which `_worst` omits.
 
   Rows go in decreasing order of their upper bounds (`_cell_upper`), `_NP_ROWS` at a time;
   a row is skipped when its bound is below the largest sum seen and (with Theorem 2's
@@ -362,8 +374,12 @@ def _np_rows(cells, stats, kk, th, scal, cap, stop=None):
     at = (t_c[c], l_t[c], l_off[c], (f[c], eh_hi[c]))
     st = (*stats[:3], stats[3][c], stats[4])  # the tail mean's floor of each row's tau cell
     total, head = _head_sum(*at, st, kk, th0, th1, scal)  # [R, 1, G]
-    np.maximum.at(cell, c, np.max(total, axis=(1, 2)))
-    found.append((c, row, total[:, 0], [np.broadcast_to(h, total.shape)[:, 0] for h in head]))
+    row_max = np.max(total, axis=(1, 2))
+    np.maximum.at(cell, c, row_max)
+    # Only rows at their tau cell's maximum so far can hold the final one (`cell` only
+    # grows): the others are dropped now, so the chunks' arrays are not all kept alive.
+    k = np.flatnonzero(row_max == cell[c])
+    found.append((c[k], row[k], total[k, 0], [np.broadcast_to(h, total.shape)[k, 0] for h in head]))
     best, best_cap = np.max(cell), capped_max(cell)
   c = np.argmax(cell)  # the first tau cell with the maximum; in it the head rows come first
   rows = [
@@ -374,9 +390,9 @@ def _np_rows(cells, stats, kk, th, scal, cap, stop=None):
   rows = sorted((r for r in rows if np.max(r[1]) == cell[c]), key=lambda r: r[0])
   if rows:
     g = np.argmax(rows[0][1])
-    return cell, cell[c], [h[g] for h in rows[0][2]]
+    return cell, (c, g), [h[g] for h in rows[0][2]]
   g = np.argmax(total_t[c, 0])
-  return cell, cell[c], [pt[c, 0, g] for pt in tail]
+  return cell, (c, g), [pt[c, 0, g] for pt in tail]
 
 
 def _cell_upper(cells, stats, kk, th, scal):
@@ -441,7 +457,9 @@ def _cell_parts(base, scal):
 
 
 def _worst(cells, stats, kk, th, scal):
-  """The isotropic sum on `[C, L + 1, G]` cells: `([C] cell maxima, maximum, split there)`.
+  """The isotropic sum on `[C, L + 1, G]` cells: `([C] cell maxima, (c, None), split)`.
+
+  `c`: the tau cell of the maximum; the split is read at the maximum.
 
   Rows `0..L-1`: the diagonal in the head, theta cell `l`; row `L`: the diagonal in the
   tail (`cells` from `_cell_parts`). The split is read at the first maximum in that order.
@@ -458,7 +476,7 @@ def _worst(cells, stats, kk, th, scal):
   split = [
     xp.where(in_head, _at(ph, c, row, g), pt[c, 0, g_t]) for ph, pt in zip(head, tail, strict=True)
   ]
-  return cell, cell[c], split
+  return cell, (c, None), split
 
 
 def _combine(parts, u_gauss, cross):
