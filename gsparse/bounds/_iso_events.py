@@ -127,14 +127,14 @@ def peeled_levels(n, gam, d_ev):
   log_q = xp.where(hi > lo, log_q, -xp.inf)  # an empty cell (or both ends at -inf)
   log_tail = xp.log(nm1) + xp.log_ndtr(-gam[..., :-1])  # log (n - 1) Phi_bar(gam_j)
   q = xp.exp(xp.minimum(xp.minimum(log_q, log_tail), 0.0))
+  q = xp.maximum(q, xp.finfo(q.dtype).tiny)  # an underflow is still counted in the budget
   # lam = max_m (d_ev - (sum of the m smallest q)) / (G - m), m = 0 .. G - 1.
   size = q.shape[-1]
   q_sorted = xp.sort(q, axis=-1)
   spent = xp.cumsum(q_sorted, axis=-1) - q_sorted  # the m smallest, m = 0 .. G - 1
   left = xp.arange(size, 0, -1, dtype=q.dtype)
   lam = xp.max((d_ev - spent) / left, axis=-1, keepdims=True) * (1.0 - 1e-6)
-  ok = q > 0
-  return xp.where(ok & (q > lam), lam / xp.where(ok, q, 1.0), 1.0)
+  return xp.where(q > lam, lam / q, 1.0)
 
 
 _QUAD_HI: dict[bytes, np.ndarray] = {}  # NumPy: `quad_form_hi` per argument bits
