@@ -1,4 +1,4 @@
-"""Two of Theorem 2V's per-row events (docs/theory.md 4.2): (iii) and the levels of (v), (vi).
+"""Three of Theorem 2V's per-row events (docs/theory.md 4.2): (iii), (iv), the levels of (v), (vi).
 
 The floor on a row's tilted tail mean `E_t` (event (iii)):
 
@@ -13,9 +13,12 @@ terms). Per tau cell, one event is used: the one, among the plain-mean event of
 `_order_stats` and this one at the cells' left ends `a' <= a`, that gives the
 largest floor (a choice fixed by the cell, so it costs one event's probability).
 
+The bound on the off-diagonal tail sum (event (iv)): Bernstein's inequality for the
+capped terms `W(g_j)` (`log_tail_sum_hi`).
+
 The Gaussian part's events (v), (vi) are independent of the scores given `x_i`, so
-their level can depend on the cell of the largest score `g_(1)`: a cell reached
-only w.p. `P_j` affords a level about `1 / P_j` times larger (`peeled_levels`).
+their level can depend on the cell of the largest score `g_(1)`: a cell that holds
+`g_(1)` only w.p. `q_j` affords a level about `1 / q_j` times larger (`peeled_levels`).
 """
 
 from __future__ import annotations
@@ -23,7 +26,7 @@ from __future__ import annotations
 import numpy as np
 
 from gsparse.bounds import _xp
-from gsparse.bounds._common import _log1mexp
+from gsparse.bounds._common import _log1mexp, _log_phi_diff
 from gsparse.bounds.tau import _quad_form_range
 
 
@@ -69,17 +72,69 @@ def tail_mean_floor(n, kk, a, c_lo, c_hi, et_plain, d_ev):
   return xp.minimum(xp.maximum(floor, et_plain), c_hi)
 
 
-def peeled_levels(n, g1, d_ev):
-  """`[1, 1, G]` failure levels of the Gaussian events in the cells `[g1_j, g1_{j+1}]` of `g_(1)`.
+def log_tail_sum_hi(n, a, b, c_hi, d_sum):
+  """`[C]` log bound on a row's off-diagonal tail sum `T` for tau in `[a, b]` (fails w.p. `d_sum`).
 
-  Cell `j` is reached w.p. `<= P_j = min(1, (n - 1) Phi_bar(g1_j))` (`P(g_(1) >= g1_j)`);
-  its level is `min(1, d_ev / (G P_j))`, so the events fail w.p.
-  `<= sum_j P(cell j) d_ev / (G P_j) <= d_ev` in all (docs/theory.md 4.2). Equal shares
-  `1 / G` did better than shares growing or falling with `P_j` (powers -0.5 to 1 tried).
+  Every tail member has `g <= c_hi` (the k-th largest), so `e^{tau g} <= W(g)`,
+  `W(g) = e^{a min(g, c_hi)}` for `g <= 0` and `e^{b min(g, c_hi)}` for `g > 0` (for
+  every `g` `e^{a min(g, c_hi)}` when `c_hi <= 0`: the cap `W(c_hi)` is `e^{a c_hi}`), and
+  `T <= sum_j W(g_j)` over all `n - 1` off-diagonal scores: i.i.d., bounded by
+  `W(c_hi)`; Bernstein's inequality with the exact moments of `W`.
   """
-  xp = _xp.of(n, g1, d_ev)
-  log_p = xp.minimum(xp.log(xp.maximum(n - 1.0, 1.0)) + xp.log_ndtr(-g1), 0.0)
-  return xp.exp(xp.minimum(xp.log(d_ev / g1.shape[-1]) - log_p, 0.0))
+  xp = _xp.of(n, a, b, c_hi, d_sum)
+  nm1 = xp.maximum(n - 1.0, 1.0)
+  c = c_hi
+  lcap = xp.where(c > 0, b * c, a * c)  # log W(c_hi)
+  ninf = xp.asarray(-xp.inf, a.dtype)
+
+  def log_moment(m):  # log E[W^m]
+    sa, sb = m * a, m * b
+    neg = 0.5 * sa * sa + xp.log_ndtr(xp.minimum(c, 0.0) - sa)
+    pos = xp.where(c > 0, 0.5 * sb * sb + _log_phi_diff(c - sb, -sb), ninf)
+    cap = m * lcap + xp.log_ndtr(-c)
+    return xp.logaddexp(xp.logaddexp(neg, pos), cap)
+
+  ell = -xp.log(d_sum)
+  terms = xp.stack(
+    [
+      xp.log(nm1) + log_moment(1.0),
+      0.5 * (xp.log(2.0 * ell * nm1) + log_moment(2.0)),
+      lcap + xp.log(ell / 3.0),
+    ]
+  )
+  return xp.logaddexp(xp.logaddexp(terms[0], terms[1]), terms[2])
+
+
+def peeled_levels(n, gam, d_ev):
+  """`[1, 1, G]` failure levels of the Gaussian events in the cells `[gam_j, gam_{j+1}]` of `g_(1)`.
+
+  `gam`: `[1, 1, G + 1]` cell edges. Cell `j` holds `g_(1)` w.p.
+  `q_j = Phi(gam_{j+1})^{n-1} - Phi(gam_j)^{n-1}`, bounded here from above (raised by
+  `1e-4` relative, capped by `(n - 1) Phi_bar(gam_j) >= P(g_(1) >= gam_j)`). Its level is
+  `min(1, lam / q_j)`, with `lam` the largest for which `sum_j min(q_j, lam) <= d_ev`
+  (water filling), so the events fail w.p. `<= sum_j q_j min(1, lam / q_j) <= d_ev` in
+  all (docs/theory.md 4.2); `lam >= d_ev / G`, i.e. at least equal shares of the budget.
+  """
+  xp = _xp.of(n, gam, d_ev)
+  nm1 = xp.maximum(n - 1.0, 1.0)
+  # log P(g_(1) <= gam_j); log1p(-Phi_bar) for gam > 0 (jax's float32 log_ndtr is
+  # log(ndtr) there, whose rounding near 1 is a large relative error in log Phi).
+  pos = gam > 0
+  log_phi = xp.where(pos, xp.log1p(-xp.ndtr(-xp.abs(gam))), xp.log_ndtr(xp.minimum(gam, 0.0)))
+  log_cdf = nm1 * log_phi
+  lo, hi = log_cdf[..., :-1], log_cdf[..., 1:]
+  log_q = hi + _log1mexp(xp.minimum(lo - hi, 0.0)) + 1e-4  # log q_j, raised
+  log_q = xp.where(hi > lo, log_q, -xp.inf)  # an empty cell (or both ends at -inf)
+  log_tail = xp.log(nm1) + xp.log_ndtr(-gam[..., :-1])  # log (n - 1) Phi_bar(gam_j)
+  q = xp.exp(xp.minimum(xp.minimum(log_q, log_tail), 0.0))
+  q = xp.maximum(q, xp.finfo(q.dtype).tiny)  # an underflow is still counted in the budget
+  # lam = max_m (d_ev - (sum of the m smallest q)) / (G - m), m = 0 .. G - 1.
+  size = q.shape[-1]
+  q_sorted = xp.sort(q, axis=-1)
+  spent = xp.cumsum(q_sorted, axis=-1) - q_sorted  # the m smallest, m = 0 .. G - 1
+  left = xp.arange(size, 0, -1, dtype=q.dtype)
+  lam = xp.max((d_ev - spent) / left, axis=-1, keepdims=True) * (1.0 - 1e-6)
+  return xp.where(q > lam, lam / q, 1.0)
 
 
 _QUAD_HI: dict[bytes, np.ndarray] = {}  # NumPy: `quad_form_hi` per argument bits

@@ -27,12 +27,16 @@ from gsparse.bounds._common import (
   _check,
   _check_delta,
   _check_n,
-  _log_phi_diff,
   _norm_isf,
   _on_flat,
   _valid,
 )
-from gsparse.bounds._iso_events import peeled_levels, quad_form_hi, tail_mean_floor
+from gsparse.bounds._iso_events import (
+  log_tail_sum_hi,
+  peeled_levels,
+  quad_form_hi,
+  tail_mean_floor,
+)
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
 from gsparse.bounds.row_tail import _row_tails
 from gsparse.bounds.tau import _quad_form_range, _tau_range_point
@@ -90,7 +94,16 @@ def isotropic_error_bound(
   largest (both sides), the tail's score sums (a sixteenth for the floor on its
   tilted mean, a sixteenth for its absolute sum), and the Gaussian part (a
   sixteenth for its norm, a sixteenth for its projection on the fixed part,
-  each spread over the cells of the largest score: independent of the scores).
+  each spread over the cells of the largest score by their exact probabilities,
+  as the Gaussian part is independent of the scores; where one level for every
+  cell gives the smaller bound, that is used: a choice fixed by the arguments).
+
+  Rounding: concrete arguments (at most 256 points after broadcasting) are rounded
+  to the default float dtype, evaluated in float64 with NumPy, and `error`,
+  `tail_mass` and `value_norm` are rounded up to that dtype: the bound for the
+  rounded inputs. Traced arguments (jit, vmap, grad) and more than 256 points are
+  evaluated in the default dtype (float32 unless x64) and not rounded up (they
+  agree with the NumPy path to about 1e-5 relative in float32).
 
   Args:
     n: sequence length (integer-valued, >= 1).
@@ -169,39 +182,6 @@ def _max_abs_gap(et, eh, scale):
   xp = _xp.of(*et, *eh, scale)
   vals = [xp.abs(a - scale * b) for a in et for b in eh]
   return xp.maximum(xp.maximum(vals[0], vals[1]), xp.maximum(vals[2], vals[3]))
-
-
-def _log_tail_sum_hi(n, a, b, c_hi, d_sum):
-  """`[C]` log bound on a row's off-diagonal tail sum `T` for tau in `[a, b]` (fails w.p. `d_sum`).
-
-  Every tail member has `g <= c_hi` (the k-th largest), so `e^{tau g} <= W(g)`,
-  `W(g) = e^{a min(g, c_hi)}` for `g <= 0` and `e^{b min(g, c_hi)}` for `g > 0` (for
-  every `g` `e^{a min(g, c_hi)}` when `c_hi <= 0`: the cap `W(c_hi)` is `e^{a c_hi}`), and
-  `T <= sum_j W(g_j)` over all `n - 1` off-diagonal scores: i.i.d., bounded by
-  `W(c_hi)`; Bernstein's inequality with the exact moments of `W`.
-  """
-  xp = _xp.of(n, a, b, c_hi, d_sum)
-  nm1 = xp.maximum(n - 1.0, 1.0)
-  c = c_hi
-  lcap = xp.where(c > 0, b * c, a * c)  # log W(c_hi)
-  ninf = xp.asarray(-xp.inf, a.dtype)
-
-  def log_moment(m):  # log E[W^m]
-    sa, sb = m * a, m * b
-    neg = 0.5 * sa * sa + xp.log_ndtr(xp.minimum(c, 0.0) - sa)
-    pos = xp.where(c > 0, 0.5 * sb * sb + _log_phi_diff(c - sb, -sb), ninf)
-    cap = m * lcap + xp.log_ndtr(-c)
-    return xp.logaddexp(xp.logaddexp(neg, pos), cap)
-
-  ell = -xp.log(d_sum)
-  terms = xp.stack(
-    [
-      xp.log(nm1) + log_moment(1.0),
-      0.5 * (xp.log(2.0 * ell * nm1) + log_moment(2.0)),
-      lcap + xp.log(ell / 3.0),
-    ]
-  )
-  return xp.logaddexp(xp.logaddexp(terms[0], terms[1]), terms[2])
 
 
 def _t_part(tm):
@@ -294,7 +274,7 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   kn = xp.minimum(k, n)
   t_c = xp.minimum(t_row, (n - kn) / xp.maximum(n - 1.0, 1.0))[:, None, None]  # [C, 1, 1]
   t_free = 1.0 - kn / n
-  l_t = _log_tail_sum_hi(n, a, b, c_hi, d16)[:, None, None]
+  l_t = log_tail_sum_hi(n, a, b, c_hi, d16)[:, None, None]
   # The tilted tail mean's floor per tau cell (event (iii): one of two kinds, fixed by the cell).
   et = tail_mean_floor(n, kk, a, c_lo, c_hi, stats[3], d16)[:, None, None]
   stats = (*stats[:3], et, stats[4])
@@ -303,27 +283,24 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   gam = c_lo + xp.linspace(0.0, 1.0, _NUM_G1_CELLS + 1, dtype=dt) * xp.maximum(g1_hi - c_lo, 0.0)
   gam = xp.concatenate([gam[:-1], xp.maximum(g1_hi, c_lo)[None]])  # the last edge is g1_hi
   gam = gam[None, None, :]
-  # (v), (vi) at a level per cell of g_(1) (the Gaussian part is independent of g given x_i).
-  lvl = peeled_levels(n, gam[..., :-1], d16)
-  u_gauss = xp.sqrt(s2 * quad_form_hi(vf, vo, vg, -xp.log(lvl)))
-  cross = sigma * vo * _norm_isf(xp.minimum(lvl, 0.5))  # a . G <= ||a|| sqrt(q) cross (z >= 0)
-  scal = (sigma * vo, vmax, u_gauss, cross, t_free)
-  # NumPy: a few tau cells at a time, so its temporaries stay small (cached by the allocator,
-  # not fresh pages each call); every entry is the same, and so are the maximum and its split.
-  cells = _cell_parts(a, b, t_c, l_t, stats, kk, gam, scal)
-  cap = (
-    2.0 * xp.minimum(t_c[:, 0, 0], t_free) * vmax
-  )  # Theorem 2's 2 t V on the same events: kept where smaller
-  if xp is _xp.NP:  # only the grid rows that can matter (the same result)
-    cell, _, split = _np_rows(cells, stats, kk, th, scal, cap if with_theorem2 else None)
+  cap = 2.0 * xp.minimum(t_c[:, 0, 0], t_free) * vmax  # Theorem 2's 2 t V on the same events
+  grid = (_cell_base(a, b, t_c, l_t, stats, kk, gam, t_free), stats, kk, th)
+  grid = (*grid, cap if with_theorem2 else None)
+  scal = (sigma, s2, vf, vo, vg, vmax, t_free)
+  # (v), (vi) at a level per cell of g_(1) (the Gaussian part is independent of g given x_i)
+  # or at the single level d16: the smaller bound is kept (a choice fixed by the arguments).
+  lvl = peeled_levels(n, gam, d16)
+  err, split, g_at = _grid_error(grid, scal, lvl, None)
+  if g_at is not None and lvl[0, 0, g_at] >= d16:
+    err_1, split_1 = xp.inf, split  # NumPy: the single level cannot give less (`_grid_error`)
   else:
-    cell, _, split = _worst(cells, stats, kk, th, scal)
-  if with_theorem2:
-    cell = xp.minimum(cell, cap)
+    err_1, split_1, _ = _grid_error(grid, scal, xp.full_like(lvl, d16), err)
+  keep = err <= err_1
+  split = [xp.where(keep, p, p_1) for p, p_1 in zip(split, split_1, strict=True)]
   return _finish(
     n,
     k,
-    xp.max(cell),
+    xp.where(keep, err, err_1),
     xp.minimum(xp.max(t_c), t_free),
     vmax,
     split,
@@ -331,24 +308,63 @@ def _iso_scalar(n, sigma, k, delta, frob, op, gram, vf, vo, vg, *, with_theorem2
   )
 
 
-def _np_rows(cells, stats, kk, th, scal, cap):
+def _grid_error(grid, scal, lvl, stop):
+  """`(error, split)` on the grid, the Gaussian events (v), (vi) at the levels `lvl` `[1, 1, G]`.
+
+  NumPy with `stop` (an error already found): once this grid's error is known to be
+  above `stop`, the search ends and returns `(inf, NaN split)` (it loses the comparison).
+  The third output (NumPy, else None): the `g_(1)` cell `g` of the maximum, where the
+  tau cell `c` of the uncapped maximum also holds the capped one. Then a grid whose
+  levels are nowhere below `lvl[g]` has a maximum (capped or not) at least this
+  grid's: its sum at the same (c, row, g) is at least as large (`_combine` increases
+  in the Gaussian parts, the rest is level-free).
+  """
+  base, stats, kk, th, cap = grid
+  sigma, s2, vf, vo, vg, vmax, t_free = scal
+  xp = _xp.of(*base, kk, th, sigma, s2, vf, vo, vg, vmax, lvl)
+  u_gauss = xp.sqrt(s2 * quad_form_hi(vf, vo, vg, -xp.log(lvl)))
+  cross = sigma * vo * _norm_isf(xp.minimum(lvl, 0.5))  # a . G <= ||a|| sqrt(q) cross (z >= 0)
+  scal = (sigma * vo, vmax, u_gauss, cross, t_free)
+  # NumPy: a few tau cells at a time, so its temporaries stay small (cached by the allocator,
+  # not fresh pages each call); every entry is the same, and so are the maximum and its split.
+  cells = _cell_parts(base, scal)
+  if xp is _xp.NP:  # only the grid rows that can matter (the same result)
+    cell, at, split = _np_rows(cells, stats, kk, th, scal, cap, stop)
+    if cell is None:
+      return xp.inf, split, None
+  else:
+    cell, at, split = _worst(cells, stats, kk, th, scal)
+  if cap is not None:
+    cell = xp.minimum(cell, cap)
+  g_at = at[1] if xp is _xp.NP and at[0] == xp.argmax(cell) else None
+  return xp.max(cell), split, g_at
+
+
+def _np_rows(cells, stats, kk, th, scal, cap, stop=None):
   """`_worst`'s result in NumPy, evaluating only the (tau cell, theta cell) rows that can matter.
+
+  Returns `(cell, (c, g), split)`: `g` the `g_(1)` cell of the maximum, which `_worst` omits.
 
   Rows go in decreasing order of their upper bounds (`_cell_upper`), `_NP_ROWS` at a time;
   a row is skipped when its bound is below the largest sum seen and (with Theorem 2's
   `cap`) its capped bound at most the largest capped maximum seen. A skipped row holds
   neither the maximum nor the largest capped value, so the error, the maximum and its
   split (the first maximum in `_worst`'s order) are the full grid's; `cell` holds each
-  tau cell's maximum over the rows evaluated (its capped maximum is unchanged).
+  tau cell's maximum over the rows evaluated (its capped maximum is unchanged). With
+  `stop`, it returns (split NaN) as soon as the largest capped maximum seen is above it.
   """
   np = _xp.NP
   t_c, l_t, l_off, f, eh_hi, total_t, *tail = cells
+  capped_max = (lambda x: np.max(x)) if cap is None else (lambda x: np.max(np.minimum(x, cap)))
+  if stop is not None and capped_max(np.max(total_t, axis=(1, 2))) > stop:
+    return None, None, [np.nan] * 3  # the tail rows alone are above `stop`
   rows_hi, cell = _cell_upper(cells, stats, kk, th, scal)  # [C, L], [C]: the tail rows exact
   capped = rows_hi if cap is None else np.minimum(rows_hi, cap[:, None])
-  capped_max = (lambda x: np.max(x)) if cap is None else (lambda x: np.max(np.minimum(x, cap)))
   best, best_cap, found = np.max(cell), capped_max(cell), []
   order = np.argsort(-rows_hi, axis=None, kind="stable")
   for i in range(0, order.size, _NP_ROWS):
+    if stop is not None and best_cap > stop:
+      return None, None, [np.nan] * 3
     idx = order[i : i + _NP_ROWS]
     idx = idx[~((rows_hi.flat[idx] < best) & (capped.flat[idx] <= best_cap))]
     if idx.size == 0:
@@ -358,8 +374,12 @@ def _np_rows(cells, stats, kk, th, scal, cap):
     at = (t_c[c], l_t[c], l_off[c], (f[c], eh_hi[c]))
     st = (*stats[:3], stats[3][c], stats[4])  # the tail mean's floor of each row's tau cell
     total, head = _head_sum(*at, st, kk, th0, th1, scal)  # [R, 1, G]
-    np.maximum.at(cell, c, np.max(total, axis=(1, 2)))
-    found.append((c, row, total[:, 0], [np.broadcast_to(h, total.shape)[:, 0] for h in head]))
+    row_max = np.max(total, axis=(1, 2))
+    np.maximum.at(cell, c, row_max)
+    # Only rows at their tau cell's maximum so far can hold the final one (`cell` only
+    # grows): the others are dropped now, so the chunks' arrays are not all kept alive.
+    k = np.flatnonzero(row_max == cell[c])
+    found.append((c[k], row[k], total[k, 0], [np.broadcast_to(h, total.shape)[k, 0] for h in head]))
     best, best_cap = np.max(cell), capped_max(cell)
   c = np.argmax(cell)  # the first tau cell with the maximum; in it the head rows come first
   rows = [
@@ -370,9 +390,9 @@ def _np_rows(cells, stats, kk, th, scal, cap):
   rows = sorted((r for r in rows if np.max(r[1]) == cell[c]), key=lambda r: r[0])
   if rows:
     g = np.argmax(rows[0][1])
-    return cell, cell[c], [h[g] for h in rows[0][2]]
+    return cell, (c, g), [h[g] for h in rows[0][2]]
   g = np.argmax(total_t[c, 0])
-  return cell, cell[c], [pt[c, 0, g] for pt in tail]
+  return cell, (c, g), [pt[c, 0, g] for pt in tail]
 
 
 def _cell_upper(cells, stats, kk, th, scal):
@@ -405,29 +425,41 @@ def _cell_upper(cells, stats, kk, th, scal):
   return head[..., 0], xp.max(total_t, axis=(1, 2))
 
 
-def _cell_parts(a, b, t_c, l_t, stats, kk, gam, scal):
-  """The theta-free parts of every tau cell, once: `[C, 1, G]` arrays for `_worst`.
+def _cell_base(a, b, t_c, l_t, stats, kk, gam, t_free):
+  """The theta-free and level-free parts of every tau cell, once: `[C, 1, G]` arrays.
 
-  `(t_c, l_t, l_off, f, eh_hi, tail total, tail diagonal, tail mean, tail Gaussian)`:
-  the off-diagonal head's log bound and the head shape for the head case, and the
-  whole tail case (the diagonal in the tail, Lemma V's sum and its three parts).
+  `(t_c, l_t, l_off, f, eh_hi, tail p_i, tail q, tail mean gap)`: the off-diagonal
+  head's log bound and the head shape for the head case, and the tail case's factors.
   """
-  xp = _xp.of(a, b, t_c, l_t, kk, gam, *scal)
-  svo, vmax, u_gauss, cross, t_free = scal
+  xp = _xp.of(a, b, t_c, l_t, kk, gam, t_free)
   c_lo = stats[1]
   g1, g2 = gam[..., :-1], gam[..., 1:]
   ly1 = xp.minimum(a * g1, b * g1)  # the largest off-diagonal key, g_(1) in [g1, g2]
   l_off = xp.logaddexp(ly1, xp.log(kk - 2.0) + xp.minimum(a * c_lo, b * c_lo))
   shape = _head_shape(a, b, stats, kk, g2)
   pd, _, q_t, gap_t = _tail_case(a, b, xp.minimum(t_c, t_free), l_t, stats, kk, gam, shape)
+  return (t_c, l_t, l_off, *shape, pd, q_t, gap_t)
+
+
+def _cell_parts(base, scal):
+  """`[C, 1, G]` arrays for `_worst`: `(t_c, l_t, l_off, f, eh_hi, tail total, its three parts)`.
+
+  The tail case (the diagonal in the tail): Lemma V's sum and its three parts, with the
+  Gaussian levels of `scal`.
+  """
+  xp = _xp.of(*base, *scal)
+  svo, vmax, u_gauss, cross, _ = scal
+  t_c, pd, q_t, gap_t = base[0], *base[5:]
   tail = (pd * vmax, svo * gap_t, xp.sqrt(q_t) * u_gauss)
-  full = (t_c.shape[0], 1, g1.shape[-1])
+  full = (t_c.shape[0], 1, base[2].shape[-1])
   tail = [xp.broadcast_to(x, full) for x in (_combine(tail, u_gauss, cross), *tail)]
-  return (t_c, l_t, l_off, *shape, *tail)
+  return (*base[:5], *tail)
 
 
 def _worst(cells, stats, kk, th, scal):
-  """The isotropic sum on `[C, L + 1, G]` cells: `([C] cell maxima, maximum, split there)`.
+  """The isotropic sum on `[C, L + 1, G]` cells: `([C] cell maxima, (c, None), split)`.
+
+  `c`: the tau cell of the maximum; the split is read at the maximum.
 
   Rows `0..L-1`: the diagonal in the head, theta cell `l`; row `L`: the diagonal in the
   tail (`cells` from `_cell_parts`). The split is read at the first maximum in that order.
@@ -444,7 +476,7 @@ def _worst(cells, stats, kk, th, scal):
   split = [
     xp.where(in_head, _at(ph, c, row, g), pt[c, 0, g_t]) for ph, pt in zip(head, tail, strict=True)
   ]
-  return cell, cell[c], split
+  return cell, (c, None), split
 
 
 def _combine(parts, u_gauss, cross):
