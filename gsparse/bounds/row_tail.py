@@ -25,6 +25,7 @@ from gsparse.bounds._common import (
   _safety,
   _valid,
 )
+from gsparse.bounds._gcells import _prob_up
 from gsparse.bounds.row import _NUM_LAMBDA, _g_grid
 
 _T0_STEPS = 16  # bisection steps on log(t0 / (1 - t0)) (resolution 42 / 2^16)
@@ -76,8 +77,9 @@ def _tail_weights(nm1, k, c):
   """`(f, t_top)`, the t0- and tau-free G-cell probabilities of `_tail_fail` (`F_l` rounded up)."""
   xp = _xp.of(nm1, k, c)
   inv_safe = 1.0 / _safety(c.dtype)
-  f = xp.minimum(xp.betainc(xp.maximum(nm1 - k + 1.0, 1.0), k, xp.ndtr(c)) * inv_safe, 1.0)
-  t_top = xp.minimum(xp.betainc(k, xp.maximum(nm1 - k + 1.0, 1.0), xp.ndtr(-c[-1])) * inv_safe, 1.0)
+  # `_prob_up`: a float32 betainc below 0 or NaN counts as 1 (it would lower the sum).
+  f = _prob_up(xp.betainc(xp.maximum(nm1 - k + 1.0, 1.0), k, xp.ndtr(c)) * inv_safe)
+  t_top = _prob_up(xp.betainc(k, xp.maximum(nm1 - k + 1.0, 1.0), xp.ndtr(-c[-1])) * inv_safe)
   return f, t_top
 
 
