@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+import gsparse.bounds as B
 from gsparse.bounds import _xp, row, row_tail, sparsity
 
 
@@ -33,3 +34,36 @@ def test_theorem_2r_reads_a_g_cell_weight_below_0_or_nan_as_1(monkeypatch):
     f, t_top = weights(jnp.float32(1e8 - 1.0), jnp.float32(200.0), c)
     np.testing.assert_array_equal(np.asarray(f), 1.0)
     assert float(t_top) == 1.0
+
+
+def _dot_precisions(jaxpr):
+  """`precision` of every `dot_general` in a jaxpr and the jaxprs nested in it (loops, conds)."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append(eqn.params["precision"])
+    for v in eqn.params.values():
+      for sub in v if isinstance(v, (tuple, list)) else (v,):
+        sub = getattr(sub, "jaxpr", sub)
+        if hasattr(sub, "eqns"):
+          out += _dot_precisions(sub)
+  return out
+
+
+def test_the_traced_transforms_multiply_at_highest_precision():
+  # At the default precision a GPU multiplies float32 in TF32 (about 1e-3 relative), far
+  # beyond the rounding allowance of Lemma 6's deficit form: every matrix product of the
+  # traced bounds must ask for HIGHEST.
+  f32 = jnp.float32
+  norms = B.InteractionNorms(f32(3.0), f32(1.2), f32(2.0))
+  calls = [
+    lambda n, s, e: B.sparsity_bound(n, s, norms, eps=e).k,
+    lambda n, s, e: B.causal_sparsity_bound(n, s, norms, eps=e).value,
+    lambda n, s, e: B.row_sparsity_bound(n, s, eps=e, delta=1e-4),
+    lambda n, s, e: B.row_tail_bound(n, s, k=f32(8.0), delta=e),
+  ]
+  highest = (jax.lax.Precision.HIGHEST, jax.lax.Precision.HIGHEST)
+  for call in calls:
+    prec = _dot_precisions(jax.make_jaxpr(call)(f32(1e6), f32(1.0), f32(0.01)).jaxpr)
+    assert prec, "no matrix product found"
+    assert all(p == highest for p in prec), prec

@@ -19,6 +19,8 @@ every term that underflows (or is flushed to zero) is below `tiny / mass(c)`;
 
 from __future__ import annotations
 
+import jax
+
 from gsparse.bounds import _xp
 
 _NUM_QUAD = 64  # Riemann cells per truncated transform
@@ -216,10 +218,18 @@ def _log_transform(weights, log_lam, sign, ex=None):
   v = xp.exp(v, **into)  # [C, N, K], each <= 1
   bands, num_l, num_n = p.shape
   v = v.reshape(bands, -1, num_n, v.shape[-1])
-  s = xp.matmul(p[:, None], v).reshape(-1, num_l, v.shape[-1])  # [C, L, K]
+  s = _matmul(xp, p[:, None], v).reshape(-1, num_l, v.shape[-1])  # [C, L, K]
   into = {"out": s} if numpy else {}
   s = xp.log(xp.add(s, floor[None, :, None], **into), **into)
   return xp.add(s, (sign * ref)[:, None, :], **into)
+
+
+def _matmul(xp, a, b):
+  """`a @ b`; in jax at `Precision.HIGHEST`, since the default on GPU (TF32) and TPU (bfloat16
+  passes) rounds to about 1e-3 relative, far beyond the allowance of `_log_transform_deficit`."""
+  if xp is _xp.NP:
+    return xp.matmul(a, b)
+  return xp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
 
 
 # Machine epsilons above this (float32, bfloat16) take the deficit form below; float64 keeps
@@ -265,7 +275,7 @@ def _log_transform_deficit(weights, log_lam, sign, ex=None):
   def matmul(v):  # [C, N, K] node values times the band's [B, L, N] masses: [C, L, K]
     bands, num_l, num_n = p.shape
     v = v.reshape(bands, -1, num_n, v.shape[-1])
-    return xp.matmul(p[:, None], v).reshape(-1, num_l, v.shape[-1])
+    return _matmul(xp, p[:, None], v).reshape(-1, num_l, v.shape[-1])
 
   fl = floor[None, :, None]
   big = xp.log(xp.finfo(p.dtype).max) - 8.0  # e_q below this: expm1 and the sum stay finite
