@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 
 import gsparse.bounds as B
-from gsparse.bounds import _xp, row, row_tail, sparsity
+from gsparse.bounds import _laplace, _xp, row, row_tail, sparsity
 
 
 def test_lemma4_reads_a_tail_below_0_or_nan_as_1(monkeypatch):
@@ -67,3 +67,28 @@ def test_the_traced_transforms_multiply_at_highest_precision():
     prec = _dot_precisions(jax.make_jaxpr(call)(f32(1e6), f32(1.0), f32(0.01)).jaxpr)
     assert prec, "no matrix product found"
     assert all(p == highest for p in prec), prec
+
+
+def test_the_transforms_lambda_times_a_is_at_most_the_exponent_term(monkeypatch):
+  # Lemma 6 (and Theorem 2R's top) evaluate the transforms at fl(e^{theta - log A}) and add
+  # fl(e^theta) for lam A; the bound is a Chernoff bound only if the transforms' lam times A
+  # is at most the term (float32 rounding made it exceed it by up to 0.0075 before).
+  seen = []
+  real = _laplace._log_transform
+  monkeypatch.setattr(
+    _laplace,
+    "_log_transform",
+    lambda w, log_lam, *a, **k: seen.append(log_lam) or real(w, log_lam, *a, **k),
+  )
+  f32 = jnp.float32
+  c = row._g_grid(f32(1e4), 8, f32)
+  tau = jnp.asarray([1.0, 4.0], f32)
+  for eps in np.float32(np.logspace(-5.5, np.log10(0.5), 60)):
+    seen.clear()
+    lam_a = row._chernoff_parts(f32(eps), tau, tau, c)[0]
+    row_tail._tail_cell_bounds(f32(100.0), f32(4.0), tau, jnp.full(2, eps), c)
+    term = np.asarray(lam_a, np.float64)  # fl(e^theta), the same in both theorems
+    log_a = np.log1p(-np.float64(eps)) - np.log(np.float64(eps))
+    for log_lam in seen[:2] + seen[3:4]:  # Lemma 6's top and rest, Theorem 2R's top
+      lam = np.asarray(jnp.exp(log_lam), np.float64).reshape(-1, term.size)
+      assert (lam * np.exp(log_a) <= term).all(), (eps, (lam * np.exp(log_a) - term).max())

@@ -185,6 +185,26 @@ def _floor(norm, count):
   return count * xp.finfo(norm.dtype).tiny / norm
 
 
+def _lam_down(log_lam, theta, log_a):
+  """`log_lam = theta - log A`, lowered in float32 so that `fl(e^log_lam) A <= fl(e^theta)`.
+
+  A Chernoff bound holds at every `lam >= 0`, but its transforms and its `e^{lam A}`
+  term must use the same `lam` (or the term a larger one: it only raises the bound).
+  The transforms use `fl(e^log_lam)`; the term uses `fl(e^theta)`. In float32 the two
+  logarithms, the subtractions and the exponentials err by a few `u` of their own
+  magnitude each (XLA's `log`, `log1p`, `exp` to within 2 ulp, assumed), so `log_lam`
+  is lowered by `2 (|theta| + 4 |log A| + 8) u`, more than the sum of those errors.
+  In float64 the same errors (1e-14 relative at most) are inside the `1 - 1e-6` margin
+  on delta (`_common._safety`), and the value is kept as computed.
+  """
+  xp = _xp.of(log_lam, theta, log_a)
+  dtype = xp.result_type(log_lam)
+  if xp.finfo(dtype).eps <= _DEFICIT_EPS:
+    return log_lam
+  u = 0.5 * xp.finfo(dtype).eps
+  return log_lam - 2.0 * (xp.abs(theta) + 4.0 * xp.abs(log_a) + 8.0) * u
+
+
 def _log_transform(weights, log_lam, sign, ex=None):
   """`[C, L, K]` upper bounds on `log E[exp(sign lam e^{t (g - c)}) | g in the side]`.
 

@@ -65,6 +65,7 @@ def _tail_cell_bounds(nrest, k, tau, t0, c, parts=None):
   theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam (1 - t0))
   t0 = xp.reshape(t0, (-1, 1, 1))  # one Chernoff parameter row per tau cell
   log_lam = theta - xp.log1p(-t0) + xp.log(t0)  # lam t0, [C, 1, K]
+  log_lam = _laplace._lam_down(log_lam, theta, xp.log1p(-t0) - xp.log(t0))  # see there
   top = _laplace._log_transform(top_w, log_lam, -1)  # [C, L, K]
   log_b = xp.exp(theta) + (k - 1.0) * xp.minimum(top, 0.0)
   log_b = log_b + nrest * xp.maximum(rest, 0.0)
