@@ -8,6 +8,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 import gsparse.bounds as B
 from gsparse.bounds import _laplace, _xp, row, row_tail, sparsity
@@ -92,3 +93,13 @@ def test_the_transforms_lambda_times_a_is_at_most_the_exponent_term(monkeypatch)
     for log_lam in seen[:2] + seen[3:4]:  # Lemma 6's top and rest, Theorem 2R's top
       lam = np.asarray(jnp.exp(log_lam), np.float64).reshape(-1, term.size)
       assert (lam * np.exp(log_a) <= term).all(), (eps, (lam * np.exp(log_a) - term).max())
+
+
+def test_the_transforms_refuse_half_precision():
+  # The deficit form's allowance is kappa u: >= 1 in bfloat16 and float16, no bound at all.
+  c = jnp.linspace(-1.0, 2.0, 5)
+  w = _laplace._top_weights(jnp.asarray([1.0]), c)
+  for dtype in (jnp.bfloat16, jnp.float16):
+    half = tuple(jnp.asarray(v, dtype) for v in w)
+    with pytest.raises(TypeError, match="float32 or float64"):
+      _laplace._log_transform(half, jnp.zeros(3, dtype), -1)

@@ -205,6 +205,12 @@ def _lam_down(log_lam, theta, log_a):
   return log_lam - 2.0 * (xp.abs(theta) + 4.0 * xp.abs(log_a) + 8.0) * u
 
 
+def _check_dtype(dtype):
+  """Lemma 6's transforms are rounded for float32 and float64 only (bfloat16, float16: tol >= 1)."""
+  if dtype not in (_xp.NP.float32, _xp.NP.float64):
+    raise TypeError(f"Lemma 6's transforms need float32 or float64 weights, got {dtype}")
+
+
 def _log_transform(weights, log_lam, sign, ex=None):
   """`[C, L, K]` upper bounds on `log E[exp(sign lam e^{t (g - c)}) | g in the side]`.
 
@@ -217,6 +223,7 @@ def _log_transform(weights, log_lam, sign, ex=None):
   """
   x, p, floor = weights
   xp = _xp.of(x, p, log_lam)
+  _check_dtype(p.dtype)
   if xp.finfo(p.dtype).eps > _DEFICIT_EPS:
     return _log_transform_deficit(weights, log_lam, sign, ex)
   # NumPy writes each step into the array it came from: the same values, without
