@@ -5,10 +5,13 @@ Each test here fails on the code before its fix (checked with `git stash`).
 
 from __future__ import annotations
 
+import itertools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import scipy.special as sps
 
 import gsparse.bounds as B
 from gsparse.bounds import _laplace, _xp, row, row_tail, sparsity
@@ -103,3 +106,64 @@ def test_the_transforms_refuse_half_precision():
     half = tuple(jnp.asarray(v, dtype) for v in w)
     with pytest.raises(TypeError, match="float32 or float64"):
       _laplace._log_transform(half, jnp.zeros(3, dtype), -1)
+
+
+# The float32 review's points: n from 1e5 (where jax's float32 betainc starts to drift) to
+# 1e8, norms (3, 1.2, 2), sigma 0.5 / 1 / 1.5, eps 0.1 / 0.01 / 0.001.
+_POINTS = np.asarray(
+  list(itertools.product((1e5, 1e6, 1e7, 1e8), (0.5, 1.0, 1.5), (0.1, 0.01, 0.001))), np.float32
+).T
+
+
+def _float64_numpy(fn):
+  """`fn(n, sigma, eps)` at each point, eager on Python numbers with x64: float64 NumPy."""
+  with jax.enable_x64(True):
+    return np.asarray([float(fn(int(n), float(s), float(e))) for n, s, e in _POINTS.T])
+
+
+def _float32_traced(fn):
+  return np.asarray(jax.jit(jax.vmap(fn))(*(jnp.asarray(v) for v in _POINTS)))
+
+
+def test_traced_float32_theorem_1_k_is_at_least_the_float64_k():
+  # jax's float32 betainc at n >= 1e7 made k 2 against 19 (n = 1e8, sigma 0.5, eps 1e-3).
+  norms32 = B.InteractionNorms(*(jnp.float32(v) for v in (3.0, 1.2, 2.0)))
+  got = _float32_traced(lambda n, s, e: B.sparsity_bound(n, s, norms32, eps=e).k)
+  want = _float64_numpy(
+    lambda n, s, e: B.sparsity_bound(n, s, B.InteractionNorms(3.0, 1.2, 2.0), eps=e).k
+  )
+  assert (got >= want).all(), np.stack([*_POINTS, got, want])[:, got < want]
+
+
+@pytest.mark.slow
+def test_traced_float32_theorems_1c_and_1r_are_at_least_the_float64_values():
+  norms32 = B.InteractionNorms(*(jnp.float32(v) for v in (3.0, 1.2, 2.0)))
+  norms = B.InteractionNorms(3.0, 1.2, 2.0)
+  causal = lambda nm: lambda n, s, e: B.causal_sparsity_bound(n, s, nm, eps=e).value
+  got, want = _float32_traced(causal(norms32)), _float64_numpy(causal(norms))
+  assert (got >= want).all(), np.stack([*_POINTS, got, want])[:, got < want]
+  # Theorem 1R with tau = 2 sigma (sigma's role: the row's score scale).
+  rowk = lambda n, s, e: B.row_sparsity_bound(n, 2.0 * s, eps=e, delta=1e-4)
+  got, want = _float32_traced(rowk), _float64_numpy(rowk)
+  assert (got >= want).all(), np.stack([*_POINTS, got, want])[:, got < want]
+
+
+def test_float32_betainc_above_1e5_trials_is_at_least_the_float64_value():
+  # Above 1e5 trials the float32 namespace's betainc is a Chernoff bound; against SciPy's
+  # float64 value at the same float32 arguments, 3 x 3000 random points (log-uniform a,
+  # x within 8 standard deviations below the mean a / N, or log-uniform).
+  rng = np.random.default_rng(3)
+  for n in (2e5, 1e7, 1e8):
+    a = np.clip(np.floor(np.exp(rng.uniform(0.0, np.log(n), 3000))), 1, n)
+    a = np.where(rng.random(3000) < 0.3, n + 1.0 - a, a).astype(np.float32)  # some lower tails
+    b = (np.float32(n) - a + 1.0).astype(np.float32)
+    q = a / (a + b.astype(np.float64) - 1.0)
+    near = q - np.sqrt(q * (1.0 - q) / n) * rng.uniform(0.0, 8.0, 3000)
+    x = np.where(rng.random(3000) < 0.5, near, np.exp(rng.uniform(np.log(1e-9), 0.0, 3000)))
+    x = np.clip(x, 1e-12, 1.0).astype(np.float32)
+    got = np.asarray(jax.jit(_xp.JNP.betainc)(a, b, x), np.float64)
+    want = sps.betainc(a.astype(np.float64), b.astype(np.float64), x.astype(np.float64))
+    # Below float32's smallest normal number the value underflows (to 0 or a subnormal).
+    tiny = np.finfo(np.float32).tiny
+    bad = got < np.where(want > tiny, want, 0.0)
+    assert not bad.any(), (n, a[bad], b[bad], x[bad], got[bad], want[bad])
