@@ -285,9 +285,10 @@ def _log_transform_deficit(weights, log_lam, sign, ex=None):
   to a result below `log 2`. The moment generating function (`sign > 0`, results `>= 0`)
   uses `log1p(E (1 + kappa u) + floor)`, `E = sum_q p_q expm1(e_q)` unfactored, wherever
   no `e_q` can overflow; above that the factored form plus `kappa u |ref|` (there the
-  result is at least `ref + log(mass of the last cell)`, far from 0). Every branch rounds
-  upward by a relative `kappa u` of the result, so the float32 value is at least the
-  exact Riemann sum (`tests/bounds_laplace_test.py`).
+  result is at least `ref + log(mass of the last cell)`, far from 0). Every branch adds a
+  relative `kappa u` of the result, meant to cover its rounding; validated against float64
+  (`tests/bounds_laplace_test.py`) for `t <= 256`, not proven, and too small at `t = 512`
+  (docs/theory.md, section 3, "Float32", lists the assumptions).
   """
   x, p, floor = weights
   xp = _xp.of(x, p, log_lam)
