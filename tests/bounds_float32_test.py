@@ -182,3 +182,36 @@ def test_float32_ndtr_accuracy_that_the_deficit_allowance_assumes():
   for lo, hi, bound in ((-1, 0, 8), (-3, -1, 17), (-6, -3, 61), (-9, -6, 109), (-13, -9, 256)):
     sel = (g >= lo) & (g <= hi) & normal
     assert err[sel].max() <= bound, (lo, hi, err[sel].max())
+
+
+def test_float32_lemma_6_transforms_are_at_least_float64_up_to_tau_512(monkeypatch):
+  # Theorem 1's setup (16 lambda, ladder band scales) with tau cells up to 512: each float32
+  # transform must be at least the float64 deficit form on the same float32 inputs (cells,
+  # levels, and the lambda the float32 call used). The constant allowance kappa u fell
+  # 16 u short at tau = 512 (review of the float32 path).
+  seen = []
+  real = _laplace._log_transform
+  monkeypatch.setattr(
+    _laplace,
+    "_log_transform",
+    lambda w, log_lam, *a, **k: seen.append(log_lam) or real(w, log_lam, *a, **k),
+  )
+  # 12 cells (not a multiple of 8: each cell is its own band, nodes at its own scale).
+  taus = jnp.asarray([0.05, 0.3, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512], jnp.float32)
+  for nm1 in (1e3, 1e5, 1e8):
+    c = row._g_grid(jnp.float32(nm1), row._NUM_G_CELLS, jnp.float32)
+    for eps in (0.3, 1e-2, 1e-3, 1e-5):
+      seen.clear()
+      _, top, rest = row._chernoff_parts(
+        jnp.float32(eps), taus, taus, c, ladder=True, num_lambda=16
+      )
+      log_lam = np.asarray(seen[0], np.float64)
+      t64, c64 = np.asarray(taus, np.float64), np.asarray(c[1:], np.float64)
+      for got, weights in (
+        (top, _laplace._top_weights(t64, c64, ladder=True)),
+        (rest, _laplace._rest_weights(t64, c64, ladder=True)),
+      ):
+        got = np.asarray(got, np.float64)
+        want = np.minimum(_laplace._log_transform_deficit(weights, log_lam, -1), 0.0)
+        short = (want - got) / np.maximum(-want, 1e-300) * 2.0**24  # in u of the deficit
+        assert (got >= want).all(), (nm1, eps, short.max())

@@ -211,12 +211,13 @@ def _check_dtype(dtype):
     raise TypeError(f"Lemma 6's transforms need float32 or float64 weights, got {dtype}")
 
 
-def _log_transform(weights, log_lam, sign, ex=None):
+def _log_transform(weights, log_lam, sign, ex=None, tc=None):
   """`[C, L, K]` upper bounds on `log E[exp(sign lam e^{t (g - c)}) | g in the side]`.
 
   `weights = (x, p, floor)` from `_top_weights` / `_rest_weights`, `log_lam [K]`
   (or `[C, 1, K]`, one row per cell); `ex`: `e^x`, when the caller evaluates the
-  same nodes at many `log_lam` (Theorem 2R's bisection) and keeps it.
+  same nodes at many `log_lam` (Theorem 2R's bisection) and keeps it; `tc = (t [C],
+  c [L])`, the weights' tau cells and levels, sizes the float32 allowance (`_allowance`).
   Per `(cell, lam)` the largest node value `exp(sign lam e^{x_ref})` is factored
   out; the rest is `p @ exp(sign lam (e^x - e^{x_ref}))`, one batched matrix
   product per band, plus the underflow floor.
@@ -225,7 +226,7 @@ def _log_transform(weights, log_lam, sign, ex=None):
   xp = _xp.of(x, p, log_lam)
   _check_dtype(p.dtype)
   if xp.finfo(p.dtype).eps > _DEFICIT_EPS:
-    return _log_transform_deficit(weights, log_lam, sign, ex)
+    return _log_transform_deficit(weights, log_lam, sign, ex, tc)
   # NumPy writes each step into the array it came from: the same values, without
   # allocating (and faulting in) a fresh [C, N, K] array per step.
   numpy = xp is _xp.NP
@@ -270,9 +271,31 @@ _DEFICIT_EPS = 1e-10
 # cells of the rest; the top's first cells are finer, but there the node values are all
 # within a few u of the reference value, so their errors move the deficit by as little).
 _KAPPA = 4096.0
+# Relative error of jax's float32 `ndtr` where its value is a normal number, in units of u
+# (measured on a dense sweep of [-13, 0]: at most 256 u, pinned by tests/bounds_float32_test.py).
+_NDTR_ULPS = 256.0
 
 
-def _log_transform_deficit(weights, log_lam, sign, ex=None):
+def _allowance(t, c, x):
+  """`[C, L, 1]` relative allowance `tol(t, c)` of the deficit form (float32), at least `kappa u`.
+
+  `u (2 (N + 1) + e (1 + 2 t / max(c, 1)) + 2 (t |c| + t span) + 8)`, `N + 1` nodes, `e =
+  _NDTR_ULPS`: the products and their summation; the `ndtr` errors of the cell masses,
+  which Abel summation weights by the increments of `1 - v_q` (amplified at most `1 + 2 t
+  / c`); the node arguments, `fl(t d_q)` against the cell edge `fl(c + d_q)` (`t span` is
+  the largest `|x_q|`); and the rest. It assumes the stated `ndtr` accuracy and XLA's
+  `exp`, `expm1`, `log1p` within a few ulp (docs/theory.md, section 3, "Float32").
+  """
+  xp = _xp.of(t, c, x)
+  u = 0.5 * xp.finfo(x.dtype).eps
+  t_span = xp.max(xp.where(xp.isfinite(x), xp.abs(x), 0.0), axis=-1)[:, None]  # [C, 1]
+  t, c = t[:, None], c[None, :]
+  ulps = 2.0 * (x.shape[-1] + 1) + _NDTR_ULPS * (1.0 + 2.0 * t / xp.maximum(c, 1.0)) + 8.0
+  ulps = ulps + 2.0 * (t * xp.abs(c) + t_span)
+  return (xp.maximum(ulps, _KAPPA) * u)[..., None]
+
+
+def _log_transform_deficit(weights, log_lam, sign, ex=None, tc=None):
   """`_log_transform` for low-precision dtypes: rounding can only raise the result.
 
   With the reference value `ref` factored out, each node value is `v_q = exp(-|e_q -
@@ -292,7 +315,7 @@ def _log_transform_deficit(weights, log_lam, sign, ex=None):
   """
   x, p, floor = weights
   xp = _xp.of(x, p, log_lam)
-  tol = _KAPPA * 0.5 * xp.finfo(p.dtype).eps
+  tol = _KAPPA * 0.5 * xp.finfo(p.dtype).eps if tc is None else _allowance(*tc, x)  # [C, L, 1]
   ex, lam = (xp.exp(x) if ex is None else ex), xp.exp(log_lam)
   e = ex[..., None] * lam  # [C, N, K]
   if sign < 0:
@@ -312,7 +335,8 @@ def _log_transform_deficit(weights, log_lam, sign, ex=None):
     small = ref <= big
     total = matmul(xp.expm1(xp.where(small[:, None, :], e, 0.0)))
     out = xp.log1p(total * (1.0 + tol) + fl)
-    return xp.where(small[:, None, :], out, (ref + tol * xp.abs(ref))[:, None, :] + log_sum)
+    ref3 = ref[:, None, :]
+    return xp.where(small[:, None, :], out, (ref3 + tol * xp.abs(ref3)) + log_sum)
   deficit = matmul(-xp.expm1(arg)) * (1.0 - tol)
   out = xp.where(deficit <= 0.5, xp.log1p(-xp.minimum(deficit, 0.5)), log_sum)
-  return out - (ref - tol * ref)[:, None, :]
+  return out - (ref[:, None, :] - tol * ref[:, None, :])

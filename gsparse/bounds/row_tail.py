@@ -45,7 +45,9 @@ def _tail_parts(tau, c):
   xp = _xp.of(tau, c)
   t = xp.reshape(tau, (-1,))
   theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam (1 - t0))
-  rest = _laplace._log_transform(_laplace._rest_weights(t, c[:-1], mgf=True), theta, 1)
+  rest = _laplace._log_transform(
+    _laplace._rest_weights(t, c[:-1], mgf=True), theta, 1, tc=(t, c[:-1])
+  )
   return _laplace._top_weights(t, c[1:]), rest if xp.ndim(tau) else rest[0]
 
 
@@ -66,7 +68,7 @@ def _tail_cell_bounds(nrest, k, tau, t0, c, parts=None):
   t0 = xp.reshape(t0, (-1, 1, 1))  # one Chernoff parameter row per tau cell
   log_lam = theta - xp.log1p(-t0) + xp.log(t0)  # lam t0, [C, 1, K]
   log_lam = _laplace._lam_down(log_lam, theta, xp.log1p(-t0) - xp.log(t0))  # see there
-  top = _laplace._log_transform(top_w, log_lam, -1)  # [C, L, K]
+  top = _laplace._log_transform(top_w, log_lam, -1, tc=(xp.reshape(tau, (-1,)), c[1:]))  # [C, L, K]
   log_b = xp.exp(theta) + (k - 1.0) * xp.minimum(top, 0.0)
   log_b = log_b + nrest * xp.maximum(rest, 0.0)
   log_b = xp.where(xp.isnan(log_b), xp.inf, log_b)  # inf * 0 in an overflowed MGF: no bound
