@@ -263,13 +263,14 @@ def _matmul(xp, a, b):
 # Machine epsilons above this (float32, bfloat16) take the deficit form below; float64 keeps
 # the log of the sum, whose absolute rounding (a few 1e-16, times n - m) is relative rounding.
 _DEFICIT_EPS = 1e-10
-# Relative rounding allowance, in units of the dtype's unit roundoff u (float32: 2.4e-4).
-# It covers the relative error of the sums below: the N + 1 products and their summation
-# (about 2 (N + 1) u), the node values' arguments (`t (c + d) - t c`, up to about t (|c| +
-# span) u <= 600 u for t <= 30, |c| <= 9), and the cell masses (`ndtr` differences whose
-# cancellation costs at most the Mills ratio over the cell width, about 100 u at the finest
-# cells of the rest; the top's first cells are finer, but there the node values are all
-# within a few u of the reference value, so their errors move the deficit by as little).
+# Relative rounding allowance, in units of the dtype's unit roundoff u (float32: 2.4e-4), for
+# calls without `tc` and the least of `_allowance`. Meant to cover the relative error of the
+# sums below: the N + 1 products and their summation (about 2 (N + 1) u), the node values'
+# arguments (`t (c + d) - t c`, up to about t (|c| + span) u <= 600 u for t <= 30, |c| <= 9),
+# and the cell masses (`ndtr` differences whose cancellation costs at most the Mills ratio
+# over the cell width, about 100 u at the finest cells of the rest; the top's first cells are
+# finer, but there the node values are all within a few u of the reference value, so their
+# errors move the deficit by as little).
 _KAPPA = 4096.0
 # Relative error of jax's float32 `ndtr` where its value is a normal number, in units of u
 # (measured on a dense sweep of [-13, 0]: at most 256 u, pinned by tests/bounds_float32_test.py).
@@ -309,9 +310,9 @@ def _log_transform_deficit(weights, log_lam, sign, ex=None, tc=None):
   uses `log1p(E (1 + kappa u) + floor)`, `E = sum_q p_q expm1(e_q)` unfactored, wherever
   no `e_q` can overflow; above that the factored form plus `kappa u |ref|` (there the
   result is at least `ref + log(mass of the last cell)`, far from 0). Every branch adds a
-  relative `kappa u` of the result, meant to cover its rounding; validated against float64
-  (`tests/bounds_laplace_test.py`) for `t <= 256`, not proven, and too small at `t = 512`
-  (docs/theory.md, section 3, "Float32", lists the assumptions).
+  relative `kappa u` of the result (`_allowance(t, c)` when `tc = (t, c)` is given),
+  meant to cover its rounding: validated against float64 (tests/bounds_float32_test.py,
+  tau up to 512), not proven (docs/theory.md, section 3, "Float32", lists the assumptions).
   """
   x, p, floor = weights
   xp = _xp.of(x, p, log_lam)
