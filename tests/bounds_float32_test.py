@@ -215,3 +215,26 @@ def test_float32_lemma_6_transforms_are_at_least_float64_up_to_tau_512(monkeypat
         want = np.minimum(_laplace._log_transform_deficit(weights, log_lam, -1), 0.0)
         short = (want - got) / np.maximum(-want, 1e-300) * 2.0**24  # in u of the deficit
         assert (got >= want).all(), (nm1, eps, short.max())
+
+
+def test_kept_band_masses_follow_the_offsets_and_survive_a_concurrent_clear(monkeypatch):
+  # The NumPy store of ladder band masses (`_laplace._band_masses`) is keyed on the band's
+  # offsets: a changed node layout (here `_SPAN`) at the same scale is not read back stale.
+  t = np.geomspace(0.5, 8.0, 8)
+  c = row._g_grid(np.float64(1023.0), 16, np.float64)[1:]
+  _laplace._KEPT.clear()
+  _laplace._top_weights(t, c, ladder=True)
+  monkeypatch.setattr(_laplace, "_SPAN", 12.0)
+  kept = _laplace._top_weights(t, c, ladder=True)[1]
+  _laplace._KEPT.clear()
+  np.testing.assert_array_equal(kept, _laplace._top_weights(t, c, ladder=True)[1])
+
+  # A clear() by another thread between the check for a key and its read must not raise.
+  class ClearedAfterEachCheck(dict):
+    def __contains__(self, key):
+      found = super().__contains__(key)
+      self.clear()
+      return found
+
+  monkeypatch.setattr(_laplace, "_KEPT", ClearedAfterEachCheck(_laplace._KEPT))
+  np.testing.assert_array_equal(kept, _laplace._top_weights(t, c, ladder=True)[1])

@@ -129,15 +129,17 @@ def _band_masses(mass_fn, t_ref, d, c, ladder):
   if xp is not _xp.NP or not ladder:
     return mass_fn(d, c)
   level_key = (mass_fn.__name__, c.dtype.str, c.tobytes())
-  keys = [(level_key, float(r)) for r in t_ref.tolist()]
-  missing = [i for i, k in enumerate(keys) if k not in _KEPT]
+  # Keyed on the band's offsets themselves (they fix its nodes, whatever t_ref's dtype or
+  # the module constants), each read once into `rows` (another thread may clear the store).
+  keys = [(level_key, d.dtype.str, band.tobytes()) for band in d]
+  rows = [_KEPT.get(k) for k in keys]
+  missing = [i for i, row in enumerate(rows) if row is None]
   if missing:
     if len(_KEPT) + len(missing) > _MAX_KEPT:
       _KEPT.clear()
-      missing = list(range(len(keys)))
     for i, row in zip(missing, mass_fn(d[missing], c), strict=True):
-      _KEPT[keys[i]] = row
-  return xp.stack([_KEPT[k] for k in keys])
+      rows[i] = _KEPT[keys[i]] = row
+  return xp.stack(rows)
 
 
 def _top_weights(t, c, *, ladder=False):
