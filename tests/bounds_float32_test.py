@@ -238,3 +238,14 @@ def test_kept_band_masses_follow_the_offsets_and_survive_a_concurrent_clear(monk
 
   monkeypatch.setattr(_laplace, "_KEPT", ClearedAfterEachCheck(_laplace._KEPT))
   np.testing.assert_array_equal(kept, _laplace._top_weights(t, c, ladder=True)[1])
+
+
+def test_betainc_rows_store_overflow_keeps_the_rows_it_reads_back(monkeypatch):
+  # A call with some rows kept and enough new ones to empty the store read the kept ones
+  # back after the store was emptied (KeyError; seen at n = 1e8 after a long session).
+  monkeypatch.setattr(_xp, "_MAX_ROWS", 6)
+  _xp._ROWS.clear()
+  x = np.linspace(0.1, 0.9, 5)
+  _xp.NP.betainc_rows(np.arange(5.0) + 1.0, 1.0, x)
+  a = np.arange(4.0) + 4.0  # 4 and 5 kept, 6 and 7 new: 5 + 2 > 6 empties the store
+  np.testing.assert_array_equal(_xp.NP.betainc_rows(a, 1.0, x), sps.betainc(a[:, None], 1.0, x))

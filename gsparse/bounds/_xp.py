@@ -101,6 +101,7 @@ def _np_betainc_rows(a, b, x):
     if sum(len(r) for r in _ROWS.values()) + len(missing) > _MAX_ROWS:
       _ROWS.clear()
       rows = _ROWS.setdefault(x.tobytes(), {})
+      missing = list(dict.fromkeys(keys))  # the rows read back below were cleared too
     ma, mb = np.asarray(missing).T
     for key, row in zip(missing, sps.betainc(ma[:, None], mb[:, None], x), strict=True):
       rows[key] = row
