@@ -390,3 +390,29 @@ def test_each_heads_ranking_k_is_its_own_scalar_sparsity_bound():
       head = B.InteractionNorms(*(float(v[lh]) for v in norms))
       want = B.sparsity_bound(n, 1.0, head, eps=eps, delta=1e-3).k
       assert float(ranking.k[lh]) == float(want), (i, lh)
+
+
+def test_stacked_log_z_lower_of_several_points_is_each_points_own_bit_for_bit(monkeypatch):
+  # On several points the NumPy path computes `_log_z_lower` once per (n, delta) for all
+  # their cells stacked; every output must be that of a one-point call. 8 random points
+  # over two n and two delta (4 groups), both Theorem 1 and its inverse.
+  n, sigma, eps, k, frob, op, gram, _ = _random_settings(jax.random.key(1807), 8)
+  n = np.where(np.arange(8) % 2 == 0, 300.0, 1500.0)
+  delta = np.where(np.arange(8) < 4, 1e-4, 1e-2)
+  sizes = []
+  lz = sparsity._log_z_lower
+  monkeypatch.setattr(sparsity, "_log_z_lower", lambda *a: sizes.append(a[1].size) or lz(*a))
+  for fn, kw in ((B.sparsity_bound, {"eps": eps}), (B.sparsity_eps_bound, {"k": k})):
+    sizes.clear()
+    many = fn(n, sigma, B.InteractionNorms(frob, op, gram), delta=delta, **kw)
+    assert sizes == [2 * _common._NUM_CELLS] * 4, sizes  # one stacked call per group
+    for i in range(8):
+      one = fn(
+        n[i],
+        sigma[i],
+        B.InteractionNorms(frob[i], op[i], gram[i]),
+        delta=delta[i],
+        **{key: v[i] for key, v in kw.items()},
+      )
+      for got, want in zip(many, one, strict=True):
+        np.testing.assert_array_equal(np.asarray(got)[i], np.asarray(want))

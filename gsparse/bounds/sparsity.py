@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextvars
 import math
 from typing import NamedTuple
 
 import jax
+import numpy as np
 from jax.typing import ArrayLike
 
 from gsparse.bounds import _laplace, _npsearch, _xp
@@ -232,6 +234,65 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c, moments):
   return xp.where(1.0 - eps * mc <= 0, 0.0, _sum_over_g_cells(nm1, mc, c, b))
 
 
+def _log_z_inputs(n, tau_lo, tau_hi, log_drow):
+  """`(n - 1, ta, tb, log_dz)`: `_log_z_lower`'s arguments for one row of Theorem 1.
+
+  Union bound: `Z >= Z_lower` with probability `1 - drow / 2`; then a binomial count.
+  """
+  xp = _xp.of(n, tau_lo, tau_hi, log_drow)
+  ta, tb = _cells(tau_lo, tau_hi)
+  return xp.maximum(n - 1.0, 1.0), ta, tb, log_drow - math.log(2.0)
+
+
+def _lz_key(*values):
+  """A dict key of NumPy values: each one's dtype and bytes."""
+  return tuple((np.asarray(v).dtype.str, np.asarray(v).tobytes()) for v in values)
+
+
+# NumPy path, several points: `_log_z_lower` of every point's cells, computed in one stacked call
+# per (n, delta) before the points are evaluated one by one (`_RowsFormula`), keyed by its inputs.
+_PREPARED: contextvars.ContextVar = contextvars.ContextVar("log_z_prepared", default=None)
+
+
+def _row_setting(n, sigma, delta, frob, op, gram):
+  """`(tau_lo, tau_hi, log drow)` of Theorem 1 and its inverse: `delta / 2` for tau, for rows."""
+  xp = _xp.of(n, sigma, delta, frob, op, gram)
+  tlo, thi = _tau_range_point(n, sigma, frob, op, gram, delta / 2.0)
+  return tlo, thi, xp.log(delta / 2.0) - xp.log(n)
+
+
+class _RowsFormula(PointFormula):
+  """`PointFormula` whose NumPy path first computes every point's `_log_z_lower` stacked.
+
+  Each cell's lower bound is the same elementwise computation (and its own row's
+  maximum) whether its point is evaluated alone or stacked with others, so the
+  values are those of the per-point evaluation; one call on `P` points costs less
+  than `P` calls (`rank_layers_by_sparsity` asks one point per head). The point
+  function's arguments are `(n, sigma, eps or k, delta, frob, op, gram)`.
+  """
+
+  def numpy(self, values, dtype, *, margin_dtype, **kwargs):
+    if int(np.prod(np.broadcast_shapes(*(np.shape(v) for v in values)))) < 2:
+      return super().numpy(values, dtype, margin_dtype=margin_dtype, **kwargs)
+    n, tlo, thi, log_row = _SETTING.numpy(values, dtype, margin_dtype=margin_dtype)
+    groups: dict[tuple, list] = {}
+    for i in np.ndindex(n.shape):
+      nm1, ta, tb, log_dz = _log_z_inputs(n[i], tlo[i], thi[i], log_row[i])
+      groups.setdefault(_lz_key(nm1, log_dz), []).append((nm1, ta, tb, log_dz))
+    prepared = {}
+    with np.errstate(all="ignore"):
+      for rows in groups.values():
+        nm1, log_dz = rows[0][0], rows[0][3]
+        lz = _log_z_lower(nm1, *(np.concatenate([r[j] for r in rows]) for j in (1, 2)), log_dz)
+        for r, v in zip(rows, np.split(lz, len(rows)), strict=True):
+          prepared[_lz_key(*r)] = v
+    token = _PREPARED.set(prepared)
+    try:
+      return super().numpy(values, dtype, margin_dtype=margin_dtype, **kwargs)
+    finally:
+      _PREPARED.reset(token)
+
+
 def _row_parts(n, tau_lo, tau_hi, log_drow, *, group=1, m=None):
   """What `_fail_fn` needs that depends on neither `eps` nor `m`: computed once per row.
 
@@ -239,10 +300,10 @@ def _row_parts(n, tau_lo, tau_hi, log_drow, *, group=1, m=None):
   asked, with their `m`-dependent parts for `m` when it is given (one fixed `m`).
   """
   xp = _xp.of(n, tau_lo, tau_hi, log_drow)
-  nm1 = xp.maximum(n - 1.0, 1.0)
-  ta, tb = _cells(tau_lo, tau_hi)
-  # Union bound: Z >= Z_lower with prob 1 - drow/2; then a binomial count.
-  lz = _log_z_lower(nm1, ta, tb, log_drow - math.log(2.0))
+  nm1, ta, tb, log_dz = _log_z_inputs(n, tau_lo, tau_hi, log_drow)
+  prepared = _PREPARED.get() if xp is _xp.NP else None
+  lz = prepared.pop(_lz_key(nm1, ta, tb, log_dz), None) if prepared else None
+  lz = _log_z_lower(nm1, ta, tb, log_dz) if lz is None else lz
   c = xp.linspace(-3.0, 1.0, _NUM_GRID + 1, dtype=ta.dtype)
   c = c + xp.where(c > 0, c * (xp.sqrt(2.0 * xp.log(nm1)) + 2.0) - c, 0.0)
   if xp is _xp.NP:  # per cell, when first asked (`_fail_fn` asks Lemma 5 last)
@@ -391,8 +452,7 @@ def sparsity_bound(
 
 def _sparsity_scalar(n, sigma, eps, delta, frob, op, gram):
   xp = _xp.of(n, sigma, eps, delta, frob, op, gram)
-  tlo, thi = _tau_range_point(n, sigma, frob, op, gram, delta / 2.0)
-  log_row = xp.log(delta / 2.0) - xp.log(n)
+  tlo, thi, log_row = _row_setting(n, sigma, delta, frob, op, gram)
   k_g, p = _sparsity_core(n, tlo, thi, eps, log_row)
   triv = _trivial_k(n, eps)
   ok = _valid(
@@ -464,8 +524,7 @@ def sparsity_eps_bound(
 
 def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   xp = _xp.of(n, sigma, k, delta, frob, op, gram)
-  tlo, thi = _tau_range_point(n, sigma, frob, op, gram, delta / 2.0)
-  log_row = xp.log(delta / 2.0) - xp.log(n)
+  tlo, thi, log_row = _row_setting(n, sigma, delta, frob, op, gram)
   # 1/(k+1), rounded up when fl(1/(k+1)) is below it: k+1 entries above eps need (k+1) eps < 1.
   r = 1.0 / (k + 1.0)
   r = xp.where(_mul_less_than_one(k + 1.0, r), xp.nextafter(r, xp.inf), r)
@@ -510,5 +569,8 @@ def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   )
 
 
-_SPARSITY = PointFormula(_sparsity_scalar)
-_EPS = PointFormula(_eps_scalar)
+_SETTING = PointFormula(
+  lambda n, sigma, _, delta, frob, op, gram: (n, *_row_setting(n, sigma, delta, frob, op, gram))
+)
+_SPARSITY = _RowsFormula(_sparsity_scalar)
+_EPS = _RowsFormula(_eps_scalar)
