@@ -2,12 +2,9 @@
 
 from __future__ import annotations
 
-import contextvars
-import math
 from typing import NamedTuple
 
 import jax
-import numpy as np
 from jax.typing import ArrayLike
 
 from gsparse.bounds import _laplace, _npsearch, _xp
@@ -15,9 +12,7 @@ from gsparse.bounds._common import (
   _EPS_BISECTION_STEPS,
   _NUM_CELLS,
   _NUM_GRID,
-  _NUM_LEVELS,
   DEFAULT_DELTA,
-  PointFormula,
   _binom_tail,
   _check,
   _check_delta,
@@ -25,62 +20,19 @@ from gsparse.bounds._common import (
   _check_n,
   _log1mexp,
   _log_moments,
-  _norm_isf,
   _on_flat,
   _safety,
   _valid,
 )
 from gsparse.bounds._gcells import _first_admissible_m, _sum_over_g_cells
+from gsparse.bounds._logz import _row_log_z, _row_setting, _RowsFormula
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
 from gsparse.bounds.row import _chernoff_fail, _chernoff_parts, _g_grid
-from gsparse.bounds.tau import _cells, _tau_range_point
 
 _NUM_APRIORI_G_CELLS = 64  # cells of G for Lemma 6, per tau cell (64 of them)
 # Lemma 6 in Theorem 1: 16 Chernoff parameters (any set is valid; 24 changed k by -2..+1 on
 # 36 settings, for about 1.5 ms of a call), band scales on a ladder (masses kept between calls).
 _LEMMA6 = {"ladder": True, "num_lambda": 16}
-
-
-def _log_z_lower(nm1, ta, tb, log_dz):
-  """Lower bound on `log Z_i` valid for every `tau_i` in the cell `[ta, tb]`.
-
-  Off-diagonal part only (`Z_i` also has the positive diagonal term). Holds
-  with probability `>= 1 - exp(log_dz)` given `tau_i` in the cell. The best of
-  three candidates, each chosen from `(n, cell, delta)` only (never the data):
-  AM-GM, the maximum, and a lower-tail Bernstein bound on truncated summands.
-
-  Args:
-    nm1: `n - 1 >= 1`, scalar.
-    ta, tb: `[C]` cell endpoints.
-    log_dz: scalar log failure probability.
-
-  Returns:
-    `[C]` lower bounds (may be `-inf`).
-  """
-  xp = _xp.of(ta, tb, log_dz)
-  ell = -log_dz
-  lnm1 = xp.log(nm1)
-  # AM-GM: log Z >= log(n-1) + mean_j s_ij, the mean ~ N(0, tau^2/(n-1)).
-  z = _norm_isf(xp.exp(log_dz))
-  amgm = lnm1 - xp.maximum(tb * z, ta * z) / xp.sqrt(nm1)
-  # Maximum: P(max_j g_j < c) = Phi(c)^(n-1) = dz  =>  Phi_bar(c*) = 1 - dz^(1/(n-1)).
-  cstar = _norm_isf(-xp.expm1(log_dz / nm1))
-  maxb = xp.where(cstar >= 0, ta * cstar, tb * cstar)
-  # Truncated summands Y = e^{tb g} (g <= 0), e^{ta g} (0 < g <= c), e^{ta c} (g > c).
-  cmax = xp.sqrt(2.0 * lnm1) + 1.0
-  c = xp.linspace(0.0, 1.0, _NUM_LEVELS, dtype=ta.dtype) * cmax  # [G]
-  ta_, tb_, c_ = ta[:, None], tb[:, None], c[None, :]
-  ninf = xp.asarray(-xp.inf, ta.dtype)
-  l_tail = xp.log_ndtr(-c_)
-  m_neg, m_mid, m2_neg, m2_mid = _log_moments(
-    [(tb_, ninf, 0.0), (ta_, 0.0, c_), (2.0 * tb_, ninf, 0.0), (2.0 * ta_, 0.0, c_)]
-  )
-  ley = xp.logaddexp(xp.logaddexp(m_neg, m_mid), ta_ * c_ + l_tail)
-  ley2 = xp.logaddexp(xp.logaddexp(m2_neg, m2_mid), 2.0 * ta_ * c_ + l_tail)
-  r = 0.5 * xp.log(2.0 * ell / nm1) + 0.5 * ley2 - ley
-  bern = xp.where(r < 0, lnm1 + ley + _log1mexp(xp.minimum(r, 0.0)), -xp.inf)
-  bern = xp.max(bern, axis=-1)
-  return xp.maximum(xp.maximum(amgm, maxb), bern)
 
 
 # ------------------------------------------------------------------- Theorem 1
@@ -234,65 +186,6 @@ def _orderstat_fail(nm1, m, eps, ta, tb, c, moments):
   return xp.where(1.0 - eps * mc <= 0, 0.0, _sum_over_g_cells(nm1, mc, c, b))
 
 
-def _log_z_inputs(n, tau_lo, tau_hi, log_drow):
-  """`(n - 1, ta, tb, log_dz)`: `_log_z_lower`'s arguments for one row of Theorem 1.
-
-  Union bound: `Z >= Z_lower` with probability `1 - drow / 2`; then a binomial count.
-  """
-  xp = _xp.of(n, tau_lo, tau_hi, log_drow)
-  ta, tb = _cells(tau_lo, tau_hi)
-  return xp.maximum(n - 1.0, 1.0), ta, tb, log_drow - math.log(2.0)
-
-
-def _lz_key(*values):
-  """A dict key of NumPy values: each one's dtype and bytes."""
-  return tuple((np.asarray(v).dtype.str, np.asarray(v).tobytes()) for v in values)
-
-
-# NumPy path, several points: `_log_z_lower` of every point's cells, computed in one stacked call
-# per (n, delta) before the points are evaluated one by one (`_RowsFormula`), keyed by its inputs.
-_PREPARED: contextvars.ContextVar = contextvars.ContextVar("log_z_prepared", default=None)
-
-
-def _row_setting(n, sigma, delta, frob, op, gram):
-  """`(tau_lo, tau_hi, log drow)` of Theorem 1 and its inverse: `delta / 2` for tau, for rows."""
-  xp = _xp.of(n, sigma, delta, frob, op, gram)
-  tlo, thi = _tau_range_point(n, sigma, frob, op, gram, delta / 2.0)
-  return tlo, thi, xp.log(delta / 2.0) - xp.log(n)
-
-
-class _RowsFormula(PointFormula):
-  """`PointFormula` whose NumPy path first computes every point's `_log_z_lower` stacked.
-
-  Each cell's lower bound is the same elementwise computation (and its own row's
-  maximum) whether its point is evaluated alone or stacked with others, so the
-  values are those of the per-point evaluation; one call on `P` points costs less
-  than `P` calls (`rank_layers_by_sparsity` asks one point per head). The point
-  function's arguments are `(n, sigma, eps or k, delta, frob, op, gram)`.
-  """
-
-  def numpy(self, values, dtype, *, margin_dtype, **kwargs):
-    if int(np.prod(np.broadcast_shapes(*(np.shape(v) for v in values)))) < 2:
-      return super().numpy(values, dtype, margin_dtype=margin_dtype, **kwargs)
-    n, tlo, thi, log_row = _SETTING.numpy(values, dtype, margin_dtype=margin_dtype)
-    groups: dict[tuple, list] = {}
-    for i in np.ndindex(n.shape):
-      nm1, ta, tb, log_dz = _log_z_inputs(n[i], tlo[i], thi[i], log_row[i])
-      groups.setdefault(_lz_key(nm1, log_dz), []).append((nm1, ta, tb, log_dz))
-    prepared = {}
-    with np.errstate(all="ignore"):
-      for rows in groups.values():
-        nm1, log_dz = rows[0][0], rows[0][3]
-        lz = _log_z_lower(nm1, *(np.concatenate([r[j] for r in rows]) for j in (1, 2)), log_dz)
-        for r, v in zip(rows, np.split(lz, len(rows)), strict=True):
-          prepared[_lz_key(*r)] = v
-    token = _PREPARED.set(prepared)
-    try:
-      return super().numpy(values, dtype, margin_dtype=margin_dtype, **kwargs)
-    finally:
-      _PREPARED.reset(token)
-
-
 def _row_parts(n, tau_lo, tau_hi, log_drow, *, group=1, m=None):
   """What `_fail_fn` needs that depends on neither `eps` nor `m`: computed once per row.
 
@@ -300,10 +193,7 @@ def _row_parts(n, tau_lo, tau_hi, log_drow, *, group=1, m=None):
   asked, with their `m`-dependent parts for `m` when it is given (one fixed `m`).
   """
   xp = _xp.of(n, tau_lo, tau_hi, log_drow)
-  nm1, ta, tb, log_dz = _log_z_inputs(n, tau_lo, tau_hi, log_drow)
-  prepared = _PREPARED.get() if xp is _xp.NP else None
-  lz = prepared.pop(_lz_key(nm1, ta, tb, log_dz), None) if prepared else None
-  lz = _log_z_lower(nm1, ta, tb, log_dz) if lz is None else lz
+  nm1, ta, tb, lz = _row_log_z(n, tau_lo, tau_hi, log_drow)
   c = xp.linspace(-3.0, 1.0, _NUM_GRID + 1, dtype=ta.dtype)
   c = c + xp.where(c > 0, c * (xp.sqrt(2.0 * xp.log(nm1)) + 2.0) - c, 0.0)
   if xp is _xp.NP:  # per cell, when first asked (`_fail_fn` asks Lemma 5 last)
@@ -569,8 +459,5 @@ def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   )
 
 
-_SETTING = PointFormula(
-  lambda n, sigma, _, delta, frob, op, gram: (n, *_row_setting(n, sigma, delta, frob, op, gram))
-)
 _SPARSITY = _RowsFormula(_sparsity_scalar)
 _EPS = _RowsFormula(_eps_scalar)
