@@ -404,19 +404,26 @@ def test_each_heads_ranking_k_is_its_own_scalar_sparsity_bound():
 
 
 def test_stacked_log_z_lower_of_several_points_is_each_points_own_bit_for_bit(monkeypatch):
-  # On several points the NumPy path computes `_log_z_lower` once per (n, delta) for all
-  # their cells stacked; every output must be that of a one-point call. 8 random points
-  # over two n and two delta (4 groups), both Theorem 1 and its inverse.
+  # On several points the NumPy path computes `_log_z_lower` (and, for Theorem 1, Lemma 5's
+  # moments of the scan's first witness cell) once per (n, delta) for all their cells
+  # stacked; every output must be that of a one-point call. 8 random points over two n and
+  # two delta (4 groups), both Theorem 1 and its inverse.
   n, sigma, eps, k, frob, op, gram, _ = _random_settings(jax.random.key(1807), 8)
   n = np.where(np.arange(8) % 2 == 0, 300.0, 1500.0)
   delta = np.where(np.arange(8) < 4, 1e-4, 1e-2)
-  sizes = []
-  lz = _logz._log_z_lower
+  sizes, moments = [], []
+  lz, om = _logz._log_z_lower, sparsity._orderstat_moments
   monkeypatch.setattr(_logz, "_log_z_lower", lambda *a: sizes.append(a[1].size) or lz(*a))
+  monkeypatch.setattr(
+    sparsity, "_orderstat_moments", lambda *a: moments.append(a[0].size) or om(*a)
+  )
   for fn, kw in ((B.sparsity_bound, {"eps": eps}), (B.sparsity_eps_bound, {"k": k})):
     sizes.clear()
+    moments.clear()
     many = fn(n, sigma, B.InteractionNorms(frob, op, gram), delta=delta, **kw)
     assert sizes == [2 * _common._NUM_CELLS] * 4, sizes  # one stacked call per group
+    if fn is B.sparsity_bound:
+      assert moments[:4] == [2] * 4, moments  # the two witness cells of each group
     for i in range(8):
       one = fn(
         n[i],

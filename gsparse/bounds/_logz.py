@@ -85,6 +85,11 @@ _PREPARED: contextvars.ContextVar = contextvars.ContextVar("log_z_prepared", def
 def _row_setting(n, sigma, delta, frob, op, gram):
   """`(tau_lo, tau_hi, log drow)` of Theorem 1 and its inverse: `delta / 2` for tau, for rows."""
   xp = _xp.of(n, sigma, delta, frob, op, gram)
+  prepared = _PREPARED.get() if xp is _xp.NP else None
+  if prepared:  # computed by `_RowsFormula.numpy` for every point already
+    kept = prepared.pop(("setting", _lz_key(n, sigma, delta, frob, op, gram)), None)
+    if kept is not None:
+      return kept
   tlo, thi = _tau_range_point(n, sigma, frob, op, gram, delta / 2.0)
   return tlo, thi, xp.log(delta / 2.0) - xp.log(n)
 
@@ -96,24 +101,33 @@ class _RowsFormula(PointFormula):
   maximum) whether its point is evaluated alone or stacked with others, so the
   values are those of the per-point evaluation; one call on `P` points costs less
   than `P` calls (`rank_layers_by_sparsity` asks one point per head). The point
-  function's arguments are `(n, sigma, eps or k, delta, frob, op, gram)`.
+  function's arguments are `(n, sigma, eps or k, delta, frob, op, gram)`. With
+  `stacked(nm1, ta [P, C], tb [P, C])` (a list of P objects), each point's object
+  is handed to its evaluation too (`_row_log_z`'s last output).
   """
+
+  def __init__(self, point, *, stacked=None):
+    super().__init__(point)
+    self.stacked = stacked
 
   def numpy(self, values, dtype, *, margin_dtype, **kwargs):
     if int(np.prod(np.broadcast_shapes(*(np.shape(v) for v in values)))) < 2:
       return super().numpy(values, dtype, margin_dtype=margin_dtype, **kwargs)
-    n, tlo, thi, log_row = _SETTING.numpy(values, dtype, margin_dtype=margin_dtype)
+    *args, tlo, thi, log_row = _SETTING.numpy(values, dtype, margin_dtype=margin_dtype)
     groups: dict[tuple, list] = {}
-    for i in np.ndindex(n.shape):
-      nm1, ta, tb, log_dz = _log_z_inputs(n[i], tlo[i], thi[i], log_row[i])
+    prepared: dict[tuple, object] = {}
+    for i in np.ndindex(tlo.shape):
+      prepared["setting", _lz_key(*(a[i] for a in args))] = (tlo[i], thi[i], log_row[i])
+      nm1, ta, tb, log_dz = _log_z_inputs(args[0][i], tlo[i], thi[i], log_row[i])
       groups.setdefault(_lz_key(nm1, log_dz), []).append((nm1, ta, tb, log_dz))
-    prepared = {}
     with np.errstate(all="ignore"):
       for rows in groups.values():
         nm1, log_dz = rows[0][0], rows[0][3]
-        lz = _log_z_lower(nm1, *(np.concatenate([r[j] for r in rows]) for j in (1, 2)), log_dz)
-        for r, v in zip(rows, np.split(lz, len(rows)), strict=True):
-          prepared[_lz_key(*r)] = v
+        ta, tb = (np.stack([r[j] for r in rows]) for j in (1, 2))
+        lz = _log_z_lower(nm1, ta.reshape(-1), tb.reshape(-1), log_dz).reshape(ta.shape)
+        extra = [None] * len(rows) if self.stacked is None else self.stacked(nm1, ta, tb)
+        for r, v, e in zip(rows, lz, extra, strict=True):
+          prepared[_lz_key(*r)] = (v, e)
     token = _PREPARED.set(prepared)
     try:
       return super().numpy(values, dtype, margin_dtype=margin_dtype, **kwargs)
@@ -122,14 +136,23 @@ class _RowsFormula(PointFormula):
 
 
 def _row_log_z(n, tau_lo, tau_hi, log_drow):
-  """`(n - 1, ta, tb, log Z_lower [C])` of one row: the stacked value when one was prepared."""
+  """`(n - 1, ta, tb, log Z_lower [C], extra)` of one row: stacked values when prepared.
+
+  `extra` is the row's object from `_RowsFormula`'s `stacked` (None when there is none).
+  """
   xp = _xp.of(n, tau_lo, tau_hi, log_drow)
   nm1, ta, tb, log_dz = _log_z_inputs(n, tau_lo, tau_hi, log_drow)
   prepared = _PREPARED.get() if xp is _xp.NP else None
-  lz = prepared.pop(_lz_key(nm1, ta, tb, log_dz), None) if prepared else None
-  return nm1, ta, tb, _log_z_lower(nm1, ta, tb, log_dz) if lz is None else lz
+  kept = prepared.pop(_lz_key(nm1, ta, tb, log_dz), None) if prepared else None
+  if kept is None:
+    return nm1, ta, tb, _log_z_lower(nm1, ta, tb, log_dz), None
+  return nm1, ta, tb, *kept
 
 
+# A point's rounded arguments (the ones `_row_setting` sees) and its `_row_setting`.
 _SETTING = PointFormula(
-  lambda n, sigma, _, delta, frob, op, gram: (n, *_row_setting(n, sigma, delta, frob, op, gram))
+  lambda n, sigma, _, delta, frob, op, gram: (
+    *(n, sigma, delta, frob, op, gram),
+    *_row_setting(n, sigma, delta, frob, op, gram),
+  )
 )

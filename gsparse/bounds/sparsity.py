@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import jax
+import numpy as np
 from jax.typing import ArrayLike
 
 from gsparse.bounds import _laplace, _npsearch, _xp
@@ -193,18 +194,45 @@ def _row_parts(n, tau_lo, tau_hi, log_drow, *, group=1, m=None):
   asked, with their `m`-dependent parts for `m` when it is given (one fixed `m`).
   """
   xp = _xp.of(n, tau_lo, tau_hi, log_drow)
-  nm1, ta, tb, lz = _row_log_z(n, tau_lo, tau_hi, log_drow)
-  c = xp.linspace(-3.0, 1.0, _NUM_GRID + 1, dtype=ta.dtype)
-  c = c + xp.where(c > 0, c * (xp.sqrt(2.0 * xp.log(nm1)) + 2.0) - c, 0.0)
+  nm1, ta, tb, lz, witness = _row_log_z(n, tau_lo, tau_hi, log_drow)
+  c = _lemma5_grid(nm1, ta.dtype)
   if xp is _xp.NP:  # per cell, when first asked (`_fail_fn` asks Lemma 5 last)
-
-    def moments(idx):
-      m1, m2, lphi, tail = _orderstat_moments(ta[idx], tb[idx], c)
-      out = (m1, m2, *(xp.broadcast_to(x, m1.shape) for x in (lphi, tail)))
-      return out if m is None else (*out, *_orderstat_m_parts(nm1, m, out))
-
-    return ta, tb, lz, c, _npsearch.PerCell(ta.shape[0], moments, group)
+    moments = lambda idx: _lemma5_cells(nm1, ta[idx], tb[idx], c, m)
+    cells = _npsearch.PerCell(ta.shape[0], moments, group)
+    if witness is not None and m is None and group == 1:  # computed with the other points'
+      cells.put(*witness)
+    return ta, tb, lz, c, cells
   return ta, tb, lz, c, _orderstat_moments(ta, tb, c)
+
+
+def _lemma5_grid(nm1, dtype):
+  """`[_NUM_GRID + 1]` levels of Lemma 5's G cells: `[-3, 1]`, the positive part stretched."""
+  xp = _xp.of(nm1)
+  c = xp.linspace(-3.0, 1.0, _NUM_GRID + 1, dtype=dtype)
+  return c + xp.where(c > 0, c * (xp.sqrt(2.0 * xp.log(nm1)) + 2.0) - c, 0.0)
+
+
+def _lemma5_cells(nm1, ta, tb, c, m=None):
+  """NumPy: Lemma 5's moments of the cells `[ta, tb]` (`[W]`) as `PerCell` rows (`[W, L]` each)."""
+  m1, m2, lphi, tail = _orderstat_moments(ta, tb, c)
+  out = (m1, m2, *(_xp.NP.broadcast_to(x, m1.shape) for x in (lphi, tail)))
+  return out if m is None else (*out, *_orderstat_m_parts(nm1, m, out))
+
+
+def _witness_cell(ta, tb):
+  """The m-scan's first witness: the cell with the largest tau (`[..., C]` cells)."""
+  return _xp.of(ta, tb).argmax(ta * 0.0 + tb, axis=-1)
+
+
+def _witness_moments(nm1, ta, tb):
+  """`(witness cell, its Lemma 5 rows)` of each of P points (`[P, C]` cells, one n), at once.
+
+  The witness is the first cell the scan asks Lemma 5 for (`_RowsFormula`'s `stacked`).
+  """
+  w = _witness_cell(ta, tb)
+  pick = np.arange(w.size), w
+  rows = _lemma5_cells(nm1, ta[pick], tb[pick], _lemma5_grid(nm1, ta.dtype))
+  return [(w[i : i + 1], tuple(r[i : i + 1] for r in rows)) for i in range(w.size)]
 
 
 def _fail_fn(n, parts, eps, log_drow, chernoff=None, level=None):
@@ -292,7 +320,7 @@ def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
   cell_fail, p_star = _fail_fn(n, parts, eps, log_drow, chernoff, level=drow)
   # The scan stops by m = ceil(1/eps), where the order-statistic bound is 0, and
   # by m = n (only n - 1 off-diagonal entries); m - 1 entries plus the diagonal.
-  witness = xp.argmax(parts[0] * 0.0 + parts[1])  # first guess: the largest tau cell
+  witness = _witness_cell(parts[0], parts[1])  # first guess: the largest tau cell
   k = _first_admissible_m(n, cell_fail, drow, witness, parts[0].shape[0])
   return xp.where(n <= 1.0, n, k), p_star
 
@@ -459,5 +487,5 @@ def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   )
 
 
-_SPARSITY = _RowsFormula(_sparsity_scalar)
+_SPARSITY = _RowsFormula(_sparsity_scalar, stacked=_witness_moments)
 _EPS = _RowsFormula(_eps_scalar)
