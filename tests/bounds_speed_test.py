@@ -21,7 +21,18 @@ import scipy.special as sps
 from jax._src import core
 
 import gsparse.bounds as B
-from gsparse.bounds import _common, _gcells, _laplace, _npsearch, _xp, error, row, sparsity, tau
+from gsparse.bounds import (
+  _common,
+  _gcells,
+  _laplace,
+  _logz,
+  _npsearch,
+  _xp,
+  error,
+  row,
+  sparsity,
+  tau,
+)
 
 _W = np.random.default_rng(1).standard_normal((2, 2, 8, 2, 4)).astype(np.float32)
 
@@ -342,3 +353,84 @@ def test_chernoff_fail_with_the_lambdas_on_the_middle_axis_is_the_same_bit_for_b
     want = row._chernoff_fail(nm1, m, np.float64(0.01), c, (lam_a, top, rest), cells)
     got = row._chernoff_fail(nm1, m, np.float64(0.01), c, (lam_a, *flip), cells, k_axis=-2)
     np.testing.assert_array_equal(got, want)
+
+
+def test_g_cell_tails_kept_between_calls_are_the_computed_ones_bit_for_bit(monkeypatch):
+  # `_sum_over_g_cells` keeps its binomial tails per (n, m, grid) on the NumPy path; a kept
+  # entry must be exactly what a fresh evaluation gives, and must not be writable.
+  nm1 = np.float64(511.0)
+  c = row._g_grid(nm1, 64, np.float64)
+  b = np.asarray(jax.random.uniform(jax.random.key(18), (32, 3, 64)), np.float64)
+  m = np.arange(1.0, 33.0)[:, None]
+  _gcells._TAILS.clear()
+  for head in (None, np.maximum(nm1, m)):
+    fresh = _gcells._g_tails(nm1, m, c, head, _common._safety(c.dtype))
+    first = _gcells._sum_over_g_cells(nm1, m, c, b, head_nm1=head)  # computed and kept
+    kept = _gcells._np_g_tails(nm1, m, c, head, _common._safety(c.dtype))
+    for got, want in zip(kept, fresh, strict=True):
+      np.testing.assert_array_equal(got, want)
+      assert not got.flags.writeable
+    np.testing.assert_array_equal(_gcells._sum_over_g_cells(nm1, m, c, b, head_nm1=head), first)
+  assert len(_gcells._TAILS) == 2
+  monkeypatch.setattr(_gcells, "_MAX_TAILS", 2)
+  _gcells._sum_over_g_cells(nm1, m[:4], c, b[:4])  # 2 + 1 > 2: emptied, then this one kept
+  assert len(_gcells._TAILS) == 1
+
+
+def test_each_heads_ranking_k_is_its_own_scalar_sparsity_bound():
+  # The ranking evaluates its heads one after the other with the kept parts (band masses,
+  # binomial rows, G-cell tails) warm; each head's k must be that of a scalar call from
+  # cold stores. 3 random rankings (2-6 heads each, n 64-2048).
+  key = jax.random.key(1806)
+  for i in range(3):
+    kw, ks = jax.random.split(jax.random.fold_in(key, i))
+    layers, heads = 1 + i, 2
+    w = np.asarray(jax.random.normal(kw, (2, layers, 16, heads, 8)), np.float32)
+    u = np.asarray(jax.random.uniform(ks, (3,)), np.float64)
+    w = w * np.float32(0.1 + 0.3 * u[0])
+    n, eps = int(2.0 ** (6 + 5 * u[1])), float(0.003 + 0.05 * u[2])
+    ranking = B.rank_layers_by_sparsity(w[0], w[1], n=n, eps=eps, delta=1e-3)
+    dt = np.float32
+    q, k = (x.astype(dt).astype(np.float64) for x in (w[0], w[1]))
+    norms = B.InteractionNorms(
+      *B.norms._norms_from_singular_values(B.norms.interaction_singular_values(q, k))
+    )
+    for lh in itertools.product(range(layers), range(heads)):
+      for store in (_gcells._TAILS, _xp._ROWS, _laplace._KEPT):
+        store.clear()
+      head = B.InteractionNorms(*(float(v[lh]) for v in norms))
+      want = B.sparsity_bound(n, 1.0, head, eps=eps, delta=1e-3).k
+      assert float(ranking.k[lh]) == float(want), (i, lh)
+
+
+def test_stacked_log_z_lower_of_several_points_is_each_points_own_bit_for_bit(monkeypatch):
+  # On several points the NumPy path computes `_log_z_lower` (and, for Theorem 1, Lemma 5's
+  # moments of the scan's first witness cell) once per (n, delta) for all their cells
+  # stacked; every output must be that of a one-point call. 8 random points over two n and
+  # two delta (4 groups), both Theorem 1 and its inverse.
+  n, sigma, eps, k, frob, op, gram, _ = _random_settings(jax.random.key(1807), 8)
+  n = np.where(np.arange(8) % 2 == 0, 300.0, 1500.0)
+  delta = np.where(np.arange(8) < 4, 1e-4, 1e-2)
+  sizes, moments = [], []
+  lz, om = _logz._log_z_lower, sparsity._orderstat_moments
+  monkeypatch.setattr(_logz, "_log_z_lower", lambda *a: sizes.append(a[1].size) or lz(*a))
+  monkeypatch.setattr(
+    sparsity, "_orderstat_moments", lambda *a: moments.append(a[0].size) or om(*a)
+  )
+  for fn, kw in ((B.sparsity_bound, {"eps": eps}), (B.sparsity_eps_bound, {"k": k})):
+    sizes.clear()
+    moments.clear()
+    many = fn(n, sigma, B.InteractionNorms(frob, op, gram), delta=delta, **kw)
+    assert sizes == [2 * _common._NUM_CELLS] * 4, sizes  # one stacked call per group
+    if fn is B.sparsity_bound:
+      assert moments[:4] == [2] * 4, moments  # the two witness cells of each group
+    for i in range(8):
+      one = fn(
+        n[i],
+        sigma[i],
+        B.InteractionNorms(frob[i], op[i], gram[i]),
+        delta=delta[i],
+        **{key: v[i] for key, v in kw.items()},
+      )
+      for got, want in zip(many, one, strict=True):
+        np.testing.assert_array_equal(np.asarray(got)[i], np.asarray(want))

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 
 from gsparse import bounds as B
-from gsparse.bounds import _iso_events, value_apriori
+from gsparse.bounds import _iso_cases, _iso_events, _iso_grid, value_apriori
 from tests import mc_settings
 
 _R = 256  # matrices per setting
@@ -170,14 +170,12 @@ def test_skipped_grid_rows_cannot_hold_the_maximum(monkeypatch):
   # it has seen. The bound must hold on every row of the full grid, and the skipping change
   # no output bit (against every row evaluated: the bounds replaced by +inf).
   ratios = []
-  cell_upper = value_apriori._cell_upper
+  cell_upper = _iso_grid._cell_upper
 
   def check(cells, stats, kk, th, scal):
     rows_hi, tail_max = cell_upper(cells, stats, kk, th, scal)
     t_c, l_t, l_off, f, eh_hi = cells[:5]
-    sums = value_apriori._head_sum(
-      t_c, l_t, l_off, (f, eh_hi), stats, kk, th[:, :-1], th[:, 1:], scal
-    )
+    sums = _iso_cases._head_sum(t_c, l_t, l_off, (f, eh_hi), stats, kk, th[:, :-1], th[:, 1:], scal)
     row_max = np.max(sums[0], axis=-1)  # [C, L]
     assert np.all(rows_hi >= row_max), np.min(rows_hi - row_max)
     ratios.append(np.median(rows_hi / row_max))
@@ -192,7 +190,7 @@ def test_skipped_grid_rows_cannot_hold_the_maximum(monkeypatch):
   ]
   run = functools.partial(value_apriori._ISO.numpy, dtype=np.float64, margin_dtype=np.float64)
   skipping = [run(list(v), with_theorem2=t) for v in settings for t in (True, False)]
-  monkeypatch.setattr(value_apriori, "_cell_upper", check)
+  monkeypatch.setattr(_iso_grid, "_cell_upper", check)
   every = [run(list(v), with_theorem2=t) for v in settings for t in (True, False)]
   for got, want in zip(skipping, every, strict=True):
     np.testing.assert_array_equal(np.array(got, np.float64), np.array(want, np.float64))

@@ -6,6 +6,8 @@ docs/theory.md, section 3.
 
 from __future__ import annotations
 
+import numpy as np
+
 from gsparse.bounds import _npsearch, _xp
 from gsparse.bounds._common import _safety
 
@@ -21,16 +23,44 @@ def _sum_over_g_cells(nm1, m, c, b, head_nm1=None):
   number of normals in `P(G <= c_0)` (Lemma 6's uniform-in-n form for causal rows).
   """
   xp = _xp.of(nm1, m, c, b)
-  inv_safe = 1.0 / _safety(c.dtype)
   bt = xp.cummax(b, axis=-1)  # non-decreasing in l
-  rest = xp.maximum(nm1 - m + 1.0, 1.0)
-  t = xp.betainc_rows(m, rest, xp.ndtr(-c))  # [..., L + 1], depends on n and m only
-  t = _prob_up(t * inv_safe)
-  rest_h = rest if head_nm1 is None else xp.maximum(head_nm1 - m + 1.0, 1.0)
-  head = _prob_up(xp.betainc(rest_h, m, xp.ndtr(c[0])) * inv_safe)
+  tails = _np_g_tails if xp is _xp.NP else _g_tails
+  t, head = tails(nm1, m, c, head_nm1, _safety(c.dtype))
   body = xp.sum(t[..., 1:-1] * (bt[..., 1:] - bt[..., :-1]), axis=-1)
   total = head + t[..., 0] * bt[..., 0] + body + t[..., -1] * (1.0 - bt[..., -1])
   return xp.minimum(total, 1.0)
+
+
+def _g_tails(nm1, m, c, head_nm1, safety):
+  """`(T, P(G <= c_0))` of `_sum_over_g_cells`, rounded up: functions of n, m and the grid."""
+  xp = _xp.of(nm1, m, c, head_nm1)
+  inv_safe = 1.0 / safety
+  rest = xp.maximum(nm1 - m + 1.0, 1.0)
+  t = xp.betainc_rows(m, rest, xp.ndtr(-c))  # [..., L + 1]
+  t = _prob_up(t * inv_safe)
+  rest_h = rest if head_nm1 is None else xp.maximum(head_nm1 - m + 1.0, 1.0)
+  return t, _prob_up(xp.betainc(rest_h, m, xp.ndtr(c[0])) * inv_safe)
+
+
+# `_np_g_tails` results kept (every head of a ranking, every cell batch of a scan asks the
+# same m at the same n again); emptied when it grows past this many entries.
+_MAX_TAILS = 1024
+_TAILS: dict[tuple, tuple] = {}
+
+
+def _np_g_tails(nm1, m, c, head_nm1, safety):
+  """`_g_tails` in NumPy, each `(n, m, grid)` computed once (the same arrays; read-only)."""
+  arrs = [None if v is None else np.asarray(v) for v in (nm1, m, c, head_nm1)]
+  key = (*(None if a is None else (a.dtype.str, a.shape, a.tobytes()) for a in arrs), safety)
+  out = _TAILS.get(key)
+  if out is None:
+    if len(_TAILS) >= _MAX_TAILS:
+      _TAILS.clear()
+    out = tuple(np.asarray(v) for v in _g_tails(nm1, m, c, head_nm1, safety))
+    for v in out:
+      v.flags.writeable = False
+    _TAILS[key] = out
+  return out
 
 
 def _prob_up(p):

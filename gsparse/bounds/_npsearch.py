@@ -45,6 +45,18 @@ class PerCell:
     self._done = np.zeros(count, bool)
     self._store: list[np.ndarray] | None = None
 
+  def put(self, idx, vals) -> None:
+    """Keeps `vals` (what `compute(idx)` gives, computed elsewhere) as the cells' parts."""
+    idx = np.asarray(idx)
+    if self._store is None and idx.size == self._count:  # all at once: kept as they are
+      self._store = [np.asarray(v) for v in vals]
+    else:
+      if self._store is None:
+        self._store = [np.empty((self._count, *v.shape[1:]), v.dtype) for v in vals]
+      for store, v in zip(self._store, vals, strict=True):
+        store[idx] = v
+    self._done[idx] = True
+
   def get(self, idx=None) -> tuple[np.ndarray, ...]:
     """The parts of the cells `idx` (`[W]` integer array; None: every cell)."""
     want = np.arange(self._count) if idx is None or not _LAZY else np.asarray(idx)
@@ -52,15 +64,7 @@ class PerCell:
     if missing.size:
       groups = np.unique(missing // self._group)
       missing = (groups[:, None] * self._group + np.arange(self._group)).reshape(-1)
-      vals = self._compute(missing)
-      if self._store is None and missing.size == self._count:  # all at once: kept as they are
-        self._store = [np.asarray(v) for v in vals]
-      else:
-        if self._store is None:
-          self._store = [np.empty((self._count, *v.shape[1:]), v.dtype) for v in vals]
-        for store, v in zip(self._store, vals, strict=True):
-          store[missing] = v
-      self._done[missing] = True
+      self.put(missing, self._compute(missing))
     if idx is None:
       return tuple(self._store)
     idx = np.asarray(idx)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
+import numpy as np
 from jax.typing import ArrayLike
 
 from gsparse.bounds import _laplace, _npsearch, _xp
@@ -13,9 +13,7 @@ from gsparse.bounds._common import (
   _EPS_BISECTION_STEPS,
   _NUM_CELLS,
   _NUM_GRID,
-  _NUM_LEVELS,
   DEFAULT_DELTA,
-  PointFormula,
   _binom_tail,
   _check,
   _check_delta,
@@ -23,62 +21,19 @@ from gsparse.bounds._common import (
   _check_n,
   _log1mexp,
   _log_moments,
-  _norm_isf,
   _on_flat,
   _safety,
   _valid,
 )
 from gsparse.bounds._gcells import _first_admissible_m, _prob_up, _sum_over_g_cells
+from gsparse.bounds._logz import _row_log_z, _row_setting, _RowsFormula
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
 from gsparse.bounds.row import _chernoff_fail, _chernoff_parts, _g_grid
-from gsparse.bounds.tau import _cells, _tau_range_point
 
 _NUM_APRIORI_G_CELLS = 64  # cells of G for Lemma 6, per tau cell (64 of them)
 # Lemma 6 in Theorem 1: 16 Chernoff parameters (any set is valid; 24 changed k by -2..+1 on
 # 36 settings, for about 1.5 ms of a call), band scales on a ladder (masses kept between calls).
 _LEMMA6 = {"ladder": True, "num_lambda": 16}
-
-
-def _log_z_lower(nm1, ta, tb, log_dz):
-  """Lower bound on `log Z_i` valid for every `tau_i` in the cell `[ta, tb]`.
-
-  Off-diagonal part only (`Z_i` also has the positive diagonal term). Holds
-  with probability `>= 1 - exp(log_dz)` given `tau_i` in the cell. The best of
-  three candidates, each chosen from `(n, cell, delta)` only (never the data):
-  AM-GM, the maximum, and a lower-tail Bernstein bound on truncated summands.
-
-  Args:
-    nm1: `n - 1 >= 1`, scalar.
-    ta, tb: `[C]` cell endpoints.
-    log_dz: scalar log failure probability.
-
-  Returns:
-    `[C]` lower bounds (may be `-inf`).
-  """
-  xp = _xp.of(ta, tb, log_dz)
-  ell = -log_dz
-  lnm1 = xp.log(nm1)
-  # AM-GM: log Z >= log(n-1) + mean_j s_ij, the mean ~ N(0, tau^2/(n-1)).
-  z = _norm_isf(xp.exp(log_dz))
-  amgm = lnm1 - xp.maximum(tb * z, ta * z) / xp.sqrt(nm1)
-  # Maximum: P(max_j g_j < c) = Phi(c)^(n-1) = dz  =>  Phi_bar(c*) = 1 - dz^(1/(n-1)).
-  cstar = _norm_isf(-xp.expm1(log_dz / nm1))
-  maxb = xp.where(cstar >= 0, ta * cstar, tb * cstar)
-  # Truncated summands Y = e^{tb g} (g <= 0), e^{ta g} (0 < g <= c), e^{ta c} (g > c).
-  cmax = xp.sqrt(2.0 * lnm1) + 1.0
-  c = xp.linspace(0.0, 1.0, _NUM_LEVELS, dtype=ta.dtype) * cmax  # [G]
-  ta_, tb_, c_ = ta[:, None], tb[:, None], c[None, :]
-  ninf = xp.asarray(-xp.inf, ta.dtype)
-  l_tail = xp.log_ndtr(-c_)
-  m_neg, m_mid, m2_neg, m2_mid = _log_moments(
-    [(tb_, ninf, 0.0), (ta_, 0.0, c_), (2.0 * tb_, ninf, 0.0), (2.0 * ta_, 0.0, c_)]
-  )
-  ley = xp.logaddexp(xp.logaddexp(m_neg, m_mid), ta_ * c_ + l_tail)
-  ley2 = xp.logaddexp(xp.logaddexp(m2_neg, m2_mid), 2.0 * ta_ * c_ + l_tail)
-  r = 0.5 * xp.log(2.0 * ell / nm1) + 0.5 * ley2 - ley
-  bern = xp.where(r < 0, lnm1 + ley + _log1mexp(xp.minimum(r, 0.0)), -xp.inf)
-  bern = xp.max(bern, axis=-1)
-  return xp.maximum(xp.maximum(amgm, maxb), bern)
 
 
 # ------------------------------------------------------------------- Theorem 1
@@ -239,21 +194,45 @@ def _row_parts(n, tau_lo, tau_hi, log_drow, *, group=1, m=None):
   asked, with their `m`-dependent parts for `m` when it is given (one fixed `m`).
   """
   xp = _xp.of(n, tau_lo, tau_hi, log_drow)
-  nm1 = xp.maximum(n - 1.0, 1.0)
-  ta, tb = _cells(tau_lo, tau_hi)
-  # Union bound: Z >= Z_lower with prob 1 - drow/2; then a binomial count.
-  lz = _log_z_lower(nm1, ta, tb, log_drow - math.log(2.0))
-  c = xp.linspace(-3.0, 1.0, _NUM_GRID + 1, dtype=ta.dtype)
-  c = c + xp.where(c > 0, c * (xp.sqrt(2.0 * xp.log(nm1)) + 2.0) - c, 0.0)
+  nm1, ta, tb, lz, witness = _row_log_z(n, tau_lo, tau_hi, log_drow)
+  c = _lemma5_grid(nm1, ta.dtype)
   if xp is _xp.NP:  # per cell, when first asked (`_fail_fn` asks Lemma 5 last)
-
-    def moments(idx):
-      m1, m2, lphi, tail = _orderstat_moments(ta[idx], tb[idx], c)
-      out = (m1, m2, *(xp.broadcast_to(x, m1.shape) for x in (lphi, tail)))
-      return out if m is None else (*out, *_orderstat_m_parts(nm1, m, out))
-
-    return ta, tb, lz, c, _npsearch.PerCell(ta.shape[0], moments, group)
+    moments = lambda idx: _lemma5_cells(nm1, ta[idx], tb[idx], c, m)
+    cells = _npsearch.PerCell(ta.shape[0], moments, group)
+    if witness is not None and m is None and group == 1:  # computed with the other points'
+      cells.put(*witness)
+    return ta, tb, lz, c, cells
   return ta, tb, lz, c, _orderstat_moments(ta, tb, c)
+
+
+def _lemma5_grid(nm1, dtype):
+  """`[_NUM_GRID + 1]` levels of Lemma 5's G cells: `[-3, 1]`, the positive part stretched."""
+  xp = _xp.of(nm1)
+  c = xp.linspace(-3.0, 1.0, _NUM_GRID + 1, dtype=dtype)
+  return c + xp.where(c > 0, c * (xp.sqrt(2.0 * xp.log(nm1)) + 2.0) - c, 0.0)
+
+
+def _lemma5_cells(nm1, ta, tb, c, m=None):
+  """NumPy: Lemma 5's moments of the cells `[ta, tb]` (`[W]`) as `PerCell` rows (`[W, L]` each)."""
+  m1, m2, lphi, tail = _orderstat_moments(ta, tb, c)
+  out = (m1, m2, *(_xp.NP.broadcast_to(x, m1.shape) for x in (lphi, tail)))
+  return out if m is None else (*out, *_orderstat_m_parts(nm1, m, out))
+
+
+def _witness_cell(ta, tb):
+  """The m-scan's first witness: the cell with the largest tau (`[..., C]` cells)."""
+  return _xp.of(ta, tb).argmax(ta * 0.0 + tb, axis=-1)
+
+
+def _witness_moments(nm1, ta, tb):
+  """`(witness cell, its Lemma 5 rows)` of each of P points (`[P, C]` cells, one n), at once.
+
+  The witness is the first cell the scan asks Lemma 5 for (`_RowsFormula`'s `stacked`).
+  """
+  w = _witness_cell(ta, tb)
+  pick = np.arange(w.size), w
+  rows = _lemma5_cells(nm1, ta[pick], tb[pick], _lemma5_grid(nm1, ta.dtype))
+  return [(w[i : i + 1], tuple(r[i : i + 1] for r in rows)) for i in range(w.size)]
 
 
 def _fail_fn(n, parts, eps, log_drow, chernoff=None, level=None):
@@ -341,7 +320,7 @@ def _sparsity_core(n, tau_lo, tau_hi, eps, log_drow):
   cell_fail, p_star = _fail_fn(n, parts, eps, log_drow, chernoff, level=drow)
   # The scan stops by m = ceil(1/eps), where the order-statistic bound is 0, and
   # by m = n (only n - 1 off-diagonal entries); m - 1 entries plus the diagonal.
-  witness = xp.argmax(parts[0] * 0.0 + parts[1])  # first guess: the largest tau cell
+  witness = _witness_cell(parts[0], parts[1])  # first guess: the largest tau cell
   k = _first_admissible_m(n, cell_fail, drow, witness, parts[0].shape[0])
   return xp.where(n <= 1.0, n, k), p_star
 
@@ -391,8 +370,7 @@ def sparsity_bound(
 
 def _sparsity_scalar(n, sigma, eps, delta, frob, op, gram):
   xp = _xp.of(n, sigma, eps, delta, frob, op, gram)
-  tlo, thi = _tau_range_point(n, sigma, frob, op, gram, delta / 2.0)
-  log_row = xp.log(delta / 2.0) - xp.log(n)
+  tlo, thi, log_row = _row_setting(n, sigma, delta, frob, op, gram)
   k_g, p = _sparsity_core(n, tlo, thi, eps, log_row)
   triv = _trivial_k(n, eps)
   ok = _valid(
@@ -464,8 +442,7 @@ def sparsity_eps_bound(
 
 def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   xp = _xp.of(n, sigma, k, delta, frob, op, gram)
-  tlo, thi = _tau_range_point(n, sigma, frob, op, gram, delta / 2.0)
-  log_row = xp.log(delta / 2.0) - xp.log(n)
+  tlo, thi, log_row = _row_setting(n, sigma, delta, frob, op, gram)
   # 1/(k+1), rounded up when fl(1/(k+1)) is below it: k+1 entries above eps need (k+1) eps < 1.
   r = 1.0 / (k + 1.0)
   r = xp.where(_mul_less_than_one(k + 1.0, r), xp.nextafter(r, xp.inf), r)
@@ -510,5 +487,5 @@ def _eps_scalar(n, sigma, k, delta, frob, op, gram):
   )
 
 
-_SPARSITY = PointFormula(_sparsity_scalar)
-_EPS = PointFormula(_eps_scalar)
+_SPARSITY = _RowsFormula(_sparsity_scalar, stacked=_witness_moments)
+_EPS = _RowsFormula(_eps_scalar)
