@@ -19,6 +19,8 @@ every term that underflows (or is flushed to zero) is below `tiny / mass(c)`;
 
 from __future__ import annotations
 
+import jax
+
 from gsparse.bounds import _xp
 
 _NUM_QUAD = 64  # Riemann cells per truncated transform
@@ -127,15 +129,17 @@ def _band_masses(mass_fn, t_ref, d, c, ladder):
   if xp is not _xp.NP or not ladder:
     return mass_fn(d, c)
   level_key = (mass_fn.__name__, c.dtype.str, c.tobytes())
-  keys = [(level_key, float(r)) for r in t_ref.tolist()]
-  missing = [i for i, k in enumerate(keys) if k not in _KEPT]
+  # Keyed on the band's offsets themselves (they fix its nodes, whatever t_ref's dtype or
+  # the module constants), each read once into `rows` (another thread may clear the store).
+  keys = [(level_key, d.dtype.str, band.tobytes()) for band in d]
+  rows = [_KEPT.get(k) for k in keys]
+  missing = [i for i, row in enumerate(rows) if row is None]
   if missing:
     if len(_KEPT) + len(missing) > _MAX_KEPT:
       _KEPT.clear()
-      missing = list(range(len(keys)))
     for i, row in zip(missing, mass_fn(d[missing], c), strict=True):
-      _KEPT[keys[i]] = row
-  return xp.stack([_KEPT[k] for k in keys])
+      rows[i] = _KEPT[keys[i]] = row
+  return xp.stack(rows)
 
 
 def _top_weights(t, c, *, ladder=False):
@@ -183,20 +187,48 @@ def _floor(norm, count):
   return count * xp.finfo(norm.dtype).tiny / norm
 
 
-def _log_transform(weights, log_lam, sign, ex=None):
+def _lam_down(log_lam, theta, log_a):
+  """`log_lam = theta - log A`, lowered in float32 so that `fl(e^log_lam) A <= fl(e^theta)`.
+
+  A Chernoff bound holds at every `lam >= 0`, but its transforms and its `e^{lam A}`
+  term must use the same `lam` (or the term a larger one: it only raises the bound).
+  The transforms use `fl(e^log_lam)`; the term uses `fl(e^theta)`. In float32 the two
+  logarithms, the subtractions and the exponentials err by a few `u` of their own
+  magnitude each (XLA's `log`, `log1p`, `exp` to within 2 ulp, assumed), so `log_lam`
+  is lowered by `2 (|theta| + 4 |log A| + 8) u`, more than the sum of those errors.
+  In float64 the same errors (1e-14 relative at most) are inside the `1 - 1e-6` margin
+  on delta (`_common._safety`), and the value is kept as computed.
+  """
+  xp = _xp.of(log_lam, theta, log_a)
+  dtype = xp.result_type(log_lam)
+  if xp.finfo(dtype).eps <= _DEFICIT_EPS:
+    return log_lam
+  u = 0.5 * xp.finfo(dtype).eps
+  return log_lam - 2.0 * (xp.abs(theta) + 4.0 * xp.abs(log_a) + 8.0) * u
+
+
+def _check_dtype(dtype):
+  """Lemma 6's transforms are rounded for float32 and float64 only (bfloat16, float16: tol >= 1)."""
+  if dtype not in (_xp.NP.float32, _xp.NP.float64):
+    raise TypeError(f"Lemma 6's transforms need float32 or float64 weights, got {dtype}")
+
+
+def _log_transform(weights, log_lam, sign, ex=None, tc=None):
   """`[C, L, K]` upper bounds on `log E[exp(sign lam e^{t (g - c)}) | g in the side]`.
 
   `weights = (x, p, floor)` from `_top_weights` / `_rest_weights`, `log_lam [K]`
   (or `[C, 1, K]`, one row per cell); `ex`: `e^x`, when the caller evaluates the
-  same nodes at many `log_lam` (Theorem 2R's bisection) and keeps it.
+  same nodes at many `log_lam` (Theorem 2R's bisection) and keeps it; `tc = (t [C],
+  c [L])`, the weights' tau cells and levels, sizes the float32 allowance (`_allowance`).
   Per `(cell, lam)` the largest node value `exp(sign lam e^{x_ref})` is factored
   out; the rest is `p @ exp(sign lam (e^x - e^{x_ref}))`, one batched matrix
   product per band, plus the underflow floor.
   """
   x, p, floor = weights
   xp = _xp.of(x, p, log_lam)
+  _check_dtype(p.dtype)
   if xp.finfo(p.dtype).eps > _DEFICIT_EPS:
-    return _log_transform_deficit(weights, log_lam, sign, ex)
+    return _log_transform_deficit(weights, log_lam, sign, ex, tc)
   # NumPy writes each step into the array it came from: the same values, without
   # allocating (and faulting in) a fresh [C, N, K] array per step.
   numpy = xp is _xp.NP
@@ -216,26 +248,57 @@ def _log_transform(weights, log_lam, sign, ex=None):
   v = xp.exp(v, **into)  # [C, N, K], each <= 1
   bands, num_l, num_n = p.shape
   v = v.reshape(bands, -1, num_n, v.shape[-1])
-  s = xp.matmul(p[:, None], v).reshape(-1, num_l, v.shape[-1])  # [C, L, K]
+  s = _matmul(xp, p[:, None], v).reshape(-1, num_l, v.shape[-1])  # [C, L, K]
   into = {"out": s} if numpy else {}
   s = xp.log(xp.add(s, floor[None, :, None], **into), **into)
   return xp.add(s, (sign * ref)[:, None, :], **into)
 
 
+def _matmul(xp, a, b):
+  """`a @ b`; in jax at `Precision.HIGHEST`, since the default on GPU (TF32) and TPU (bfloat16
+  passes) rounds to about 1e-3 relative, far beyond the allowance of `_log_transform_deficit`."""
+  if xp is _xp.NP:
+    return xp.matmul(a, b)
+  return xp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+
+
 # Machine epsilons above this (float32, bfloat16) take the deficit form below; float64 keeps
 # the log of the sum, whose absolute rounding (a few 1e-16, times n - m) is relative rounding.
 _DEFICIT_EPS = 1e-10
-# Relative rounding allowance, in units of the dtype's unit roundoff u (float32: 2.4e-4).
-# It covers the relative error of the sums below: the N + 1 products and their summation
-# (about 2 (N + 1) u), the node values' arguments (`t (c + d) - t c`, up to about t (|c| +
-# span) u <= 600 u for t <= 30, |c| <= 9), and the cell masses (`ndtr` differences whose
-# cancellation costs at most the Mills ratio over the cell width, about 100 u at the finest
-# cells of the rest; the top's first cells are finer, but there the node values are all
-# within a few u of the reference value, so their errors move the deficit by as little).
+# Relative rounding allowance, in units of the dtype's unit roundoff u (float32: 2.4e-4), for
+# calls without `tc` and the least of `_allowance`. Meant to cover the relative error of the
+# sums below: the N + 1 products and their summation (about 2 (N + 1) u), the node values'
+# arguments (`t (c + d) - t c`, up to about t (|c| + span) u <= 600 u for t <= 30, |c| <= 9),
+# and the cell masses (`ndtr` differences whose cancellation costs at most the Mills ratio
+# over the cell width, about 100 u at the finest cells of the rest; the top's first cells are
+# finer, but there the node values are all within a few u of the reference value, so their
+# errors move the deficit by as little).
 _KAPPA = 4096.0
+# Relative error of jax's float32 `ndtr` where its value is a normal number, in units of u
+# (measured on a dense sweep of [-13, 0]: at most 256 u, pinned by tests/bounds_float32_test.py).
+_NDTR_ULPS = 256.0
 
 
-def _log_transform_deficit(weights, log_lam, sign, ex=None):
+def _allowance(t, c, x):
+  """`[C, L, 1]` relative allowance `tol(t, c)` of the deficit form (float32), at least `kappa u`.
+
+  `u (2 (N + 1) + e (1 + 2 t / max(c, 1)) + 2 (t |c| + t span) + 8)`, `N + 1` nodes, `e =
+  _NDTR_ULPS`: the products and their summation; the `ndtr` errors of the cell masses,
+  which Abel summation weights by the increments of `1 - v_q` (amplified at most `1 + 2 t
+  / c`); the node arguments, `fl(t d_q)` against the cell edge `fl(c + d_q)` (`t span` is
+  the largest `|x_q|`); and the rest. It assumes the stated `ndtr` accuracy and XLA's
+  `exp`, `expm1`, `log1p` within a few ulp (docs/theory.md, section 3, "Float32").
+  """
+  xp = _xp.of(t, c, x)
+  u = 0.5 * xp.finfo(x.dtype).eps
+  t_span = xp.max(xp.where(xp.isfinite(x), xp.abs(x), 0.0), axis=-1)[:, None]  # [C, 1]
+  t, c = t[:, None], c[None, :]
+  ulps = 2.0 * (x.shape[-1] + 1) + _NDTR_ULPS * (1.0 + 2.0 * t / xp.maximum(c, 1.0)) + 8.0
+  ulps = ulps + 2.0 * (t * xp.abs(c) + t_span)
+  return (xp.maximum(ulps, _KAPPA) * u)[..., None]
+
+
+def _log_transform_deficit(weights, log_lam, sign, ex=None, tc=None):
   """`_log_transform` for low-precision dtypes: rounding can only raise the result.
 
   With the reference value `ref` factored out, each node value is `v_q = exp(-|e_q -
@@ -248,13 +311,14 @@ def _log_transform_deficit(weights, log_lam, sign, ex=None):
   to a result below `log 2`. The moment generating function (`sign > 0`, results `>= 0`)
   uses `log1p(E (1 + kappa u) + floor)`, `E = sum_q p_q expm1(e_q)` unfactored, wherever
   no `e_q` can overflow; above that the factored form plus `kappa u |ref|` (there the
-  result is at least `ref + log(mass of the last cell)`, far from 0). Every branch rounds
-  upward by a relative `kappa u` of the result, so the float32 value is at least the
-  exact Riemann sum (`tests/bounds_laplace_test.py`).
+  result is at least `ref + log(mass of the last cell)`, far from 0). Every branch adds a
+  relative `kappa u` of the result (`_allowance(t, c)` when `tc = (t, c)` is given),
+  meant to cover its rounding: validated against float64 (tests/bounds_float32_test.py,
+  tau up to 512), not proven (docs/theory.md, section 3, "Float32", lists the assumptions).
   """
   x, p, floor = weights
   xp = _xp.of(x, p, log_lam)
-  tol = _KAPPA * 0.5 * xp.finfo(p.dtype).eps
+  tol = _KAPPA * 0.5 * xp.finfo(p.dtype).eps if tc is None else _allowance(*tc, x)  # [C, L, 1]
   ex, lam = (xp.exp(x) if ex is None else ex), xp.exp(log_lam)
   e = ex[..., None] * lam  # [C, N, K]
   if sign < 0:
@@ -265,7 +329,7 @@ def _log_transform_deficit(weights, log_lam, sign, ex=None):
   def matmul(v):  # [C, N, K] node values times the band's [B, L, N] masses: [C, L, K]
     bands, num_l, num_n = p.shape
     v = v.reshape(bands, -1, num_n, v.shape[-1])
-    return xp.matmul(p[:, None], v).reshape(-1, num_l, v.shape[-1])
+    return _matmul(xp, p[:, None], v).reshape(-1, num_l, v.shape[-1])
 
   fl = floor[None, :, None]
   big = xp.log(xp.finfo(p.dtype).max) - 8.0  # e_q below this: expm1 and the sum stay finite
@@ -274,7 +338,8 @@ def _log_transform_deficit(weights, log_lam, sign, ex=None):
     small = ref <= big
     total = matmul(xp.expm1(xp.where(small[:, None, :], e, 0.0)))
     out = xp.log1p(total * (1.0 + tol) + fl)
-    return xp.where(small[:, None, :], out, (ref + tol * xp.abs(ref))[:, None, :] + log_sum)
+    ref3 = ref[:, None, :]
+    return xp.where(small[:, None, :], out, (ref3 + tol * xp.abs(ref3)) + log_sum)
   deficit = matmul(-xp.expm1(arg)) * (1.0 - tol)
   out = xp.where(deficit <= 0.5, xp.log1p(-xp.minimum(deficit, 0.5)), log_sum)
-  return out - (ref - tol * ref)[:, None, :]
+  return out - (ref[:, None, :] - tol * ref[:, None, :])

@@ -55,9 +55,14 @@ def _chernoff_parts(eps, ta, tb, c, *, ladder=False, num_lambda=_NUM_LAMBDA):
   """
   xp = _xp.of(eps, ta, tb, c)
   theta = xp.linspace(-3.0, 9.0, num_lambda, dtype=c.dtype)
-  log_lam = theta - (xp.log1p(-eps) - xp.log(eps))
-  top = _laplace._log_transform(_laplace._top_weights(ta, c[1:], ladder=ladder), log_lam, -1)
-  rest = _laplace._log_transform(_laplace._rest_weights(tb, c[1:], ladder=ladder), log_lam, -1)
+  log_a = xp.log1p(-eps) - xp.log(eps)
+  log_lam = _laplace._lam_down(theta - log_a, theta, log_a)  # float32: fl(lam) A <= fl(e^theta)
+  top_w, rest_w = (
+    _laplace._top_weights(ta, c[1:], ladder=ladder),
+    _laplace._rest_weights(tb, c[1:], ladder=ladder),
+  )
+  top = _laplace._log_transform(top_w, log_lam, -1, tc=(ta, c[1:]))
+  rest = _laplace._log_transform(rest_w, log_lam, -1, tc=(tb, c[1:]))
   return xp.exp(theta), xp.minimum(top, 0.0), xp.minimum(rest, 0.0)
 
 

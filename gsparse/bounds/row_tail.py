@@ -25,6 +25,7 @@ from gsparse.bounds._common import (
   _safety,
   _valid,
 )
+from gsparse.bounds._gcells import _prob_up
 from gsparse.bounds.row import _NUM_LAMBDA, _g_grid
 
 _T0_STEPS = 16  # bisection steps on log(t0 / (1 - t0)) (resolution 42 / 2^16)
@@ -44,7 +45,9 @@ def _tail_parts(tau, c):
   xp = _xp.of(tau, c)
   t = xp.reshape(tau, (-1,))
   theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam (1 - t0))
-  rest = _laplace._log_transform(_laplace._rest_weights(t, c[:-1], mgf=True), theta, 1)
+  rest = _laplace._log_transform(
+    _laplace._rest_weights(t, c[:-1], mgf=True), theta, 1, tc=(t, c[:-1])
+  )
   return _laplace._top_weights(t, c[1:]), rest if xp.ndim(tau) else rest[0]
 
 
@@ -64,7 +67,8 @@ def _tail_cell_bounds(nrest, k, tau, t0, c, parts=None):
   theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam (1 - t0))
   t0 = xp.reshape(t0, (-1, 1, 1))  # one Chernoff parameter row per tau cell
   log_lam = theta - xp.log1p(-t0) + xp.log(t0)  # lam t0, [C, 1, K]
-  top = _laplace._log_transform(top_w, log_lam, -1)  # [C, L, K]
+  log_lam = _laplace._lam_down(log_lam, theta, xp.log1p(-t0) - xp.log(t0))  # see there
+  top = _laplace._log_transform(top_w, log_lam, -1, tc=(xp.reshape(tau, (-1,)), c[1:]))  # [C, L, K]
   log_b = xp.exp(theta) + (k - 1.0) * xp.minimum(top, 0.0)
   log_b = log_b + nrest * xp.maximum(rest, 0.0)
   log_b = xp.where(xp.isnan(log_b), xp.inf, log_b)  # inf * 0 in an overflowed MGF: no bound
@@ -76,8 +80,9 @@ def _tail_weights(nm1, k, c):
   """`(f, t_top)`, the t0- and tau-free G-cell probabilities of `_tail_fail` (`F_l` rounded up)."""
   xp = _xp.of(nm1, k, c)
   inv_safe = 1.0 / _safety(c.dtype)
-  f = xp.minimum(xp.betainc(xp.maximum(nm1 - k + 1.0, 1.0), k, xp.ndtr(c)) * inv_safe, 1.0)
-  t_top = xp.minimum(xp.betainc(k, xp.maximum(nm1 - k + 1.0, 1.0), xp.ndtr(-c[-1])) * inv_safe, 1.0)
+  # `_prob_up`: a float32 betainc below 0 or NaN counts as 1 (it would lower the sum).
+  f = _prob_up(xp.betainc(xp.maximum(nm1 - k + 1.0, 1.0), k, xp.ndtr(c)) * inv_safe)
+  t_top = _prob_up(xp.betainc(k, xp.maximum(nm1 - k + 1.0, 1.0), xp.ndtr(-c[-1])) * inv_safe)
   return f, t_top
 
 

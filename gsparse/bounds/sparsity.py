@@ -25,7 +25,7 @@ from gsparse.bounds._common import (
   _safety,
   _valid,
 )
-from gsparse.bounds._gcells import _first_admissible_m, _sum_over_g_cells
+from gsparse.bounds._gcells import _first_admissible_m, _prob_up, _sum_over_g_cells
 from gsparse.bounds._logz import _row_log_z, _row_setting, _RowsFormula
 from gsparse.bounds.norms import InteractionNorms, _norm_fields
 from gsparse.bounds.row import _chernoff_fail, _chernoff_parts, _g_grid
@@ -275,9 +275,9 @@ def _fail_fn(n, parts, eps, log_drow, chernoff=None, level=None):
 
 def _union_fail(n, m, p, drow):
   """Lemma 4 per cell: `drow / 2` for `Z < Z_lower`, plus `P(Bin(n - 1, p) >= m)` (`[..., C]`)."""
-  xp = _xp.of(n, m, p, drow)
   inv_safe = 1.0 / _safety(p.dtype)
-  return 0.5 * drow + xp.minimum(_binom_tail(n - 1.0, m[..., None] - 1.0, p) * inv_safe, 1.0)
+  # `_prob_up`: a float32 tail below 0 (-inf at n = 1e8) would otherwise admit any m.
+  return 0.5 * drow + _prob_up(_binom_tail(n - 1.0, m[..., None] - 1.0, p) * inv_safe)
 
 
 def _np_cell_fail(n, nm1, eps, drow, p_cell, parts, chernoff, level):
