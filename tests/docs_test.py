@@ -30,7 +30,14 @@ MAX_NOTEST = 2
 # seconds of compilation on a 2-core CPU): marked slow, still run by CI.
 # docs/kernels.md: its blocks run the Pallas kernels in the interpreter (about a
 # minute of compiles on 2 cores); kernels_test.py covers them by default.
-SLOW_PAGES = {"docs/bounds.md", "docs/kernels.md"}
+# docs/results/2026-12-01-certified-prepass-cpu.md: its block is the paired
+# benchmark as it was run (about two minutes on 2 cores);
+# tests/certified_prepass_test.py checks what it compares by default.
+SLOW_PAGES = {
+  "docs/bounds.md",
+  "docs/kernels.md",
+  "docs/results/2026-12-01-certified-prepass-cpu.md",
+}
 
 # Pages whose blocks need several devices: run in a subprocess with this many
 # forced host CPU devices (XLA reads the flag when it starts).
