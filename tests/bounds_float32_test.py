@@ -17,6 +17,18 @@ import gsparse.bounds as B
 from gsparse.bounds import _laplace, _xp, row, row_tail, sparsity
 
 
+def _record_log_lams(monkeypatch) -> list:
+  """Records the `log_lam` of every later `_laplace._log_transform` call (in call order)."""
+  seen = []
+  real = _laplace._log_transform
+  monkeypatch.setattr(
+    _laplace,
+    "_log_transform",
+    lambda w, log_lam, *a, **k: seen.append(log_lam) or real(w, log_lam, *a, **k),
+  )
+  return seen
+
+
 def test_lemma4_reads_a_tail_below_0_or_nan_as_1(monkeypatch):
   # jax's float32 betainc returned values down to -inf at n = 1e8 (review of the float32
   # path); `0.5 drow + (-inf) <= drow` would admit any m.
@@ -77,13 +89,7 @@ def test_the_transforms_lambda_times_a_is_at_most_the_exponent_term(monkeypatch)
   # Lemma 6 (and Theorem 2R's top) evaluate the transforms at fl(e^{theta - log A}) and add
   # fl(e^theta) for lam A; the bound is a Chernoff bound only if the transforms' lam times A
   # is at most the term (float32 rounding made it exceed it by up to 0.0075 before).
-  seen = []
-  real = _laplace._log_transform
-  monkeypatch.setattr(
-    _laplace,
-    "_log_transform",
-    lambda w, log_lam, *a, **k: seen.append(log_lam) or real(w, log_lam, *a, **k),
-  )
+  seen = _record_log_lams(monkeypatch)
   f32 = jnp.float32
   c = row._g_grid(f32(1e4), 8, f32)
   tau = jnp.asarray([1.0, 4.0], f32)
@@ -189,13 +195,7 @@ def test_float32_lemma_6_transforms_are_at_least_float64_up_to_tau_512(monkeypat
   # transform must be at least the float64 deficit form on the same float32 inputs (cells,
   # levels, and the lambda the float32 call used). The constant allowance kappa u fell
   # 16 u short at tau = 512 (review of the float32 path).
-  seen = []
-  real = _laplace._log_transform
-  monkeypatch.setattr(
-    _laplace,
-    "_log_transform",
-    lambda w, log_lam, *a, **k: seen.append(log_lam) or real(w, log_lam, *a, **k),
-  )
+  seen = _record_log_lams(monkeypatch)
   # 12 cells (not a multiple of 8: each cell is its own band, nodes at its own scale).
   taus = jnp.asarray([0.05, 0.3, 1, 2, 4, 8, 16, 32, 64, 128, 256, 512], jnp.float32)
   for nm1 in (1e3, 1e5, 1e8):
