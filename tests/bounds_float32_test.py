@@ -249,3 +249,15 @@ def test_betainc_rows_store_overflow_keeps_the_rows_it_reads_back(monkeypatch):
   _xp.NP.betainc_rows(np.arange(5.0) + 1.0, 1.0, x)
   a = np.arange(4.0) + 4.0  # 4 and 5 kept, 6 and 7 new: 5 + 2 > 6 empties the store
   np.testing.assert_array_equal(_xp.NP.betainc_rows(a, 1.0, x), sps.betainc(a[:, None], 1.0, x))
+
+
+def test_betainc_rows_store_never_holds_more_than_its_limit(monkeypatch):
+  # A single call with more new rows than the store holds emptied it and then kept all of
+  # them (review of the NumPy caches): the limit bounds the store's memory only if such a
+  # call computes its rows without keeping them.
+  monkeypatch.setattr(_xp, "_MAX_ROWS", 6)
+  _xp._ROWS.clear()
+  x = np.linspace(0.1, 0.9, 5)
+  a = np.arange(9.0) + 1.0
+  np.testing.assert_array_equal(_xp.NP.betainc_rows(a, 2.0, x), sps.betainc(a[:, None], 2.0, x))
+  assert sum(len(r) for r in _xp._ROWS.values()) <= 6

@@ -434,3 +434,13 @@ def test_stacked_log_z_lower_of_several_points_is_each_points_own_bit_for_bit(mo
       )
       for got, want in zip(many, one, strict=True):
         np.testing.assert_array_equal(np.asarray(got)[i], np.asarray(want))
+
+
+def test_per_cell_store_keeps_a_copy_of_what_it_is_given():
+  # `PerCell.put` with every cell at once kept the caller's arrays themselves, so a later
+  # in-place change by the caller would have changed the kept parts (review of the caches).
+  cells = _npsearch.PerCell(4, lambda idx: (np.zeros(len(idx)),))
+  given = np.arange(4.0)
+  cells.put(np.arange(4), (given,))
+  given[:] = -1.0
+  np.testing.assert_array_equal(cells.get()[0], np.arange(4.0))

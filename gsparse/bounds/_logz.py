@@ -73,8 +73,8 @@ def _log_z_inputs(n, tau_lo, tau_hi, log_drow):
 
 
 def _lz_key(*values):
-  """A dict key of NumPy values: each one's dtype and bytes."""
-  return tuple((np.asarray(v).dtype.str, np.asarray(v).tobytes()) for v in values)
+  """A dict key of NumPy values: each one's dtype, shape and bytes."""
+  return tuple((np.asarray(v).dtype.str, np.shape(v), np.asarray(v).tobytes()) for v in values)
 
 
 # NumPy path, several points: `_log_z_lower` of every point's cells, computed in one stacked call
@@ -125,6 +125,7 @@ class _RowsFormula(PointFormula):
         nm1, log_dz = rows[0][0], rows[0][3]
         ta, tb = (np.stack([r[j] for r in rows]) for j in (1, 2))
         lz = _log_z_lower(nm1, ta.reshape(-1), tb.reshape(-1), log_dz).reshape(ta.shape)
+        lz.flags.writeable = False  # its rows are handed out as views
         extra = [None] * len(rows) if self.stacked is None else self.stacked(nm1, ta, tb)
         for r, v, e in zip(rows, lz, extra, strict=True):
           prepared[_lz_key(*r)] = (v, e)

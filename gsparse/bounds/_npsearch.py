@@ -48,8 +48,8 @@ class PerCell:
   def put(self, idx, vals) -> None:
     """Keeps `vals` (what `compute(idx)` gives, computed elsewhere) as the cells' parts."""
     idx = np.asarray(idx)
-    if self._store is None and idx.size == self._count:  # all at once: kept as they are
-      self._store = [np.asarray(v) for v in vals]
+    if self._store is None and idx.size == self._count:  # all at once: kept as copies
+      self._store = [np.array(v, copy=True) for v in vals]
     else:
       if self._store is None:
         self._store = [np.empty((self._count, *v.shape[1:]), v.dtype) for v in vals]

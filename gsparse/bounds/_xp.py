@@ -97,6 +97,8 @@ def _np_betainc_rows(a, b, x):
   rows = _ROWS.setdefault(x.tobytes(), {})
   keys = list(zip(a.reshape(-1).tolist(), b.reshape(-1).tolist(), strict=True))
   missing = list(dict.fromkeys(k for k in keys if k not in rows))
+  if len(missing) > _MAX_ROWS:  # more rows than the store holds: computed, not kept
+    return sps.betainc(a[..., None], b[..., None], x)
   if missing:
     if sum(len(r) for r in _ROWS.values()) + len(missing) > _MAX_ROWS:
       _ROWS.clear()
