@@ -246,20 +246,25 @@ def _log_transform(weights, log_lam, sign, ex=None, tc=None):
   # sign (e - ref), as `ref - e` when sign < 0 (the same value: rounding is symmetric)
   v = xp.subtract(*((e, ref[:, None, :]) if sign > 0 else (ref[:, None, :], e)), **into)
   v = xp.exp(v, **into)  # [C, N, K], each <= 1
-  bands, num_l, num_n = p.shape
-  v = v.reshape(bands, -1, num_n, v.shape[-1])
-  s = _matmul(xp, p[:, None], v).reshape(-1, num_l, v.shape[-1])  # [C, L, K]
+  s = _band_matmul(xp, p, v)  # [C, L, K]
   into = {"out": s} if numpy else {}
   s = xp.log(xp.add(s, floor[None, :, None], **into), **into)
   return xp.add(s, (sign * ref)[:, None, :], **into)
 
 
-def _matmul(xp, a, b):
-  """`a @ b`; in jax at `Precision.HIGHEST`, since the default on GPU (TF32) and TPU (bfloat16
-  passes) rounds to about 1e-3 relative, far beyond the allowance of `_log_transform_deficit`."""
+def _band_matmul(xp, p, v):
+  """`[C, L, K]`: node values `v [C, N, K]` times their band's masses `p [B, L, N]`.
+
+  In jax at `Precision.HIGHEST`, since the default on GPU (TF32) and TPU (bfloat16 passes)
+  rounds to about 1e-3 relative, far beyond the allowance of `_log_transform_deficit`.
+  """
+  bands, num_l, num_n = p.shape
+  v = v.reshape(bands, -1, num_n, v.shape[-1])
   if xp is _xp.NP:
-    return xp.matmul(a, b)
-  return xp.matmul(a, b, precision=jax.lax.Precision.HIGHEST)
+    s = xp.matmul(p[:, None], v)
+  else:
+    s = xp.matmul(p[:, None], v, precision=jax.lax.Precision.HIGHEST)
+  return s.reshape(-1, num_l, v.shape[-1])
 
 
 # Machine epsilons above this (float32, bfloat16) take the deficit form below; float64 keeps
@@ -327,9 +332,7 @@ def _log_transform_deficit(weights, log_lam, sign, ex=None, tc=None):
   arg = -xp.abs(e - ref[:, None, :])  # <= 0
 
   def matmul(v):  # [C, N, K] node values times the band's [B, L, N] masses: [C, L, K]
-    bands, num_l, num_n = p.shape
-    v = v.reshape(bands, -1, num_n, v.shape[-1])
-    return _matmul(xp, p[:, None], v).reshape(-1, num_l, v.shape[-1])
+    return _band_matmul(xp, p, v)
 
   fl = floor[None, :, None]
   big = xp.log(xp.finfo(p.dtype).max) - 8.0  # e_q below this: expm1 and the sum stay finite

@@ -65,15 +65,22 @@ def _tail_cell_bounds(nrest, k, tau, t0, c, parts=None):
   xp = _xp.of(nrest, k, tau, t0, c)
   top_w, rest = _tail_parts(tau, c) if parts is None else parts
   theta = xp.linspace(-3.0, 9.0, _NUM_LAMBDA, dtype=c.dtype)  # log(lam (1 - t0))
-  t0 = xp.reshape(t0, (-1, 1, 1))  # one Chernoff parameter row per tau cell
-  log_lam = theta - xp.log1p(-t0) + xp.log(t0)  # lam t0, [C, 1, K]
-  log_lam = _laplace._lam_down(log_lam, theta, xp.log1p(-t0) - xp.log(t0))  # see there
+  log_lam = _tail_log_lam(theta, t0)  # lam t0, [C, 1, K]
   top = _laplace._log_transform(top_w, log_lam, -1, tc=(xp.reshape(tau, (-1,)), c[1:]))  # [C, L, K]
   log_b = xp.exp(theta) + (k - 1.0) * xp.minimum(top, 0.0)
   log_b = log_b + nrest * xp.maximum(rest, 0.0)
   log_b = xp.where(xp.isnan(log_b), xp.inf, log_b)  # inf * 0 in an overflowed MGF: no bound
   b = xp.exp(xp.minimum(xp.min(log_b, axis=-1), 0.0))  # [C, L]
   return b if xp.ndim(tau) else b[0]
+
+
+def _tail_log_lam(theta, t0):
+  """`[C, 1, K]` `log(lam t0)` for `theta = log(lam (1 - t0))` and one `t0` per tau cell
+  (`_laplace._lam_down`: in float32, the transforms' `lam` is at most the `e^theta` term's)."""
+  xp = _xp.of(theta, t0)
+  t0 = xp.reshape(t0, (-1, 1, 1))
+  log_lam = theta - xp.log1p(-t0) + xp.log(t0)
+  return _laplace._lam_down(log_lam, theta, xp.log1p(-t0) - xp.log(t0))
 
 
 def _tail_weights(nm1, k, c):
@@ -134,8 +141,7 @@ def _np_tail_fail_fn(nm1, k, taus, c, weights):
   b = np.empty((taus.shape[0], num_l), c.dtype)
 
   def fail(t0):
-    t0 = np.reshape(t0, (-1, 1, 1))  # one Chernoff parameter row per tau cell
-    log_lam = theta - np.log1p(-t0) + np.log(t0)
+    log_lam = _tail_log_lam(theta, t0)
     top = _laplace._log_transform((x, p, floor), log_lam, -1, ex=e_x)
     log_b = np.add(e_theta, np.multiply(km1, np.minimum(top, 0.0, out=top), out=top), out=top)
     log_b = np.add(log_b, rest, out=log_b)
