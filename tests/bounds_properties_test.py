@@ -19,7 +19,7 @@ deterministic. Examples per property (`@settings(max_examples=...)`):
   * tau_range / value_norm_bound (20): cover the exact chi-square quantiles of
     an isotropic M (scipy.stats.chi2), monotone in n and delta, homogeneous in
     sigma and in M;
-  * sparsity_bound (8): k integer in [1, min(floor(1/eps), n)], field
+  * sparsity_bound (8): k integer in [1, min(ceil(1/eps) - 1, n)], field
     consistency, k non-decreasing as eps or delta decrease;
   * sparsity_eps_bound (8): range, and its inverse relation with
     sparsity_bound;
