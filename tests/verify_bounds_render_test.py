@@ -46,3 +46,23 @@ def test_older_json_without_theorem_2v_renders():
   fig = render.summary_figures(_res([_row()]))
   assert not any("2V" in name for name in fig)
   assert "| - | - |" in render.fmt_row(_row())
+
+
+def test_committed_page_is_the_render_of_the_committed_json():
+  """docs/bounds_verification.md is `render.markdown` of docs/bounds_verification.json and of
+  the "before" JSON its recorded command names (which must then be committed too): every
+  number of the page comes from the JSON, none is typed or left from an older run."""
+  import json
+  import pathlib
+  import re
+
+  root = pathlib.Path(__file__).resolve().parent.parent
+  res = json.loads((root / "docs/bounds_verification.json").read_text())
+  m = re.search(r"--before=(\S+)", res["summary"]["command"])
+  before = None
+  if m:
+    path = root / m.group(1)
+    assert path.is_file(), f"the run's --before JSON {m.group(1)} is not in the repository"
+    before = json.loads(path.read_text())
+  page = (root / "docs/bounds_verification.md").read_text()
+  assert render.markdown(res, before) == page
