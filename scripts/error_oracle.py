@@ -91,7 +91,13 @@ def _chunk(rng, m, w_v, sigma, n, ks, rows, dirs):
     mm = (om[:, 1:] * g).sum(1)
     a = om[:, :1] * v_i + sigma * mm[:, None] * wu
     b = sigma * np.sqrt(q)[:, None, None] * bth
-    out.append(((b * b).sum(2), np.einsum("rlh,rh->rl", b, a), (a * a).sum(1)[:, None] + 0 * b[..., 0]))
+    out.append(
+      (
+        (b * b).sum(2),
+        np.einsum("rlh,rh->rl", b, a),
+        np.broadcast_to((a * a).sum(1)[:, None], b.shape[:2]),
+      )
+    )
   return np.stack([np.stack(o) for o in out])  # [K, 3, rows, dirs]
 
 
