@@ -64,10 +64,15 @@ def _observed(path="docs/bounds_verification.md"):
   return out
 
 
-def _chunk(rng, m, w_v, sigma, n, ks, rows, dirs):
-  """Quadratic coefficients `(A2, A1, A0)` of `||a + r B theta||^2`, `[len(ks), rows, dirs]`."""
+def _chunk(rng, m, w_v, sigma, n, ks, rows, dirs, tau_fixed=None):
+  """Quadratic coefficients `(A2, A1, A0)` of `||a + r B theta||^2`, `[len(ks), rows, dirs]`.
+
+  With `tau_fixed`, each drawn `x_i` is rescaled so that its row scale is `tau_fixed`.
+  """
   d = m.shape[0]
   x = sigma * rng.standard_normal((rows, d))
+  if tau_fixed is not None:
+    x *= tau_fixed / (sigma * np.linalg.norm(x @ m, axis=1, keepdims=True))
   xm = x @ m  # row i: (M^T x_i)^T
   nrm = np.linalg.norm(xm, axis=1)
   tau = sigma * nrm
@@ -138,6 +143,36 @@ def _quantile(coefs, level, d, hi):
   return e0, lo, hi_ci, se / level
 
 
+def _fixed_taus(args, rng, m, w_v, sigma, n, tau, ks, observed, d):
+  """Per factor `f`: the `delta/(2n)` quantile with every row scale at `f tau` (in the range).
+
+  Theorem 2V's events hold given `x_i`, so the bound is at least this quantile for every
+  law of `x_i` inside its tau range: the largest over `f` is a floor at the worst tau.
+  """
+  rng_hi = bounds.tau_range(n, sigma, bounds.interaction_norms(m), delta=args.delta / 4)
+  lo, hi = float(rng_hi.lo), float(rng_hi.hi)
+  per = args.rows // args.batches
+  step = max(1, min(per, 2**22 // n))
+  for f in [float(v) for v in args.tau_factors.split(",")]:
+    t_fix = min(max(f * tau, lo), hi)
+    coefs = []
+    for _ in range(args.batches):
+      parts = [
+        _chunk(rng, m, w_v, sigma, n, ks, step, args.dirs, t_fix) for _ in range(per // step)
+      ]
+      coefs.append(np.concatenate(parts, axis=2))
+    for ki, k in enumerate(ks):
+      q, lo_q, up_q, _ = _quantile(
+        [c[ki] for c in coefs], args.delta / (2 * n), d, 2.0 * observed[0][ki]
+      )
+      print(
+        f"<!-- fixed tau {t_fix:.3g} ({f:g} x target, range [{lo:.3g}, {hi:.3g}]), k = {k}:"
+        f" Q at delta/(2n) {q:.3g} [{lo_q:.3g}, {up_q:.3g}], over worst observed"
+        f" {q / observed[0][ki]:.2f} -->",
+        flush=True,
+      )
+
+
 def main():
   ap = argparse.ArgumentParser()
   ap.add_argument("--n", default="256,1024")
@@ -149,6 +184,12 @@ def main():
   ap.add_argument("--batches", type=int, default=10)
   ap.add_argument("--delta", type=float, default=1e-4)
   ap.add_argument("--seed", type=int, default=0)
+  ap.add_argument(
+    "--tau_factors",
+    default="",
+    help="If set (e.g. 0.5,1,2), also the quantile with every row scale fixed at these multiples"
+    " of the target (kept inside Theorem 2V's tau range): the floor at the worst tau.",
+  )
   args = ap.parse_args()
   ks = [int(v) for v in args.ks.split(",")]
   obs = _observed()
@@ -185,6 +226,8 @@ def main():
             flush=True,
           )
         print(f"<!-- {d} {n} {tau}: {time.time() - t0:.0f} s, rel SE {rse:.2f} -->", flush=True)
+        if args.tau_factors:
+          _fixed_taus(args, rng, m, w_v, sigma, n, tau, ks, obs[(d, n, tau)], d)
 
 
 if __name__ == "__main__":
