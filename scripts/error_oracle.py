@@ -21,9 +21,13 @@ The rare part is estimated by conditional Monte Carlo: `h = r theta` with
 chi-square probability is exact. `P(err > e)` is the mean of these
 probabilities over the rows and directions; its standard error comes from
 `--batches` batch means, and the 95% interval of the quantile is where
-`|P(e) - level| <= 1.96 SE`.
+`|P(e) - level| <= 1.96 SE` (it understates configurations of `g` rarer than
+about 1 / rows, which matter at large tau: check with another `--seed` or more
+`--rows`). `--tau_factors` adds the quantile with every row scale fixed inside
+the bound's tau range (a floor at the worst tau).
 
 Usage: PYTHONPATH=. python scripts/error_oracle.py [--rows=400000] [--n=256,1024]
+  [--tau_factors=0.05,0.25,1] [--seed=1]
 """
 
 from __future__ import annotations
