@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from gsparse import _native
+from gsparse import _native, _rowwise
 
 
 def safe_norm(x: jax.Array, axis: int = -1) -> jax.Array:
@@ -58,13 +58,18 @@ def _xla_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   # `shard_map` (it folds the pair back into TopK's own tuple). The values are
   # gathered back from `x`, which also keeps the barrier out of
   # differentiation (older jax has no derivative rule for it).
-  _, idx = jax.lax.top_k(jax.lax.stop_gradient(x), k)
-  idx = jax.lax.optimization_barrier(idx)
+  # The indices run behind `_rowwise` so that XLA partitions them by rows.
+  idx = _rowwise.rowwise(_xla_top_k_indices, jax.lax.stop_gradient(x), k)
   return jnp.take_along_axis(x, idx, axis=-1), idx
 
 
+def _xla_top_k_indices(x: jax.Array, k: int) -> jax.Array:
+  return jax.lax.optimization_barrier(jax.lax.top_k(x, k)[1])
+
+
 def _native_top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
-  idx = _native.topk_indices(jax.lax.stop_gradient(x).astype(jnp.float32), k)
+  x32 = jax.lax.stop_gradient(x).astype(jnp.float32)
+  idx = _rowwise.rowwise(_native.topk_indices, x32, k)
   # Values gathered from `x`: same bits as `lax.top_k`'s, and their gradient.
   return jnp.take_along_axis(x, idx, axis=-1), idx
 
@@ -93,8 +98,10 @@ def top_k(x: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
   the barrier is never differentiated.
 
   Both routes work inside `jax.shard_map` (the rows of each device's block
-  are independent) and under `jax.jit` with sharded inputs, as long as the
-  last axis is not split over devices.
+  are independent) and under `jax.jit` with sharded inputs, where the
+  indices run behind `gsparse._rowwise` so that XLA splits the rows over the
+  devices like `x`'s leading axes instead of gathering `x` (the last axis is
+  never split).
   """
   return top_k_or(x, k, lambda x: _xla_top_k(x, k))
 

@@ -156,13 +156,14 @@ def sparse_gather_attention_xla(
 
 def _scatter_rows(values: jax.Array, idx: jax.Array, s: int, fill) -> jax.Array:
   """`[..., k]` values at positions `idx` (-1 = none) of `[..., S]` rows filled with `fill`."""
-  lead = idx.shape[:-1]
-  rows = idx.reshape(-1, idx.shape[-1])
-  vals = jnp.broadcast_to(values, idx.shape).reshape(rows.shape)
-  out = jnp.full((rows.shape[0], s), fill, vals.dtype)
-  pos = jnp.where(rows >= 0, rows, s)  # out of range: dropped (a negative index would wrap)
-  out = out.at[jnp.arange(rows.shape[0])[:, None], pos].set(vals, mode="drop")
-  return out.reshape(*lead, s)
+
+  def row(v, i):  # vmapped: XLA partitions a batched scatter, not one into flattened rows
+    pos = jnp.where(i >= 0, i, s)  # out of range: dropped (a negative index would wrap)
+    return jnp.full((s,), fill, v.dtype).at[pos].set(v, mode="drop")
+
+  for _ in idx.shape[:-1]:
+    row = jax.vmap(row)
+  return row(jnp.broadcast_to(values, idx.shape), idx)
 
 
 # One program (not op by op) when called eagerly; inlined under an outer jit.

@@ -11,9 +11,14 @@ With `train`, it trains the tiny model of `train_test` for 3 steps on a
 Each check compares the output, the selected indices and the gradients of a
 sharded call with the same call on unsharded arrays, and prints one line; any
 mismatch raises. Shapes: batch 2, 16 queries, 24 keys, 4 query heads over 2
-key/value heads (grouped), head dim 8, k = 5.
+key/value heads (grouped), head dim 8, k = 5. The `jax.jit` checks also read
+the compiled program: it must not gather or all-to-all a tensor as large as
+one device's block of logits (XLA partitions the top-k by rows instead of
+gathering the logits onto every device).
 """
 
+import math
+import re
 import sys
 
 import jax
@@ -26,6 +31,9 @@ import gsparse
 from gsparse import _native, sharding
 
 SELECTIONS = ("full", "exact", "block", "lsh")
+JIT_SELECTIONS = ("auto", "full", "exact", "block", "lsh")
+# `%x = f32[2,4,16,24]{...} all-gather(...)`: the result shape(s) of a collective.
+_COLLECTIVE = re.compile(r"=\s*(\S.*?)\s+(all-gather|all-gather-start|all-to-all)\(")
 # Sharded and unsharded calls run the same per-row arithmetic, but XLA may
 # vectorise a batch of 1 and of 2 differently: float32 rounding only.
 TOL = dict(rtol=2e-5, atol=2e-6)
@@ -65,6 +73,31 @@ def compare(name, got, want):
   print(f"ok {name}", flush=True)
 
 
+def collectives(hlo, min_size):
+  """The all-gathers and all-to-alls in compiled `hlo` with a result of >= `min_size` elements."""
+  big = []
+  for m in _COLLECTIVE.finditer(hlo):
+    for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1)):
+      if math.prod(int(d) for d in dims.split(",") if d) >= min_size:
+        big.append(m.group(0))
+  return big
+
+
+def check_jit(name, f, args, w, want, mesh, spec, block, native):
+  """jit of value_and_grads on NamedSharding inputs: partitioned, and equal to `want`."""
+  put = lambda x: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+  args = [put(x) for x in args]
+  compiled = value_and_grads(f, put(w)).lower(*args).compile()
+  hlo = compiled.as_text()
+  used = "gsparse_topk_f32" in hlo
+  assert used == native, f"{name}: native kernel available {native}, used {used}"
+  big = collectives(hlo, block)
+  assert not big, f"{name}: gathers a tensor of >= {block} elements (the logits): {big}"
+  got = compiled(*args)
+  assert not got[0].sharding.is_fully_replicated, got[0].sharding
+  compare(name, got, want)
+
+
 def main():
   assert jax.device_count() == 4, jax.devices()
   mesh = sharding.make_mesh(data=2, heads=2)
@@ -75,13 +108,18 @@ def main():
   q = jax.random.normal(jax.random.key(0), (2, 16, 4, 8))
   k, v = jax.random.normal(jax.random.key(1), (2, 2, 24, 2, 8))
   w = jax.random.normal(jax.random.key(2), q.shape)
-  put = lambda x: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+  # One device's block of the logits [batch, heads, T, S] on the 2 x 2 mesh.
+  block = q.shape[0] * q.shape[2] * q.shape[1] * k.shape[1] // 4
   native = _native.available()
   print(f"native top-k: {native}", flush=True)
-  wants = {}
+  wants = {sel: value_and_grads(attention(sel), w)(q, k, v) for sel in JIT_SELECTIONS}
+  for sel in JIT_SELECTIONS:
+    # Plain jit, inputs committed to NamedShardings: XLA partitions the call.
+    name = f"jit NamedSharding {sel}"
+    check_jit(name, attention(sel), (q, k, v), w, wants[sel], mesh, spec, block, native)
   for sel in SELECTIONS:
     f = attention(sel)
-    wants[sel] = want = value_and_grads(f, w)(q, k, v)
+    want = wants[sel]
     # Batch and heads over the 2 x 2 mesh; the gradient goes through shard_map.
     shmap = jax.shard_map(f, mesh=mesh, in_specs=(spec,) * 3, out_specs=out_spec)
     lowered = value_and_grads(shmap, w).lower(q, k, v)
@@ -94,10 +132,6 @@ def main():
     # are summed over the devices by shard_map's transpose).
     qmap = jax.shard_map(f, mesh=mesh, in_specs=(query_spec, P(), P()), out_specs=query_spec)
     compare(f"shard_map queries {sel}", value_and_grads(qmap, w)(q, k, v), want)
-    # Plain jit, inputs committed to NamedShardings: XLA partitions the call.
-    got = value_and_grads(f, put(w))(put(q), put(k), put(v))
-    assert not got[0].sharding.is_fully_replicated, got[0].sharding
-    compare(f"jit NamedSharding {sel}", got, want)
   if native:  # the XLA route (jax.lax.top_k behind its optimization barrier)
     _native._state["ok"] = False
     for sel in ("full", "exact"):
@@ -105,6 +139,9 @@ def main():
       lowered = value_and_grads(shmap, w).lower(q, k, v)
       assert "gsparse_topk_f32" not in lowered.as_text()
       compare(f"shard_map batch+heads {sel}, XLA top-k", lowered.compile()(q, k, v), wants[sel])
+    for sel in JIT_SELECTIONS:
+      name = f"jit NamedSharding {sel}, XLA top-k"
+      check_jit(name, attention(sel), (q, k, v), w, wants[sel], mesh, spec, block, False)
   print("done", flush=True)
 
 
