@@ -37,6 +37,7 @@ from gsparse.selection import (
   select,
   select_and_attend,
 )
+from gsparse.selection._bands import dropped_band_counts
 from gsparse.selection._common import kept_values, row_logsumexp
 from gsparse.topk_stats import (  # noqa: F401  (TopKStats and the stats helpers are re-exported)
   TopKStats,
@@ -59,6 +60,7 @@ def select_topk_full(
   *,
   row_lse: bool = False,
   kept_logits: bool = False,
+  band_counts: bool = False,
 ) -> SelectionResult:
   """Exact top-k selection from a materialised `[batch..., N, T, S]` logit matrix.
 
@@ -66,7 +68,8 @@ def select_topk_full(
   towards the lower key index (as `jax.lax.top_k`); NaN logits rank first and
   `-inf` logits are never listed (`finish_top_k`, shared by every selection).
   `row_lse` also returns the log-sum-exp of every row (`row_logsumexp`),
-  `kept_logits` the kept slots' logits (`SelectionResult.kept_logits`).
+  `kept_logits` the kept slots' logits (`SelectionResult.kept_logits`),
+  `band_counts` the dropped logits' band counts (`SelectionResult.band_counts`).
   """
   s = logits.shape[-1]
   k = min(k, s)
@@ -79,6 +82,10 @@ def select_topk_full(
   idx, next_logit = finish_top_k(vals, idx, k)
   lse = jnp.swapaxes(row_logsumexp(masked), -2, -1) if row_lse else None
   kept = jnp.swapaxes(kept_values(vals, idx), -3, -2) if kept_logits else None
+  bands = None
+  if band_counts:
+    bands = dropped_band_counts(masked, next_logit, num_keys, jnp.sum(idx >= 0, axis=-1))
+    bands = jnp.swapaxes(bands, -3, -2)
   # [..., N, T, *] -> [..., T, N, *]
   return SelectionResult(
     jnp.swapaxes(idx, -3, -2),
@@ -87,6 +94,7 @@ def select_topk_full(
     None,
     lse,
     kept,
+    bands,
   )
 
 
@@ -291,9 +299,8 @@ def topk_attention(
     implementation=implementation,
     ranges=ranges,
   )
-  run = dict(
-    is_causal=is_causal, selection_key=selection_key, precision=precision, row_lse=return_stats
-  )
+  run = dict(is_causal=is_causal, selection_key=selection_key, precision=precision)
+  run.update(row_lse=return_stats, band_counts=return_stats)
   sel, topk_out, lse_k = _select_and_gather(
     plan, query, key, value, bias, scale=scale, implementation=implementation, **run
   )
@@ -398,12 +405,14 @@ def _select_and_gather(
   precision,
   implementation,
   row_lse,
+  band_counts=False,
 ):
   """`(selection, top-k output in query.dtype, logsumexp)`: the route is chosen here, once.
 
   `implementation` is passed to the gather unresolved: its own automatic
   choice for None is kept. `row_lse`: the selection also returns the
-  log-sum-exp of every row, where it can (exact selections)."""
+  log-sum-exp of every row, where it can (exact selections); `band_counts`
+  likewise the band counts of the dropped logits."""
   if isinstance(plan.config, ExactSelection) and plan.implementation == "xla":
     # "exact" on the XLA path attends in its own chunked pass, with the
     # logits it already has: no gather of the kept keys.
@@ -420,6 +429,7 @@ def _select_and_gather(
       precision=precision,
       adm=plan.adm,
       row_lse=row_lse,
+      band_counts=band_counts,
     )
     return sel, out.astype(query.dtype), lse
   sel = _run(
@@ -430,6 +440,7 @@ def _select_and_gather(
     selection_key=selection_key,
     precision=precision,
     row_lse=row_lse,
+    band_counts=band_counts,
   )
   res = sparse_gather_attention(
     query,
@@ -495,14 +506,24 @@ def _plan(
 
 
 def _run(
-  plan: _Plan, query, key, *, is_causal, selection_key, precision, row_lse=False, kept_logits=False
+  plan: _Plan,
+  query,
+  key,
+  *,
+  is_causal,
+  selection_key,
+  precision,
+  row_lse=False,
+  kept_logits=False,
+  band_counts=False,
 ) -> SelectionResult:
   """The selection of `plan` ("full": the logit matrix and `jax.lax.top_k`)."""
+  flags = dict(row_lse=row_lse, kept_logits=kept_logits, band_counts=band_counts)
   if plan.config == "full":
     lg = compute_logits(
       query, key, plan.bias, plan.mask, scale=plan.scale, is_causal=is_causal, precision=precision
     )
-    return select_topk_full(lg.logits, lg.valid, plan.k, row_lse=row_lse, kept_logits=kept_logits)
+    return select_topk_full(lg.logits, lg.valid, plan.k, **flags)
   return select(
     plan.config,
     query,
@@ -515,6 +536,5 @@ def _run(
     selection_key=selection_key,
     precision=precision,
     adm=plan.adm,
-    row_lse=row_lse,
-    kept_logits=kept_logits,
+    **flags,
   )
