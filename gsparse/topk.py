@@ -345,6 +345,7 @@ def select_keys(
   segment_ids: ArrayLike | SegmentIds | None = None,
   row_logsumexp: bool = False,
   kept_logits: bool = False,
+  band_counts: bool = False,
 ) -> SelectionResult:
   """The keys `topk_attention` would keep, without attending over them.
 
@@ -356,9 +357,13 @@ def select_keys(
   from the exact selections, for `exact_tail_mass`; others give None.
   `kept_logits=True` likewise returns the kept slots' logits
   (`SelectionResult.kept_logits`) from the exact selections, so that the
-  caller has the kept weights without a gather pass.
+  caller has the kept weights without a gather pass. `band_counts=True`
+  returns the dropped logits' band counts (`SelectionResult.band_counts`)
+  from the chunked exact selection and "full", with which
+  `selection_tail_bound` also takes the band-count certificate.
   """
-  for name, flag in (("row_logsumexp", row_logsumexp), ("kept_logits", kept_logits)):
+  flags = dict(row_logsumexp=row_logsumexp, kept_logits=kept_logits, band_counts=band_counts)
+  for name, flag in flags.items():
     if not isinstance(flag, bool):
       raise TypeError(f"{name} must be a bool, got {flag!r}")
   query, key, value = _checks.check_attention_inputs(query, key, value)
@@ -389,6 +394,7 @@ def select_keys(
     precision=precision,
     row_lse=row_logsumexp,
     kept_logits=kept_logits,
+    band_counts=band_counts,
   )
 
 

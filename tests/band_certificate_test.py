@@ -37,18 +37,23 @@ def _collapsed_rows(tau, *, t=32, s=512, n=4, h=16):
   return q, jax.random.normal(keys[1], (s, n, h)), jax.random.normal(keys[2], (s, n, 4))
 
 
+def _collapsed_tails(q, key, tau, k):
+  """`([T, N] float64 tail of the top-k, [T, N] single-gap certificate)`."""
+  lg = np.einsum("tnh,snh->nts", np.float64(q), np.float64(key)) * tau
+  srt = -np.sort(-lg, axis=-1)
+  head, rest = _lse(srt[..., :k]), _lse(srt[..., k:])
+  tail = 1.0 / (1.0 + np.exp(head - rest))
+  single = 1.0 / (1.0 + np.exp(head - np.log(lg.shape[-1] - k) - srt[..., k]))
+  return tail.T, single.T
+
+
 def test_band_certificate_is_tight_in_collapsed_rows():
   """128 collapsed rows per route: the certificate is valid and at most 10x
   the float64 tail (measured 1.05-1.17), where the single gap (main's
   certificate before the band counts) is over 100x in median (measured 211)."""
   tau, k = 16.0, 8
   q, key, v = _collapsed_rows(tau)
-  s = key.shape[0]
-  lg = np.einsum("tnh,snh->nts", np.float64(q), np.float64(key)) * tau
-  srt = -np.sort(-lg, axis=-1)
-  head, rest = _lse(srt[..., :k]), _lse(srt[..., k:])
-  tail = (1.0 / (1.0 + np.exp(head - rest))).T  # [T, N]
-  single = (1.0 / (1.0 + np.exp(head - np.log(s - k) - srt[..., k]))).T
+  tail, single = _collapsed_tails(q, key, tau, k)
   assert np.median(single / tail) > 100  # the rows are collapsed: the single gap is loose
   for route in _ROUTES[:3]:
     _, st = jax.jit(
@@ -172,3 +177,18 @@ def test_stats_under_jit_vmap_grad():
 
   g = jax.jit(jax.grad(loss))(q)
   assert g.shape == q.shape and bool(jnp.all(jnp.isfinite(g)))
+
+
+def test_flax_residuals_carry_the_band_certificate():
+  """`gsparse.flax.sparse_attention(..., return_residuals=True)` (fixed k) reports
+  the same tight certificate on the collapsed rows (single gap: 492x max)."""
+  from gsparse.flax import sparse_attention
+
+  tau, k = 16.0, 8
+  q, key, v = _collapsed_rows(tau, t=8)
+  tail, _ = _collapsed_tails(q, key, tau, k)
+  res = jax.jit(
+    lambda q, key, v: sparse_attention(q, key, v, policy=k, scale=tau, return_residuals=True)
+  )(q, key, v)
+  slack = np.asarray(res.tail_mass_bound, np.float64) / tail
+  assert slack.min() >= 1 - 1e-4 and slack.max() <= 10, (slack.min(), slack.max())
