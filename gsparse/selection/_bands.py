@@ -56,9 +56,12 @@ def dropped_band_counts(
   gap = (u - x) / BAND_WIDTH  # +inf for a -inf logit below a finite u; NaN skipped
   far = gap >= 1.0
   band = jnp.where(far, jnp.clip(jnp.floor(jnp.where(far, gap, 1.0)), 1, NUM_BANDS), 0)
-  rows = jnp.arange(x.shape[0])[:, None]
-  hist = jnp.zeros((x.shape[0], NUM_BANDS + 1), jnp.int32)
-  hist = hist.at[rows, band.astype(jnp.int32)].add(1, mode="drop")
+  # One flat scatter-add into [rows * (B + 1)] bins: XLA:CPU runs a 1-D
+  # scatter about twice as fast as the same one with a row index.
+  nb = NUM_BANDS + 1
+  flat = (band.astype(jnp.int32) + nb * jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]).ravel()
+  hist = jnp.zeros((x.shape[0] * nb,), jnp.int32).at[flat].add(1, mode="drop")
+  hist = hist.reshape(x.shape[0], nb)
   # The last band also counted the inadmissible keys (-inf, infinitely far
   # below a finite u): remove them; admissible -inf logits stay (weight 0,
   # counted at u - B w: still an upper bound).
