@@ -221,7 +221,9 @@ def topk_attention(
       enabled, the normaliser samples); results are deterministic given it.
     return_stats: also return a `TopKStats` with the certificate. For
       "auto", "exact" and "full" the certificate uses the exact (k+1)-th
-      logit, and `tail_mass` is the exact dropped mass; for
+      logit (and, except on the fused GPU/TPU kernel, counts of the dropped
+      logits in bands below it: the band-count certificate, tight in
+      collapsed rows), and `tail_mass` is the exact dropped mass; for
       "block" a certified bound on the dropped blocks; for "lsh" a
       Cauchy-Schwarz bound on the keys never scored (valid, usually loose).
     precision: einsum precision.

@@ -2,7 +2,8 @@
 
 `topk_attention(..., return_stats=True)` and the Flax wrappers build their
 `TopKStats` here from a `SelectionResult` and the kept-key output: the
-certified tail (`gsparse.certificate.kept_set_tail_bound`), the output error
+certified tail (`gsparse.certificate.kept_set_tail_bound`, or the smaller
+band-count bound where the selection counted bands), the output error
 certificate, and, where the selection saw every logit of the row, the exact
 dropped mass.
 """
@@ -34,8 +35,9 @@ class TopKStats(NamedTuple):
     indices: `[batch..., T, N, min(k, S)]` selected key positions (-1 = none).
     logsumexp: `[batch..., T, N]` log normaliser over the kept keys.
     tail_mass_bound: `[batch..., T, N]` certified upper bound on the softmax mass
-      of the dropped keys (`gsparse.certificate.kept_set_tail_bound`); NaN
-      for a row whose output is NaN.
+      of the dropped keys (`gsparse.certificate.kept_set_tail_bound`, and
+      where the selection carries band counts the smaller band-count bound:
+      `selection_tail_bound`); NaN for a row whose output is NaN.
     error_bound: `[batch..., T, N]` certified upper bound on
       `||dense_output - topk_output||_2`.
     tail_mass: `[batch..., T, N]` the exact softmax mass of the dropped keys,
