@@ -514,19 +514,10 @@ def _plan(
 
 
 def _run(
-  plan: _Plan,
-  query,
-  key,
-  *,
-  is_causal,
-  selection_key,
-  precision,
-  row_lse=False,
-  kept_logits=False,
-  band_counts=False,
+  plan: _Plan, query, key, *, is_causal, selection_key, precision, **flags
 ) -> SelectionResult:
-  """The selection of `plan` ("full": the logit matrix and `jax.lax.top_k`)."""
-  flags = dict(row_lse=row_lse, kept_logits=kept_logits, band_counts=band_counts)
+  """The selection of `plan` ("full": the logit matrix and `jax.lax.top_k`);
+  `flags`: `row_lse`, `kept_logits`, `band_counts` (all default False)."""
   if plan.config == "full":
     lg = compute_logits(
       query, key, plan.bias, plan.mask, scale=plan.scale, is_causal=is_causal, precision=precision
