@@ -37,6 +37,7 @@ from gsparse.selection import (
   select,
   select_and_attend,
 )
+from gsparse.selection._bands import dropped_band_counts
 from gsparse.selection._common import kept_values, row_logsumexp
 from gsparse.topk_stats import (  # noqa: F401  (TopKStats and the stats helpers are re-exported)
   TopKStats,
@@ -59,6 +60,7 @@ def select_topk_full(
   *,
   row_lse: bool = False,
   kept_logits: bool = False,
+  band_counts: bool = False,
 ) -> SelectionResult:
   """Exact top-k selection from a materialised `[batch..., N, T, S]` logit matrix.
 
@@ -66,7 +68,8 @@ def select_topk_full(
   towards the lower key index (as `jax.lax.top_k`); NaN logits rank first and
   `-inf` logits are never listed (`finish_top_k`, shared by every selection).
   `row_lse` also returns the log-sum-exp of every row (`row_logsumexp`),
-  `kept_logits` the kept slots' logits (`SelectionResult.kept_logits`).
+  `kept_logits` the kept slots' logits (`SelectionResult.kept_logits`),
+  `band_counts` the dropped logits' band counts (`SelectionResult.band_counts`).
   """
   s = logits.shape[-1]
   k = min(k, s)
@@ -79,6 +82,10 @@ def select_topk_full(
   idx, next_logit = finish_top_k(vals, idx, k)
   lse = jnp.swapaxes(row_logsumexp(masked), -2, -1) if row_lse else None
   kept = jnp.swapaxes(kept_values(vals, idx), -3, -2) if kept_logits else None
+  bands = None
+  if band_counts:
+    bands = dropped_band_counts(masked, next_logit, num_keys, jnp.sum(idx >= 0, axis=-1))
+    bands = jnp.swapaxes(bands, -3, -2)
   # [..., N, T, *] -> [..., T, N, *]
   return SelectionResult(
     jnp.swapaxes(idx, -3, -2),
@@ -87,6 +94,7 @@ def select_topk_full(
     None,
     lse,
     kept,
+    bands,
   )
 
 
@@ -213,7 +221,9 @@ def topk_attention(
       enabled, the normaliser samples); results are deterministic given it.
     return_stats: also return a `TopKStats` with the certificate. For
       "auto", "exact" and "full" the certificate uses the exact (k+1)-th
-      logit, and `tail_mass` is the exact dropped mass; for
+      logit (and, except on the fused GPU/TPU kernel, counts of the dropped
+      logits in bands below it: the band-count certificate, tight in
+      collapsed rows), and `tail_mass` is the exact dropped mass; for
       "block" a certified bound on the dropped blocks; for "lsh" a
       Cauchy-Schwarz bound on the keys never scored (valid, usually loose).
     precision: einsum precision.
@@ -291,9 +301,8 @@ def topk_attention(
     implementation=implementation,
     ranges=ranges,
   )
-  run = dict(
-    is_causal=is_causal, selection_key=selection_key, precision=precision, row_lse=return_stats
-  )
+  run = dict(is_causal=is_causal, selection_key=selection_key, precision=precision)
+  run.update(row_lse=return_stats, band_counts=return_stats)
   sel, topk_out, lse_k = _select_and_gather(
     plan, query, key, value, bias, scale=scale, implementation=implementation, **run
   )
@@ -338,6 +347,7 @@ def select_keys(
   segment_ids: ArrayLike | SegmentIds | None = None,
   row_logsumexp: bool = False,
   kept_logits: bool = False,
+  band_counts: bool = False,
 ) -> SelectionResult:
   """The keys `topk_attention` would keep, without attending over them.
 
@@ -349,9 +359,13 @@ def select_keys(
   from the exact selections, for `exact_tail_mass`; others give None.
   `kept_logits=True` likewise returns the kept slots' logits
   (`SelectionResult.kept_logits`) from the exact selections, so that the
-  caller has the kept weights without a gather pass.
+  caller has the kept weights without a gather pass. `band_counts=True`
+  returns the dropped logits' band counts (`SelectionResult.band_counts`)
+  from the chunked exact selection and "full", with which
+  `selection_tail_bound` also takes the band-count certificate.
   """
-  for name, flag in (("row_logsumexp", row_logsumexp), ("kept_logits", kept_logits)):
+  flags = dict(row_logsumexp=row_logsumexp, kept_logits=kept_logits, band_counts=band_counts)
+  for name, flag in flags.items():
     if not isinstance(flag, bool):
       raise TypeError(f"{name} must be a bool, got {flag!r}")
   query, key, value = _checks.check_attention_inputs(query, key, value)
@@ -382,6 +396,7 @@ def select_keys(
     precision=precision,
     row_lse=row_logsumexp,
     kept_logits=kept_logits,
+    band_counts=band_counts,
   )
 
 
@@ -398,12 +413,14 @@ def _select_and_gather(
   precision,
   implementation,
   row_lse,
+  band_counts=False,
 ):
   """`(selection, top-k output in query.dtype, logsumexp)`: the route is chosen here, once.
 
   `implementation` is passed to the gather unresolved: its own automatic
   choice for None is kept. `row_lse`: the selection also returns the
-  log-sum-exp of every row, where it can (exact selections)."""
+  log-sum-exp of every row, where it can (exact selections); `band_counts`
+  likewise the band counts of the dropped logits."""
   if isinstance(plan.config, ExactSelection) and plan.implementation == "xla":
     # "exact" on the XLA path attends in its own chunked pass, with the
     # logits it already has: no gather of the kept keys.
@@ -420,6 +437,7 @@ def _select_and_gather(
       precision=precision,
       adm=plan.adm,
       row_lse=row_lse,
+      band_counts=band_counts,
     )
     return sel, out.astype(query.dtype), lse
   sel = _run(
@@ -430,6 +448,7 @@ def _select_and_gather(
     selection_key=selection_key,
     precision=precision,
     row_lse=row_lse,
+    band_counts=band_counts,
   )
   res = sparse_gather_attention(
     query,
@@ -495,14 +514,15 @@ def _plan(
 
 
 def _run(
-  plan: _Plan, query, key, *, is_causal, selection_key, precision, row_lse=False, kept_logits=False
+  plan: _Plan, query, key, *, is_causal, selection_key, precision, **flags
 ) -> SelectionResult:
-  """The selection of `plan` ("full": the logit matrix and `jax.lax.top_k`)."""
+  """The selection of `plan` ("full": the logit matrix and `jax.lax.top_k`);
+  `flags`: `row_lse`, `kept_logits`, `band_counts` (all default False)."""
   if plan.config == "full":
     lg = compute_logits(
       query, key, plan.bias, plan.mask, scale=plan.scale, is_causal=is_causal, precision=precision
     )
-    return select_topk_full(lg.logits, lg.valid, plan.k, row_lse=row_lse, kept_logits=kept_logits)
+    return select_topk_full(lg.logits, lg.valid, plan.k, **flags)
   return select(
     plan.config,
     query,
@@ -515,6 +535,5 @@ def _run(
     selection_key=selection_key,
     precision=precision,
     adm=plan.adm,
-    row_lse=row_lse,
-    kept_logits=kept_logits,
+    **flags,
   )

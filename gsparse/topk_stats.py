@@ -2,7 +2,8 @@
 
 `topk_attention(..., return_stats=True)` and the Flax wrappers build their
 `TopKStats` here from a `SelectionResult` and the kept-key output: the
-certified tail (`gsparse.certificate.kept_set_tail_bound`), the output error
+certified tail (`gsparse.certificate.kept_set_tail_bound`, or the smaller
+band-count bound where the selection counted bands), the output error
 certificate, and, where the selection saw every logit of the row, the exact
 dropped mass.
 """
@@ -24,6 +25,7 @@ from gsparse.certificate import (
 from gsparse.selection import (
   SelectionResult,
 )
+from gsparse.selection._bands import BAND_WIDTH
 
 
 class TopKStats(NamedTuple):
@@ -33,8 +35,9 @@ class TopKStats(NamedTuple):
     indices: `[batch..., T, N, min(k, S)]` selected key positions (-1 = none).
     logsumexp: `[batch..., T, N]` log normaliser over the kept keys.
     tail_mass_bound: `[batch..., T, N]` certified upper bound on the softmax mass
-      of the dropped keys (`gsparse.certificate.kept_set_tail_bound`); NaN
-      for a row whose output is NaN.
+      of the dropped keys (`gsparse.certificate.kept_set_tail_bound`, and
+      where the selection carries band counts the smaller band-count bound:
+      `selection_tail_bound`); NaN for a row whose output is NaN.
     error_bound: `[batch..., T, N]` certified upper bound on
       `||dense_output - topk_output||_2`.
     tail_mass: `[batch..., T, N]` the exact softmax mass of the dropped keys,
@@ -63,9 +66,27 @@ def selection_tail_bound(sel: SelectionResult, logsumexp: jax.Array) -> jax.Arra
   Every selection goes through `gsparse.certificate.kept_set_tail_bound`:
   the kept set is whatever `sel.indices` lists, `sel.next_logit` bounds every
   dropped admissible logit and `num_keys - kept` counts the dropped keys.
+  Where the selection carries band counts (`sel.band_counts`: the exact
+  selections under `return_stats=True`), the band-count certificate
+  (`gsparse.bounds.certificates.band_count_tail_bound`, Proposition C4 in
+  docs/theory.md) is computed too and the smaller of the two is returned:
+  both are upper bounds, so their minimum is one. In a collapsed row (the
+  logits below `s_{k+1}` far below it) the single gap counts every dropped
+  key at `e^{s_{k+1}}` and can be loose by the number of dropped keys; the
+  bands are within `e^{0.25} + N e^{-16}` of the true tail.
   """
   dropped = sel.num_keys - _num_kept(sel)
-  return kept_set_tail_bound(logsumexp, sel.next_logit, dropped)
+  single = kept_set_tail_bound(logsumexp, sel.next_logit, dropped)
+  if sel.band_counts is None:
+    return single
+  # Imported here: `gsparse.bounds` is a large package that plain attention
+  # never needs (and it imports `gsparse.certificate` itself).
+  from gsparse.bounds.certificates import band_count_tail_bound
+
+  counts = sel.band_counts.astype(jnp.promote_types(logsumexp.dtype, jnp.float32))
+  band = band_count_tail_bound(logsumexp, sel.next_logit, counts, width=BAND_WIDTH)
+  # NaN in either (a NaN row) stays NaN: `minimum` propagates it.
+  return jnp.minimum(single, band.astype(single.dtype))
 
 
 # Jitted (the shapes static) so that an op-by-op call reuses the compiled

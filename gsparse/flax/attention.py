@@ -226,7 +226,10 @@ def sparse_attention(
   # selections carry (certified), else from the logsumexp of a gather pass
   # below (the stop-gradient pre-pass when certified, else the final pass), so
   # no pass is spent on an output that would be thrown away.
+  # With residuals and no CertifiedK, the tail bound below is the selection's
+  # certificate: the band counts make it the band-count one on exact routes.
   flags = dict(row_logsumexp=certified, kept_logits=certified)
+  flags.update(band_counts=return_residuals and not certified)
   sel = _topk.select_keys(query, key, value, bias, mask, k=k, **flags, **common)
   indices = sel.indices
   num_batch = query.ndim - 3

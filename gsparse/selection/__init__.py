@@ -142,6 +142,7 @@ def select(
   adm: Admissible | None = None,
   row_lse: bool = False,
   kept_logits: bool = False,
+  band_counts: bool = False,
 ) -> SelectionResult:
   """Runs a selection on checked inputs (see `gsparse.topk_attention`).
 
@@ -163,6 +164,9 @@ def select(
       others ignore it (None).
     kept_logits: also return the kept slots' logits
       (`SelectionResult.kept_logits`); the exact selections only, as `row_lse`.
+    band_counts: also return the dropped logits' band counts
+      (`SelectionResult.band_counts`); the exact selections only, and not
+      the fused kernel (None there: the single-gap certificate).
 
   Returns:
     A `SelectionResult` in the `[batch..., T, N, *]` layout.
@@ -171,7 +175,8 @@ def select(
     raise TypeError(f"unknown selection config {config!r}")
   k = min(k, key.shape[-3])  # k > S keeps every key: no S-sized padding of a huge k
   exact = isinstance(config, EXACT_TYPES)
-  extra = dict(row_lse=row_lse, kept_logits=kept_logits) if exact else {}
+  extra = dict(row_lse=row_lse, kept_logits=kept_logits, band_counts=band_counts)
+  extra = extra if exact else {}
   return config.select(
     query,
     key,

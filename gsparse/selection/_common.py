@@ -38,6 +38,12 @@ class SelectionResult(NamedTuple):
       the selection ranked (its own matmul), without gradient: a statistic,
       so that a caller (`gsparse.flax.sparse_attention` with `CertifiedK`)
       gets the kept weights without a gather pass of its own.
+    band_counts: `[batch..., T, N, B + 1]` int32 counts of the dropped
+      logits in bands below `next_logit` (`gsparse.selection._bands`), from
+      the chunked exact selection and "full" when asked for
+      (`band_counts=True`, as `topk_attention(..., return_stats=True)` does),
+      else None: the band-count certificate (Proposition C4 in
+      docs/theory.md), far tighter than the single gap in collapsed rows.
   """
 
   indices: jax.Array
@@ -46,6 +52,7 @@ class SelectionResult(NamedTuple):
   log_rest: jax.Array | None = None
   row_logsumexp: jax.Array | None = None
   kept_logits: jax.Array | None = None
+  band_counts: jax.Array | None = None
 
 
 def row_logsumexp(logits: jax.Array) -> jax.Array:

@@ -84,13 +84,16 @@ class FusedExactSelection:
     adm: Admissible | None = None,
     row_lse: bool = False,
     kept_logits: bool = False,
+    band_counts: bool = False,
   ) -> SelectionResult:
     """Exact top-k on checked inputs (see `gsparse.selection.select`).
 
     `scale` must be a Python float; `precision` is the kernel's own (the
     logits are accumulated in float32). The kernel takes no index-range masks
     (`adm`: lengths, window, segment ids) yet; with them, the chunked
-    `ExactSelection` runs instead (same indices).
+    `ExactSelection` runs instead (same indices). `band_counts` is honoured
+    on that route only: the kernel keeps no logit row to count, so its
+    result has None (the single-gap certificate).
     """
     if adm is not None:
       return ExactSelection().select(
@@ -105,8 +108,9 @@ class FusedExactSelection:
         adm=adm,
         row_lse=row_lse,
         kept_logits=kept_logits,
+        band_counts=band_counts,
       )
-    del selection_key, precision
+    del selection_key, precision, band_counts
     kk = min(k + 1, key.shape[-3])  # the (k+1)-th logit bounds the dropped keys
     res = fused_topk_select(
       query,

@@ -19,6 +19,7 @@ from gsparse._numerics import sortable_int32 as _sortable
 from gsparse._numerics import top_k as _top_k
 from gsparse._numerics import top_k_or as _top_k_or
 from gsparse.attention import compute_dtype, masked_softmax_lse
+from gsparse.selection._bands import dropped_band_counts
 from gsparse.selection._common import (
   SelectionResult,
   auto_key_block,
@@ -90,18 +91,21 @@ class ExactSelection:
     adm: Admissible | None = None,
     row_lse: bool = False,
     kept_logits: bool = False,
+    band_counts: bool = False,
   ) -> SelectionResult:
     """Exact top-k on checked inputs (see `gsparse.selection.select`); no key needed.
 
     With `row_lse`, also the log-sum-exp of every row (`SelectionResult.row_logsumexp`);
-    with `kept_logits`, also the kept slots' logits (`SelectionResult.kept_logits`).
+    with `kept_logits`, also the kept slots' logits (`SelectionResult.kept_logits`);
+    with `band_counts`, also the dropped logits' band counts (`SelectionResult.band_counts`).
     """
     del selection_key  # deterministic
     statics = dict(k=k, is_causal=is_causal, cfg=self, precision=precision, row_lse=row_lse)
-    statics.update(kept_logits=kept_logits)
+    statics.update(kept_logits=kept_logits, band_counts=band_counts)
     idx, nxt, num, *rest = _exact_heads(query, key, None, mask, bias, adm, scale, **statics)
     lse = rest.pop(0) if row_lse else None
-    return SelectionResult(idx, nxt, num, None, lse, rest.pop(0) if kept_logits else None)
+    kept = rest.pop(0) if kept_logits else None
+    return SelectionResult(idx, nxt, num, None, lse, kept, rest.pop(0) if band_counts else None)
 
 
 def select_and_attend(
@@ -118,6 +122,7 @@ def select_and_attend(
   precision: PrecisionLike = None,
   adm: Admissible | None = None,
   row_lse: bool = False,
+  band_counts: bool = False,
 ) -> tuple[SelectionResult, jax.Array, jax.Array]:
   """Exact selection that also attends over the kept keys in the same chunk loop.
 
@@ -127,8 +132,8 @@ def select_and_attend(
   (`gsparse.selection._exact_grad`): the backward re-gathers the kept keys
   from O(T k) residuals, the selection gets no gradient. Inputs as
   `ExactSelection.select`, plus `value` `[batch..., S, K, Hv]`, `adm`, the
-  index-range masks (`gsparse._admissible`), and `row_lse` (also the
-  log-sum-exp of every row).
+  index-range masks (`gsparse._admissible`), `row_lse` (also the
+  log-sum-exp of every row) and `band_counts` (also the band counts).
 
   Returns:
     `(selection, output [batch..., T, N, Hv] in the compute dtype,
@@ -137,12 +142,14 @@ def select_and_attend(
   k = min(k, key.shape[-3])
   statics = (
     ("k", k), ("is_causal", is_causal), ("cfg", config), ("precision", precision),
-    ("row_lse", row_lse),
+    ("row_lse", row_lse), ("band_counts", band_counts),
   )  # fmt: skip
-  idx, nxt, num, *all_lse, out, lse = fused_attend(
+  idx, nxt, num, *rest, out, lse = fused_attend(
     _exact_heads, statics, query, key, value, bias, scale, mask, adm
   )
-  return SelectionResult(idx, nxt, num, None, *all_lse), out, lse
+  all_lse = rest.pop(0) if row_lse else None
+  bands = rest.pop(0) if band_counts else None
+  return SelectionResult(idx, nxt, num, None, all_lse, None, bands), out, lse
 
 
 def _exact_heads(query, key, value, mask, bias, adm, scale, **statics):
@@ -160,7 +167,16 @@ def _exact_heads(query, key, value, mask, bias, adm, scale, **statics):
 
 @functools.partial(
   jax.jit,
-  static_argnames=("k", "is_causal", "cfg", "precision", "row_lse", "kept_logits", "native"),
+  static_argnames=(
+    "k",
+    "is_causal",
+    "cfg",
+    "precision",
+    "row_lse",
+    "kept_logits",
+    "band_counts",
+    "native",
+  ),
 )
 def _exact_heads_jit(query, key, value, mask, bias, adm, scale, *, native, **statics):
   del native  # a cache key only: `_top_k` reads the switch while tracing
@@ -287,14 +303,29 @@ def _by_blocks(logits, sr: _Search):
 
 
 def _exact_head(
-  q, kv, mask, bias, adm, *, k, scale, is_causal, cfg, precision, row_lse=False, kept_logits=False
+  q,
+  kv,
+  mask,
+  bias,
+  adm,
+  *,
+  k,
+  scale,
+  is_causal,
+  cfg,
+  precision,
+  row_lse=False,
+  kept_logits=False,
+  band_counts=False,
 ):
   """Exact top-k of one head; `kv` is the keys `[S, H]`, or `(keys, values [S, Hv])`
   to also attend over the kept keys with the logits already at hand (returns
   `(idx, nxt, num, out, lse)` then). `adm`: this batch element's index-range
   masks, evaluated per chunk. `row_lse` inserts the log-sum-exp of the
   whole row after `num`: the chunk holds the whole row, so it is exact;
-  `kept_logits` then inserts the kept slots' logits `[T, k]` (top_k's values).
+  `kept_logits` then inserts the kept slots' logits `[T, k]` (top_k's values),
+  `band_counts` then the dropped logits' band counts `[T, B + 1]`
+  (`gsparse.selection._bands`).
 
   Causal calls split the chunks into `cfg.causal_groups` groups; a group whose
   last row is `r` scores keys `[0, r]` only. The keys it skips are
@@ -323,7 +354,7 @@ def _exact_head(
     qg, rg = xs[0][a:b], xs[1][a:b]
     xg = (qg, rg, *(None if x is None else _slice_group(x, a, b, sg) for x in xs[2:]))
     kvg = (kmat[:sg], None if vmat is None else vmat[:sg])
-    flags = dict(row_lse=row_lse, kept_logits=kept_logits)
+    flags = dict(row_lse=row_lse, kept_logits=kept_logits, band_counts=band_counts)
     parts.append(_exact_rows(xg, *kvg, adm=adm, **flags, **common))
   outs = parts[0] if groups == 1 else [jnp.concatenate(o, axis=0) for o in zip(*parts, strict=True)]
   return tuple(o.reshape(tp, *o.shape[2:])[:t] for o in outs)
@@ -335,7 +366,9 @@ def _slice_group(x, a, b, sg):
   return x[..., :sg] if x.shape[-1] > 1 else x
 
 
-def _exact_rows(xs, kmat, vmat, *, adm, k, scale, is_causal, cfg, precision, row_lse, kept_logits):
+def _exact_rows(
+  xs, kmat, vmat, *, adm, k, scale, is_causal, cfg, precision, row_lse, kept_logits, band_counts
+):
   """`_exact_head` on the query chunks `xs` against the keys `kmat [S, H]` (all of them)."""
   s = kmat.shape[0]
   dtype = compute_dtype(xs[0].dtype, kmat.dtype, *(() if vmat is None else (vmat.dtype,)))
@@ -359,6 +392,8 @@ def _exact_rows(xs, kmat, vmat, *, adm, k, scale, is_causal, cfg, precision, row
     idx, nxt = finish_top_k(vals, idx, k)
     sel = (idx, nxt, num, row_logsumexp(logits)) if row_lse else (idx, nxt, num)
     sel = (*sel, kept_values(vals, idx)) if kept_logits else sel
+    if band_counts:  # a second pass over the chunk's logits, now that s_(k+1) is known
+      sel = (*sel, dropped_band_counts(logits, nxt, num, jnp.sum(idx >= 0, axis=-1)))
     if vmat is None:
       return sel
     return *sel, *_attend_chunk(vmat, logits, idx, dtype=dtype, precision=precision)
