@@ -12,12 +12,21 @@ On one device, inside a fully manual `jax.shard_map` and under `pmap`,
 `custom_partitioning` inlines `fn` (no custom call, same program as before).
 It has no `vmap` rule, so the call sits behind `jax.custom_batching.custom_vmap`:
 a batch of rows is more rows, the same function on the stacked array.
+
+The partitioning callback is a Python function: `jax.export` cannot serialize
+a multi-device program that holds one, and jax puts its address into the
+persistent compilation cache key. `row_partitioning(False)` (or the
+environment variable `GSPARSE_ROWWISE=0`) traces `fn(x, k)` directly, as
+before: what an export of a sharded program needs (docs/sharding.md).
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
-from collections.abc import Callable
+import os
+import threading
+from collections.abc import Callable, Iterator
 
 import jax
 from jax.experimental.custom_partitioning import custom_partitioning
@@ -88,6 +97,38 @@ def _batched(fn: RowFn, k: int):
   return call
 
 
+_STATE = threading.local()
+
+
+def _enabled() -> bool:
+  on = getattr(_STATE, "enabled", None)
+  if on is None:
+    return os.environ.get("GSPARSE_ROWWISE", "1").strip().lower() not in ("0", "false", "no", "off")
+  return on
+
+
+@contextlib.contextmanager
+def row_partitioning(enabled: bool) -> Iterator[None]:
+  """Within the block, top-k calls traced (this thread) are partitioned by rows or not.
+
+  `enabled=False` traces the plain top-k (XLA then gathers its operand under a
+  sharded `jit`, as it does for `jax.lax.top_k`): for `jax.export` of a
+  multi-device program, which cannot serialize the partitioning callback.
+  It acts at trace time: wrap the `jit`/`export` call that traces. gsparse's
+  inner jitted functions keep their traces in jax's caches, which do not see
+  this switch, so entering and leaving the block clears them
+  (`jax.clear_caches()`: later calls trace and compile again).
+  """
+  before = getattr(_STATE, "enabled", None)
+  _STATE.enabled = bool(enabled)
+  jax.clear_caches()
+  try:
+    yield
+  finally:
+    _STATE.enabled = before
+    jax.clear_caches()
+
+
 def rowwise(fn: RowFn, x: jax.Array, k: int) -> jax.Array:
   """`fn(x, k)`, an int32 `[..., k]` function of each row `x[..., :]` alone, partitioned by rows.
 
@@ -101,4 +142,6 @@ def rowwise(fn: RowFn, x: jax.Array, k: int) -> jax.Array:
     `fn(x, k)`; under `jax.jit` with sharded `x` each device computes its
     block of rows (leading axes sharded as `x`, last axis whole).
   """
+  if not _enabled():
+    return fn(x, k)
   return _batched(fn, k)(x)

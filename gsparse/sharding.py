@@ -5,7 +5,8 @@ Two meshes: `batch_mesh` (1-D, for sweeps and batched attention) and
 parallel). `attention_spec` is the `PartitionSpec` of `[batch, seq, heads,
 dim]` activations on the 2-D mesh; `topk_attention` runs under `jax.shard_map`
 with it, and under `jax.jit` with `NamedSharding(mesh, attention_spec(mesh))`
-inputs (docs/sharding.md).
+inputs, where its top-k is partitioned by rows; `row_partitioning(False)` turns
+that off for `jax.export` of a multi-device program (docs/sharding.md).
 
 gsparse's batched computations (a parameter sweep, attention over a batch) are
 independent along one leading axis. Placing that axis on a 1-D device mesh
@@ -32,6 +33,22 @@ from typing import Any
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from gsparse._rowwise import row_partitioning
+
+__all__ = [
+  "BATCH_AXIS",
+  "DATA_AXIS",
+  "HEADS_AXIS",
+  "attention_spec",
+  "batch_mesh",
+  "batch_sharding",
+  "check_heads",
+  "head_parallel_shardings",
+  "make_mesh",
+  "row_partitioning",
+  "shard_batch",
+]
 
 BATCH_AXIS = "batch"
 DATA_AXIS = "data"

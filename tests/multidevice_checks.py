@@ -33,7 +33,10 @@ from gsparse import _native, sharding
 SELECTIONS = ("full", "exact", "block", "lsh")
 JIT_SELECTIONS = ("auto", "full", "exact", "block", "lsh")
 # `%x = f32[2,4,16,24]{...} all-gather(...)`: the result shape(s) of a collective.
-_COLLECTIVE = re.compile(r"=\s*(\S.*?)\s+(all-gather|all-gather-start|all-to-all)\(")
+_COLLECTIVE = re.compile(
+  r"=\s*(\S.*?)\s+(all-gather|all-gather-start|all-to-all|all-reduce|all-reduce-start"
+  r"|reduce-scatter|collective-permute|collective-permute-start)\("
+)
 # Sharded and unsharded calls run the same per-row arithmetic, but XLA may
 # vectorise a batch of 1 and of 2 differently: float32 rounding only.
 TOL = dict(rtol=2e-5, atol=2e-6)
@@ -74,7 +77,7 @@ def compare(name, got, want):
 
 
 def collectives(hlo, min_size):
-  """The all-gathers and all-to-alls in compiled `hlo` with a result of >= `min_size` elements."""
+  """The collectives in compiled `hlo` with a result of >= `min_size` elements."""
   big = []
   for m in _COLLECTIVE.finditer(hlo):
     for dims in re.findall(r"\w+\[([\d,]*)\]", m.group(1)):
@@ -142,7 +145,22 @@ def main():
     for sel in JIT_SELECTIONS:
       name = f"jit NamedSharding {sel}, XLA top-k"
       check_jit(name, attention(sel), (q, k, v), w, wants[sel], mesh, spec, block, False)
+    check_export(mesh, spec, (q, k, v), w, wants["exact"])
   print("done", flush=True)
+
+
+def check_export(mesh, spec, args, w, want):
+  """`jax.export` of a sharded jit (XLA top-k) works under `row_partitioning(False)`.
+
+  The partitioning callback cannot be serialized; the opt-out traces the plain
+  top-k, and the exported program still gives the unsharded call's values.
+  """
+  put = lambda x: jax.device_put(x, NamedSharding(mesh, spec))  # noqa: E731
+  args = [put(x) for x in args]
+  f = value_and_grads(attention("exact"), put(w))
+  with sharding.row_partitioning(False):
+    exported = jax.export.export(f, platforms=("cpu",))(*args)
+  compare("export of jit NamedSharding exact, row_partitioning(False)", exported.call(*args), want)
 
 
 def train():
