@@ -135,3 +135,21 @@ def test_bad_range_arguments_name_the_argument():
   ):
     with pytest.raises(ValueError, match=match):
       jax.jit(lambda q, k, kw=kw: fsel.fused_topk_select(q, k, k=2, scale=1.0, **kw))(q, k)
+
+
+def test_gpu_variant_under_vmap_takes_per_example_ranges():
+  # vmap over an extra leading axis: lengths and segment ids differ per example.
+  q, k = _int_inputs(5, 2, 16, 2, 1, 40, 3)
+  kw, mask = _ranges(2, 16, 40, 6, (3, 3))
+  kw = {name: kw[name] for name in ("query_seq_lengths", "key_value_seq_lengths", "segment_ids")}
+
+  def one(q, k, kw):
+    return fsel.fused_topk_select(
+      q[None], k[None], k=KK, scale=0.5, block_q=8, block_k=16, variant="gpu", interpret=True,
+      local_window_size=(3, 3), **jax.tree.map(lambda x: x[None], kw),
+    )  # fmt: skip
+
+  got = jax.vmap(one)(q, k, jax.tree.map(jnp.asarray, kw))
+  for i in range(2):
+    ref = _np_top_k(q[i : i + 1], k[i : i + 1], kk=KK, scale=0.5, mask=mask[i : i + 1])
+    _assert_matches(jax.tree.map(lambda x, i=i: x[i], got), ref, err_msg=f"example {i}")
