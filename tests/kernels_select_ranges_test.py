@@ -153,3 +153,21 @@ def test_gpu_variant_under_vmap_takes_per_example_ranges():
   for i in range(2):
     ref = _np_top_k(q[i : i + 1], k[i : i + 1], kk=KK, scale=0.5, mask=mask[i : i + 1])
     _assert_matches(jax.tree.map(lambda x, i=i: x[i], got), ref, err_msg=f"example {i}")
+
+
+@pytest.mark.parametrize(("variant", "platform", "marker"), [
+  ("gpu", "cuda", "__gpu$xla.gpu.triton"), ("tpu", "tpu", "tpu_custom_call"),
+])  # fmt: skip
+def test_vmapped_kernel_with_ranges_lowers_for_device(variant, platform, marker):
+  # From the CPU host: the Triton and Mosaic lowerings accept the range inputs'
+  # blocks with vmap's extra grid axis (Mosaic rejects a batched flat SMEM vector).
+  q = jnp.zeros((2, 1, 128, 2, 128), jnp.bfloat16)
+  k = jnp.zeros((2, 1, 256, 1, 128), jnp.bfloat16)
+  lens = jnp.array([[100], [50]], jnp.int32)
+  seg = (jnp.zeros((2, 1, 128), jnp.int32), jnp.zeros((2, 1, 256), jnp.int32))
+  f = lambda q, k, lens, seg: fsel.fused_topk_select(
+    q, k, k=8, scale=0.1, variant=variant, interpret=False, query_seq_lengths=lens,
+    key_value_seq_lengths=lens, segment_ids=seg, local_window_size=(64, 0),
+  )  # fmt: skip
+  lowered = jax.jit(jax.vmap(f)).trace(q, k, lens, seg).lower(lowering_platforms=(platform,))
+  assert lowered.as_text().count(marker) == 1

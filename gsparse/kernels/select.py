@@ -152,7 +152,7 @@ def _forward_gpu(q, k, mask, bias, rng, *, kp, scale, is_causal, bq, bk, num_key
   specs = [_side_spec_gpu(x, bq, sp) for x in sides]
   ranges, window = rng
   if ranges is not None:
-    sides += sr.range_inputs(ranges, tp, sp, variant="gpu")
+    sides += sr.range_inputs(ranges, tp, sp)
     specs += sr.range_specs_gpu(bq, sp)
   kernel = functools.partial(
     _kernel_gpu,
@@ -219,8 +219,8 @@ def _kernel_tpu(*refs, scale, bk, num_keys, is_causal, has_mask, has_bias, range
     return None if ref is None else jnp.broadcast_to(ref[...], (bq, bk))
 
   needed = (col0 <= row0 + bq - 1) if is_causal else (j >= 0)
-  if ranges:  # the index ranges (gsparse.kernels.select_ranges), flat lengths in SMEM
-    lens = (rng[0][2 * pl.program_id(0)], rng[0][2 * pl.program_id(0) + 1])
+  if ranges:  # the index ranges (gsparse.kernels.select_ranges), lengths in SMEM
+    lens = (rng[0][pl.program_id(0), 0], rng[0][pl.program_id(0), 1])
     live = sr.tile_needed(lens, row0, col0, bq=bq, bk=bk, is_causal=is_causal, window=window)
     needed = needed & live
 
@@ -276,7 +276,7 @@ def _forward_tpu(q, k, mask, bias, rng, *, kp, scale, is_causal, bq, bk, num_key
     )
   ranges, window = rng
   if ranges is not None:
-    sides += sr.range_inputs(ranges, tp, sp, variant="tpu")
+    sides += sr.range_inputs(ranges, tp, sp)
     specs += sr.range_specs_tpu(bq, bk, kblock)
   kernel = functools.partial(
     _kernel_tpu,

@@ -3,7 +3,7 @@
 The `jax.nn` arguments (`query_seq_lengths`, `key_value_seq_lengths`,
 `segment_ids`, a static `local_window_size`) reach the Triton and Mosaic
 selection kernels as three small side inputs, never as a `[T, S]` array:
-`[B, 2]` lengths (flat `[2 B]` in SMEM on the TPU), `[B, Tp, 1]` query
+`[B, 2]` lengths (all of them in SMEM on the TPU), `[B, Tp, 1]` query
 segment ids (a `[block_q, 1]` tile per program) and `[B, 1, Sp]` key segment
 ids (the program's keys on the GPU, one `[1, block_k]` tile per step on the
 TPU). Each tile's admissibility is `_common.range_mask`, the rule of the
@@ -71,12 +71,12 @@ def flat_ranges(q_len, kv_len, segment_ids, window, *, batch: tuple[int, ...], t
   return kernel_ranges(flat[0], flat[1], segments, window, batch=nb, t=t, s=s)
 
 
-def range_inputs(ranges: Ranges, tp: int, sp: int, *, variant: str) -> list[jax.Array]:
-  """The kernel inputs: lengths (`[B, 2]`, flat `[2 B]` on "tpu"), `[B, Tp, 1]`
-  query ids and `[B, 1, Sp]` key ids (padded: padded rows and keys are masked
-  by the lengths or the kernel's key count)."""
-  lens = ranges.lengths.reshape(-1) if variant == "tpu" else ranges.lengths
-  return [lens, pad_axis(ranges.q_seg, 1, tp)[:, :, None], pad_axis(ranges.kv_seg, 1, sp)[:, None]]
+def range_inputs(ranges: Ranges, tp: int, sp: int) -> list[jax.Array]:
+  """The kernel inputs: `[B, 2]` lengths, `[B, Tp, 1]` query ids and `[B, 1, Sp]`
+  key ids (padded: padded rows and keys are masked by the lengths or the
+  kernel's key count)."""
+  q_seg, kv_seg = pad_axis(ranges.q_seg, 1, tp), pad_axis(ranges.kv_seg, 1, sp)
+  return [ranges.lengths, q_seg[:, :, None], kv_seg[:, None]]
 
 
 def range_specs_gpu(bq: int, sp: int) -> list[pl.BlockSpec]:
@@ -91,8 +91,9 @@ def range_specs_gpu(bq: int, sp: int) -> list[pl.BlockSpec]:
 
 def range_specs_tpu(bq: int, bk: int, kblock) -> list[pl.BlockSpec]:
   """BlockSpecs on the grid `(batch, head, query block, key block)`: all
-  lengths in SMEM, the program's query ids and the step's key ids (block
-  `kblock(i, j)`, the key block the step fetches)."""
+  `[B, 2]` lengths in SMEM (2-D: under vmap the block stays the whole
+  trailing `[B, 2]`, which Mosaic accepts), the program's query ids and the
+  step's key ids (block `kblock(i, j)`, the key block the step fetches)."""
   from jax.experimental.pallas import tpu as pltpu
 
   return [
