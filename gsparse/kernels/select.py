@@ -249,6 +249,21 @@ def _kernel_tpu(*refs, scale, bk, num_keys, is_causal, has_mask, has_bias, range
     write_outputs(outs, tuple(r[...] for r in scratch))
 
 
+def _side_spec_tpu(x, bq, bk, kblock):
+  """BlockSpec of a `[B', N', T', S']` mask/bias (size-1 axes broadcast); key
+  block `kblock(i, j)`, the one the step fetches."""
+  b1, n1, t1, s1 = (d == 1 for d in x.shape)
+  return pl.BlockSpec(
+    (None, None, 1 if t1 else bq, 1 if s1 else bk),
+    lambda bb, nn, i, j: (
+      0 if b1 else bb,
+      0 if n1 else nn,
+      0 if t1 else i,
+      0 if s1 else kblock(i, j),
+    ),
+  )
+
+
 def _forward_tpu(q, k, mask, bias, rng, *, kp, scale, is_causal, bq, bk, num_keys, interpret):
   from jax.experimental.pallas import tpu as pltpu
 
@@ -260,20 +275,7 @@ def _forward_tpu(q, k, mask, bias, rng, *, kp, scale, is_causal, bq, bk, num_key
     return jnp.minimum(j, lax.div(i * bq + bq - 1, bk)) if is_causal else j
 
   sides = [x for x in (mask, bias) if x is not None]
-  specs = []
-  for x in sides:
-    b1, n1, t1, s1 = (d == 1 for d in x.shape)
-    specs.append(
-      pl.BlockSpec(
-        (None, None, 1 if t1 else bq, 1 if s1 else bk),
-        lambda bb, nn, i, j, b1=b1, n1=n1, t1=t1, s1=s1: (
-          0 if b1 else bb,
-          0 if n1 else nn,
-          0 if t1 else i,
-          0 if s1 else kblock(i, j),
-        ),
-      )
-    )
+  specs = [_side_spec_tpu(x, bq, bk, kblock) for x in sides]
   ranges, window = rng
   if ranges is not None:
     sides += sr.range_inputs(ranges, tp, sp)
