@@ -61,9 +61,9 @@ def test_auto_selection_by_platform():
     assert chunk == rows
   for platform in ("gpu", "tpu"):
     assert isinstance(auto_selection(q, k, scale=0.5, platform=platform), FusedExactSelection)
-    # Index-range masks: the kernel takes none, so "auto" picks the chunked route itself.
+    # Index-range masks: the fused kernel takes them (gsparse.kernels.select_ranges).
     ranged = auto_selection(q, k, scale=0.5, ranges=True, platform=platform)
-    assert isinstance(ranged, ExactSelection)
+    assert isinstance(ranged, FusedExactSelection)
   # A traced scale: the fused kernel compiles its scale in, so the chunked route.
   traced = jax.jit(
     lambda s: jnp.int32(isinstance(auto_selection(q, k, scale=s, platform="gpu"), ExactSelection))

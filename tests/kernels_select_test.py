@@ -232,10 +232,17 @@ class SelectLoweringTest(parameterized.TestCase):
         q, k, k=100, scale=0.1, is_causal=True, mask=mask, bias=bias, variant=variant,
         interpret=False,
       )  # fmt: skip
-      return a, c
+      # The index ranges: [B] lengths and [B, T] / [B, S] segment ids, a window.
+      r = fsel.fused_topk_select(
+        q, k, k=64, scale=0.1, is_causal=True, variant=variant, interpret=False,
+        query_seq_lengths=jnp.array([200]), key_value_seq_lengths=jnp.array([300]),
+        segment_ids=(jnp.zeros((1, 256), jnp.int32), jnp.zeros((1, 512), jnp.int32)),
+        local_window_size=(128, 0),
+      )  # fmt: skip
+      return a, c, r
 
     text = jax.jit(both).trace(q, k, mask, bias).lower(lowering_platforms=(platform,)).as_text()
-    self.assertEqual(text.count(marker), 2, f"expected two {marker} kernels")
+    self.assertEqual(text.count(marker), 3, f"expected three {marker} kernels")
 
   @parameterized.parameters(("gpu", "cuda"), ("tpu", "tpu"))
   def test_no_query_by_key_array_outside_the_kernel(self, variant, platform):

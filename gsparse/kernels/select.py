@@ -42,7 +42,10 @@ from jax.typing import ArrayLike
 
 from gsparse._layout import pad_axis, round_up
 from gsparse._numerics import float_from_sortable, positive_nan
+from gsparse.kernels import select_ranges as sr
 from gsparse.kernels._common import next_pow2
+from gsparse.kernels.block_skip import run_if_live
+from gsparse.kernels.select_inputs import check_inputs, side_input
 from gsparse.kernels.topk_state import (
   DOT_PRECISION,
   block_logits,
@@ -52,8 +55,6 @@ from gsparse.kernels.topk_state import (
 )
 
 __all__ = ["FusedSelection", "fused_topk_select", "fused_topk_select_reference"]
-
-VARIANTS = ("gpu", "tpu")
 
 
 class FusedSelection(NamedTuple):
@@ -81,19 +82,22 @@ class FusedSelection(NamedTuple):
 # GPU (Triton) variant.
 
 
-def _split_refs(refs, has_mask, has_bias):
-  """`(q, k, mask or None, bias or None, the 4 outputs, the scratch refs)`."""
+def _split_refs(refs, has_mask, has_bias, has_ranges):
+  """`(q, k, mask or None, bias or None, the 3 range refs or (), the 4
+  outputs, the scratch refs)`."""
   mask_ref = refs[2] if has_mask else None
   bias_ref = refs[2 + has_mask] if has_bias else None
-  o = 2 + has_mask + has_bias
-  return refs[0], refs[1], mask_ref, bias_ref, refs[o : o + 4], refs[o + 4 :]
+  r = 2 + has_mask + has_bias
+  o = r + 3 * has_ranges
+  return refs[0], refs[1], mask_ref, bias_ref, refs[r:o], refs[o : o + 4], refs[o + 4 :]
 
 
-def _kernel_gpu(*refs, scale, bk, nkb, num_keys, is_causal, has_mask, has_bias):
-  q_ref, k_ref, mask_ref, bias_ref, outs, _ = _split_refs(refs, has_mask, has_bias)
+def _kernel_gpu(*refs, scale, bk, nkb, num_keys, is_causal, has_mask, has_bias, ranges, window):
+  q_ref, k_ref, mask_ref, bias_ref, rng, outs, _ = _split_refs(refs, has_mask, has_bias, ranges)
   bq, kp = outs[0].shape
   row0 = pl.program_id(2) * bq
   q = q_ref[...]
+  lens = (rng[0][0], rng[0][1]) if ranges else None
 
   def side(ref, j):  # a mask/bias block; a size-1 axis broadcasts (T or S)
     if ref is None:
@@ -104,10 +108,14 @@ def _kernel_gpu(*refs, scale, bk, nkb, num_keys, is_causal, has_mask, has_bias):
   def body(j, state):
     col0 = j * bk
     kb = k_ref[pl.ds(col0, bk), :]
+    mask = side(mask_ref, j)
+    if ranges:  # the index ranges (gsparse.kernels.select_ranges)
+      kvseg = rng[2][:, pl.ds(col0, bk)]
+      mask = sr.tile_mask(mask, lens, rng[1][...], kvseg, row0=row0, col0=col0, window=window)
     logits, valid = block_logits(
       q,
       kb,
-      side(mask_ref, j),
+      mask,
       side(bias_ref, j),
       scale=scale,
       row0=row0,
@@ -117,6 +125,10 @@ def _kernel_gpu(*refs, scale, bk, nkb, num_keys, is_causal, has_mask, has_bias):
     )
     return update(state, logits, valid, col0)
 
+  if ranges:  # skip key blocks that the lengths, window and causality mask wholly
+    live = functools.partial(sr.tile_needed, lens, bq=bq, bk=bk, is_causal=is_causal, window=window)
+    step = body
+    body = lambda j, st: run_if_live(live(row0, j * bk), functools.partial(step, j), st)
   last = jnp.minimum(nkb, lax.div(row0 + bq - 1, bk) + 1) if is_causal else nkb
   write_outputs(outs, lax.fori_loop(0, last, body, init_state(bq, kp)))
 
@@ -130,7 +142,7 @@ def _side_spec_gpu(x, bq, sp):
   )
 
 
-def _forward_gpu(q, k, mask, bias, *, kp, scale, is_causal, bq, bk, num_keys, interpret):
+def _forward_gpu(q, k, mask, bias, rng, *, kp, scale, is_causal, bq, bk, num_keys, interpret):
   b, n, tp, h = q.shape
   g = n // k.shape[1]
   sp = k.shape[2]
@@ -138,6 +150,10 @@ def _forward_gpu(q, k, mask, bias, *, kp, scale, is_causal, bq, bk, num_keys, in
   q, k = pad_axis(q, 3, hp), pad_axis(k, 3, hp)
   sides = [x for x in (mask, bias) if x is not None]
   specs = [_side_spec_gpu(x, bq, sp) for x in sides]
+  ranges, window = rng
+  if ranges is not None:
+    sides += sr.range_inputs(ranges, tp, sp)
+    specs += sr.range_specs_gpu(bq, sp)
   kernel = functools.partial(
     _kernel_gpu,
     scale=scale,
@@ -147,6 +163,8 @@ def _forward_gpu(q, k, mask, bias, *, kp, scale, is_causal, bq, bk, num_keys, in
     is_causal=is_causal,
     has_mask=mask is not None,
     has_bias=bias is not None,
+    ranges=ranges is not None,
+    window=window,
   )
   row = lambda w: pl.BlockSpec((None, None, bq, w), lambda bb, nn, i: (bb, nn, i, 0))
   compiler_params = None
@@ -184,8 +202,10 @@ def _out_shapes(b, n, tp, kp):
 # TPU (Mosaic) variant.
 
 
-def _kernel_tpu(*refs, scale, bk, num_keys, is_causal, has_mask, has_bias):
-  q_ref, k_ref, mask_ref, bias_ref, outs, scratch = _split_refs(refs, has_mask, has_bias)
+def _kernel_tpu(*refs, scale, bk, num_keys, is_causal, has_mask, has_bias, ranges, window):
+  q_ref, k_ref, mask_ref, bias_ref, rng, outs, scratch = _split_refs(
+    refs, has_mask, has_bias, ranges
+  )
   i, j = pl.program_id(2), pl.program_id(3)
   bq, kp = outs[0].shape
   row0, col0 = i * bq, j * bk
@@ -199,13 +219,20 @@ def _kernel_tpu(*refs, scale, bk, num_keys, is_causal, has_mask, has_bias):
     return None if ref is None else jnp.broadcast_to(ref[...], (bq, bk))
 
   needed = (col0 <= row0 + bq - 1) if is_causal else (j >= 0)
+  if ranges:  # the index ranges (gsparse.kernels.select_ranges), lengths in SMEM
+    lens = (rng[0][pl.program_id(0), 0], rng[0][pl.program_id(0), 1])
+    live = sr.tile_needed(lens, row0, col0, bq=bq, bk=bk, is_causal=is_causal, window=window)
+    needed = needed & live
 
   @pl.when(needed)
   def _step():
+    mask = side(mask_ref)
+    if ranges:
+      mask = sr.tile_mask(mask, lens, rng[1][...], rng[2][...], row0=row0, col0=col0, window=window)
     logits, valid = block_logits(
       q_ref[...],
       k_ref[...],
-      side(mask_ref),
+      mask,
       side(bias_ref),
       scale=scale,
       row0=row0,
@@ -222,7 +249,22 @@ def _kernel_tpu(*refs, scale, bk, num_keys, is_causal, has_mask, has_bias):
     write_outputs(outs, tuple(r[...] for r in scratch))
 
 
-def _forward_tpu(q, k, mask, bias, *, kp, scale, is_causal, bq, bk, num_keys, interpret):
+def _side_spec_tpu(x, bq, bk, kblock):
+  """BlockSpec of a `[B', N', T', S']` mask/bias (size-1 axes broadcast); key
+  block `kblock(i, j)`, the one the step fetches."""
+  b1, n1, t1, s1 = (d == 1 for d in x.shape)
+  return pl.BlockSpec(
+    (None, None, 1 if t1 else bq, 1 if s1 else bk),
+    lambda bb, nn, i, j: (
+      0 if b1 else bb,
+      0 if n1 else nn,
+      0 if t1 else i,
+      0 if s1 else kblock(i, j),
+    ),
+  )
+
+
+def _forward_tpu(q, k, mask, bias, rng, *, kp, scale, is_causal, bq, bk, num_keys, interpret):
   from jax.experimental.pallas import tpu as pltpu
 
   b, n, tp, h = q.shape
@@ -233,20 +275,11 @@ def _forward_tpu(q, k, mask, bias, *, kp, scale, is_causal, bq, bk, num_keys, in
     return jnp.minimum(j, lax.div(i * bq + bq - 1, bk)) if is_causal else j
 
   sides = [x for x in (mask, bias) if x is not None]
-  specs = []
-  for x in sides:
-    b1, n1, t1, s1 = (d == 1 for d in x.shape)
-    specs.append(
-      pl.BlockSpec(
-        (None, None, 1 if t1 else bq, 1 if s1 else bk),
-        lambda bb, nn, i, j, b1=b1, n1=n1, t1=t1, s1=s1: (
-          0 if b1 else bb,
-          0 if n1 else nn,
-          0 if t1 else i,
-          0 if s1 else kblock(i, j),
-        ),
-      )
-    )
+  specs = [_side_spec_tpu(x, bq, bk, kblock) for x in sides]
+  ranges, window = rng
+  if ranges is not None:
+    sides += sr.range_inputs(ranges, tp, sp)
+    specs += sr.range_specs_tpu(bq, bk, kblock)
   kernel = functools.partial(
     _kernel_tpu,
     scale=scale,
@@ -255,6 +288,8 @@ def _forward_tpu(q, k, mask, bias, *, kp, scale, is_causal, bq, bk, num_keys, in
     is_causal=is_causal,
     has_mask=mask is not None,
     has_bias=bias is not None,
+    ranges=ranges is not None,
+    window=window,
   )
   row = lambda w: pl.BlockSpec((None, None, bq, w), lambda bb, nn, i, j: (bb, nn, i, 0))
   f32, i32 = jnp.float32, jnp.int32
@@ -287,72 +322,12 @@ def _forward_tpu(q, k, mask, bias, *, kp, scale, is_causal, bq, bk, num_keys, in
 # Public entry point.
 
 
-def _check(query, key, mask, bias, k, scale, is_causal, variant, block_q, block_k):
-  if query.ndim < 3 or key.ndim != query.ndim:
-    raise ValueError(
-      f"query {query.shape} and key {key.shape} must be [batch..., T, N, H] and "
-      "[batch..., S, K, H] with the same number of dimensions (>= 3)"
-    )
-  if query.shape[:-3] != key.shape[:-3] or query.shape[-1] != key.shape[-1]:
-    raise ValueError(f"query {query.shape} and key {key.shape} differ in batch or head dim")
-  n, kh = query.shape[-2], key.shape[-2]
-  if n % kh:
-    raise ValueError(f"query heads N={n} must be a multiple of key heads K={kh}")
-  for name, x in (("query", query), ("key", key)):
-    if x.dtype not in (jnp.float32, jnp.bfloat16, jnp.float16):
-      raise TypeError(f"{name}.dtype={x.dtype} must be float32, bfloat16 or float16")
-  if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-    raise ValueError(f"k={k!r} must be a positive int")
-  if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
-    raise ValueError(f"scale={scale!r} must be a finite Python float (static)")
-  if not isinstance(is_causal, bool):
-    raise ValueError(f"is_causal={is_causal!r} must be a bool")
-  if variant not in VARIANTS:
-    raise ValueError(f"variant={variant!r} must be one of {VARIANTS}")
-  for name, v in (("block_q", block_q), ("block_k", block_k)):
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1 or v & (v - 1)):
-      raise ValueError(f"{name}={v!r} must be a power of two")
-  full = (*query.shape[:-3], n, query.shape[-3], key.shape[-3])
-  for name, x in (("mask", mask), ("bias", bias)):
-    if x is None:
-      continue
-    if name == "mask" and x.dtype != jnp.bool_:
-      raise TypeError(f"mask.dtype={x.dtype} must be bool")
-    if name == "bias" and not jnp.issubdtype(x.dtype, jnp.floating):
-      raise TypeError(f"bias.dtype={x.dtype} must be floating")
-    try:
-      jnp.broadcast_shapes(x.shape, full)
-    except ValueError:
-      raise ValueError(f"{name} {x.shape} must broadcast to [batch..., N, T, S] = {full}") from None
-    if x.ndim > len(full):
-      raise ValueError(f"{name} {x.shape} has more dims than [batch..., N, T, S] = {full}")
-
-
-def _side(x, batch, n, t, tp, sp, fill, dtype):
-  """mask/bias broadcastable to `[*batch, N, T, S]` -> `[B', N', T', S']`, padded.
-
-  Axes of size 1 stay 1 (the kernels broadcast them), so a `[S]` padding mask
-  or a `[T, S]` bias is never copied per batch and head.
-  """
-  if x is None:
-    return None
-  full = (*batch, n, t, x.shape[-1])
-  x = x.reshape((1,) * (len(full) - x.ndim) + x.shape)
-  lead = x.shape[: len(batch)]
-  nb = 1 if all(d == 1 for d in lead) else math.prod(batch)
-  x = jnp.broadcast_to(x, (*(batch if nb > 1 else lead), *x.shape[len(batch) :]))
-  x = x.reshape(nb, *x.shape[len(batch) :]).astype(dtype)
-  if x.shape[2] > 1:
-    x = pad_axis(x, 2, tp, fill)
-  if x.shape[3] > 1:
-    x = pad_axis(x, 3, sp, fill)
-  return x
-
-
 @functools.partial(
   jax.jit,
-  static_argnames=("k", "scale", "is_causal", "block_q", "block_k", "variant", "interpret"),
-)
+  static_argnames=(
+    "k", "scale", "is_causal", "block_q", "block_k", "variant", "interpret", "local_window_size"
+  ),
+)  # fmt: skip
 def fused_topk_select(
   query: ArrayLike,
   key: ArrayLike,
@@ -366,6 +341,10 @@ def fused_topk_select(
   block_k: int | None = None,
   variant: str | None = None,
   interpret: bool | None = None,
+  query_seq_lengths: ArrayLike | None = None,
+  key_value_seq_lengths: ArrayLike | None = None,
+  segment_ids: tuple[ArrayLike, ArrayLike] | None = None,
+  local_window_size: tuple[int, int] | None = None,
 ) -> FusedSelection:
   """Exact top-k keys per query, fused: the `[T, S]` logits never reach memory.
 
@@ -392,6 +371,15 @@ def fused_topk_select(
     variant: "gpu" (Triton) or "tpu" (Mosaic); default from the backend
       ("gpu" on CPU, in interpret mode).
     interpret: run in the Pallas (or TPU) interpreter; default True on CPU.
+    query_seq_lengths: None or `batch`-shaped int: query `t` is admissible
+      only if `t < length` (a row past it has no keys).
+    key_value_seq_lengths: None or `batch`-shaped int: key `j < length` only.
+    segment_ids: None or a pair `(q [batch..., T], kv [batch..., S])` of
+      int ids: a query admits keys of its own segment only.
+    local_window_size: None or a static `(left, right)`: `t - left <= j <=
+      t + right`. These four are index ranges evaluated per tile in the
+      kernel (`gsparse.kernels.select_ranges`), the rule of the block
+      kernels; length values are not checked here (`topk_attention` checks).
 
   Returns:
     A `FusedSelection` (indices, kept logits, row log-sum-exp, key count).
@@ -409,12 +397,16 @@ def fused_topk_select(
     variant = "tpu" if backend == "tpu" else "gpu"
   if interpret is None:
     interpret = backend not in ("gpu", "cuda", "rocm", "tpu")
-  _check(query, key, mask, bias, k, scale, is_causal, variant, block_q, block_k)
+  check_inputs(query, key, mask, bias, k, scale, is_causal, variant, block_q, block_k)
+  *batch, t, n, h = query.shape
+  batch, s, kh = tuple(batch), key.shape[-3], key.shape[-2]
+  rng = sr.flat_ranges(
+    query_seq_lengths, key_value_seq_lengths, segment_ids, local_window_size,
+    batch=batch, t=t, s=s,
+  )  # fmt: skip
   # No gradient (see the docstring): the kernel sees constants.
   query, key = lax.stop_gradient(query), lax.stop_gradient(key)
   bias = None if bias is None else lax.stop_gradient(bias)
-  *batch, t, n, h = query.shape
-  batch, s, kh = tuple(batch), key.shape[-3], key.shape[-2]
   nb = math.prod(batch)
   ke = min(k, s)
   bq, bk = _blocks(variant, t, s, block_q, block_k)
@@ -422,11 +414,11 @@ def fused_topk_select(
   cd = jnp.promote_types(query.dtype, key.dtype)
   q = pad_axis(jnp.moveaxis(query.reshape(nb, t, n, h), 1, 2), 2, tp).astype(cd)
   kt = pad_axis(jnp.moveaxis(key.reshape(nb, s, kh, h), 1, 2), 2, sp).astype(cd)
-  m = _side(mask, batch, n, t, tp, sp, 0, jnp.int32)
-  bi = _side(bias, batch, n, t, tp, sp, 0, jnp.float32)
+  m = side_input(mask, batch, n, t, tp, sp, 0, jnp.int32)
+  bi = side_input(bias, batch, n, t, tp, sp, 0, jnp.float32)
   fwd = _forward_gpu if variant == "gpu" else _forward_tpu
   oi, ok, lse, num = fwd(
-    q, kt, m, bi, kp=next_pow2(ke), scale=float(scale), is_causal=is_causal, bq=bq, bk=bk,
+    q, kt, m, bi, rng, kp=next_pow2(ke), scale=float(scale), is_causal=is_causal, bq=bq, bk=bk,
     num_keys=s, interpret=bool(interpret),
   )  # fmt: skip
 

@@ -89,27 +89,11 @@ class FusedExactSelection:
     """Exact top-k on checked inputs (see `gsparse.selection.select`).
 
     `scale` must be a Python float; `precision` is the kernel's own (the
-    logits are accumulated in float32). The kernel takes no index-range masks
-    (`adm`: lengths, window, segment ids) yet; with them, the chunked
-    `ExactSelection` runs instead (same indices). `band_counts` is honoured
-    on that route only: the kernel keeps no logit row to count, so its
-    result has None (the single-gap certificate).
+    logits are accumulated in float32). The index-range masks (`adm`:
+    lengths, window, segment ids) go into the kernel, evaluated per tile.
+    `band_counts` is not honoured: the kernel keeps no logit row to count,
+    so its result has None (the single-gap certificate).
     """
-    if adm is not None:
-      return ExactSelection().select(
-        query,
-        key,
-        bias,
-        mask,
-        k=k,
-        scale=scale,
-        is_causal=is_causal,
-        precision=precision,
-        adm=adm,
-        row_lse=row_lse,
-        kept_logits=kept_logits,
-        band_counts=band_counts,
-      )
     del selection_key, precision, band_counts
     kk = min(k + 1, key.shape[-3])  # the (k+1)-th logit bounds the dropped keys
     res = fused_topk_select(
@@ -123,10 +107,25 @@ class FusedExactSelection:
       block_q=self.block_q,
       block_k=self.block_k,
       interpret=self.interpret,
+      **_range_kwargs(adm, query.shape[:-3], query.shape[-3], key.shape[-3]),
     )
     idx, nxt = finish_top_k(res.logits, res.indices, k)
     kept = kept_values(res.logits, idx) if kept_logits else None
     return SelectionResult(idx, nxt, res.num_keys, None, res.logsumexp if row_lse else None, kept)
+
+
+def _range_kwargs(adm: Admissible | None, batch: tuple[int, ...], t: int, s: int) -> dict:
+  """`fused_topk_select`'s index-range arguments from a batch-flattened `Admissible`."""
+  if adm is None:
+    return {}
+  shaped = lambda x, *tail: None if x is None else x.reshape(*batch, *tail)
+  segments = None if adm.q_seg is None else (shaped(adm.q_seg, t), shaped(adm.kv_seg, s))
+  return dict(
+    query_seq_lengths=shaped(adm.q_len),
+    key_value_seq_lengths=shaped(adm.kv_len),
+    segment_ids=segments,
+    local_window_size=adm.window,
+  )
 
 
 def _fused_serves(query: jax.Array, key: jax.Array, scale) -> bool:
@@ -149,8 +148,9 @@ def auto_selection(
     query: `[batch..., T, N, H]`.
     key: `[batch..., S, K, H]`.
     scale: the resolved logit scale (a Python float or a tracer).
-    ranges: index-range masks (lengths, window, segment ids) are given; the
-      fused kernel takes none yet, so the chunked route runs.
+    ranges: whether index-range masks (lengths, window, segment ids) are
+      given. Ignored: every route takes them, the fused kernel too
+      (`gsparse.kernels.select_ranges`); kept for existing callers.
     platform: the backend; default `jax.default_backend()`.
 
   Returns:
@@ -158,7 +158,8 @@ def auto_selection(
   """
   platform = jax.default_backend() if platform is None else platform
   accel = platform in ("gpu", "cuda", "rocm", "tpu")
-  if accel and not ranges and _fused_serves(query, key, scale):
+  del ranges  # the fused kernel takes the index ranges (gsparse.kernels.select_ranges)
+  if accel and _fused_serves(query, key, scale):
     return FusedExactSelection()
   s = max(key.shape[-3], 1)
   chunk = max(16, min(_CPU_CHUNK_ROWS, _CPU_CHUNK_ELEMENTS // s))
