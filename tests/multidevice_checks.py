@@ -52,21 +52,24 @@ def attention(sel):
 
 
 def value_and_grads(f, w):
-  """(output, indices, dq, dk, dv) of f, with the loss sum(output * w)."""
+  """(output, indices, tail bound, dq, dk, dv) of f, with the loss sum(output * w).
+
+  The certificate is an output so that its band pass (exact selections) is compiled and checked.
+  """
 
   def loss(q, k, v):
     out, stats = f(q, k, v)
-    return jnp.sum(out * w), (out, stats.indices)
+    return jnp.sum(out * w), (out, stats.indices, stats.tail_mass_bound)
 
   def run(q, k, v):
-    (_, (out, idx)), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
-    return (out, idx, *grads)
+    (_, aux), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
+    return (*aux, *grads)
 
   return jax.jit(run)
 
 
 def compare(name, got, want):
-  labels = ("output", "indices", "dq", "dk", "dv")
+  labels = ("output", "indices", "tail_mass_bound", "dq", "dk", "dv")
   for label, a, b in zip(labels, got, want, strict=True):
     a, b = np.asarray(a), np.asarray(b)
     if label == "indices":

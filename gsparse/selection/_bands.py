@@ -38,7 +38,8 @@ def dropped_band_counts(
   counted directly, in one pass (a histogram by scatter-add, not one pass per
   band), and band 0 gets the remaining dropped keys, which also takes
   the ties at `u` and any NaN logit (a NaN row's bound is NaN anyway).
-  Counts are exact integers: the only rounding is that of the logits.
+  Counts are exact integers; the gap `u - x` and the band edges round as
+  float32 (docs/theory.md, section 5: a logit on an edge may land one band low).
 
   Args:
     logits: `[..., S]` the row's logits, `-inf` on inadmissible keys.
@@ -50,26 +51,33 @@ def dropped_band_counts(
   Returns:
     `[..., NUM_BANDS + 1]` int32 counts, summing to `num_keys - num_kept`.
   """
-  *lead, s = logits.shape
-  x = logits.reshape(-1, s).astype(jnp.float32)
-  u = jnp.asarray(next_logit, jnp.float32).reshape(-1, 1)
+  s = logits.shape[-1]
+  x = logits.astype(jnp.float32)
+  u = jnp.asarray(next_logit, jnp.float32)[..., None]
   gap = (u - x) / BAND_WIDTH  # +inf for a -inf logit below a finite u; NaN skipped
   far = gap >= 1.0
   band = jnp.where(far, jnp.clip(jnp.floor(jnp.where(far, gap, 1.0)), 1, NUM_BANDS), 0)
-  # One flat scatter-add into [rows * (B + 1)] bins: XLA:CPU runs a 1-D
-  # scatter about twice as fast as the same one with a row index.
-  nb = NUM_BANDS + 1
-  flat = (band.astype(jnp.int32) + nb * jnp.arange(x.shape[0], dtype=jnp.int32)[:, None]).ravel()
-  hist = jnp.zeros((x.shape[0] * nb,), jnp.int32).at[flat].add(1, mode="drop")
-  hist = hist.reshape(x.shape[0], nb)
+  # A histogram per row by a scatter-add vmapped over the leading axes: the
+  # scatter keeps them as batch axes, so no flat bin index can overflow int32
+  # and a sharded call partitions it by rows (a flat [rows * (B + 1)] index did
+  # neither: found in review).
+  hist = _row_histogram
+  for _ in range(band.ndim - 1):
+    hist = jax.vmap(hist)
+  hist = hist(band.astype(jnp.int32))
   # The last band also counted the inadmissible keys (-inf, infinitely far
   # below a finite u): remove them; admissible -inf logits stay (weight 0,
   # counted at u - B w: still an upper bound).
-  num_keys = jnp.asarray(num_keys, jnp.int32).reshape(-1)
-  dropped = num_keys - jnp.asarray(num_kept, jnp.int32).reshape(-1)
-  inadmissible = jnp.where(jnp.isfinite(u[:, 0]), s - num_keys, 0)
-  last = jnp.maximum(hist[:, -1] - inadmissible, 0)
-  mid = hist[:, 1:-1]
+  num_keys = jnp.asarray(num_keys, jnp.int32)
+  dropped = num_keys - jnp.asarray(num_kept, jnp.int32)
+  inadmissible = jnp.where(jnp.isfinite(u[..., 0]), s - num_keys, 0)
+  last = jnp.maximum(hist[..., -1] - inadmissible, 0)
+  mid = hist[..., 1:-1]
   first = jnp.maximum(dropped - jnp.sum(mid, axis=-1) - last, 0)
-  counts = jnp.concatenate([first[:, None], mid, last[:, None]], axis=-1)
-  return jax.lax.stop_gradient(counts).reshape(*lead, NUM_BANDS + 1)
+  counts = jnp.concatenate([first[..., None], mid, last[..., None]], axis=-1)
+  return jax.lax.stop_gradient(counts)
+
+
+def _row_histogram(band: jax.Array) -> jax.Array:
+  """`[NUM_BANDS + 1]` int32 counts of the band indices `band` (`[S]`, in range)."""
+  return jnp.zeros((NUM_BANDS + 1,), jnp.int32).at[band].add(1, mode="drop")
