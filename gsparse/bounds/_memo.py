@@ -1,24 +1,15 @@
 """One bounded store for NumPy results, keyed on the bits of their arguments.
 
-The NumPy path of the bounds (a call on Python numbers) keeps a few results
-between calls that depend on `n`, `delta` or the norms but not on `sigma`:
-binomial-tail rows (`_xp`), G-cell tails (`_gcells`), ladder band masses
-(`_laplace`), the isotropic quadratic-form levels (`_iso_events`) and the roots
-behind `_xp.memo_scalar`. Each is a `Memo`:
-
-- the key of an argument is its dtype, shape and bytes (`key`), so `-0.0` and
-  `0.0`, two NaN payloads or a float32 and a float64 of the same value never meet;
-- a value handed in is frozen: every NumPy array in it is made read-only, so no
-  caller can change what a later call reads back;
-- `max_bytes` bounds the bytes of the arrays and `bytes` held in keys and values
-  together; past it the least recently used entries go first, and a single entry
-  larger than the whole store is returned without being kept;
-- one lock per store: several threads may share it (each call reads an entry once);
-- `clear()` empties a store, `disabled()` (or `_ENABLED = False`) turns every store
-  off: nothing is read or kept, each call computes afresh (the tests compare the two).
-
-A kept value is the very object the computation returned, so a call gets the same
-bits whether its parts are read back or computed.
+The NumPy path of the bounds keeps a few results between calls that depend on `n`, `delta`
+or the norms but not on `sigma` (binomial rows, G-cell tails, band masses, quadratic-form
+levels, `_xp.memo_scalar`'s roots), each in a `Memo`. The key of an argument is its dtype,
+shape and bytes (`key`: `-0.0` and `0.0`, or a float32 and a float64, never meet). Values
+are frozen (their arrays made read-only) so no caller can change what a later call reads.
+`max_bytes` bounds the bytes of the arrays and `bytes` in keys and values together: past
+it the least recently used entries go first, and an entry larger than the store is not
+kept. One lock per store. `disabled()` (or `_ENABLED = False`) turns all stores off:
+nothing read or kept (the tests compare the two). A kept value is the object the
+computation returned: the same bits whether read back or computed.
 """
 
 from __future__ import annotations
@@ -26,55 +17,35 @@ from __future__ import annotations
 import contextlib
 import threading
 from collections import OrderedDict
-from collections.abc import Callable, Hashable, Iterator
-from typing import Any
 
 import numpy as np
 
-_ENABLED = True  # False: every store is skipped (read nothing, keep nothing)
+_ENABLED = True
 
 
 def key(*values) -> tuple:
   """A dict key of NumPy values (None stays None): each one's dtype, shape and bytes."""
-  out = []
-  for v in values:
-    if v is None:
-      out.append(None)
-    else:
-      a = np.asarray(v)
-      out.append((a.dtype.str, a.shape, a.tobytes()))
-  return tuple(out)
+  arrays = [None if v is None else np.asarray(v) for v in values]
+  return tuple(None if a is None else (a.dtype.str, a.shape, a.tobytes()) for a in arrays)
 
 
-def _nbytes(obj) -> int:
-  """Bytes of the arrays, NumPy scalars and `bytes` in `obj` (tuples and lists searched)."""
-  if isinstance(obj, (np.ndarray, np.generic)):
-    return obj.nbytes
-  if isinstance(obj, bytes):
-    return len(obj)
-  if isinstance(obj, (tuple, list)):
-    return sum(_nbytes(v) for v in obj)
-  return 0
-
-
-def _freeze(obj) -> None:
+def _freeze(obj) -> int:
+  """Bytes of the arrays, NumPy scalars and `bytes` in `obj` (tuples searched); arrays frozen."""
   if isinstance(obj, np.ndarray):
     obj.flags.writeable = False
-  elif isinstance(obj, (tuple, list)):
-    for v in obj:
-      _freeze(v)
+  if isinstance(obj, (np.ndarray, np.generic)):
+    return obj.nbytes
+  if isinstance(obj, tuple):
+    return sum(_freeze(v) for v in obj)
+  return len(obj) if isinstance(obj, bytes) else 0
 
 
 class Memo:
-  """A store of at most `max_bytes` (keys and values), least recently used out first.
-
-  Values must not be None (None means "not kept").
-  """
+  """At most `max_bytes` of keys and values, least recently used out first; no None values."""
 
   def __init__(self, max_bytes: int):
-    self.max_bytes = int(max_bytes)
-    self.nbytes = 0
-    self._items: OrderedDict[Hashable, tuple[Any, int]] = OrderedDict()
+    self.max_bytes, self.nbytes = int(max_bytes), 0
+    self._items: OrderedDict = OrderedDict()  # key -> (value, bytes)
     self._lock = threading.Lock()
 
   def __len__(self) -> int:
@@ -89,37 +60,33 @@ class Memo:
     """The values kept under `keys` (None where none is), each now the most recently used."""
     if not _ENABLED:
       return [None] * len(keys)
-    out = []
     with self._lock:
-      for k in keys:
-        item = self._items.get(k)
+      items = [self._items.get(k) for k in keys]
+      for k, item in zip(keys, items, strict=True):
         if item is not None:
           self._items.move_to_end(k)
-        out.append(None if item is None else item[0])
-    return out
+    return [None if item is None else item[0] for item in items]
 
-  def put(self, k: Hashable, value):
-    """Keeps `value` (frozen) under `k`, evicting the least recently used past `max_bytes`."""
-    _freeze(value)
-    size = _nbytes(k) + _nbytes(value)
-    if not _ENABLED or size > self.max_bytes:
-      return value
-    with self._lock:
-      old = self._items.pop(k, None)
-      self.nbytes += size - (0 if old is None else old[1])
-      while self.nbytes > self.max_bytes:
-        self.nbytes -= self._items.popitem(last=False)[1][1]
-      self._items[k] = (value, size)
+  def put(self, k, value):
+    """`value`, frozen and kept under `k` (the least recently used out past `max_bytes`)."""
+    size = _freeze(k) + _freeze(value)
+    if _ENABLED and size <= self.max_bytes:
+      with self._lock:
+        old = self._items.pop(k, None)
+        self.nbytes += size - (0 if old is None else old[1])
+        while self.nbytes > self.max_bytes:
+          self.nbytes -= self._items.popitem(last=False)[1][1]
+        self._items[k] = (value, size)
     return value
 
-  def lookup(self, k: Hashable, compute: Callable[[], Any]):
+  def lookup(self, k, compute):
     """The value kept under `k`, or `compute()` kept (the same object) and returned."""
     (value,) = self.get_many((k,))
     return self.put(k, compute()) if value is None else value
 
 
 @contextlib.contextmanager
-def disabled() -> Iterator[None]:
+def disabled():
   """Every store off inside the block (process-wide, not per thread)."""
   global _ENABLED
   before, _ENABLED = _ENABLED, False
