@@ -129,8 +129,8 @@ def _band_masses(mass_fn, t_ref, d, c, ladder):
     return mass_fn(d, c)
   # Keyed on the band's offsets themselves (they fix its nodes, whatever t_ref's dtype or
   # the module constants), each read once into `rows` (another thread may clear the store).
-  levels = (mass_fn.__name__, _memo.key(c))
-  keys = [(levels, _memo.key(band)) for band in d]
+  levels = (mass_fn.__name__, *_memo.key(c), d.dtype.str)
+  keys = [(levels, band.tobytes()) for band in d]
   rows = _KEPT.get_many(keys)
   missing = [i for i, row in enumerate(rows) if row is None]
   if missing:

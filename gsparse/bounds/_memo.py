@@ -25,8 +25,11 @@ _ENABLED = True
 
 def key(*values) -> tuple:
   """A dict key of NumPy values (None stays None): each one's dtype, shape and bytes."""
-  arrays = [None if v is None else np.asarray(v) for v in values]
-  return tuple(None if a is None else (a.dtype.str, a.shape, a.tobytes()) for a in arrays)
+  return tuple([None if v is None else _bits(np.asarray(v)) for v in values])
+
+
+def _bits(a: np.ndarray) -> tuple:
+  return a.dtype.str, a.shape, a.tobytes()
 
 
 def _freeze(obj) -> int:
