@@ -7,7 +7,7 @@ shape and bytes (`key`: `-0.0` and `0.0`, or a float32 and a float64, never meet
 are frozen (their arrays made read-only) so no caller can change what a later call reads.
 `max_bytes` bounds the bytes of the arrays and `bytes` in keys and values together: past
 it the least recently used entries go first, and an entry larger than the store is not
-kept. One lock per store. `disabled()` (or `_ENABLED = False`) turns all stores off:
+kept. One lock per store for its writes. `disabled()` (or `_ENABLED = False`) turns all stores off:
 nothing read or kept (the tests compare the two). A kept value is the object the
 computation returned: the same bits whether read back or computed.
 """
@@ -60,15 +60,21 @@ class Memo:
       self.nbytes = 0
 
   def get_many(self, keys) -> list:
-    """The values kept under `keys` (None where none is), each now the most recently used."""
+    """The values kept under `keys` (None where none is), each now the most recently used.
+
+    Without the lock: each OrderedDict call is atomic under the GIL, and an entry evicted
+    by another thread between `get` and `move_to_end` is simply not moved.
+    """
     if not _ENABLED:
       return [None] * len(keys)
-    with self._lock:
-      items = [self._items.get(k) for k in keys]
-      for k, item in zip(keys, items, strict=True):
-        if item is not None:
-          self._items.move_to_end(k)
-    return [None if item is None else item[0] for item in items]
+    items, out = self._items, []
+    for k in keys:
+      item = items.get(k)
+      if item is not None:
+        with contextlib.suppress(KeyError):
+          items.move_to_end(k)
+      out.append(None if item is None else item[0])
+    return out
 
   def put(self, k, value):
     """`value`, frozen and kept under `k` (the least recently used out past `max_bytes`)."""
