@@ -14,7 +14,7 @@ import pytest
 import scipy.special as sps
 
 import gsparse.bounds as B
-from gsparse.bounds import _laplace, _xp, row, row_tail, sparsity
+from gsparse.bounds import _laplace, _memo, _xp, row, row_tail, sparsity
 
 
 def _record_log_lams(monkeypatch) -> list:
@@ -229,25 +229,26 @@ def test_kept_band_masses_follow_the_offsets_and_survive_a_concurrent_clear(monk
   _laplace._KEPT.clear()
   np.testing.assert_array_equal(kept, _laplace._top_weights(t, c, ladder=True)[1])
 
-  # A clear() by another thread between the check for a key and its read must not raise.
-  class ClearedAfterEachCheck(dict):
-    def __contains__(self, key):
-      found = super().__contains__(key)
+  # A clear() by another thread between the read of a key and its use must not raise.
+  class ClearedAfterEachRead(_memo.Memo):
+    def get_many(self, keys):
+      out = super().get_many(keys)
       self.clear()
-      return found
+      return out
 
-  monkeypatch.setattr(_laplace, "_KEPT", ClearedAfterEachCheck(_laplace._KEPT))
+  monkeypatch.setattr(_laplace, "_KEPT", ClearedAfterEachRead(8 << 20))
+  _laplace._top_weights(t, c, ladder=True)
   np.testing.assert_array_equal(kept, _laplace._top_weights(t, c, ladder=True)[1])
 
 
 def test_betainc_rows_store_overflow_keeps_the_rows_it_reads_back(monkeypatch):
   # A call with some rows kept and enough new ones to empty the store read the kept ones
   # back after the store was emptied (KeyError; seen at n = 1e8 after a long session).
-  monkeypatch.setattr(_xp, "_MAX_ROWS", 6)
-  _xp._ROWS.clear()
   x = np.linspace(0.1, 0.9, 5)
+  monkeypatch.setattr(_xp._ROWS, "max_bytes", 6 * 2 * x.nbytes)  # 6 rows and their grid keys
+  _xp._ROWS.clear()
   _xp.NP.betainc_rows(np.arange(5.0) + 1.0, 1.0, x)
-  a = np.arange(4.0) + 4.0  # 4 and 5 kept, 6 and 7 new: 5 + 2 > 6 empties the store
+  a = np.arange(4.0) + 4.0  # 4 and 5 kept, 6 and 7 new: 5 + 2 > 6 evicts the oldest rows
   np.testing.assert_array_equal(_xp.NP.betainc_rows(a, 1.0, x), sps.betainc(a[:, None], 1.0, x))
 
 
@@ -255,9 +256,9 @@ def test_betainc_rows_store_never_holds_more_than_its_limit(monkeypatch):
   # A single call with more new rows than the store holds emptied it and then kept all of
   # them (review of the NumPy caches): the limit bounds the store's memory only if such a
   # call computes its rows without keeping them.
-  monkeypatch.setattr(_xp, "_MAX_ROWS", 6)
-  _xp._ROWS.clear()
   x = np.linspace(0.1, 0.9, 5)
+  monkeypatch.setattr(_xp._ROWS, "max_bytes", 6 * 2 * x.nbytes)  # 6 rows and their grid keys
+  _xp._ROWS.clear()
   a = np.arange(9.0) + 1.0
   np.testing.assert_array_equal(_xp.NP.betainc_rows(a, 2.0, x), sps.betainc(a[:, None], 2.0, x))
-  assert sum(len(r) for r in _xp._ROWS.values()) <= 6
+  assert len(_xp._ROWS) <= 6 and _xp._ROWS.nbytes <= _xp._ROWS.max_bytes

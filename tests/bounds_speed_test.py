@@ -196,10 +196,13 @@ def test_betainc_rows_are_the_broadcast_betainc_and_the_store_stays_bounded(monk
   _xp._ROWS.clear()
   np.testing.assert_array_equal(_xp.NP.betainc_rows(a, b, x), want)
   np.testing.assert_array_equal(_xp.NP.betainc_rows(a, b, x), want)  # read back
-  assert sum(len(r) for r in _xp._ROWS.values()) == 6  # one row per distinct (a, b)
-  monkeypatch.setattr(_xp, "_MAX_ROWS", 6)
-  _xp.NP.betainc_rows(np.arange(4.0) + 10.0, 1.0, x)  # 6 + 4 > 6: emptied, then these 4 kept
-  assert sum(len(r) for r in _xp._ROWS.values()) == 4
+  assert len(_xp._ROWS) == 6  # one row per distinct (a, b)
+  assert _xp._ROWS.nbytes == 6 * 2 * x.nbytes  # each row and its grid key
+  monkeypatch.setattr(_xp._ROWS, "max_bytes", 7 * 2 * x.nbytes)
+  _xp.NP.betainc_rows(np.arange(4.0) + 10.0, 1.0, x)  # 6 + 4 > 7: the 3 oldest rows out
+  assert len(_xp._ROWS) == 7
+  assert _xp._ROWS.get_many([(x.tobytes(), 1.0, 10.0), (x.tobytes(), 2.0, 10.0)])[0] is None
+  assert _xp._ROWS.get_many([(x.tobytes(), 13.0, 1.0)])[0] is not None
 
 
 def test_log_transform_reference_from_the_extreme_node_is_the_full_reduction_bit_for_bit():
@@ -372,9 +375,10 @@ def test_g_cell_tails_kept_between_calls_are_the_computed_ones_bit_for_bit(monke
       assert not got.flags.writeable
     np.testing.assert_array_equal(_gcells._sum_over_g_cells(nm1, m, c, b, head_nm1=head), first)
   assert len(_gcells._TAILS) == 2
-  monkeypatch.setattr(_gcells, "_MAX_TAILS", 2)
-  _gcells._sum_over_g_cells(nm1, m[:4], c, b[:4])  # 2 + 1 > 2: emptied, then this one kept
-  assert len(_gcells._TAILS) == 1
+  monkeypatch.setattr(_gcells._TAILS, "max_bytes", _gcells._TAILS.nbytes)
+  _gcells._sum_over_g_cells(nm1, m[:4], c, b[:4])  # over the limit: the oldest entry out
+  assert len(_gcells._TAILS) == 2
+  assert _gcells._TAILS.nbytes <= _gcells._TAILS.max_bytes
 
 
 def test_each_heads_ranking_k_is_its_own_scalar_sparsity_bound():

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gsparse.bounds import _npsearch, _xp
+from gsparse.bounds import _memo, _npsearch, _xp
 from gsparse.bounds._common import _safety
 
 
@@ -43,24 +43,16 @@ def _g_tails(nm1, m, c, head_nm1, safety):
 
 
 # `_np_g_tails` results kept (every head of a ranking, every cell batch of a scan asks the
-# same m at the same n again); emptied when it grows past this many entries.
-_MAX_TAILS = 1024
-_TAILS: dict[tuple, tuple] = {}
+# same m at the same n again): about 1000 entries of 32 m at 65 levels.
+_TAILS = _memo.Memo(32 << 20)
 
 
 def _np_g_tails(nm1, m, c, head_nm1, safety):
   """`_g_tails` in NumPy, each `(n, m, grid)` computed once (the same arrays; read-only)."""
-  arrs = [None if v is None else np.asarray(v) for v in (nm1, m, c, head_nm1)]
-  key = (*(None if a is None else (a.dtype.str, a.shape, a.tobytes()) for a in arrs), safety)
-  out = _TAILS.get(key)
-  if out is None:
-    if len(_TAILS) >= _MAX_TAILS:
-      _TAILS.clear()
-    out = tuple(np.asarray(v) for v in _g_tails(nm1, m, c, head_nm1, safety))
-    for v in out:
-      v.flags.writeable = False
-    _TAILS[key] = out
-  return out
+  return _TAILS.lookup(
+    _memo.key(nm1, m, c, head_nm1, safety),
+    lambda: tuple(np.asarray(v) for v in _g_tails(nm1, m, c, head_nm1, safety)),
+  )
 
 
 def _prob_up(p):

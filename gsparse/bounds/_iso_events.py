@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from gsparse.bounds import _xp
+from gsparse.bounds import _memo, _xp
 from gsparse.bounds._common import _log1mexp, _log_phi_diff
 from gsparse.bounds.tau import _quad_form_range
 
@@ -137,8 +137,7 @@ def peeled_levels(n, gam, d_ev):
   return xp.where(q > lam, lam / q, 1.0)
 
 
-_QUAD_HI: dict[bytes, np.ndarray] = {}  # NumPy: `quad_form_hi` per argument bits
-_QUAD_HI_MAX = 256
+_QUAD_HI = _memo.Memo(1 << 20)  # NumPy: `quad_form_hi` per argument bits
 
 
 def quad_form_hi(frob, op, gram, x):
@@ -146,14 +145,10 @@ def quad_form_hi(frob, op, gram, x):
 
   In NumPy remembered per argument bits: it depends on `n`, `k`, `delta` and the
   value norms, not on `sigma`, and its root search costs more than the rest of a
-  later call's Gaussian levels. The same values as the plain call.
+  later call's Gaussian levels. The same values as the plain call (read-only).
   """
   if _xp.of(frob, op, gram, x) is not _xp.NP:
     return _quad_form_range(1.0, frob, op, gram, x)[1]
-  arrays = [np.asarray(v) for v in (frob, op, gram, x)]
-  key = b"".join(a.tobytes() + a.dtype.str.encode() + str(a.shape).encode() for a in arrays)
-  if key not in _QUAD_HI:
-    if len(_QUAD_HI) >= _QUAD_HI_MAX:
-      _QUAD_HI.clear()
-    _QUAD_HI[key] = _quad_form_range(np.ones_like(x), frob, op, gram, x)[1]
-  return _QUAD_HI[key]
+  return _QUAD_HI.lookup(
+    _memo.key(frob, op, gram, x), lambda: _quad_form_range(np.ones_like(x), frob, op, gram, x)[1]
+  )

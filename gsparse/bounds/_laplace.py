@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import jax
 
-from gsparse.bounds import _xp
+from gsparse.bounds import _memo, _xp
 
 _NUM_QUAD = 64  # Riemann cells per truncated transform
 _FLOOR = -9.0  # the rest's nodes reach below min(c - 1, _FLOOR); below, the integrand is <= 1
@@ -113,10 +113,9 @@ def _rest_mass(d, c):
   return mass / _tail_mass(c, False)[:, None]
 
 
-# Band masses kept on the NumPy path (ladder scales only), per (kind, scale, levels); emptied past
-# _MAX_KEPT bands (each about 33 KB at 64 levels: at most about 8.5 MB).
-_MAX_KEPT = 256
-_KEPT: dict[tuple, object] = {}
+# Band masses kept on the NumPy path (ladder scales only), per (kind, scale, levels): about
+# 250 bands of 33 KB at 64 levels.
+_KEPT = _memo.Memo(8 << 20)
 
 
 def _band_masses(mass_fn, t_ref, d, c, ladder):
@@ -128,17 +127,15 @@ def _band_masses(mass_fn, t_ref, d, c, ladder):
   xp = _xp.of(t_ref, d, c)
   if xp is not _xp.NP or not ladder:
     return mass_fn(d, c)
-  level_key = (mass_fn.__name__, c.dtype.str, c.tobytes())
   # Keyed on the band's offsets themselves (they fix its nodes, whatever t_ref's dtype or
   # the module constants), each read once into `rows` (another thread may clear the store).
-  keys = [(level_key, d.dtype.str, band.tobytes()) for band in d]
-  rows = [_KEPT.get(k) for k in keys]
+  levels = (mass_fn.__name__, *_memo.key(c), d.dtype.str)
+  keys = [(levels, band.tobytes()) for band in d]
+  rows = _KEPT.get_many(keys)
   missing = [i for i, row in enumerate(rows) if row is None]
   if missing:
-    if len(_KEPT) + len(missing) > _MAX_KEPT:
-      _KEPT.clear()
     for i, row in zip(missing, mass_fn(d[missing], c), strict=True):
-      rows[i] = _KEPT[keys[i]] = row
+      rows[i] = _KEPT.put(keys[i], row)
   return xp.stack(rows)
 
 

@@ -15,7 +15,7 @@ import math
 
 import numpy as np
 
-from gsparse.bounds import _xp
+from gsparse.bounds import _memo, _xp
 from gsparse.bounds._common import _NUM_LEVELS, PointFormula, _log1mexp, _log_moments, _norm_isf
 from gsparse.bounds.tau import _cells, _tau_range_point
 
@@ -72,11 +72,6 @@ def _log_z_inputs(n, tau_lo, tau_hi, log_drow):
   return xp.maximum(n - 1.0, 1.0), ta, tb, log_drow - math.log(2.0)
 
 
-def _lz_key(*values):
-  """A dict key of NumPy values: each one's dtype, shape and bytes."""
-  return tuple((np.asarray(v).dtype.str, np.shape(v), np.asarray(v).tobytes()) for v in values)
-
-
 # NumPy path, several points: `_log_z_lower` of every point's cells, computed in one stacked call
 # per (n, delta) before the points are evaluated one by one (`_RowsFormula`), keyed by its inputs.
 _PREPARED: contextvars.ContextVar = contextvars.ContextVar("log_z_prepared", default=None)
@@ -87,7 +82,7 @@ def _row_setting(n, sigma, delta, frob, op, gram):
   xp = _xp.of(n, sigma, delta, frob, op, gram)
   prepared = _PREPARED.get() if xp is _xp.NP else None
   if prepared:  # computed by `_RowsFormula.numpy` for every point already
-    kept = prepared.pop(("setting", _lz_key(n, sigma, delta, frob, op, gram)), None)
+    kept = prepared.pop(("setting", _memo.key(n, sigma, delta, frob, op, gram)), None)
     if kept is not None:
       return kept
   tlo, thi = _tau_range_point(n, sigma, frob, op, gram, delta / 2.0)
@@ -117,9 +112,9 @@ class _RowsFormula(PointFormula):
     groups: dict[tuple, list] = {}
     prepared: dict[tuple, object] = {}
     for i in np.ndindex(tlo.shape):
-      prepared["setting", _lz_key(*(a[i] for a in args))] = (tlo[i], thi[i], log_row[i])
+      prepared["setting", _memo.key(*(a[i] for a in args))] = (tlo[i], thi[i], log_row[i])
       nm1, ta, tb, log_dz = _log_z_inputs(args[0][i], tlo[i], thi[i], log_row[i])
-      groups.setdefault(_lz_key(nm1, log_dz), []).append((nm1, ta, tb, log_dz))
+      groups.setdefault(_memo.key(nm1, log_dz), []).append((nm1, ta, tb, log_dz))
     with np.errstate(all="ignore"):
       for rows in groups.values():
         nm1, log_dz = rows[0][0], rows[0][3]
@@ -128,7 +123,7 @@ class _RowsFormula(PointFormula):
         lz.flags.writeable = False  # its rows are handed out as views
         extra = [None] * len(rows) if self.stacked is None else self.stacked(nm1, ta, tb)
         for r, v, e in zip(rows, lz, extra, strict=True):
-          prepared[_lz_key(*r)] = (v, e)
+          prepared[_memo.key(*r)] = (v, e)
     token = _PREPARED.set(prepared)
     try:
       return super().numpy(values, dtype, margin_dtype=margin_dtype, **kwargs)
@@ -144,7 +139,7 @@ def _row_log_z(n, tau_lo, tau_hi, log_drow):
   xp = _xp.of(n, tau_lo, tau_hi, log_drow)
   nm1, ta, tb, log_dz = _log_z_inputs(n, tau_lo, tau_hi, log_drow)
   prepared = _PREPARED.get() if xp is _xp.NP else None
-  kept = prepared.pop(_lz_key(nm1, ta, tb, log_dz), None) if prepared else None
+  kept = prepared.pop(_memo.key(nm1, ta, tb, log_dz), None) if prepared else None
   if kept is None:
     return nm1, ta, tb, _log_z_lower(nm1, ta, tb, log_dz), None
   return nm1, ta, tb, *kept

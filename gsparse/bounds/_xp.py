@@ -29,6 +29,8 @@ import numpy as np
 import scipy.special as sps
 from jax.scipy import special as jsp
 
+from gsparse.bounds import _memo
+
 
 class _Namespace:
   """A module's functions plus a few extras under the same names for both backends."""
@@ -76,9 +78,8 @@ def _np_logsumexp(a, axis):
   return np.squeeze(top, axis) + np.log(np.sum(shifted, axis=axis))
 
 
-# Rows of `_np_betainc_rows` kept, per grid `x`; the cache is emptied when it grows past this.
-_MAX_ROWS = 4096
-_ROWS: dict[bytes, dict[tuple[float, float], np.ndarray]] = {}
+# Rows of `_np_betainc_rows` kept, per grid `x` and `(a, b)`: up to about 4096 rows of 65 levels.
+_ROWS = _memo.Memo(8 << 20)
 
 
 def _np_betainc_rows(a, b, x):
@@ -94,19 +95,14 @@ def _np_betainc_rows(a, b, x):
       np.asarray(a, np.float64)[..., None], np.asarray(b, np.float64)[..., None], x
     )
   a, b = np.broadcast_arrays(np.asarray(a, np.float64), np.asarray(b, np.float64))
-  rows = _ROWS.setdefault(x.tobytes(), {})
-  keys = list(zip(a.reshape(-1).tolist(), b.reshape(-1).tolist(), strict=True))
-  missing = list(dict.fromkeys(k for k in keys if k not in rows))
-  if len(missing) > _MAX_ROWS:  # more rows than the store holds: computed, not kept
-    return sps.betainc(a[..., None], b[..., None], x)
+  grid = x.tobytes()
+  keys = [(grid, *ab) for ab in zip(a.reshape(-1).tolist(), b.reshape(-1).tolist(), strict=True)]
+  rows = dict(zip(keys, _ROWS.get_many(keys), strict=True))  # each read once (LRU, threads)
+  missing = [k for k, row in rows.items() if row is None]
   if missing:
-    if sum(len(r) for r in _ROWS.values()) + len(missing) > _MAX_ROWS:
-      _ROWS.clear()
-      rows = _ROWS.setdefault(x.tobytes(), {})
-      missing = list(dict.fromkeys(keys))  # the rows read back below were cleared too
-    ma, mb = np.asarray(missing).T
-    for key, row in zip(missing, sps.betainc(ma[:, None], mb[:, None], x), strict=True):
-      rows[key] = row
+    ma, mb = np.asarray([k[1:] for k in missing]).T
+    for k, row in zip(missing, sps.betainc(ma[:, None], mb[:, None], x), strict=True):
+      rows[k] = _ROWS.put(k, row)
   out = np.stack([rows[k] for k in keys]) if keys else np.zeros((0, x.size))
   return out.reshape(a.shape + x.shape)
 
@@ -164,22 +160,18 @@ def memo_scalar(fn):
   """`fn` of NumPy scalars and Python bools, remembered per argument bits; jax calls pass through.
 
   For pure functions of a few scalars that cost more than a lookup (a
-  bisection in Python). The key is each argument's dtype and bytes, so
-  `-0.0` and `0.0` (or two NaNs) are never confused.
+  bisection in Python). The key is each argument's dtype and bytes (`_memo.key`),
+  so `-0.0` and `0.0` (or two NaNs) are never confused.
   """
-  cache: dict[tuple, Any] = {}
+  store = _memo.Memo(1 << 20)
 
   @functools.wraps(fn)
   def wrapped(*args):
     if of(*args) is not NP or any(np.ndim(a) for a in args):
       return fn(*args)
-    key = tuple((np.asarray(a).dtype.str, np.asarray(a).tobytes()) for a in args)
-    if key not in cache:
-      if len(cache) >= _MAX_ROWS:
-        cache.clear()
-      cache[key] = fn(*args)
-    return cache[key]
+    return store.lookup(_memo.key(*args), lambda: fn(*args))
 
+  wrapped.store = store
   return wrapped
 
 
