@@ -135,7 +135,7 @@ def _band_masses(mass_fn, t_ref, d, c, ladder):
   missing = [i for i, row in enumerate(rows) if row is None]
   if missing:
     for i, row in zip(missing, mass_fn(d[missing], c), strict=True):
-      rows[i] = _KEPT.put(keys[i], row)
+      rows[i] = _KEPT.put(keys[i], row.copy())  # a copy: a view would keep the whole block alive
   return xp.stack(rows)
 
 

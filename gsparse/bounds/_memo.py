@@ -3,7 +3,9 @@
 The NumPy path of the bounds keeps a few results between calls that depend on `n`, `delta`
 or the norms but not on `sigma` (binomial rows, G-cell tails, band masses, quadratic-form
 levels, `_xp.memo_scalar`'s roots), each in a `Memo`. The key of an argument is its dtype,
-shape and bytes (`key`: `-0.0` and `0.0`, or a float32 and a float64, never meet). Values
+shape and bytes (`key`: `-0.0` and `0.0`, or a float32 and a float64, never meet; `_xp`'s
+binomial rows are keyed on Python floats instead, where `+-0.0` meet, harmless as `betainc`
+is the same at both; object arrays are refused, their bytes are addresses). Values
 are frozen (their arrays made read-only) so no caller can change what a later call reads.
 `max_bytes` bounds the bytes of the arrays and `bytes` in keys and values together: past
 it the least recently used entries go first, and an entry larger than the store is not
@@ -29,6 +31,8 @@ def key(*values) -> tuple:
 
 
 def _bits(a: np.ndarray) -> tuple:
+  if a.dtype.hasobject:
+    raise TypeError(f"cannot key an object array (dtype {a.dtype}): its bytes are addresses")
   return a.dtype.str, a.shape, a.tobytes()
 
 

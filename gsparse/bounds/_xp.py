@@ -102,7 +102,7 @@ def _np_betainc_rows(a, b, x):
   if missing:
     ma, mb = np.asarray([k[1:] for k in missing]).T
     for k, row in zip(missing, sps.betainc(ma[:, None], mb[:, None], x), strict=True):
-      rows[k] = _ROWS.put(k, row)
+      rows[k] = _ROWS.put(k, row.copy())  # a copy: a view would keep the whole block alive
   out = np.stack([rows[k] for k in keys]) if keys else np.zeros((0, x.size))
   return out.reshape(a.shape + x.shape)
 
@@ -161,7 +161,10 @@ def memo_scalar(fn):
 
   For pure functions of a few scalars that cost more than a lookup (a
   bisection in Python). The key is each argument's dtype and bytes (`_memo.key`),
-  so `-0.0` and `0.0` (or two NaNs) are never confused.
+  so `-0.0` and `0.0` (or two NaNs) are never confused, plus the float32 or
+  float64 safety margins the evaluation runs under (`_common._MARGIN_DTYPE`,
+  which the result depends on: a float32 call's root was served to a float64
+  call before, found in review).
   """
   store = _memo.Memo(1 << 20)
 
@@ -169,7 +172,10 @@ def memo_scalar(fn):
   def wrapped(*args):
     if of(*args) is not NP or any(np.ndim(a) for a in args):
       return fn(*args)
-    return store.lookup(_memo.key(*args), lambda: fn(*args))
+    from gsparse.bounds import _common  # noqa: PLC0415 - _common imports this module
+
+    k = (str(_common._MARGIN_DTYPE.get()), *_memo.key(*args))
+    return store.lookup(k, lambda: fn(*args))
 
   wrapped.store = store
   return wrapped
