@@ -264,7 +264,7 @@ def _norm_isf(p):
 
 # The dtype whose margins a NumPy evaluation uses (`PointFormula.numpy`), so that an
 # eager call and a traced one in the same dtype make the same comparisons.
-_MARGIN_DTYPE: contextvars.ContextVar = contextvars.ContextVar("margin_dtype", default=None)
+_MARGIN_DTYPE: contextvars.ContextVar = _xp.MARGIN_DTYPE  # defined there: memo_scalar keys it
 
 
 def _safety(dtype) -> float:

@@ -20,6 +20,7 @@ and per-cell parts that their comparisons need (`_npsearch`).
 
 from __future__ import annotations
 
+import contextvars
 import functools
 from typing import Any
 
@@ -156,13 +157,18 @@ def _jnp_betainc_rows(a, b, x):
   return _jnp_betainc(jnp.asarray(a)[..., None], jnp.asarray(b)[..., None], x)
 
 
+# The dtype whose safety margins a NumPy evaluation uses (`_common.PointFormula.numpy` sets
+# it, `_common._safety` reads it); here so that `memo_scalar` can key it without a cycle.
+MARGIN_DTYPE: contextvars.ContextVar = contextvars.ContextVar("margin_dtype", default=None)
+
+
 def memo_scalar(fn):
   """`fn` of NumPy scalars and Python bools, remembered per argument bits; jax calls pass through.
 
   For pure functions of a few scalars that cost more than a lookup (a
   bisection in Python). The key is each argument's dtype and bytes (`_memo.key`),
   so `-0.0` and `0.0` (or two NaNs) are never confused, plus the float32 or
-  float64 safety margins the evaluation runs under (`_common._MARGIN_DTYPE`,
+  float64 safety margins the evaluation runs under (`MARGIN_DTYPE`,
   which the result depends on: a float32 call's root was served to a float64
   call before, found in review).
   """
@@ -172,9 +178,7 @@ def memo_scalar(fn):
   def wrapped(*args):
     if of(*args) is not NP or any(np.ndim(a) for a in args):
       return fn(*args)
-    from gsparse.bounds import _common  # noqa: PLC0415 - _common imports this module
-
-    k = (str(_common._MARGIN_DTYPE.get()), *_memo.key(*args))
+    k = (str(MARGIN_DTYPE.get()), *_memo.key(*args))
     return store.lookup(k, lambda: fn(*args))
 
   wrapped.store = store
