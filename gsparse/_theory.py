@@ -67,3 +67,8 @@ def boundaries(n) -> tuple[np.ndarray, np.ndarray]:
 def power_law_k(n, *, alpha: float, C: float) -> np.ndarray:
   """`k = clip(ceil(alpha n^C), 1, n)` (the revision's adaptive window)."""
   return np.asarray(b.power_law_k(np.asarray(n, np.float64), alpha=alpha, C=C), np.int64)
+
+
+def trivial_k(eps: float) -> int:
+  """Fact 1's trivial k at the report's eps: the largest K with `K eps < 1`, exactly."""
+  return int(b.sparsity._trivial_k(np.inf, np.float64(eps)))

@@ -12,8 +12,6 @@ when `gsparse.bounds` is missing they are left out and the figure says so.
 
 from __future__ import annotations
 
-import fractions
-import math
 import os
 
 import numpy as np
@@ -29,11 +27,6 @@ except ImportError as e:  # an optional dependency: say how to get it
 from gsparse import _theory
 
 _COLORS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-
-
-def _trivial_k(eps: float) -> int:
-  """Fact 1's trivial k for the report's eps, exactly: the largest K with `K eps < 1`."""
-  return math.ceil(1 / fractions.Fraction(eps)) - 1
 
 
 def _note_missing(ax, what="theory curves"):
@@ -65,7 +58,9 @@ def fig_sparsity_vs_tau(table, part, config, path):
     ax.plot(tau, bound, "k--", lw=2, label=f"Theorem 1 bound (delta={config.delta:g})")
   else:
     _note_missing(ax, "Theorem 1 curve")
-  ax.axhline(_trivial_k(config.eps), color="gray", ls=":", label="trivial k = ceil(1/eps) - 1")
+  ax.axhline(
+    _theory.trivial_k(config.eps), color="gray", ls=":", label="trivial k = ceil(1/eps) - 1"
+  )
   ax.set_yscale("symlog", linthresh=1)
   ax.set_xlabel("tau = sigma ||M^T x_i|| (measured mean)")
   ax.set_ylabel(f"smallest k with (eps={config.eps:g}, k)-sparse rows")
@@ -247,7 +242,7 @@ def _theorem1_lines(table, sp, config) -> list[str]:
   q99 = table["min_k_q99"]
   ok = (q99 > 0) & sp
   ratio = kb[ok] / q99[ok]
-  informative = int(np.sum(kb[sp] < _trivial_k(config.eps)))
+  informative = int(np.sum(kb[sp] < _theory.trivial_k(config.eps)))
   return [
     f"- Theorem 1 (delta = {config.delta:g}): over the {int(np.sum(has))} points with the bound "
     f"({draws_all} draws), {int(np.sum(viol))} points have a measured row with more than "
@@ -257,7 +252,7 @@ def _theorem1_lines(table, sp, config) -> list[str]:
     f"median {_fmt(np.median(ratio)) if ratio.size else 'n/a'}, range "
     f"[{_fmt(ratio.min()) if ratio.size else 'n/a'}, "
     f"{_fmt(ratio.max()) if ratio.size else 'n/a'}]"
-    f"; the bound beats the trivial ceil(1/eps) - 1 = {_trivial_k(config.eps)} at "
+    f"; the bound beats the trivial ceil(1/eps) - 1 = {_theory.trivial_k(config.eps)} at "
     f"{informative} of {int(np.sum(sp))} points.",
   ]
 
